@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`. Both bootstrap .venv with
+# the pinned CPU set on first use; later runs re-install only when pyproject.toml or
+# constraints.txt changed, so they start at once.
+SHELL       := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.gauss-installed
+# Every pip call carries the constraints: an unpinned torch would pull a multi-GB CUDA build.
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+# This machine's pip config names local index folders that may not exist; drop that noise.
+QUIET  := sed -u '/is ignored: it is neither a file nor a directory/d'
+
+.PHONY: demo test test-fast bench venv plugins clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0 2>&1 | $(QUIET)
+	$(PIP) -e ".[all,dev]" 2>&1 | $(QUIET)
+	# torchrec's metadata names the CUDA fbgemm-gpu; fbgemm-gpu-cpu came with the extra.
+	$(PIP) --no-deps torchrec==1.8.0 2>&1 | $(QUIET)
+	$(BIN)/python -c "import torch, gauss_plugins; assert torch.__version__.startswith('2.13'), torch.__version__"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gauss demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b --quick; done
+
+plugins: $(STAMP)
+	$(BIN)/gauss plugins
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

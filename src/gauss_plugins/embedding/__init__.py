@@ -1,0 +1,1 @@
+"""Dynamic embedding tables (filled in below as modules land)."""

@@ -1,0 +1,112 @@
+"""Every hook of gauss-plugins, in one place.
+
+Plugins (built-in modules, the ``gauss_kernels`` and ``gauss_integrations`` packages of this
+distribution, and third-party packages through the ``gauss_plugins`` entry point group)
+implement these with ``@gauss_plugins.hookimpl``. Built-in components come in through the
+very same hooks as third-party ones.
+
+The registration hooks are called once per registry build; each implementation returns a
+list of :class:`gauss_plugins.components.Component` (or ``None``). The registry stamps each
+component with the plugin and the distribution that provided it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import pluggy
+
+if TYPE_CHECKING:
+    from gauss_plugins.components import Component
+
+hookspec = pluggy.HookspecMarker("gauss_plugins")
+
+
+# -------------------------------------------------------------------------
+# Registration: which components exist
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def gauss_register_attention_backends() -> Optional[Sequence["Component"]]:
+    """Register HSTU attention backends (kind ``attention_backend``).
+
+    Called when the registry is built. A backend's factory returns a callable with the
+    signature of :func:`gauss_plugins.hstu.attention.hstu_attention_reference`. ``supports``
+    receives the call's tensors and mask options as keyword arguments and says whether this
+    backend handles them (e.g. CUDA tensors only); ``hstu_attention(..., backend="auto")``
+    picks the available supporting backend of highest priority.
+    """
+
+
+@hookspec
+def gauss_register_table_backends() -> Optional[Sequence["Component"]]:
+    """Register hash-index backends of dynamic embedding tables (kind ``table_backend``).
+
+    A backend implements find / insert / gather of int64 keys on one device type (a
+    vectorized torch index, a compiled CPU op, a Triton probe kernel on CUDA). Called when
+    the registry is built; selection is automatic by priority and ``supports(device=...)``.
+    """
+
+
+@hookspec
+def gauss_register_embedding_stores() -> Optional[Sequence["Component"]]:
+    """Register embedding stores (kind ``embedding_store``): training stores (TierPS) and
+    inference stores (WePS embedded, Redis). The factory takes the store's config as keyword
+    arguments and returns an object with batched ``get`` / ``put`` / ``delete`` by id."""
+
+
+@hookspec
+def gauss_register_eviction_policies() -> Optional[Sequence["Component"]]:
+    """Register eviction policies (kind ``eviction_policy``) for dynamic tables: LRU, LFU,
+    TTL, custom scores. The factory takes the policy options as keyword arguments."""
+
+
+@hookspec
+def gauss_register_admission_policies() -> Optional[Sequence["Component"]]:
+    """Register admission policies (kind ``admission_policy``) deciding when a new id gets a
+    row: after N sightings, with probability p, always."""
+
+
+@hookspec
+def gauss_register_cache_policies() -> Optional[Sequence["Component"]]:
+    """Register embedding-cache policies (kind ``cache_policy``) of the Gauss strategy, e.g.
+    the Bagpipe-style lookahead cache that prefetches rows of future batches."""
+
+
+@hookspec
+def gauss_register_export_targets() -> Optional[Sequence["Component"]]:
+    """Register export targets (kind ``export_target``): ways to turn a trained model into a
+    serving artifact, e.g. an AOTInductor ``.pt2`` package."""
+
+
+@hookspec
+def gauss_register_sparse_optimizers() -> Optional[Sequence["Component"]]:
+    """Register fused sparse optimizers (kind ``sparse_optimizer``) that keep their state in
+    the embedding row: SGD, Adagrad, row-wise Adagrad, Adam."""
+
+
+@hookspec
+def gauss_register_datasets() -> Optional[Sequence["Component"]]:
+    """Register event sources (kind ``dataset``): MovieLens loaders, sequence files, the
+    synthetic stream. The factory takes the dataset options and returns per-user sequences."""
+
+
+# -------------------------------------------------------------------------
+# Runtime: called while components are being used
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def gauss_select_component(kind: str, context: dict) -> Optional[str]:
+    """Choose the component name for ``kind`` when the caller asked for ``"auto"``.
+
+    ``context`` holds what the caller knows (device, dtype, shapes). Stops at the first
+    non-None result; with no answer the registry picks the available component of highest
+    priority whose ``supports`` accepts the context.
+    """
+
+
+@hookspec
+def gauss_component_created(component: "Component", instance: Any) -> None:
+    """Called after a component was built through the registry, with the component and the
+    object its factory returned (for logging, metrics, or wiring plugins together)."""
