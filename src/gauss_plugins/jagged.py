@@ -21,6 +21,7 @@ __all__ = [
     "lengths_to_offsets",
     "offsets_to_lengths",
     "pad",
+    "row_coordinates",
     "to_torchrec",
     "unpad",
     "validate_offsets",
@@ -82,8 +83,9 @@ def offsets_to_lengths(offsets: torch.Tensor) -> torch.Tensor:
     return offsets[1:] - offsets[:-1]
 
 
-def _row_coordinates(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For each of the ``total`` jagged rows: its sequence index and its position in it."""
+def row_coordinates(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For each of the ``total = offsets[-1]`` jagged rows: ``(sequence index, position in
+    the sequence)``, two int64 tensors of shape ``(total,)``. Offsets are not validated."""
     lengths = offsets[1:] - offsets[:-1]
     batch = torch.arange(lengths.shape[0], device=offsets.device)
     # output_size avoids reading lengths back to the host to size the result
@@ -112,7 +114,7 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
     batch_size = lengths.shape[0]
     if batch_size and int(lengths.max()) > max_len:
         raise ValueError(f"a sequence has {int(lengths.max())} rows, more than max_len={max_len}")
-    seq, pos = _row_coordinates(offsets, total)
+    seq, pos = row_coordinates(offsets, total)
     padded = values.new_full((batch_size, max_len, *values.shape[1:]), padding_value)
     padded = padded.index_put((seq, pos), values)
     mask = torch.arange(max_len, device=values.device)[None, :] < lengths[:, None]
@@ -136,7 +138,7 @@ def unpad(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if batch_size and int(lengths.max()) > padded.shape[1]:
         raise ValueError(f"a sequence has {int(lengths.max())} rows but padded holds only {padded.shape[1]}")
     total = int(offsets[-1])
-    seq, pos = _row_coordinates(offsets, total)
+    seq, pos = row_coordinates(offsets, total)
     return padded[seq, pos]
 
 

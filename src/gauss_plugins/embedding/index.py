@@ -32,16 +32,24 @@ Contract (what every backend must do)
 * Which free row a new key gets is backend-defined but deterministic on CPU backends (same
   state + same keys -> same rows). Tables must not let numerics depend on row numbers.
 * Not thread-safe: the caller serializes calls on one index.
+
+Optional fused kernels
+----------------------
+A backend may set ``fused`` to an object with the methods of :class:`FusedKernels`; the
+table then uses them instead of its torch code for pooling, gradient accumulation, the
+sparse optimizer update and row initialisation (``None``: torch code). Each must compute
+what the documented torch reference computes, with per-row sums in batch-position order.
 """
 from __future__ import annotations
 
 import abc
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Protocol, Tuple, Union
 
 import torch
 
 __all__ = [
+    "FusedKernels",
     "HashIndex",
     "IndexFullError",
     "TorchHashIndex",
@@ -113,6 +121,36 @@ def home_slots(keys: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- interface
+class FusedKernels(Protocol):
+    """Kernels a backend may offer beside the index (attribute ``HashIndex.fused``)."""
+
+    def lookup_pool(self, index: "HashIndex", ids: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
+                    per_sample_weights: Optional[torch.Tensor], mode: int, default_row: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Probe ``ids`` in ``index`` and pool their rows of ``weight`` per bag (``offsets``
+        int64[B+1]; mode 0 sum, 1 mean; absent ids read ``default_row``). Returns
+        (float32[B, D], rows int64[N]). Same arithmetic as :meth:`pool_rows`."""
+
+    def pool_rows(self, weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+                  per_sample_weights: Optional[torch.Tensor], mode: int) -> torch.Tensor:
+        """float32[B, D]: per bag, ``sum_i psw[i] * weight[rows[i]]`` in position order (mean:
+        times ``1 / len`` as float32)."""
+
+    def accumulate_grads(self, rows: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor,
+                         scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """Sum ``scale[i] * src[src_idx[i]]`` (empty src_idx: ``i``; empty scale: 1) per
+        distinct row, in position order. Returns (distinct rows, float32[U, D], all finite)."""
+
+    def sparse_update(self, kind: int, weight: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
+                      state1: Optional[torch.Tensor], state2: Optional[torch.Tensor],
+                      steps: Optional[torch.Tensor], hyperparams: List[float]) -> None:
+        """In-place update of distinct ``rows`` (see :mod:`gauss_plugins.embedding.optim`)."""
+
+    def init_uniform(self, weight: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, seed: int,
+                     low: float, high: float) -> None:
+        """``weight[rows] = deterministic_uniform(ids, ...)``, bit for bit."""
+
+
 class HashIndex(abc.ABC):
     """Interface of a collision-free int64 key -> row index (see the module docstring).
 
@@ -122,6 +160,8 @@ class HashIndex(abc.ABC):
 
     device: torch.device
     capacity: int
+    #: optional :class:`FusedKernels` (None: the table uses its torch code)
+    fused: Optional[FusedKernels] = None
 
     @abc.abstractmethod
     def __init__(self, capacity: int, device: Device = None) -> None:

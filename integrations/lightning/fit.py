@@ -1,0 +1,275 @@
+"""Run an experiment end to end under Lightning: data, model, training, selection, reports.
+
+:func:`run_experiment` is what ``gauss train`` calls. Two modes (``train.mode``):
+
+* ``epoch``: the paper's protocol on the leave-one-out split. Train for up to
+  ``max_epochs``, validate every ``eval_every`` epochs, keep the parameters of the best
+  validation ``monitor`` (optionally stop early), then report validation and test metrics of
+  that model. The test set is evaluated once, at the end, and never used for any choice.
+* ``streaming``: events in time order (:mod:`gauss_plugins.train.streaming`): train on window
+  0; for each later window evaluate first, then train on it. ``val/*`` is the event-weighted
+  mean over the middle windows, ``test/*`` the last window.
+
+Writes into ``output_dir``: ``metrics.json`` (flat ``val/...``, ``test/...``),
+``report.json`` (config, data summary, history, timings, selection), ``model.safetensors``
+(pickle-free checkpoint of the selected model, written with
+:func:`gauss_plugins.serialization.save_tensors`), and ``training_curve.png`` (or
+``stream_metrics.png``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from gauss_plugins.data.download import find_data_dir
+from gauss_plugins.data.registry import load_dataset
+from gauss_plugins.data.sequences import UserSequences
+from gauss_plugins.data.split import leave_one_out
+from gauss_plugins.models.builder import build_model
+from gauss_plugins.serialization import save_tensors
+from gauss_plugins.train.batching import HeldOutExamples, TrainExamples
+from gauss_plugins.train.config import ExperimentConfig, config_to_dict
+from gauss_plugins.train.report import METRIC_KEYS, plot_history, plot_stream, write_json
+from gauss_plugins.train.streaming import stream_windows
+from gauss_integrations.lightning.module import RetrievalModule, SequenceDataModule
+
+__all__ = ["run_experiment", "load_sequences", "BestModelKeeper", "save_checkpoint"]
+
+# Rating-file folders of the built-in datasets, for finding data when no path is given.
+_DEFAULT_FOLDERS = {"ml-100k": "ml-100k", "ml-1m": "ml-1m", "ml-20m": "ml-20m", "ml-25m": "ml-25m"}
+
+
+def load_sequences(config: ExperimentConfig) -> UserSequences:
+    """The dataset of ``config``: from ``data.path``, else found under ``$GAUSS_DATA`` or
+    ``../shared/data``; ``synthetic`` needs no path."""
+    name = config.data.dataset
+    path = config.data.path
+    if path is None and name in _DEFAULT_FOLDERS:
+        path = find_data_dir(_DEFAULT_FOLDERS[name])
+        if path is None:
+            raise FileNotFoundError(
+                f"no {name} data found: pass --data-path, set GAUSS_DATA to the folder holding {name}/, "
+                f"or run `gauss data download {name.replace('ml-', 'movielens-')}`")
+    if path is None and name == "seqfile":
+        raise FileNotFoundError("the seqfile dataset needs --data-path pointing at the sequence file")
+    return load_dataset(name, path, **config.data.options)
+
+
+class BestModelKeeper(pl.Callback):
+    """Keeps an in-memory copy of the parameters with the best validation ``monitor``.
+
+    A Lightning ``ModelCheckpoint`` would write pickles (``torch.save``); this project's
+    checkpoints are pickle-free, so selection happens in memory and the winner is written
+    once with :func:`save_checkpoint`.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.best_score: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.best_state: Optional[Dict[str, torch.Tensor]] = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: RetrievalModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        values = pl_module.last_eval.get("val", {})
+        if self.monitor not in values:
+            raise KeyError(f"monitor {self.monitor!r} is not a validation metric; have {sorted(values)}")
+        score = values[self.monitor]
+        if self.best_score is None or score > self.best_score:
+            self.best_score = score
+            self.best_epoch = int(trainer.current_epoch) + 1
+            self.best_state = {k: v.detach().clone() for k, v in model_tensors(pl_module.model).items()}
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.best_state is not None:
+            load_model_tensors(model, self.best_state)
+
+
+def model_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Every tensor needed to rebuild ``model``'s predictions: the dense state dict plus the
+    item embeddings' own export (the dynamic table's keys and rows)."""
+    dense = {f"dense.{k}": v for k, v in model.state_dict().items() if not k.startswith("item_embeddings.")}
+    dense.update(model.item_embeddings.export_tensors("items."))
+    return dense
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    dense = {k[len("dense."):]: v for k, v in tensors.items() if k.startswith("dense.")}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    missing = [k for k in missing if not k.startswith("item_embeddings.")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.item_embeddings.import_tensors(tensors, "items.")
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, config: ExperimentConfig, extra: Dict[str, Any]) -> None:
+    """Pickle-free checkpoint: tensors + the config and run facts as JSON metadata."""
+    metadata = {"format": "gauss-plugins/retrieval-model/1", "config": json.dumps(config_to_dict(config)),
+                "num_items": str(model.num_items), "extra": json.dumps(extra, default=str)}
+    save_tensors(path, model_tensors(model), metadata)
+
+
+def _seed(seed: int) -> None:
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def _trainer(config: ExperimentConfig, max_epochs: int, callbacks: List[pl.Callback], progress: bool,
+             check_val_every_n_epoch: int = 1, validate: bool = True) -> pl.Trainer:
+    return pl.Trainer(
+        limit_val_batches=None if validate else 0,
+        max_epochs=max_epochs,
+        accelerator=config.train.accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,   # pickle-free: see BestModelKeeper
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=check_val_every_n_epoch,
+        callbacks=callbacks,
+        deterministic=False,
+    )
+
+
+def _quiet_lightning() -> None:
+    # Lightning's banners ("GPU available: False...") and the num_workers hint add nothing
+    # to a CPU run on two cores (worker processes would only compete with the trainer).
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*smaller than the logging interval.*")
+
+
+def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = True,
+                   log: Callable[[str], None] = print, sequences: Optional[UserSequences] = None) -> Dict[str, float]:
+    """Train and evaluate ``config``; write the outputs listed in the module docstring.
+
+    Returns the flat metrics (``val/...``, ``test/...``). ``sequences`` skips loading (the
+    demo shares one load between models).
+    """
+    config.validate()
+    _quiet_lightning()
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    if config.train.accelerator == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("--accelerator gpu was asked for but torch sees no CUDA device; use --accelerator cpu")
+    os.makedirs(output_dir, exist_ok=True)
+    t0 = time.time()
+    seqs = sequences if sequences is not None else load_sequences(config)
+    log(f"data: {seqs.describe()}")
+    _seed(config.train.seed)
+    device = torch.device("cuda") if config.train.accelerator == "gpu" else torch.device("cpu")
+    model = build_model(config, num_items=seqs.max_item_id, device=device)
+    module = RetrievalModule(model, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+    log(f"model: {config.model.arch}, dim {config.model.dim}, {config.model.num_blocks} blocks x "
+        f"{config.model.num_heads} heads, item embeddings: {model.item_embeddings.kind}, "
+        f"{sum(p.numel() for p in model.parameters())} dense-or-static parameters")
+    if config.train.mode == "epoch":
+        metrics, report = _run_epoch_mode(config, seqs, module, progress, log, output_dir)
+    else:
+        metrics, report = _run_streaming_mode(config, seqs, module, progress, log, output_dir)
+    report.update({
+        "name": config.name,
+        "config": config_to_dict(config),
+        "data": {"name": seqs.name, "users": seqs.num_users, "items": int(len(seqs.item_ids())),
+                 "max_item_id": seqs.max_item_id, "events": seqs.num_events, "info": seqs.info},
+        "item_embeddings": model.item_embeddings.kind,
+        "wall_time_s": round(time.time() - t0, 1),
+        "metrics": metrics,
+    })
+    save_checkpoint(os.path.join(output_dir, "model.safetensors"), model, config,
+                    {"mode": config.train.mode, "selected_epoch": report.get("selected_epoch")})
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    write_json(os.path.join(output_dir, "report.json"), report)
+    log(f"wrote {output_dir}/metrics.json, report.json, model.safetensors and the plot "
+        f"({report['wall_time_s']:.0f} s)")
+    return metrics
+
+
+def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: RetrievalModule, progress: bool,
+                    log: Callable[[str], None], output_dir: str):
+    split = leave_one_out(seqs)
+    max_len = config.data.max_len
+    datamodule = SequenceDataModule(
+        TrainExamples(split.train, max_len),
+        HeldOutExamples(split.val, max_len, config.data.exclude_history),
+        HeldOutExamples(split.test, max_len, config.data.exclude_history),
+        batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size, seed=config.train.seed)
+    keeper = BestModelKeeper(config.train.monitor)
+    callbacks: List[pl.Callback] = [keeper]
+    if config.train.early_stopping_patience:
+        callbacks.append(pl.callbacks.EarlyStopping(monitor=config.train.monitor, mode="max",
+                                                    patience=config.train.early_stopping_patience,
+                                                    check_on_train_epoch_end=False))
+    trainer = _trainer(config, config.train.max_epochs, callbacks, progress, config.train.eval_every)
+    t_fit = time.time()
+    trainer.fit(module, datamodule=datamodule)
+    fit_s = time.time() - t_fit
+    epochs_trained = int(trainer.current_epoch)
+    if keeper.best_state is None:
+        raise RuntimeError("training ended before any validation; lower train.eval_every or raise max_epochs")
+    keeper.restore(module.model)
+    log(f"selected epoch {keeper.best_epoch} of {epochs_trained} by {config.train.monitor} = {keeper.best_score:.4f}")
+    # Validation metrics of the selected model (recomputed, not copied from the log), then
+    # the one and only test evaluation.
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    val = dict(module.last_eval["val"])
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    test = dict(module.last_eval["test"])
+    metrics = {**{k: v for k, v in val.items()}, **{k: v for k, v in test.items()}}
+    report = {"mode": "epoch", "selected_epoch": keeper.best_epoch, "epochs_trained": epochs_trained,
+              "monitor": config.train.monitor, "fit_s": round(fit_s, 1),
+              "eval_users": len(split.test), "history": module.history}
+    plot_history({config.model.arch: module.history}, os.path.join(output_dir, "training_curve.png"),
+                 title=f"{config.name}: test HR@10 {test['test/hr@10']:.4f}, NDCG@10 {test['test/ndcg@10']:.4f} "
+                       f"(epoch {keeper.best_epoch})")
+    return metrics, report
+
+
+def _run_streaming_mode(config: ExperimentConfig, seqs: UserSequences, module: RetrievalModule, progress: bool,
+                        log: Callable[[str], None], output_dir: str):
+    windows = stream_windows(seqs, config.streaming.num_windows)
+    max_len = config.data.max_len
+    records: List[Dict[str, float]] = []
+    t_fit = time.time()
+    for w in windows:
+        if w.index >= 1 and len(w.eval_examples):
+            dm = SequenceDataModule(None, None, HeldOutExamples(w.eval_examples, max_len, config.data.exclude_history),
+                                    config.train.batch_size, config.train.eval_batch_size, config.train.seed)
+            _trainer(config, 1, [], False).test(module, datamodule=dm, verbose=False)
+            values = {k[len("test/"):]: v for k, v in module.last_eval["test"].items()}
+            records.append({"window": w.index, "examples": len(w.eval_examples), **values})
+            log(f"window {w.index}: {len(w.eval_examples)} targets, HR@10 {values['hr@10']:.4f}, "
+                f"NDCG@10 {values['ndcg@10']:.4f} (before training on it)")
+        if w.index < len(windows) - 1:
+            train_set = TrainExamples(w.train_sequences, max_len, target_from=w.target_from, users=w.train_users)
+            if len(train_set):
+                dm = SequenceDataModule(train_set, None, None, config.train.batch_size, config.train.eval_batch_size,
+                                        config.train.seed + w.index)
+                _trainer(config, config.streaming.epochs_per_window, [], progress, validate=False).fit(module, datamodule=dm)
+    fit_s = time.time() - t_fit
+    if len(records) < 2:
+        raise RuntimeError("streaming needs at least two evaluated windows; use more data or more windows")
+    middle, last = records[:-1], records[-1]
+    weights = np.array([r["examples"] for r in middle], dtype=float)
+    metrics: Dict[str, float] = {}
+    for key in list(METRIC_KEYS) + ["mrr"]:
+        metrics[f"val/{key}"] = float(np.average([r[key] for r in middle], weights=weights))
+    for key in list(METRIC_KEYS) + ["mrr"]:
+        metrics[f"test/{key}"] = float(last[key])
+    report = {"mode": "streaming", "windows": records, "fit_s": round(fit_s, 1),
+              "num_windows": config.streaming.num_windows, "epochs_per_window": config.streaming.epochs_per_window,
+              "history": module.history}
+    plot_stream({config.model.arch: records}, os.path.join(output_dir, "stream_metrics.png"),
+                title=f"{config.name}: metrics per window (evaluated before training on it)")
+    return metrics, report
+

@@ -1,0 +1,149 @@
+"""LightningModule and DataModule of the sequential retrieval model.
+
+:class:`RetrievalModule` trains a :class:`~gauss_plugins.models.SequentialRetrievalModel` with
+the paper's sampled softmax: dense parameters with AdamW (Lightning's optimizer), item
+embeddings with the dynamic table's fused sparse optimizer, stepped right after the dense
+one in :meth:`RetrievalModule.optimizer_step` (so both see the gradients of the same batch).
+Validation and test rank the full corpus minus each user's history
+(:mod:`gauss_plugins.models.metrics`) and log ``val/hr@10`` ... / ``test/ndcg@200``.
+
+:class:`SequenceDataModule` serves leave-one-out (epoch mode) or one streaming window.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gauss_plugins.models.metrics import DEFAULT_KS, RetrievalMetrics
+from gauss_plugins.train.batching import collate_eval, collate_train
+
+__all__ = ["RetrievalModule", "SequenceDataModule"]
+
+
+class RetrievalModule(pl.LightningModule):
+    """Training / evaluation steps around a retrieval model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float = 1e-3, betas=(0.9, 0.98), weight_decay: float = 0.0,
+                 ks=DEFAULT_KS) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = float(lr)
+        self.betas = tuple(betas)
+        self.weight_decay = float(weight_decay)
+        self.ks = tuple(ks)
+        self._metrics = {"val": RetrievalMetrics(self.ks), "test": RetrievalMetrics(self.ks)}
+        self._corpus: Optional[torch.Tensor] = None
+        self._epoch_losses: List[float] = []
+        # Per-epoch records (epoch, train/loss, val/...) for the plot and the JSON history.
+        self.history: List[Dict[str, float]] = []
+        self.last_eval: Dict[str, Dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        params = [p for n, p in self.model.named_parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model.sampled_softmax_loss(batch["ids"], batch["lengths"], batch["targets"], batch["timestamps"])
+        loss = out["loss"]
+        self._epoch_losses.append(float(loss.detach()))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["ids"].shape[0])
+        return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # The closure runs forward + backward; the item rows' gradients then sit in the table
+        # and its fused optimizer applies them (a no-op for static embeddings).
+        optimizer.step(closure=optimizer_closure)
+        self.model.item_embeddings.sparse_step()
+        self.model.item_embeddings.sparse_zero_grad()
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_losses = []
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_losses:
+            record = {"epoch": int(self.current_epoch) + 1, "train/loss": float(np.mean(self._epoch_losses))}
+            self.history.append(record)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_start(self, stage: str) -> None:
+        self._metrics[stage].reset()
+        with torch.no_grad():
+            self._corpus = self.model.corpus_vectors()
+
+    def _eval_step(self, stage: str, batch: Dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            queries = self.model.query(batch["ids"], batch["lengths"], batch["timestamps"])
+            scores = self.model.score_corpus(queries, self._corpus)
+            self._metrics[stage].update(scores, batch["target"], batch["exclude"])
+
+    def _eval_end(self, stage: str) -> Dict[str, float]:
+        self._corpus = None
+        if self._metrics[stage].count == 0:
+            return {}
+        values = {f"{stage}/{k}": v for k, v in self._metrics[stage].compute().items()}
+        self.last_eval[stage] = values
+        if not self.trainer.sanity_checking:
+            shown = (f"{stage}/hr@10", f"{stage}/ndcg@10")  # on the progress bar; the rest only logged
+            self.log_dict({k: v for k, v in values.items() if k not in shown}, prog_bar=False)
+            self.log_dict({k: values[k] for k in shown}, prog_bar=True)
+            if stage == "val" and self.trainer.state.fn == "fit":
+                epoch = int(self.current_epoch) + 1
+                record = next((r for r in self.history if r["epoch"] == epoch), None)
+                if record is None:
+                    record = {"epoch": epoch}
+                    self.history.append(record)
+                record.update(values)
+        return values
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("val")
+
+    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def test_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+
+class SequenceDataModule(pl.LightningDataModule):
+    """Serves given datasets: ``train`` (TrainExamples) and ``val`` / ``test`` (HeldOutExamples)."""
+
+    def __init__(self, train: Optional[Dataset], val: Optional[Dataset], test: Optional[Dataset],
+                 batch_size: int, eval_batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.train_set, self.val_set, self.test_set = train, val, test
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("no training data in this DataModule")
+        # A seeded generator: the shuffling order is part of the run's reproducibility.
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate_train,
+                          generator=generator, num_workers=0)
+
+    def val_dataloader(self) -> Any:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_eval)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise RuntimeError("no test data in this DataModule")
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_eval)

@@ -1,0 +1,339 @@
+"""RedisWePS: the serving store on Redis through redis-py (embedding_store ``"redis"``).
+
+Layout in Redis: one string key per row, ``{prefix}:{model}:{table}:{id:016x}`` (the id's
+64-bit two's complement in hex, so negative ids are fine and every key has the same length),
+holding the row packed as little-endian float32 bytes (``4 * (dim + state_dim)`` bytes, see
+:func:`gauss_plugins.stores.base.pack_rows`). ``{prefix}:{model}:{table}:__version__`` holds
+the training-store version the last complete push brought the table to. A deleted id is a
+deleted key, so a lookup of an unknown or deleted id returns the configured default, never a
+stale row; a value of the wrong length (another writer, another dim) is an error, not data.
+
+Speed: a push of n rows is one pipelined burst of ``MSET`` commands of ``chunk_size`` rows.
+Because every key and value has a fixed width, the RESP bytes of a chunk are laid out with
+numpy in one vectorised pass and written straight to a pooled redis-py connection -- per-row
+Python work (building a dict, redis-py's per-argument encoder) would otherwise cost more
+than Redis itself. Reads are pipelined ``MGET`` s. With ``ttl_s`` each chunk's ``MSET`` is
+followed by a server-side script that sets the expiry of its keys (one reply per chunk).
+
+A ``redis.cluster.RedisCluster`` client is accepted: keys then hash to different slots, so
+writes go through the cluster pipeline (``SET`` per key, grouped per node by redis-py) and
+reads through ``mget_nonatomic``. Connection, password and TLS options are passed to
+``redis.Redis`` unchanged (``password=``, ``username=``, ``ssl=True``, ``ssl_ca_certs=``...).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from gauss_plugins._optional import require
+from gauss_plugins.stores.base import (ChangeBatch, EmbeddingStore, IdsLike, Lookup, RowBatch, as_ids, pack_rows,
+                                       unpack_rows)
+
+redis = require("redis", "redis", "the Redis serving store")
+from redis.cluster import RedisCluster  # noqa: E402  (after the require above)
+
+__all__ = ["RedisWePS", "row_keys"]
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+# Expire every key of a chunk in one round trip (MSET itself cannot set a TTL).
+_EXPIRE_SCRIPT = b"for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end return #KEYS"
+
+
+def _hex_ids(ids: torch.Tensor) -> np.ndarray:
+    """``[n, 16]`` uint8 ASCII hex of the ids' 64-bit two's complement (big-endian)."""
+    raw = ids.numpy().astype(">i8").view(np.uint8).reshape(-1, 8)
+    out = np.empty((raw.shape[0], 16), dtype=np.uint8)
+    out[:, 0::2] = _HEX[raw >> 4]
+    out[:, 1::2] = _HEX[raw & 15]
+    return out
+
+
+def row_keys(prefix: bytes, ids: torch.Tensor) -> np.ndarray:
+    """``[n, len(prefix) + 16]`` uint8: the key of each id (see the module docstring)."""
+    p = np.frombuffer(prefix, dtype=np.uint8)
+    keys = np.empty((ids.numel(), p.size + 16), dtype=np.uint8)
+    keys[:, : p.size] = p
+    keys[:, p.size:] = _hex_ids(ids)
+    return keys
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+def _resp(head: Sequence[bytes], fields: Sequence[np.ndarray], tail: Sequence[bytes] = ()) -> List[Any]:
+    """The RESP encoding of ``head + interleaved fixed-width fields + tail`` as buffers.
+
+    ``fields`` are ``[n, w_i]`` uint8 arrays; row r contributes ``fields[0][r], fields[1][r],
+    ...`` as consecutive bulk strings. Built with numpy: a template record of the constant
+    bytes is broadcast, the variable bytes are copied in by column.
+    """
+    n = fields[0].shape[0]
+    argc = len(head) + n * len(fields) + len(tail)
+    parts: List[bytes] = [b"*%d\r\n" % argc] + [_bulk(h) for h in head]
+    template = bytearray()
+    slots = []
+    for f in fields:
+        template += b"$%d\r\n" % f.shape[1]
+        slots.append((len(template), f))
+        template += b"\x00" * f.shape[1] + b"\r\n"
+    rec = np.empty((n, len(template)), dtype=np.uint8)
+    rec[:] = np.frombuffer(bytes(template), dtype=np.uint8)
+    for off, f in slots:
+        rec[:, off:off + f.shape[1]] = f
+    return [b"".join(parts), memoryview(rec).cast("B"), b"".join(_bulk(t) for t in tail)]
+
+
+class RedisWePS(EmbeddingStore):
+    """Serving store on Redis (see the module docstring).
+
+    Args:
+        dim: row width; state_dim: optimizer-state width stored with each row (default 0).
+        default: scalar or ``[dim]`` returned for unknown or deleted ids.
+        client: a ready ``redis.Redis`` or ``redis.cluster.RedisCluster``; else one is built
+            from ``url`` (``redis://`` / ``rediss://``) or ``host``/``port``/``db``, with
+            ``client_options`` (password, username, ssl, ssl_ca_certs, timeouts...) passed on.
+        prefix, model, table: the key prefix ``{prefix}:{model}:{table}:``.
+        ttl_s: optional expiry of every written row, in seconds.
+        chunk_size: rows per MSET / MGET command.
+    """
+
+    def __init__(self, dim: int, state_dim: int = 0, default: Any = 0.0, *, client: Any = None,
+                 url: Optional[str] = None, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
+                 prefix: str = "gauss", model: str = "default", table: str = "default",
+                 ttl_s: Optional[float] = None, chunk_size: int = 10_000, **client_options: Any):
+        super().__init__(dim, state_dim, default)
+        for name, part in (("prefix", prefix), ("model", model), ("table", table)):
+            if not isinstance(part, str) or not part or any(c in part for c in ":\r\n *?[]"):
+                raise ValueError(f"{name} must be a non-empty string without ':', spaces or glob characters, got {part!r}")
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive or None, got {ttl_s!r}")
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if client is None:
+            # Bounded timeouts: a dead server must surface as an error, not a hung trainer.
+            client_options.setdefault("socket_timeout", 5.0)
+            client_options.setdefault("socket_connect_timeout", 2.0)
+            # One immediate retry (a pooled connection the server dropped), no backoff:
+            # redis-py's default backs off for seconds, and the syncer retries every
+            # interval itself -- a dead server must fail fast.
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            client_options.setdefault("retry", Retry(NoBackoff(), 1))
+            if url is not None:
+                client = redis.Redis.from_url(url, **client_options)
+            else:
+                client = redis.Redis(host=host, port=port, db=db, **client_options)
+        elif client_options or url is not None:
+            raise ValueError("pass either client= or connection options (url, host, password, ...), not both")
+        if not isinstance(client, (redis.Redis, RedisCluster)):
+            raise TypeError(f"client must be a redis.Redis or redis.cluster.RedisCluster, got {type(client).__name__}")
+        self.client = client
+        self.is_cluster = isinstance(client, RedisCluster)
+        self.key_prefix = f"{prefix}:{model}:{table}:".encode()
+        self.version_key = self.key_prefix + b"__version__"
+        self.ttl_ms = None if ttl_s is None else max(1, int(round(ttl_s * 1000)))
+        self.chunk_size = chunk_size
+        self.row_bytes = 4 * (dim + state_dim)
+        self._counters = {"rows_written": 0, "rows_deleted": 0, "rows_read": 0, "bytes_written": 0,
+                          "write_calls": 0, "read_calls": 0}
+        self._script_sha: Optional[str] = None
+
+    # ------------------------------------------------------------------ plumbing
+    def _run_packed(self, commands: List[List[Any]]) -> List[Any]:
+        """Send pre-encoded commands on one pooled connection, then read one reply each."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            for cmd in commands:
+                conn.send_packed_command(cmd, check_health=False)
+            replies = []
+            for _ in commands:
+                replies.append(conn.read_response())
+        except BaseException:
+            # The connection's state is unknown (half a pipeline sent or read): never reuse it.
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        errors = [r for r in replies if isinstance(r, redis.exceptions.ResponseError)]
+        if errors:
+            raise errors[0]
+        return replies
+
+    def _keys(self, ids: torch.Tensor) -> np.ndarray:
+        return row_keys(self.key_prefix, ids)
+
+    # ------------------------------------------------------------------ writes
+    def put(self, ids: IdsLike, values: Any, state: Any = None) -> int:
+        uniq, vals, st = self._check_put(ids, values, state)
+        if self.state_dim and st is None:
+            st = torch.zeros(uniq.numel(), self.state_dim)
+        self._write(uniq, vals, st)
+        return self.version
+
+    def _write(self, ids: torch.Tensor, values: torch.Tensor, state: Optional[torch.Tensor]) -> None:
+        if ids.numel() == 0:
+            return
+        packed = pack_rows(values, state)
+        keys = self._keys(ids)
+        n = ids.numel()
+        if self.is_cluster:
+            pipe = self.client.pipeline()
+            for i in range(n):
+                pipe.set(keys[i].tobytes(), packed[i].tobytes(), px=self.ttl_ms)
+            pipe.execute()
+        else:
+            commands = []
+            for start in range(0, n, self.chunk_size):
+                k = keys[start:start + self.chunk_size]
+                commands.append(_resp([b"MSET"], [k, packed[start:start + self.chunk_size]]))
+                if self.ttl_ms is not None:
+                    commands.append(_resp([b"EVAL", _EXPIRE_SCRIPT, b"%d" % k.shape[0]], [k], [b"%d" % self.ttl_ms]))
+            self._run_packed(commands)
+        self._counters["rows_written"] += n
+        self._counters["bytes_written"] += int(packed.nbytes + keys.nbytes)
+        self._counters["write_calls"] += 1
+
+    def delete(self, ids: IdsLike) -> int:
+        d = as_ids(ids)
+        self._delete(d)
+        return self.version
+
+    def _delete(self, ids: torch.Tensor) -> None:
+        if ids.numel() == 0:
+            return
+        keys = self._keys(ids)
+        if self.is_cluster:
+            pipe = self.client.pipeline()
+            for i in range(keys.shape[0]):
+                pipe.delete(keys[i].tobytes())
+            pipe.execute()
+        else:
+            self._run_packed([_resp([b"DEL"], [keys[s:s + self.chunk_size]])
+                              for s in range(0, keys.shape[0], self.chunk_size)])
+        self._counters["rows_deleted"] += int(ids.numel())
+
+    def apply_changes(self, batch: ChangeBatch) -> None:
+        """Write a syncer push: rows, tombstones, then the version key (last, so a reader
+        that sees version V sees every row of V)."""
+        uniq, vals, st = self._check_put(batch.ids, batch.values, batch.state)
+        deleted = as_ids(batch.deleted, "deleted")
+        if deleted.numel() and uniq.numel():
+            deleted = deleted[~torch.isin(deleted, uniq)]  # upserted after the eviction: keep the row
+        if self.state_dim and st is None:
+            st = torch.zeros(uniq.numel(), self.state_dim)
+        self._delete(deleted)
+        self._write(uniq, vals, st)
+        self.client.set(self.version_key, b"%d" % int(batch.version))
+
+    # ------------------------------------------------------------------ reads
+    def _read(self, keys: np.ndarray) -> List[Optional[bytes]]:
+        n = keys.shape[0]
+        if self.is_cluster:
+            return list(self.client.mget_nonatomic([keys[i].tobytes() for i in range(n)]))
+        replies = self._run_packed([_resp([b"MGET"], [keys[s:s + self.chunk_size]])
+                                    for s in range(0, n, self.chunk_size)])
+        out: List[Optional[bytes]] = []
+        for r in replies:
+            out.extend(r)
+        return out
+
+    def lookup(self, ids: IdsLike) -> Lookup:
+        q = as_ids(ids)
+        n = q.numel()
+        result = self._missing(n)
+        if n == 0:
+            return result
+        raw = self._read(self._keys(q))
+        found = np.fromiter((r is not None for r in raw), dtype=bool, count=n)
+        present = [r for r in raw if r is not None]
+        bad = [len(r) for r in present if len(r) != self.row_bytes]
+        if bad:
+            raise ValueError(f"Redis rows under {self.key_prefix.decode()!r} have {bad[0]} bytes, expected "
+                             f"{self.row_bytes} (dim={self.dim}, state_dim={self.state_dim}): another writer or "
+                             f"another configuration uses this prefix")
+        if present:
+            vals, st = unpack_rows(b"".join(present), len(present), self.dim, self.state_dim)
+            idx = torch.from_numpy(np.flatnonzero(found))
+            result.values[idx] = vals
+            if st is not None:
+                result.state[idx] = st
+        result.found.copy_(torch.from_numpy(found))
+        self._counters["rows_read"] += n
+        self._counters["read_calls"] += 1
+        return result
+
+    @property
+    def version(self) -> int:
+        """The training-store version of the last complete push (0 before any)."""
+        raw = self.client.get(self.version_key)
+        return int(raw) if raw is not None else 0
+
+    def _scan_keys(self) -> Iterator[bytes]:
+        pattern = self.key_prefix + b"?" * 16
+        yield from self.client.scan_iter(match=pattern, count=10_000)
+
+    def __len__(self) -> int:
+        """Rows under this prefix (a SCAN: O(keys in the database))."""
+        return sum(1 for _ in self._scan_keys())
+
+    def export(self, batch_size: int = 65536) -> Iterator[RowBatch]:
+        """Every row under this prefix (SCAN + MGET; rows deleted meanwhile are skipped)."""
+        batch: List[bytes] = []
+
+        def flush(keys: List[bytes]) -> Optional[RowBatch]:
+            hexes = np.frombuffer(b"".join(k[-16:] for k in keys), dtype="S16")
+            ids = torch.from_numpy(np.array([int(h, 16) for h in hexes], dtype=np.uint64).view(np.int64))
+            got = self.lookup(ids)
+            keep = got.found
+            return RowBatch(ids[keep], got.values[keep], got.state[keep] if got.state is not None else None)
+
+        for key in self._scan_keys():
+            batch.append(key)
+            if len(batch) == batch_size:
+                yield flush(batch)
+                batch = []
+        if batch:
+            yield flush(batch)
+
+    def clear(self) -> int:
+        """Delete every row and the version key of this prefix; returns rows deleted."""
+        deleted = 0
+        keys = list(self._scan_keys())
+        for s in range(0, len(keys), self.chunk_size):
+            deleted += int(self.client.delete(*keys[s:s + self.chunk_size]))
+        self.client.delete(self.version_key)
+        return deleted
+
+    def instance_id(self) -> str:
+        """The server's ``run_id`` (all nodes' for a cluster): it changes when a server
+        restarts, which tells a syncer that rows it pushed before may be gone."""
+        info = self.client.info("server")
+        if "run_id" in info:
+            return str(info["run_id"])
+        return ",".join(sorted(str(v.get("run_id")) for v in info.values() if isinstance(v, dict)))
+
+    def ping(self) -> bool:
+        """True when the server answers."""
+        try:
+            return bool(self.client.ping())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            return False
+
+    def stats(self) -> Dict[str, Any]:
+        s = {"dim": self.dim, "state_dim": self.state_dim, "kind": "redis", "cluster": self.is_cluster,
+             "prefix": self.key_prefix.decode(), "ttl_ms": self.ttl_ms}
+        s.update(self._counters)
+        return s
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # closing a client whose server is gone must not raise
+            pass

@@ -1,0 +1,124 @@
+"""One call that turns a TorchRec model's embedding collections into dynamic ones.
+
+:func:`swap_dynamic_embeddings` walks a model and replaces every TorchRec
+``EmbeddingBagCollection`` / ``EmbeddingCollection`` by its dynamic twin built from the same
+configs, in place (module attributes are re-pointed, so code holding the parent modules —
+DLRM's ``SparseArch``, for instance — keeps working). :func:`dynamic_tables` then lists the
+tables to give to the fused sparse optimizer.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from gauss_integrations.torchrec.modules import DynamicEmbeddingBagCollection, DynamicEmbeddingCollection
+from gauss_integrations.torchrec.tables import TableOptions
+
+
+def swap_dynamic_embeddings(
+    model: nn.Module,
+    table_options: Optional[Mapping[str, TableOptions]] = None,
+    default_options: Optional[TableOptions] = None,
+    allow_unknown_features: bool = False,
+) -> nn.Module:
+    """Replace every TorchRec ``EmbeddingBagCollection`` and ``EmbeddingCollection`` in
+    ``model`` (the model itself included) by a dynamic twin with the same configs.
+
+    Args:
+        model: any ``nn.Module`` tree holding TorchRec collections.
+        table_options: per-table options keyed by table name (table names must be unique
+            across the model for this to be unambiguous; a name matching no table is an
+            error). See :class:`DynamicEmbeddingBagCollection`.
+        default_options: options for every table, applied before ``table_options``.
+        allow_unknown_features: passed to every twin (accept KJT keys no table reads).
+
+    Returns:
+        ``model`` itself, changed in place, or the twin when ``model`` is a collection.
+        The twins keep the original collections' ``is_weighted``, ``need_indices`` and
+        device; their tables start empty (rows are created as ids are seen), and a module
+        used at several places in the tree is replaced by one shared twin.
+    """
+    table_options = dict(table_options or {})
+    seen_tables: Dict[str, str] = {}
+    twins: Dict[int, nn.Module] = {}
+
+    def twin_of(module: nn.Module, path: str) -> nn.Module:
+        if id(module) in twins:
+            return twins[id(module)]
+        configs = module.embedding_bag_configs() if isinstance(module, EmbeddingBagCollection) else module.embedding_configs()
+        for config in configs:
+            if config.name in seen_tables:
+                raise ValueError(
+                    f"table name {config.name!r} is used by two collections ({seen_tables[config.name]!r} and "
+                    f"{path!r}); table_options are keyed by table name, so rename one of the tables"
+                )
+            seen_tables[config.name] = path
+        options = {c.name: table_options[c.name] for c in configs if c.name in table_options}
+        if isinstance(module, EmbeddingBagCollection):
+            twin: nn.Module = DynamicEmbeddingBagCollection(
+                configs,
+                is_weighted=module.is_weighted(),
+                device=module.device,
+                table_options=options,
+                default_options=default_options,
+                allow_unknown_features=allow_unknown_features,
+            )
+        else:
+            twin = DynamicEmbeddingCollection(
+                configs,
+                device=module.device,
+                need_indices=module.need_indices(),
+                table_options=options,
+                default_options=default_options,
+                allow_unknown_features=allow_unknown_features,
+            )
+        twin.train(module.training)
+        twins[id(module)] = twin
+        return twin
+
+    def is_target(module: nn.Module) -> bool:
+        return isinstance(module, (EmbeddingBagCollection, EmbeddingCollection))
+
+    # Build every twin first, then re-point attributes: a bad option (unknown table name,
+    # clashing table names) then leaves the model untouched.
+    if is_target(model):
+        root_twin = twin_of(model, "")
+        _check_all_options_used(table_options, seen_tables)
+        return root_twin
+    replacements = []
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        if isinstance(parent, (DynamicEmbeddingBagCollection, DynamicEmbeddingCollection)) or is_target(parent):
+            continue  # never descend into a collection: its tables are not separate targets
+        for child_name, child in parent.named_children():
+            if is_target(child):
+                path = f"{parent_name}.{child_name}" if parent_name else child_name
+                replacements.append((parent, child_name, twin_of(child, path)))
+    _check_all_options_used(table_options, seen_tables)
+    for parent, child_name, twin in replacements:
+        setattr(parent, child_name, twin)
+    return model
+
+
+def _check_all_options_used(table_options: Mapping[str, TableOptions], seen_tables: Mapping[str, str]) -> None:
+    unknown = sorted(set(table_options) - set(seen_tables))
+    if unknown:
+        raise ValueError(
+            f"table_options name table(s) {unknown} that the model does not have "
+            f"(its tables: {sorted(seen_tables)}); nothing was swapped"
+        )
+
+
+def dynamic_tables(model: nn.Module) -> Dict[str, nn.Module]:
+    """Every dynamic table in ``model``, keyed by its qualified module name
+    (e.g. ``"sparse_arch.embedding_bag_collection.embedding_bags.t1"``), each listed once."""
+    from gauss_plugins.embedding import DynamicEmbeddingTable
+
+    tables: Dict[str, nn.Module] = {}
+    seen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, DynamicEmbeddingTable) and id(module) not in seen:
+            seen.add(id(module))
+            tables[name] = module
+    return tables

@@ -1,0 +1,503 @@
+// Compiled CPU kernels of dynamic embedding tables (ops in the `gauss_hash` namespace).
+//
+// The hash index: open addressing with linear probing over packed 12-byte slots
+// {int64 key, int32 row}; row == -1 marks an empty slot, so every int64 is a valid key.
+// Removal uses backward-shift deletion (no tombstones). The allocator is a stack of freed
+// rows (`free_buf[0:free_count]`, popped from the end) and a bump pointer `next_row`.
+// Scalar state lives in `meta` = int64[4] {size, next_row, free_count, capacity} so the
+// whole index is plain tensors, owned by the Python class CpuHashIndex.
+//
+// Beside the index: fused lookup + pooling, gradient accumulation of repeated rows, the
+// fused sparse optimizer updates, and deterministic row initialisation. Everything that
+// sums floats does so in a fixed order (by position in the batch), so results do not
+// depend on the thread count or on which row a key occupies.
+//
+// Build flags include -ffp-contract=off: a*b+c must round like torch's separate ops.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct __attribute__((packed)) Slot {
+  int64_t key;
+  int32_t row;
+};
+static_assert(sizeof(Slot) == 12, "slots must be 12 bytes");
+
+constexpr int64_t kPrefetch = 16;  // keys whose home slot is prefetched ahead of the probe
+
+enum Meta { kSize = 0, kNextRow = 1, kFreeCount = 2, kCapacity = 3 };
+
+inline uint64_t fmix64(uint64_t h) {
+  h ^= h >> 33;
+  h *= 0xFF51AFD7ED558CCDULL;
+  h ^= h >> 33;
+  h *= 0xC4CEB9FE1A85EC53ULL;
+  h ^= h >> 33;
+  return h;
+}
+
+inline int64_t home_slot(int64_t key, int64_t n) {
+  return static_cast<int64_t>(((fmix64(static_cast<uint64_t>(key)) >> 32) * static_cast<uint64_t>(n)) >> 32);
+}
+
+inline Slot* slots_of(const at::Tensor& slots) {
+  return reinterpret_cast<Slot*>(slots.data_ptr<uint8_t>());
+}
+
+inline int64_t num_slots_of(const at::Tensor& slots) { return slots.numel() / 12; }
+
+void check_slots(const at::Tensor& slots) {
+  TORCH_CHECK(slots.dtype() == at::kByte && slots.is_contiguous() && slots.numel() % 12 == 0,
+              "slots must be a contiguous uint8 tensor of 12-byte slots");
+}
+
+void check_keys(const at::Tensor& keys) {
+  TORCH_CHECK(keys.dtype() == at::kLong && keys.dim() == 1 && keys.device().is_cpu(),
+              "keys must be a 1-D int64 CPU tensor");
+}
+
+// Probe for `key`; returns the slot index holding it, or -1 - (empty slot index).
+inline int64_t probe(const Slot* s, int64_t n, int64_t key) {
+  int64_t p = home_slot(key, n);
+  while (true) {
+    const int32_t r = s[p].row;
+    if (r == -1) return -1 - p;
+    if (s[p].key == key) return p;
+    if (++p == n) p = 0;
+  }
+}
+
+inline int64_t find_row(const Slot* s, int64_t n, int64_t key, int64_t dflt) {
+  int64_t p = home_slot(key, n);
+  while (true) {
+    const int32_t r = s[p].row;
+    if (r == -1) return dflt;
+    if (s[p].key == key) return r;
+    if (++p == n) p = 0;
+  }
+}
+
+// Backward-shift deletion of the entry at slot i.
+void erase_at(Slot* s, int64_t n, int64_t i) {
+  int64_t j = i;
+  while (true) {
+    if (++j == n) j = 0;
+    if (s[j].row == -1) break;
+    const int64_t h = home_slot(s[j].key, n);
+    // The entry at j may move to i only if its home is not cyclically inside (i, j].
+    const bool stays = (i <= j) ? (i < h && h <= j) : (i < h || h <= j);
+    if (stays) continue;
+    s[i] = s[j];
+    i = j;
+  }
+  s[i].row = -1;
+}
+
+// ------------------------------------------------------------------ index ops
+at::Tensor op_find(const at::Tensor& slots, const at::Tensor& keys_in, int64_t dflt) {
+  check_slots(slots);
+  check_keys(keys_in);
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t N = keys.numel();
+  at::Tensor rows = at::empty({N}, keys.options());
+  const Slot* s = slots_of(slots);
+  const int64_t n = num_slots_of(slots);
+  const int64_t* k = keys.data_ptr<int64_t>();
+  int64_t* out = rows.data_ptr<int64_t>();
+  at::parallel_for(0, N, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (i + kPrefetch < e) __builtin_prefetch(&s[home_slot(k[i + kPrefetch], n)]);
+      out[i] = find_row(s, n, k[i], dflt);
+    }
+  });
+  return rows;
+}
+
+// Returns (rows, is_new, ok). On !ok (out of rows) the index is left as before the call.
+std::tuple<at::Tensor, at::Tensor, bool> op_insert(at::Tensor& slots, const at::Tensor& keys_in,
+                                                 at::Tensor& meta, at::Tensor& free_buf) {
+  check_slots(slots);
+  check_keys(keys_in);
+  const at::Tensor keys = keys_in.contiguous();
+  at::Tensor rows = op_find(slots, keys, -1);
+  const int64_t N = keys.numel();
+  at::Tensor is_new = at::zeros({N}, keys.options().dtype(at::kBool));
+  Slot* s = slots_of(slots);
+  const int64_t n = num_slots_of(slots);
+  const int64_t* k = keys.data_ptr<int64_t>();
+  int64_t* r = rows.data_ptr<int64_t>();
+  bool* nw = is_new.data_ptr<bool>();
+  int64_t* m = meta.data_ptr<int64_t>();
+  const int32_t* fb = free_buf.data_ptr<int32_t>();
+  const int64_t saved[4] = {m[0], m[1], m[2], m[3]};
+  std::vector<int64_t> inserted;
+  for (int64_t i = 0; i < N; ++i) {
+    if (r[i] >= 0) continue;
+    const int64_t p = probe(s, n, k[i]);
+    if (p >= 0) {  // a repeat of a key inserted earlier in this call
+      r[i] = s[p].row;
+      continue;
+    }
+    int64_t row;
+    if (m[kFreeCount] > 0) {
+      row = fb[--m[kFreeCount]];
+    } else if (m[kNextRow] < m[kCapacity]) {
+      row = m[kNextRow]++;
+    } else {  // full: undo this call's inserts; popped free rows are still in free_buf
+      for (auto it = inserted.rbegin(); it != inserted.rend(); ++it) erase_at(s, n, probe(s, n, *it));
+      std::memcpy(m, saved, sizeof(saved));
+      return {rows, is_new, false};
+    }
+    const int64_t e = -1 - p;
+    s[e].key = k[i];
+    s[e].row = static_cast<int32_t>(row);
+    ++m[kSize];
+    r[i] = row;
+    nw[i] = true;
+    inserted.push_back(k[i]);
+  }
+  return {rows, is_new, true};
+}
+
+at::Tensor op_remove(at::Tensor& slots, const at::Tensor& keys_in, at::Tensor& meta, at::Tensor& free_buf) {
+  check_slots(slots);
+  check_keys(keys_in);
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t N = keys.numel();
+  int64_t* m = meta.data_ptr<int64_t>();
+  TORCH_CHECK(free_buf.dtype() == at::kInt && free_buf.numel() >= m[kFreeCount] + N, "free_buf too small");
+  // Rows before any removal: a key repeated in the call reports its row at every position.
+  at::Tensor rows = op_find(slots, keys, -1);
+  Slot* s = slots_of(slots);
+  const int64_t n = num_slots_of(slots);
+  const int64_t* k = keys.data_ptr<int64_t>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  int32_t* fb = free_buf.data_ptr<int32_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    if (r[i] < 0) continue;
+    const int64_t p = probe(s, n, k[i]);
+    if (p < 0) continue;  // a repeat, removed earlier in this call
+    erase_at(s, n, p);
+    fb[m[kFreeCount]++] = static_cast<int32_t>(r[i]);
+    --m[kSize];
+  }
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> op_keys_and_rows(const at::Tensor& slots, int64_t size) {
+  check_slots(slots);
+  at::Tensor keys = at::empty({size}, at::kLong);
+  at::Tensor rows = at::empty({size}, at::kLong);
+  const Slot* s = slots_of(slots);
+  const int64_t n = num_slots_of(slots);
+  int64_t* ko = keys.data_ptr<int64_t>();
+  int64_t* ro = rows.data_ptr<int64_t>();
+  int64_t c = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    if (s[p].row == -1) continue;
+    TORCH_CHECK(c < size, "index holds more keys than its size says");
+    ko[c] = s[p].key;
+    ro[c] = s[p].row;
+    ++c;
+  }
+  TORCH_CHECK(c == size, "index holds fewer keys than its size says");
+  return {keys, rows};
+}
+
+// Write distinct, absent keys with the given rows (rebuilds: rehash, load).
+void op_place(at::Tensor& slots, const at::Tensor& keys_in, const at::Tensor& rows_in) {
+  check_slots(slots);
+  check_keys(keys_in);
+  const at::Tensor keys = keys_in.contiguous();
+  const at::Tensor rows = rows_in.contiguous().to(at::kLong);
+  Slot* s = slots_of(slots);
+  const int64_t n = num_slots_of(slots);
+  const int64_t* k = keys.data_ptr<int64_t>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < keys.numel(); ++i) {
+    const int64_t p = probe(s, n, k[i]);
+    TORCH_CHECK(p < 0, "duplicate key in place()");
+    s[-1 - p].key = k[i];
+    s[-1 - p].row = static_cast<int32_t>(r[i]);
+  }
+}
+
+// ------------------------------------------------------------------ lookup + pooling
+// mode: 0 sum, 1 mean. offsets: int64[B+1]. Returns (pooled float32[B, D], rows int64[N]);
+// absent ids read row `dflt` (the table's default row).
+template <typename scalar_t>
+void pool_impl(const scalar_t* w, int64_t D, const int64_t* rows, const int64_t* off, const float* psw,
+               int64_t mode, float* out, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    float* o = out + b * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+    const int64_t s0 = off[b], s1 = off[b + 1];
+    for (int64_t i = s0; i < s1; ++i) {
+      if (i + 4 < s1) __builtin_prefetch(w + rows[i + 4] * D);
+      const scalar_t* src = w + rows[i] * D;
+      if (psw) {
+        const float a = psw[i];
+        for (int64_t d = 0; d < D; ++d) o[d] += a * static_cast<float>(src[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] += static_cast<float>(src[d]);
+      }
+    }
+    if (mode == 1 && s1 > s0) {
+      const float inv = 1.f / static_cast<float>(s1 - s0);
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> op_lookup_pool(const at::Tensor& slots, const at::Tensor& ids_in,
+                                               const at::Tensor& offsets_in, const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& psw_in, int64_t mode, int64_t dflt) {
+  check_slots(slots);
+  check_keys(ids_in);
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous 2-D tensor");
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor off = offsets_in.contiguous();
+  const int64_t B = off.numel() - 1, D = weight.size(1), N = ids.numel();
+  at::Tensor rows = at::empty({N}, ids.options());
+  at::Tensor out = at::empty({B, D}, weight.options().dtype(at::kFloat));
+  at::Tensor psw;
+  if (psw_in.has_value()) psw = psw_in->contiguous().to(at::kFloat);
+  const Slot* s = slots_of(slots);
+  const int64_t n = num_slots_of(slots);
+  const int64_t* k = ids.data_ptr<int64_t>();
+  const int64_t* o = off.data_ptr<int64_t>();
+  int64_t* r = rows.data_ptr<int64_t>();
+  const float* pw = psw.defined() ? psw.data_ptr<float>() : nullptr;
+  float* outp = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lookup_pool", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      // Probe the bags' ids first (prefetching slots), then pool (prefetching rows).
+      const int64_t i0 = o[b0], i1 = o[b1];
+      for (int64_t i = i0; i < i1; ++i) {
+        if (i + kPrefetch < i1) __builtin_prefetch(&s[home_slot(k[i + kPrefetch], n)]);
+        r[i] = find_row(s, n, k[i], dflt);
+      }
+      pool_impl<scalar_t>(w, D, r, o, pw, mode, outp, b0, b1);
+    });
+  });
+  return {out, rows};
+}
+
+// Pooling of rows already resolved (training path); same arithmetic as op_lookup_pool.
+at::Tensor op_pool_rows(const at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& offsets_in,
+                        const c10::optional<at::Tensor>& psw_in, int64_t mode) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous 2-D tensor");
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor off = offsets_in.contiguous();
+  const int64_t B = off.numel() - 1, D = weight.size(1);
+  at::Tensor out = at::empty({B, D}, weight.options().dtype(at::kFloat));
+  at::Tensor psw;
+  if (psw_in.has_value()) psw = psw_in->contiguous().to(at::kFloat);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* o = off.data_ptr<int64_t>();
+  const float* pw = psw.defined() ? psw.data_ptr<float>() : nullptr;
+  float* outp = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "pool_rows", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) { pool_impl<scalar_t>(w, D, r, o, pw, mode, outp, b0, b1); });
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------ gradients
+// Sum the gradients of repeated rows. Gradient of position i is
+//   scale[i] * src[src_idx[i]]   (src_idx empty: i; scale empty: 1).
+// Returns (unique rows in order of first occurrence, summed grads float32[U, D], all_finite).
+// Each row's sum runs over its positions in ascending order, whatever the thread count.
+std::tuple<at::Tensor, at::Tensor, bool> op_accumulate_grads(const at::Tensor& rows_in, const at::Tensor& src_in,
+                                                           const at::Tensor& src_idx_in, const at::Tensor& scale_in) {
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor src = src_in.contiguous().to(at::kFloat);
+  const at::Tensor src_idx = src_idx_in.contiguous();
+  const at::Tensor scale = scale_in.defined() && scale_in.numel() ? scale_in.contiguous().to(at::kFloat) : at::Tensor();
+  const int64_t N = rows.numel(), D = src.size(1);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* si = src_idx.numel() ? src_idx.data_ptr<int64_t>() : nullptr;
+  const float* sc = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  const float* g = src.data_ptr<float>();
+  // Group positions by row with a small open-addressing map row -> unique index.
+  int64_t cap = 16;
+  while (cap < 2 * N) cap <<= 1;
+  std::vector<int64_t> mkeys(cap, -1);
+  std::vector<int32_t> mvals(cap);
+  std::vector<int32_t> uidx(N);
+  std::vector<int64_t> uniq;
+  uniq.reserve(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t row = r[i];
+    int64_t p = static_cast<int64_t>(fmix64(static_cast<uint64_t>(row)) & (cap - 1));
+    while (mkeys[p] != -1 && mkeys[p] != row) p = (p + 1) & (cap - 1);
+    if (mkeys[p] == -1) {
+      mkeys[p] = row;
+      mvals[p] = static_cast<int32_t>(uniq.size());
+      uniq.push_back(row);
+    }
+    uidx[i] = mvals[p];
+  }
+  const int64_t U = static_cast<int64_t>(uniq.size());
+  at::Tensor urows = at::empty({U}, at::kLong);
+  std::memcpy(urows.data_ptr<int64_t>(), uniq.data(), U * sizeof(int64_t));
+  at::Tensor out = at::zeros({U, D}, at::kFloat);
+  float* op = out.data_ptr<float>();
+  // Each thread owns a range of unique indices and scans all positions in order.
+  std::atomic<bool> all_finite{true};
+  at::parallel_for(0, U, 1024, [&](int64_t u0, int64_t u1) {
+    bool ok = true;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t u = uidx[i];
+      if (u < u0 || u >= u1) continue;
+      const float* src_row = g + (si ? si[i] : i) * D;
+      float* dst = op + u * D;
+      if (sc) {
+        const float a = sc[i];
+        for (int64_t d = 0; d < D; ++d) dst[d] += a * src_row[d];
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] += src_row[d];
+      }
+    }
+    for (int64_t u = u0; u < u1 && ok; ++u)
+      for (int64_t d = 0; d < D; ++d)
+        if (!std::isfinite(op[u * D + d])) { ok = false; break; }
+    if (!ok) all_finite = false;
+  });
+  return {urows, out, all_finite.load()};
+}
+
+// ------------------------------------------------------------------ sparse optimizers
+// kind: 0 SGD, 1 Adagrad, 2 row-wise Adagrad, 3 Adam. grads float32[U, D] for rows[U].
+// state1: Adagrad sum [R, D] / row-wise sum [R] / Adam exp_avg [R, D]; state2: Adam
+// exp_avg_sq [R, D]; steps: Adam per-row step count int64[R].
+// hp = {lr, eps, beta1, beta2, weight_decay}.
+template <typename scalar_t>
+void update_impl(int64_t kind, scalar_t* w, int64_t D, const int64_t* rows, const float* g, int64_t U,
+                 float* s1, float* s2, int64_t* steps, const std::vector<double>& hp) {
+  const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);
+  const double beta1 = hp[2], beta2 = hp[3];
+  const float wd = static_cast<float>(hp[4]);
+  at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
+    std::vector<float> buf(D);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t row = rows[u];
+      scalar_t* wr = w + row * D;
+      const float* gr = g + u * D;
+      float* gg = buf.data();
+      for (int64_t d = 0; d < D; ++d) gg[d] = wd != 0.f ? gr[d] + wd * static_cast<float>(wr[d]) : gr[d];
+      switch (kind) {
+        case 0:
+          for (int64_t d = 0; d < D; ++d) wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - lr * gg[d]);
+          break;
+        case 1: {
+          float* st = s1 + row * D;
+          for (int64_t d = 0; d < D; ++d) {
+            st[d] += gg[d] * gg[d];
+            const float den = std::sqrt(st[d]) + eps;
+            wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - lr * (gg[d] / den));
+          }
+          break;
+        }
+        case 2: {
+          float sq = 0.f;
+          for (int64_t d = 0; d < D; ++d) sq += gg[d] * gg[d];
+          s1[row] += sq / static_cast<float>(D);
+          const float mult = lr / (std::sqrt(s1[row]) + eps);
+          for (int64_t d = 0; d < D; ++d) wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - mult * gg[d]);
+          break;
+        }
+        case 3: {
+          float* m = s1 + row * D;
+          float* v = s2 + row * D;
+          const int64_t t = ++steps[row];
+          const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(t));
+          const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(t));
+          const float step_size = static_cast<float>(hp[0] / bc1);
+          const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+          const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+          for (int64_t d = 0; d < D; ++d) {
+            m[d] = m[d] * b1 + gg[d] * (1.f - b1);
+            v[d] = v[d] * b2 + gg[d] * gg[d] * (1.f - b2);
+            const float den = std::sqrt(v[d]) / bc2_sqrt + eps;
+            wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - step_size * (m[d] / den));
+          }
+          break;
+        }
+      }
+    }
+  });
+}
+
+void op_sparse_update(int64_t kind, at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& grads_in,
+                   const c10::optional<at::Tensor>& state1, const c10::optional<at::Tensor>& state2,
+                   const c10::optional<at::Tensor>& steps, std::vector<double> hp) {
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "weight must be contiguous 2-D");
+  TORCH_CHECK(hp.size() == 5, "hp = {lr, eps, beta1, beta2, weight_decay}");
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor grads = grads_in.contiguous().to(at::kFloat);
+  float* s1 = state1.has_value() && state1->defined() ? state1->data_ptr<float>() : nullptr;
+  float* s2 = state2.has_value() && state2->defined() ? state2->data_ptr<float>() : nullptr;
+  int64_t* st = steps.has_value() && steps->defined() ? steps->data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(kind == 0 || s1, "optimizer state missing");
+  TORCH_CHECK(kind != 3 || (s2 && st), "Adam state missing");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_update", [&] {
+    update_impl<scalar_t>(kind, weight.data_ptr<scalar_t>(), weight.size(1), rows.data_ptr<int64_t>(),
+                          grads.data_ptr<float>(), rows.numel(), s1, s2, st, hp);
+  });
+}
+
+// ------------------------------------------------------------------ initialisation
+// weight[rows[i], j] = low + (high - low) * u(seed, ids[i], j), u uniform in [0, 1) from the
+// top 24 bits of a counter-based hash: the same bits as the torch fallback.
+void op_init_uniform(at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& ids_in, int64_t seed,
+                  double low, double high) {
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor ids = ids_in.contiguous();
+  const int64_t N = rows.numel(), D = weight.size(1);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* k = ids.data_ptr<int64_t>();
+  const uint64_t sd = fmix64(static_cast<uint64_t>(seed) + 0x9E3779B97F4A7C15ULL);
+  const float lo = static_cast<float>(low), span = static_cast<float>(high - low);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "init_uniform", [&] {
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint64_t base = fmix64(static_cast<uint64_t>(k[i]) ^ sd);
+        scalar_t* wr = w + r[i] * D;
+        for (int64_t j = 0; j < D; ++j) {
+          const uint64_t h = fmix64(base + static_cast<uint64_t>(j + 1) * 0x9E3779B97F4A7C15ULL);
+          const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
+          const float v = u * span;
+          wr[j] = static_cast<scalar_t>(v + lo);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gauss_hash, m) {
+  m.def("find(Tensor slots, Tensor keys, int dflt) -> Tensor", &op_find);
+  m.def("insert(Tensor(a!) slots, Tensor keys, Tensor(b!) meta, Tensor(c!) free_buf) -> (Tensor, Tensor, bool)", &op_insert);
+  m.def("remove(Tensor(a!) slots, Tensor keys, Tensor(b!) meta, Tensor(c!) free_buf) -> Tensor", &op_remove);
+  m.def("keys_and_rows(Tensor slots, int size) -> (Tensor, Tensor)", &op_keys_and_rows);
+  m.def("place(Tensor(a!) slots, Tensor keys, Tensor rows) -> ()", &op_place);
+  m.def("lookup_pool(Tensor slots, Tensor ids, Tensor offsets, Tensor weight, Tensor? psw, int mode, int dflt) -> (Tensor, Tensor)", &op_lookup_pool);
+  m.def("pool_rows(Tensor weight, Tensor rows, Tensor offsets, Tensor? psw, int mode) -> Tensor", &op_pool_rows);
+  m.def("accumulate_grads(Tensor rows, Tensor src, Tensor src_idx, Tensor scale) -> (Tensor, Tensor, bool)", &op_accumulate_grads);
+  m.def("sparse_update(int kind, Tensor(a!) weight, Tensor rows, Tensor grads, Tensor(b!)? state1, Tensor(c!)? state2, Tensor(d!)? steps, float[] hp) -> ()", &op_sparse_update);
+  m.def("init_uniform(Tensor(a!) weight, Tensor rows, Tensor ids, int seed, float low, float high) -> ()", &op_init_uniform);
+}

@@ -1,0 +1,320 @@
+"""``TritonHashIndex``: the dynamic embedding table's hash index as Triton kernels (CUDA).
+
+Implements :class:`gauss_plugins.embedding.index.HashIndex` (table_backend ``"triton"``)
+with the slot layout of the reference :class:`~gauss_plugins.embedding.index.TorchHashIndex`
+(see :mod:`gauss_kernels.hash_table.triton_kernels` for the layout and the kernels).
+``find`` is one probe kernel; ``insert`` is one lock-free find-or-claim kernel followed by
+a few dense torch ops that hand out rows; ``remove``, growth and checkpoint loading reuse
+the probe and a bulk placement kernel.
+
+Results equal the reference's exactly, rows included: new keys take rows in the order of
+their first occurrence in the batch (free rows first, most recently freed first... in the
+order the portable state lists them), and ``is_new`` marks that first occurrence.
+
+Runs on CUDA tensors. Under ``TRITON_INTERPRET=1`` it also accepts CPU tensors (the
+interpreter executes the kernels in numpy), which is how its tests run without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from gauss_plugins.embedding.index import (
+    Device,
+    HashIndex,
+    IndexFullError,
+    _validate_state,
+    check_keys,
+    slots_for_capacity,
+)
+
+from gauss_kernels.hash_table import triton_kernels as _k
+
+__all__ = ["TritonHashIndex"]
+
+# Claim markers are -3 - position as int32, so one insert call takes fewer keys than this.
+MAX_INSERT_KEYS = 2**31 - 5
+# Rebuild (same size) once tombstones pass a quarter of the slots, as the reference does,
+# or once live + tombstones leave fewer than 1/8 of the slots empty: linear probing slows
+# down sharply as empty slots run out, and a probe needs one to stop.
+_MAX_TOMBSTONE_FRACTION = 0.25
+_MIN_EMPTY_FRACTION = 0.125
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonHashIndex(HashIndex):
+    """Open-addressing int64 -> row index whose probe, insert and placement are Triton kernels.
+
+    Args:
+        capacity: maximum number of live keys; rows are in ``[0, capacity)``.
+        device: a CUDA device (default: the current one). CPU only under
+            ``TRITON_INTERPRET=1``.
+
+    Memory: ``num_slots * 12`` bytes of slots (``num_slots = ceil(capacity / 0.75)``) plus
+    8 bytes per free row. Not thread-safe: serialize calls on one index (calls on one CUDA
+    stream are serialized by the stream).
+    """
+
+    EMPTY = _k.EMPTY
+    TOMBSTONE = _k.TOMBSTONE
+    # Keys per program. A block loops until its slowest lane's probe ends, so smaller
+    # blocks waste fewer iterations on the long tail of linear probing; 256 measured best
+    # on an H100 for find and insert (benchmarks/hash_table_gpu.py, --sweep).
+    BLOCK = 256
+    NUM_WARPS = 4
+
+    def __init__(self, capacity: int, device: Device = None) -> None:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        if device is None:
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(f"TritonHashIndex runs on CUDA devices, got {device}; use table_backend "
+                             f"'cpu_ext' or 'torch' on CPU (or set TRITON_INTERPRET=1 to debug the kernels on CPU)")
+        self.device = device
+        self.capacity = int(capacity)
+        self._alloc_slots(slots_for_capacity(self.capacity))
+        self._size = 0
+        self._tombstones = 0
+        self._free = torch.empty(0, dtype=torch.int64, device=self.device)  # stack: reused from the end
+        self._next_row = 0
+
+    def _alloc_slots(self, n: int) -> None:
+        if n >= 2**31:
+            raise ValueError(f"{n} slots is too many for one index (max 2**31 - 1); shard the table")
+        self.slot_keys = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.slot_rows = torch.full((n,), self.EMPTY, dtype=torch.int32, device=self.device)
+
+    def _grid(self, n: int) -> Tuple[int]:
+        return ((n + self.BLOCK - 1) // self.BLOCK,)
+
+    def _on_device(self):
+        # Triton launches on the current CUDA device: make it the index's.
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _launch_opts(self) -> dict:
+        return {"BLOCK": self.BLOCK, "num_warps": self.NUM_WARPS}
+
+    # -- queries ---------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return self.slot_keys.numel()
+
+    def __len__(self) -> int:
+        return self._size
+
+    def memory_bytes(self) -> int:
+        return (self.slot_keys.numel() * 8 + self.slot_rows.numel() * 4
+                + self._free.numel() * self._free.element_size())
+
+    def _probe(self, keys: torch.Tensor, default: int, want_slots: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        n = keys.numel()
+        rows = torch.empty(n, dtype=torch.int64, device=self.device)
+        slots = torch.empty(n, dtype=torch.int64, device=self.device) if want_slots else rows
+        with self._on_device():
+            _k.find_kernel[self._grid(n)](keys, rows, slots, self.slot_keys, self.slot_rows,
+                                          n, self.num_slots, default, WRITE_SLOTS=want_slots,
+                                          **self._launch_opts())
+        return rows, (slots if want_slots else None)
+
+    def find(self, keys: torch.Tensor, default: int = -1) -> torch.Tensor:
+        check_keys(keys, self.device)
+        if not isinstance(default, int) or not -(2**63) <= default < 2**63:
+            raise TypeError(f"default must be an int64 value, got {default!r}")
+        if keys.numel() == 0 or self._size == 0:
+            return torch.full(keys.shape, default, dtype=torch.int64, device=self.device)
+        rows, _ = self._probe(keys.contiguous(), default, want_slots=False)
+        return rows
+
+    def find_and_gather(self, keys: torch.Tensor, values: torch.Tensor,
+                        out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``keys`` and their value rows in one kernel: ``(rows int64[N], out[N, D])``.
+
+        ``values`` is the table's ``[capacity, D]`` (or larger) array, row-major in its last
+        dimension; ``out[i]`` is ``values[rows[i]]``, zeros where ``keys[i]`` is absent
+        (``rows[i] == -1``). Saves the separate ``index_select`` pass of find + gather.
+        """
+        check_keys(keys, self.device)
+        if not isinstance(values, torch.Tensor) or values.dim() != 2:
+            raise ValueError(f"values must be a 2-D tensor [rows, dim], got "
+                             f"{getattr(values, 'shape', type(values).__name__)}")
+        if values.device != self.device:
+            raise ValueError(f"values are on {values.device} but the index is on {self.device}")
+        if values.stride(1) != 1:
+            raise ValueError("values must be contiguous in the last dimension (call .contiguous())")
+        if values.shape[0] < self._next_row:
+            raise ValueError(f"values has {values.shape[0]} rows but the index hands out rows up to {self._next_row - 1}")
+        n, dim = keys.numel(), values.shape[1]
+        if out is None:
+            out = torch.empty((n, dim), dtype=values.dtype, device=self.device)
+        elif (out.shape != (n, dim) or out.dtype != values.dtype or out.device != self.device
+              or out.stride(1) != 1):
+            raise ValueError(f"out must be a [{n}, {dim}] {values.dtype} tensor on {self.device}, "
+                             f"contiguous in the last dimension")
+        rows = torch.empty(n, dtype=torch.int64, device=self.device)
+        if n == 0:
+            return rows, out
+        if self._size == 0:
+            rows.fill_(-1)
+            out.zero_()
+            return rows, out
+        block_d = min(64, 1 << max(0, (dim - 1).bit_length()))
+        block = max(16, min(self.BLOCK, 4096 // block_d))  # bound the [BLOCK, BLOCK_D] tile
+        with self._on_device():
+            _k.find_gather_kernel[((n + block - 1) // block,)](
+                keys.contiguous(), values, out, rows, self.slot_keys, self.slot_rows,
+                n, self.num_slots, dim, values.stride(0), out.stride(0),
+                BLOCK=block, BLOCK_D=block_d, num_warps=self.NUM_WARPS)
+        return rows, out
+
+    def keys_and_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        live = self.slot_rows >= 0
+        return self.slot_keys[live].clone(), self.slot_rows[live].to(torch.int64)
+
+    # -- updates ---------------------------------------------------------------
+    def _allocate(self, count: int) -> torch.Tensor:
+        """``count`` rows: free rows first (from the top of the stack), then fresh ones."""
+        take = min(count, self._free.numel())
+        reused = self._free[self._free.numel() - take:].flip(0)
+        self._free = self._free[: self._free.numel() - take]
+        fresh = torch.arange(self._next_row, self._next_row + count - take, dtype=torch.int64, device=self.device)
+        self._next_row += count - take
+        return torch.cat([reused, fresh])
+
+    def insert(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        check_keys(keys, self.device)
+        n = keys.numel()
+        if n == 0:
+            return keys.clone(), torch.zeros(0, dtype=torch.bool, device=self.device)
+        if n > MAX_INSERT_KEYS:
+            raise ValueError(f"insert takes at most {MAX_INSERT_KEYS} keys per call, got {n}; split the batch")
+        keys = keys.contiguous()
+        slots, is_new, n_new = self._claim(keys)
+        if n_new:
+            new_slots = slots[is_new]  # ascending input position = first-occurrence order
+            self.slot_rows[new_slots] = self._allocate(n_new).to(torch.int32)
+            self._size += n_new
+        rows = self.slot_rows[slots].to(torch.int64)
+        self._maybe_rebuild()
+        return rows, is_new
+
+    def _claim(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Run the claim kernel; on success returns (slots, is_new, n_new) with the new
+        slots still holding claim markers. On failure rolls back and raises."""
+        n = keys.numel()
+        for attempt in range(2):
+            slots = torch.empty(n, dtype=torch.int64, device=self.device)
+            won = torch.empty(n, dtype=torch.int32, device=self.device)
+            with self._on_device():
+                _k.insert_claim_kernel[self._grid(n)](keys, slots, won, self.slot_keys, self.slot_rows,
+                                                      n, self.num_slots, **self._launch_opts())
+            failed = slots < 0
+            state = self.slot_rows[slots.clamp_min(0)].to(torch.int64)
+            marker = -3 - torch.arange(n, dtype=torch.int64, device=self.device)
+            is_new = (state == marker) & ~failed
+            n_new, n_failed, n_reused = torch.stack(
+                [is_new.sum(), failed.sum(), (won == self.TOMBSTONE).sum()]).tolist()  # the one sync
+            if not n_failed and self._size + n_new <= self.capacity:
+                self._tombstones -= n_reused
+                return slots, is_new, n_new
+            # All-or-nothing: give every claimed slot back its previous state (empty or
+            # tombstone). The keys written into them are ignored in non-live slots.
+            claimed = won != 0
+            self.slot_rows[slots[claimed]] = won[claimed]
+            # n_new counts the keys that got a slot; with lanes left without one, at least
+            # one more distinct key is new.
+            needed = self._size + n_new + (1 if n_failed else 0)
+            if needed <= self.capacity and self._tombstones and attempt == 0:
+                self._rebuild(self.num_slots)  # tombstones filled the free slots: clear, retry
+                continue
+            raise IndexFullError(
+                f"hash index full: {self._size} keys + {'at least ' if n_failed else ''}"
+                f"{needed - self._size} new > capacity {self.capacity}; nothing was inserted")
+        raise AssertionError("unreachable")
+
+    def remove(self, keys: torch.Tensor) -> torch.Tensor:
+        check_keys(keys, self.device)
+        n = keys.numel()
+        if n == 0 or self._size == 0:
+            return torch.full(keys.shape, -1, dtype=torch.int64, device=self.device)
+        rows, slots = self._probe(keys.contiguous(), -1, want_slots=True)
+        pos = (slots >= 0).nonzero().squeeze(1)  # ascending input positions of present keys
+        if pos.numel():
+            hit_slots = slots[pos]
+            # Mark each slot with the first position naming it (a max of -3 - position), so
+            # freed rows go on the stack in first-occurrence order, as the reference does.
+            marker = (-3 - pos).to(torch.int32)
+            self.slot_rows.scatter_reduce_(0, hit_slots, marker, reduce="amax", include_self=False)
+            first = self.slot_rows[hit_slots] == marker
+            freed = rows[pos[first]]
+            self.slot_rows[hit_slots] = self.TOMBSTONE
+            gone = freed.numel()
+            self._tombstones += gone
+            self._size -= gone
+            self._free = torch.cat([self._free, freed.flip(0)])
+            self._maybe_rebuild()
+        return rows
+
+    def rehash(self, new_capacity: int) -> None:
+        if not isinstance(new_capacity, int) or isinstance(new_capacity, bool):
+            raise TypeError(f"new_capacity must be an int, got {new_capacity!r}")
+        if new_capacity < self.capacity:
+            raise ValueError(f"rehash can only grow: {new_capacity} < capacity {self.capacity}")
+        slots = slots_for_capacity(new_capacity)
+        if slots >= 2**31:
+            raise ValueError(f"{slots} slots is too many for one index (max 2**31 - 1); shard the table")
+        self.capacity = int(new_capacity)
+        self._rebuild(slots)
+
+    def _maybe_rebuild(self) -> None:
+        n = self.num_slots
+        if self._tombstones and (self._tombstones > _MAX_TOMBSTONE_FRACTION * n
+                                 or self._size + self._tombstones > (1 - _MIN_EMPTY_FRACTION) * n):
+            self._rebuild(n)
+
+    def _rebuild(self, num_slots: int) -> None:
+        keys, rows = self.keys_and_rows()
+        self._alloc_slots(num_slots)
+        self._tombstones = 0
+        self._place(keys, rows)
+
+    def _place(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        n = keys.numel()
+        if n == 0:
+            return
+        with self._on_device():
+            _k.place_kernel[self._grid(n)](keys.contiguous(), rows.contiguous(), self.slot_keys, self.slot_rows,
+                                           n, self.num_slots, **self._launch_opts())
+
+    # -- checkpoints -----------------------------------------------------------
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        keys, rows = self.keys_and_rows()
+        keys, order = keys.sort()
+        return {
+            "capacity": torch.tensor(self.capacity, dtype=torch.int64),
+            "keys": keys.cpu(),
+            "rows": rows[order].cpu(),
+            "free_rows": self._free.flip(0).cpu(),
+            "next_row": torch.tensor(self._next_row, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        capacity, keys, rows, free_rows, next_row = _validate_state(state)
+        if slots_for_capacity(capacity) >= 2**31:
+            raise ValueError(f"index state: capacity {capacity} needs more than 2**31 - 1 slots; shard the table")
+        self.capacity = capacity
+        self._alloc_slots(slots_for_capacity(capacity))
+        self._tombstones = 0
+        self._size = keys.numel()
+        self._free = free_rows.flip(0).to(self.device)
+        self._next_row = next_row
+        self._place(keys.to(self.device), rows.to(self.device))

@@ -1,0 +1,589 @@
+"""Triton kernels of fused HSTU attention on jagged sequences: forward, dK/dV, dQ.
+
+Per sequence b (rows ``offsets[b]:offsets[b+1]`` of the jagged ``[T, H, d]`` tensors) and
+head h::
+
+    s   = alpha * q k^T + rab[b, h, :n, :n]
+    p   = silu(s) * valid(i, j) * scale          # scale = 1 / normaliser
+    out = p v
+
+and the backward pass, with sigma = sigmoid(s)::
+
+    dv   = p^T do
+    ds   = (do v^T) * sigma * (1 + s * (1 - sigma)) * valid * scale      (= drab)
+    dq   = alpha * ds k,   dk = alpha * ds^T q
+
+``valid(i, j)`` is computed from the row and column indices inside the kernels (see
+:func:`_valid`); it is the same definition as
+:func:`gauss_plugins.hstu.attention.attention_mask`, checked against it by the tests.
+
+Design choices (and why):
+- Three kernels: forward; dK/dV (one program per key block, looping over query blocks);
+  dQ (one program per query block, looping over key blocks). The separate dQ pass
+  recomputes q k^T and do v^T but accumulates dq in fp32 registers of one program, so there
+  are no atomics and no rounding of partial sums in a low-precision buffer: dq stays as
+  accurate at N=4096 as at N=256, and the result is deterministic.
+- The 1/normaliser scale is applied once at the end (to out, dv, dk, dq) rather than per
+  element: one multiply less per score, and fp16 scores are not pushed towards subnormals.
+- In bf16/fp16 the sigmoid is ``0.5 + 0.5 * tanh(0.5 s)`` with the hardware
+  ``tanh.approx.f32``: one special-function instruction per score instead of two (exp and
+  reciprocal). The special-function unit, not the tensor cores, bounds this kernel
+  otherwise. Its error (~2^-11 relative) is below the bf16/fp16 rounding of p. In fp32, and
+  under the interpreter, the exact sigmoid is used.
+- Pure causal masking (no targets, no contextual prefix, no window) splits each row block's
+  loop into the blocks strictly below the diagonal, which need no mask at all, and the
+  diagonal blocks, which do. Other mask modes evaluate ``valid`` on every block they visit,
+  but visit only the blocks the mask can reach.
+- Programs are launched heaviest first (the longest causal rows), so the tail of the grid is
+  made of short programs.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# ------------------------------------------------------------------ elementwise helpers
+@triton.jit
+def _tanh_approx(x):
+    return tl.inline_asm_elementwise(
+        "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    if FAST:
+        return 0.5 * _tanh_approx(0.5 * x) + 0.5
+    else:
+        return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _ids(pos, last, contextual_len, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr):
+    """Position -> mask id (attention_mask rules 1 and 2): the contextual prefix shares
+    id 0, the targets share the id ``last`` of the first target."""
+    ids = pos
+    if HAS_CONTEXT:
+        ids = tl.maximum(pos - contextual_len + 1, 0)
+    if HAS_TARGETS:
+        ids = tl.minimum(ids, last)
+    return ids
+
+
+@triton.jit
+def _valid(
+    rows,
+    cols,
+    seq_len,
+    last,
+    contextual_len,
+    max_attn_len,
+    CAUSAL: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """Which (row, col) positions of one sequence attend; rows [M, 1], cols [1, N].
+
+    Exactly :func:`gauss_plugins.hstu.attention.attention_mask`: ids from positions,
+    ``dist = id_i - id_j`` (absolute when not causal); attend when ``i == j`` or
+    ``dist > 0``, and ``dist <= max_attn_len`` with a window; prefix rows (id 0) also
+    attend to every non-target key (``id_j < last``); nothing outside the sequence.
+    """
+    ri = _ids(rows, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    ci = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    dist = ri - ci
+    if not CAUSAL:
+        dist = tl.abs(dist)
+    valid = (rows == cols) | (dist > 0)
+    if HAS_WINDOW:
+        valid = valid & (dist <= max_attn_len)
+    if HAS_CONTEXT:
+        valid = valid | ((ri == 0) & (ci < last))
+    return valid & (rows < seq_len) & (cols < seq_len)
+
+
+@triton.jit
+def _first_pos_with_id(x, contextual_len, HAS_CONTEXT: tl.constexpr):
+    """Smallest position whose id is >= x (for x <= last)."""
+    if HAS_CONTEXT:
+        return tl.where(x > 0, x + contextual_len - 1, 0)
+    else:
+        return tl.maximum(x, 0)
+
+
+@triton.jit
+def _end_pos_with_id(y, seq_len, last, contextual_len, HAS_CONTEXT: tl.constexpr):
+    """One past the largest position whose id is <= y."""
+    if HAS_CONTEXT:
+        end = y + contextual_len
+    else:
+        end = y + 1
+    return tl.where(y >= last, seq_len, tl.minimum(end, seq_len))
+
+
+@triton.jit
+def _col_range(
+    start_m,
+    seq_len,
+    last,
+    contextual_len,
+    max_attn_len,
+    CAUSAL: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Key range [lo, hi) (lo BLOCK_N-aligned) holding every key that the query rows
+    [start_m, start_m + BLOCK_M) attend to. Ids grow with position, which bounds it:
+    causal rows see ids below theirs (keys j < i) and, for prefix rows, all the history;
+    a window keeps ids >= id(first row) - w."""
+    end_m = tl.minimum(start_m + BLOCK_M, seq_len)
+    hi = seq_len
+    lo = seq_len * 0
+    if CAUSAL:
+        hi = end_m
+        if HAS_CONTEXT:
+            hi = tl.where(start_m < contextual_len, seq_len, hi)
+    if HAS_WINDOW:
+        first_id = _ids(start_m, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+        lo = _first_pos_with_id(first_id - max_attn_len, contextual_len, HAS_CONTEXT)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        if not CAUSAL:
+            last_id = _ids(end_m - 1, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+            hi = _end_pos_with_id(last_id + max_attn_len, seq_len, last, contextual_len, HAS_CONTEXT)
+            if HAS_CONTEXT:
+                hi = tl.where(start_m < contextual_len, seq_len, hi)
+    return lo, hi
+
+
+@triton.jit
+def _row_range(
+    start_n,
+    seq_len,
+    last,
+    contextual_len,
+    max_attn_len,
+    CAUSAL: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Query rows that attend to some key of [start_n, start_n + BLOCK_N), as two
+    BLOCK_M-aligned disjoint ranges: the prefix rows [0, pre_hi) (which see every
+    non-target key, window or not) and the main range [lo, hi)."""
+    end_n = tl.minimum(start_n + BLOCK_N, seq_len)
+    first_id = _ids(start_n, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    lo = seq_len * 0
+    hi = seq_len
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M + lo
+    if HAS_WINDOW:
+        last_id = _ids(end_n - 1, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+        hi = _end_pos_with_id(last_id + max_attn_len, seq_len, last, contextual_len, HAS_CONTEXT)
+        if not CAUSAL:
+            lo = _first_pos_with_id(first_id - max_attn_len, contextual_len, HAS_CONTEXT)
+            lo = (lo // BLOCK_M) * BLOCK_M
+    pre_hi = lo * 0
+    if HAS_CONTEXT:
+        pre_hi = tl.minimum(((contextual_len + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo)
+        pre_hi = tl.where(first_id < last, pre_hi, 0)
+    lo = tl.maximum(lo, pre_hi)
+    return pre_hi, lo, hi
+
+
+# ------------------------------------------------------------------ per-program setup
+@triton.jit
+def _sequence(seq_offsets, num_targets, b, contextual_len, HAS_TARGETS: tl.constexpr,
+              HAS_CONTEXT: tl.constexpr):
+    """Start row, length and the id ``last`` of the first target of sequence b."""
+    seq_start = tl.load(seq_offsets + b)
+    seq_len = (tl.load(seq_offsets + b + 1) - seq_start).to(tl.int32)
+    last = seq_len
+    if HAS_CONTEXT:
+        last = last - contextual_len + 1
+    if HAS_TARGETS:
+        last = last - tl.load(num_targets + b).to(tl.int32)
+    return seq_start, seq_len, last
+
+
+@triton.jit
+def _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN: tl.constexpr):
+    """1 / normaliser: the constant ``scale`` (1 / max_seq_len) or 1 / this length."""
+    if SCALE_BY_SEQ_LEN:
+        return 1.0 / seq_len.to(tl.float32)
+    else:
+        return scale
+
+
+# ------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_block(
+    acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+    stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+    CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n
+    col_ok = cols < seq_len
+    kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
+    s = tl.dot(q, kt, input_precision=PRECISION) * alpha
+    if HAS_RAB:
+        rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
+        s += rab.to(tl.float32)
+    p = s * _sigmoid(s, FAST_SILU)
+    if APPLY_MASK:
+        valid = _valid(
+            offs_m[:, None], cols[None, :], seq_len, last, contextual_len, max_attn_len,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW,
+        )
+        p = tl.where(valid, p, 0.0)
+    v = tl.load(V_ptrs + start_n * stride_t_v, mask=col_ok[:, None] & mask_dv[None, :], other=0.0)
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def hstu_fwd_kernel(
+    Q, K, V, RAB, Out, seq_offsets, num_targets,
+    stride_rb, stride_rh, stride_rm,
+    H, alpha, scale, contextual_len, max_attn_len,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out [T, H, D_V] from contiguous q, k [T, H, D_QK], v [T, H, D_V].
+    Grid (B * H, cdiv(max_seq_len, BLOCK_M)); BLOCK_N divides BLOCK_M."""
+    off_bh = tl.program_id(0)
+    # heaviest (latest) row blocks first: axis 0 runs fastest, so the first wave holds the
+    # last row block of every (sequence, head)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = off_bh // H
+    h = off_bh % H
+    seq_start, seq_len, last = _sequence(seq_offsets, num_targets, b, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+    stride_t_qk = H * D_QK
+    stride_t_v = H * D_V
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dq = offs_dq < D_QK
+    mask_dv = offs_dv < D_V
+    row_ok = offs_m < seq_len
+
+    q = tl.load(
+        Q + (seq_start + offs_m[:, None]) * stride_t_qk + h * D_QK + offs_dq[None, :],
+        mask=row_ok[:, None] & mask_dq[None, :], other=0.0,
+    )
+    K_ptrs = K + (seq_start + offs_n[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
+    V_ptrs = V + (seq_start + offs_n[:, None]) * stride_t_v + h * D_V + offs_dv[None, :]
+    RAB_ptrs = RAB
+    if HAS_RAB:
+        RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
+    if PURE_CAUSAL:
+        # key blocks strictly below the diagonal: every pair valid and in range
+        for start_n in range(0, start_m, BLOCK_N):
+            acc = _fwd_block(
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION,
+            )
+        for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
+            acc = _fwd_block(
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
+            )
+    else:
+        lo, hi = _col_range(
+            start_m, seq_len, last, contextual_len, max_attn_len,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N,
+        )
+        for start_n in range(lo, hi, BLOCK_N):
+            acc = _fwd_block(
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
+            )
+
+    acc = acc * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN)
+    tl.store(
+        Out + (seq_start + offs_m[:, None]) * stride_t_v + h * D_V + offs_dv[None, :],
+        acc.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & mask_dv[None, :],
+    )
+
+
+# ------------------------------------------------------------------ backward: dK, dV (and dRAB)
+@triton.jit
+def _bwd_dkdv_block(
+    dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols, mask_dq, mask_dv,
+    stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last, contextual_len, max_attn_len,
+    alpha, row_scale,
+    CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
+    RAB_GRAD_ATOMIC: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # transposed tiles, [keys, queries]: dk and dv come out of the dots in key-row order
+    rows = start_m + offs_m
+    row_ok = rows < seq_len
+    col_ok = cols < seq_len
+    qt = tl.load(Q_ptrs + start_m * stride_t_qk, mask=mask_dq[:, None] & row_ok[None, :], other=0.0)
+    st = tl.dot(k, qt, input_precision=PRECISION) * alpha
+    if HAS_RAB:
+        rab = tl.load(RAB_ptrs + start_m * stride_rm, mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+        st += rab.to(tl.float32)
+    sig = _sigmoid(st, FAST_SILU)
+    pt = st * sig
+    if APPLY_MASK:
+        valid = _valid(
+            rows[None, :], cols[:, None], seq_len, last, contextual_len, max_attn_len,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW,
+        )
+        pt = tl.where(valid, pt, 0.0)
+    do = tl.load(DO_ptrs + start_m * stride_t_v, mask=row_ok[:, None] & mask_dv[None, :], other=0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = dpt * sig * (1.0 + st * (1.0 - sig))
+    if APPLY_MASK:
+        dst = tl.where(valid, dst, 0.0)
+    if RAB_GRAD:
+        drab_mask = col_ok[:, None] & row_ok[None, :]
+        if RAB_GRAD_ATOMIC:
+            # rab broadcasts over sequences or heads: programs of several (b, h) add here
+            tl.atomic_add(DRAB_ptrs + start_m * stride_drm, dst * row_scale, mask=drab_mask)
+        else:
+            tl.store(DRAB_ptrs + start_m * stride_drm,
+                     (dst * row_scale).to(DRAB_ptrs.dtype.element_ty), mask=drab_mask)
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def hstu_bwd_dkdv_kernel(
+    Q, K, V, DO, RAB, DRAB, DK, DV, seq_offsets, num_targets,
+    stride_rb, stride_rh, stride_rm, stride_drb, stride_drh, stride_drm,
+    H, alpha, scale, contextual_len, max_attn_len,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
+    RAB_GRAD_ATOMIC: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
+    BLOCK_N)); in causal mode the first key blocks carry the most work and start first."""
+    off_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = off_bh // H
+    h = off_bh % H
+    seq_start, seq_len, last = _sequence(seq_offsets, num_targets, b, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    start_n = pid_n * BLOCK_N
+    if start_n >= seq_len:
+        return
+    stride_t_qk = H * D_QK
+    stride_t_v = H * D_V
+    row_scale = _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN)
+
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dq = offs_dq < D_QK
+    mask_dv = offs_dv < D_V
+    col_ok = cols < seq_len
+
+    k = tl.load(
+        K + (seq_start + cols[:, None]) * stride_t_qk + h * D_QK + offs_dq[None, :],
+        mask=col_ok[:, None] & mask_dq[None, :], other=0.0,
+    )
+    v = tl.load(
+        V + (seq_start + cols[:, None]) * stride_t_v + h * D_V + offs_dv[None, :],
+        mask=col_ok[:, None] & mask_dv[None, :], other=0.0,
+    )
+    Q_ptrs = Q + (seq_start + offs_m[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
+    DO_ptrs = DO + (seq_start + offs_m[:, None]) * stride_t_v + h * D_V + offs_dv[None, :]
+    RAB_ptrs = RAB
+    DRAB_ptrs = DRAB
+    if HAS_RAB:
+        RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm + cols[:, None]
+    if RAB_GRAD:
+        DRAB_ptrs = DRAB + b * stride_drb + h * stride_drh + offs_m[None, :] * stride_drm + cols[:, None]
+    dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
+    if PURE_CAUSAL:
+        # query blocks that overlap the diagonal of this key block need the mask...
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        for start_m in range(lo, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
+            dk, dv = _bwd_dkdv_block(
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
+                contextual_len, max_attn_len, alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
+            )
+        # ...those wholly below it do not: rows past the length load as zeros (s = 0, so
+        # p = 0, and do = 0), add nothing, and their drab is not stored
+        full_lo = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        for start_m in range(full_lo, seq_len, BLOCK_M):
+            dk, dv = _bwd_dkdv_block(
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
+                contextual_len, max_attn_len, alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, False, FAST_SILU, PRECISION,
+            )
+    else:
+        pre_hi, lo, hi = _row_range(
+            start_n, seq_len, last, contextual_len, max_attn_len,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N,
+        )
+        for start_m in range(0, pre_hi, BLOCK_M):
+            dk, dv = _bwd_dkdv_block(
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
+                contextual_len, max_attn_len, alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
+            )
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _bwd_dkdv_block(
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
+                contextual_len, max_attn_len, alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
+            )
+
+    dk = dk * (alpha * row_scale)
+    dv = dv * row_scale
+    tl.store(
+        DK + (seq_start + cols[:, None]) * stride_t_qk + h * D_QK + offs_dq[None, :],
+        dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & mask_dq[None, :],
+    )
+    tl.store(
+        DV + (seq_start + cols[:, None]) * stride_t_v + h * D_V + offs_dv[None, :],
+        dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & mask_dv[None, :],
+    )
+
+
+# ------------------------------------------------------------------ backward: dQ
+@triton.jit
+def _bwd_dq_block(
+    dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+    stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+    CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cols = start_n + offs_n
+    col_ok = cols < seq_len
+    kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
+    vt = tl.load(V_ptrs + start_n * stride_t_v, mask=mask_dv[:, None] & col_ok[None, :], other=0.0)
+    s = tl.dot(q, kt, input_precision=PRECISION) * alpha
+    if HAS_RAB:
+        rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
+        s += rab.to(tl.float32)
+    sig = _sigmoid(s, FAST_SILU)
+    dp = tl.dot(do, vt, input_precision=PRECISION)
+    ds = dp * sig * (1.0 + s * (1.0 - sig))
+    if APPLY_MASK:
+        valid = _valid(
+            offs_m[:, None], cols[None, :], seq_len, last, contextual_len, max_attn_len,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW,
+        )
+        ds = tl.where(valid, ds, 0.0)
+    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+
+
+@triton.jit
+def hstu_bwd_dq_kernel(
+    Q, K, V, DO, RAB, DQ, seq_offsets, num_targets,
+    stride_rb, stride_rh, stride_rm,
+    H, alpha, scale, contextual_len, max_attn_len,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq for one query block per program, accumulated in fp32 registers over all key
+    blocks (no atomics). Grid (B * H, cdiv(max_seq_len, BLOCK_M)); BLOCK_N divides BLOCK_M."""
+    off_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = off_bh // H
+    h = off_bh % H
+    seq_start, seq_len, last = _sequence(seq_offsets, num_targets, b, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+    stride_t_qk = H * D_QK
+    stride_t_v = H * D_V
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dq = tl.arange(0, BLOCK_DQ)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dq = offs_dq < D_QK
+    mask_dv = offs_dv < D_V
+    row_ok = offs_m < seq_len
+
+    q = tl.load(
+        Q + (seq_start + offs_m[:, None]) * stride_t_qk + h * D_QK + offs_dq[None, :],
+        mask=row_ok[:, None] & mask_dq[None, :], other=0.0,
+    )
+    do = tl.load(
+        DO + (seq_start + offs_m[:, None]) * stride_t_v + h * D_V + offs_dv[None, :],
+        mask=row_ok[:, None] & mask_dv[None, :], other=0.0,
+    )
+    K_ptrs = K + (seq_start + offs_n[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
+    V_ptrs = V + (seq_start + offs_n[None, :]) * stride_t_v + h * D_V + offs_dv[:, None]
+    RAB_ptrs = RAB
+    if HAS_RAB:
+        RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
+
+    PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
+    if PURE_CAUSAL:
+        for start_n in range(0, start_m, BLOCK_N):
+            dq = _bwd_dq_block(
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION,
+            )
+        for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
+            dq = _bwd_dq_block(
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
+            )
+    else:
+        lo, hi = _col_range(
+            start_m, seq_len, last, contextual_len, max_attn_len,
+            CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N,
+        )
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _bwd_dq_block(
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
+            )
+
+    dq = dq * (alpha * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN))
+    tl.store(
+        DQ + (seq_start + offs_m[:, None]) * stride_t_qk + h * D_QK + offs_dq[None, :],
+        dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & mask_dq[None, :],
+    )

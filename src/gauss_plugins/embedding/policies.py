@@ -1,0 +1,329 @@
+"""Admission and eviction policies of dynamic embedding tables.
+
+Admission decides when an id that is not in the table gets a row (in training mode):
+
+* :class:`AlwaysAdmit` (``"always"``): on first sight.
+* :class:`CountingAdmission` (``"counting"``): after ``min_count`` sightings, counted in a
+  count-min sketch of fixed size (``depth x width`` int32, 4 MiB by default) whatever the
+  number of distinct ids; estimates never undercount, so an id seen N times is admitted.
+* :class:`ProbabilisticAdmission` (``"probability"``): each sighting is admitted with
+  probability ``p``, decided by a hash of (seed, id, admission round): replicas that see the
+  same batches make the same decisions, and a frequent id gets in after ~1/p sightings.
+
+Eviction frees rows when the table is full and cannot grow, or when :meth:`evict` is called
+(TTL). A policy keeps at most one int32 per row:
+
+* :class:`LRUEviction` (``"lru"``): least recently used (last training step that read it).
+* :class:`LFUEviction` (``"lfu"``): least frequently used (saturating access count).
+* :class:`TTLEviction` (``"ttl"``): rows unused for more than ``ttl`` steps or seconds
+  expire; when space is needed the least recently used go first.
+* :class:`ScoreEviction` (``"score"``): a custom ``score_fn(ids, rows, table) -> scores``.
+
+Lower score = evicted first; ties are broken by id, so eviction is deterministic.
+Third-party policies subclass :class:`AdmissionPolicy` / :class:`EvictionPolicy` and register
+through the ``gauss_register_admission_policies`` / ``gauss_register_eviction_policies`` hooks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from gauss_plugins.embedding.index import hash_keys
+
+__all__ = [
+    "AdmissionPolicy",
+    "AlwaysAdmit",
+    "CountingAdmission",
+    "ProbabilisticAdmission",
+    "Clock",
+    "EvictionPolicy",
+    "LRUEviction",
+    "LFUEviction",
+    "TTLEviction",
+    "ScoreEviction",
+]
+
+_INT32_MAX = 2**31 - 1
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+
+
+def _mix(keys: torch.Tensor, salt: int) -> torch.Tensor:
+    """A hash of ``keys`` under ``salt`` (int64 wrap-around)."""
+    salt_t = hash_keys(torch.tensor([salt], dtype=torch.int64))
+    return hash_keys(keys ^ salt_t.to(keys.device))
+
+
+# --------------------------------------------------------------------------- admission
+class AdmissionPolicy:
+    """Decides which new ids get a row. Subclasses override :meth:`admit`."""
+
+    name = "admission"
+
+    def admit(self, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """bool[U] for the distinct absent ``ids`` of a training batch, ``counts`` their
+        occurrences in it. May update internal state (sightings)."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> "AdmissionPolicy":
+        return self
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        pass
+
+    def options(self) -> Dict[str, object]:
+        """Constructor options (saved in checkpoints to rebuild the policy)."""
+        return {}
+
+
+class AlwaysAdmit(AdmissionPolicy):
+    """Every new id gets a row on first sight."""
+
+    name = "always"
+
+    def admit(self, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+
+
+class CountingAdmission(AdmissionPolicy):
+    """Admit an id once it was seen ``min_count`` times (count-min sketch, bounded memory)."""
+
+    name = "counting"
+
+    def __init__(self, min_count: int = 2, width: int = 1 << 18, depth: int = 4, seed: int = 0) -> None:
+        if min_count < 1 or width < 1 or depth < 1:
+            raise ValueError(f"counting admission needs min_count, width, depth >= 1, got {min_count}, {width}, {depth}")
+        self.min_count, self.width, self.depth, self.seed = int(min_count), int(width), int(depth), int(seed)
+        self.sketch = torch.zeros(self.depth, self.width, dtype=torch.int32)
+
+    def to(self, device: torch.device) -> "CountingAdmission":
+        self.sketch = self.sketch.to(device)
+        return self
+
+    def _buckets(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.stack([_mix(ids, self.seed * 1000003 + d).remainder(self.width) for d in range(self.depth)])
+
+    def admit(self, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if ids.numel() == 0:
+            return torch.zeros(0, dtype=torch.bool, device=ids.device)
+        buckets = self._buckets(ids)
+        inc = counts.to(torch.int64).clamp_max(_INT32_MAX)
+        est = None
+        for d in range(self.depth):
+            row = self.sketch[d].to(torch.int64)
+            row.index_add_(0, buckets[d], inc)
+            self.sketch[d] = row.clamp_max(_INT32_MAX).to(torch.int32)
+            got = self.sketch[d][buckets[d]]
+            est = got if est is None else torch.minimum(est, got)
+        return est >= self.min_count
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"sketch": self.sketch}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        sketch = state["sketch"]
+        if tuple(sketch.shape) != (self.depth, self.width):
+            raise ValueError(f"sketch shape {tuple(sketch.shape)} does not match depth x width {self.depth} x {self.width}")
+        self.sketch = sketch.to(self.sketch.device, torch.int32).clone()
+
+    def options(self) -> Dict[str, object]:
+        return {"min_count": self.min_count, "width": self.width, "depth": self.depth, "seed": self.seed}
+
+
+class ProbabilisticAdmission(AdmissionPolicy):
+    """Admit each sighting with probability ``p`` (hash of seed, id and admission round)."""
+
+    name = "probability"
+
+    def __init__(self, p: float = 0.1, seed: int = 0) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"admission probability must be in [0, 1], got {p}")
+        self.p, self.seed = float(p), int(seed)
+        self.round = 0
+
+    def admit(self, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        self.round += 1
+        u = (_mix(ids, self.seed * 1000003 + self.round) >> 11) & ((1 << 53) - 1)
+        # P(at least one of `counts` sightings admitted) = 1 - (1 - p)^counts
+        prob = 1.0 - (1.0 - self.p) ** counts.to(torch.float64)
+        return u.to(torch.float64) < prob * float(1 << 53)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"round": torch.tensor(self.round, dtype=torch.int64)}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.round = int(state["round"])
+
+    def options(self) -> Dict[str, object]:
+        return {"p": self.p, "seed": self.seed}
+
+
+# --------------------------------------------------------------------------- eviction
+@dataclass(frozen=True)
+class Clock:
+    """The table's notion of time: ``step`` counts training lookups, ``now`` is wall time."""
+
+    step: int
+    now: float
+
+
+class EvictionPolicy:
+    """Per-row bookkeeping and a score; lower scores are evicted first.
+
+    The table calls :meth:`resize` when it grows, :meth:`on_insert` for new rows,
+    :meth:`on_access` for rows read by a training lookup, :meth:`scores` to choose victims
+    and :meth:`expired` (if a policy expires rows) in :meth:`DynamicEmbeddingTable.evict`.
+    ``row_state``/``load_row_state`` move the per-row state in and out of checkpoints.
+    """
+
+    name = "eviction"
+    #: per-row int32 arrays this policy keeps (names -> tensors after resize)
+    row_fields: tuple = ()
+
+    def __init__(self) -> None:
+        self.rows: Dict[str, torch.Tensor] = {}
+
+    def resize(self, num_rows: int, device: torch.device) -> None:
+        for field in self.row_fields:
+            old = self.rows.get(field)
+            new = torch.zeros(num_rows, dtype=torch.int32, device=device)
+            if old is not None:
+                n = min(old.numel(), num_rows)
+                new[:n] = old[:n]
+            self.rows[field] = new
+
+    def on_insert(self, rows: torch.Tensor, clock: Clock) -> None:
+        pass
+
+    def on_access(self, rows: torch.Tensor, clock: Clock) -> None:
+        pass
+
+    def scores(self, ids: torch.Tensor, rows: torch.Tensor, clock: Clock, table) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expired(self, rows: torch.Tensor, clock: Clock) -> Optional[torch.Tensor]:
+        """bool per row that has expired, or None when this policy never expires rows."""
+        return None
+
+    def memory_bytes_per_row(self) -> int:
+        return 4 * len(self.row_fields)
+
+    def row_state(self, rows: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {f: self.rows[f][rows] for f in self.row_fields}
+
+    def load_row_state(self, rows: torch.Tensor, state: Dict[str, torch.Tensor]) -> None:
+        for f in self.row_fields:
+            if f not in state:
+                raise ValueError(f"{self.name} eviction state is missing {f!r}")
+            self.rows[f][rows] = state[f].to(self.rows[f].device, torch.int32)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        pass
+
+    def options(self) -> Dict[str, object]:
+        return {}
+
+
+def _stamp(step: int) -> int:
+    if step > _INT32_MAX:
+        raise OverflowError("eviction clock passed 2**31 steps")
+    return step
+
+
+class LRUEviction(EvictionPolicy):
+    """Evict the rows whose last training read is oldest."""
+
+    name = "lru"
+    row_fields = ("last_step",)
+
+    def on_insert(self, rows, clock):
+        self.rows["last_step"][rows] = _stamp(clock.step)
+
+    on_access = on_insert
+
+    def scores(self, ids, rows, clock, table):
+        return self.rows["last_step"][rows]
+
+
+class LFUEviction(EvictionPolicy):
+    """Evict the rows read least often (count saturates at 2**31 - 1)."""
+
+    name = "lfu"
+    row_fields = ("count",)
+
+    def on_insert(self, rows, clock):
+        self.rows["count"][rows] = 0
+
+    def on_access(self, rows, clock):
+        count = self.rows["count"]
+        touched = torch.unique(rows)
+        inc = torch.bincount(torch.searchsorted(touched, rows), minlength=touched.numel())
+        count[touched] = (count[touched].to(torch.int64) + inc).clamp_max(_INT32_MAX).to(torch.int32)
+
+    def scores(self, ids, rows, clock, table):
+        return self.rows["count"][rows]
+
+
+class TTLEviction(EvictionPolicy):
+    """Rows not read for more than ``ttl`` steps (``unit="steps"``) or seconds expire."""
+
+    name = "ttl"
+    row_fields = ("last_seen",)
+
+    def __init__(self, ttl: float = 1000, unit: str = "steps") -> None:
+        super().__init__()
+        if unit not in ("steps", "seconds"):
+            raise ValueError(f"ttl unit must be 'steps' or 'seconds', got {unit!r}")
+        if ttl <= 0:
+            raise ValueError(f"ttl must be > 0, got {ttl}")
+        self.ttl, self.unit = float(ttl), unit
+        self.epoch = int(time.time())  # seconds are stored relative to this, as int32
+
+    def _now(self, clock: Clock) -> int:
+        return _stamp(clock.step if self.unit == "steps" else int(clock.now) - self.epoch)
+
+    def on_insert(self, rows, clock):
+        self.rows["last_seen"][rows] = self._now(clock)
+
+    on_access = on_insert
+
+    def scores(self, ids, rows, clock, table):
+        return self.rows["last_seen"][rows]
+
+    def expired(self, rows, clock):
+        return (self._now(clock) - self.rows["last_seen"][rows].to(torch.int64)) > self.ttl
+
+    def state_dict(self):
+        return {"epoch": torch.tensor(self.epoch, dtype=torch.int64)}
+
+    def load_state_dict(self, state):
+        self.epoch = int(state["epoch"])
+
+    def options(self):
+        return {"ttl": self.ttl, "unit": self.unit}
+
+
+class ScoreEviction(EvictionPolicy):
+    """Custom scores: ``score_fn(ids, rows, table) -> Tensor`` (lower is evicted first)."""
+
+    name = "score"
+
+    def __init__(self, score_fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        if not callable(score_fn):
+            raise TypeError("ScoreEviction needs a callable score_fn(ids, rows, table) -> scores")
+        self.score_fn = score_fn
+
+    def scores(self, ids, rows, clock, table):
+        scores = self.score_fn(ids, rows, table)
+        if not isinstance(scores, torch.Tensor) or scores.shape != ids.shape:
+            raise ValueError(f"score_fn must return a tensor of shape {tuple(ids.shape)}, got {scores!r:.80}")
+        return scores

@@ -1,0 +1,542 @@
+"""HSTU attention on jagged sequences: the mask, the reference, and the dispatching op.
+
+For each sequence ``b`` and head ``h`` (positions ``i, j`` inside the sequence)::
+
+    S   = alpha * Q K^T + rab                       (rab optional, padded to max_seq_len)
+    P   = SiLU(S) / N  (masked: P[i, j] = 0 where attention_mask(...)[b, i, j] is False)
+    out = P V
+
+There is no softmax: rows are not normalised to one, so the backward pass needs nothing but
+the inputs (no saved row statistics). ``N`` is the *normaliser*:
+
+* ``"max_seq_len"`` (default, as Meta's generative-recommenders and the paper's research
+  code): every row is divided by the same constant ``max_seq_len``.
+* ``"seq_len"``: row ``i`` of sequence ``b`` is divided by that sequence's length ``n_b``
+  (scale independent of how the batch was padded).
+
+Shapes: ``q, k`` are ``[T, H, d_qk]``, ``v`` is ``[T, H, d_v]`` (``T = offsets[-1]``), all
+of one floating dtype; ``offsets`` ``[B + 1]`` int64; ``num_targets`` ``[B]`` integer or
+None; ``rab`` ``[B or 1, H or 1, max_seq_len, max_seq_len]`` or None (any float dtype,
+differentiable). The output is ``[T, H, d_v]`` in ``q``'s dtype.
+
+Backends (the ``attention_backend`` hook)
+-----------------------------------------
+:func:`hstu_attention` is the ``torch.library`` custom op ``gauss::hstu_attention_fwd``
+(with a fake implementation and autograd through ``gauss::hstu_attention_bwd``), so
+``torch.compile`` and ``torch.export`` trace it as one node. Its implementation picks a
+backend at run time with ``get_registry().select("attention_backend", backend, q=q, k=k,
+v=v)`` and calls ``component.create()`` once (cached per registry) to get the backend. The
+factory may return either
+
+1. an object with two methods (see :class:`AttentionBackend`)::
+
+       forward(q, k, v, offsets, *, max_seq_len, alpha, causal, num_targets,
+               contextual_len, max_attn_len, rab, normalizer) -> out [T, H, d_v]
+       backward(grad_out, q, k, v, offsets, *, max_seq_len, alpha, causal, num_targets,
+                contextual_len, max_attn_len, rab, normalizer, compute_drab)
+           -> (dq, dk, dv, drab)
+
+   ``backward`` receives the same inputs as ``forward`` (HSTU has no softmax, so nothing
+   else needs saving) and returns gradients shaped like ``q, k, v`` and like ``rab``
+   (summed over its broadcast dimensions); ``drab`` may be None when ``compute_drab`` is
+   False (rab absent or not requiring grad). Or
+2. a plain callable with the signature of :func:`hstu_attention_reference` (forward only);
+   its backward is then :func:`hstu_attention_reference_backward`.
+
+What a backend can rely on: layouts were checked (shapes, dtypes, devices; see
+:func:`check_attention_inputs`); every tensor argument, ``grad_out`` included, is
+contiguous; ``num_targets`` is int64; ``normalizer`` is one of :data:`NORMALIZERS`. Data
+checks (offsets monotone, lengths <= max_seq_len, 0 <= num_targets <= length) ran when
+``validate`` was on (by default for CPU tensors; off on accelerators, where they would
+synchronise with the host). The output must be a new tensor, not a view of an input.
+Every backend is tested against :func:`hstu_attention_reference`, which defines the
+semantics, and :func:`attention_mask`, which defines the mask.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from gauss_plugins.jagged import check_offsets_layout, pad, unpad, validate_offsets
+
+__all__ = [
+    "NORMALIZERS",
+    "AttentionBackend",
+    "TorchReferenceBackend",
+    "attention_mask",
+    "check_attention_inputs",
+    "hstu_attention",
+    "hstu_attention_reference",
+    "hstu_attention_reference_backward",
+    "validate_attention_data",
+]
+
+NORMALIZERS = ("max_seq_len", "seq_len")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------- the mask
+def attention_mask(
+    lengths: torch.Tensor,
+    max_seq_len: int,
+    *,
+    causal: bool = True,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+) -> torch.Tensor:
+    """The attention mask ``[B, max_seq_len, max_seq_len]`` (bool; ``[b, i, j]`` True when
+    query position ``i`` of sequence ``b`` attends to key position ``j``).
+
+    The one definition of the mask semantics; it follows Meta's generative-recommenders.
+    Each position ``p < n_b`` gets an *id*; positions at or past the length ``n_b`` attend
+    to nothing and are attended by nothing:
+
+    1. ``id = p``. With a contextual prefix (``contextual_len = c > 0``) the first ``c``
+       positions share id 0 and later ones shift: ``id = max(p - c + 1, 0)``.
+    2. With ``num_targets`` (``t_b``), the last ``t_b`` positions (the targets / candidates)
+       share the id of the first target, ``id = min(id, last)``, where ``last`` is the
+       first target's id (``n_b - t_b``, or ``n_b - t_b - c + 1`` with a prefix).
+    3. ``dist = id_i - id_j`` (its absolute value when ``causal=False``); ``i`` attends to
+       ``j`` when ``i == j`` or ``dist > 0``, and, with a local window
+       (``max_attn_len = w > 0``), only if also ``dist <= w``.
+    4. With a prefix, the prefix rows (``id_i == 0``) also attend to every non-target
+       position (``id_j < last``), the whole history included.
+
+    So targets attend to the history and to themselves, never to each other; history never
+    attends to targets when causal; every position sees the prefix (within the window).
+    ``x`` attends, ``.`` does not (rows = queries)::
+
+        causal, n=6           num_targets=2         contextual_len=2,     max_attn_len=2
+                                                    num_targets=2, n=7
+        x . . . . .           x . . . . .           x x x x x . .         x . . . . .
+        x x . . . .           x x . . . .           x x x x x . .         x x . . . .
+        x x x . . .           x x x . . .           x x x . . . .         x x x . . .
+        x x x x . .           x x x x . .           x x x x . . .         . x x x . .
+        x x x x x .           x x x x x .           x x x x x . .         . . x x x .
+        x x x x x x           x x x x . x           x x x x x x .         . . . x x x
+                                                    x x x x x . x
+
+    Without ``causal`` the same ids apply with ``|dist|``: every position sees every other
+    except that targets still do not see each other (as in the public code, history rows
+    then do see the targets).
+    """
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
+        raise ValueError("lengths must be a 1-D integer tensor of shape (B,)")
+    if not isinstance(max_seq_len, int) or max_seq_len < 0:
+        raise ValueError(f"max_seq_len must be a non-negative int, got {max_seq_len!r}")
+    device = lengths.device
+    batch = lengths.shape[0]
+    n = max_seq_len
+    positions = torch.arange(n, device=device)
+    lengths = lengths.to(torch.int64).view(batch, 1)
+    ids = positions.view(1, n).expand(batch, n)
+    last = lengths  # id of the first position that is not history (in id space)
+    if contextual_len > 0:
+        ids = (ids - contextual_len + 1).clamp(min=0)
+        last = last - contextual_len + 1
+    if num_targets is not None:
+        last = last - num_targets.to(torch.int64).view(batch, 1)
+        ids = torch.minimum(ids, last)
+    row = ids.view(batch, n, 1)
+    col = ids.view(batch, 1, n)
+    dist = row - col
+    if not causal:
+        dist = dist.abs()
+    mask = torch.eye(n, dtype=torch.bool, device=device).view(1, n, n) | (dist > 0)
+    if max_attn_len > 0:
+        mask = mask & (dist <= max_attn_len)
+    if contextual_len > 0:
+        mask = mask | ((row == 0) & (col < last.view(batch, 1, 1)))
+    inside = positions.view(1, n) < lengths
+    return mask & inside.view(batch, n, 1) & inside.view(batch, 1, n)
+
+
+# ---------------------------------------------------------------------------- checks
+def check_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+    rab: Optional[torch.Tensor] = None,
+    normalizer: str = "max_seq_len",
+) -> None:
+    """Check shapes, dtypes, devices and options without reading tensor data (so it is safe
+    under ``torch.compile`` and costs no GPU synchronisation). Raises TypeError/ValueError."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [T, H, d], got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"q, k, v must agree on [T, H]: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same head dim d_qk, got {q.shape[2]} and {k.shape[2]}")
+    check_offsets_layout(offsets)
+    for name, t in (("k", k), ("v", v), ("offsets", offsets)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    batch = offsets.shape[0] - 1
+    heads = q.shape[1]
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    for name, val in (("contextual_len", contextual_len), ("max_attn_len", max_attn_len)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+    if num_targets is not None:
+        if not isinstance(num_targets, torch.Tensor):
+            raise TypeError(f"num_targets must be a tensor of shape (B,) or None, got {type(num_targets).__name__}")
+        if num_targets.dtype.is_floating_point or num_targets.dtype.is_complex or num_targets.dtype == torch.bool:
+            raise TypeError(f"num_targets must be an integer tensor, got {num_targets.dtype}")
+        if tuple(num_targets.shape) != (batch,):
+            raise ValueError(f"num_targets must have shape ({batch},) (one per sequence), got {tuple(num_targets.shape)}")
+        if num_targets.device != q.device:
+            raise ValueError(f"num_targets is on {num_targets.device} but q is on {q.device}")
+    if rab is not None:
+        if not isinstance(rab, torch.Tensor):
+            raise TypeError(f"rab must be a tensor or None, got {type(rab).__name__}")
+        if rab.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"rab must be a floating tensor, got {rab.dtype}")
+        if rab.dim() != 4 or rab.shape[0] not in (1, batch) or rab.shape[1] not in (1, heads) \
+                or tuple(rab.shape[2:]) != (max_seq_len, max_seq_len):
+            raise ValueError(
+                f"rab must have shape [B or 1, H or 1, max_seq_len, max_seq_len] = "
+                f"[{batch} or 1, {heads} or 1, {max_seq_len}, {max_seq_len}], got {tuple(rab.shape)}")
+        if rab.device != q.device:
+            raise ValueError(f"rab is on {rab.device} but q is on {q.device}")
+
+
+def validate_attention_data(q: torch.Tensor, offsets: torch.Tensor, max_seq_len: int,
+                            num_targets: Optional[torch.Tensor] = None) -> None:
+    """The checks that read data (a host synchronisation on GPU): offsets valid for ``T``
+    rows, every length <= ``max_seq_len``, and ``0 <= num_targets <= length``."""
+    validate_offsets(offsets, q.shape[0])
+    lengths = offsets[1:] - offsets[:-1]
+    if lengths.numel() and int(lengths.max()) > max_seq_len:
+        raise ValueError(f"a sequence has {int(lengths.max())} positions, more than max_seq_len={max_seq_len}")
+    if num_targets is not None and num_targets.numel():
+        nt = num_targets.to(torch.int64)
+        bad = (nt < 0) | (nt > lengths)
+        if bool(bad.any()):
+            b = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"num_targets[{b}]={int(nt[b])} must be between 0 and the sequence length {int(lengths[b])}")
+
+
+# ---------------------------------------------------------------------------- reference
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len,
+                 max_attn_len, rab, normalizer):
+    """Padded fp32 (fp64 for fp64 input) q, k, v, the scores S, the mask and the divisor."""
+    acc = _accumulation_dtype(q.dtype)
+    n = max_seq_len
+    qp, _ = pad(q.to(acc), offsets, n)  # [B, N, H, d_qk]
+    kp, _ = pad(k.to(acc), offsets, n)
+    vp, _ = pad(v.to(acc), offsets, n)  # [B, N, H, d_v]
+    scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha
+    if rab is not None:
+        scores = scores + rab.to(acc)
+    lengths = offsets[1:] - offsets[:-1]
+    mask = attention_mask(lengths, n, causal=causal, num_targets=num_targets,
+                          contextual_len=contextual_len, max_attn_len=max_attn_len).unsqueeze(1)
+    if normalizer == "max_seq_len":
+        divisor: Any = float(n)
+    else:  # "seq_len": an empty sequence has no rows, so its divisor never matters
+        divisor = lengths.clamp(min=1).to(acc).view(-1, 1, 1, 1)
+    return qp, kp, vp, scores, mask, divisor
+
+
+def hstu_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    causal: bool = True,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+    rab: Optional[torch.Tensor] = None,
+    normalizer: str = "max_seq_len",
+) -> torch.Tensor:
+    """HSTU attention in plain PyTorch: pad, dense masked SiLU attention, unpad.
+
+    Accumulates in fp32 (fp64 for fp64 inputs) and returns ``[T, H, d_v]`` in ``q``'s
+    dtype. Differentiable in ``q, k, v, rab`` through ordinary autograd. Checks its inputs
+    (layout and data). See the module docstring for the formula and :func:`attention_mask`
+    for the mask.
+    """
+    check_attention_inputs(q, k, v, offsets, max_seq_len=max_seq_len, alpha=alpha, num_targets=num_targets,
+                           contextual_len=contextual_len, max_attn_len=max_attn_len, rab=rab,
+                           normalizer=normalizer)
+    validate_attention_data(q, offsets, max_seq_len, num_targets)
+    _, _, vp, scores, mask, divisor = _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets,
+                                                   contextual_len, max_attn_len, rab, normalizer)
+    # where, not multiply: a -inf in rab at a masked place must not turn into NaN
+    probs = torch.where(mask, F.silu(scores) / divisor, scores.new_zeros(()))
+    out = torch.einsum("bhij,bjhd->bihd", probs, vp)
+    return unpad(out, offsets).to(q.dtype)
+
+
+def hstu_attention_reference_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    causal: bool = True,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+    rab: Optional[torch.Tensor] = None,
+    normalizer: str = "max_seq_len",
+    compute_drab: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients ``(dq, dk, dv, drab)`` of :func:`hstu_attention_reference`, written out.
+
+    With ``P = M * SiLU(S) / N`` and ``out = P V``: ``dV = P^T dO``, ``dP = dO V^T``,
+    ``dS = M * dP * SiLU'(S) / N`` with ``SiLU'(s) = sig(s) (1 + s (1 - sig(s)))``,
+    ``dQ = alpha dS K``, ``dK = alpha dS^T Q``, ``drab = dS`` summed over the dimensions
+    ``rab`` broadcasts. No autograd involved, so it runs inside custom-op implementations.
+    ``drab`` is None when ``rab`` is None or ``compute_drab`` is False.
+    """
+    if tuple(grad_out.shape) != (q.shape[0], q.shape[1], v.shape[2]):
+        raise ValueError(f"grad_out must have shape {(q.shape[0], q.shape[1], v.shape[2])}, got {tuple(grad_out.shape)}")
+    qp, kp, vp, scores, mask, divisor = _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets,
+                                                     contextual_len, max_attn_len, rab, normalizer)
+    zero = scores.new_zeros(())
+    probs = torch.where(mask, F.silu(scores) / divisor, zero)
+    dop, _ = pad(grad_out.to(scores.dtype), offsets, max_seq_len)  # [B, N, H, d_v]
+    dvp = torch.einsum("bhij,bihd->bjhd", probs, dop)
+    dprobs = torch.einsum("bihd,bjhd->bhij", dop, vp)
+    sig = torch.sigmoid(scores)
+    dscores = torch.where(mask, dprobs * sig * (1 + scores * (1 - sig)) / divisor, zero)
+    dqp = torch.einsum("bhij,bjhd->bihd", dscores, kp) * alpha
+    dkp = torch.einsum("bhij,bihd->bjhd", dscores, qp) * alpha
+    drab = None
+    if rab is not None and compute_drab:
+        if rab.shape[0] == 1:
+            dscores = dscores.sum(0, keepdim=True)
+        if rab.shape[1] == 1:
+            dscores = dscores.sum(1, keepdim=True)
+        drab = dscores.to(rab.dtype)
+    return (unpad(dqp, offsets).to(q.dtype), unpad(dkp, offsets).to(k.dtype),
+            unpad(dvp, offsets).to(v.dtype), drab)
+
+
+# ---------------------------------------------------------------------------- backends
+@runtime_checkable
+class AttentionBackend(Protocol):
+    """A backend with its own backward (see the module docstring for the contract)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
+                max_seq_len: int, alpha: float, causal: bool, num_targets: Optional[torch.Tensor],
+                contextual_len: int, max_attn_len: int, rab: Optional[torch.Tensor],
+                normalizer: str) -> torch.Tensor: ...
+
+    def backward(self, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 offsets: torch.Tensor, *, max_seq_len: int, alpha: float, causal: bool,
+                 num_targets: Optional[torch.Tensor], contextual_len: int, max_attn_len: int,
+                 rab: Optional[torch.Tensor], normalizer: str, compute_drab: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]: ...
+
+
+class TorchReferenceBackend:
+    """The ``torch`` backend: :func:`hstu_attention_reference` and its written-out backward.
+
+    Runs anywhere torch runs; memory is ``O(B * H * max_seq_len^2)``.
+    """
+
+    def forward(self, q, k, v, offsets, **options):
+        return hstu_attention_reference(q, k, v, offsets, **options)
+
+    def backward(self, grad_out, q, k, v, offsets, **options):
+        return hstu_attention_reference_backward(grad_out, q, k, v, offsets, **options)
+
+
+class _ForwardOnly:
+    """Adapts a forward-only backend callable: backward comes from the reference."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.forward = fn
+
+    def backward(self, grad_out, q, k, v, offsets, **options):
+        return hstu_attention_reference_backward(grad_out, q, k, v, offsets, **options)
+
+
+_instances: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
+_instances_lock = threading.Lock()
+
+
+def _backend_for(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    """The backend object for ``name`` ("auto" or a registered name), built once per registry."""
+    from gauss_plugins.plugins import get_registry
+
+    registry = get_registry()
+    component = registry.select("attention_backend", name, q=q, k=k, v=v)
+    with _instances_lock:
+        built = _instances.setdefault(registry, {})
+        backend = built.get(component.name)
+        if backend is None:
+            made = component.create()
+            if callable(getattr(made, "forward", None)) and callable(getattr(made, "backward", None)):
+                backend = made
+            elif callable(made):
+                backend = _ForwardOnly(made)
+            else:
+                raise TypeError(
+                    f"attention_backend {component.name!r} ({component.provider}) built {made!r}, which is "
+                    "neither a callable nor an object with forward and backward methods")
+            built[component.name] = backend
+    return backend
+
+
+# ---------------------------------------------------------------------------- the custom op
+def _options(max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab, normalizer):
+    return dict(max_seq_len=max_seq_len, alpha=alpha, causal=causal, num_targets=num_targets,
+                contextual_len=contextual_len, max_attn_len=max_attn_len, rab=rab, normalizer=normalizer)
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("gauss::hstu_attention_fwd", mutates_args=())
+def _hstu_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor], rab: Optional[torch.Tensor],
+    max_seq_len: int, alpha: float, causal: bool, contextual_len: int, max_attn_len: int,
+    normalizer: str, backend: str, validate: bool,
+) -> torch.Tensor:
+    if validate:
+        validate_attention_data(q, offsets, max_seq_len, num_targets)
+    impl = _backend_for(backend, q, k, v)
+    out = impl.forward(q.contiguous(), k.contiguous(), v.contiguous(), offsets.contiguous(),
+                       **_options(max_seq_len, alpha, causal, _contiguous(num_targets), contextual_len,
+                                  max_attn_len, _contiguous(rab), normalizer))
+    expected = (q.shape[0], q.shape[1], v.shape[2])
+    if tuple(out.shape) != expected or out.dtype != q.dtype:
+        raise RuntimeError(f"attention backend {backend!r} returned {tuple(out.shape)} {out.dtype}, "
+                           f"expected {expected} {q.dtype}")
+    return out
+
+
+@_hstu_attention_fwd.register_fake
+def _hstu_attention_fwd_fake(q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal, contextual_len,
+                             max_attn_len, normalizer, backend, validate):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+@torch.library.custom_op("gauss::hstu_attention_bwd", mutates_args=())
+def _hstu_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+    num_targets: Optional[torch.Tensor], rab: Optional[torch.Tensor],
+    max_seq_len: int, alpha: float, causal: bool, contextual_len: int, max_attn_len: int,
+    normalizer: str, backend: str, compute_drab: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _backend_for(backend, q, k, v)
+    dq, dk, dv, drab = impl.backward(
+        grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), offsets.contiguous(),
+        compute_drab=compute_drab,
+        **_options(max_seq_len, alpha, causal, _contiguous(num_targets), contextual_len, max_attn_len,
+                   _contiguous(rab), normalizer))
+    if compute_drab and drab is None:
+        raise RuntimeError(f"attention backend {backend!r} returned no gradient for rab")
+    # a custom op cannot return None: an empty tensor stands for "no drab"
+    return dq, dk, dv, (drab if compute_drab else q.new_empty((0,)))
+
+
+@_hstu_attention_bwd.register_fake
+def _hstu_attention_bwd_fake(grad_out, q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal,
+                             contextual_len, max_attn_len, normalizer, backend, compute_drab):
+    drab = torch.empty_like(rab) if (compute_drab and rab is not None) else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drab
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal, contextual_len, max_attn_len,
+     normalizer, backend, _validate) = inputs
+    ctx.save_for_backward(q, k, v, offsets, num_targets, rab)
+    ctx.options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer, backend)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, offsets, num_targets, rab = ctx.saved_tensors
+    max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer, backend = ctx.options
+    compute_drab = rab is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, drab = torch.ops.gauss.hstu_attention_bwd(
+        grad_out, q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal, contextual_len,
+        max_attn_len, normalizer, backend, compute_drab)
+    return (dq, dk, dv, None, None, drab if compute_drab else None) + (None,) * 8
+
+
+_hstu_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    causal: bool = True,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+    rab: Optional[torch.Tensor] = None,
+    normalizer: str = "max_seq_len",
+    backend: str = "auto",
+    validate: Optional[bool] = None,
+) -> torch.Tensor:
+    """HSTU attention over jagged sequences: ``[T, H, d_qk] x2, [T, H, d_v] -> [T, H, d_v]``.
+
+    Same semantics as :func:`hstu_attention_reference` (see the module docstring and
+    :func:`attention_mask`), computed by the ``attention_backend`` named ``backend``
+    (``"auto"``: the available backend of highest priority that supports these tensors,
+    e.g. ``triton`` on CUDA, ``torch`` on CPU). Differentiable in ``q, k, v`` and ``rab``;
+    traceable by ``torch.compile`` and ``torch.export`` (one ``gauss::hstu_attention_fwd``
+    node). ``validate`` runs the data checks (offsets, lengths, num_targets); by default
+    only for CPU tensors, since on a GPU they synchronise with the host.
+    """
+    check_attention_inputs(q, k, v, offsets, max_seq_len=max_seq_len, alpha=alpha, num_targets=num_targets,
+                           contextual_len=contextual_len, max_attn_len=max_attn_len, rab=rab,
+                           normalizer=normalizer)
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"backend must be a backend name or 'auto', got {backend!r}")
+    if validate is None:
+        validate = q.device.type == "cpu"
+    if num_targets is not None:
+        num_targets = num_targets.to(torch.int64)
+    return torch.ops.gauss.hstu_attention_fwd(
+        q, k, v, offsets, num_targets, rab, max_seq_len, float(alpha), bool(causal), contextual_len,
+        max_attn_len, normalizer, backend, bool(validate))

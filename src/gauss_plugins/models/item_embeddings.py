@@ -1,0 +1,129 @@
+"""Where the retrieval model's item vectors come from.
+
+* :class:`DynamicItemEmbeddings` (the default): rows of a
+  :class:`gauss_plugins.embedding.DynamicEmbeddingTable`, keyed by the raw item id (no id
+  remapping, new ids get rows on first sight), trained by the table's fused sparse
+  optimizer. The dense parameters of the model are trained by AdamW; the table's optimizer
+  is its fused Adam, configured with the same learning rate and betas (see
+  :func:`build_item_embeddings`).
+* :class:`StaticItemEmbeddings` (``item_embedding: static``): a plain ``nn.Embedding`` over
+  ids ``0..num_items``, trained by the dense AdamW. Offered as an explicit choice for
+  comparisons; never chosen silently.
+
+Both return zeros for the padding id 0 and draw new rows from a truncated normal with
+standard deviation 0.02, the paper's ML-1M initialisation.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["ItemEmbeddings", "StaticItemEmbeddings", "DynamicItemEmbeddings", "build_item_embeddings"]
+
+INIT_STD = 0.02
+
+
+class ItemEmbeddings(nn.Module):
+    """``forward(ids) -> vectors``: ids of any shape (0 = padding -> zeros) to ``[..., dim]``."""
+
+    kind = "abstract"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = int(dim)
+
+    def sparse_step(self) -> None:
+        """Apply the sparse optimizer to the rows touched since the last step (no-op when the
+        embeddings are dense parameters trained by the dense optimizer)."""
+
+    def sparse_zero_grad(self) -> None:
+        """Drop the accumulated sparse gradients."""
+
+    def export_tensors(self, prefix: str) -> Dict[str, torch.Tensor]:
+        """Tensors to put in a checkpoint, keyed under ``prefix``."""
+        raise NotImplementedError
+
+    def import_tensors(self, tensors: Dict[str, torch.Tensor], prefix: str) -> None:
+        raise NotImplementedError
+
+
+class StaticItemEmbeddings(ItemEmbeddings):
+    """A dense ``nn.Embedding`` over ids ``0..num_items`` (0 is padding)."""
+
+    kind = "static"
+
+    def __init__(self, num_items: int, dim: int) -> None:
+        super().__init__(dim)
+        self.num_items = int(num_items)
+        self.weight = nn.Parameter(torch.empty(self.num_items + 1, self.dim))
+        nn.init.trunc_normal_(self.weight, std=INIT_STD)
+        with torch.no_grad():
+            self.weight[0].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.num_items):
+            raise ValueError(f"item ids must be in 0..{self.num_items} for static embeddings, got "
+                             f"{int(ids.min())}..{int(ids.max())}; the dynamic table takes any id")
+        out = nn.functional.embedding(ids, self.weight)
+        return out * (ids > 0).unsqueeze(-1).to(out.dtype)
+
+    def export_tensors(self, prefix: str) -> Dict[str, torch.Tensor]:
+        return {f"{prefix}weight": self.weight.detach()}
+
+    def import_tensors(self, tensors: Dict[str, torch.Tensor], prefix: str) -> None:
+        with torch.no_grad():
+            self.weight.copy_(tensors[f"{prefix}weight"])
+
+
+class DynamicItemEmbeddings(ItemEmbeddings):
+    """Item vectors from a dynamic embedding table, keyed by raw item id."""
+
+    kind = "dynamic"
+
+    def __init__(self, table: nn.Module, optimizer: object, dim: int) -> None:
+        super().__init__(dim)
+        self.table = table
+        # The sparse optimizer is not an nn.Module; keep it out of the module tree.
+        self._sparse_optimizer = optimizer
+
+    @property
+    def sparse_optimizer(self) -> object:
+        return self._sparse_optimizer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        valid = flat > 0
+        # Padding never reaches the table: id 0 would otherwise get (and train) a row.
+        uniq, inverse = torch.unique(flat[valid], return_inverse=True)
+        rows = self.table.lookup(uniq)
+        out = rows.new_zeros(flat.shape[0], self.dim)
+        out = out.index_put((valid.nonzero().squeeze(1),), rows[inverse])
+        return out.reshape(*ids.shape, self.dim)
+
+    def sparse_step(self) -> None:
+        self._sparse_optimizer.step()
+
+    def sparse_zero_grad(self) -> None:
+        self._sparse_optimizer.zero_grad()
+
+    def export_tensors(self, prefix: str) -> Dict[str, torch.Tensor]:
+        return {f"{prefix}{k}": v for k, v in self.table.state_tensors().items()}
+
+    def import_tensors(self, tensors: Dict[str, torch.Tensor], prefix: str) -> None:
+        self.table.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def build_item_embeddings(kind: str, num_items: int, dim: int, lr: float, betas: Tuple[float, float],
+                          weight_decay: float = 0.0, device: Optional[torch.device] = None) -> ItemEmbeddings:
+    """``kind`` is ``"dynamic"`` (the default of every config) or ``"static"``."""
+    if kind == "static":
+        return StaticItemEmbeddings(num_items, dim)
+    if kind != "dynamic":
+        raise ValueError(f"item_embedding must be 'dynamic' or 'static', got {kind!r}")
+    from gauss_plugins.models import _dynamic_table
+
+    table, optimizer = _dynamic_table.build(num_items=num_items, dim=dim, lr=lr, betas=betas,
+                                            weight_decay=weight_decay, init_std=INIT_STD, device=device)
+    return DynamicItemEmbeddings(table, optimizer, dim)

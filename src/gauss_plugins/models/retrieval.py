@@ -1,0 +1,125 @@
+"""The generative retrieval model of the HSTU paper, with a swappable sequence encoder.
+
+    ids [B, N] --item embeddings--> * sqrt(D) + learned position --dropout--> encoder
+        --L2 normalise--> query vectors u_i            (one per position, causal)
+
+    loss: sampled softmax at every position i predicting item i+1:
+        -log( exp(<u_i, e+> / T) / (exp(<u_i, e+> / T) + sum_r exp(<u_i, e_r> / T)) )
+    with e = L2-normalised item embeddings, R negatives drawn uniformly from the corpus per
+    position, and a negative equal to the positive masked out (as the paper's code does).
+
+    retrieval: score all corpus items by <u_last, e_item>.
+
+Item embeddings come from an :class:`~gauss_plugins.models.item_embeddings.ItemEmbeddings`
+(the dynamic embedding table by default); the encoder is HSTU or SASRec.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gauss_plugins.models.item_embeddings import ItemEmbeddings
+
+__all__ = ["SequentialRetrievalModel"]
+
+L2_EPS = 1e-6  # the paper's l2_norm_eps
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=L2_EPS)
+
+
+class SequentialRetrievalModel(nn.Module):
+    """Item embeddings + positional input + causal encoder + L2-normalised outputs.
+
+    ``encoder(x [B, N, D], valid [B, N], timestamps [B, N] or None) -> [B, N, D]``.
+    ``num_items`` is the largest item id of the corpus: negatives are drawn from ``1..num_items``
+    and retrieval scores those ids.
+    """
+
+    def __init__(self, item_embeddings: ItemEmbeddings, encoder: nn.Module, max_len: int, num_items: int,
+                 dropout: float = 0.2, temperature: float = 0.05, num_negatives: int = 128) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        self.item_embeddings = item_embeddings
+        self.encoder = encoder
+        self.dim = item_embeddings.dim
+        self.max_len = int(max_len)
+        self.num_items = int(num_items)
+        self.temperature = float(temperature)
+        self.num_negatives = int(num_negatives)
+        self.pos_emb = nn.Embedding(self.max_len, self.dim)
+        nn.init.trunc_normal_(self.pos_emb.weight, std=math.sqrt(1.0 / self.dim))
+        self.input_dropout = nn.Dropout(dropout)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, ids: torch.Tensor, lengths: torch.Tensor, timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Right-padded ``ids [B, N]`` (0 = padding) -> L2-normalised outputs ``[B, N, D]``."""
+        b, n = ids.shape
+        if n > self.max_len:
+            raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
+        valid = torch.arange(n, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
+        x = self.item_embeddings(ids) * math.sqrt(self.dim)
+        x = x + self.pos_emb.weight[:n].unsqueeze(0)
+        x = self.input_dropout(x) * valid.unsqueeze(-1).to(x.dtype)
+        out = self.encoder(x, valid, timestamps)
+        return l2_normalize(out)
+
+    def query(self, ids: torch.Tensor, lengths: torch.Tensor, timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The query vector of each sequence: the output at its last valid position, ``[B, D]``."""
+        out = self.encode(ids, lengths, timestamps)
+        last = (lengths - 1).clamp(min=0)
+        return out[torch.arange(out.shape[0], device=out.device), last]
+
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of ``ids`` (any shape)."""
+        return l2_normalize(self.item_embeddings(ids))
+
+    def corpus_vectors(self) -> torch.Tensor:
+        """``[num_items + 1, D]``: row ``j`` is item id ``j`` (row 0, the padding id, is zero)."""
+        ids = torch.arange(self.num_items + 1, device=self.pos_emb.weight.device)
+        vecs = self.item_vectors(ids)
+        return vecs * (ids > 0).unsqueeze(-1).to(vecs.dtype)
+
+    def score_corpus(self, queries: torch.Tensor, corpus: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, num_items + 1]`` scores (cosine similarities) of every corpus item."""
+        corpus = self.corpus_vectors() if corpus is None else corpus
+        return queries @ corpus.T
+
+    # ------------------------------------------------------------------ training
+    def sampled_softmax_loss(self, ids: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+                             timestamps: Optional[torch.Tensor] = None,
+                             generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Mean sampled-softmax loss over every valid position (``targets > 0``).
+
+        Returns ``{"loss": scalar, "num_targets": int tensor}``.
+        """
+        out = self.encode(ids, lengths, timestamps)
+        mask = targets > 0
+        queries = out[mask]                      # [P, D]
+        pos_ids = targets[mask]                  # [P]
+        p = pos_ids.shape[0]
+        if p == 0:
+            raise ValueError("batch has no target to predict (all sequences shorter than 2)")
+        neg_ids = torch.randint(1, self.num_items + 1, (p, self.num_negatives), device=ids.device, generator=generator)
+        pos_logits = (queries * self.item_vectors(pos_ids)).sum(-1, keepdim=True)
+        # Look each distinct id up once (the table lookup is the expensive part), then pick
+        # the negatives' logits either by gathering [P, R, D] vectors or, when the distinct
+        # ids are few, from a [P, U] matmul; both give the same numbers.
+        uniq, inverse = torch.unique(neg_ids, return_inverse=True)
+        neg_vecs = self.item_vectors(uniq)       # [U, D]
+        if uniq.shape[0] <= 16 * self.num_negatives:
+            neg_logits = (queries @ neg_vecs.T).gather(1, inverse)
+        else:
+            neg_logits = torch.einsum("pd,prd->pr", queries, neg_vecs[inverse])
+        neg_logits = neg_logits.masked_fill(neg_ids == pos_ids.unsqueeze(1), -5e4 * self.temperature)
+        logits = torch.cat([pos_logits, neg_logits], dim=1) / self.temperature
+        loss = -F.log_softmax(logits, dim=1)[:, 0].mean()
+        return {"loss": loss, "num_targets": torch.tensor(p)}

@@ -1,0 +1,514 @@
+"""Second-level sync from a training store to a serving store, plus dense weights on fsspec.
+
+A :class:`Syncer` runs one background thread. Every ``interval_s`` (default 1 s) it
+
+1. *pulls* from the source (a :class:`~gauss_plugins.stores.tierps.TierPS`, or anything with
+   ``version`` and ``changes_since(version) -> ChangeBatch``) the rows changed and the ids
+   deleted since its last pull -- a short, in-memory read; training is never blocked for
+   longer than that;
+2. *coalesces* them into a pending buffer keyed by id (the latest value or tombstone wins),
+   bounded by ``max_pending_bytes``: past the budget the buffer spills to an on-disk
+   :class:`~gauss_plugins.stores.disk.DiskTier` in ``spill_dir``;
+3. *pushes* the whole buffer to the target (``apply_changes``) in batches of
+   ``push_batch_rows``; only when every batch was acknowledged is the buffer cleared.
+
+If the target is down (Redis stopped, restarting, unreachable), step 3 fails, the error is
+counted and kept in :meth:`Syncer.stats`, and the next cycle retries with everything that
+accumulated meanwhile: nothing is lost, nothing is sent twice needlessly (coalesced by id),
+memory stays bounded, and the training thread never waits for the target.
+
+Dense weights: :meth:`Syncer.publish_dense` (call it between training steps) hands over a
+copy of the dense ``state_dict`` together with the source version at that moment. The thread
+writes it as ``dense-<D>.safetensors`` (pickle-free, :mod:`gauss_plugins.serialization`)
+under ``dense_url`` through fsspec (a local path by default; any fsspec URL works), then,
+once the embedding push has reached that version, writes ``manifest.json``
+(``{"embedding_version", "dense_version", "dense_file", ...}``) by write-to-temp-and-rename.
+A reader (:func:`read_manifest`, :func:`load_dense`) therefore always finds a complete dense
+file and a serving store already holding every embedding change up to the version the dense
+weights were taken at; with the embedded WePS, ``store.snapshot(manifest["embedding_version"])``
+pins exactly the embedding version named next to the dense version.
+
+Per push the syncer reports rows, bytes, latency and freshness -- the time from an update in
+training to its acknowledgement by the serving store -- as p50/p99. Freshness is measured
+per source mutation: the source's clock (version -> wall time, rows) says when each ``put``
+happened; each is counted with its row count (a row overwritten twice counts twice, with its
+older, larger freshness -- a conservative estimate).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from gauss_plugins.stores.base import ChangeBatch, EmbeddingStore
+from gauss_plugins.stores.disk import DiskTier
+
+__all__ = ["Syncer", "read_manifest", "load_dense"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def _fs(url: str):
+    """``(filesystem, root path)`` for an fsspec URL or a local path."""
+    from gauss_plugins._optional import require
+
+    fsspec = require("fsspec", "redis", "syncing dense weights")
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root
+
+
+def _join(fs: Any, root: str, name: str) -> str:
+    sep = getattr(fs, "sep", "/")
+    return root.rstrip(sep) + sep + name if sep != "/" else posixpath.join(root, name)
+
+
+def read_manifest(dense_url: str) -> Optional[Dict[str, Any]]:
+    """The latest manifest under ``dense_url``, or ``None`` before the first one."""
+    fs, root = _fs(dense_url)
+    path = _join(fs, root, MANIFEST)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        manifest = json.loads(f.read().decode("utf-8"))
+    if not isinstance(manifest, dict) or manifest.get("format") != 1:
+        raise ValueError(f"{path}: not a gauss syncer manifest (format 1)")
+    return manifest
+
+
+def load_dense(dense_url: str, manifest: Optional[Mapping[str, Any]] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(dense state_dict, manifest)`` named by ``manifest`` (default: the latest)."""
+    from gauss_plugins.serialization import load_tensors
+
+    manifest = dict(manifest) if manifest is not None else read_manifest(dense_url)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST} under {dense_url}: nothing was published yet")
+    fs, root = _fs(dense_url)
+    with tempfile.TemporaryDirectory(prefix="gauss-dense-") as tmp:
+        local = os.path.join(tmp, "dense.safetensors")
+        fs.get_file(_join(fs, root, manifest["dense_file"]), local)
+        tensors, _ = load_tensors(local)
+    return tensors, manifest
+
+
+class _Pending:
+    """Changes not yet acknowledged by the target, one entry per id (latest wins).
+
+    Rows are stored with one extra column: 1.0 marks a tombstone (the id was deleted).
+    """
+
+    def __init__(self, width: int, budget_bytes: int, spill_dir: Optional[str]):
+        self.width = width
+        self.budget_bytes = budget_bytes
+        self._spill_dir = spill_dir
+        self._own_spill_dir = False
+        self.spill: Optional[DiskTier] = None
+        self.spills = 0
+        self._reset_memory()
+
+    def _reset_memory(self) -> None:
+        self.ids = torch.empty(0, dtype=torch.int64)
+        self.rows = torch.empty(0, self.width + 1)
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.ids.numel() * 8 + self.rows.numel() * 4)
+
+    def __len__(self) -> int:
+        return int(self.ids.numel()) + (len(self.spill) if self.spill is not None else 0)
+
+    def add(self, batch: ChangeBatch, include_state: bool) -> None:
+        n, d = batch.num_rows, batch.deleted
+        # A deletion read together with an upsert of the same id: the source holds the row now.
+        if d.numel() and n:
+            d = d[~torch.isin(d, batch.ids)]
+        rows = torch.zeros(n + d.numel(), self.width + 1)
+        vals = batch.values
+        if include_state and batch.state is not None:
+            vals = torch.cat([vals, batch.state], dim=1)
+        rows[:n, : self.width] = vals
+        rows[n:, self.width] = 1.0
+        ids = torch.cat([self.ids, batch.ids, d])
+        rows = torch.cat([self.rows, rows])
+        # Keep the last occurrence of each id: stable sort, then the end of each run.
+        sorted_ids, order = torch.sort(ids, stable=True)
+        keep = torch.ones_like(sorted_ids, dtype=torch.bool)
+        keep[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+        order = order[keep]
+        self.ids, self.rows = ids.index_select(0, order), rows.index_select(0, order)
+        if self.memory_bytes > self.budget_bytes:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self.spill is None:
+            if self._spill_dir is None:
+                self._spill_dir = tempfile.mkdtemp(prefix="gauss-syncer-spill-")
+                self._own_spill_dir = True
+            # No fsync: the spill only has to outlive an outage of the target, not a crash
+            # of this process (whose training store is the source of truth then).
+            self.spill = DiskTier(self._spill_dir, self.width + 1, sync=False, min_compact_bytes=64 << 20)
+        self.spill.put(self.ids, self.rows)  # overwrites older spilled entries of the same ids
+        self.spills += 1
+        self._reset_memory()
+
+    def batches(self, size: int):
+        """``(ids, rows, tombstone)`` batches of everything pending (spilled entries that
+        memory has overridden are skipped)."""
+        if self.spill is not None and len(self.spill):
+            spilled = self.spill.ids()
+            if self.ids.numel():
+                spilled = spilled[~torch.isin(spilled, self.ids)]
+            for s in range(0, spilled.numel(), size):
+                ids = spilled[s:s + size]
+                rows, _ = self.spill.get(ids)
+                yield ids, rows[:, : self.width], rows[:, self.width] > 0.5
+        for s in range(0, self.ids.numel(), size):
+            rows = self.rows[s:s + size]
+            yield self.ids[s:s + size], rows[:, : self.width], rows[:, self.width] > 0.5
+
+    def clear(self) -> None:
+        self._reset_memory()
+        if self.spill is not None:
+            path = self.spill.path
+            self.spill.close()
+            self.spill = None
+            shutil.rmtree(path, ignore_errors=True)
+            if not self._own_spill_dir:
+                os.makedirs(path, exist_ok=True)
+
+    def close(self) -> None:
+        self.clear()
+        if self._own_spill_dir and self._spill_dir:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+
+
+def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: Tuple[float, ...]) -> List[float]:
+    if values.size == 0 or weights.sum() <= 0:
+        return [float("nan")] * len(qs)
+    order = np.argsort(values)
+    v, w = values[order], weights[order].astype(np.float64)
+    cum = np.cumsum(w) / w.sum()
+    return [float(v[min(np.searchsorted(cum, q), v.size - 1)]) for q in qs]
+
+
+class Syncer:
+    """Pushes changed rows from ``source`` to ``target`` every ``interval_s`` (module doc).
+
+    Args:
+        source: the training store (``version``, ``changes_since``; optionally
+            ``update_clock(after, upto) -> (times, rows)`` for freshness).
+        target: the serving store (:class:`~gauss_plugins.stores.base.EmbeddingStore`).
+        interval_s: seconds between pushes.
+        dense_url: where dense weights and the manifest go (local path or fsspec URL).
+        include_state: also push optimizer state (the target needs ``state_dim`` then).
+        max_pending_bytes: memory budget of the pending buffer before it spills to disk.
+        spill_dir: where to spill (default: a private temporary directory).
+        push_batch_rows: rows per ``apply_changes`` call.
+        keep_dense: dense files kept besides the one the manifest names.
+        start: start the thread now (else call :meth:`start`, or drive it with :meth:`sync_now`).
+    """
+
+    def __init__(self, source: Any, target: EmbeddingStore, *, interval_s: float = 1.0,
+                 dense_url: Optional[str] = None, include_state: bool = False,
+                 max_pending_bytes: int = 256 << 20, spill_dir: Optional[str] = None,
+                 push_batch_rows: int = 200_000, keep_dense: int = 2, history: int = 1000, start: bool = True):
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s!r}")
+        if not hasattr(source, "changes_since") or not hasattr(source, "version"):
+            raise TypeError(f"source must have version and changes_since(version); got {type(source).__name__}")
+        width = source.dim + (source.state_dim if include_state else 0)
+        if target.dim != source.dim or (include_state and target.state_dim != source.state_dim):
+            raise ValueError(f"target rows (dim={target.dim}, state_dim={target.state_dim}) do not match the "
+                             f"source (dim={source.dim}, state_dim={source.state_dim}, include_state={include_state})")
+        if dense_url is not None:
+            _fs(dense_url)  # fail now, in the caller's thread, on a bad URL or a missing fsspec
+        self.source = source
+        self.target = target
+        self.interval_s = float(interval_s)
+        self.dense_url = dense_url
+        self.include_state = include_state
+        self.push_batch_rows = int(push_batch_rows)
+        self.keep_dense = int(keep_dense)
+        self._pending = _Pending(width, int(max_pending_bytes), spill_dir)
+        self._pending_clock: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._pulled_version = 0
+        self.pushed_version = 0
+        # A source that keeps a change log per consumer (TierPS) may drop what we have read.
+        self._consumer: Optional[str] = None
+        if hasattr(source, "register_consumer"):
+            self._consumer = f"syncer-{id(self):x}"
+            source.register_consumer(self._consumer, 0)
+        self._lock = threading.Lock()  # one cycle at a time (thread, sync_now, close)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.reports: Deque[Dict[str, Any]] = deque(maxlen=history)
+        self._fresh: Deque[Tuple[np.ndarray, np.ndarray]] = deque(maxlen=history)
+        self.failures = 0
+        self.resyncs = 0
+        self._instance: Optional[str] = None
+        self.consecutive_failures = 0
+        self.last_error: Optional[str] = None
+        self.rows_pushed = 0
+        self.bytes_pushed = 0
+        # dense weights
+        self._dense_lock = threading.Lock()
+        self._dense_pending: Optional[Tuple[Dict[str, torch.Tensor], int]] = None
+        self._dense_written: Optional[Tuple[int, int, str]] = None  # (dense version, embedding version, file)
+        self._dense_version = self._existing_dense_version()
+        self.manifest: Optional[Dict[str, Any]] = None
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="gauss-syncer", daemon=True)
+        self._thread.start()
+
+    def close(self, final_push: bool = True, timeout: float = 30.0) -> None:
+        """Stop the thread; with ``final_push`` try one last cycle (errors are kept, not raised)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if final_push:
+            self._cycle()
+        self._pending.close()
+        if self._consumer is not None:
+            self.source.unregister_consumer(self._consumer)
+            self._consumer = None
+
+    def __enter__(self) -> "Syncer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        next_at = time.monotonic() + self.interval_s
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, next_at - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            next_at = time.monotonic() + self.interval_s
+            self._cycle()
+
+    # ------------------------------------------------------------------ one cycle
+    def sync_now(self) -> bool:
+        """Run one pull + push in the caller's thread; True when the target is up to date."""
+        return self._cycle()
+
+    def _cycle(self) -> bool:
+        with self._lock:
+            try:
+                self._pull()
+            except Exception as exc:  # a broken source is a bug, but must not kill the thread
+                self._fail(exc, "pull")
+                return False
+            try:
+                instance = self._check_instance()
+            except Exception as exc:
+                self._fail(exc, "push")
+                return False
+            ok = self._push()
+            if ok and instance is not None:
+                try:
+                    after = self.target.instance_id()
+                except Exception as exc:
+                    self._fail(exc, "push")
+                    return False
+                if after != instance:
+                    # Restarted while we pushed: what reached the old instance may be gone.
+                    # Keep the old id so the next cycle sees the change and resyncs.
+                    self._fail(RuntimeError("target restarted during the push"), "push")
+                    return False
+                self._instance = after
+            if ok:
+                self._dense_step()
+            return ok
+
+    def _check_instance(self) -> Optional[str]:
+        """The target's instance id; on a change since the last good push, queue a full resync.
+
+        A serving store restarted without persistence (or flushed) has lost rows pushed
+        before; a new instance id (Redis: the server's ``run_id``) is how we notice. The
+        whole source is then pulled again and pushed with the pending changes.
+        """
+        probe = getattr(self.target, "instance_id", None)
+        if probe is None:
+            return None
+        instance = probe()
+        if self._instance is not None and instance != self._instance:
+            log.warning("syncer: serving store instance changed (%s -> %s); resyncing every row",
+                        self._instance, instance)
+            self.resyncs += 1
+            self._pulled_version = 0
+            self._pull()
+            self._instance = None
+        return instance
+
+    def _pull(self) -> None:
+        if self._consumer is not None:
+            batch = self.source.changes_since(self._pulled_version, consumer=self._consumer)
+        else:
+            batch = self.source.changes_since(self._pulled_version)
+        if batch.version <= self._pulled_version and not batch.num_rows and not batch.deleted.numel():
+            return
+        clock = getattr(self.source, "update_clock", None)
+        if clock is not None:
+            times, rows = clock(self._pulled_version, batch.version)
+            if len(times):
+                self._pending_clock.append((np.asarray(times, dtype=np.float64), np.asarray(rows, dtype=np.int64)))
+        self._pending.add(batch, self.include_state)
+        self._pulled_version = batch.version
+
+    def _push(self) -> bool:
+        if not len(self._pending) and self.pushed_version == self._pulled_version:
+            return True
+        t0 = time.monotonic()
+        rows = deleted = nbytes = 0
+        target_version = self._pulled_version
+        dim = self.source.dim
+        try:
+            for ids, vals, tomb in self._pending.batches(self.push_batch_rows):
+                up = ~tomb
+                values = vals[up]
+                batch = ChangeBatch(ids=ids[up], values=values[:, :dim].contiguous(),
+                                    state=values[:, dim:].contiguous() if self.include_state else None,
+                                    deleted=ids[tomb], version=self.pushed_version)
+                self.target.apply_changes(batch)
+                rows += batch.num_rows
+                deleted += int(batch.deleted.numel())
+                nbytes += int(values.numel() * 4 + ids.numel() * 8)
+            # The version goes last, alone: a reader seeing it sees every row it covers.
+            self.target.apply_changes(ChangeBatch(torch.empty(0, dtype=torch.int64), torch.empty(0, dim),
+                                                  None, torch.empty(0, dtype=torch.int64), target_version))
+        except Exception as exc:
+            self._fail(exc, "push")
+            return False
+        ack = time.time()
+        latency = time.monotonic() - t0
+        self._pending.clear()
+        times = np.concatenate([t for t, _ in self._pending_clock]) if self._pending_clock else np.empty(0)
+        weights = np.concatenate([w for _, w in self._pending_clock]) if self._pending_clock else np.empty(0)
+        self._pending_clock = []
+        fresh = ack - times
+        p50, p99 = _weighted_quantiles(fresh, weights, (0.5, 0.99))
+        self._fresh.append((fresh, weights))
+        self.pushed_version = target_version
+        self.consecutive_failures = 0
+        self.rows_pushed += rows
+        self.bytes_pushed += nbytes
+        report = {"time": ack, "version": target_version, "rows": rows, "deleted": deleted, "bytes": nbytes,
+                  "latency_s": latency, "freshness_p50_s": p50, "freshness_p99_s": p99}
+        self.reports.append(report)
+        return True
+
+    def _fail(self, exc: BaseException, where: str) -> None:
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.last_error = f"{where}: {type(exc).__name__}: {exc}"
+        # One line per outage, not one per second of it.
+        if self.consecutive_failures == 1:
+            log.warning("syncer %s failed (will retry every %.3gs, changes are kept): %s", where,
+                        self.interval_s, self.last_error)
+
+    # ------------------------------------------------------------------ dense weights
+    def publish_dense(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Queue dense weights for the next cycle (a CPU copy is taken now, so the caller
+        may keep training). Binds them to the source's current embedding version."""
+        if self.dense_url is None:
+            raise RuntimeError("publish_dense needs Syncer(dense_url=...)")
+        copy = {}
+        for k, v in state_dict.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"dense weight {k!r} is a {type(v).__name__}, expected a tensor")
+            copy[k] = v.detach().to("cpu", copy=True)
+        version = int(self.source.version)
+        with self._dense_lock:
+            self._dense_pending = (copy, version)
+        self._wake.set()
+
+    def _existing_dense_version(self) -> int:
+        if self.dense_url is None:
+            return 0
+        m = read_manifest(self.dense_url)
+        return int(m["dense_version"]) if m else 0
+
+    def _dense_step(self) -> None:
+        if self.dense_url is None:
+            return
+        with self._dense_lock:
+            pending, self._dense_pending = self._dense_pending, None
+        try:
+            if pending is not None:
+                self._write_dense(*pending)
+            if self._dense_written is not None and self.pushed_version >= self._dense_written[1]:
+                if self.manifest is None or self.manifest["dense_version"] != self._dense_written[0]:
+                    self._write_manifest()
+        except Exception as exc:
+            self._fail(exc, "dense")
+
+    def _write_dense(self, tensors: Dict[str, torch.Tensor], embedding_version: int) -> None:
+        from gauss_plugins.serialization import save_tensors
+
+        fs, root = _fs(self.dense_url)
+        fs.makedirs(root, exist_ok=True)
+        version = self._dense_version + 1
+        name = f"dense-{version:010d}.safetensors"
+        with tempfile.TemporaryDirectory(prefix="gauss-dense-") as tmp:
+            local = os.path.join(tmp, name)
+            save_tensors(local, tensors, {"dense_version": str(version), "embedding_version": str(embedding_version)})
+            remote_tmp = _join(fs, root, f".{name}.tmp")
+            fs.put_file(local, remote_tmp)
+            fs.mv(remote_tmp, _join(fs, root, name))
+        self._dense_version = version
+        self._dense_written = (version, embedding_version, name)
+
+    def _write_manifest(self) -> None:
+        dense_version, dense_embedding_version, name = self._dense_written
+        manifest = {"format": 1, "embedding_version": self.pushed_version, "dense_version": dense_version,
+                    "dense_file": name, "dense_embedding_version": dense_embedding_version, "time": time.time()}
+        fs, root = _fs(self.dense_url)
+        tmp = _join(fs, root, f".{MANIFEST}.tmp")
+        with fs.open(tmp, "wb") as f:
+            f.write(json.dumps(manifest, indent=1).encode("utf-8"))
+        fs.mv(tmp, _join(fs, root, MANIFEST))
+        self.manifest = manifest
+        # Old dense files: keep the newest keep_dense besides the one named now.
+        files = sorted(p for p in fs.ls(root, detail=False) if posixpath.basename(p).startswith("dense-"))
+        for p in files[: max(0, len(files) - 1 - self.keep_dense)]:
+            fs.rm(p)
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> Dict[str, Any]:
+        """Totals, the last push report, and freshness p50/p99 over the recent pushes."""
+        if self._fresh:
+            f = np.concatenate([a for a, _ in self._fresh])
+            w = np.concatenate([b for _, b in self._fresh])
+            p50, p99 = _weighted_quantiles(f, w, (0.5, 0.99))
+        else:
+            p50 = p99 = float("nan")
+        return {"pushes": len(self.reports), "rows_pushed": self.rows_pushed, "bytes_pushed": self.bytes_pushed,
+                "pushed_version": self.pushed_version, "pulled_version": self._pulled_version,
+                "pending_rows": len(self._pending), "pending_memory_bytes": self._pending.memory_bytes,
+                "spills": self._pending.spills, "failures": self.failures, "resyncs": self.resyncs,
+                "consecutive_failures": self.consecutive_failures, "last_error": self.last_error,
+                "freshness_p50_s": p50, "freshness_p99_s": p99,
+                "last_push": self.reports[-1] if self.reports else None,
+                "dense_version": self._dense_version, "manifest": self.manifest}

@@ -1,0 +1,128 @@
+"""Compare models over several seeds: run, aggregate (mean ± std), write JSON and Markdown.
+
+Used by ``gauss demo`` and the scripts in ``benchmarks/``. Each (model, seed) run is a full
+:func:`gauss_integrations.lightning.run_experiment` in its own folder; the aggregate file is
+rewritten (atomically) after every run, so an interrupted comparison keeps what it finished
+and ``resume=True`` skips runs whose ``metrics.json`` already exists.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from gauss_plugins.train.config import ExperimentConfig, config_to_dict
+from gauss_plugins.train.report import METRIC_KEYS, format_table, write_json
+
+__all__ = ["run_comparison", "aggregate", "markdown_table"]
+
+
+def aggregate(runs: Sequence[Mapping[str, float]]) -> Dict[str, Dict[str, float]]:
+    """``{metric: {"mean", "std", "n", "values"}}`` over runs (sample std, ddof = 1)."""
+    out: Dict[str, Dict[str, float]] = {}
+    keys = sorted({k for r in runs for k in r if isinstance(r[k], (int, float))})
+    for key in keys:
+        values = [float(r[key]) for r in runs if key in r]
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+        out[key] = {"mean": float(np.mean(values)), "std": std, "n": len(values), "values": values}
+    return out
+
+
+def _pm(stats: Mapping[str, float]) -> str:
+    if math.isnan(stats["std"]):
+        return f"{stats['mean']:.4f}"
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
+
+
+def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], split: str = "test",
+                   keys: Sequence[str] = METRIC_KEYS) -> str:
+    """Markdown table, one row per model, ``mean ± std`` cells of ``split`` metrics."""
+    header = "| model | runs | " + " | ".join(f"{split} {k.upper()}" for k in keys) + " |"
+    lines = [header, "|" + " --- |" * (len(keys) + 2)]
+    for model, stats in summary.items():
+        n = stats.get(f"{split}/{keys[0]}", {}).get("n", 0)
+        cells = [_pm(stats[f"{split}/{k}"]) if f"{split}/{k}" in stats else "" for k in keys]
+        lines.append(f"| {model} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_comparison(configs: Mapping[str, ExperimentConfig], seeds: Sequence[int], workdir: str,
+                   result_path: Optional[str] = None, resume: bool = False, progress: bool = False,
+                   log: Callable[[str], None] = print, sequences=None,
+                   extra: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """Run every config of ``configs`` (label -> config) with every seed; aggregate.
+
+    Returns (and writes to ``result_path`` when given) ``{"runs": [...], "summary": {label:
+    {metric: stats}}, "configs": {...}}``.
+    """
+    from gauss_integrations.lightning import load_sequences, run_experiment
+
+    runs: List[Dict[str, object]] = []
+    started = time.time()
+    first = next(iter(configs.values()))
+    if sequences is None:
+        sequences = load_sequences(first)
+
+    def payload() -> Dict[str, object]:
+        summary = {label: aggregate([r["metrics"] for r in runs if r["model"] == label]) for label in configs
+                   if any(r["model"] == label for r in runs)}
+        return {
+            "data": sequences.describe(),
+            "seeds": list(seeds),
+            "runs": runs,
+            "summary": summary,
+            "configs": {label: config_to_dict(c) for label, c in configs.items()},
+            "wall_time_s": round(time.time() - started, 1),
+            **(extra or {}),
+        }
+
+    for seed in seeds:
+        for label, base in configs.items():
+            cfg = _with_seed(base, seed)
+            out_dir = os.path.join(workdir, f"{label}-seed{seed}")
+            metrics_path = os.path.join(out_dir, "metrics.json")
+            report_path = os.path.join(out_dir, "report.json")
+            if resume and os.path.isfile(metrics_path) and os.path.isfile(report_path):
+                with open(metrics_path) as f:
+                    metrics = json.load(f)
+                with open(report_path) as f:
+                    report = json.load(f)
+                if report.get("config") == config_to_dict(cfg):
+                    log(f"[{label} seed {seed}] reusing {metrics_path}")
+                    runs.append(_run_record(label, seed, metrics, report))
+                    continue
+            log(f"[{label} seed {seed}] training ...")
+            t0 = time.time()
+            metrics = run_experiment(cfg, out_dir, progress=progress, log=lambda m: log(f"[{label} seed {seed}] {m}"),
+                                     sequences=sequences)
+            with open(report_path) as f:
+                report = json.load(f)
+            runs.append(_run_record(label, seed, metrics, report))
+            log(f"[{label} seed {seed}] test HR@10 {metrics['test/hr@10']:.4f} NDCG@10 {metrics['test/ndcg@10']:.4f} "
+                f"(selected epoch {report.get('selected_epoch')}, {time.time() - t0:.0f} s)")
+            if result_path:
+                write_json(result_path, payload())
+    result = payload()
+    if result_path:
+        write_json(result_path, result)
+    rows = []
+    for label, stats in result["summary"].items():
+        rows.append({"model": label, **{k: _pm(stats[f"test/{k}"]) for k in METRIC_KEYS if f"test/{k}" in stats}})
+    log(format_table(rows, ["model", *METRIC_KEYS]))
+    return result
+
+
+def _with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    from gauss_plugins.train.config import with_overrides
+
+    return with_overrides(config, train__seed=int(seed))
+
+
+def _run_record(label: str, seed: int, metrics: Mapping[str, float], report: Mapping[str, object]) -> Dict[str, object]:
+    return {"model": label, "seed": int(seed), "metrics": dict(metrics),
+            "selected_epoch": report.get("selected_epoch"), "epochs_trained": report.get("epochs_trained"),
+            "fit_s": report.get("fit_s"), "item_embeddings": report.get("item_embeddings")}

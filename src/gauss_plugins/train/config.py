@@ -1,0 +1,198 @@
+"""Experiment configuration: typed dataclasses, loaded from YAML.
+
+A config file has the sections ``data``, ``model``, ``loss``, ``optim``, ``train`` and
+``streaming`` (each optional, defaults below are the paper's ML-1M settings) plus a
+``name``. Unknown keys are an error naming the key and the keys that exist, so a typo never
+silently falls back to a default. YAML is read with pyyaml, an optional dependency of the
+``lightning`` extra, imported only here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "StreamingConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "with_overrides",
+]
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ml-1m"            # a registered dataset: ml-100k, ml-1m, ml-20m, seqfile, synthetic...
+    path: Optional[str] = None        # file or folder; None: look in $GAUSS_DATA and ../shared/data
+    max_len: int = 200                # most recent items fed to the encoder
+    # Items excluded from the ranking at evaluation: "window" = the items of the encoder's
+    # input (the paper code's invalid_ids), "full" = the user's whole history.
+    exclude_history: str = "window"
+    options: Dict[str, Any] = field(default_factory=dict)  # extra keyword options of the dataset factory
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "hstu"                # hstu | sasrec
+    dim: int = 50                     # item embedding dimension = model width
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    attention_dim: int = 25           # HSTU: per-head query/key dimension (paper dqk)
+    linear_dim: int = 25              # HSTU: per-head value dimension (paper dv)
+    ffn_dim: Optional[int] = None     # SASRec feed-forward width (default: dim)
+    item_embedding: str = "dynamic"   # dynamic (DynamicEmbeddingTable) | static (nn.Embedding)
+
+
+@dataclass
+class LossConfig:
+    num_negatives: int = 128
+    temperature: float = 0.05
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "epoch"               # epoch (leave-one-out, paper protocol) | streaming
+    max_epochs: int = 101
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    eval_every: int = 1               # validate every N epochs
+    monitor: str = "val/ndcg@10"      # model selection metric (higher is better); never a test metric
+    early_stopping_patience: Optional[int] = None  # validations without improvement before stopping
+    seed: int = 42
+    accelerator: str = "cpu"          # cpu | gpu
+    num_threads: Optional[int] = None # torch intra-op threads on CPU (None: torch's default)
+
+
+@dataclass
+class StreamingConfig:
+    num_windows: int = 8              # the time-ordered events are cut into this many windows
+    epochs_per_window: int = 1
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        """Raise ``ValueError`` naming the first bad setting."""
+        checks = [
+            (self.model.arch in ("hstu", "sasrec"), f"model.arch must be 'hstu' or 'sasrec', got {self.model.arch!r}"),
+            (self.model.item_embedding in ("dynamic", "static"),
+             f"model.item_embedding must be 'dynamic' or 'static', got {self.model.item_embedding!r}"),
+            (self.train.mode in ("epoch", "streaming"), f"train.mode must be 'epoch' or 'streaming', got {self.train.mode!r}"),
+            (self.train.accelerator in ("cpu", "gpu"), f"train.accelerator must be 'cpu' or 'gpu', got {self.train.accelerator!r}"),
+            (self.data.exclude_history in ("window", "full"),
+             f"data.exclude_history must be 'window' or 'full', got {self.data.exclude_history!r}"),
+            (self.data.max_len >= 2, f"data.max_len must be >= 2, got {self.data.max_len}"),
+            (self.model.dim >= 1 and self.model.num_blocks >= 1 and self.model.num_heads >= 1,
+             "model.dim, num_blocks and num_heads must be >= 1"),
+            (0.0 <= self.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.model.dropout}"),
+            (self.loss.num_negatives >= 1, f"loss.num_negatives must be >= 1, got {self.loss.num_negatives}"),
+            (self.loss.temperature > 0, f"loss.temperature must be > 0, got {self.loss.temperature}"),
+            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas),
+             f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}"),
+            (self.train.max_epochs >= 1, f"train.max_epochs must be >= 1, got {self.train.max_epochs}"),
+            (self.train.batch_size >= 1 and self.train.eval_batch_size >= 1, "batch sizes must be >= 1"),
+            (self.train.eval_every >= 1, f"train.eval_every must be >= 1, got {self.train.eval_every}"),
+            (self.train.monitor.startswith("val/"), f"train.monitor must be a validation metric (val/...), got "
+                                                    f"{self.train.monitor!r}: selecting on test would tune on the test set"),
+            (self.streaming.num_windows >= 3, f"streaming.num_windows must be >= 3 (train, validate, test), got "
+                                              f"{self.streaming.num_windows}"),
+            (self.streaming.epochs_per_window >= 1, "streaming.epochs_per_window must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
+             "train": TrainConfig, "streaming": StreamingConfig}
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
+    kwargs = dict(values)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
+    for float_key in ("lr", "weight_decay", "temperature", "dropout"):
+        if float_key in kwargs and isinstance(kwargs[float_key], str):
+            kwargs[float_key] = float(kwargs[float_key])  # YAML 1.1 reads "1e-3" as a string
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Dict[str, Any], where: str = "config") -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from a plain mapping."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"name"})
+    if unknown:
+        raise ValueError(f"{where}: unknown section(s) {', '.join(unknown)}; known: name, {', '.join(_SECTIONS)}")
+    sections = {key: _build(cls, raw.get(key), f"{where}: {key}") for key, cls in _SECTIONS.items()}
+    return ExperimentConfig(name=str(raw.get("name", "experiment")), **sections).validate()
+
+
+def load_config(path: str) -> ExperimentConfig:
+    """Read a YAML config file (needs pyyaml: the ``lightning`` extra)."""
+    from gauss_plugins._optional import require
+
+    yaml = require("yaml", "lightning", feature="reading YAML configs")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file at {path} (see configs/ for examples)")
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    return config_from_dict(raw, where=path)
+
+
+def config_to_dict(config: ExperimentConfig) -> Dict[str, Any]:
+    """A JSON-friendly copy (tuples become lists)."""
+    out = dataclasses.asdict(config)
+    out["optim"]["betas"] = list(config.optim.betas)
+    return out
+
+
+def with_overrides(config: ExperimentConfig, **overrides: Any) -> ExperimentConfig:
+    """A copy with ``section__key=value`` overrides applied (``None`` values are ignored)."""
+    raw = config_to_dict(config)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.partition("__")
+        if section not in raw or not isinstance(raw[section], dict) or name not in raw[section]:
+            raise KeyError(f"no setting {section}.{name}")
+        raw[section][name] = value
+    return config_from_dict(raw)
+

@@ -1,0 +1,252 @@
+"""Fused Triton HSTU attention vs the reference (:mod:`gauss_plugins.hstu.attention`).
+
+Without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set
+below before the kernel module is imported; ``triton.jit`` reads it when it decorates),
+in fp32 on tiny shapes. With CUDA the same checks run compiled, and the ``gpu`` tests add
+bf16/fp16/fp32 up to N=4096, head dims 32-256 and every mask mode against an fp32
+reference. Inputs are fresh random jagged batches every run (the seed is printed on
+failure); every tensor the kernels write starts as NaN, so unwritten elements fail.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from gauss_kernels.hstu import triton_attention as ta  # noqa: E402
+from gauss_plugins.hstu.attention import (  # noqa: E402
+    AttentionBackend,
+    hstu_attention_reference,
+    hstu_attention_reference_backward,
+)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every kernel output starts as NaN."""
+
+    def nan_output(shape, like):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    monkeypatch.setattr(ta, "_new_output", nan_output)
+
+
+@pytest.fixture
+def rng():
+    seed = random.randrange(1 << 30)
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _jagged(rng, lengths, H, d_qk, d_v, dtype, scale=1.0):
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths_t, 0)
+    T = int(offsets[-1])
+    q = torch.randn(T, H, d_qk, generator=rng) * scale
+    k = torch.randn(T, H, d_qk, generator=rng) * scale
+    v = torch.randn(T, H, d_v, generator=rng)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)] + [offsets.to(DEVICE)]
+
+
+def _rel(x, ref):
+    ref = ref.double()
+    denom = ref.norm()
+    err = (x.double() - ref).norm()
+    return float(err / denom) if denom > 0 else float(err)
+
+
+def _check(rng, lengths, *, H=2, d_qk=16, d_v=16, dtype=torch.float32, tol=1e-5, max_seq_len=None,
+           num_targets=None, rab=None, rab_grad=True, **options):
+    """Forward and every gradient of the backend vs the fp32 reference on the same values."""
+    q, k, v, offsets = _jagged(rng, lengths, H, d_qk, d_v, dtype)
+    n = max_seq_len or max(max(lengths), 1)
+    nt = None
+    if num_targets is not None:
+        nt = torch.tensor([min(t, length) for t, length in zip(num_targets, lengths)], device=DEVICE)
+    rab_t = None
+    if rab is not None:
+        rab_t = torch.randn(rab[0], rab[1], n, n, generator=rng).to(DEVICE)
+    opts = dict(max_seq_len=n, alpha=options.pop("alpha", 1.0 / math.sqrt(d_qk)), num_targets=nt,
+                rab=rab_t, **options)
+    backend = ta.hstu_attention_triton()
+    out = backend.forward(q, k, v, offsets, **opts)
+    grad_out = torch.randn(out.shape, generator=rng).to(DEVICE, dtype)
+    compute_drab = rab_t is not None and rab_grad
+    dq, dk, dv, drab = backend.backward(grad_out, q, k, v, offsets, compute_drab=compute_drab, **opts)
+
+    f = (q.float(), k.float(), v.float())
+    ref = hstu_attention_reference(*f, offsets, **opts)
+    rdq, rdk, rdv, rdrab = hstu_attention_reference_backward(grad_out.float(), *f, offsets,
+                                                             compute_drab=compute_drab, **opts)
+    got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
+    want = {"out": ref, "dq": rdq, "dk": rdk, "dv": rdv}
+    if compute_drab:
+        assert drab.shape == rab_t.shape and drab.dtype == rab_t.dtype
+        got["drab"], want["drab"] = drab, rdrab
+    else:
+        assert drab is None
+    errors = {}
+    for name in got:
+        assert got[name].shape == want[name].shape, name
+        assert torch.isfinite(got[name]).all(), f"{name} has NaN/inf (unwritten or overflowed elements)"
+        errors[name] = _rel(got[name], want[name])
+    assert max(errors.values()) <= tol, f"relative errors {errors} above {tol} ({lengths=}, {options=})"
+    return errors
+
+
+# ---------------------------------------------------------------- every mask mode (CPU: interpreter)
+MASK_MODES = {
+    "causal": dict(),
+    "bidirectional": dict(causal=False),
+    "targets": dict(num_targets=[3, 5, 0]),
+    "contextual": dict(contextual_len=3),
+    "window": dict(max_attn_len=5),
+    "targets+contextual+window": dict(num_targets=[4, 2, 1], contextual_len=4, max_attn_len=6),
+    "bidirectional+targets+contextual+window": dict(causal=False, num_targets=[4, 2, 1], contextual_len=2,
+                                                    max_attn_len=7),
+    "normalizer=seq_len": dict(normalizer="seq_len", num_targets=[2, 2, 2]),
+}
+
+
+@pytest.mark.parametrize("mode", list(MASK_MODES))
+def test_mask_modes_match_reference(rng, mode):
+    lengths = [int(x) for x in torch.randint(1, 40, (3,), generator=rng)]
+    _check(rng, lengths, **MASK_MODES[mode])
+
+
+@pytest.mark.parametrize("rab", [(3, 2), (1, 2), (3, 1)], ids=["per-sequence", "broadcast-batch", "broadcast-heads"])
+def test_relative_bias_and_its_gradient(rng, rab):
+    lengths = [int(x) for x in torch.randint(1, 30, (3,), generator=rng)]
+    # max_seq_len above every length: rab is padded, its unused rows/columns get zero grad
+    _check(rng, lengths, rab=rab, max_seq_len=max(lengths) + 3, num_targets=[2, 1, 3])
+
+
+def test_relative_bias_without_gradient(rng):
+    _check(rng, [17, 9], rab=(2, 2), rab_grad=False, contextual_len=2)
+
+
+def test_uneven_head_dims_and_empty_sequence(rng):
+    # head dims that are not powers of two use masked tiles; an empty sequence writes nothing
+    _check(rng, [23, 0, 11], d_qk=24, d_v=40, num_targets=[1, 0, 2])
+
+
+@pytest.mark.parametrize("blocks", [((32, 16), (16, 32)), ((64, 16), (32, 16))], ids=["BM>BN", "BN>BM"])
+def test_block_ranges_with_unequal_tiles(rng, monkeypatch, blocks):
+    """The loop bounds each program derives from the mask must hold for any tile shapes."""
+    if ON_GPU:
+        pytest.skip("tile override applies to the interpreter")
+    (fm, fn), (km, kn) = blocks
+    monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "fwd", ta._Config(fm, fn, 1, 1))
+    monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dq", ta._Config(fm, fn, 1, 1))
+    monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dkdv", ta._Config(km, kn, 1, 1))
+    lengths = [int(x) for x in torch.randint(20, 70, (2,), generator=rng)]
+    _check(rng, lengths, num_targets=[5, 3], contextual_len=3, max_attn_len=9)
+    _check(rng, lengths)
+
+
+def test_backend_follows_the_protocol_and_rejects_bad_input():
+    backend = ta.hstu_attention_triton()
+    assert isinstance(backend, AttentionBackend)
+    x = torch.zeros(4, 1, 300, device=DEVICE)
+    offsets = torch.tensor([0, 4], device=DEVICE)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        backend.forward(x, x, x, offsets, max_seq_len=4, alpha=1.0)
+    y = torch.zeros(4, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="normalizer"):
+        backend.forward(y, y, y, offsets, max_seq_len=4, alpha=1.0, normalizer="rows")
+
+
+# ---------------------------------------------------------------- GPU: precision, sizes, head dims
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-3), (torch.float16, 4e-3), (torch.float32, 1e-4)],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("N", [256, 1024, 4096])
+def test_gpu_precision_by_length(rng, dtype, tol, N):
+    B = 2 if N == 4096 else 4
+    lengths = [int(x) for x in torch.randint(N // 2, N + 1, (B,), generator=rng)]
+    lengths[0] = N
+    _check(rng, lengths, H=2, d_qk=128, d_v=128, dtype=dtype, tol=tol, max_seq_len=N)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d_qk,d_v", [(32, 32), (64, 64), (96, 80), (128, 64), (256, 256)])
+def test_gpu_head_dims(rng, d_qk, d_v):
+    lengths = [int(x) for x in torch.randint(256, 769, (3,), generator=rng)]
+    _check(rng, lengths, H=2, d_qk=d_qk, d_v=d_v, dtype=torch.bfloat16, tol=4e-3, max_seq_len=768)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", list(MASK_MODES) + ["rab"])
+def test_gpu_mask_modes_bf16(rng, mode):
+    options = dict(MASK_MODES.get(mode, {}))
+    if "num_targets" in options:
+        options["num_targets"] = [t * 40 for t in options["num_targets"]]
+    if "contextual_len" in options:
+        options["contextual_len"] *= 16
+    if "max_attn_len" in options:
+        options["max_attn_len"] *= 60
+    if mode == "rab":
+        options.update(rab=(1, 2), num_targets=[30, 10, 50])
+    lengths = [int(x) for x in torch.randint(400, 1025, (3,), generator=rng)]
+    _check(rng, lengths, H=2, d_qk=64, d_v=64, dtype=torch.bfloat16, tol=4e-3, max_seq_len=1024, **options)
+
+
+@gpu
+@needs_cuda
+def test_gpu_backward_is_deterministic(rng):
+    q, k, v, offsets = _jagged(rng, [1000, 700], 2, 64, 64, torch.bfloat16)
+    go = torch.randn_like(v)
+    backend = ta.hstu_attention_triton()
+    opts = dict(max_seq_len=1000, alpha=0.125, compute_drab=False)
+    first = backend.backward(go, q, k, v, offsets, **opts)
+    second = backend.backward(go, q, k, v, offsets, **opts)
+    for a, b in zip(first[:3], second[:3]):
+        assert torch.equal(a, b)
+
+
+@gpu
+@needs_cuda
+def test_gpu_public_op_dispatches_to_triton_with_autograd(rng, fresh_registry):
+    from gauss_plugins.hstu import hstu_attention
+    from gauss_plugins.plugins import get_registry
+
+    assert get_registry().select("attention_backend", "auto", q=torch.zeros(1, device="cuda")).name == "triton"
+    q, k, v, offsets = _jagged(rng, [300, 129, 77], 2, 64, 64, torch.bfloat16)
+    nt = torch.tensor([5, 3, 0], device="cuda")
+    rab = torch.randn(1, 2, 300, 300, device="cuda", requires_grad=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    opts = dict(max_seq_len=300, alpha=0.125, num_targets=nt, contextual_len=4)
+    out = hstu_attention(*leaves, offsets, rab=rab, **opts)
+    go = torch.randn_like(out)
+    out.backward(go)
+    f = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    rab_ref = rab.detach().clone().requires_grad_(True)
+    ref = hstu_attention_reference(*f, offsets, rab=rab_ref, **opts)
+    ref.backward(go.float())
+    assert _rel(out, ref) <= 4e-3
+    for got, want in zip(leaves + [rab], f + [rab_ref]):
+        assert _rel(got.grad, want.grad) <= 4e-3
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp64(rng):
+    _check(rng, [200, 77], H=2, d_qk=32, d_v=32, dtype=torch.float64, tol=1e-9, num_targets=[3, 1],
+           contextual_len=2)
