@@ -102,7 +102,7 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
 
     if args.quick:
         args.capacity, args.find_batch, args.insert_batch, args.repeats = 1 << 20, 1 << 18, 1 << 16, 5
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=dev).manual_seed(0)
     tri = TritonHashIndex(args.capacity, dev)
     ref = TorchHashIndex(args.capacity, dev)

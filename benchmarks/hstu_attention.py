@@ -198,6 +198,37 @@ def bench_config(B: int, N: int, H: int, D: int, seed: int) -> Dict[str, Any]:
     return row
 
 
+def profile_small(seed: int, path: str, calls: int = 300) -> None:
+    """cProfile of eager small-shape forward calls (public op and backend), top functions by
+    own time, written to ``path``: where the host time of a call goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from gauss_kernels.hstu.triton_attention import hstu_attention_triton
+    from gauss_plugins.hstu import hstu_attention
+
+    B, N, H, D = CONFIGS[-1]
+    lengths, offsets, q, k, v = make_inputs(B, N, H, D, "cuda", torch.bfloat16, seed)
+    opts = dict(max_seq_len=N, alpha=1.0 / math.sqrt(D))
+    backend = hstu_attention_triton()
+    text = io.StringIO()
+    with torch.no_grad():
+        for name, fn in (("public hstu_attention", lambda: hstu_attention(q, k, v, offsets, **opts)),
+                         ("backend.forward", lambda: backend.forward(q, k, v, offsets, causal=True, **opts))):
+            fn()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+            text.write(f"==== {name}: {calls} calls\n")
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
+
+
 def eager_small_us(seed: int) -> Dict[str, float]:
     """Per-call wall time of the small-shape eager forward: through the public op, and
     straight into the backend (the difference is the op's dispatch and checks)."""
@@ -271,6 +302,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--plot", metavar="PNG", help="draw TFLOP/s by N (ours vs reference) here")
     p.add_argument("--plot-only", metavar="JSON", help="redraw the plot from a saved record and exit")
+    p.add_argument("--profile", metavar="TXT", help="write a cProfile of the small eager call here")
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000,
                    help="input seed (default: fresh every run)")
     args = p.parse_args(argv)
@@ -295,6 +327,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         rows.append(bench_config(B, N, H, D, args.seed + i))
         torch.cuda.empty_cache()
     small = eager_small_us(args.seed)
+    if args.profile:
+        profile_small(args.seed, args.profile)
     from gauss_kernels.hstu.triton_attention import _tuned
 
     columns = ["B", "N", "H", "D", "ours_fwd_graph_tflops", "ours_fwd_eager_tflops", "ours_fwdbwd_graph_tflops",

@@ -95,20 +95,13 @@ class BestModelKeeper(pl.Callback):
 
 
 def model_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Every tensor needed to rebuild ``model``'s predictions: the dense state dict plus the
-    item embeddings' own export (the dynamic table's keys and rows)."""
-    dense = {f"dense.{k}": v for k, v in model.state_dict().items() if not k.startswith("item_embeddings.")}
-    dense.update(model.item_embeddings.export_tensors("items."))
-    return dense
+    """Every tensor of ``model``: its ``state_dict()``, which includes the dynamic table's
+    keys, rows and optimizer state (the table exports them through the nn.Module hooks)."""
+    return dict(model.state_dict())
 
 
 def load_model_tensors(model: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-    dense = {k[len("dense."):]: v for k, v in tensors.items() if k.startswith("dense.")}
-    missing, unexpected = model.load_state_dict(dense, strict=False)
-    missing = [k for k in missing if not k.startswith("item_embeddings.")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.item_embeddings.import_tensors(tensors, "items.")
+    model.load_state_dict(tensors, strict=True)
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, config: ExperimentConfig, extra: Dict[str, Any]) -> None:

@@ -91,7 +91,9 @@ def swap_dynamic_embeddings(
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         if isinstance(parent, (DynamicEmbeddingBagCollection, DynamicEmbeddingCollection)) or is_target(parent):
             continue  # never descend into a collection: its tables are not separate targets
-        for child_name, child in parent.named_children():
+        # _modules, not named_children(): the latter hides a module's second name, and a
+        # module registered twice must be re-pointed at both places.
+        for child_name, child in parent._modules.items():
             if is_target(child):
                 path = f"{parent_name}.{child_name}" if parent_name else child_name
                 replacements.append((parent, child_name, twin_of(child, path)))

@@ -426,10 +426,13 @@ void update_impl(int64_t kind, scalar_t* w, int64_t D, const int64_t* rows, cons
           const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(t));
           const float step_size = static_cast<float>(hp[0] / bc1);
           const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-          const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+          // torch.optim.Adam: exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2),
+          // with 1 - beta computed in double before rounding to float.
+          const float w1 = static_cast<float>(1.0 - beta1), b2 = static_cast<float>(beta2);
+          const float w2 = static_cast<float>(1.0 - beta2);
           for (int64_t d = 0; d < D; ++d) {
-            m[d] = m[d] * b1 + gg[d] * (1.f - b1);
-            v[d] = v[d] * b2 + gg[d] * gg[d] * (1.f - b2);
+            m[d] = m[d] + w1 * (gg[d] - m[d]);
+            v[d] = v[d] * b2 + w2 * (gg[d] * gg[d]);
             const float den = std::sqrt(v[d]) / bc2_sqrt + eps;
             wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - step_size * (m[d] / den));
           }

@@ -8,8 +8,9 @@ a few dense torch ops that hand out rows; ``remove``, growth and checkpoint load
 the probe and a bulk placement kernel.
 
 Results equal the reference's exactly, rows included: new keys take rows in the order of
-their first occurrence in the batch (free rows first, most recently freed first... in the
-order the portable state lists them), and ``is_new`` marks that first occurrence.
+their first occurrence in the batch (free rows first, in the order ``state_dict()["free_rows"]``
+lists them, then never-used rows), and ``is_new`` marks that first occurrence. So the rows
+a GPU index hands out are deterministic, although its kernels race.
 
 Runs on CUDA tensors. Under ``TRITON_INTERPRET=1`` it also accepts CPU tensors (the
 interpreter executes the kernels in numpy), which is how its tests run without a GPU.
@@ -167,8 +168,8 @@ class TritonHashIndex(HashIndex):
             rows.fill_(-1)
             out.zero_()
             return rows, out
-        block_d = min(64, 1 << max(0, (dim - 1).bit_length()))
-        block = max(16, min(self.BLOCK, 4096 // block_d))  # bound the [BLOCK, BLOCK_D] tile
+        block_d = 1 << max(0, (dim - 1).bit_length())
+        block = max(16, min(self.BLOCK, 8192 // block_d))  # keep the [block, block_d] tile in registers
         with self._on_device():
             _k.find_gather_kernel[((n + block - 1) // block,)](
                 keys.contiguous(), values, out, rows, self.slot_keys, self.slot_rows,

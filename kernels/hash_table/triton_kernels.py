@@ -122,14 +122,14 @@ def find_gather_kernel(keys_ptr, values_ptr, out_ptr, rows_out_ptr, slot_keys_pt
         pos = _next_slot(pos, num_slots)
         steps += 1
     tl.store(rows_out_ptr + offs, row, mask=mask)
+    # One [BLOCK, BLOCK_D] tile covers the whole row (BLOCK_D >= dim, a power of two).
     found = row >= 0
-    for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        cmask = cols < dim
-        v = tl.load(values_ptr + row[:, None] * stride_v + cols[None, :],
-                    mask=found[:, None] & cmask[None, :], other=0)
-        tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], v,
-                 mask=mask[:, None] & cmask[None, :])
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < dim
+    v = tl.load(values_ptr + row[:, None] * stride_v + cols[None, :],
+                mask=found[:, None] & cmask[None, :], other=0)
+    tl.store(out_ptr + offs[:, None] * stride_o + cols[None, :], v,
+             mask=mask[:, None] & cmask[None, :])
 
 
 @triton.jit

@@ -55,28 +55,25 @@ def _pow2_at_least(d: int, minimum: int = 16) -> int:
 # [BLOCK, D] tiles bound the block sizes as D grows.
 _CANDIDATES: Dict[str, Dict[int, List[_Config]]] = {
     "fwd": {
-        64: [_Config(128, 64, 4, 3), _Config(128, 128, 8, 3), _Config(128, 64, 8, 3),
-             _Config(64, 64, 4, 3), _Config(128, 32, 4, 4)],
-        128: [_Config(128, 64, 8, 3), _Config(128, 128, 8, 2), _Config(128, 64, 4, 3),
-              _Config(64, 64, 4, 3), _Config(128, 32, 8, 4)],
-        256: [_Config(64, 64, 4, 2), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3),
-              _Config(128, 32, 8, 2)],
+        64: [_Config(64, 64, 4, 3), _Config(128, 64, 4, 3), _Config(128, 128, 8, 3), _Config(64, 32, 4, 3),
+             _Config(64, 128, 4, 2), _Config(128, 64, 8, 3)],
+        128: [_Config(64, 64, 4, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 2), _Config(64, 128, 4, 2),
+              _Config(128, 64, 8, 3), _Config(128, 128, 8, 2), _Config(128, 32, 8, 4)],
+        256: [_Config(64, 64, 4, 2), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 8, 2)],
     },
     "dkdv": {
-        64: [_Config(64, 128, 8, 3), _Config(32, 128, 4, 3), _Config(64, 64, 4, 3),
-             _Config(128, 128, 8, 2), _Config(32, 64, 4, 4)],
-        128: [_Config(64, 128, 8, 2), _Config(32, 128, 8, 3), _Config(64, 64, 4, 3),
-              _Config(32, 64, 4, 3), _Config(64, 128, 8, 3)],
-        256: [_Config(32, 64, 4, 2), _Config(64, 64, 8, 2), _Config(32, 128, 8, 2),
-              _Config(16, 64, 4, 2)],
+        64: [_Config(32, 64, 4, 4), _Config(64, 128, 8, 3), _Config(32, 128, 4, 3), _Config(64, 64, 4, 3),
+             _Config(32, 32, 4, 4)],
+        128: [_Config(32, 64, 4, 3), _Config(64, 64, 4, 2), _Config(32, 64, 4, 4), _Config(64, 64, 4, 3),
+              _Config(32, 128, 8, 3), _Config(64, 128, 8, 2), _Config(32, 32, 4, 4)],
+        256: [_Config(32, 64, 4, 2), _Config(64, 64, 8, 2), _Config(32, 128, 8, 2), _Config(16, 64, 4, 2)],
     },
     "dq": {
-        64: [_Config(128, 64, 8, 3), _Config(128, 64, 4, 3), _Config(64, 64, 4, 3),
-             _Config(128, 128, 8, 2), _Config(128, 32, 4, 4)],
-        128: [_Config(128, 64, 8, 2), _Config(128, 32, 8, 3), _Config(64, 64, 4, 3),
-              _Config(128, 64, 8, 3), _Config(64, 32, 4, 3)],
-        256: [_Config(64, 32, 4, 2), _Config(64, 64, 8, 2), _Config(128, 32, 8, 2),
-              _Config(32, 32, 4, 2)],
+        64: [_Config(64, 64, 4, 3), _Config(128, 64, 8, 3), _Config(128, 64, 4, 3), _Config(64, 32, 4, 3),
+             _Config(128, 128, 8, 2)],
+        128: [_Config(128, 64, 8, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 3), _Config(64, 64, 4, 2),
+              _Config(128, 64, 8, 2), _Config(128, 32, 8, 3)],
+        256: [_Config(64, 32, 4, 2), _Config(64, 64, 8, 2), _Config(128, 32, 8, 2), _Config(32, 32, 4, 2)],
     },
 }
 # tiny tiles under the interpreter (it runs program by program); tests may set other
@@ -137,7 +134,7 @@ class _Call(NamedTuple):
     block_dq: int
     block_dv: int
     max_seq_len: int
-    alpha: float
+    half_alpha: float  # the kernels work with s / 2 (see triton_kernels)
     scale: float
     contextual_len: int
     max_attn_len: int
@@ -150,11 +147,12 @@ class _Call(NamedTuple):
 
 def _prepare(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len,
              rab, normalizer) -> _Call:
+    interpreting = _interpreting()
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"q, k, v must be [T, H, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting:
         raise RuntimeError(
             f"the triton HSTU attention backend needs CUDA tensors (got {q.device}); use backend='torch' "
             "on CPU, or set TRITON_INTERPRET=1 before importing triton to run the kernels interpreted")
@@ -185,14 +183,15 @@ def _prepare(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextu
         HAS_RAB=rab is not None,
         SCALE_BY_SEQ_LEN=normalizer == "seq_len",
         # tanh.approx is PTX: not under the interpreter, and not precise enough for fp32
-        FAST_SILU=not fp32 and not _interpreting(),
+        FAST_SILU=not fp32 and not interpreting,
         PRECISION="ieee" if fp32 else "tf32",
+        F64=q.dtype == torch.float64,
     )
     block_dq, block_dv = _pow2_at_least(d_qk), _pow2_at_least(d_v)
     pure_causal = flags["CAUSAL"] and not (has_targets or flags["HAS_CONTEXT"] or flags["HAS_WINDOW"])
     key = (block_dq, block_dv, q.dtype, _seq_bucket(max_seq_len), pure_causal, rab is not None,
            q.device.index)
-    return _Call(B, H, d_qk, d_v, block_dq, block_dv, max_seq_len, float(alpha), 1.0 / max_seq_len,
+    return _Call(B, H, d_qk, d_v, block_dq, block_dv, max_seq_len, 0.5 * float(alpha), 1.0 / max_seq_len,
                  int(contextual_len), int(max_attn_len), flags,
                  num_targets if has_targets else offsets, rab, rab_strides, key)
 
@@ -207,7 +206,7 @@ def _forward(q, k, v, offsets, c: _Call) -> torch.Tensor:
         grid = (c.B * c.H, triton_cdiv(c.max_seq_len, cfg.block_m))
         hstu_fwd_kernel[grid](
             q, k, v, rab, out, offsets, c.num_targets, *c.rab_strides,
-            c.H, c.alpha, c.scale, c.contextual_len, c.max_attn_len,
+            c.H, c.half_alpha, c.scale, c.contextual_len, c.max_attn_len,
             D_QK=c.d_qk, D_V=c.d_v, BLOCK_DQ=c.block_dq, BLOCK_DV=c.block_dv,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **c.flags,
@@ -244,7 +243,7 @@ def _backward(grad_out, q, k, v, offsets, c: _Call, compute_drab: bool):
         hstu_bwd_dkdv_kernel[grid](
             q, k, v, grad_out, rab, drab_buf, dk, dv, offsets, c.num_targets,
             *c.rab_strides, *drab_strides,
-            c.H, c.alpha, c.scale, c.contextual_len, c.max_attn_len,
+            c.H, c.half_alpha, c.scale, c.contextual_len, c.max_attn_len,
             D_QK=c.d_qk, D_V=c.d_v, BLOCK_DQ=c.block_dq, BLOCK_DV=c.block_dv,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             RAB_GRAD=rab_grad, RAB_GRAD_ATOMIC=atomic, **flags,
@@ -254,7 +253,7 @@ def _backward(grad_out, q, k, v, offsets, c: _Call, compute_drab: bool):
         grid = (c.B * c.H, triton_cdiv(c.max_seq_len, cfg.block_m))
         hstu_bwd_dq_kernel[grid](
             q, k, v, grad_out, rab, dq, offsets, c.num_targets, *c.rab_strides,
-            c.H, c.alpha, c.scale, c.contextual_len, c.max_attn_len,
+            c.H, c.half_alpha, c.scale, c.contextual_len, c.max_attn_len,
             D_QK=c.d_qk, D_V=c.d_v, BLOCK_DQ=c.block_dq, BLOCK_DV=c.block_dv,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **flags,

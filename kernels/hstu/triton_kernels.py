@@ -25,11 +25,13 @@ Design choices (and why):
   accurate at N=4096 as at N=256, and the result is deterministic.
 - The 1/normaliser scale is applied once at the end (to out, dv, dk, dq) rather than per
   element: one multiply less per score, and fp16 scores are not pushed towards subnormals.
-- In bf16/fp16 the sigmoid is ``0.5 + 0.5 * tanh(0.5 s)`` with the hardware
-  ``tanh.approx.f32``: one special-function instruction per score instead of two (exp and
-  reciprocal). The special-function unit, not the tensor cores, bounds this kernel
-  otherwise. Its error (~2^-11 relative) is below the bf16/fp16 rounding of p. In fp32, and
-  under the interpreter, the exact sigmoid is used.
+- The kernels work with u = s / 2 (alpha / 2 folded into the score scale): then
+  ``silu(s) = u + u * tanh(u)`` and ``2 silu'(s) = (1 + t)(1 + u - u t)`` with t = tanh(u).
+  In bf16/fp16 t is the hardware ``tanh.approx.f32``: one special-function instruction and
+  a few FMAs per score instead of exp + reciprocal + multiplies; the special-function unit
+  and the FMA pipe, not the tensor cores, otherwise bound this kernel. Its error (~2^-11
+  relative) is below the bf16/fp16 rounding of p. In fp32/fp64, and under the
+  interpreter, the exact sigmoid is used.
 - Pure causal masking (no targets, no contextual prefix, no window) splits each row block's
   loop into the blocks strictly below the diagonal, which need no mask at all, and the
   diagonal blocks, which do. Other mask modes evaluate ``valid`` on every block they visit,
@@ -52,11 +54,27 @@ def _tanh_approx(x):
 
 
 @triton.jit
-def _sigmoid(x, FAST: tl.constexpr):
+def _silu_half(u, FAST: tl.constexpr):
+    """silu(s) from u = s / 2: ``s * sigmoid(s) = u * (1 + tanh(u))``, one special-function
+    instruction and one FMA on the fast path."""
     if FAST:
-        return 0.5 * _tanh_approx(0.5 * x) + 0.5
+        return u + u * _tanh_approx(u)
     else:
-        return 1.0 / (1.0 + tl.exp(-x))
+        return 2.0 * u / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _silu_and_grad_half(u, FAST: tl.constexpr):
+    """(silu(s), 2 * silu'(s)) from u = s / 2, with t = tanh(u), sigmoid(s) = (1 + t) / 2:
+    ``silu'(s) = sigmoid(s) (1 + s (1 - sigmoid(s))) = (1 + t)(1 + u (1 - t)) / 2``; the
+    factor 1/2 is applied once to the final sums by the caller."""
+    if FAST:
+        t = _tanh_approx(u)
+        one_t = 1.0 + t
+        return u * one_t, one_t * (1.0 + (u - u * t))
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-2.0 * u))
+        return 2.0 * u * sig, 2.0 * sig * (1.0 + 2.0 * u * (1.0 - sig))
 
 
 @triton.jit
@@ -225,7 +243,7 @@ def _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN: tl.constexpr):
 @triton.jit
 def _fwd_block(
     acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
-    stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+    stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
@@ -233,11 +251,11 @@ def _fwd_block(
     cols = start_n + offs_n
     col_ok = cols < seq_len
     kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
-    s = tl.dot(q, kt, input_precision=PRECISION) * alpha
+    u = tl.dot(q, kt, input_precision=PRECISION) * half_alpha
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
-        s += rab.to(tl.float32)
-    p = s * _sigmoid(s, FAST_SILU)
+        u += 0.5 * rab.to(tl.float32)
+    p = _silu_half(u, FAST_SILU)
     if APPLY_MASK:
         valid = _valid(
             offs_m[:, None], cols[None, :], seq_len, last, contextual_len, max_attn_len,
@@ -252,12 +270,12 @@ def _fwd_block(
 def hstu_fwd_kernel(
     Q, K, V, RAB, Out, seq_offsets, num_targets,
     stride_rb, stride_rh, stride_rm,
-    H, alpha, scale, contextual_len, max_attn_len,
+    H, half_alpha, scale, contextual_len, max_attn_len,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, F64: tl.constexpr,
 ):
     """out [T, H, D_V] from contiguous q, k [T, H, D_QK], v [T, H, D_V].
     Grid (B * H, cdiv(max_seq_len, BLOCK_M)); BLOCK_N divides BLOCK_M."""
@@ -291,7 +309,10 @@ def hstu_fwd_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if F64:
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
@@ -299,13 +320,13 @@ def hstu_fwd_kernel(
         for start_n in range(0, start_m, BLOCK_N):
             acc = _fwd_block(
                 acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
-                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             acc = _fwd_block(
                 acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
-                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
             )
     else:
@@ -316,7 +337,7 @@ def hstu_fwd_kernel(
         for start_n in range(lo, hi, BLOCK_N):
             acc = _fwd_block(
                 acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
-                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
             )
 
@@ -333,7 +354,7 @@ def hstu_fwd_kernel(
 def _bwd_dkdv_block(
     dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last, contextual_len, max_attn_len,
-    alpha, row_scale,
+    half_alpha, row_scale,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr,
@@ -344,12 +365,11 @@ def _bwd_dkdv_block(
     row_ok = rows < seq_len
     col_ok = cols < seq_len
     qt = tl.load(Q_ptrs + start_m * stride_t_qk, mask=mask_dq[:, None] & row_ok[None, :], other=0.0)
-    st = tl.dot(k, qt, input_precision=PRECISION) * alpha
+    ut = tl.dot(k, qt, input_precision=PRECISION) * half_alpha
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_m * stride_rm, mask=col_ok[:, None] & row_ok[None, :], other=0.0)
-        st += rab.to(tl.float32)
-    sig = _sigmoid(st, FAST_SILU)
-    pt = st * sig
+        ut += 0.5 * rab.to(tl.float32)
+    pt, g2t = _silu_and_grad_half(ut, FAST_SILU)
     if APPLY_MASK:
         valid = _valid(
             rows[None, :], cols[:, None], seq_len, last, contextual_len, max_attn_len,
@@ -359,17 +379,18 @@ def _bwd_dkdv_block(
     do = tl.load(DO_ptrs + start_m * stride_t_v, mask=row_ok[:, None] & mask_dv[None, :], other=0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    dst = dpt * sig * (1.0 + st * (1.0 - sig))
+    dst = dpt * g2t  # twice the true ds: halved in the final scale
     if APPLY_MASK:
         dst = tl.where(valid, dst, 0.0)
     if RAB_GRAD:
         drab_mask = col_ok[:, None] & row_ok[None, :]
         if RAB_GRAD_ATOMIC:
             # rab broadcasts over sequences or heads: programs of several (b, h) add here
-            tl.atomic_add(DRAB_ptrs + start_m * stride_drm, dst * row_scale, mask=drab_mask)
+            tl.atomic_add(DRAB_ptrs + start_m * stride_drm, (dst * (0.5 * row_scale)).to(tl.float32),
+                          mask=drab_mask)
         else:
             tl.store(DRAB_ptrs + start_m * stride_drm,
-                     (dst * row_scale).to(DRAB_ptrs.dtype.element_ty), mask=drab_mask)
+                     (dst * (0.5 * row_scale)).to(DRAB_ptrs.dtype.element_ty), mask=drab_mask)
     dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
     return dk, dv
 
@@ -378,13 +399,13 @@ def _bwd_dkdv_block(
 def hstu_bwd_dkdv_kernel(
     Q, K, V, DO, RAB, DRAB, DK, DV, seq_offsets, num_targets,
     stride_rb, stride_rh, stride_rm, stride_drb, stride_drh, stride_drm,
-    H, alpha, scale, contextual_len, max_attn_len,
+    H, half_alpha, scale, contextual_len, max_attn_len,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, F64: tl.constexpr,
 ):
     """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
     BLOCK_N)); in causal mode the first key blocks carry the most work and start first."""
@@ -424,8 +445,12 @@ def hstu_bwd_dkdv_kernel(
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm + cols[:, None]
     if RAB_GRAD:
         DRAB_ptrs = DRAB + b * stride_drb + h * stride_drh + offs_m[None, :] * stride_drm + cols[:, None]
-    dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if F64:
+        dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float64)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float64)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
@@ -435,7 +460,7 @@ def hstu_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
             )
         # ...those wholly below it do not: rows past the length load as zeros (s = 0, so
@@ -445,7 +470,7 @@ def hstu_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, False, FAST_SILU, PRECISION,
             )
     else:
@@ -457,18 +482,18 @@ def hstu_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
             )
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
             )
 
-    dk = dk * (alpha * row_scale)
+    dk = dk * (half_alpha * row_scale)
     dv = dv * row_scale
     tl.store(
         DK + (seq_start + cols[:, None]) * stride_t_qk + h * D_QK + offs_dq[None, :],
@@ -484,7 +509,7 @@ def hstu_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_block(
     dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
-    stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+    stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
@@ -493,13 +518,13 @@ def _bwd_dq_block(
     col_ok = cols < seq_len
     kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
     vt = tl.load(V_ptrs + start_n * stride_t_v, mask=mask_dv[:, None] & col_ok[None, :], other=0.0)
-    s = tl.dot(q, kt, input_precision=PRECISION) * alpha
+    u = tl.dot(q, kt, input_precision=PRECISION) * half_alpha
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
-        s += rab.to(tl.float32)
-    sig = _sigmoid(s, FAST_SILU)
+        u += 0.5 * rab.to(tl.float32)
+    _, g2 = _silu_and_grad_half(u, FAST_SILU)
     dp = tl.dot(do, vt, input_precision=PRECISION)
-    ds = dp * sig * (1.0 + s * (1.0 - sig))
+    ds = dp * g2  # twice the true ds: halved in the final scale
     if APPLY_MASK:
         valid = _valid(
             offs_m[:, None], cols[None, :], seq_len, last, contextual_len, max_attn_len,
@@ -513,12 +538,12 @@ def _bwd_dq_block(
 def hstu_bwd_dq_kernel(
     Q, K, V, DO, RAB, DQ, seq_offsets, num_targets,
     stride_rb, stride_rh, stride_rm,
-    H, alpha, scale, contextual_len, max_attn_len,
+    H, half_alpha, scale, contextual_len, max_attn_len,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, F64: tl.constexpr,
 ):
     """dq for one query block per program, accumulated in fp32 registers over all key
     blocks (no atomics). Grid (B * H, cdiv(max_seq_len, BLOCK_M)); BLOCK_N divides BLOCK_M."""
@@ -554,20 +579,23 @@ def hstu_bwd_dq_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
-    dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
+    if F64:
+        dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float64)
+    else:
+        dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
         for start_n in range(0, start_m, BLOCK_N):
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
-                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
-                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
             )
     else:
@@ -578,11 +606,11 @@ def hstu_bwd_dq_kernel(
         for start_n in range(lo, hi, BLOCK_N):
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
-                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, alpha,
+                stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
             )
 
-    dq = dq * (alpha * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN))
+    dq = dq * (half_alpha * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN))
     tl.store(
         DQ + (seq_start + offs_m[:, None]) * stride_t_qk + h * D_QK + offs_dq[None, :],
         dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & mask_dq[None, :],

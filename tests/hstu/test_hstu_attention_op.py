@@ -81,15 +81,18 @@ def test_torch_export_keeps_one_op_node():
             return _attention(q, k, v, offsets, num_targets, rab)
 
     q, k, v, offsets, _, options = make_inputs(9, MODES["everything"])
-    rab = torch.randn(1, 2, 7, 7)
+    rab = torch.randn(5, 1, 7, 7)
     args = (q, k, v, offsets, options["num_targets"], rab)
-    exported = torch.export.export(Attention(), args)
+    rows, batch = torch.export.Dim("rows", min=1, max=1 << 20), torch.export.Dim("batch", min=1, max=4096)
+    dynamic = ({0: rows}, {0: rows}, {0: rows}, {0: batch + 1}, {0: batch}, {0: batch})
+    exported = torch.export.export(Attention(), args, dynamic_shapes=dynamic)
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert "gauss.hstu_attention_fwd.default" in targets
     torch.testing.assert_close(exported.module()(*args), _attention(*args))
-    # other inputs, same shapes: the exported program computes, it did not bake in the output
-    q2 = torch.randn_like(q)
-    torch.testing.assert_close(exported.module()(q2, *args[1:]), _attention(q2, *args[1:]))
+    # another batch, other sizes: the exported program computes, it did not bake in the output
+    other = make_inputs(10, MODES["everything"], lengths=(7, 2, 0))
+    args2 = (*other[:4], other[5]["num_targets"], torch.randn(3, 1, 7, 7))
+    torch.testing.assert_close(exported.module()(*args2), _attention(*args2))
 
 
 # ---------------------------------------------------------------------------- backends

@@ -36,13 +36,15 @@ def test_append_targets_by_hand():
     assert values[rows].tolist() == [10, 20, 30]
 
 
-@pytest.mark.parametrize("micro_batch_size", [1, 3, 7])
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(timestamps=False),
-    dict(contextual_len=2, max_attn_len=3),
-    dict(max_attn_len=2, num_time_buckets=0),
-    dict(silu_on="u", alpha=0.25, num_blocks=3),
+@pytest.mark.parametrize("micro_batch_size, options", [
+    (1, dict()),
+    (3, dict()),
+    (7, dict()),
+    (2, dict(timestamps=False)),
+    (3, dict(contextual_len=2, max_attn_len=3)),
+    (1, dict(contextual_len=1)),
+    (4, dict(max_attn_len=2, num_time_buckets=0)),
+    (3, dict(silu_on="u", alpha=0.25, num_blocks=3)),
 ])
 def test_cached_equals_uncached(micro_batch_size, options):
     encoder, h, ho, c, co, ht, ct = setup(**options)

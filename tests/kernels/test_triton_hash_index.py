@@ -267,7 +267,7 @@ def test_gpu_matches_reference_at_scale():
     """Thousands of lanes racing: duplicates spread over many blocks, rows exact."""
     from gauss_kernels.hash_table.triton_index import TritonHashIndex
 
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=dev).manual_seed(1)
     cap = 200_000
     tri, ref = TritonHashIndex(cap, dev), TorchHashIndex(cap, dev)
@@ -295,7 +295,7 @@ def test_gpu_matches_reference_at_scale():
 def test_gpu_full_table_rolls_back():
     from gauss_kernels.hash_table.triton_index import TritonHashIndex
 
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     tri = TritonHashIndex(1000, dev)
     tri.insert(torch.arange(900, device=dev))
     before = (tri.slot_keys.clone(), tri.slot_rows.clone())

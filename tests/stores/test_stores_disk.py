@@ -148,8 +148,11 @@ def test_kill_9_at_any_moment_keeps_acknowledged_rows(tmp_path, seed):
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
     proc = subprocess.Popen([sys.executable, str(script), path, str(seed)], stdout=subprocess.PIPE, text=True)
-    acked_gen = 0
-    deadline = time.monotonic() + random.Random(seed).uniform(2.0, 4.0)
+    first = proc.stdout.readline()  # blocks until the writer is up (imports take a while)
+    assert first.startswith("ACK"), first
+    acked_gen = int(first.split()[1])
+    # Kill after a random while: somewhere in a put, a demotion, a flush, a rotation or a compaction.
+    deadline = time.monotonic() + random.Random(seed).uniform(0.5, 2.0)
     lines = []
     while time.monotonic() < deadline:
         line = proc.stdout.readline()

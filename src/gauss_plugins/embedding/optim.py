@@ -150,9 +150,12 @@ class SparseAdam(SparseRule):
         bc2 = 1.0 - torch.pow(torch.tensor(c.beta2, dtype=torch.float64), td)
         step_size = (c.lr / bc1).to(torch.float32)[:, None]
         bc2_sqrt = bc2.sqrt().to(torch.float32)[:, None]
-        b1, b2 = torch.tensor(c.beta1, dtype=torch.float32), torch.tensor(c.beta2, dtype=torch.float32)
-        m = state["exp_avg"][rows] * b1 + g * (1 - b1)
-        v = state["exp_avg_sq"][rows] * b2 + g * g * (1 - b2)
+        # as torch.optim.Adam: exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
+        w1, w2 = (torch.tensor(1.0 - x, dtype=torch.float64).to(torch.float32) for x in (c.beta1, c.beta2))
+        b2 = torch.tensor(c.beta2, dtype=torch.float64).to(torch.float32)
+        m0 = state["exp_avg"][rows]
+        m = m0 + w1 * (g - m0)
+        v = state["exp_avg_sq"][rows] * b2 + w2 * (g * g)
         state["exp_avg"][rows] = m
         state["exp_avg_sq"][rows] = v
         den = v.sqrt() / bc2_sqrt + c.eps

@@ -10,12 +10,13 @@
   ids ``0..num_items``, trained by the dense AdamW. Offered as an explicit choice for
   comparisons; never chosen silently.
 
-Both return zeros for the padding id 0 and draw new rows from a truncated normal with
-standard deviation 0.02, the paper's ML-1M initialisation.
+Both return zeros for the padding id 0, draw new rows from a normal with standard deviation
+0.02 (the paper's ML-1M initialisation), and checkpoint through ``state_dict()`` (the dynamic
+table exports its keys, rows and optimizer state there).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,12 +42,6 @@ class ItemEmbeddings(nn.Module):
     def sparse_zero_grad(self) -> None:
         """Drop the accumulated sparse gradients."""
 
-    def export_tensors(self, prefix: str) -> Dict[str, torch.Tensor]:
-        """Tensors to put in a checkpoint, keyed under ``prefix``."""
-        raise NotImplementedError
-
-    def import_tensors(self, tensors: Dict[str, torch.Tensor], prefix: str) -> None:
-        raise NotImplementedError
 
 
 class StaticItemEmbeddings(ItemEmbeddings):
@@ -69,12 +64,6 @@ class StaticItemEmbeddings(ItemEmbeddings):
         out = nn.functional.embedding(ids, self.weight)
         return out * (ids > 0).unsqueeze(-1).to(out.dtype)
 
-    def export_tensors(self, prefix: str) -> Dict[str, torch.Tensor]:
-        return {f"{prefix}weight": self.weight.detach()}
-
-    def import_tensors(self, tensors: Dict[str, torch.Tensor], prefix: str) -> None:
-        with torch.no_grad():
-            self.weight.copy_(tensors[f"{prefix}weight"])
 
 
 class DynamicItemEmbeddings(ItemEmbeddings):
@@ -108,11 +97,6 @@ class DynamicItemEmbeddings(ItemEmbeddings):
     def sparse_zero_grad(self) -> None:
         self._sparse_optimizer.zero_grad()
 
-    def export_tensors(self, prefix: str) -> Dict[str, torch.Tensor]:
-        return {f"{prefix}{k}": v for k, v in self.table.state_tensors().items()}
-
-    def import_tensors(self, tensors: Dict[str, torch.Tensor], prefix: str) -> None:
-        self.table.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def build_item_embeddings(kind: str, num_items: int, dim: int, lr: float, betas: Tuple[float, float],

@@ -134,6 +134,9 @@ class TierPS(EmbeddingStore):
         if excess > 0:
             # Demote a little more than needed so demotion runs in batches, not every call.
             self._demote(min(len(self._index), excess + max(1, self.max_ram_rows // 16)), protect)
+        if len(self._index) + n_new > self.max_ram_rows:  # the batch's own rows do not fit
+            raise ValueError(f"a batch touching {len(self._index) + n_new} rows exceeds the RAM tier "
+                             f"({self.max_ram_rows} rows at ram_bytes={self.ram_bytes}); raise ram_bytes or split it")
         self._grow(len(self._index) + n_new)
 
     def _demote(self, count: int, protect: torch.Tensor) -> None:
@@ -244,9 +247,10 @@ class TierPS(EmbeddingStore):
         n = int(cold.sum())
         if n == 0:
             return
-        if n > self.max_ram_rows:  # a scan larger than RAM: serve it from disk, keep RAM as is
+        try:
+            self._make_room(n, uniq)
+        except ValueError:  # a scan larger than RAM: served from disk, RAM keeps what it has
             return
-        self._make_room(n, uniq)
         self._insert_ram(uniq[cold], values[cold], state[cold] if self.state_dim else None, dirty=False)
         self._counters["promoted"] += n
 

@@ -1,0 +1,70 @@
+"""``gauss data``: fetch and inspect datasets.
+
+    gauss data download movielens-1m [--dest data] [--force]
+    gauss data info ml-100k [--data-path PATH]
+    gauss data list
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from gauss_plugins.data.download import DATASETS
+
+    p = subparsers.add_parser("data", help="download MovieLens (checksum-verified) and inspect datasets",
+                              description="Download and inspect event datasets.")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    d = sub.add_parser("download", help="download a MovieLens archive from GroupLens, verify its MD5, extract it")
+    d.add_argument("name", choices=sorted(DATASETS), help="which dataset")
+    d.add_argument("--dest", default="data", help="folder to extract into (default: ./data)")
+    d.add_argument("--force", action="store_true", help="download again even if the folder exists")
+    d.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    i = sub.add_parser("info", help="load a dataset and print its size and sequence lengths")
+    i.add_argument("name", help="a registered dataset (ml-100k, ml-1m, ml-20m, ml-25m, seqfile, synthetic, ...)")
+    i.add_argument("--data-path", help="file or folder (default: $GAUSS_DATA or ../shared/data)")
+    sub.add_parser("list", help="registered datasets and downloadable archives")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from gauss_plugins.data.download import DATASETS, DownloadError, download, find_data_dir
+
+    action = getattr(args, "data_command", None)
+    if action == "download":
+        ds = DATASETS[args.name]
+        print(f"downloading {ds.url} (~{ds.size_mb} MB, MD5 {ds.md5}) into {args.dest}/{ds.folder} ...", flush=True)
+        try:
+            folder = download(args.name, args.dest, force=args.force, timeout_s=args.timeout)
+        except DownloadError as exc:
+            print(f"gauss data download: {exc}", file=sys.stderr)
+            return 1
+        print(f"{folder} is ready (checksum verified). MovieLens is for research use with acknowledgement: "
+              f"see {folder}/README*")
+        return 0
+    if action == "info":
+        from gauss_plugins.data.registry import load_dataset
+
+        path = args.data_path
+        if path is None and args.name.startswith("ml-"):
+            path = find_data_dir(args.name)
+        try:
+            seqs = load_dataset(args.name, path)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            print(f"gauss data info: {exc}", file=sys.stderr)
+            return 2
+        print(seqs.describe())
+        return 0
+    if action == "list":
+        from gauss_plugins.plugins import get_registry
+
+        print("registered datasets:")
+        for comp in get_registry().components("dataset"):
+            print(f"  {comp.name:<10} {comp.description} [{comp.provider}]")
+        print("downloadable (gauss data download NAME):")
+        for ds in DATASETS.values():
+            print(f"  {ds.name:<15} {ds.url} (~{ds.size_mb} MB)")
+        return 0
+    print("gauss data: choose an action: download, info, list (see gauss data --help)", file=sys.stderr)
+    return 2

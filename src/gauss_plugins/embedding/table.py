@@ -1,0 +1,901 @@
+"""``DynamicEmbeddingTable``: raw int64 ids -> rows of dimension D, without collisions.
+
+Lookup API (the names other modules use)::
+
+    table = DynamicEmbeddingTable(DynamicTableConfig(name="items", dim=64, optimizer=OptimizerConfig("adam")))
+    out = table(ids)                                    # == table.lookup(ids): float32[*ids.shape, D]
+    pooled = table.lookup_pooled(ids, offsets, mode="sum", per_sample_weights=None)   # float32[B, D]
+
+* ``ids``: int64 on the table's device, any values (negatives included). ``offsets``: int64
+  ``[B + 1]`` with ``offsets[0] == 0`` and ``offsets[-1] == len(ids)`` (KeyedJaggedTensor's
+  convention): bag ``b`` is ``ids[offsets[b]:offsets[b+1]]``; empty bags pool to zeros.
+* Training mode (``table.train()``) inserts ids that are absent, subject to the admission
+  policy; eval mode never changes the table. Ids without a row read the default: zeros,
+  or the shared trainable "unknown" row (``default="unknown"``).
+* Outputs are differentiable: backward records the gradients on the table; a
+  :class:`~gauss_plugins.embedding.optim.SparseOptimizer` applies them (repeated ids summed).
+  The table holds no ``nn.Parameter``: dense optimizers never see it.
+
+Direct access: ``find(ids) -> rows`` (-1 absent), ``get(ids) -> (values, present)``,
+``set(ids, values)``, ``delete(ids)``, ``evict(num=None, ids=None)``, ``len(table)``.
+
+Change tracking (stores, the WePS syncer, incremental checkpoints)::
+
+    v = table.version                                   # monotonically increasing
+    ...                                                 # training
+    ids, values, opt_state = table.changed_since(v)     # rows inserted, written or read in training since v
+    gone = table.evicted_since(v)                       # ids evicted or deleted since v (not live now)
+
+Every mutation (a training lookup, an optimizer step, set, delete, evict, growth) advances
+``version``; a row touched by it is stamped with the new version.
+
+Capacity grows (rehash, rows keep their numbers) by ``growth_factor`` up to
+``max_capacity``; a full table then evicts (if an eviction policy is set) or raises
+:class:`TableFullError` naming the options to change.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from gauss_plugins.embedding.index import HashIndex, IndexFullError, TorchHashIndex, check_keys
+from gauss_plugins.embedding.initializers import Initializer, initial_values
+from gauss_plugins.embedding.optim import OptimizerConfig, SparseRule, make_rule
+from gauss_plugins.embedding.policies import AdmissionPolicy, AlwaysAdmit, Clock, EvictionPolicy
+
+__all__ = ["DynamicTableConfig", "DynamicEmbeddingTable", "TableFullError"]
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_STAMP_LIMIT = 2**31 - 1
+
+
+class TableFullError(RuntimeError):
+    """The table has no free row, may not grow, and may not evict."""
+
+
+@dataclass
+class DynamicTableConfig:
+    """Configuration of one dynamic table.
+
+    ``admission`` / ``eviction``: a registered name (``"always"``, ``"counting"``,
+    ``"probability"``; ``"lru"``, ``"lfu"``, ``"ttl"``, ``"score"``) with its options in
+    ``admission_options`` / ``eviction_options``, or a policy instance; ``eviction=None``
+    never evicts. ``evict_fraction``: when space must be made, this fraction of the capacity
+    is freed beyond what the batch needs (fewer, larger eviction rounds).
+    ``auto_evict_every``: run :meth:`DynamicEmbeddingTable.evict` (expiry, e.g. TTL) every
+    this many training lookups (0: only when called).
+    """
+
+    name: str
+    dim: int
+    initial_capacity: int = 1024
+    max_capacity: int = 1 << 24
+    growth_factor: float = 2.0
+    dtype: Union[str, torch.dtype] = "fp32"
+    seed: int = 0
+    initializer: Initializer = "uniform"
+    init_min: float = -0.01
+    init_max: float = 0.01
+    init_std: float = 0.01
+    admission: Union[str, AdmissionPolicy, None] = "always"
+    admission_options: Dict[str, Any] = field(default_factory=dict)
+    eviction: Union[str, EvictionPolicy, None] = None
+    eviction_options: Dict[str, Any] = field(default_factory=dict)
+    evict_fraction: float = 0.01
+    auto_evict_every: int = 0
+    default: str = "zeros"
+    optimizer: Union[OptimizerConfig, str, None] = None
+    backend: str = "auto"
+    device: Union[str, torch.device] = "cpu"
+    tombstone_limit: int = 10_000_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("DynamicTableConfig.name must be a non-empty string")
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"DynamicTableConfig.dim must be a positive int, got {self.dim!r}")
+        if self.initial_capacity < 1 or self.max_capacity < self.initial_capacity:
+            raise ValueError(f"need 1 <= initial_capacity ({self.initial_capacity}) <= max_capacity ({self.max_capacity})")
+        if self.growth_factor <= 1.0:
+            raise ValueError(f"growth_factor must be > 1, got {self.growth_factor}")
+        if self.storage_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
+        if self.default not in ("zeros", "unknown"):
+            raise ValueError(f"default must be 'zeros' or 'unknown', got {self.default!r}")
+        if not 0.0 <= self.evict_fraction < 1.0:
+            raise ValueError(f"evict_fraction must be in [0, 1), got {self.evict_fraction}")
+        if isinstance(self.optimizer, str):
+            self.optimizer = OptimizerConfig(name=self.optimizer)
+        elif isinstance(self.optimizer, dict):
+            self.optimizer = OptimizerConfig.from_dict(self.optimizer)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        try:
+            return _DTYPES[str(self.dtype)]
+        except KeyError:
+            raise ValueError(f"dtype must be fp32, fp16 or bf16, got {self.dtype!r}") from None
+
+    def to_json(self) -> str:
+        """JSON of the serializable fields (policy instances and callables as their names)."""
+        out: Dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "optimizer":
+                value = value.to_dict() if value is not None else None
+            elif f.name == "dtype":
+                value = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.storage_dtype]
+            elif f.name == "device":
+                value = str(value)
+            elif f.name in ("admission", "eviction") and value is not None and not isinstance(value, str):
+                value = {"policy": value.name, "options": value.options()}
+            elif f.name == "initializer" and callable(value):
+                value = {"callable": getattr(value, "__qualname__", repr(value))}
+            out[f.name] = value
+        return json.dumps(out, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DynamicTableConfig":
+        data = json.loads(text)
+        if isinstance(data.get("initializer"), dict):
+            raise ValueError("this table was configured with a callable initializer: build the table yourself "
+                             "and load the checkpoint into it")
+        for key in ("admission", "eviction"):
+            if isinstance(data.get(key), dict):
+                spec = data[key]
+                data[key] = spec["policy"]
+                data[f"{key}_options"] = {**spec["options"], **data.get(f"{key}_options", {})}
+        return cls(**data)
+
+
+def _resolve_policy(kind: str, spec, options: Dict[str, Any]):
+    if spec is None or not isinstance(spec, str):
+        return spec
+    from gauss_plugins.plugins import get_registry
+
+    return get_registry().create(kind, spec, **options)
+
+
+@dataclass
+class _GradRecord:
+    ids: torch.Tensor          # int64[N]
+    rows: torch.Tensor         # int64[N] (default row where absent)
+    src: torch.Tensor          # float32[M, D]
+    src_idx: torch.Tensor      # int64[N] or empty (identity)
+    scale: torch.Tensor        # float32[N] or empty (ones)
+    epoch: int
+
+
+@dataclass
+class _Prepared:
+    rows: torch.Tensor
+    grads: torch.Tensor
+    finite: bool
+
+
+class _LookupFunction(torch.autograd.Function):
+    """Runs a lookup and, in backward, records its gradient on the table."""
+
+    @staticmethod
+    def forward(ctx, anchor, compute, table, record):  # noqa: D401
+        ctx.table, ctx.record = table, record
+        return compute()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.table._record_grad(ctx.record, grad_out)
+        return None, None, None, None
+
+
+class DynamicEmbeddingTable(nn.Module):
+    """A growing, collision-free embedding table keyed by raw int64 ids (see module docs)."""
+
+    def __init__(self, config: Optional[DynamicTableConfig] = None, **kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = DynamicTableConfig(**kwargs)
+        elif kwargs:
+            config = replace(config, **kwargs)
+        self.config = config
+        self.name = config.name
+        self.dim = config.dim
+        self.device = torch.device(config.device)
+        self.dtype = config.storage_dtype
+        self.index = self._make_index(config.initial_capacity)
+        self.admission: AdmissionPolicy = _resolve_policy("admission_policy", config.admission, config.admission_options) or AlwaysAdmit()
+        self.admission.to(self.device)
+        self.eviction: Optional[EvictionPolicy] = _resolve_policy("eviction_policy", config.eviction, config.eviction_options)
+        self.rule: Optional[SparseRule] = None
+        self.opt_state: Dict[str, torch.Tensor] = {}
+        cap = self.index.capacity
+        self.weight = torch.zeros(cap + 1, self.dim, dtype=self.dtype, device=self.device)
+        self._row_stamp = torch.zeros(cap + 1, dtype=torch.int32, device=self.device)
+        self._stamp_base = 0          # row version = _stamp_base + _row_stamp (0: at or before base)
+        self._version = 0
+        self._step = 0                # training lookups (the eviction clock)
+        self._epoch = 0               # bumped when rows are freed or moved: re-resolve recorded grads
+        self._tombstone_ids: List[torch.Tensor] = []
+        self._tombstone_versions: List[int] = []
+        self._tombstones_since = 0    # evicted_since(v) is complete for v >= this
+        self._pending: List[_GradRecord] = []
+        self._anchor = torch.zeros((), requires_grad=True)
+        if self.eviction is not None:
+            self.eviction.resize(cap + 1, self.device)
+        if config.default == "unknown":
+            self.weight[cap] = initial_values(config.initializer, torch.tensor([-(2**63)], device=self.device),
+                                              self.dim, config.seed ^ 0x5EED, config.init_min, config.init_max,
+                                              config.init_std)[0].to(self.dtype)
+        if config.optimizer is not None:
+            self.set_optimizer(config.optimizer)
+
+    # ------------------------------------------------------------------ construction
+    def _make_index(self, capacity: int) -> HashIndex:
+        from gauss_plugins.plugins import get_registry
+
+        name = self.config.backend
+        registry = get_registry()
+        comp = registry.select("table_backend", name, device=self.device)
+        try:
+            return comp.create(capacity, self.device)
+        except Exception as exc:
+            if name != "auto" or comp.name == "torch":
+                raise
+            warnings.warn(f"table {self.name!r}: table_backend {comp.name!r} failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); using the slower 'torch' backend",
+                          RuntimeWarning, stacklevel=3)
+            return registry.create("table_backend", "torch", capacity, self.device)
+
+    def set_optimizer(self, config: Union[OptimizerConfig, str, None], **options: Any) -> None:
+        """Use the sparse optimizer ``config``; resets the optimizer state unless the rule is
+        unchanged (then only the hyperparameters change)."""
+        if config is None:
+            raise ValueError("set_optimizer needs an OptimizerConfig or a rule name")
+        rule = make_rule(config, **options)
+        if self.rule is not None and self.rule.name == rule.name and self.opt_state:
+            self.rule = rule
+            self.config.optimizer = rule.config
+            return
+        self.rule = rule
+        self.config.optimizer = rule.config
+        rows = self.weight.shape[0]
+        self.opt_state = {}
+        for name, (shape, dtype, init) in rule.state_fields(self.dim).items():
+            self.opt_state[name] = torch.full((rows, *shape), init, dtype=dtype, device=self.device)
+
+    # ------------------------------------------------------------------ basic properties
+    @property
+    def capacity(self) -> int:
+        return self.index.capacity
+
+    @property
+    def default_row(self) -> int:
+        return self.index.capacity
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, dim={self.dim}, len={len(self)}, capacity={self.capacity}, "
+                f"max_capacity={self.config.max_capacity}, dtype={self.dtype}, backend={type(self.index).__name__}")
+
+    def memory_report(self) -> Dict[str, float]:
+        """Bytes by component and the bookkeeping bytes per live row beyond the vector."""
+        live = max(len(self), 1)
+        index_bytes = self.index.memory_bytes()
+        policy_bytes = (self.eviction.memory_bytes_per_row() * (self.capacity + 1)) if self.eviction else 0
+        stamp_bytes = self._row_stamp.numel() * 4
+        return {
+            "live_rows": len(self),
+            "capacity": self.capacity,
+            "load_factor": len(self) / self.index.num_slots,
+            "index_bytes": index_bytes,
+            "policy_bytes": policy_bytes,
+            "version_stamp_bytes": stamp_bytes,
+            "vector_bytes": self.weight.numel() * self.weight.element_size(),
+            "optimizer_bytes": sum(t.numel() * t.element_size() for t in self.opt_state.values()),
+            "overhead_bytes_per_row": (index_bytes + policy_bytes + stamp_bytes) / live,
+        }
+
+    # ------------------------------------------------------------------ validation
+    def _check_ids(self, ids: torch.Tensor, what: str = "ids", flat: bool = False) -> None:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor of int64 ids, got {type(ids).__name__}")
+        check_keys(ids.reshape(-1) if not flat else ids, self.device, what)
+
+    def _check_offsets(self, offsets: torch.Tensor, n: int) -> None:
+        if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64 or offsets.dim() != 1:
+            raise TypeError(f"offsets must be a 1-D int64 tensor of B + 1 entries, got "
+                            f"{getattr(offsets, 'dtype', type(offsets).__name__)} {tuple(getattr(offsets, 'shape', ()))}")
+        if offsets.device != self.device:
+            raise ValueError(f"offsets are on {offsets.device} but the table is on {self.device}")
+        if offsets.numel() < 1:
+            raise ValueError("offsets must have B + 1 >= 1 entries (offsets[0] == 0, offsets[-1] == len(ids))")
+        if int(offsets[0]) != 0 or int(offsets[-1]) != n:
+            raise ValueError(f"offsets must start at 0 and end at len(ids) = {n} (B + 1 entries, KJT convention); "
+                             f"got first {int(offsets[0])}, last {int(offsets[-1])}")
+        if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError("offsets must be non-decreasing")
+
+    # ------------------------------------------------------------------ versions
+    def _bump(self) -> int:
+        self._version += 1
+        if self._version - self._stamp_base > _STAMP_LIMIT:
+            # Rebase the int32 stamps; rows older than the new base read as "at or before base".
+            shift = self._version - self._stamp_base - (_STAMP_LIMIT // 2)
+            self._row_stamp = (self._row_stamp.to(torch.int64) - shift).clamp_min(0).to(torch.int32)
+            self._stamp_base += shift
+        return self._version
+
+    def _stamp(self, rows: torch.Tensor, version: int) -> None:
+        self._row_stamp[rows] = version - self._stamp_base
+
+    def _clock(self) -> Clock:
+        return Clock(step=self._step, now=time.time())
+
+    # ------------------------------------------------------------------ capacity
+    def _grow(self, new_capacity: int) -> None:
+        old = self.capacity
+        self.index.rehash(new_capacity)
+        new = self.index.capacity
+
+        def grown(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
+            out = torch.full((new + 1, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            out[:old] = t[:old]
+            out[new] = t[old]  # the default row moves to the end
+            return out
+
+        self.weight = grown(self.weight)
+        self._row_stamp = grown(self._row_stamp)
+        if self.rule is not None:
+            fields_ = self.rule.state_fields(self.dim)
+            self.opt_state = {k: grown(v, fields_[k][2]) for k, v in self.opt_state.items()}
+        if self.eviction is not None:
+            self.eviction.resize(new + 1, self.device)
+        self._epoch += 1
+        self._bump()
+
+    def _ensure_room(self, n_new: int, protect: Optional[torch.Tensor]) -> None:
+        free = self.capacity - len(self)
+        if n_new <= free:
+            return
+        cfg = self.config
+        if self.capacity < cfg.max_capacity:
+            target = max(math.ceil(self.capacity * cfg.growth_factor), len(self) + n_new)
+            self._grow(min(cfg.max_capacity, target))
+            free = self.capacity - len(self)
+            if n_new <= free:
+                return
+        if self.eviction is None:
+            raise TableFullError(
+                f"dynamic table {self.name!r} is full: {len(self)} rows = max_capacity {cfg.max_capacity}, and "
+                f"{n_new} new ids need rows. Raise DynamicTableConfig.max_capacity, set an eviction policy "
+                f"(DynamicTableConfig.eviction='lru', 'lfu' or 'ttl'), or admit fewer ids "
+                f"(DynamicTableConfig.admission='counting').")
+        need = n_new - free
+        headroom = int(cfg.evict_fraction * self.capacity)
+        victims = self._select_victims(need + headroom, protect)
+        if victims.numel() < need:
+            raise TableFullError(
+                f"dynamic table {self.name!r}: a single batch brings {n_new} new ids but only "
+                f"{free + victims.numel()} rows can be freed (capacity {self.capacity}); raise "
+                f"DynamicTableConfig.max_capacity or use smaller batches")
+        self._remove(victims)
+
+    def _select_victims(self, k: int, protect: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Ids of the ``k`` lowest-scored live rows not in ``protect`` (ties by id)."""
+        ids, rows = self.index.keys_and_rows()
+        if protect is not None and protect.numel():
+            mask = torch.zeros(self.capacity + 1, dtype=torch.bool, device=self.device)
+            mask[protect] = True
+            keep = ~mask[rows]
+            ids, rows = ids[keep], rows[keep]
+        if k <= 0 or ids.numel() == 0:
+            return ids[:0]
+        if k >= ids.numel():
+            return ids.sort().values
+        scores = self.eviction.scores(ids, rows, self._clock(), self)
+        scores = scores.to(torch.float64) if scores.is_floating_point() else scores.to(torch.int64)
+        threshold = scores.kthvalue(k).values
+        cand = (scores <= threshold).nonzero().squeeze(1)
+        by_id = ids[cand].argsort()
+        cand = cand[by_id]
+        order = torch.sort(scores[cand], stable=True).indices[:k]
+        return ids[cand[order]]
+
+    def _remove(self, ids: torch.Tensor) -> torch.Tensor:
+        """Remove ``ids`` (distinct) from the index; log them as tombstones. Returns rows."""
+        rows = self.index.remove(ids)
+        gone = ids[rows >= 0]
+        if gone.numel():
+            version = self._bump()
+            self._tombstone_ids.append(gone.clone())
+            self._tombstone_versions.append(version)
+            self._epoch += 1
+            self._trim_tombstones()
+        return rows
+
+    def _trim_tombstones(self) -> None:
+        total = sum(t.numel() for t in self._tombstone_ids)
+        while total > self.config.tombstone_limit and len(self._tombstone_ids) > 1:
+            total -= self._tombstone_ids.pop(0).numel()
+            self._tombstones_since = self._tombstone_versions.pop(0)
+
+    def trim_tombstones(self, version: int) -> None:
+        """Forget evictions at or before ``version`` (every consumer has synced past it)."""
+        while self._tombstone_versions and self._tombstone_versions[0] <= version:
+            self._tombstone_ids.pop(0)
+            self._tombstones_since = self._tombstone_versions.pop(0)
+
+    # ------------------------------------------------------------------ rows
+    def _init_rows(self, rows: torch.Tensor, ids: torch.Tensor, version: int) -> None:
+        cfg = self.config
+        fused = self.index.fused
+        if fused is not None and cfg.initializer == "uniform":
+            fused.init_uniform(self.weight, rows, ids, cfg.seed, cfg.init_min, cfg.init_max)
+        else:
+            values = initial_values(cfg.initializer, ids, self.dim, cfg.seed, cfg.init_min, cfg.init_max, cfg.init_std)
+            self.weight[rows] = values.to(self.dtype)
+        if self.rule is not None:
+            for name, (shape, dtype, init) in self.rule.state_fields(self.dim).items():
+                self.opt_state[name][rows] = init
+        if self.eviction is not None:
+            self.eviction.on_insert(rows, self._clock())
+        self._stamp(rows, version)
+
+    def _rows_for_training(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` (flat), inserting admitted new ids; absent ones -> default row."""
+        self._step += 1
+        version = self._bump()
+        rows = self.index.find(ids)
+        missing = rows < 0
+        if bool(missing.any()):
+            cand, counts = torch.unique(ids[missing], return_counts=True)
+            admitted = cand[self.admission.admit(cand, counts)]
+            if admitted.numel():
+                self._ensure_room(admitted.numel(), protect=rows[~missing])
+                try:
+                    new_rows, _ = self.index.insert(admitted)
+                except IndexFullError as exc:  # _ensure_room made room: this is a bug, say so
+                    raise TableFullError(f"dynamic table {self.name!r}: {exc}") from exc
+                self._init_rows(new_rows, admitted, version)
+                pos = torch.searchsorted(admitted, ids[missing]).clamp_max(admitted.numel() - 1)
+                hit = admitted[pos] == ids[missing]
+                rows[missing] = torch.where(hit, new_rows[pos], torch.full_like(pos, -1))
+                missing = rows < 0
+        present = rows[~missing] if bool(missing.any()) else rows
+        if self.eviction is not None:
+            self.eviction.on_access(present, self._clock())
+        self._stamp(present, version)
+        rows[missing] = self.default_row
+        if self.config.auto_evict_every and self._step % self.config.auto_evict_every == 0:
+            self._expire(protect=present)
+        return rows
+
+    def _resolve(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self._rows_for_training(ids)
+        return self.index.find(ids, default=self.default_row)
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight.index_select(0, rows).to(torch.float32)
+
+    def _pool(self, rows: torch.Tensor, offsets: torch.Tensor, mode: int, psw: Optional[torch.Tensor]) -> torch.Tensor:
+        fused = self.index.fused
+        if fused is not None:
+            return fused.pool_rows(self.weight, rows, offsets, psw, mode)
+        B = offsets.numel() - 1
+        lengths = offsets[1:] - offsets[:-1]
+        bag = torch.repeat_interleave(torch.arange(B, device=self.device), lengths)
+        vals = self._gather(rows)
+        if psw is not None:
+            vals = vals * psw.to(torch.float32)[:, None]
+        out = torch.zeros(B, self.dim, dtype=torch.float32, device=self.device).index_add_(0, bag, vals)
+        if mode == 1:
+            out = out * (1.0 / lengths.clamp_min(1).to(torch.float32))[:, None]
+        return out
+
+    # ------------------------------------------------------------------ lookups
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup(ids)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32[*ids.shape, dim]: the rows of ``ids`` (default row where absent)."""
+        self._check_ids(ids)
+        flat = ids.reshape(-1)
+        rows = self._resolve(flat)
+        shape = (*ids.shape, self.dim)
+        if not (self.training and torch.is_grad_enabled()):
+            return self._gather(rows).view(shape)
+        record = _GradRecord(flat, rows, None, _EMPTY_LONG, _EMPTY_FLOAT, self._epoch)
+        return _LookupFunction.apply(self._anchor, lambda: self._gather(rows), self, record).view(shape)
+
+    def lookup_pooled(self, ids: torch.Tensor, offsets: torch.Tensor, mode: str = "sum",
+                      per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float32[B, dim]: per bag ``ids[offsets[b]:offsets[b+1]]``, the sum (or mean) of
+        the rows, each scaled by ``per_sample_weights`` when given (sum mode only)."""
+        self._check_ids(ids, flat=True)
+        self._check_offsets(offsets, ids.numel())
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
+        psw = per_sample_weights
+        if psw is not None:
+            if mode != "sum":
+                raise ValueError("per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)")
+            if not isinstance(psw, torch.Tensor) or not psw.is_floating_point() or psw.shape != ids.shape:
+                raise ValueError(f"per_sample_weights must be a float tensor of shape {tuple(ids.shape)}")
+            if psw.device != self.device:
+                raise ValueError(f"per_sample_weights are on {psw.device} but the table is on {self.device}")
+        imode = 0 if mode == "sum" else 1
+        fused = self.index.fused
+        if not self.training:
+            if fused is not None:
+                return fused.lookup_pool(self.index, ids, offsets, self.weight, psw, imode, self.default_row)[0]
+            return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
+        rows = self._rows_for_training(ids)
+        if not torch.is_grad_enabled():
+            return self._pool(rows, offsets, imode, psw)
+        lengths = offsets[1:] - offsets[:-1]
+        src_idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
+        if imode == 1:
+            scale = (1.0 / lengths.clamp_min(1).to(torch.float32))[src_idx]
+        else:
+            scale = psw.detach().to(torch.float32) if psw is not None else _EMPTY_FLOAT
+        record = _GradRecord(ids, rows, None, src_idx, scale, self._epoch)
+        return _LookupFunction.apply(self._anchor, lambda: self._pool(rows, offsets, imode, psw), self, record)
+
+    # ------------------------------------------------------------------ gradients
+    def _record_grad(self, record: _GradRecord, grad_out: torch.Tensor) -> None:
+        src = grad_out.detach().to(torch.float32).reshape(-1, self.dim).contiguous()
+        self._pending.append(replace(record, src=src))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients recorded since the last optimizer step."""
+        self._pending = []
+
+    @property
+    def has_pending_grads(self) -> bool:
+        return bool(self._pending)
+
+    def _accumulate(self, rows, src, src_idx, scale):
+        fused = self.index.fused
+        if fused is not None:
+            return fused.accumulate_grads(rows, src, src_idx, scale)
+        g = src if src_idx.numel() == 0 else src.index_select(0, src_idx)
+        if scale.numel():
+            g = g * scale[:, None]
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        out = torch.zeros(uniq.numel(), self.dim, dtype=torch.float32, device=self.device).index_add_(0, inverse, g)
+        return uniq, out, bool(torch.isfinite(out).all())
+
+    def _prepare_gradients(self) -> Optional[_Prepared]:
+        if not self._pending:
+            return None
+        if self.rule is None:
+            raise RuntimeError(f"table {self.name!r} has gradients but no optimizer; set DynamicTableConfig.optimizer")
+        parts = []
+        for rec in self._pending:
+            rows = rec.rows
+            if rec.epoch != self._epoch:  # rows were freed or moved since the lookup
+                rows = self.index.find(rec.ids, default=self.default_row)
+            parts.append(self._accumulate(rows, rec.src, rec.src_idx, rec.scale))
+        if len(parts) == 1:
+            rows, grads, finite = parts[0]
+        else:
+            rows, grads, finite = self._accumulate(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                                   _EMPTY_LONG, _EMPTY_FLOAT)
+            finite = finite and all(p[2] for p in parts)
+        if self.config.default == "zeros":
+            keep = rows != self.default_row
+            if not bool(keep.all()):
+                rows, grads = rows[keep], grads[keep]
+        return _Prepared(rows, grads, bool(finite))
+
+    def _apply_gradients(self, prep: _Prepared) -> None:
+        self._pending = []
+        if prep.rows.numel() == 0:
+            return
+        version = self._bump()
+        rule = self.rule
+        fused = self.index.fused
+        if fused is not None and rule.kind >= 0:
+            names = {0: (), 1: ("sum",), 2: ("sum",), 3: ("exp_avg", "exp_avg_sq", "step")}[rule.kind]
+            state = [self.opt_state[n] for n in names] + [None] * (3 - len(names))
+            fused.sparse_update(rule.kind, self.weight, prep.rows, prep.grads, *state, rule.hyperparams())
+        else:
+            rule.update(self.weight, self.opt_state, prep.rows, prep.grads)
+        self._stamp(prep.rows, version)
+
+    # ------------------------------------------------------------------ direct access
+    def find(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` (any shape), -1 where absent. Never changes the table."""
+        self._check_ids(ids)
+        return self.index.find(ids.reshape(-1)).view(ids.shape)
+
+    def contains(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.find(ids) >= 0
+
+    @torch.no_grad()
+    def get(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(float32[*ids.shape, dim] values, bool present); absent ids read the default row."""
+        self._check_ids(ids)
+        rows = self.index.find(ids.reshape(-1), default=self.default_row)
+        return self._gather(rows).view(*ids.shape, self.dim), (rows != self.default_row).view(ids.shape)
+
+    @torch.no_grad()
+    def set(self, ids: torch.Tensor, values: torch.Tensor, optimizer_state: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write ``values`` (float[N, dim]) for distinct ``ids``, inserting absent ids (no
+        admission check). Optimizer state of new rows is reset unless given."""
+        self._check_ids(ids, flat=True)
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point() or tuple(values.shape) != (ids.numel(), self.dim):
+            raise ValueError(f"values must be a float tensor of shape ({ids.numel()}, {self.dim}), "
+                             f"got {getattr(values, 'dtype', None)} {tuple(getattr(values, 'shape', ()))}")
+        if values.device != self.device:
+            raise ValueError(f"values are on {values.device} but the table is on {self.device}")
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError("set() needs distinct ids")
+        if optimizer_state is not None:
+            self._check_optimizer_state(optimizer_state, ids.numel())
+        rows = self.index.find(ids)
+        missing = rows < 0
+        version = self._bump()
+        if bool(missing.any()):
+            self._ensure_room(int(missing.sum()), protect=rows[~missing])
+            new_rows, _ = self.index.insert(ids[missing])
+            self._init_rows(new_rows, ids[missing], version)
+            rows[missing] = new_rows
+        self.weight[rows] = values.to(self.dtype)
+        if optimizer_state is not None:
+            for name, value in optimizer_state.items():
+                self.opt_state[name][rows] = value.to(self.opt_state[name].dtype)
+        self._stamp(rows, version)
+
+    def _check_optimizer_state(self, state: Dict[str, torch.Tensor], n: int) -> None:
+        if self.rule is None:
+            raise ValueError(f"table {self.name!r} has no optimizer, so optimizer_state cannot be set")
+        expected = self.rule.state_fields(self.dim)
+        if set(state) != set(expected):
+            raise ValueError(f"optimizer_state must have exactly {sorted(expected)}, got {sorted(state)}")
+        for name, (shape, _, _) in expected.items():
+            if tuple(state[name].shape) != (n, *shape):
+                raise ValueError(f"optimizer_state[{name!r}] must have shape {(n, *shape)}, got {tuple(state[name].shape)}")
+
+    @torch.no_grad()
+    def delete(self, ids: torch.Tensor) -> torch.Tensor:
+        """Remove ``ids``; bool[N] whether each was present. Reported by :meth:`evicted_since`."""
+        self._check_ids(ids, flat=True)
+        uniq = torch.unique(ids)
+        rows = self._remove(uniq)
+        return torch.isin(ids, uniq[rows >= 0])
+
+    @torch.no_grad()
+    def evict(self, num: Optional[int] = None, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Evict and return ids: the given ``ids``, else the ``num`` lowest-scored rows, else
+        (no arguments) the rows the policy says have expired (TTL)."""
+        if ids is not None:
+            self._check_ids(ids, flat=True)
+            uniq = torch.unique(ids)
+            rows = self._remove(uniq)
+            return uniq[rows >= 0]
+        if self.eviction is None:
+            raise ValueError(f"table {self.name!r} has no eviction policy; set DynamicTableConfig.eviction or pass ids")
+        if num is not None:
+            victims = self._select_victims(int(num))
+            self._remove(victims)
+            return victims
+        return self._expire()
+
+    def _expire(self, protect: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.eviction is None:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        keys, rows = self.index.keys_and_rows()
+        expired = self.eviction.expired(rows, self._clock())
+        if expired is None:
+            return keys[:0]
+        if protect is not None and protect.numel():
+            mask = torch.zeros(self.capacity + 1, dtype=torch.bool, device=self.device)
+            mask[protect] = True
+            expired = expired & ~mask[rows]
+        victims = keys[expired].sort().values
+        if victims.numel():
+            self._remove(victims)
+        return victims
+
+    def default_value(self) -> torch.Tensor:
+        """float32[dim]: what ids without a row read (zeros or the "unknown" row)."""
+        return self.weight[self.default_row].to(torch.float32).clone()
+
+    # ------------------------------------------------------------------ change tracking
+    def _changed_rows(self, version: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        ids, rows = self.index.keys_and_rows()
+        rel = version - self._stamp_base
+        if rel < 0:  # older than the stamp window: everything may have changed
+            sel = torch.ones_like(rows, dtype=torch.bool)
+        else:
+            sel = self._row_stamp[rows].to(torch.int64) > rel
+        ids, rows = ids[sel], rows[sel]
+        ids, order = ids.sort()
+        return ids, rows[order]
+
+    @torch.no_grad()
+    def changed_since(self, version: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """(ids ascending, values [N, dim] in the storage dtype, optimizer state by name) of the
+        live rows inserted, written or read in training after ``version``."""
+        ids, rows = self._changed_rows(int(version))
+        return ids, self.weight[rows].clone(), {k: v[rows].clone() for k, v in self.opt_state.items()}
+
+    def evicted_since(self, version: int) -> torch.Tensor:
+        """Ids (ascending, distinct) evicted or deleted after ``version`` that are not live now."""
+        version = int(version)
+        if version < self._tombstones_since:
+            raise ValueError(f"table {self.name!r} only remembers evictions after version {self._tombstones_since} "
+                             f"(tombstone_limit or trim_tombstones dropped older ones); resync fully from "
+                             f"changed_since(0)")
+        chunks = [t for t, v in zip(self._tombstone_ids, self._tombstone_versions) if v > version]
+        if not chunks:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        ids = torch.unique(torch.cat(chunks))
+        return ids[self.index.find(ids) < 0]
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def export_state(self, since_version: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+        """Flat CPU tensors + str metadata: the full state, or with ``since_version`` the
+        rows changed since then, the evicted ids and the table-wide state. See checkpoint.py."""
+        meta = {
+            "format": "gauss-dynamic-table/1",
+            "kind": "full" if since_version is None else "incremental",
+            "config": self.config.to_json(),
+            "version": str(self._version),
+            "step": str(self._step),
+            "tombstones_since": str(self._tombstones_since),
+            "backend": type(self.index).__name__,
+        }
+        tensors: Dict[str, torch.Tensor] = {}
+        if since_version is None:
+            index_state = self.index.state_dict()
+            for k, v in index_state.items():
+                tensors[f"index.{k}"] = v
+            ids, rows = index_state["keys"].to(self.device), index_state["rows"].to(self.device)
+            if self._tombstone_ids:
+                tensors["tombstones.ids"] = torch.cat(self._tombstone_ids).cpu()
+                tensors["tombstones.versions"] = torch.tensor(
+                    [v for t, v in zip(self._tombstone_ids, self._tombstone_versions) for _ in range(t.numel())],
+                    dtype=torch.int64)
+        else:
+            meta["base_version"] = str(int(since_version))
+            ids, rows = self._changed_rows(int(since_version))
+            tensors["ids"] = ids.cpu()
+            tensors["evicted"] = self.evicted_since(int(since_version)).cpu()
+        tensors["weight"] = self.weight[rows].cpu()
+        rel = self._row_stamp[rows].to(torch.int64)
+        tensors["stamp"] = torch.where(rel > 0, rel + self._stamp_base, torch.zeros_like(rel)).cpu()
+        for k, v in self.opt_state.items():
+            tensors[f"opt.{k}"] = v[rows].cpu()
+            tensors[f"default.opt.{k}"] = v[self.default_row].cpu()
+        tensors["default.weight"] = self.weight[self.default_row].cpu()
+        if self.eviction is not None:
+            for k, v in self.eviction.row_state(rows).items():
+                tensors[f"evict.row.{k}"] = v.cpu()
+            for k, v in self.eviction.state_dict().items():
+                tensors[f"evict.{k}"] = v.cpu()
+        for k, v in self.admission.state_dict().items():
+            tensors[f"admit.{k}"] = v.cpu()
+        return tensors, meta
+
+    @torch.no_grad()
+    def import_state(self, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
+        """Load what :meth:`export_state` produced: a full state replaces the table; an
+        incremental one applies on top of the state at its ``base_version``."""
+        if meta.get("format") != "gauss-dynamic-table/1":
+            raise ValueError(f"not a dynamic table state (format {meta.get('format')!r})")
+        saved = json.loads(meta["config"])
+        if saved["dim"] != self.dim:
+            raise ValueError(f"checkpoint of table {saved['name']!r} has dim {saved['dim']}, this table has {self.dim}")
+        saved_opt = (saved.get("optimizer") or {}).get("name")
+        mine = self.rule.name if self.rule is not None else None
+        if saved_opt != mine:
+            raise ValueError(f"checkpoint optimizer {saved_opt!r} differs from this table's {mine!r}; "
+                             f"configure the table with the same optimizer before loading")
+        dev = self.device
+        if meta["kind"] == "full":
+            index_state = {k[len("index."):]: v for k, v in tensors.items() if k.startswith("index.")}
+            capacity = int(index_state["capacity"])
+            self.index.load_state_dict(index_state)
+            self.weight = torch.zeros(capacity + 1, self.dim, dtype=self.dtype, device=dev)
+            self._row_stamp = torch.zeros(capacity + 1, dtype=torch.int32, device=dev)
+            self._stamp_base = max(0, int(meta["version"]) - _STAMP_LIMIT // 2)
+            if self.rule is not None:
+                self.opt_state = {n: torch.full((capacity + 1, *shape), init, dtype=dt, device=dev)
+                                  for n, (shape, dt, init) in self.rule.state_fields(self.dim).items()}
+            if self.eviction is not None:
+                self.eviction.rows = {}
+                self.eviction.resize(capacity + 1, dev)
+            rows = index_state["rows"].to(dev)
+            self._tombstone_ids, self._tombstone_versions = [], []
+            if "tombstones.ids" in tensors:
+                t_ids, t_ver = tensors["tombstones.ids"].to(dev), tensors["tombstones.versions"]
+                for v in torch.unique_consecutive(t_ver).tolist():
+                    self._tombstone_ids.append(t_ids[t_ver.to(dev) == v])
+                    self._tombstone_versions.append(int(v))
+            self._tombstones_since = int(meta["tombstones_since"])
+        else:
+            base = int(meta["base_version"])
+            if base != self._version:
+                raise ValueError(f"incremental checkpoint of table {self.name!r} applies on version {base}, but the "
+                                 f"table is at version {self._version}: load the full checkpoint and the "
+                                 f"incrementals in order")
+            evicted = tensors["evicted"].to(dev)
+            if evicted.numel():
+                self.index.remove(evicted)
+                self._epoch += 1
+                self._tombstone_ids.append(evicted.clone())
+                self._tombstone_versions.append(int(meta["version"]))
+            ids = tensors["ids"].to(dev)
+            rows = self.index.find(ids)
+            missing = rows < 0
+            if bool(missing.any()):
+                need = int(missing.sum()) - (self.capacity - len(self))
+                if need > 0:
+                    self._grow(min(self.config.max_capacity, max(len(self) + int(missing.sum()),
+                                                                 math.ceil(self.capacity * self.config.growth_factor))))
+                new_rows, _ = self.index.insert(ids[missing])
+                rows[missing] = new_rows
+        self.weight[rows] = tensors["weight"].to(dev, self.dtype)
+        self.weight[self.default_row] = tensors["default.weight"].to(dev, self.dtype)
+        stamp = tensors["stamp"].to(dev) - self._stamp_base
+        self._row_stamp[rows] = stamp.clamp(0, _STAMP_LIMIT).to(torch.int32)
+        for k in self.opt_state:
+            self.opt_state[k][rows] = tensors[f"opt.{k}"].to(dev, self.opt_state[k].dtype)
+            self.opt_state[k][self.default_row] = tensors[f"default.opt.{k}"].to(dev, self.opt_state[k].dtype)
+        if self.eviction is not None:
+            row_state = {k[len("evict.row."):]: v for k, v in tensors.items() if k.startswith("evict.row.")}
+            self.eviction.load_row_state(rows, row_state)
+            self.eviction.load_state_dict({k[len("evict."):]: v for k, v in tensors.items()
+                                           if k.startswith("evict.") and not k.startswith("evict.row.")})
+        self.admission.load_state_dict({k[len("admit."):]: v.to(dev) for k, v in tensors.items() if k.startswith("admit.")})
+        self._version = int(meta["version"])
+        self._step = int(meta["step"])
+        self._epoch += 1
+        self._pending = []
+
+    # nn.Module integration: model.state_dict() / load_state_dict() carry the full table.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        tensors, meta = self.export_state()
+        for k, v in tensors.items():
+            destination[f"{prefix}{k}"] = v
+        destination[f"{prefix}_meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = f"{prefix}_meta"
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        meta = json.loads(bytes(state_dict[key].cpu().numpy().tobytes()).decode())
+        tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k != key}
+        try:
+            self.import_state(tensors, meta)
+        except Exception as exc:
+            error_msgs.append(f"{prefix or 'table'}: {exc}")
+
+
+_EMPTY_LONG = torch.empty(0, dtype=torch.int64)
+_EMPTY_FLOAT = torch.empty(0, dtype=torch.float32)

@@ -1,0 +1,325 @@
+"""Behaviour of DynamicEmbeddingTable: ids, defaults, growth, admission, eviction, change
+tracking, deterministic initialisation and bad input (which must leave the table unchanged)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gauss_plugins.embedding import (
+    DynamicEmbeddingTable,
+    DynamicTableConfig,
+    LRUEviction,
+    OptimizerConfig,
+    ScoreEviction,
+    SparseOptimizer,
+    TableFullError,
+)
+from gauss_plugins.embedding.initializers import deterministic_uniform
+
+
+def make(backend, **kw) -> DynamicEmbeddingTable:
+    kw.setdefault("name", "t")
+    kw.setdefault("dim", 4)
+    return DynamicEmbeddingTable(DynamicTableConfig(backend=backend, **kw))
+
+
+def snapshot(table):
+    tensors, meta = table.export_state()
+    return {k: v.clone() for k, v in tensors.items()}, {k: v for k, v in meta.items()}
+
+
+def assert_same_state(a, b):
+    assert a[1] == b[1]
+    assert set(a[0]) == set(b[0])
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+
+
+def test_any_int64_id_and_no_collisions(backend):
+    t = make(backend, initial_capacity=2)
+    ids = torch.tensor([0, -1, 1, -(2**63), 2**63 - 1, 2**32, -(2**32), 12345678901234])
+    t.train()
+    with torch.no_grad():
+        t(ids)
+    assert len(t) == 8 and t.capacity >= 8
+    rows = t.find(ids)
+    assert torch.unique(rows).numel() == 8
+    vals, present = t.get(ids)
+    assert bool(present.all())
+    assert torch.unique(vals, dim=0).shape[0] == 8  # distinct ids, distinct rows, distinct values
+
+
+def test_eval_never_inserts_and_defaults(backend):
+    t = make(backend)
+    t.eval()
+    out = t(torch.tensor([[1, 2], [3, 4]]))
+    assert out.shape == (2, 2, 4) and len(t) == 0
+    assert torch.equal(out, torch.zeros(2, 2, 4))
+    u = make(backend, default="unknown")
+    u.eval()
+    out = u(torch.tensor([7, 8]))
+    assert torch.equal(out[0], out[1]) and out.abs().sum() > 0
+    assert torch.equal(out[0], u.default_value())
+
+
+def test_unknown_row_is_trained_for_not_admitted_ids(backend):
+    t = make(backend, default="unknown", admission="counting", admission_options={"min_count": 3},
+             optimizer=OptimizerConfig("sgd", lr=1.0))
+    opt = SparseOptimizer(t)
+    before = t.default_value()
+    t(torch.tensor([5])).sum().backward()
+    opt.step()
+    assert len(t) == 0
+    torch.testing.assert_close(t.default_value(), before - 1.0)
+    z = make(backend, admission="counting", admission_options={"min_count": 3}, optimizer="sgd")
+    opt = SparseOptimizer(z)
+    out = z(torch.tensor([5]))
+    assert torch.equal(out, torch.zeros(1, 4))
+    out.sum().backward()
+    opt.step()  # the zeros default receives no update
+    assert torch.equal(z.default_value(), torch.zeros(4))
+
+
+def test_counting_admission_after_n_sightings(backend):
+    t = make(backend, admission="counting", admission_options={"min_count": 3})
+    t.train()
+    with torch.no_grad():
+        t(torch.tensor([1, 2, 2]))
+        assert len(t) == 0
+        t(torch.tensor([1, 2]))
+        assert t.contains(torch.tensor([1, 2])).tolist() == [False, True]
+        t(torch.tensor([1]))
+        assert t.contains(torch.tensor([1])).tolist() == [True]
+
+
+def test_probability_admission_is_deterministic_and_roughly_p(backend):
+    def run():
+        t = make(backend, admission="probability", admission_options={"p": 0.25, "seed": 3}, initial_capacity=4096)
+        t.train()
+        with torch.no_grad():
+            t(torch.arange(4000))
+        return t.find(torch.arange(4000)) >= 0
+
+    a, b = run(), run()
+    assert torch.equal(a, b)
+    assert 0.2 < a.float().mean().item() < 0.3
+
+
+def test_growth_keeps_values_and_stops_at_max_capacity(backend):
+    t = make(backend, initial_capacity=4, max_capacity=20)
+    t.train()
+    with torch.no_grad():
+        t(torch.arange(3))
+        first = t.get(torch.arange(3))[0]
+        t(torch.arange(3, 12))
+        assert t.capacity == 12 and len(t) == 12
+        assert torch.equal(t.get(torch.arange(3))[0], first)
+        t(torch.arange(12, 20))
+        assert t.capacity == 20
+        before = snapshot(t)
+        with pytest.raises(TableFullError, match="max_capacity.*eviction"):
+            t(torch.tensor([100, 101]))
+    # values, rows and policy state are unchanged (only the counters moved)
+    after = snapshot(t)
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+
+
+def test_initial_values_are_a_function_of_seed_and_id(backend):
+    a = make(backend, seed=7, dim=16, init_min=-0.1, init_max=0.1)
+    b = make("torch", seed=7, dim=16, init_min=-0.1, init_max=0.1, initial_capacity=3)
+    a.train(); b.train()
+    ids = torch.tensor([9, -4, 2**62, 5])
+    with torch.no_grad():
+        a(ids)
+        b(ids.flip(0))  # other order, other rows, other backend
+    assert torch.equal(a.get(ids)[0], b.get(ids)[0])  # bit-identical
+    assert torch.equal(a.get(ids)[0], deterministic_uniform(ids, 16, 7, -0.1, 0.1))
+    v = a.get(ids)[0]
+    assert v.min() >= -0.1 and v.max() < 0.1 and v.std() > 0.03
+    c = make(backend, seed=8, dim=16)
+    c.train()
+    with torch.no_grad():
+        c(ids)
+    assert not torch.equal(c.get(ids)[0], a.get(ids)[0])
+    n = make(backend, initializer="normal", init_std=0.5, dim=256)
+    n.train()
+    with torch.no_grad():
+        n(torch.arange(200))
+    vals = n.get(torch.arange(200))[0]
+    assert abs(vals.mean().item()) < 0.02 and abs(vals.std().item() - 0.5) < 0.02
+
+
+def test_cpu_kernel_init_is_bit_identical_to_torch():
+    from gauss_kernels.hash_table import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip(cpu_ext.unavailable_reason())
+    ops = cpu_ext.load_ops()
+    ids = torch.cat([torch.randint(-(2**63), 2**63 - 1, (500,)), torch.tensor([-(2**63), 2**63 - 1, 0])])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = torch.zeros(ids.numel(), 33, dtype=dtype)
+        ops.init_uniform(w, torch.arange(ids.numel()), ids, -3, -0.37, 0.2)
+        assert torch.equal(w, deterministic_uniform(ids, 33, -3, -0.37, 0.2).to(dtype)), dtype
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_lru_and_lfu_evict_the_right_rows(backend, policy):
+    t = make(backend, initial_capacity=4, max_capacity=4, eviction=policy, evict_fraction=0.0)
+    t.train()
+    v0 = t.version
+    with torch.no_grad():
+        t(torch.tensor([1, 2, 3, 4]))
+        t(torch.tensor([1, 1, 1, 3, 3]))  # 1 and 3: recent and frequent
+        t(torch.tensor([4]))              # 4: most recent, once more
+        t(torch.tensor([10, 11]))         # two new ids need two rows
+    live = set(t.index.keys_and_rows()[0].tolist())
+    if policy == "lru":
+        assert live == {3, 4, 10, 11}  # 2 is oldest; 1 and 3 were read at the same step: ties by id
+    else:
+        assert live == {1, 3, 10, 11}
+    gone = t.evicted_since(v0)
+    assert gone.tolist() == sorted({1, 2, 3, 4} - live)
+
+
+def test_lru_protects_ids_of_the_current_batch(backend):
+    t = make(backend, initial_capacity=3, max_capacity=3, eviction="lru", evict_fraction=0.0)
+    t.train()
+    with torch.no_grad():
+        t(torch.tensor([1, 2, 3]))
+        t(torch.tensor([1, 50]))  # 1 is the oldest by tie-break but is in the batch: 2 goes
+    assert set(t.index.keys_and_rows()[0].tolist()) == {1, 3, 50}
+    with pytest.raises(TableFullError, match="single batch"):
+        with torch.no_grad():
+            t(torch.tensor([7, 8, 9, 10]))
+
+
+def test_ttl_in_steps_and_auto_evict(backend):
+    t = make(backend, eviction="ttl", eviction_options={"ttl": 2, "unit": "steps"}, auto_evict_every=1)
+    t.train()
+    with torch.no_grad():
+        t(torch.tensor([1, 2]))   # step 1
+        t(torch.tensor([2]))      # step 2
+        t(torch.tensor([2]))      # step 3
+        assert t.contains(torch.tensor([1, 2])).tolist() == [True, True]
+        t(torch.tensor([2]))      # step 4: 1 unused for 3 > 2 steps
+    assert t.contains(torch.tensor([1, 2])).tolist() == [False, True]
+    s = make(backend, eviction="ttl", eviction_options={"ttl": 1000, "unit": "seconds"})
+    s.train()
+    with torch.no_grad():
+        s(torch.tensor([1]))
+    assert s.evict().numel() == 0
+    s.eviction.rows["last_seen"][:] -= 2000  # pretend the row was read 2000 s ago
+    assert s.evict().tolist() == [1]
+
+
+def test_custom_score_eviction(backend):
+    # evict the rows with the largest first coordinate first
+    policy = ScoreEviction(lambda ids, rows, table: -table.weight[rows, 0].float())
+    t = make(backend, initial_capacity=5, max_capacity=5, eviction=policy, evict_fraction=0.0)
+    t.train()
+    ids = torch.arange(5)
+    with torch.no_grad():
+        t(ids)
+    first = t.get(ids)[0][:, 0]
+    victims = t.evict(num=2)
+    assert sorted(victims.tolist()) == sorted(ids[first.argsort(descending=True)[:2]].tolist())
+    assert len(t) == 3
+
+
+def test_policies_resolve_through_the_registry(backend):
+    t = make(backend, eviction="lru", admission="counting", admission_options={"min_count": 2})
+    assert isinstance(t.eviction, LRUEviction)
+    assert t.admission.min_count == 2
+    with pytest.raises(KeyError, match="no eviction_policy named 'nope'"):
+        make(backend, eviction="nope")
+
+
+def test_change_tracking(backend):
+    t = make(backend, optimizer=OptimizerConfig("sgd", lr=0.1), eviction="lru")
+    opt = SparseOptimizer(t)
+    t.train()
+    v0 = t.version
+    t(torch.tensor([1, 2, 3])).sum().backward()
+    opt.step(); opt.zero_grad()
+    ids, values, state = t.changed_since(v0)
+    assert ids.tolist() == [1, 2, 3] and values.shape == (3, 4) and state == {}
+    assert torch.equal(values.float(), t.get(ids)[0])
+    v1 = t.version
+    assert t.changed_since(v1)[0].numel() == 0
+    t.set(torch.tensor([3, 9]), torch.ones(2, 4))
+    t.delete(torch.tensor([2, 77]))
+    assert t.changed_since(v1)[0].tolist() == [3, 9]
+    assert t.evicted_since(v1).tolist() == [2]
+    assert t.evicted_since(v0).tolist() == [2]
+    v2 = t.version
+    with torch.no_grad():
+        t(torch.tensor([2]))  # re-inserted: no longer reported as evicted
+    assert t.evicted_since(v0).tolist() == []
+    assert t.changed_since(v2)[0].tolist() == [2]
+    assert t.version > v2
+    t.trim_tombstones(t.version)
+    with pytest.raises(ValueError, match="resync"):
+        t.evicted_since(v0)
+
+
+def test_set_get_delete(backend):
+    t = make(backend, optimizer=OptimizerConfig("adagrad"))
+    ids = torch.tensor([4, -4])
+    t.set(ids, torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]]), optimizer_state={"sum": torch.full((2, 4), 0.5)})
+    vals, present = t.get(torch.tensor([-4, 4, 0]))
+    assert present.tolist() == [True, True, False]
+    assert vals[0].tolist() == [5, 6, 7, 8] and vals[2].tolist() == [0, 0, 0, 0]
+    assert torch.equal(t.changed_since(0)[2]["sum"], torch.full((2, 4), 0.5))
+    assert t.delete(torch.tensor([4, 4, 5])).tolist() == [True, True, False]
+    assert len(t) == 1
+
+
+def _bad_calls(t):
+    yield TypeError, "float ids", lambda: t(torch.tensor([1.0, 2.0]))
+    yield TypeError, "int64", lambda: t(torch.tensor([1, 2], dtype=torch.int32))
+    yield TypeError, "torch.Tensor", lambda: t([1, 2])
+    yield ValueError, "1-D", lambda: t.lookup_pooled(torch.tensor([[1, 2]]), torch.tensor([0, 2]))
+    yield ValueError, "end at len", lambda: t.lookup_pooled(torch.tensor([1, 2, 3]), torch.tensor([0, 2]))
+    yield ValueError, "start at 0", lambda: t.lookup_pooled(torch.tensor([1, 2]), torch.tensor([1, 2]))
+    yield ValueError, "non-decreasing", lambda: t.lookup_pooled(torch.tensor([1, 2]), torch.tensor([0, 2, 1, 2]))
+    yield TypeError, "offsets", lambda: t.lookup_pooled(torch.tensor([1, 2]), torch.tensor([0.0, 2.0]))
+    yield ValueError, "mode", lambda: t.lookup_pooled(torch.tensor([1, 2]), torch.tensor([0, 2]), mode="max")
+    yield ValueError, "per_sample_weights", lambda: t.lookup_pooled(
+        torch.tensor([1, 2]), torch.tensor([0, 2]), per_sample_weights=torch.ones(3))
+    yield ValueError, "mode='sum'", lambda: t.lookup_pooled(
+        torch.tensor([1, 2]), torch.tensor([0, 2]), mode="mean", per_sample_weights=torch.ones(2))
+    yield ValueError, "shape", lambda: t.set(torch.tensor([1, 2]), torch.ones(2, 5))
+    yield ValueError, "distinct", lambda: t.set(torch.tensor([1, 1]), torch.ones(2, 4))
+    yield ValueError, "optimizer_state", lambda: t.set(torch.tensor([1]), torch.ones(1, 4), {"nope": torch.ones(1)})
+    yield TypeError, "float ids", lambda: t.delete(torch.tensor([1.5]))
+    if torch.cuda.is_available():
+        yield ValueError, "table is on cpu", lambda: t(torch.tensor([1], device="cuda"))
+
+
+def test_bad_input_raises_clearly_and_changes_nothing(backend):
+    t = make(backend, optimizer=OptimizerConfig("adagrad"), eviction="lru")
+    t.train()
+    with torch.no_grad():
+        t(torch.tensor([1, 2, 3]))
+    before = snapshot(t)
+    for exc, match, call in _bad_calls(t):
+        with pytest.raises(exc, match=match):
+            call()
+        assert_same_state(before, snapshot(t))
+    t.eval()
+    for exc, match, call in _bad_calls(t):
+        with pytest.raises(exc, match=match):
+            call()
+    assert_same_state(before, snapshot(t))
+
+
+def test_memory_report(backend):
+    t = make(backend, initial_capacity=3000, max_capacity=3000, eviction="lru", dim=8)
+    t.train()
+    with torch.no_grad():
+        t(torch.arange(3000))
+    rep = t.memory_report()
+    assert rep["load_factor"] == pytest.approx(0.75, abs=0.01)
+    # 16 B index (12-byte slots at 0.75) + 4 B LRU stamp + 4 B version stamp
+    assert rep["overhead_bytes_per_row"] == pytest.approx(24, abs=0.1)

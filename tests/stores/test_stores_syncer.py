@@ -1,0 +1,156 @@
+"""The syncer with the embedded WePS: pushes, tombstones, dense manifests, outages, spills."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from gauss_plugins.stores.base import ChangeBatch
+from gauss_plugins.stores.syncer import Syncer, load_dense, read_manifest
+from gauss_plugins.stores.tierps import TierPS
+from gauss_plugins.stores.weps import WePS
+
+
+class FlakyWePS(WePS):
+    """A WePS that can be switched off: every call then raises ConnectionError, and
+    switching it back on may come with lost data (a restart without persistence)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.down = False
+        self.incarnation = 0
+
+    def apply_changes(self, batch: ChangeBatch) -> None:
+        if self.down:
+            raise ConnectionError("serving store is down")
+        super().apply_changes(batch)
+
+    def instance_id(self) -> str:
+        if self.down:
+            raise ConnectionError("serving store is down")
+        return str(self.incarnation)
+
+    def restart_empty(self) -> None:
+        WePS.__init__(self, self.dim)
+        self.down = False
+        self.incarnation += 1
+
+
+def _same(ps, weps):
+    rows = {i: v for b in ps.export() for i, v in zip(b.ids.tolist(), b.values)}
+    got = {i: v for b in weps.export() for i, v in zip(b.ids.tolist(), b.values)}
+    return rows.keys() == got.keys() and all(torch.equal(rows[i], got[i]) for i in rows)
+
+
+def test_push_changes_and_tombstones(tmp_path):
+    ps = TierPS(4, str(tmp_path / "ps"))
+    weps = WePS(4)
+    syncer = Syncer(ps, weps, start=False)
+    ps.put(torch.arange(10), torch.randn(10, 4))
+    assert syncer.sync_now()
+    assert _same(ps, weps) and weps.version == ps.version
+    ps.delete([1, 2])
+    ps.put([3, 50], torch.ones(2, 4))
+    assert syncer.sync_now()
+    assert _same(ps, weps)
+    assert weps.lookup([1, 2]).found.tolist() == [False, False]
+    report = syncer.reports[-1]
+    assert report["rows"] == 2 and report["deleted"] == 2 and report["bytes"] > 0
+    assert 0 <= report["freshness_p50_s"] <= report["freshness_p99_s"] < 5
+    syncer.close()
+    ps.close()
+
+
+def test_background_thread_pushes_every_interval(tmp_path):
+    ps = TierPS(4, str(tmp_path / "ps"))
+    weps = WePS(4)
+    with Syncer(ps, weps, interval_s=0.05) as syncer:
+        ps.put(torch.arange(100), torch.randn(100, 4))
+        deadline = time.monotonic() + 10
+        while weps.version != ps.version and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert weps.version == ps.version
+        assert syncer.stats()["freshness_p99_s"] < 5
+    ps.close()
+
+
+def test_outage_coalesces_spills_and_loses_nothing(tmp_path):
+    ps = TierPS(4, str(tmp_path / "ps"))
+    weps = FlakyWePS(4)
+    syncer = Syncer(ps, weps, start=False, max_pending_bytes=2000, spill_dir=str(tmp_path / "spill"))
+    ps.put(torch.arange(50), torch.zeros(50, 4))
+    assert syncer.sync_now()
+    weps.down = True
+    g = torch.Generator().manual_seed(0)
+    for step in range(30):  # the same ids over and over: coalesced to one entry each
+        ps.put(torch.randint(0, 200, (40,), generator=g), torch.randn(40, 4, generator=g))
+        if step % 4 == 0:
+            ps.delete(torch.randint(0, 200, (5,), generator=g))
+        assert not syncer.sync_now()
+    s = syncer.stats()
+    assert s["consecutive_failures"] == 30 and s["spills"] > 0
+    assert s["pending_rows"] <= 200  # one entry per id, however many updates
+    weps.down = False
+    assert syncer.sync_now()
+    assert _same(ps, weps)
+    # a restart that lost everything: noticed through instance_id, everything resent
+    weps.restart_empty()
+    ps.put([7], torch.ones(1, 4))
+    assert syncer.sync_now()
+    assert syncer.stats()["resyncs"] == 1
+    assert _same(ps, weps)
+    syncer.close()
+    ps.close()
+
+
+def test_dense_manifest_binds_versions(tmp_path):
+    ps = TierPS(2, str(tmp_path / "ps"))
+    weps = WePS(2, retain=10)
+    url = str(tmp_path / "dense")
+    syncer = Syncer(ps, weps, dense_url=url, start=False, keep_dense=1)
+    assert read_manifest(url) is None
+    for step in range(4):
+        ps.put([step], torch.full((1, 2), float(step)))
+        syncer.publish_dense({"w": torch.full((3,), float(step)), "b": torch.tensor([step])})
+        assert syncer.sync_now()
+        m = read_manifest(url)
+        dense, m2 = load_dense(url)
+        assert m == m2 and m["dense_version"] == step + 1
+        assert torch.equal(dense["w"], torch.full((3,), float(step)))
+        # the embedding version named next to the dense one is pinned in WePS
+        snap = weps.snapshot(m["embedding_version"])
+        assert m["embedding_version"] >= m["dense_embedding_version"]
+        assert torch.equal(snap.get([step]), torch.full((1, 2), float(step)))
+    files = sorted(p.name for p in (tmp_path / "dense").iterdir())
+    assert files == ["dense-0000000003.safetensors", "dense-0000000004.safetensors", "manifest.json"]
+    assert json.loads((tmp_path / "dense" / "manifest.json").read_text())["format"] == 1
+    # the manifest waits for the embedding push it names
+    weps_down = FlakyWePS(2)
+    s2 = Syncer(ps, weps_down, dense_url=str(tmp_path / "d2"), start=False)
+    weps_down.down = True
+    s2.publish_dense({"w": torch.ones(1)})
+    s2.sync_now()
+    assert read_manifest(str(tmp_path / "d2")) is None
+    weps_down.down = False
+    s2.sync_now()
+    assert read_manifest(str(tmp_path / "d2"))["dense_version"] == 1
+    s2.close()
+    syncer.close()
+    ps.close()
+
+
+def test_bad_configuration_is_refused(tmp_path):
+    ps = TierPS(4, str(tmp_path / "ps"))
+    with pytest.raises(ValueError, match="do not match"):
+        Syncer(ps, WePS(8), start=False)
+    with pytest.raises(ValueError):
+        Syncer(ps, WePS(4), interval_s=0, start=False)
+    with pytest.raises(TypeError):
+        Syncer(object(), WePS(4), start=False)
+    s = Syncer(ps, WePS(4), start=False)
+    with pytest.raises(RuntimeError, match="dense_url"):
+        s.publish_dense({"w": torch.ones(1)})
+    s.close()
+    ps.close()
