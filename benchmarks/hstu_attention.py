@@ -329,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     small = eager_small_us(args.seed)
     if args.profile:
         profile_small(args.seed, args.profile)
-    from gauss_kernels.hstu.triton_attention import _tuned
+    from gauss_kernels.hstu.triton_attention import _tune_failures, _tuned
 
     columns = ["B", "N", "H", "D", "ours_fwd_graph_tflops", "ours_fwd_eager_tflops", "ours_fwdbwd_graph_tflops",
                "ours_fwdbwd_eager_tflops", "ref_fwd_eager_tflops", "ref_fwdbwd_eager_tflops", "out_rel_err",
@@ -346,7 +346,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "dq_rel_err_n4096": by_n[4096]["dq_rel_err"],
         "max_rel_err": max(max(r[f"{n}_rel_err"] for n in ("out", "dq", "dk", "dv")) for r in rows),
     }
-    rows.append({"tuned_configs": {"/".join(map(str, k)): list(v) for k, v in _tuned.items()}})
+    rows.append({"tuned_configs": {"/".join(map(str, k)): list(v) for k, v in _tuned.items()},
+                 "skipped_configs": {"/".join(map(str, k[0])) + " " + str(tuple(k[1])): why
+                                     for k, why in _tune_failures.items()}})
     print_table(rows[:-1], columns)
     record = write_report("hstu_attention", rows, summary, args.json)
     if args.plot:

@@ -104,6 +104,20 @@ def load_model_tensors(model: torch.nn.Module, tensors: Dict[str, torch.Tensor])
     model.load_state_dict(tensors, strict=True)
 
 
+class EpochLogger(pl.Callback):
+    """One line per validation when progress bars are off (background runs, benchmarks)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self._emit = log
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: RetrievalModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        record = pl_module.history[-1] if pl_module.history else {}
+        self._emit(f"epoch {int(trainer.current_epoch) + 1}: train loss {record.get('train/loss', float('nan')):.4f}, "
+                 f"val HR@10 {record.get('val/hr@10', float('nan')):.4f}, NDCG@10 {record.get('val/ndcg@10', float('nan')):.4f}")
+
+
 def save_checkpoint(path: str, model: torch.nn.Module, config: ExperimentConfig, extra: Dict[str, Any]) -> None:
     """Pickle-free checkpoint: tensors + the config and run facts as JSON metadata."""
     metadata = {"format": "gauss-plugins/retrieval-model/1", "config": json.dumps(config_to_dict(config)),
@@ -199,6 +213,8 @@ def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: Retri
         batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size, seed=config.train.seed)
     keeper = BestModelKeeper(config.train.monitor)
     callbacks: List[pl.Callback] = [keeper]
+    if not progress:
+        callbacks.append(EpochLogger(log))
     if config.train.early_stopping_patience:
         callbacks.append(pl.callbacks.EarlyStopping(monitor=config.train.monitor, mode="max",
                                                     patience=config.train.early_stopping_patience,

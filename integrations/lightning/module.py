@@ -64,10 +64,19 @@ class RetrievalModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_losses = []
 
+    def _record(self, epoch: int) -> Dict[str, float]:
+        """The history record of ``epoch`` (1-based), created on first use. Lightning runs the
+        epoch's validation before ``on_train_epoch_end``, so either may come first."""
+        for record in reversed(self.history):
+            if record["epoch"] == epoch:
+                return record
+        record = {"epoch": epoch}
+        self.history.append(record)
+        return record
+
     def on_train_epoch_end(self) -> None:
         if self._epoch_losses:
-            record = {"epoch": int(self.current_epoch) + 1, "train/loss": float(np.mean(self._epoch_losses))}
-            self.history.append(record)
+            self._record(int(self.current_epoch) + 1)["train/loss"] = float(np.mean(self._epoch_losses))
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self, stage: str) -> None:
@@ -92,12 +101,10 @@ class RetrievalModule(pl.LightningModule):
             self.log_dict({k: v for k, v in values.items() if k not in shown}, prog_bar=False)
             self.log_dict({k: values[k] for k in shown}, prog_bar=True)
             if stage == "val" and self.trainer.state.fn == "fit":
-                epoch = int(self.current_epoch) + 1
-                record = next((r for r in self.history if r["epoch"] == epoch), None)
-                if record is None:
-                    record = {"epoch": epoch}
-                    self.history.append(record)
+                record = self._record(int(self.current_epoch) + 1)
                 record.update(values)
+                if self._epoch_losses:  # the loss of the epoch just trained, known already
+                    record["train/loss"] = float(np.mean(self._epoch_losses))
         return values
 
     def on_validation_epoch_start(self) -> None:

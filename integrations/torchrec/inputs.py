@@ -179,7 +179,14 @@ def group_by_table(
     kjt: KeyedJaggedTensor, feature_names_by_table: Sequence[Sequence[str]], *, weighted: bool
 ) -> List[TableBatch]:
     """Split a checked KJT into one :class:`TableBatch` per table, in table order."""
-    jt: Dict[str, JaggedTensor] = kjt.to_dict()
+    lengths = kjt.lengths()
+    if lengths.numel() == 0:
+        # A batch of size 0: TorchRec's to_dict() cannot split it; every feature is empty.
+        w = kjt.weights_or_none()
+        empty = JaggedTensor(values=kjt.values()[:0], lengths=lengths, weights=w[:0] if w is not None else None)
+        jt: Dict[str, JaggedTensor] = {name: empty for name in kjt.keys()}
+    else:
+        jt = kjt.to_dict()
     batches = []
     for names in feature_names_by_table:
         parts = [jt[name] for name in names]

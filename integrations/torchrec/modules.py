@@ -7,11 +7,12 @@ and ``EmbeddingCollection``, read the same ``KeyedJaggedTensor`` and return the 
 features named ``feature@table``). What differs is the storage: each table is a
 :class:`gauss_plugins.embedding.DynamicEmbeddingTable`, so ids are raw int64 values of any
 size (no modulo, no collisions), rows are created when ids are seen, and
-``num_embeddings`` in the config is only the table's initial capacity.
+``num_embeddings`` in the config bounds the table's growth (``max_capacity``; see
+:mod:`gauss_integrations.torchrec.tables` for how configs and options map).
 
 Tables hold no ``nn.Parameter``: a dense optimizer built from ``model.parameters()`` sees
-only the dense layers, and the tables are trained by their fused sparse optimizer (see
-:func:`gauss_integrations.torchrec.swap.dynamic_tables`).
+only the dense layers, and the tables are trained by the fused
+:class:`gauss_plugins.embedding.SparseOptimizer` (``SparseOptimizer(model, ...)`` finds them).
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from gauss_integrations.torchrec.inputs import check_features, group_by_table
+from gauss_plugins.embedding import AlwaysAdmit, DynamicEmbeddingTable, TableFullError
+
+from gauss_integrations.torchrec.inputs import TableBatch, check_features, group_by_table
 from gauss_integrations.torchrec.tables import TableOptions, build_table
 
 _POOLING_MODE = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
@@ -57,6 +60,32 @@ def _prepare_configs(tables: Sequence[BaseEmbeddingConfig], kind: type, owner: s
     return [list(config.feature_names) for config in tables]
 
 
+def _check_room(tables: Sequence[DynamicEmbeddingTable], batches: Sequence[TableBatch]) -> None:
+    """Raise TableFullError before any lookup if a table could not take this batch's new ids.
+
+    Each table's own insert is all-or-nothing, but a collection looks its tables up one
+    after the other: without this check a full second table would fail after the first had
+    already inserted rows. Exact for tables that admit every id and never evict (the only
+    ones that fail on a full table at a predictable count); only tables the batch could
+    fill are probed, so the common case costs no extra hash lookups.
+    """
+    for table, batch in zip(tables, batches):
+        if not table.training or table.eviction is not None or not isinstance(table.admission, AlwaysAdmit):
+            continue
+        free = table.config.max_capacity - len(table)
+        if batch.ids.numel() <= free:
+            continue
+        absent = batch.ids[table.find(batch.ids) < 0]
+        new = int(torch.unique(absent).numel())
+        if new > free:
+            raise TableFullError(
+                f"dynamic table {table.name!r} is full: {len(table)} rows of max_capacity "
+                f"{table.config.max_capacity}, and this batch brings {new} new ids. No table was changed. "
+                f"Raise max_capacity, set an eviction policy ('lru', 'lfu', 'ttl') or admit fewer ids "
+                f"('counting'), through table_options / default_options"
+            )
+
+
 def _check_options_keys(table_options: Optional[Mapping[str, Any]], tables: Sequence[BaseEmbeddingConfig], owner: str) -> None:
     if not table_options:
         return
@@ -77,7 +106,7 @@ class DynamicEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             MEAN), ``feature_names`` (a feature read by several tables is output as
             ``feature@table``, as in TorchRec), ``data_type`` (FP32/FP16/BF16 storage) and the
             ``weight_init_min``/``weight_init_max`` range are honoured; ``num_embeddings`` is
-            the initial capacity (the table grows up to its configured maximum).
+            the most rows the table grows to (``max_capacity``, overridable).
         is_weighted: read per-id weights from the KJT (``weights()``) and pool
             ``sum(w_i * e_i)``.
         device: where the tables live; the KJT must be on the same device.
@@ -154,6 +183,7 @@ class DynamicEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             owner=type(self).__name__,
         )
         batches = group_by_table(kjt, self._feature_names, weighted=self._is_weighted)
+        _check_room(list(self.embedding_bags.values()), batches)
         pooled: List[torch.Tensor] = []
         for table, mode, batch in zip(self.embedding_bags.values(), self._modes, batches):
             out = table.lookup_pooled(batch.ids, batch.offsets, mode=mode, per_sample_weights=batch.weights)
@@ -251,6 +281,7 @@ class DynamicEmbeddingCollection(EmbeddingCollectionInterface):
             owner=type(self).__name__,
         )
         batches = group_by_table(kjt, self._feature_names, weighted=False)
+        _check_room(list(self.embeddings.values()), batches)
         out: Dict[str, JaggedTensor] = {}
         for table, names, batch in zip(self.embeddings.values(), self._embedding_names_by_table, batches):
             rows = table.lookup(batch.ids).float().split(batch.ids_per_feature)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
 
+import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
@@ -22,6 +23,7 @@ def swap_dynamic_embeddings(
     table_options: Optional[Mapping[str, TableOptions]] = None,
     default_options: Optional[TableOptions] = None,
     allow_unknown_features: bool = False,
+    copy_weights: bool = False,
 ) -> nn.Module:
     """Replace every TorchRec ``EmbeddingBagCollection`` and ``EmbeddingCollection`` in
     ``model`` (the model itself included) by a dynamic twin with the same configs.
@@ -33,12 +35,16 @@ def swap_dynamic_embeddings(
             error). See :class:`DynamicEmbeddingBagCollection`.
         default_options: options for every table, applied before ``table_options``.
         allow_unknown_features: passed to every twin (accept KJT keys no table reads).
+        copy_weights: write row ``i`` of each static table as the row of id ``i`` (for
+            models whose ids already are row numbers, e.g. from a vocabulary): the swapped
+            model then computes what the original did on those ids, and new ids get new
+            rows. Off by default: the dynamic tables start empty.
 
     Returns:
         ``model`` itself, changed in place, or the twin when ``model`` is a collection.
-        The twins keep the original collections' ``is_weighted``, ``need_indices`` and
-        device; their tables start empty (rows are created as ids are seen), and a module
-        used at several places in the tree is replaced by one shared twin.
+        The twins keep the original collections' ``is_weighted``, ``need_indices``,
+        device and train/eval mode; a module used at several places in the tree is
+        replaced by one shared twin. On any error the model is left unchanged.
     """
     table_options = dict(table_options or {})
     seen_tables: Dict[str, str] = {}
@@ -74,6 +80,8 @@ def swap_dynamic_embeddings(
                 default_options=default_options,
                 allow_unknown_features=allow_unknown_features,
             )
+        if copy_weights:
+            _copy_rows(module, twin)
         twin.train(module.training)
         twins[id(module)] = twin
         return twin
@@ -101,6 +109,20 @@ def swap_dynamic_embeddings(
     for parent, child_name, twin in replacements:
         setattr(parent, child_name, twin)
     return model
+
+
+def _copy_rows(static: nn.Module, twin: nn.Module) -> None:
+    statics = static.embedding_bags if isinstance(static, EmbeddingBagCollection) else static.embeddings
+    dynamics = twin.embedding_bags if isinstance(twin, DynamicEmbeddingBagCollection) else twin.embeddings
+    for name, module in statics.items():
+        weight = module.weight.detach()
+        table = dynamics[name]
+        if weight.shape[0] > table.config.max_capacity:
+            raise ValueError(
+                f"copy_weights: table {name!r} has {weight.shape[0]} rows but its max_capacity option is "
+                f"{table.config.max_capacity}; raise max_capacity or swap without copy_weights"
+            )
+        table.set(torch.arange(weight.shape[0], device=weight.device), weight)
 
 
 def _check_all_options_used(table_options: Mapping[str, TableOptions], seen_tables: Mapping[str, str]) -> None:

@@ -32,6 +32,12 @@ class _Config(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # forward only: K/V through host tensor descriptors (Hopper TMA)
+    ws: bool = False  # forward only: warp-specialized main loop
+
+
+def _experimental(cfg: _Config) -> bool:
+    return cfg.tma or cfg.ws
 
 
 def _new_output(shape, like: torch.Tensor) -> torch.Tensor:
@@ -56,9 +62,13 @@ def _pow2_at_least(d: int, minimum: int = 16) -> int:
 _CANDIDATES: Dict[str, Dict[int, List[_Config]]] = {
     "fwd": {
         64: [_Config(64, 64, 4, 3), _Config(128, 64, 4, 3), _Config(128, 128, 8, 3), _Config(64, 32, 4, 3),
-             _Config(64, 128, 4, 2), _Config(128, 64, 8, 3)],
+             _Config(64, 128, 4, 2), _Config(128, 64, 8, 3), _Config(64, 64, 4, 3, tma=True),
+             _Config(128, 64, 8, 3, tma=True), _Config(128, 64, 8, 2, tma=True, ws=True)],
         128: [_Config(64, 64, 4, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 2), _Config(64, 128, 4, 2),
-              _Config(128, 64, 8, 3), _Config(128, 128, 8, 2), _Config(128, 32, 8, 4)],
+              _Config(128, 64, 8, 3), _Config(128, 128, 8, 2), _Config(128, 32, 8, 4),
+              _Config(64, 64, 4, 3, tma=True), _Config(128, 64, 8, 3, tma=True), _Config(128, 128, 8, 2, tma=True),
+              _Config(64, 64, 4, 3, tma=True, ws=True), _Config(128, 64, 8, 2, tma=True, ws=True),
+              _Config(128, 128, 8, 2, tma=True, ws=True), _Config(64, 64, 4, 3, ws=True)],
         256: [_Config(64, 64, 4, 2), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 8, 2)],
     },
     "dkdv": {
@@ -93,7 +103,11 @@ def _seq_bucket(max_seq_len: int) -> int:
     return 1 << max(0, (max_seq_len - 1).bit_length())
 
 
-def _pick(kind: str, key: tuple, block_d: int, launch: Callable[[_Config], None], may_tune: bool) -> _Config:
+_tune_failures: Dict[tuple, str] = {}  # (key, config) -> why an experimental config was skipped
+
+
+def _pick(kind: str, key: tuple, block_d: int, launch: Callable[[_Config], None], may_tune: bool,
+          allow_tma: bool = False) -> _Config:
     """The block config for ``kind``: cached, tuned on first use when allowed, else the
     default. ``launch(cfg)`` runs the kernel once with ``cfg`` (outputs overwritten)."""
     cfg = _tuned.get(key)
@@ -101,8 +115,11 @@ def _pick(kind: str, key: tuple, block_d: int, launch: Callable[[_Config], None]
         return cfg
     if _interpreting():
         return _INTERPRETER_CONFIGS[kind]
-    candidates = _CANDIDATES[kind][min(256, max(64, block_d))]
-    if not (may_tune and _autotune_enabled()) or torch.cuda.is_current_stream_capturing():
+    candidates = [c for c in _CANDIDATES[kind][min(256, max(64, block_d))] if allow_tma or not c.tma]
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]  # no timing inside a capture; a later eager call may still tune
+    if not (may_tune and _autotune_enabled()):
+        _tuned[key] = candidates[0]
         return candidates[0]
     from triton.testing import do_bench
 
@@ -113,9 +130,13 @@ def _pick(kind: str, key: tuple, block_d: int, launch: Callable[[_Config], None]
         for cfg in candidates:
             try:
                 ms = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
-            except Exception as exc:  # out of shared memory / registers on this GPU: skip it
-                if "resources" not in str(exc).lower() and "shared memory" not in str(exc).lower():
+            except Exception as exc:
+                # out of shared memory / registers on this GPU, or an experimental variant
+                # (TMA, warp specialization) this triton cannot build: skip it, say why
+                text = str(exc).lower()
+                if not (_experimental(cfg) or "resources" in text or "shared memory" in text):
                     raise
+                _tune_failures[(key, cfg)] = f"{type(exc).__name__}: {str(exc)[-300:]}"
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
@@ -123,31 +144,101 @@ def _pick(kind: str, key: tuple, block_d: int, launch: Callable[[_Config], None]
         return best
 
 
+# ---------------------------------------------------------------- launching
+_kernels = None
+
+
+def _kernel_module():
+    """The @triton.jit kernels, imported on first use (so importing this module, e.g. to
+    list backends, does not compile or decorate anything)."""
+    global _kernels
+    if _kernels is None:
+        from gauss_kernels.hstu import triton_kernels
+
+        _kernels = triton_kernels
+    return _kernels
+
+
+class _Launcher:
+    """Launches one ``@triton.jit`` kernel, keeping the host cost of a launch small.
+
+    The first launch for a specialization goes through triton (``kernel[grid](...)``, which
+    compiles and caches). Later launches with the same constexprs and the same argument
+    properties triton specializes on (16-byte alignment of pointers; integers equal to 1
+    or divisible by 16) call the compiled kernel's launcher directly, skipping triton's
+    per-call binding and specialization: that is most of the host time of a small layer.
+    If this triton's compiled-kernel interface differs, the direct path turns itself off
+    and every launch goes through triton (same kernel, more host time).
+    """
+
+    direct_enabled = os.environ.get("GAUSS_HSTU_DIRECT_LAUNCH", "1") != "0"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._compiled: Dict[tuple, tuple] = {}
+
+    def __call__(self, grid, tensors: tuple, scalars: tuple, constexprs: dict, cfg: _Config, static_key: tuple):
+        # tensor descriptors (TMA configs) are expanded by triton's own launch path: no direct launch
+        direct = self.direct_enabled and not cfg.tma and not _interpreting()
+        spec = entry = None
+        if direct:
+            spec = (static_key, cfg, tuple(t.data_ptr() & 15 == 0 for t in tensors),
+                    tuple((x == 1, x & 15 == 0, -(1 << 31) <= x < (1 << 31)) for x in scalars if type(x) is int))
+            entry = self._compiled.get(spec)
+        if entry is not None:
+            compiled, tail = entry
+            device = tensors[0].device.index
+            try:
+                compiled.run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                             compiled.packed_metadata, None, None, None, *tensors, *scalars, *tail)
+                return
+            except TypeError:  # another triton version's launcher signature
+                _Launcher.direct_enabled = False
+        kernel = getattr(_kernel_module(), self.name)
+        compiled = kernel[grid](*tensors, *scalars, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                **constexprs)
+        if direct and hasattr(compiled, "packed_metadata"):
+            # the launcher takes every parameter, constexprs included, in signature order
+            names = list(kernel.signature.parameters)[len(tensors) + len(scalars):]
+            self._compiled[spec] = (compiled, tuple(constexprs[n] for n in names))
+
+
+_fwd_launcher = _Launcher("hstu_fwd_kernel")
+_dkdv_launcher = _Launcher("hstu_bwd_dkdv_kernel")
+_dq_launcher = _Launcher("hstu_bwd_dq_kernel")
+
+
 # ---------------------------------------------------------------- argument handling
-class _Call(NamedTuple):
-    """Everything the three kernels share, computed once per call."""
+class _Plan(NamedTuple):
+    """What the three kernels need besides the tensors; cached per layout and options."""
 
     B: int
     H: int
-    d_qk: int
-    d_v: int
-    block_dq: int
-    block_dv: int
-    max_seq_len: int
     half_alpha: float  # the kernels work with s / 2 (see triton_kernels)
     scale: float
     contextual_len: int
     max_attn_len: int
-    flags: dict
-    num_targets: torch.Tensor
-    rab: Optional[torch.Tensor]
+    max_seq_len: int
+    constexprs: dict
+    block_d: int
     rab_strides: Tuple[int, int, int]
+    rab_shape: Optional[Tuple[int, ...]]
     key: tuple
+    tma_ok: bool  # 16-bit, power-of-two head dims on Hopper or newer: TMA configs may be tried
 
 
-def _prepare(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len,
-             rab, normalizer) -> _Call:
+_plans: Dict[tuple, _Plan] = {}
+
+
+def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab,
+          normalizer) -> _Plan:
     interpreting = _interpreting()
+    rab_layout = None if rab is None else (tuple(rab.shape), rab.stride(), rab.dtype)
+    cache_key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, offsets.shape, max_seq_len, alpha,
+                 causal, num_targets is None, contextual_len, max_attn_len, rab_layout, normalizer, interpreting)
+    plan = _plans.get(cache_key)
+    if plan is not None:
+        return plan
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"q, k, v must be [T, H, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -165,117 +256,121 @@ def _prepare(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextu
     if d_qk > 256 or d_v > 256:
         raise ValueError(f"head dims up to 256 are supported, got d_qk={d_qk}, d_v={d_v}")
     B = offsets.shape[0] - 1
-    has_targets = num_targets is not None
-    if has_targets and num_targets.dtype != torch.int64:
-        num_targets = num_targets.to(torch.int64)
     rab_strides = (0, 0, 0)
     if rab is not None:
-        if rab.stride(-1) != 1:
-            rab = rab.contiguous()
+        # broadcast dimensions read with stride 0; the last dimension must be dense
         rab_strides = (0 if rab.shape[0] == 1 else rab.stride(0), 0 if rab.shape[1] == 1 else rab.stride(1),
                        rab.stride(2))
-    fp32 = q.dtype in (torch.float32, torch.float64)
-    flags = dict(
+    import triton.language as tl
+
+    wide = q.dtype in (torch.float32, torch.float64)
+    constexprs = dict(
+        D_QK=d_qk, D_V=d_v, BLOCK_DQ=_pow2_at_least(d_qk), BLOCK_DV=_pow2_at_least(d_v),
         CAUSAL=bool(causal),
-        HAS_TARGETS=has_targets,
+        HAS_TARGETS=num_targets is not None,
         HAS_CONTEXT=contextual_len > 0,
         HAS_WINDOW=max_attn_len > 0,
         HAS_RAB=rab is not None,
         SCALE_BY_SEQ_LEN=normalizer == "seq_len",
         # tanh.approx is PTX: not under the interpreter, and not precise enough for fp32
-        FAST_SILU=not fp32 and not interpreting,
-        PRECISION="ieee" if fp32 else "tf32",
-        F64=q.dtype == torch.float64,
+        FAST_SILU=not wide and not interpreting,
+        PRECISION="ieee" if wide else "tf32",
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
     )
-    block_dq, block_dv = _pow2_at_least(d_qk), _pow2_at_least(d_v)
-    pure_causal = flags["CAUSAL"] and not (has_targets or flags["HAS_CONTEXT"] or flags["HAS_WINDOW"])
-    key = (block_dq, block_dv, q.dtype, _seq_bucket(max_seq_len), pure_causal, rab is not None,
-           q.device.index)
-    return _Call(B, H, d_qk, d_v, block_dq, block_dv, max_seq_len, 0.5 * float(alpha), 1.0 / max_seq_len,
-                 int(contextual_len), int(max_attn_len), flags,
-                 num_targets if has_targets else offsets, rab, rab_strides, key)
+    block_d = max(constexprs["BLOCK_DQ"], constexprs["BLOCK_DV"])
+    pure_causal = causal and num_targets is None and contextual_len == 0 and max_attn_len == 0
+    key = (constexprs["BLOCK_DQ"], constexprs["BLOCK_DV"], q.dtype, _seq_bucket(max_seq_len), pure_causal,
+           rab is not None, q.device.index)
+    tma_ok = (not interpreting and not wide and d_qk == constexprs["BLOCK_DQ"] and d_v == constexprs["BLOCK_DV"]
+              and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    plan = _Plan(B, H, 0.5 * float(alpha), 1.0 / max_seq_len, int(contextual_len), int(max_attn_len), max_seq_len,
+                 constexprs, block_d, rab_strides, None if rab is None else tuple(rab.shape), key, tma_ok)
+    _plans[cache_key] = plan
+    return plan
 
 
-def _forward(q, k, v, offsets, c: _Call) -> torch.Tensor:
-    from gauss_kernels.hstu.triton_kernels import hstu_fwd_kernel
-
-    out = _new_output((q.shape[0], c.H, c.d_v), q)
-    rab = c.rab if c.rab is not None else q
+def _forward(q, k, v, offsets, num_targets, rab, p: _Plan) -> torch.Tensor:
+    out = _new_output((q.shape[0], p.H, v.shape[2]), q)
+    tensors = (q, k, v, q if rab is None else rab, out, offsets, offsets if num_targets is None else num_targets)
+    scalars = (*p.rab_strides, p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len)
 
     def launch(cfg: _Config) -> None:
-        grid = (c.B * c.H, triton_cdiv(c.max_seq_len, cfg.block_m))
-        hstu_fwd_kernel[grid](
-            q, k, v, rab, out, offsets, c.num_targets, *c.rab_strides,
-            c.H, c.half_alpha, c.scale, c.contextual_len, c.max_attn_len,
-            D_QK=c.d_qk, D_V=c.d_v, BLOCK_DQ=c.block_dq, BLOCK_DV=c.block_dv,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **c.flags,
-        )
+        grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))
+        args = tensors
+        if cfg.tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
 
-    cfg = _pick("fwd", ("fwd",) + c.key, max(c.block_dq, c.block_dv), launch, may_tune=True)
-    launch(cfg)
+            T = q.shape[0]
+            args = (q, TensorDescriptor.from_tensor(k.view(T, -1), [cfg.block_n, k.shape[2]]),
+                    TensorDescriptor.from_tensor(v.view(T, -1), [cfg.block_n, v.shape[2]])) + tensors[3:]
+        _fwd_launcher(grid, args, scalars, dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                                USE_TMA=cfg.tma, WARP_SPEC=cfg.ws), cfg, p.key)
+
+    if q.shape[0] == 0:
+        return out
+    launch(_pick("fwd", ("fwd",) + p.key, p.block_d, launch, may_tune=True, allow_tma=p.tma_ok))
     return out
 
 
-def _backward(grad_out, q, k, v, offsets, c: _Call, compute_drab: bool):
-    from gauss_kernels.hstu.triton_kernels import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel
-
+def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_drab: bool):
     dq = _new_output(q.shape, q)
     dk = _new_output(k.shape, k)
     dv = _new_output(v.shape, v)
-    rab = c.rab if c.rab is not None else q
-    drab_out = None
+    rab_grad = compute_drab and rab is not None
+    atomic = False
     drab_buf = q
     drab_strides = (0, 0, 0)
-    rab_grad = compute_drab and c.rab is not None
-    atomic = False
     if rab_grad:
-        atomic = c.rab.shape[0] != c.B or c.rab.shape[1] != c.H
+        atomic = rab.shape[0] != p.B or rab.shape[1] != p.H
         # every (b, h, i, j) the kernel never visits (masked blocks, padding) must read 0;
-        # broadcast rab sums several programs' contributions with fp32 atomics
-        drab_buf = torch.zeros(c.rab.shape, dtype=torch.float32 if atomic else c.rab.dtype, device=q.device)
+        # a broadcast rab sums several programs' contributions with fp32 atomics
+        drab_buf = torch.zeros(rab.shape, dtype=torch.float32 if atomic else rab.dtype, device=q.device)
         drab_strides = (0 if drab_buf.shape[0] == 1 else drab_buf.stride(0),
                         0 if drab_buf.shape[1] == 1 else drab_buf.stride(1), drab_buf.stride(2))
-    flags = dict(c.flags)
+    rab_or_q = q if rab is None else rab
+    targets = offsets if num_targets is None else num_targets
+    common = (p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len)
+    dkdv_tensors = (q, k, v, grad_out, rab_or_q, drab_buf, dk, dv, offsets, targets)
+    dkdv_scalars = (*p.rab_strides, *drab_strides, *common)
+    dq_tensors = (q, k, v, grad_out, rab_or_q, dq, offsets, targets)
+    dq_scalars = (*p.rab_strides, *common)
+    dkdv_key = p.key + (rab_grad, atomic)
 
     def launch_dkdv(cfg: _Config) -> None:
-        grid = (c.B * c.H, triton_cdiv(c.max_seq_len, cfg.block_n))
-        hstu_bwd_dkdv_kernel[grid](
-            q, k, v, grad_out, rab, drab_buf, dk, dv, offsets, c.num_targets,
-            *c.rab_strides, *drab_strides,
-            c.H, c.half_alpha, c.scale, c.contextual_len, c.max_attn_len,
-            D_QK=c.d_qk, D_V=c.d_v, BLOCK_DQ=c.block_dq, BLOCK_DV=c.block_dv,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            RAB_GRAD=rab_grad, RAB_GRAD_ATOMIC=atomic, **flags,
-        )
+        grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_n))
+        _dkdv_launcher(grid, dkdv_tensors, dkdv_scalars,
+                       dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, RAB_GRAD=rab_grad,
+                            RAB_GRAD_ATOMIC=atomic), cfg, dkdv_key)
 
     def launch_dq(cfg: _Config) -> None:
-        grid = (c.B * c.H, triton_cdiv(c.max_seq_len, cfg.block_m))
-        hstu_bwd_dq_kernel[grid](
-            q, k, v, grad_out, rab, dq, offsets, c.num_targets, *c.rab_strides,
-            c.H, c.half_alpha, c.scale, c.contextual_len, c.max_attn_len,
-            D_QK=c.d_qk, D_V=c.d_v, BLOCK_DQ=c.block_dq, BLOCK_DV=c.block_dv,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **flags,
-        )
+        grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))
+        _dq_launcher(grid, dq_tensors, dq_scalars, dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
+                     cfg, p.key)
 
-    block_d = max(c.block_dq, c.block_dv)
+    if q.shape[0] == 0:
+        return dq, dk, dv, (drab_buf.to(rab.dtype) if rab_grad else None)
     # tuning reruns the kernel: fine for plain stores, not for atomically summed drab
-    cfg = _pick("dkdv", ("dkdv", rab_grad) + c.key, block_d, launch_dkdv, may_tune=not atomic)
-    launch_dkdv(cfg)
-    cfg = _pick("dq", ("dq",) + c.key, block_d, launch_dq, may_tune=True)
-    launch_dq(cfg)
+    launch_dkdv(_pick("dkdv", ("dkdv",) + dkdv_key, p.block_d, launch_dkdv, may_tune=not atomic))
+    launch_dq(_pick("dq", ("dq",) + p.key, p.block_d, launch_dq, may_tune=True))
+    drab = None
     if rab_grad:
-        drab_out = drab_buf.to(c.rab.dtype) if atomic else drab_buf
-    return dq, dk, dv, drab_out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+        drab = drab_buf.to(rab.dtype) if atomic else drab_buf
+    return dq, dk, dv, drab
 
 
 def _contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _targets(num_targets: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if num_targets is None or (num_targets.dtype == torch.int64 and num_targets.is_contiguous()):
+        return num_targets
+    return num_targets.to(torch.int64).contiguous()
+
+
+def _rab(rab: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # the kernels read rows of rab with unit stride
+    return rab if rab is None or rab.stride(-1) == 1 else rab.contiguous()
 
 
 # ---------------------------------------------------------------- public API
@@ -291,9 +386,10 @@ class TritonAttentionBackend:
                 num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0, max_attn_len: int = 0,
                 rab: Optional[torch.Tensor] = None, normalizer: str = "max_seq_len") -> torch.Tensor:
         q, k, v = _contig(q), _contig(k), _contig(v)
-        c = _prepare(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len,
-                     rab, normalizer)
-        return _forward(q, k, v, offsets, c)
+        num_targets, rab = _targets(num_targets), _rab(rab)
+        p = _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab,
+                  normalizer)
+        return _forward(q, k, v, offsets, num_targets, rab, p)
 
     def backward(self, grad_out, q, k, v, offsets, *, max_seq_len: int, alpha: float, causal: bool = True,
                  num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0, max_attn_len: int = 0,
@@ -305,9 +401,10 @@ class TritonAttentionBackend:
                              f"got {tuple(grad_out.shape)}")
         if grad_out.dtype != q.dtype:
             grad_out = grad_out.to(q.dtype)
-        c = _prepare(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len,
-                     rab, normalizer)
-        return _backward(grad_out, q, k, v, offsets, c, compute_drab)
+        num_targets, rab = _targets(num_targets), _rab(rab)
+        p = _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab,
+                  normalizer)
+        return _backward(grad_out, q, k, v, offsets, num_targets, rab, p, compute_drab)
 
 
 _backend = TritonAttentionBackend()
@@ -321,19 +418,19 @@ def hstu_attention_triton() -> TritonAttentionBackend:
 class _FusedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rab, offsets, num_targets, options):
-        c = _prepare(q, k, v, offsets, options["max_seq_len"], options["alpha"], options["causal"], num_targets,
-                     options["contextual_len"], options["max_attn_len"], rab, options["normalizer"])
-        ctx.save_for_backward(q, k, v, rab, offsets, num_targets)
-        ctx.call = c
-        return _forward(q, k, v, offsets, c)
+        num_targets, rab_c = _targets(num_targets), _rab(rab)
+        p = _plan(q, k, v, offsets, options["max_seq_len"], options["alpha"], options["causal"], num_targets,
+                  options["contextual_len"], options["max_attn_len"], rab_c, options["normalizer"])
+        ctx.save_for_backward(q, k, v, rab_c, offsets, num_targets)
+        ctx.plan = p
+        return _forward(q, k, v, offsets, num_targets, rab_c, p)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, rab, offsets, num_targets = ctx.saved_tensors
-        c = ctx.call
         grad_out = _contig(grad_out).to(q.dtype)
         compute_drab = rab is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, drab = _backward(grad_out, q, k, v, offsets, c, compute_drab)
+        dq, dk, dv, drab = _backward(grad_out, q, k, v, offsets, num_targets, rab, ctx.plan, compute_drab)
         return dq, dk, dv, drab, None, None, None
 
 

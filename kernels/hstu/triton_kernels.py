@@ -244,14 +244,22 @@ def _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN: tl.constexpr):
 def _fwd_block(
     acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
+    tma_row, tma_kcol, tma_vcol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n
     col_ok = cols < seq_len
-    kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
-    u = tl.dot(q, kt, input_precision=PRECISION) * half_alpha
+    if USE_TMA:
+        # K_ptrs / V_ptrs are tensor descriptors over [T, H * d]: rows past this sequence
+        # belong to the next one (or are zero past T); every block that reaches them is
+        # masked below, and p = 0 there multiplies finite values of v
+        k = K_ptrs.load([(tma_row + start_n).to(tl.int32), tma_kcol])
+        u = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * half_alpha
+    else:
+        kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
+        u = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * half_alpha
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
@@ -262,8 +270,11 @@ def _fwd_block(
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW,
         )
         p = tl.where(valid, p, 0.0)
-    v = tl.load(V_ptrs + start_n * stride_t_v, mask=col_ok[:, None] & mask_dv[None, :], other=0.0)
-    return tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    if USE_TMA:
+        v = V_ptrs.load([(tma_row + start_n).to(tl.int32), tma_vcol])
+    else:
+        v = tl.load(V_ptrs + start_n * stride_t_v, mask=col_ok[:, None] & mask_dv[None, :], other=0.0)
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit
@@ -275,10 +286,13 @@ def hstu_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, F64: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """out [T, H, D_V] from contiguous q, k [T, H, D_QK], v [T, H, D_V].
-    Grid (B * H, cdiv(max_seq_len, BLOCK_M)); BLOCK_N divides BLOCK_M."""
+    Grid (B * H, cdiv(max_seq_len, BLOCK_M)); BLOCK_N divides BLOCK_M. With USE_TMA, K and
+    V are host tensor descriptors over [T, H * d] with blocks [BLOCK_N, d] (d a power of
+    two); WARP_SPEC asks triton to warp-specialize the main loop (loads / MMA / SiLU)."""
     off_bh = tl.program_id(0)
     # heaviest (latest) row blocks first: axis 0 runs fastest, so the first wave holds the
     # last row block of every (sequence, head)
@@ -304,41 +318,45 @@ def hstu_fwd_kernel(
         Q + (seq_start + offs_m[:, None]) * stride_t_qk + h * D_QK + offs_dq[None, :],
         mask=row_ok[:, None] & mask_dq[None, :], other=0.0,
     )
-    K_ptrs = K + (seq_start + offs_n[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
-    V_ptrs = V + (seq_start + offs_n[:, None]) * stride_t_v + h * D_V + offs_dv[None, :]
+    if USE_TMA:
+        K_ptrs = K
+        V_ptrs = V
+    else:
+        K_ptrs = K + (seq_start + offs_n[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
+        V_ptrs = V + (seq_start + offs_n[:, None]) * stride_t_v + h * D_V + offs_dv[None, :]
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
-    if F64:
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
         # key blocks strictly below the diagonal: every pair valid and in range
-        for start_n in range(0, start_m, BLOCK_N):
+        for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WARP_SPEC):
             acc = _fwd_block(
                 acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION,
+                seq_start, h * D_QK, h * D_V,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             acc = _fwd_block(
                 acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
+                seq_start, h * D_QK, h * D_V,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
         lo, hi = _col_range(
             start_m, seq_len, last, contextual_len, max_attn_len,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N,
         )
-        for start_n in range(lo, hi, BLOCK_N):
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
             acc = _fwd_block(
                 acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
+                seq_start, h * D_QK, h * D_V,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     acc = acc * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN)
@@ -358,14 +376,14 @@ def _bwd_dkdv_block(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     # transposed tiles, [keys, queries]: dk and dv come out of the dots in key-row order
     rows = start_m + offs_m
     row_ok = rows < seq_len
     col_ok = cols < seq_len
     qt = tl.load(Q_ptrs + start_m * stride_t_qk, mask=mask_dq[:, None] & row_ok[None, :], other=0.0)
-    ut = tl.dot(k, qt, input_precision=PRECISION) * half_alpha
+    ut = tl.dot(k, qt, input_precision=PRECISION, out_dtype=ACC) * half_alpha
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_m * stride_rm, mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         ut += 0.5 * rab.to(tl.float32)
@@ -377,8 +395,8 @@ def _bwd_dkdv_block(
         )
         pt = tl.where(valid, pt, 0.0)
     do = tl.load(DO_ptrs + start_m * stride_t_v, mask=row_ok[:, None] & mask_dv[None, :], other=0.0)
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
     dst = dpt * g2t  # twice the true ds: halved in the final scale
     if APPLY_MASK:
         dst = tl.where(valid, dst, 0.0)
@@ -391,7 +409,7 @@ def _bwd_dkdv_block(
         else:
             tl.store(DRAB_ptrs + start_m * stride_drm,
                      (dst * (0.5 * row_scale)).to(DRAB_ptrs.dtype.element_ty), mask=drab_mask)
-    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION, out_dtype=ACC)
     return dk, dv
 
 
@@ -405,7 +423,7 @@ def hstu_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
-    PRECISION: tl.constexpr, F64: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
     BLOCK_N)); in causal mode the first key blocks carry the most work and start first."""
@@ -445,12 +463,8 @@ def hstu_bwd_dkdv_kernel(
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm + cols[:, None]
     if RAB_GRAD:
         DRAB_ptrs = DRAB + b * stride_drb + h * stride_drh + offs_m[None, :] * stride_drm + cols[:, None]
-    if F64:
-        dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float64)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float64)
-    else:
-        dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
@@ -461,7 +475,7 @@ def hstu_bwd_dkdv_kernel(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC,
             )
         # ...those wholly below it do not: rows past the length load as zeros (s = 0, so
         # p = 0, and do = 0), add nothing, and their drab is not stored
@@ -471,7 +485,7 @@ def hstu_bwd_dkdv_kernel(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, False, FAST_SILU, PRECISION,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, False, FAST_SILU, PRECISION, ACC,
             )
     else:
         pre_hi, lo, hi = _row_range(
@@ -483,14 +497,14 @@ def hstu_bwd_dkdv_kernel(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC,
             )
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC,
             )
 
     dk = dk * (half_alpha * row_scale)
@@ -512,18 +526,18 @@ def _bwd_dq_block(
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     cols = start_n + offs_n
     col_ok = cols < seq_len
     kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
     vt = tl.load(V_ptrs + start_n * stride_t_v, mask=mask_dv[:, None] & col_ok[None, :], other=0.0)
-    u = tl.dot(q, kt, input_precision=PRECISION) * half_alpha
+    u = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * half_alpha
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
     _, g2 = _silu_and_grad_half(u, FAST_SILU)
-    dp = tl.dot(do, vt, input_precision=PRECISION)
+    dp = tl.dot(do, vt, input_precision=PRECISION, out_dtype=ACC)
     ds = dp * g2  # twice the true ds: halved in the final scale
     if APPLY_MASK:
         valid = _valid(
@@ -531,7 +545,7 @@ def _bwd_dq_block(
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW,
         )
         ds = tl.where(valid, ds, 0.0)
-    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit
@@ -543,7 +557,7 @@ def hstu_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, F64: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """dq for one query block per program, accumulated in fp32 registers over all key
     blocks (no atomics). Grid (B * H, cdiv(max_seq_len, BLOCK_M)); BLOCK_N divides BLOCK_M."""
@@ -579,10 +593,7 @@ def hstu_bwd_dq_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
-    if F64:
-        dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float64)
-    else:
-        dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
@@ -590,13 +601,13 @@ def hstu_bwd_dq_kernel(
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION, ACC,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC,
             )
     else:
         lo, hi = _col_range(
@@ -607,7 +618,7 @@ def hstu_bwd_dq_kernel(
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC,
             )
 
     dq = dq * (half_alpha * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN))

@@ -7,7 +7,7 @@ layout of TorchRec's ``JaggedTensor`` and of the HSTU kernels: no padding is sto
 padded form exists only where a dense computation needs it (:func:`pad` / :func:`unpad`).
 
 Validation that reads tensor data (:func:`validate_offsets`) synchronises with a GPU; the
-padding helpers call it because they are used by references and tests, not by kernels.
+padding helpers run it unless told ``validate=False`` by a caller that already checked.
 """
 from __future__ import annotations
 
@@ -95,12 +95,13 @@ def row_coordinates(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, to
 
 
 def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
-        padding_value: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        padding_value: float = 0.0, *, validate: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Jagged ``values (T, ...)`` -> ``(padded (B, max_len, ...), mask (B, max_len) bool)``.
 
     ``mask[b, i]`` is True where position ``i`` holds a real row of sequence ``b``. A
     sequence longer than ``max_len`` is an error (never silently truncated). Differentiable
-    with respect to ``values``.
+    with respect to ``values``. ``validate=False`` skips the checks that read ``offsets``
+    (no host synchronisation on GPU) for callers whose offsets are already known good.
     """
     if not isinstance(values, torch.Tensor) or values.dim() < 1:
         raise ValueError("values must be a tensor of at least one dimension (T, ...)")
@@ -109,11 +110,13 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
     if offsets.device != values.device:
         raise ValueError(f"offsets are on {offsets.device} but values on {values.device}")
     total = values.shape[0]
-    validate_offsets(offsets, total)
+    check_offsets_layout(offsets)
     lengths = offsets[1:] - offsets[:-1]
     batch_size = lengths.shape[0]
-    if batch_size and int(lengths.max()) > max_len:
-        raise ValueError(f"a sequence has {int(lengths.max())} rows, more than max_len={max_len}")
+    if validate:
+        validate_offsets(offsets, total)
+        if batch_size and int(lengths.max()) > max_len:
+            raise ValueError(f"a sequence has {int(lengths.max())} rows, more than max_len={max_len}")
     seq, pos = row_coordinates(offsets, total)
     padded = values.new_full((batch_size, max_len, *values.shape[1:]), padding_value)
     padded = padded.index_put((seq, pos), values)
@@ -121,23 +124,29 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
     return padded, mask
 
 
-def unpad(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: Optional[int] = None, *,
+          validate: bool = True) -> torch.Tensor:
     """``padded (B, N, ...)`` -> jagged values ``(offsets[-1], ...)``; inverse of :func:`pad`.
 
     Rows past each sequence's length are dropped. Differentiable with respect to ``padded``.
+    Passing ``total = offsets[-1]`` when it is known saves reading it from the device;
+    ``validate=False`` skips the checks that read ``offsets``.
     """
     if not isinstance(padded, torch.Tensor) or padded.dim() < 2:
         raise ValueError("padded must be a tensor of shape (B, N, ...)")
-    validate_offsets(offsets)
+    check_offsets_layout(offsets)
     if offsets.device != padded.device:
         raise ValueError(f"offsets are on {offsets.device} but padded on {padded.device}")
     batch_size = offsets.shape[0] - 1
     if padded.shape[0] != batch_size:
         raise ValueError(f"padded has batch size {padded.shape[0]} but offsets describe {batch_size} sequences")
-    lengths = offsets[1:] - offsets[:-1]
-    if batch_size and int(lengths.max()) > padded.shape[1]:
-        raise ValueError(f"a sequence has {int(lengths.max())} rows but padded holds only {padded.shape[1]}")
-    total = int(offsets[-1])
+    if validate:
+        validate_offsets(offsets, total)
+        lengths = offsets[1:] - offsets[:-1]
+        if batch_size and int(lengths.max()) > padded.shape[1]:
+            raise ValueError(f"a sequence has {int(lengths.max())} rows but padded holds only {padded.shape[1]}")
+    if total is None:
+        total = int(offsets[-1])
     seq, pos = row_coordinates(offsets, total)
     return padded[seq, pos]
 

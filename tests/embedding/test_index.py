@@ -162,3 +162,16 @@ def test_cpu_ext_refuses_cuda_and_reports_memory(index_factory):
 
     with pytest.raises(ValueError, match="CPU only"):
         CpuHashIndex(10, "cuda")
+
+
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_absent_keys_after_heavy_churn(index_factory, name, device):
+    """Removals must not leave probe paths without an end (tombstone build-up)."""
+    index = index_factory(name, device, 12)
+    for round_ in range(20):
+        keys = torch.arange(12, device=device) + 100 * round_
+        index.insert(keys)
+        index.remove(keys[: 11 if round_ % 2 else 12])
+    absent = torch.arange(-50, -1, device=device)
+    assert bool((index.find(absent) == -1).all())
+    assert len(index) == 10

@@ -1,6 +1,8 @@
 """hstu_attention as a custom op: reference equality, gradcheck, compile/export, backends, errors."""
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import sys
 import types
 
@@ -10,10 +12,6 @@ import torch
 from gauss_plugins.components import Component
 from gauss_plugins.hstu.attention import hstu_attention, hstu_attention_reference
 from gauss_plugins.plugins import hookimpl
-from gauss_plugins.jagged import lengths_to_offsets
-
-import importlib.util
-import pathlib
 
 _spec = importlib.util.spec_from_file_location("hstu_cases", pathlib.Path(__file__).with_name("hstu_cases.py"))
 _cases = importlib.util.module_from_spec(_spec)
@@ -262,3 +260,32 @@ def test_empty_batches(offsets):
     assert out.shape == (0, 2, 4)
     out.sum().backward()
     assert q.grad.shape == (0, 2, 3)
+
+
+@pytest.mark.parametrize("mode", ["everything", "rab shared by heads", "seq_len normaliser", "not causal"])
+def test_custom_op_autograd_gradchecks(mode):
+    """The op's registered autograd (what compile/export use), called directly in eager."""
+    q, k, v, offsets, _, options = make_inputs(15, MODES[mode], dtype=torch.float64, lengths=(3, 0, 4),
+                                               heads=2, d_qk=2, d_v=2, max_seq_len=5)
+    rab = options.pop("rab")
+    tensors = [q, k, v] + ([rab] if rab is not None else [])
+    for t in tensors:
+        t.requires_grad_(True)
+    nt = options["num_targets"]
+    schema_args = (options["max_seq_len"], options["alpha"], options["causal"], options["contextual_len"],
+                   options["max_attn_len"], options["normalizer"], "torch", True)
+
+    def op(q, k, v, rab=None):
+        return torch.ops.gauss.hstu_attention_fwd(q, k, v, offsets, nt, rab, *schema_args)
+
+    torch.testing.assert_close(op(*tensors), hstu_attention(q, k, v, offsets, rab=rab, **options))
+    assert torch.autograd.gradcheck(op, tuple(tensors), eps=1e-6, atol=1e-6)
+
+
+def test_tracing_modes_use_the_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v, offsets, _, options = make_inputs(16, MODES["targets"])
+    traced = make_fx(lambda q, k, v: hstu_attention(q, k, v, offsets, **options))(q, k, v)
+    targets = [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
+    assert "gauss.hstu_attention_fwd.default" in targets

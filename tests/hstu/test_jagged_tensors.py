@@ -115,3 +115,14 @@ def test_missing_torchrec_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchrec", None)  # makes `import torchrec` fail
     with pytest.raises(MissingExtraError, match="gauss-plugins\\[torchrec\\]"):
         to_torchrec(torch.zeros(2), torch.tensor([0, 2]))
+
+
+def test_unvalidated_fast_path_gives_the_same_result():
+    values = torch.arange(10.0).view(5, 2)
+    offsets = torch.tensor([0, 2, 2, 5])
+    padded, mask = pad(values, offsets, 3)
+    fast, fast_mask = pad(values, offsets, 3, validate=False)
+    assert torch.equal(padded, fast) and torch.equal(mask, fast_mask)
+    assert torch.equal(unpad(padded, offsets, 5, validate=False), values)
+    with pytest.raises(ValueError, match="number of rows"):
+        unpad(padded, offsets, 4)  # a wrong total is caught when validating

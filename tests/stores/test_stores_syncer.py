@@ -154,3 +154,31 @@ def test_bad_configuration_is_refused(tmp_path):
         s.publish_dense({"w": torch.ones(1)})
     s.close()
     ps.close()
+
+
+def test_resync_turns_pending_rows_deleted_meanwhile_into_tombstones(tmp_path):
+    """A row pending from an outage, deleted between a cycle's pull and its resync, must not
+    come back from the pending buffer (the full image of the source lacks it)."""
+    ps = TierPS(4, str(tmp_path / "ps"))
+    weps = FlakyWePS(4)
+    syncer = Syncer(ps, weps, start=False)
+    ps.put([1, 2], torch.ones(2, 4))
+    assert syncer.sync_now()
+    weps.down = True
+    ps.put([1], torch.full((1, 4), 2.0))
+    assert not syncer.sync_now()  # pending: the new row 1
+    weps.restart_empty()
+    real_probe = weps.instance_id
+
+    def probe_racing_with_a_delete():
+        ps.delete([1])  # lands after this cycle's pull, before its full resync
+        weps.instance_id = real_probe
+        return real_probe()
+
+    weps.instance_id = probe_racing_with_a_delete
+    assert syncer.sync_now()
+    assert syncer.stats()["resyncs"] == 1
+    assert weps.lookup([1, 2]).found.tolist() == [False, True]
+    assert _same(ps, weps)
+    syncer.close()
+    ps.close()

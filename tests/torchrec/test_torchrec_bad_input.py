@@ -9,6 +9,7 @@ pytest.importorskip("torchrec")
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
+from gauss_plugins.embedding import TableFullError  # noqa: E402
 from gauss_integrations.torchrec import (  # noqa: E402
     DynamicEmbeddingBagCollection,
     DynamicEmbeddingCollection,
@@ -141,3 +142,28 @@ def test_bad_configs_and_options():
         DynamicEmbeddingBagCollection([custom])
     ebc = DynamicEmbeddingBagCollection([custom], table_options={"t": {"initializer": "normal", "init_std": 0.1}})
     assert ebc.embedding_bags["t"].config.initializer == "normal"
+
+
+@pytest.mark.parametrize("collection", ["ebc", "ec"])
+def test_full_second_table_changes_no_table(collection):
+    """Tables are looked up one after another; a batch the second table cannot take must
+    fail before the first one inserts anything."""
+    if collection == "ebc":
+        module = DynamicEmbeddingBagCollection([
+            EmbeddingBagConfig(name="big", embedding_dim=4, num_embeddings=100, feature_names=["a"]),
+            EmbeddingBagConfig(name="small", embedding_dim=4, num_embeddings=3, feature_names=["b"]),
+        ])
+    else:
+        module = DynamicEmbeddingCollection([
+            EmbeddingConfig(name="big", embedding_dim=4, num_embeddings=100, feature_names=["a"]),
+            EmbeddingConfig(name="small", embedding_dim=4, num_embeddings=3, feature_names=["b"]),
+        ])
+    module(KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([1, 2, 7, 7]), lengths=torch.tensor([2, 2])))
+    before = _snapshot(module)
+    with pytest.raises(TableFullError, match="'small' is full: 1 rows of max_capacity 3, and this batch brings 3 new ids"):
+        module(KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([5, 6, 7, 8, 9, 10]), lengths=torch.tensor([2, 4])))
+    _assert_unchanged(module, before)
+    # Two new ids still fit, with an id already present in the batch.
+    module(KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([5, 7, 8, 9]), lengths=torch.tensor([1, 3])))
+    small = module.get_submodule("embedding_bags.small" if collection == "ebc" else "embeddings.small")
+    assert len(small) == 3

@@ -175,3 +175,39 @@ def test_config_mapping_and_options():
     )
     out = two(KeyedJaggedTensor(keys=["fa", "fb"], values=torch.tensor([3, 3]), lengths=torch.tensor([1, 1]))).values()
     assert not torch.equal(out[0, :4], out[0, 4:])
+
+
+def test_int32_ids_and_offsets_only_kjt_match_torchrec():
+    ref, dyn = _pair(_configs(PoolingType.MEAN))
+    kjt = _kjt(["f1", "f2", "f3", "f4"], 4, seed=5)
+    as_int32 = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().int(), lengths=kjt.lengths().int())
+    offsets_only = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), offsets=kjt.offsets())
+    assert offsets_only.lengths_or_none() is None
+    expected = ref(kjt)
+    _assert_same(dyn(as_int32), expected)
+    _assert_same(dyn(offsets_only), expected)
+
+
+def test_empty_batch():
+    _, dyn = _pair(_configs(), weighted=True)
+    empty = torch.empty(0, dtype=torch.int64)
+    out = dyn(KeyedJaggedTensor(keys=["f1", "f2", "f3", "f4"], values=empty, lengths=empty, weights=torch.empty(0)))
+    assert out.values().shape == (0, 19) and out.length_per_key() == [4, 4, 3, 3, 5]
+
+
+def test_storage_dtype_and_whole_config_options():
+    from torchrec.modules.embedding_configs import DataType
+
+    from gauss_plugins.embedding import DynamicTableConfig
+
+    half = EmbeddingBagConfig(name="h", embedding_dim=4, num_embeddings=8, feature_names=["f"], data_type=DataType.FP16)
+    dyn = DynamicEmbeddingBagCollection([half])
+    out = dyn(KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2]), lengths=torch.tensor([2])))
+    assert dyn.embedding_bags["h"].weight.dtype == torch.float16 and out.values().dtype == torch.float32
+    # A whole DynamicTableConfig decides every field but name/dim/device.
+    whole = DynamicTableConfig(name="ignored", dim=4, max_capacity=77, initial_capacity=7, initializer="zeros", optimizer="sgd")
+    dyn = DynamicEmbeddingBagCollection([half], table_options={"h": whole})
+    table = dyn.embedding_bags["h"]
+    assert (table.name, table.config.max_capacity, table.capacity, table.weight.dtype) == ("h", 77, 7, torch.float32)
+    with pytest.raises(ValueError, match="dim 8 but the TorchRec config says embedding_dim 4"):
+        DynamicEmbeddingBagCollection([half], table_options={"h": DynamicTableConfig(name="x", dim=8)})

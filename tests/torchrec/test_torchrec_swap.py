@@ -147,3 +147,18 @@ def test_swap_options_and_errors_leave_model_untouched():
     with pytest.raises(ValueError, match="used by two collections"):
         swap_dynamic_embeddings(clash)
     assert all(type(m) is EmbeddingBagCollection for m in clash.values())
+
+
+def test_copy_weights_keeps_the_model_function():
+    """With copy_weights, ids that are row numbers read the trained static rows: the swapped
+    DLRM computes exactly what the original did, in train and eval mode."""
+    ref = _dlrm()
+    model = swap_dynamic_embeddings(_dlrm(), copy_weights=True)
+    dense, kjt, _, _ = _batch(6, seed=3)
+    kjt = KeyedJaggedTensor(keys=FEATURES, values=kjt.values().abs() % 1000, lengths=kjt.lengths())
+    torch.testing.assert_close(model(dense, kjt), ref(dense, kjt), rtol=1e-6, atol=1e-6)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(dense, kjt), ref(dense, kjt), rtol=1e-6, atol=1e-6)
+    assert all(len(t) == 1000 for t in dynamic_tables(model).values())
+    with pytest.raises(ValueError, match="copy_weights: table 't_user' has 1000 rows"):
+        swap_dynamic_embeddings(_dlrm(), copy_weights=True, table_options={"t_user": {"max_capacity": 10}})

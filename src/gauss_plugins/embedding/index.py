@@ -318,7 +318,7 @@ class TorchHashIndex(HashIndex):
         """(slot, found) per key: the slot holding it, or the empty slot ending its probe."""
         n = self.num_slots
         pos = home_slots(keys, n)
-        slot = torch.empty_like(keys)
+        slot = torch.zeros_like(keys)  # keys never resolved (no empty slot on their path) are absent
         found = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
         active = torch.arange(keys.numel(), device=keys.device)
         k = keys
@@ -379,8 +379,7 @@ class TorchHashIndex(HashIndex):
             placed = torch.empty_like(new_rows)
             placed[order] = new_rows
             rows_u[new] = placed
-            if self._tombstones * 4 > self.num_slots:
-                self._rebuild(self.num_slots)
+            self._maybe_clean()
         rows = rows_u[inverse]
         is_new = torch.zeros(keys.shape, dtype=torch.bool, device=self.device)
         is_new[first[new]] = True
@@ -426,7 +425,15 @@ class TorchHashIndex(HashIndex):
             # Freed rows are reused in order of their keys' first occurrence in this call.
             order = _first_positions(keys, dead_keys).argsort()
             self._free = torch.cat([self._free, freed[order].flip(0)])
+            self._maybe_clean()
         return rows
+
+    def _maybe_clean(self) -> None:
+        """Rebuild without tombstones once they fill a quarter of the slots, or leave fewer
+        than an eighth of the slots empty (probes of absent keys stop at empty slots)."""
+        used = self._size + self._tombstones
+        if self._tombstones and (self._tombstones * 4 > self.num_slots or used * 8 > self.num_slots * 7):
+            self._rebuild(self.num_slots)
 
     def rehash(self, new_capacity: int) -> None:
         if new_capacity < self.capacity:

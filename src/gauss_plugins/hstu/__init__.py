@@ -1,22 +1,44 @@
 """HSTU (Hierarchical Sequential Transduction Units) on jagged sequences.
 
-* :mod:`.attention`: the mask, the reference, and ``hstu_attention`` (a custom op
-  dispatching to the ``attention_backend`` plugins).
-* :mod:`.modules`: ``HSTUBlock`` / ``HSTUEncoder`` and their ``HSTUConfig``.
-* :mod:`.mfalcon`: M-FALCON candidate scoring with a cached history.
-"""
-from gauss_plugins.hstu.attention import (
-    AttentionBackend,
-    attention_mask,
-    hstu_attention,
-    hstu_attention_reference,
-    hstu_attention_reference_backward,
-)
+* :mod:`.attention`: the mask, the reference, and :func:`hstu_attention` (dispatching to
+  the ``attention_backend`` plugins; a ``torch.library`` custom op when traced).
+* :mod:`.modules`: :class:`HSTUBlock`, :class:`HSTUEncoder` and their :class:`HSTUConfig`.
+* :mod:`.mfalcon`: :class:`MFalcon` candidate scoring with a cached history.
 
-__all__ = [
-    "AttentionBackend",
-    "attention_mask",
-    "hstu_attention",
-    "hstu_attention_reference",
-    "hstu_attention_reference_backward",
-]
+Names are imported on first use, so that loading this package's plugin (to list the
+backends) does not register the custom ops or build modules.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AttentionBackend": "attention",
+    "attention_mask": "attention",
+    "hstu_attention": "attention",
+    "hstu_attention_reference": "attention",
+    "hstu_attention_reference_backward": "attention",
+    "HSTUBlock": "modules",
+    "HSTUConfig": "modules",
+    "HSTUEncoder": "modules",
+    "PaddedHSTUEncoder": "modules",
+    "RelativeAttentionBias": "modules",
+    "HistoryCache": "mfalcon",
+    "MFalcon": "mfalcon",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -21,11 +21,13 @@ differentiable). The output is ``[T, H, d_v]`` in ``q``'s dtype.
 
 Backends (the ``attention_backend`` hook)
 -----------------------------------------
-:func:`hstu_attention` is the ``torch.library`` custom op ``gauss::hstu_attention_fwd``
-(with a fake implementation and autograd through ``gauss::hstu_attention_bwd``), so
-``torch.compile`` and ``torch.export`` trace it as one node. Its implementation picks a
-backend at run time with ``get_registry().select("attention_backend", backend, q=q, k=k,
-v=v)`` and calls ``component.create()`` once (cached per registry) to get the backend. The
+Under ``torch.compile``, ``torch.export`` or any other tracing, :func:`hstu_attention` is
+the ``torch.library`` custom op ``gauss::hstu_attention_fwd`` (with a fake implementation
+and autograd through ``gauss::hstu_attention_bwd``), one node in the graph; plain eager
+calls run the same code through a ``torch.autograd.Function`` (less host overhead). Either
+way the backend is picked at run time with ``get_registry().select("attention_backend",
+backend, q=q, k=k, v=v)`` (the choice is cached per registry for each device, dtype and
+head shape), and ``component.create()`` is called once per registry to build it. The
 factory may return either
 
 1. an object with two methods (see :class:`AttentionBackend`)::
@@ -253,9 +255,10 @@ def _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, cont
     """Padded fp32 (fp64 for fp64 input) q, k, v, the scores S, the mask and the divisor."""
     acc = _accumulation_dtype(q.dtype)
     n = max_seq_len
-    qp, _ = pad(q.to(acc), offsets, n)  # [B, N, H, d_qk]
-    kp, _ = pad(k.to(acc), offsets, n)
-    vp, _ = pad(v.to(acc), offsets, n)  # [B, N, H, d_v]
+    # offsets were validated by the caller (validate_attention_data): no more host syncs
+    qp, _ = pad(q.to(acc), offsets, n, validate=False)  # [B, N, H, d_qk]
+    kp, _ = pad(k.to(acc), offsets, n, validate=False)
+    vp, _ = pad(v.to(acc), offsets, n, validate=False)  # [B, N, H, d_v]
     scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha
     if rab is not None:
         scores = scores + rab.to(acc)
@@ -300,7 +303,7 @@ def hstu_attention_reference(
     # where, not multiply: a -inf in rab at a masked place must not turn into NaN
     probs = torch.where(mask, F.silu(scores) / divisor, scores.new_zeros(()))
     out = torch.einsum("bhij,bjhd->bihd", probs, vp)
-    return unpad(out, offsets).to(q.dtype)
+    return unpad(out, offsets, q.shape[0], validate=False).to(q.dtype)
 
 
 def hstu_attention_reference_backward(
@@ -326,7 +329,8 @@ def hstu_attention_reference_backward(
     ``dS = M * dP * SiLU'(S) / N`` with ``SiLU'(s) = sig(s) (1 + s (1 - sig(s)))``,
     ``dQ = alpha dS K``, ``dK = alpha dS^T Q``, ``drab = dS`` summed over the dimensions
     ``rab`` broadcasts. No autograd involved, so it runs inside custom-op implementations.
-    ``drab`` is None when ``rab`` is None or ``compute_drab`` is False.
+    ``drab`` is None when ``rab`` is None or ``compute_drab`` is False. Inputs are taken as
+    the forward pass checked them (no validation here).
     """
     if tuple(grad_out.shape) != (q.shape[0], q.shape[1], v.shape[2]):
         raise ValueError(f"grad_out must have shape {(q.shape[0], q.shape[1], v.shape[2])}, got {tuple(grad_out.shape)}")
@@ -334,7 +338,7 @@ def hstu_attention_reference_backward(
                                                      contextual_len, max_attn_len, rab, normalizer)
     zero = scores.new_zeros(())
     probs = torch.where(mask, F.silu(scores) / divisor, zero)
-    dop, _ = pad(grad_out.to(scores.dtype), offsets, max_seq_len)  # [B, N, H, d_v]
+    dop, _ = pad(grad_out.to(scores.dtype), offsets, max_seq_len, validate=False)  # [B, N, H, d_v]
     dvp = torch.einsum("bhij,bihd->bjhd", probs, dop)
     dprobs = torch.einsum("bihd,bjhd->bhij", dop, vp)
     sig = torch.sigmoid(scores)
@@ -348,8 +352,10 @@ def hstu_attention_reference_backward(
         if rab.shape[1] == 1:
             dscores = dscores.sum(1, keepdim=True)
         drab = dscores.to(rab.dtype)
-    return (unpad(dqp, offsets).to(q.dtype), unpad(dkp, offsets).to(k.dtype),
-            unpad(dvp, offsets).to(v.dtype), drab)
+    total = q.shape[0]
+    return (unpad(dqp, offsets, total, validate=False).to(q.dtype),
+            unpad(dkp, offsets, total, validate=False).to(k.dtype),
+            unpad(dvp, offsets, total, validate=False).to(v.dtype), drab)
 
 
 # ---------------------------------------------------------------------------- backends
@@ -392,19 +398,32 @@ class _ForwardOnly:
         return hstu_attention_reference_backward(grad_out, q, k, v, offsets, **options)
 
 
-_instances: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
-_instances_lock = threading.Lock()
+# registry -> {"instances": {component name: backend}, "choices": {call key: backend}}. Weak
+# keys: gauss_plugins.reset() builds a new registry, and with it a fresh choice.
+_chosen: "weakref.WeakKeyDictionary[Any, Dict[str, Dict[Any, Any]]]" = weakref.WeakKeyDictionary()
+_chosen_lock = threading.Lock()
 
 
 def _backend_for(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
-    """The backend object for ``name`` ("auto" or a registered name), built once per registry."""
+    """The backend object for ``name`` ("auto" or a registered name).
+
+    Selection (availability checks, ``supports``, the ``gauss_select_component`` hook) costs
+    ~200 us, more than a small attention call, so the choice is remembered per registry for
+    each (name, device, dtypes, heads, head dims); each component's backend is built once.
+    """
     from gauss_plugins.plugins import get_registry
 
     registry = get_registry()
+    key = (name, q.device, q.dtype, k.dtype, v.dtype, q.shape[1], q.shape[2], v.shape[2])
+    state = _chosen.get(registry)
+    if state is not None:
+        backend = state["choices"].get(key)
+        if backend is not None:
+            return backend
     component = registry.select("attention_backend", name, q=q, k=k, v=v)
-    with _instances_lock:
-        built = _instances.setdefault(registry, {})
-        backend = built.get(component.name)
+    with _chosen_lock:
+        state = _chosen.setdefault(registry, {"instances": {}, "choices": {}})
+        backend = state["instances"].get(component.name)
         if backend is None:
             made = component.create()
             if callable(getattr(made, "forward", None)) and callable(getattr(made, "backward", None)):
@@ -415,20 +434,49 @@ def _backend_for(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
                 raise TypeError(
                     f"attention_backend {component.name!r} ({component.provider}) built {made!r}, which is "
                     "neither a callable nor an object with forward and backward methods")
-            built[component.name] = backend
+            state["instances"][component.name] = backend
+        state["choices"][key] = backend
     return backend
 
 
-# ---------------------------------------------------------------------------- the custom op
-def _options(max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab, normalizer):
-    return dict(max_seq_len=max_seq_len, alpha=alpha, causal=causal, num_targets=num_targets,
-                contextual_len=contextual_len, max_attn_len=max_attn_len, rab=rab, normalizer=normalizer)
+# ---------------------------------------------------------------------------- running a backend
+# Options after the tensors, in schema order: (max_seq_len, alpha, causal, contextual_len,
+# max_attn_len, normalizer).
+_Options = Tuple[int, float, bool, int, int, str]
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _keywords(options: _Options, num_targets: Optional[torch.Tensor], rab: Optional[torch.Tensor]) -> Dict[str, Any]:
+    max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer = options
+    return dict(max_seq_len=max_seq_len, alpha=alpha, causal=causal, num_targets=_contiguous(num_targets),
+                contextual_len=contextual_len, max_attn_len=max_attn_len, rab=_contiguous(rab),
+                normalizer=normalizer)
+
+
+def _run_forward(impl: Any, name: str, q, k, v, offsets, num_targets, rab, options: _Options) -> torch.Tensor:
+    out = impl.forward(q.contiguous(), k.contiguous(), v.contiguous(), offsets.contiguous(),
+                       **_keywords(options, num_targets, rab))
+    expected = (q.shape[0], q.shape[1], v.shape[2])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected or out.dtype != q.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"attention backend {name!r} returned {got}, expected {expected} {q.dtype}")
+    return out
+
+
+def _run_backward(impl: Any, name: str, grad_out, q, k, v, offsets, num_targets, rab, options: _Options,
+                  compute_drab: bool):
+    dq, dk, dv, drab = impl.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                                     offsets.contiguous(), compute_drab=compute_drab,
+                                     **_keywords(options, num_targets, rab))
+    if compute_drab and drab is None:
+        raise RuntimeError(f"attention backend {name!r} returned no gradient for rab")
+    return dq, dk, dv, (drab if compute_drab else None)
+
+
+# ---------------------------------------------------------------------------- the custom op
 @torch.library.custom_op("gauss::hstu_attention_fwd", mutates_args=())
 def _hstu_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
@@ -438,15 +486,8 @@ def _hstu_attention_fwd(
 ) -> torch.Tensor:
     if validate:
         validate_attention_data(q, offsets, max_seq_len, num_targets)
-    impl = _backend_for(backend, q, k, v)
-    out = impl.forward(q.contiguous(), k.contiguous(), v.contiguous(), offsets.contiguous(),
-                       **_options(max_seq_len, alpha, causal, _contiguous(num_targets), contextual_len,
-                                  max_attn_len, _contiguous(rab), normalizer))
-    expected = (q.shape[0], q.shape[1], v.shape[2])
-    if tuple(out.shape) != expected or out.dtype != q.dtype:
-        raise RuntimeError(f"attention backend {backend!r} returned {tuple(out.shape)} {out.dtype}, "
-                           f"expected {expected} {q.dtype}")
-    return out
+    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer)
+    return _run_forward(_backend_for(backend, q, k, v), backend, q, k, v, offsets, num_targets, rab, options)
 
 
 @_hstu_attention_fwd.register_fake
@@ -462,16 +503,11 @@ def _hstu_attention_bwd(
     max_seq_len: int, alpha: float, causal: bool, contextual_len: int, max_attn_len: int,
     normalizer: str, backend: str, compute_drab: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _backend_for(backend, q, k, v)
-    dq, dk, dv, drab = impl.backward(
-        grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), offsets.contiguous(),
-        compute_drab=compute_drab,
-        **_options(max_seq_len, alpha, causal, _contiguous(num_targets), contextual_len, max_attn_len,
-                   _contiguous(rab), normalizer))
-    if compute_drab and drab is None:
-        raise RuntimeError(f"attention backend {backend!r} returned no gradient for rab")
+    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer)
+    dq, dk, dv, drab = _run_backward(_backend_for(backend, q, k, v), backend, grad_out, q, k, v, offsets,
+                                     num_targets, rab, options, compute_drab)
     # a custom op cannot return None: an empty tensor stands for "no drab"
-    return dq, dk, dv, (drab if compute_drab else q.new_empty((0,)))
+    return dq, dk, dv, (drab if drab is not None else q.new_empty((0,)))
 
 
 @_hstu_attention_bwd.register_fake
@@ -490,15 +526,42 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     q, k, v, offsets, num_targets, rab = ctx.saved_tensors
-    max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer, backend = ctx.options
     compute_drab = rab is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, drab = torch.ops.gauss.hstu_attention_bwd(
-        grad_out, q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal, contextual_len,
-        max_attn_len, normalizer, backend, compute_drab)
+    dq, dk, dv, drab = torch.ops.gauss.hstu_attention_bwd(grad_out, q, k, v, offsets, num_targets, rab,
+                                                          *ctx.options, compute_drab)
     return (dq, dk, dv, None, None, drab if compute_drab else None) + (None,) * 8
 
 
 _hstu_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- the eager path
+class _EagerHSTUAttention(torch.autograd.Function):
+    """The op's autograd for plain eager calls, without the custom-op dispatch (which costs
+    ~3x more host time per call; it matters for small, launch-bound shapes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rab, offsets, num_targets, impl, name, options):
+        ctx.save_for_backward(q, k, v, rab, offsets, num_targets)
+        ctx.impl, ctx.name, ctx.options = impl, name, options
+        return _run_forward(impl, name, q, k, v, offsets, num_targets, rab, options)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, rab, offsets, num_targets = ctx.saved_tensors
+        compute_drab = rab is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, drab = _run_backward(ctx.impl, ctx.name, grad_out, q, k, v, offsets, num_targets, rab,
+                                         ctx.options, compute_drab)
+        return dq, dk, dv, drab, None, None, None, None, None
+
+
+def _traced(q: torch.Tensor) -> bool:
+    """Whether something records or transforms this call (torch.compile, torch.export,
+    make_fx, functorch, a dispatch mode): then it must go through the custom op."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (torch.compiler.is_compiling() or type(q) is not torch.Tensor
+            or torch._C._are_functorch_transforms_active() or _get_current_dispatch_mode() is not None)
 
 
 def hstu_attention(
@@ -523,10 +586,12 @@ def hstu_attention(
     Same semantics as :func:`hstu_attention_reference` (see the module docstring and
     :func:`attention_mask`), computed by the ``attention_backend`` named ``backend``
     (``"auto"``: the available backend of highest priority that supports these tensors,
-    e.g. ``triton`` on CUDA, ``torch`` on CPU). Differentiable in ``q, k, v`` and ``rab``;
-    traceable by ``torch.compile`` and ``torch.export`` (one ``gauss::hstu_attention_fwd``
-    node). ``validate`` runs the data checks (offsets, lengths, num_targets); by default
-    only for CPU tensors, since on a GPU they synchronise with the host.
+    e.g. ``triton`` on CUDA, ``torch`` on CPU). Differentiable in ``q, k, v`` and ``rab``
+    (not twice). Under ``torch.compile`` / ``torch.export`` (or any tracing) it is the one
+    op ``gauss::hstu_attention_fwd`` (backward ``gauss::hstu_attention_bwd``); plain eager
+    calls run the same backend code without the op's dispatch overhead. ``validate`` runs
+    the data checks (offsets, lengths, num_targets) in eager calls; by default only for
+    CPU tensors, since on a GPU they synchronise with the host.
     """
     check_attention_inputs(q, k, v, offsets, max_seq_len=max_seq_len, alpha=alpha, num_targets=num_targets,
                            contextual_len=contextual_len, max_attn_len=max_attn_len, rab=rab,
@@ -537,6 +602,14 @@ def hstu_attention(
         validate = q.device.type == "cpu"
     if num_targets is not None:
         num_targets = num_targets.to(torch.int64)
-    return torch.ops.gauss.hstu_attention_fwd(
-        q, k, v, offsets, num_targets, rab, max_seq_len, float(alpha), bool(causal), contextual_len,
-        max_attn_len, normalizer, backend, bool(validate))
+    alpha, causal = float(alpha), bool(causal)
+    if _traced(q):
+        return torch.ops.gauss.hstu_attention_fwd(q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal,
+                                                  contextual_len, max_attn_len, normalizer, backend, bool(validate))
+    if validate:
+        validate_attention_data(q, offsets, max_seq_len, num_targets)
+    impl = _backend_for(backend, q, k, v)
+    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rab)):
+        return _EagerHSTUAttention.apply(q, k, v, rab, offsets, num_targets, impl, backend, options)
+    return _run_forward(impl, backend, q, k, v, offsets, num_targets, rab, options)

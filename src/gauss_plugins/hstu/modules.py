@@ -128,7 +128,8 @@ class RelativeAttentionBias(nn.Module):
 
     def time_buckets(self, gaps: torch.Tensor) -> torch.Tensor:
         """Bucket index (int64) of time gaps (any integer or float tensor)."""
-        logs = torch.log(gaps.abs().to(torch.float64).clamp(min=1.0)) / self.time_bucket_scale
+        # float32 is plenty: a bucket is a factor e^scale wide, far above float32 rounding
+        logs = torch.log(gaps.abs().to(torch.float32).clamp(min=1.0)) / self.time_bucket_scale
         return logs.floor().to(torch.int64).clamp(0, self.num_time_buckets)
 
     def bias(self, query_pos: torch.Tensor, key_pos: torch.Tensor,
@@ -156,7 +157,8 @@ class RelativeAttentionBias(nn.Module):
         positions = torch.arange(n, device=offsets.device)
         padded_time = None
         if timestamps is not None and self.time_weight is not None:
-            padded_time, _ = pad(timestamps, offsets, n)
+            # data checks only on CPU: on a GPU they would synchronise with the host
+            padded_time, _ = pad(timestamps, offsets, n, validate=timestamps.device.type == "cpu")
         return self.bias(positions, positions, padded_time, padded_time)
 
 
@@ -276,7 +278,8 @@ class PaddedHSTUEncoder(nn.Module):
         if not torch.equal(prefix, valid):
             raise ValueError("valid must mark a prefix of each row (right-padded sequences)")
         offsets = lengths_to_offsets(lengths)
-        jagged_time = unpad(timestamps, offsets) if timestamps is not None else None
-        out = self.encoder(unpad(x, offsets), offsets, jagged_time)
-        padded, _ = pad(out, offsets, x.shape[1])
+        # offsets come from a prefix mask: valid by construction
+        jagged_time = unpad(timestamps, offsets, validate=False) if timestamps is not None else None
+        out = self.encoder(unpad(x, offsets, validate=False), offsets, jagged_time)
+        padded, _ = pad(out, offsets, x.shape[1], validate=False)
         return padded

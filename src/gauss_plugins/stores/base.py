@@ -71,13 +71,15 @@ class RowBatch:
 @dataclass
 class ChangeBatch:
     """What a syncer pushes: upserted rows, deleted ids (tombstones) and the training
-    store's ``version`` the batch brings the target up to."""
+    store's ``version`` the batch brings the target up to. ``full=True`` marks a complete
+    image of the source (every row it holds): an id absent from it does not exist now."""
 
     ids: torch.Tensor
     values: torch.Tensor
     state: Optional[torch.Tensor]
     deleted: torch.Tensor
     version: int
+    full: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -121,6 +123,8 @@ def last_occurrence(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     last occurrence in ``ids`` -- so that a batch with repeated ids means "latest wins"."""
     if ids.numel() == 0:
         return ids, torch.empty(0, dtype=torch.int64)
+    if ids.numel() == 1 or bool((ids[1:] > ids[:-1]).all()):  # already sorted and distinct (syncer batches)
+        return ids, torch.arange(ids.numel())
     uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     pos = torch.full((uniq.numel(),), -1, dtype=torch.int64)
     pos.scatter_reduce_(0, inverse, torch.arange(ids.numel(), dtype=torch.int64), reduce="amax")

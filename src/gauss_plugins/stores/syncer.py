@@ -53,7 +53,7 @@ import torch
 from gauss_plugins.stores.base import ChangeBatch, EmbeddingStore
 from gauss_plugins.stores.disk import DiskTier
 
-__all__ = ["Syncer", "read_manifest", "load_dense"]
+__all__ = ["Syncer", "TableSource", "read_manifest", "load_dense"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,72 @@ def load_dense(dense_url: str, manifest: Optional[Mapping[str, Any]] = None) -> 
     return tensors, manifest
 
 
+class TableSource:
+    """A :class:`~gauss_plugins.embedding.table.DynamicEmbeddingTable` as a syncer source.
+
+    Training updates the table (lookups, optimizer steps, ``set``, ``delete``, evictions);
+    this adapter turns ``table.changed_since(v)`` / ``table.evicted_since(v)`` into
+    :class:`~gauss_plugins.stores.base.ChangeBatch` es, with a full image (``full=True``)
+    when the table no longer remembers evictions that old. Evictions read by every consumer
+    are trimmed from the table (``trim_tombstones``).
+
+    The table is not thread-safe: hold :attr:`lock` around the training step
+    (``with source.lock: loss.backward(); opt.step()``) so that a pull never sees a step
+    half-applied. The version is read before the rows, so a row updated during a pull is
+    pushed again by the next one.
+    """
+
+    def __init__(self, table: Any, lock: Optional[threading.Lock] = None):
+        for attr in ("version", "changed_since", "evicted_since", "dim"):
+            if not hasattr(table, attr):
+                raise TypeError(f"expected a DynamicEmbeddingTable (missing {attr!r}), got {type(table).__name__}")
+        self.table = table
+        self.dim = int(table.dim)
+        self.state_dim = 0  # optimizer state stays in training; serving needs values only
+        self.lock = lock or threading.Lock()
+        self._consumers: Dict[str, int] = {}
+        self._pulled_at: Dict[int, float] = {}
+
+    @property
+    def version(self) -> int:
+        return int(self.table.version)
+
+    def update_clock(self, after: int, upto: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The table stamps versions, not times: a change after ``after`` happened after the
+        pull that read ``after``, so that pull's time bounds freshness from above."""
+        t = self._pulled_at.get(int(after))
+        if t is None:
+            return np.empty(0), np.empty(0, dtype=np.int64)
+        return np.asarray([t]), np.asarray([1], dtype=np.int64)
+
+    def register_consumer(self, name: str, version: Optional[int] = None) -> None:
+        self._consumers[name] = self.version if version is None else int(version)
+
+    def unregister_consumer(self, name: str) -> None:
+        self._consumers.pop(name, None)
+
+    def changes_since(self, version: int, consumer: Optional[str] = None, full: bool = False) -> ChangeBatch:
+        with self.lock:
+            now = self.version
+            deleted = None
+            if not full:
+                try:
+                    deleted = self.table.evicted_since(version)
+                except ValueError:  # tombstones that old were dropped: only a full image is exact
+                    full = True
+            # changed_since of a version before every stamp returns every live row.
+            ids, values, _ = self.table.changed_since(-(1 << 62) if full else version)
+            if consumer is not None:
+                self._consumers[consumer] = max(int(version), self._consumers.get(consumer, 0))
+                self.table.trim_tombstones(min(self._consumers.values()))
+            self._pulled_at[now] = time.time()
+            for v in [v for v in self._pulled_at if v < version]:
+                del self._pulled_at[v]
+        empty = torch.empty(0, dtype=torch.int64)
+        return ChangeBatch(ids.to("cpu"), values.to("cpu", torch.float32), None,
+                           empty if deleted is None else deleted.to("cpu"), now, full=full)
+
+
 class _Pending:
     """Changes not yet acknowledged by the target, one entry per id (latest wins).
 
@@ -128,8 +194,17 @@ class _Pending:
     def __len__(self) -> int:
         return int(self.ids.numel()) + (len(self.spill) if self.spill is not None else 0)
 
+    def ids_pending(self) -> torch.Tensor:
+        spilled = self.spill.ids() if self.spill is not None else torch.empty(0, dtype=torch.int64)
+        return torch.cat([self.ids, spilled])
+
     def add(self, batch: ChangeBatch, include_state: bool) -> None:
         n, d = batch.num_rows, batch.deleted
+        if batch.full:
+            # A complete image of the source: a pending upsert of an id it lacks was deleted
+            # since (and the deletion is folded into the image), so it becomes a tombstone.
+            pend = self.ids_pending()
+            d = torch.cat([d, pend[~torch.isin(pend, batch.ids)]])
         # A deletion read together with an upsert of the same id: the source holds the row now.
         if d.numel() and n:
             d = d[~torch.isin(d, batch.ids)]

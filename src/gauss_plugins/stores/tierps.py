@@ -319,11 +319,12 @@ class TierPS(EmbeddingStore):
             self._log_start = self._log[i - 1][0]
             del self._log[:i]
 
-    def changes_since(self, version: int, consumer: Optional[str] = None) -> ChangeBatch:
+    def changes_since(self, version: int, consumer: Optional[str] = None, full: bool = False) -> ChangeBatch:
         """Rows changed and ids deleted after ``version``, as of now (module docstring).
 
         With ``consumer`` the call also acknowledges ``version`` for it: entries up to there
-        may be dropped once every consumer has read them.
+        may be dropped once every consumer has read them. ``full=True`` (or a ``version``
+        older than the log) returns a complete image of the store instead (``batch.full``).
         """
         with self._lock:
             if consumer is not None:
@@ -331,7 +332,7 @@ class TierPS(EmbeddingStore):
                     self._consumers[consumer] = version
                 self._consumers[consumer] = max(int(version), self._consumers[consumer])
                 self._trim()
-            if version < self._log_start:
+            if full or version < self._log_start:
                 return self._full_batch()
             entries = [e for e in self._log if e[0] > version]
             if not entries:
@@ -352,10 +353,10 @@ class TierPS(EmbeddingStore):
         batches = list(self.export(1 << 30))
         if batches:
             b = batches[0]
-            return ChangeBatch(b.ids, b.values, b.state, torch.empty(0, dtype=torch.int64), self._version)
+            return ChangeBatch(b.ids, b.values, b.state, torch.empty(0, dtype=torch.int64), self._version, full=True)
         return ChangeBatch(torch.empty(0, dtype=torch.int64), torch.empty(0, self.dim),
                            torch.empty(0, self.state_dim) if self.state_dim else None,
-                           torch.empty(0, dtype=torch.int64), self._version)
+                           torch.empty(0, dtype=torch.int64), self._version, full=True)
 
     def update_clock(self, after: int, upto: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(wall times, row counts)`` of the puts with ``after < version <= upto`` (freshness)."""

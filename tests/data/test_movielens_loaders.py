@@ -1,0 +1,121 @@
+"""Loaders: the real MovieLens 100K file, the other MovieLens formats, sequence files."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from gauss_plugins.data import (
+    load_dataset,
+    load_movielens_100k,
+    load_movielens_1m,
+    load_movielens_csv,
+    load_sequence_file,
+)
+
+ML100K = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "ml-100k")
+ML100K = os.environ.get("GAUSS_ML100K", os.path.abspath(ML100K))
+needs_ml100k = pytest.mark.skipif(not os.path.isfile(os.path.join(ML100K, "u.data")),
+                                  reason=f"MovieLens 100K not found at {ML100K} (set GAUSS_ML100K to its folder)")
+
+
+@needs_ml100k
+def test_real_ml100k_counts_and_chronology():
+    seqs = load_movielens_100k(ML100K)
+    assert seqs.num_users == 943
+    assert seqs.num_events == 100_000
+    assert len(seqs.item_ids()) == 1682 and seqs.max_item_id == 1682
+    assert list(seqs.user_ids[:3]) == [1, 2, 3]
+    assert seqs.lengths.min() == 20  # every ML-100K user has at least 20 ratings
+    # chronological inside every user
+    ts = seqs.timestamps
+    same_user = np.repeat(np.arange(seqs.num_users), seqs.lengths)
+    step_ok = (np.diff(ts) >= 0) | (np.diff(same_user) != 0)
+    assert step_ok.all()
+    # cross-check one user against the raw file
+    rows = [tuple(map(int, line.split())) for line in open(os.path.join(ML100K, "u.data"))]
+    raw = sorted([(t, i) for u, i, r, t in rows if u == 7], key=lambda x: x[0])
+    items, times = seqs.sequence(6)
+    assert sorted(times.tolist()) == [t for t, _ in raw]
+    assert sorted(items.tolist()) == sorted(i for _, i in raw)
+
+
+@needs_ml100k
+def test_registry_loads_ml100k_from_folder_or_file():
+    a = load_dataset("ml-100k", ML100K)
+    b = load_dataset("ml-100k", os.path.join(ML100K, "u.data"))
+    assert np.array_equal(a.items, b.items) and a.name == "ml-100k"
+
+
+def test_ml1m_format_and_stable_ties(tmp_path):
+    p = tmp_path / "ratings.dat"
+    # user 2 has two ratings at the same second: file order must be kept
+    p.write_text("2::30::5::100\n1::10::3::50\n2::20::4::100\n2::40::1::90\n1::11::2::40\n")
+    seqs = load_movielens_1m(str(tmp_path))
+    assert list(seqs.user_ids) == [1, 2]
+    assert seqs.sequence(0)[0].tolist() == [11, 10]
+    assert seqs.sequence(1)[0].tolist() == [40, 30, 20]
+    assert seqs.sequence(1)[1].tolist() == [90, 100, 100]
+
+
+def test_ml20m_csv_header_and_fractional_ratings(tmp_path):
+    p = tmp_path / "ratings.csv"
+    p.write_text("userId,movieId,rating,timestamp\n1,2,3.5,1112486027\n1,29,3.5,1112484676\n3,5,4.0,1\n")
+    seqs = load_movielens_csv(str(p))
+    assert seqs.sequence(0)[0].tolist() == [29, 2]
+    assert seqs.num_users == 2
+
+
+def test_ml20m_wrong_header(tmp_path):
+    p = tmp_path / "ratings.csv"
+    p.write_text("a,b,c,d\n1,2,3,4\n")
+    with pytest.raises(ValueError, match="header"):
+        load_movielens_csv(str(p))
+
+
+def test_bad_line_reports_line_number(tmp_path):
+    p = tmp_path / "u.data"
+    p.write_text("1\t2\t3\t4\n1\t3\tx\t5\n")
+    with pytest.raises(ValueError, match="line 2"):
+        load_movielens_100k(str(p))
+    p.write_text("1\t2\t3\t4\n1\t3\t5\n")
+    with pytest.raises(ValueError, match="line 2"):
+        load_movielens_100k(str(p))
+
+
+def test_non_integer_or_zero_ids_refused(tmp_path):
+    p = tmp_path / "u.data"
+    p.write_text("1\t0\t3\t4\n")
+    with pytest.raises(ValueError, match="positive integers"):
+        load_movielens_100k(str(p))
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gauss data download movielens-1m"):
+        load_movielens_1m(str(tmp_path))
+
+
+def test_sequence_file(tmp_path):
+    p = tmp_path / "seqs.txt"
+    p.write_text("# user items\n10 5 6 7\n\n3 1 2\n")
+    seqs = load_sequence_file(str(p))
+    assert list(seqs.user_ids) == [10, 3]
+    assert seqs.sequence(0)[0].tolist() == [5, 6, 7]
+    assert seqs.sequence(1)[0].tolist() == [1, 2]
+    assert seqs.timestamps is None
+    assert load_dataset("seqfile", str(p)).num_events == 5
+
+
+@pytest.mark.parametrize("text,match", [
+    ("1 2 x\n", "integers"),
+    ("1\n", "at least one item"),
+    ("1 2 0\n", ">= 1"),
+    ("1 2\n1 3\n", "already appeared"),
+    ("\n# nothing\n", "no user lines"),
+])
+def test_sequence_file_errors(tmp_path, text, match):
+    p = tmp_path / "s.txt"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_sequence_file(str(p))
