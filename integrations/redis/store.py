@@ -52,6 +52,19 @@ def _hex_ids(ids: torch.Tensor) -> np.ndarray:
     return out
 
 
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _ids_from_hex(hexes: np.ndarray) -> torch.Tensor:
+    """Inverse of :func:`_hex_ids`: ``[n, 16]`` uint8 ASCII hex -> int64 ids."""
+    nib = _NIBBLE[hexes]
+    if (nib == 255).any():
+        raise ValueError("a key under this prefix does not end in 16 lowercase hex digits")
+    raw = (nib[:, 0::2] << 4) | nib[:, 1::2]
+    return torch.from_numpy(np.ascontiguousarray(raw).view(">i8").reshape(-1).astype(np.int64))
+
+
 def row_keys(prefix: bytes, ids: torch.Tensor) -> np.ndarray:
     """``[n, len(prefix) + 16]`` uint8: the key of each id (see the module docstring)."""
     p = np.frombuffer(prefix, dtype=np.uint8)
@@ -283,13 +296,19 @@ class RedisWePS(EmbeddingStore):
         """Rows under this prefix (a SCAN: O(keys in the database))."""
         return sum(1 for _ in self._scan_keys())
 
+    def stored_ids(self) -> torch.Tensor:
+        """Every id with a row under this prefix (a SCAN: O(keys in the database))."""
+        keys = [k[-16:] for k in self._scan_keys()]
+        if not keys:
+            return torch.empty(0, dtype=torch.int64)
+        return _ids_from_hex(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16))
+
     def export(self, batch_size: int = 65536) -> Iterator[RowBatch]:
         """Every row under this prefix (SCAN + MGET; rows deleted meanwhile are skipped)."""
         batch: List[bytes] = []
 
         def flush(keys: List[bytes]) -> Optional[RowBatch]:
-            hexes = np.frombuffer(b"".join(k[-16:] for k in keys), dtype="S16")
-            ids = torch.from_numpy(np.array([int(h, 16) for h in hexes], dtype=np.uint64).view(np.int64))
+            ids = _ids_from_hex(np.frombuffer(b"".join(k[-16:] for k in keys), dtype=np.uint8).reshape(-1, 16))
             got = self.lookup(ids)
             keep = got.found
             return RowBatch(ids[keep], got.values[keep], got.state[keep] if got.state is not None else None)

@@ -251,3 +251,25 @@ def test_gpu_fp64(rng):
     # scalars (alpha, 1/normaliser) reach the kernels as fp32: fp64 is exact to ~1e-7
     _check(rng, [200, 77], H=2, d_qk=32, d_v=32, dtype=torch.float64, tol=1e-6, num_targets=[3, 1],
            contextual_len=2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("index", range(len(ta._CANDIDATES["fwd"][128])))
+@pytest.mark.parametrize("mode", ["causal", "targets+contextual+window"])
+def test_gpu_every_forward_variant(rng, monkeypatch, index, mode):
+    """Each forward config the autotuner may pick (tiles, TMA descriptors, warp
+    specialization) computes the same function. A variant this triton cannot build is
+    skipped, as the tuner skips it."""
+    cfg = ta._CANDIDATES["fwd"][128][index]
+    monkeypatch.setitem(ta._CANDIDATES["fwd"], 128, [cfg])
+    monkeypatch.setenv("GAUSS_HSTU_AUTOTUNE", "0")
+    monkeypatch.setattr(ta, "_tuned", {})
+    options = {} if mode == "causal" else dict(num_targets=[40, 7, 90], contextual_len=5, max_attn_len=300)
+    lengths = [int(x) for x in torch.randint(300, 1025, (3,), generator=rng)]
+    try:
+        _check(rng, lengths, H=2, d_qk=128, d_v=128, dtype=torch.bfloat16, tol=4e-3, max_seq_len=1024, **options)
+    except Exception as exc:
+        if ta._experimental(cfg) and type(exc).__name__ in ("CompilationError", "OutOfResources", "RuntimeError"):
+            pytest.skip(f"{cfg} not buildable here: {type(exc).__name__}")
+        raise

@@ -92,7 +92,13 @@ def test_cluster_client_accepted(make_redis_server, tmp_path):
     """A one-node Redis Cluster holding all 16384 slots, through redis.cluster.RedisCluster."""
     from redis.cluster import RedisCluster
 
-    server = make_redis_server("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"))
+    import socket
+
+    with socket.socket() as sock:  # the bus port would be port + 10000, past 65535 for high ports
+        sock.bind(("127.0.0.1", 0))
+        bus_port = sock.getsockname()[1]
+    server = make_redis_server("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),
+                               "--cluster-port", str(bus_port))
     if True:
         plain = server.client()
         plain.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)

@@ -182,3 +182,35 @@ def test_resync_turns_pending_rows_deleted_meanwhile_into_tombstones(tmp_path):
     assert _same(ps, weps)
     syncer.close()
     ps.close()
+
+
+def test_dynamic_table_as_source():
+    """Training on A's DynamicEmbeddingTable, serving from WePS through TableSource."""
+    from gauss_plugins.embedding.table import DynamicEmbeddingTable, DynamicTableConfig
+    from gauss_plugins.stores.syncer import TableSource
+
+    table = DynamicEmbeddingTable(DynamicTableConfig(name="items", dim=4, tombstone_limit=4))
+    source = TableSource(table)
+    weps = WePS(4)
+    syncer = Syncer(source, weps, start=False)
+    table.set(torch.tensor([1, 2, 3, -7]), torch.randn(4, 4))
+    assert syncer.sync_now()
+    assert weps.lookup(torch.tensor([1, 2, 3, -7])).found.all()
+    with source.lock:  # the training step
+        table.set(torch.tensor([2]), torch.full((1, 4), 9.0))
+        table.delete(torch.tensor([3]))
+    assert syncer.sync_now()
+    assert weps.lookup(torch.tensor([3])).found.tolist() == [False]
+    assert torch.equal(weps.get(torch.tensor([2])), torch.full((1, 4), 9.0))
+    assert syncer.reports[-1]["deleted"] == 1
+    assert syncer.reports[-1]["freshness_p99_s"] >= 0
+    # more deletions than the table remembers between two pulls: a full image, still exact
+    table.set(torch.arange(100, 120), torch.ones(20, 4))
+    assert syncer.sync_now()
+    for i in range(100, 110):
+        table.delete(torch.tensor([i]))
+    assert syncer.sync_now()
+    values, present = table.get(torch.arange(-10, 130))
+    got = weps.lookup(torch.arange(-10, 130))
+    assert torch.equal(got.found, present) and torch.equal(got.values[present], values[present])
+    syncer.close()

@@ -42,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        if args.dataset and args.dataset != config.data.dataset and config.data.options:
+            # data.options belong to the config's own dataset (e.g. the synthetic stream's sizes)
+            print(f"gauss train: --dataset {args.dataset} replaces {config.data.dataset}; ignoring its data.options",
+                  file=sys.stderr)
+            config = with_overrides(config, data__options={})
         config = with_overrides(config, data__dataset=args.dataset, data__path=args.data_path,
                                 train__max_epochs=args.max_epochs, train__accelerator=args.accelerator,
                                 train__seed=args.seed, train__mode=args.mode,

@@ -1,6 +1,7 @@
 """Load any registered dataset by name (built-in or from a third-party plugin)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 from gauss_plugins.data.loaders import load_movielens_csv
@@ -31,6 +32,11 @@ def load_dataset(name: str, path: Optional[str] = None, **options: Any) -> UserS
     from gauss_plugins.plugins import get_registry
 
     component = get_registry().get("dataset", name)
+    factory = component.load()
+    try:
+        inspect.signature(factory).bind(path=path, **options)
+    except TypeError as exc:
+        raise ValueError(f"dataset {name!r} does not take these options ({exc}); check data.options") from None
     seqs = component.create(path=path, **options)
     if not isinstance(seqs, UserSequences):
         raise TypeError(f"dataset {name!r} ({component.provider}) returned {type(seqs).__name__}, "

@@ -589,7 +589,9 @@ def hstu_attention(
     e.g. ``triton`` on CUDA, ``torch`` on CPU). Differentiable in ``q, k, v`` and ``rab``
     (not twice). Under ``torch.compile`` / ``torch.export`` (or any tracing) it is the one
     op ``gauss::hstu_attention_fwd`` (backward ``gauss::hstu_attention_bwd``); plain eager
-    calls run the same backend code without the op's dispatch overhead. ``validate`` runs
+    calls run the same backend code without the op's dispatch overhead. (A process that
+    loads an exported program or AOTInductor package holding the op must import
+    ``gauss_plugins.hstu.attention`` first, which registers it.) ``validate`` runs
     the data checks (offsets, lengths, num_targets) in eager calls; by default only for
     CPU tensors, since on a GPU they synchronise with the host.
     """

@@ -449,6 +449,16 @@ class Syncer:
             times, rows = clock(self._pulled_version, batch.version)
             if len(times):
                 self._pending_clock.append((np.asarray(times, dtype=np.float64), np.asarray(rows, dtype=np.int64)))
+        if batch.full:
+            # A complete image: rows the target holds that the source lacks were deleted
+            # before we could see it (a syncer attached late, a trimmed log): tombstones.
+            stored = getattr(self.target, "stored_ids", None)
+            if stored is not None:
+                held = stored()
+                extra = held[~torch.isin(held, batch.ids)]
+                if extra.numel():
+                    batch = ChangeBatch(batch.ids, batch.values, batch.state, torch.cat([batch.deleted, extra]),
+                                        batch.version, full=True)
         self._pending.add(batch, self.include_state)
         self._pulled_version = batch.version
 

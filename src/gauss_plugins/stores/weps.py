@@ -165,6 +165,11 @@ class WePS(EmbeddingStore):
     def export(self, batch_size: int = 65536) -> Iterator[RowBatch]:
         return self._current.rows(batch_size)
 
+    def stored_ids(self) -> torch.Tensor:
+        """Every id held by the current snapshot."""
+        snap = self._current
+        return _merge_layers(snap._layers, self.dim + self.state_dim, drop_tombstones=True).ids
+
     # -- writes
     def put(self, ids: IdsLike, values: Any, state: Any = None) -> int:
         uniq, vals, st = self._check_put(ids, values, state)
