@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "ml100k_seeds"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "ml100k_hstu_vs_sasrec.json"))
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. how the runs were scheduled)")
     args = p.parse_args(argv)
 
     from gauss_plugins.train.compare import markdown_table, run_comparison
@@ -56,12 +57,17 @@ def main(argv=None) -> int:
         "item_embedding": args.item_embedding,
         "noise_note": "943 test users: standard error of HR@10 ~ .013; a gap under ~.03 is noise (PLATFORM.md)",
         "command": "python benchmarks/ml100k_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": args.note,
     }
     from gauss_plugins.benchmarking import machine_info
 
     protocol["machine"] = machine_info()
-    result = run_comparison(configs, args.seeds, args.workdir, result_path=args.out, resume=args.resume,
-                            extra=protocol)
+    try:
+        result = run_comparison(configs, args.seeds, args.workdir, result_path=args.out, resume=args.resume,
+                                extra=protocol)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{os.path.basename(__file__)}: {exc}", file=sys.stderr)
+        return 2
     md = [
         "# HSTU vs SASRec on MovieLens 100K",
         "",

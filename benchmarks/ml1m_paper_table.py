@@ -39,8 +39,12 @@ def main(argv=None) -> int:
                                  data__path=args.data_path, train__accelerator=args.accelerator,
                                  train__max_epochs=args.max_epochs)
                for m in args.models}
-    result = run_comparison(configs, args.seeds, args.workdir, result_path=args.out, resume=args.resume,
-                            extra={"paper_table4_ml1m": {m: {"hr@10": v[0], "ndcg@10": v[1]} for m, v in PAPER.items()}})
+    try:
+        result = run_comparison(configs, args.seeds, args.workdir, result_path=args.out, resume=args.resume,
+                                extra={"paper_table4_ml1m": {m: {"hr@10": v[0], "ndcg@10": v[1]} for m, v in PAPER.items()}})
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{os.path.basename(__file__)}: {exc}", file=sys.stderr)
+        return 2
     print("\nmodel        ours HR@10  paper   ours NDCG@10  paper")
     for m in args.models:
         s = result["summary"][m]

@@ -153,6 +153,7 @@ def _quiet_lightning() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=".*number of training batches.*smaller than the logging interval.*")
 
 
@@ -168,11 +169,11 @@ def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = T
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     if config.train.accelerator == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("--accelerator gpu was asked for but torch sees no CUDA device; use --accelerator cpu")
-    os.makedirs(output_dir, exist_ok=True)
+        raise ValueError("--accelerator gpu was asked for but torch sees no CUDA device; use --accelerator cpu")
     t0 = time.time()
     seqs = sequences if sequences is not None else load_sequences(config)
     log(f"data: {seqs.describe()}")
+    os.makedirs(output_dir, exist_ok=True)  # only once the data loaded: bad input leaves no folder behind
     _seed(config.train.seed)
     device = torch.device("cuda") if config.train.accelerator == "gpu" else torch.device("cpu")
     model = build_model(config, num_items=seqs.max_item_id, device=device)

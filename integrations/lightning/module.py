@@ -37,6 +37,7 @@ class RetrievalModule(pl.LightningModule):
         self.ks = tuple(ks)
         self._metrics = {"val": RetrievalMetrics(self.ks), "test": RetrievalMetrics(self.ks)}
         self._corpus: Optional[torch.Tensor] = None
+        self._optimizer: Optional[torch.optim.Optimizer] = None
         self._epoch_losses: List[float] = []
         # Per-epoch records (epoch, train/loss, val/...) for the plot and the JSON history.
         self.history: List[Dict[str, float]] = []
@@ -44,8 +45,12 @@ class RetrievalModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
-        params = [p for n, p in self.model.named_parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        # Created once and reused: streaming mode calls fit() once per window, and the AdamW
+        # moments must carry over from window to window like the table's sparse Adam state.
+        if self._optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self._optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        return self._optimizer
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model.sampled_softmax_loss(batch["ids"], batch["lengths"], batch["targets"], batch["timestamps"])

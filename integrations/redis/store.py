@@ -161,7 +161,10 @@ class RedisWePS(EmbeddingStore):
     def _run_packed(self, commands: List[List[Any]]) -> List[Any]:
         """Send pre-encoded commands on one pooled connection, then read one reply each."""
         pool = self.client.connection_pool
-        conn = pool.get_connection()
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py 5.x wants a command name (unused by the pool)
+            conn = pool.get_connection("MSET")
         try:
             for cmd in commands:
                 conn.send_packed_command(cmd, check_health=False)

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -35,6 +36,12 @@ static_assert(sizeof(Slot) == 12, "slots must be 12 bytes");
 constexpr int64_t kPrefetch = 16;  // keys whose home slot is prefetched ahead of the probe
 
 enum Meta { kSize = 0, kNextRow = 1, kFreeCount = 2, kCapacity = 3 };
+
+// Prefetch every cache line of one row of `bytes` bytes (rows are read or written whole).
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
+}
 
 inline uint64_t fmix64(uint64_t h) {
   h ^= h >> 33;
@@ -234,27 +241,50 @@ void op_place(at::Tensor& slots, const at::Tensor& keys_in, const at::Tensor& ro
 // ------------------------------------------------------------------ lookup + pooling
 // mode: 0 sum, 1 mean. offsets: int64[B+1]. Returns (pooled float32[B, D], rows int64[N]);
 // absent ids read row `dflt` (the table's default row).
-template <typename scalar_t>
-void pool_impl(const scalar_t* w, int64_t D, const int64_t* rows, const int64_t* off, const float* psw,
+constexpr int64_t kRowPrefetch = 12;  // rows fetched ahead while pooling (latency hiding)
+
+// Pool bags [b0, b1). kD > 0: the dimension is a compile-time constant and each bag's sum
+// stays in registers; kD == 0: any dimension, summed in `out` directly. Same arithmetic
+// either way: out = sum over the bag, in order, of psw[i] * w[rows[i]] (then * 1/len).
+template <typename scalar_t, int kD>
+void pool_bags(const scalar_t* w, int64_t D_rt, const int64_t* rows, const int64_t* off, const float* psw,
                int64_t mode, float* out, int64_t b0, int64_t b1) {
+  const int64_t D = kD > 0 ? kD : D_rt;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t end = off[b1];
+  for (int64_t i = off[b0]; i < std::min(end, off[b0] + kRowPrefetch); ++i) prefetch_row(w + rows[i] * D, row_bytes);
+  float acc_fixed[kD > 0 ? kD : 1];
   for (int64_t b = b0; b < b1; ++b) {
-    float* o = out + b * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+    float* acc = kD > 0 ? acc_fixed : out + b * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
     const int64_t s0 = off[b], s1 = off[b + 1];
     for (int64_t i = s0; i < s1; ++i) {
-      if (i + 4 < s1) __builtin_prefetch(w + rows[i + 4] * D);
-      const scalar_t* src = w + rows[i] * D;
+      if (i + kRowPrefetch < end) prefetch_row(w + rows[i + kRowPrefetch] * D, row_bytes);
+      const scalar_t* __restrict__ src = w + rows[i] * D;
       if (psw) {
         const float a = psw[i];
-        for (int64_t d = 0; d < D; ++d) o[d] += a * static_cast<float>(src[d]);
+        for (int64_t d = 0; d < D; ++d) acc[d] += a * static_cast<float>(src[d]);
       } else {
-        for (int64_t d = 0; d < D; ++d) o[d] += static_cast<float>(src[d]);
+        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(src[d]);
       }
     }
     if (mode == 1 && s1 > s0) {
       const float inv = 1.f / static_cast<float>(s1 - s0);
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
     }
+    if (kD > 0) std::memcpy(out + b * D, acc, D * sizeof(float));
+  }
+}
+
+template <typename scalar_t>
+void pool_impl(const scalar_t* w, int64_t D, const int64_t* rows, const int64_t* off, const float* psw,
+               int64_t mode, float* out, int64_t b0, int64_t b1) {
+  switch (D) {
+    case 16: return pool_bags<scalar_t, 16>(w, D, rows, off, psw, mode, out, b0, b1);
+    case 32: return pool_bags<scalar_t, 32>(w, D, rows, off, psw, mode, out, b0, b1);
+    case 64: return pool_bags<scalar_t, 64>(w, D, rows, off, psw, mode, out, b0, b1);
+    case 128: return pool_bags<scalar_t, 128>(w, D, rows, off, psw, mode, out, b0, b1);
+    default: return pool_bags<scalar_t, 0>(w, D, rows, off, psw, mode, out, b0, b1);
   }
 }
 
@@ -391,7 +421,15 @@ void update_impl(int64_t kind, scalar_t* w, int64_t D, const int64_t* rows, cons
   const float wd = static_cast<float>(hp[4]);
   at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
     std::vector<float> buf(D);
+    const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t u = u0; u < u1; ++u) {
+      if (u + 4 < u1) {  // rows are scattered: fetch the rows (and their state) a few ahead
+        const int64_t ahead = rows[u + 4];
+        prefetch_row(w + ahead * D, row_bytes);
+        if (kind == 1 || kind == 3) prefetch_row(s1 + ahead * D, D * 4);
+        if (kind == 2) __builtin_prefetch(s1 + ahead);
+        if (kind == 3) prefetch_row(s2 + ahead * D, D * 4);
+      }
       const int64_t row = rows[u];
       scalar_t* wr = w + row * D;
       const float* gr = g + u * D;
@@ -462,8 +500,8 @@ void op_sparse_update(int64_t kind, at::Tensor& weight, const at::Tensor& rows_i
 }
 
 // ------------------------------------------------------------------ initialisation
-// weight[rows[i], j] = low + (high - low) * u(seed, ids[i], j), u uniform in [0, 1) from the
-// top 24 bits of a counter-based hash: the same bits as the torch fallback.
+// weight[rows[i], j] = low + (high - low) * u(seed, ids[i], j), u uniform in [0, 1) from 24 bits
+// of a counter-based hash (two columns per hash): the same bits as the torch fallback.
 void op_init_uniform(at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& ids_in, int64_t seed,
                   double low, double high) {
   const at::Tensor rows = rows_in.contiguous();
@@ -479,9 +517,11 @@ void op_init_uniform(at::Tensor& weight, const at::Tensor& rows_in, const at::Te
       for (int64_t i = i0; i < i1; ++i) {
         const uint64_t base = fmix64(static_cast<uint64_t>(k[i]) ^ sd);
         scalar_t* wr = w + r[i] * D;
+        // One 64-bit hash per pair of columns: column 2p takes bits 40..63, column 2p+1 bits 16..39.
         for (int64_t j = 0; j < D; ++j) {
-          const uint64_t h = fmix64(base + static_cast<uint64_t>(j + 1) * 0x9E3779B97F4A7C15ULL);
-          const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
+          const uint64_t h = fmix64(base + static_cast<uint64_t>(j / 2 + 1) * 0x9E3779B97F4A7C15ULL);
+          const uint64_t bits = (j % 2 == 0) ? (h >> 40) : ((h >> 16) & 0xFFFFFF);
+          const float u = static_cast<float>(bits) * (1.0f / 16777216.0f);
           const float v = u * span;
           wr[j] = static_cast<scalar_t>(v + lo);
         }

@@ -62,10 +62,9 @@ def _pow2_at_least(d: int, minimum: int = 16) -> int:
 _CANDIDATES: Dict[str, Dict[int, List[_Config]]] = {
     "fwd": {
         64: [_Config(64, 64, 4, 3), _Config(128, 64, 4, 3), _Config(128, 128, 8, 3), _Config(64, 32, 4, 3),
-             _Config(64, 128, 4, 2), _Config(128, 64, 8, 3), _Config(64, 64, 4, 3, tma=True),
+             _Config(128, 64, 8, 3), _Config(64, 64, 4, 3, tma=True),
              _Config(128, 64, 8, 3, tma=True), _Config(128, 64, 8, 2, tma=True, ws=True)],
-        128: [_Config(64, 64, 4, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 2), _Config(64, 128, 4, 2),
-              _Config(128, 64, 8, 3), _Config(128, 128, 8, 2), _Config(128, 32, 8, 4),
+        128: [_Config(64, 64, 4, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 2), _Config(128, 64, 8, 3), _Config(128, 128, 8, 2), _Config(128, 32, 8, 4),
               _Config(64, 64, 4, 3, tma=True), _Config(128, 64, 8, 3, tma=True), _Config(128, 128, 8, 2, tma=True),
               _Config(64, 64, 4, 3, tma=True, ws=True), _Config(128, 64, 8, 2, tma=True, ws=True),
               _Config(128, 128, 8, 2, tma=True, ws=True), _Config(64, 64, 4, 3, ws=True)],
@@ -86,6 +85,23 @@ _CANDIDATES: Dict[str, Dict[int, List[_Config]]] = {
         256: [_Config(64, 32, 4, 2), _Config(64, 64, 8, 2), _Config(128, 32, 8, 2), _Config(32, 32, 4, 2)],
     },
 }
+# fp32 / fp64 inputs (correctness paths, exact dots): smaller tiles fit their bytes
+_WIDE_CANDIDATES: Dict[str, Dict[int, List[_Config]]] = {
+    "fwd": {64: [_Config(64, 32, 4, 2), _Config(32, 32, 4, 2)], 128: [_Config(32, 32, 4, 2), _Config(16, 16, 4, 1)],
+            256: [_Config(16, 16, 4, 1)]},
+    "dkdv": {64: [_Config(32, 32, 4, 2), _Config(16, 32, 4, 2)], 128: [_Config(16, 32, 4, 2), _Config(16, 16, 4, 1)],
+             256: [_Config(16, 16, 4, 1)]},
+    "dq": {64: [_Config(64, 32, 4, 2), _Config(32, 32, 4, 2)], 128: [_Config(32, 32, 4, 2), _Config(16, 16, 4, 1)],
+           256: [_Config(16, 16, 4, 1)]},
+}
+
+# the forward and dQ kernels split causal rows at a BLOCK_M boundary into whole BLOCK_N blocks
+for _kind in ("fwd", "dq"):
+    for _configs in list(_CANDIDATES[_kind].values()) + list(_WIDE_CANDIDATES[_kind].values()):
+        for _cfg in _configs:
+            if _cfg.block_m % _cfg.block_n:
+                raise AssertionError(f"{_kind} config {_cfg}: BLOCK_N must divide BLOCK_M")
+
 # tiny tiles under the interpreter (it runs program by program); tests may set other
 # (BLOCK_M, BLOCK_N) pairs here to exercise the block-range logic
 _INTERPRETER_CONFIGS: Dict[str, _Config] = {kind: _Config(16, 16, 1, 1) for kind in ("fwd", "dkdv", "dq")}
@@ -106,42 +122,53 @@ def _seq_bucket(max_seq_len: int) -> int:
 _tune_failures: Dict[tuple, str] = {}  # (key, config) -> why an experimental config was skipped
 
 
-def _pick(kind: str, key: tuple, block_d: int, launch: Callable[[_Config], None], may_tune: bool,
-          allow_tma: bool = False) -> _Config:
-    """The block config for ``kind``: cached, tuned on first use when allowed, else the
-    default. ``launch(cfg)`` runs the kernel once with ``cfg`` (outputs overwritten)."""
+def _launch_tuned(kind: str, key: tuple, block_d: int, launch: Callable[[_Config], None], may_tune: bool,
+                  allow_tma: bool = False, wide: bool = False) -> None:
+    """Launch ``kind`` with its block config for ``key``: cached; else, when tuning is
+    allowed (not in graph capture, GAUSS_HSTU_AUTOTUNE != 0), the fastest candidate (each is
+    run, outputs are simply overwritten); else the first candidate that fits on this GPU."""
     cfg = _tuned.get(key)
     if cfg is not None:
-        return cfg
+        launch(cfg)
+        return
     if _interpreting():
-        return _INTERPRETER_CONFIGS[kind]
-    candidates = [c for c in _CANDIDATES[kind][min(256, max(64, block_d))] if allow_tma or not c.tma]
-    if torch.cuda.is_current_stream_capturing():
-        return candidates[0]  # no timing inside a capture; a later eager call may still tune
-    if not (may_tune and _autotune_enabled()):
-        _tuned[key] = candidates[0]
-        return candidates[0]
+        launch(_INTERPRETER_CONFIGS[kind])
+        return
+    from triton.runtime.errors import OutOfResources
+
+    table = _WIDE_CANDIDATES if wide else _CANDIDATES
+    candidates = [c for c in table[kind][min(256, max(64, block_d))] if allow_tma or not c.tma]
+    capturing = torch.cuda.is_current_stream_capturing()
+    if capturing or not (may_tune and _autotune_enabled()):
+        for cfg in candidates:
+            try:
+                launch(cfg)  # a config too large fails while loading, before anything runs
+            except OutOfResources:
+                continue
+            if not capturing:  # a later eager call may still tune
+                _tuned[key] = cfg
+            return
+        raise RuntimeError(f"no {kind} block config fits this GPU (tried {candidates})")
     from triton.testing import do_bench
 
     with _tune_lock:
-        if key in _tuned:
-            return _tuned[key]
-        best, best_ms = candidates[0], float("inf")
+        best, best_ms = None, float("inf")
         for cfg in candidates:
             try:
                 ms = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
             except Exception as exc:
                 # out of shared memory / registers on this GPU, or an experimental variant
                 # (TMA, warp specialization) this triton cannot build: skip it, say why
-                text = str(exc).lower()
-                if not (_experimental(cfg) or "resources" in text or "shared memory" in text):
+                if not (_experimental(cfg) or isinstance(exc, OutOfResources)):
                     raise
                 _tune_failures[(key, cfg)] = f"{type(exc).__name__}: {str(exc)[-300:]}"
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
+        if best is None:
+            raise RuntimeError(f"no {kind} block config fits this GPU (tried {candidates})")
         _tuned[key] = best
-        return best
+    launch(best)
 
 
 # ---------------------------------------------------------------- launching
@@ -177,7 +204,8 @@ class _Launcher:
         self.name = name
         self._compiled: Dict[tuple, tuple] = {}
 
-    def __call__(self, grid, tensors: tuple, scalars: tuple, constexprs: dict, cfg: _Config, static_key: tuple):
+    def __call__(self, grid, tensors: tuple, scalars: tuple, constexprs: dict, cfg: _Config, static_key):
+        """``static_key`` must identify ``constexprs`` apart from the tile config ``cfg``."""
         # tensor descriptors (TMA configs) are expanded by triton's own launch path: no direct launch
         direct = self.direct_enabled and not cfg.tma and not _interpreting()
         spec = entry = None
@@ -224,17 +252,22 @@ class _Plan(NamedTuple):
     rab_strides: Tuple[int, int, int]
     rab_shape: Optional[Tuple[int, ...]]
     key: tuple
-    tma_ok: bool  # 16-bit, power-of-two head dims on Hopper or newer: TMA configs may be tried
+    launch_key: int
+    tma_ok: bool
+    wide: bool  # fp32 / fp64: twice or four times the bytes per tile  # 16-bit, power-of-two head dims on Hopper or newer: TMA configs may be tried
 
 
 _plans: Dict[tuple, _Plan] = {}
+_launch_keys: Dict[tuple, int] = {}
 
 
 def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab,
           normalizer) -> _Plan:
     interpreting = _interpreting()
     rab_layout = None if rab is None else (tuple(rab.shape), rab.stride(), rab.dtype)
-    cache_key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, offsets.shape, max_seq_len, alpha,
+    # T (the total length) is left out: it changes every batch and the plan does not use it
+    cache_key = (q.shape[1:], k.shape[1:], v.shape[1:], q.dtype, k.dtype, v.dtype, q.device, offsets.shape,
+                 max_seq_len, alpha,
                  causal, num_targets is None, contextual_len, max_attn_len, rab_layout, normalizer, interpreting)
     plan = _plans.get(cache_key)
     if plan is not None:
@@ -279,12 +312,20 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     )
     block_d = max(constexprs["BLOCK_DQ"], constexprs["BLOCK_DV"])
     pure_causal = causal and num_targets is None and contextual_len == 0 and max_attn_len == 0
+    # tuning key: configs are shared by calls that differ only in lengths and mask details
     key = (constexprs["BLOCK_DQ"], constexprs["BLOCK_DV"], q.dtype, _seq_bucket(max_seq_len), pure_causal,
            rab is not None, q.device.index)
+    # launch key: one small int per distinct set of constexprs (what a compiled kernel fixes)
+    # (tensor dtypes too: they are part of a compiled kernel's signature)
+    signature = tuple(sorted((name, str(value)) for name, value in constexprs.items())) + (
+        str(q.dtype), None if rab is None else str(rab.dtype))
+    launch_key = _launch_keys.setdefault(signature, len(_launch_keys))
+    # TMA descriptors are built per call and bypass the direct launch: worth it only where
+    # the kernel, not the host, takes the time
     tma_ok = (not interpreting and not wide and d_qk == constexprs["BLOCK_DQ"] and d_v == constexprs["BLOCK_DV"]
-              and torch.cuda.get_device_capability(q.device)[0] >= 9)
+              and max_seq_len >= 1024 and torch.cuda.get_device_capability(q.device)[0] >= 9)
     plan = _Plan(B, H, 0.5 * float(alpha), 1.0 / max_seq_len, int(contextual_len), int(max_attn_len), max_seq_len,
-                 constexprs, block_d, rab_strides, None if rab is None else tuple(rab.shape), key, tma_ok)
+                 constexprs, block_d, rab_strides, None if rab is None else tuple(rab.shape), key, launch_key, tma_ok, wide)
     _plans[cache_key] = plan
     return plan
 
@@ -304,11 +345,11 @@ def _forward(q, k, v, offsets, num_targets, rab, p: _Plan) -> torch.Tensor:
             args = (q, TensorDescriptor.from_tensor(k.view(T, -1), [cfg.block_n, k.shape[2]]),
                     TensorDescriptor.from_tensor(v.view(T, -1), [cfg.block_n, v.shape[2]])) + tensors[3:]
         _fwd_launcher(grid, args, scalars, dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                                USE_TMA=cfg.tma, WARP_SPEC=cfg.ws), cfg, p.key)
+                                                USE_TMA=cfg.tma, WARP_SPEC=cfg.ws), cfg, p.launch_key)
 
     if q.shape[0] == 0:
         return out
-    launch(_pick("fwd", ("fwd",) + p.key, p.block_d, launch, may_tune=True, allow_tma=p.tma_ok))
+    _launch_tuned("fwd", ("fwd",) + p.key, p.block_d, launch, may_tune=True, allow_tma=p.tma_ok, wide=p.wide)
     return out
 
 
@@ -340,18 +381,18 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_n))
         _dkdv_launcher(grid, dkdv_tensors, dkdv_scalars,
                        dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, RAB_GRAD=rab_grad,
-                            RAB_GRAD_ATOMIC=atomic), cfg, dkdv_key)
+                            RAB_GRAD_ATOMIC=atomic), cfg, (p.launch_key, rab_grad, atomic))
 
     def launch_dq(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))
         _dq_launcher(grid, dq_tensors, dq_scalars, dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
-                     cfg, p.key)
+                     cfg, p.launch_key)
 
     if q.shape[0] == 0:
         return dq, dk, dv, (drab_buf.to(rab.dtype) if rab_grad else None)
     # tuning reruns the kernel: fine for plain stores, not for atomically summed drab
-    launch_dkdv(_pick("dkdv", ("dkdv",) + dkdv_key, p.block_d, launch_dkdv, may_tune=not atomic))
-    launch_dq(_pick("dq", ("dq",) + p.key, p.block_d, launch_dq, may_tune=True))
+    _launch_tuned("dkdv", ("dkdv",) + dkdv_key, p.block_d, launch_dkdv, may_tune=not atomic, wide=p.wide)
+    _launch_tuned("dq", ("dq",) + p.key, p.block_d, launch_dq, may_tune=True, wide=p.wide)
     drab = None
     if rab_grad:
         drab = drab_buf.to(rab.dtype) if atomic else drab_buf

@@ -10,10 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-import importlib
-
-# the package re-exports the function `download`, which shadows the module of that name
-dl = importlib.import_module("gauss_plugins.data.download")
+from gauss_plugins.data import download as dl
 
 
 class _Response:
@@ -47,7 +44,7 @@ def test_download_verifies_and_extracts(tmp_path, monkeypatch):
     payload = _archive()
     fake = replace(dl.DATASETS["movielens-1m"], md5=hashlib.md5(payload).hexdigest())
     monkeypatch.setitem(dl.DATASETS, "movielens-1m", fake)
-    folder = dl.download("movielens-1m", str(tmp_path), opener=lambda url, timeout: _Response(payload))
+    folder = dl.download_dataset("movielens-1m", str(tmp_path), opener=lambda url, timeout: _Response(payload))
     assert folder == str(tmp_path / "ml-1m")
     assert (tmp_path / "ml-1m" / "ratings.dat").read_text().startswith("1::2")
     assert sorted(os.listdir(tmp_path)) == ["ml-1m"]     # no temporary files left
@@ -58,7 +55,7 @@ def test_download_verifies_and_extracts(tmp_path, monkeypatch):
 def test_checksum_mismatch_keeps_nothing(tmp_path):
     payload = _archive()
     with pytest.raises(dl.DownloadError, match="checksum mismatch"):
-        dl.download("movielens-1m", str(tmp_path), opener=lambda url, timeout: _Response(payload))
+        dl.download_dataset("movielens-1m", str(tmp_path), opener=lambda url, timeout: _Response(payload))
     assert os.listdir(tmp_path) == []
 
 
@@ -67,13 +64,13 @@ def test_offline_is_a_clear_error(tmp_path):
         raise urllib.error.URLError("Name or service not known")
 
     with pytest.raises(dl.DownloadError, match="offline.*--data-path"):
-        dl.download("movielens-1m", str(tmp_path), opener=offline)
+        dl.download_dataset("movielens-1m", str(tmp_path), opener=offline)
     assert os.listdir(tmp_path) == []
 
 
 def test_unknown_dataset():
     with pytest.raises(dl.DownloadError, match="known"):
-        dl.download("movielens-7m", "/nonexistent")
+        dl.download_dataset("movielens-7m", "/nonexistent")
 
 
 def test_find_data_dir_env(tmp_path, monkeypatch):
@@ -82,3 +79,9 @@ def test_find_data_dir_env(tmp_path, monkeypatch):
     assert dl.find_data_dir("ml-1m") == str(tmp_path / "ml-1m")
     monkeypatch.setenv("GAUSS_DATA", str(tmp_path / "ml-1m"))
     assert dl.find_data_dir("ml-1m") == str(tmp_path / "ml-1m")
+
+
+def test_cli_choices_match_the_catalog():
+    from gauss_plugins.commands.data import DOWNLOADABLE
+
+    assert set(DOWNLOADABLE) == set(dl.DATASETS)

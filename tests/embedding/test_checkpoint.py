@@ -90,11 +90,12 @@ def test_full_and_incremental_restore_continue_bit_identical(backend, tmp_path):
     train(snapshot, SparseOptimizer(snapshot), range(20, 30))
     assert_identical(ref, snapshot)
 
-    # incremental files are smaller than the full one would be, and hold evicted ids
+    # an incremental file holds only the changed rows and the evictions since its base
     from gauss_plugins.serialization import load_tensors
 
-    inc_tensors, _ = load_tensors(inc1)
-    assert inc_tensors["ids"].numel() < len(ref) + inc_tensors["evicted"].numel() + 24
+    inc_tensors, meta = load_tensors(inc1)
+    assert inc_tensors["ids"].numel() == inc_tensors["weight"].shape[0] <= 24
+    assert bool((inc_tensors["tombstones.versions"] > int(meta["base_version"])).all())
 
 
 def test_full_restore_keeps_rows_and_a_fresh_table_from_config(backend, tmp_path):

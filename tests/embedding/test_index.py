@@ -171,7 +171,7 @@ def test_absent_keys_after_heavy_churn(index_factory, name, device):
     for round_ in range(20):
         keys = torch.arange(12, device=device) + 100 * round_
         index.insert(keys)
-        index.remove(keys[: 11 if round_ % 2 else 12])
+        index.remove(keys if round_ < 19 else keys[:2])
     absent = torch.arange(-50, -1, device=device)
     assert bool((index.find(absent) == -1).all())
     assert len(index) == 10

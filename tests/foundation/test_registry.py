@@ -8,7 +8,7 @@ import torch
 
 from gauss_plugins import Availability, Component, hookimpl
 from gauss_plugins.components import requires_modules
-from gauss_plugins.plugins import Registry, create_plugin_manager
+from gauss_plugins.plugins import GaussPluginManager, Registry, create_plugin_manager
 
 
 def _plugin(name: str, *components: Component):
@@ -24,7 +24,8 @@ def _plugin(name: str, *components: Component):
 
 
 def _registry_with(*plugins) -> Registry:
-    pm = create_plugin_manager(load_entry_points=False)
+    """A registry of only these plugins (no built-ins, no entry points)."""
+    pm = GaussPluginManager()
     for i, p in enumerate(plugins):
         pm.register_provided(p, f"test{i}", "test-dist")
     return Registry(pm)

@@ -28,9 +28,12 @@ def _drop_modules():
         sys.modules.pop(name, None)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def interp():
-    """The triton_index module with its kernels running in the Triton interpreter."""
+    """The triton_index module with its kernels running in the Triton interpreter.
+
+    Function-scoped: the variable and the interpreted modules must be gone before any
+    test that compiles the kernels (the gpu tests) runs."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     _drop_modules()
@@ -258,7 +261,8 @@ def test_registered_as_triton_table_backend(fresh_registry):
 
 
 # ------------------------------------------------------------------------------ GPU
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                         reason="needs a CUDA device (and compiled kernels: TRITON_INTERPRET unset)")
 
 
 @pytest.mark.gpu

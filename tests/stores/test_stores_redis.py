@@ -214,3 +214,52 @@ def test_syncer_and_redis_stop_while_push_in_flight(redis_server, tmp_path):
     syncer.close()
     assert _check_all_in_redis(ps, store, set()) == 0
     ps.close()
+
+
+def test_first_sync_removes_rows_the_source_lacks(redis_server, tmp_path):
+    """A syncer attached to a prefix that holds rows of an older run: its first (full) push
+    leaves Redis holding exactly the training store's rows."""
+    store = RedisWePS(4, port=redis_server.port, model="late")
+    store.put(torch.arange(10), torch.zeros(10, 4))          # left over from before
+    ps = TierPS(4, str(tmp_path / "ps"))
+    ps.put(torch.arange(5), torch.ones(5, 4))
+    syncer = Syncer(ps, store, start=False)
+    assert syncer.sync_now()
+    assert store.lookup(torch.arange(10)).found.tolist() == [True] * 5 + [False] * 5
+    assert torch.equal(store.get(torch.arange(5)), torch.ones(5, 4))
+    assert sorted(store.stored_ids().tolist()) == [0, 1, 2, 3, 4]
+    syncer.close()
+    ps.close()
+
+
+@pytest.mark.slow
+def test_unreachable_redis_never_blocks_training(redis_server, tmp_path):
+    """redis-server frozen (SIGSTOP: connections hang, nothing answers) while training writes:
+    puts stay fast, the syncer times out and retries, and after SIGCONT every row arrives."""
+    import os
+    import signal
+
+    ps = TierPS(4, str(tmp_path / "ps"))
+    store = RedisWePS(4, port=redis_server.port, model="frozen", socket_timeout=0.3, socket_connect_timeout=0.3)
+    syncer = Syncer(ps, store, interval_s=0.05)
+    g = torch.Generator().manual_seed(3)
+    slowest = 0.0
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            ps.put(torch.randint(0, 3000, (500,), generator=g), torch.randn(500, 4, generator=g))
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.005)
+        assert syncer.stats()["consecutive_failures"] > 0
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (syncer.stats()["pushed_version"] == ps.version
+                                               and syncer.stats()["consecutive_failures"] == 0):
+        time.sleep(0.05)
+    syncer.close()
+    assert slowest < 0.25, f"a put waited {slowest:.3f}s while Redis was frozen"
+    assert _check_all_in_redis(ps, store, set()) == 0
+    ps.close()

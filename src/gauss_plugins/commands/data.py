@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Mirrors gauss_plugins.data.download.DATASETS (a test keeps them equal): building the CLI
+# parser must not import the data package.
+DOWNLOADABLE = ("movielens-100k", "movielens-1m", "movielens-20m", "movielens-25m")
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from gauss_plugins.data.download import DATASETS
-
     p = subparsers.add_parser("data", help="download MovieLens (checksum-verified) and inspect datasets",
                               description="Download and inspect event datasets.")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     d = sub.add_parser("download", help="download a MovieLens archive from GroupLens, verify its MD5, extract it")
-    d.add_argument("name", choices=sorted(DATASETS), help="which dataset")
+    d.add_argument("name", choices=DOWNLOADABLE, help="which dataset")
     d.add_argument("--dest", default="data", help="folder to extract into (default: ./data)")
     d.add_argument("--force", action="store_true", help="download again even if the folder exists")
     d.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
@@ -29,14 +31,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gauss_plugins.data.download import DATASETS, DownloadError, download, find_data_dir
+    from gauss_plugins.data.download import DATASETS, DownloadError, download_dataset, find_data_dir
 
     action = getattr(args, "data_command", None)
     if action == "download":
         ds = DATASETS[args.name]
         print(f"downloading {ds.url} (~{ds.size_mb} MB, MD5 {ds.md5}) into {args.dest}/{ds.folder} ...", flush=True)
         try:
-            folder = download(args.name, args.dest, force=args.force, timeout_s=args.timeout)
+            folder = download_dataset(args.name, args.dest, force=args.force, timeout_s=args.timeout)
         except DownloadError as exc:
             print(f"gauss data download: {exc}", file=sys.stderr)
             return 1

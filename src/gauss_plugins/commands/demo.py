@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=os.path.join("runs", "demo"), help="where to write (default runs/demo)")
     p.add_argument("--data-path", help="ml-100k folder (default: $GAUSS_DATA, then ../shared/data)")
     p.add_argument("--synthetic", action="store_true", help="use the synthetic stream even if MovieLens is found")
-    p.add_argument("--max-epochs", type=int, help="override the demo's 16 epochs")
+    p.add_argument("--max-epochs", type=int, help="override the demo's 30 epochs")
     p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--item-embedding", choices=("dynamic", "static"), default=None,
                    help="item embeddings (default: the dynamic table)")

@@ -5,7 +5,7 @@ Everything returns :class:`UserSequences` (per-user chronological items and time
 jagged, raw item ids). Datasets are registered as plugins (kind ``dataset``) so that
 ``gauss train --dataset NAME`` also finds third-party sources.
 """
-from gauss_plugins.data.download import DATASETS, DownloadError, download, find_data_dir
+from gauss_plugins.data.download import DATASETS, DownloadError, download_dataset, find_data_dir
 from gauss_plugins.data.loaders import (
     load_movielens_100k,
     load_movielens_1m,
@@ -24,7 +24,7 @@ __all__ = [
     "LeaveOneOutSplit",
     "UserSequences",
     "dataset_names",
-    "download",
+    "download_dataset",
     "find_data_dir",
     "from_events",
     "leave_one_out",

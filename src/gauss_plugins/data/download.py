@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-__all__ = ["DATASETS", "DownloadError", "download", "find_data_dir"]
+__all__ = ["DATASETS", "DownloadError", "download_dataset", "find_data_dir"]
 
 _BASE = "https://files.grouplens.org/datasets/movielens/"
 
@@ -71,7 +71,7 @@ def _progress_printer(total: Optional[int]) -> Callable[[int], None]:
     return show
 
 
-def download(name: str, dest_dir: str, force: bool = False, timeout_s: float = 30.0,
+def download_dataset(name: str, dest_dir: str, force: bool = False, timeout_s: float = 30.0,
              opener: Callable[..., object] = urllib.request.urlopen) -> str:
     """Fetch dataset ``name`` (a key of :data:`DATASETS`) into ``dest_dir``; return its folder.
 

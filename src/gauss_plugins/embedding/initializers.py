@@ -4,10 +4,11 @@ Every replica that creates the row of id ``k`` gets the same bits, whatever the 
 order of insertion, the row number or the thread count: values come from a counter-based
 hash (murmur3's fmix64) instead of a random generator's stream.
 
-* ``"uniform"``: ``low + (high - low) * u`` with ``u`` the top 24 bits of
-  ``fmix64(fmix64(id ^ s) + (j + 1) * G) / 2**24`` (``s = fmix64(seed + G)``, ``G`` the
-  golden-ratio constant), computed in float32 as ``u * span`` then ``+ low``. The compiled
-  CPU kernel produces the very same bits.
+* ``"uniform"``: ``low + (high - low) * u``, ``u = b / 2**24`` with ``b`` 24 bits of
+  ``h = fmix64(fmix64(id ^ s) + (j // 2 + 1) * G)`` (``s = fmix64(seed + G)``, ``G`` the
+  golden-ratio constant): bits 40..63 for even columns ``j``, 16..39 for odd ones; computed
+  in float32 as ``u * span`` then ``+ low``. The compiled CPU kernel produces the very
+  same bits.
 * ``"normal"``: Box-Muller on two such uniforms (float64, then rounded).
 * ``"zeros"``.
 * a callable ``fn(ids int64[N], dim, seed) -> Tensor[N, dim]`` (must be deterministic).
@@ -34,10 +35,13 @@ def _seed_mix(seed: int, device) -> torch.Tensor:
 
 
 def _uniform_bits(ids: torch.Tensor, dim: int, seed: int, salt: int = 0) -> torch.Tensor:
-    """int64[N, dim] of 24-bit uniform integers."""
+    """int64[N, dim] of 24-bit uniform integers; one 64-bit hash serves two columns."""
     base = hash_keys(ids ^ _seed_mix(seed + salt, ids.device))
-    cols = (torch.arange(1, dim + 1, dtype=torch.int64, device=ids.device) * _GOLDEN)
-    return _lshr(hash_keys(base[:, None] + cols[None, :]), 40)
+    pairs = (dim + 1) // 2
+    cols = torch.arange(1, pairs + 1, dtype=torch.int64, device=ids.device) * _GOLDEN
+    h = hash_keys(base[:, None] + cols[None, :])
+    bits = torch.stack([_lshr(h, 40), _lshr(h, 16) & 0xFFFFFF], dim=2).reshape(ids.numel(), 2 * pairs)
+    return bits[:, :dim]
 
 
 def deterministic_uniform(ids: torch.Tensor, dim: int, seed: int, low: float, high: float) -> torch.Tensor:

@@ -413,12 +413,14 @@ class DynamicEmbeddingTable(nn.Module):
             return ids.sort().values
         scores = self.eviction.scores(ids, rows, self._clock(), self)
         scores = scores.to(torch.float64) if scores.is_floating_point() else scores.to(torch.int64)
+        # Everything below the k-th score goes; among the rows tied at it, the smallest ids.
         threshold = scores.kthvalue(k).values
-        cand = (scores <= threshold).nonzero().squeeze(1)
-        by_id = ids[cand].argsort()
-        cand = cand[by_id]
-        order = torch.sort(scores[cand], stable=True).indices[:k]
-        return ids[cand[order]]
+        below = scores < threshold
+        tied = ids[scores == threshold]
+        m = k - int(below.sum())
+        if m < tied.numel():
+            tied = tied[tied <= tied.kthvalue(m).values]
+        return torch.cat([ids[below], tied]).sort().values
 
     def _remove(self, ids: torch.Tensor) -> torch.Tensor:
         """Remove ``ids`` (distinct) from the index; log them as tombstones. Returns rows."""
@@ -467,8 +469,9 @@ class DynamicEmbeddingTable(nn.Module):
         rows = self.index.find(ids)
         missing = rows < 0
         if bool(missing.any()):
-            cand, counts = torch.unique(ids[missing], return_counts=True)
-            admitted = cand[self.admission.admit(cand, counts)]
+            cand, inverse, counts = torch.unique(ids[missing], return_inverse=True, return_counts=True)
+            admit = self.admission.admit(cand, counts)
+            admitted = cand[admit]
             if admitted.numel():
                 self._ensure_room(admitted.numel(), protect=rows[~missing])
                 try:
@@ -476,9 +479,9 @@ class DynamicEmbeddingTable(nn.Module):
                 except IndexFullError as exc:  # _ensure_room made room: this is a bug, say so
                     raise TableFullError(f"dynamic table {self.name!r}: {exc}") from exc
                 self._init_rows(new_rows, admitted, version)
-                pos = torch.searchsorted(admitted, ids[missing]).clamp_max(admitted.numel() - 1)
-                hit = admitted[pos] == ids[missing]
-                rows[missing] = torch.where(hit, new_rows[pos], torch.full_like(pos, -1))
+                cand_rows = torch.full_like(cand, -1)
+                cand_rows[admit] = new_rows
+                rows[missing] = cand_rows[inverse]
                 missing = rows < 0
         present = rows[~missing] if bool(missing.any()) else rows
         if self.eviction is not None:
@@ -768,21 +771,24 @@ class DynamicEmbeddingTable(nn.Module):
             "backend": type(self.index).__name__,
         }
         tensors: Dict[str, torch.Tensor] = {}
+        # The tombstone log (after since_version for an incremental), with its versions.
+        after = -1 if since_version is None else int(since_version)
+        if since_version is not None and after < self._tombstones_since:
+            raise ValueError(f"table {self.name!r} no longer remembers evictions at version {after} "
+                             f"(tombstone_limit / trim_tombstones); save a full checkpoint instead")
+        chunks = [(t, v) for t, v in zip(self._tombstone_ids, self._tombstone_versions) if v > after]
+        tensors["tombstones.ids"] = torch.cat([t for t, _ in chunks]).cpu() if chunks else _EMPTY_LONG
+        tensors["tombstones.versions"] = torch.tensor([v for t, v in chunks for _ in range(t.numel())],
+                                                      dtype=torch.int64)
         if since_version is None:
             index_state = self.index.state_dict()
             for k, v in index_state.items():
                 tensors[f"index.{k}"] = v
             ids, rows = index_state["keys"].to(self.device), index_state["rows"].to(self.device)
-            if self._tombstone_ids:
-                tensors["tombstones.ids"] = torch.cat(self._tombstone_ids).cpu()
-                tensors["tombstones.versions"] = torch.tensor(
-                    [v for t, v in zip(self._tombstone_ids, self._tombstone_versions) for _ in range(t.numel())],
-                    dtype=torch.int64)
         else:
-            meta["base_version"] = str(int(since_version))
-            ids, rows = self._changed_rows(int(since_version))
+            meta["base_version"] = str(after)
+            ids, rows = self._changed_rows(after)
             tensors["ids"] = ids.cpu()
-            tensors["evicted"] = self.evicted_since(int(since_version)).cpu()
         tensors["weight"] = self.weight[rows].cpu()
         rel = self._row_stamp[rows].to(torch.int64)
         tensors["stamp"] = torch.where(rel > 0, rel + self._stamp_base, torch.zeros_like(rel)).cpu()
@@ -829,24 +835,19 @@ class DynamicEmbeddingTable(nn.Module):
                 self.eviction.resize(capacity + 1, dev)
             rows = index_state["rows"].to(dev)
             self._tombstone_ids, self._tombstone_versions = [], []
-            if "tombstones.ids" in tensors:
-                t_ids, t_ver = tensors["tombstones.ids"].to(dev), tensors["tombstones.versions"]
-                for v in torch.unique_consecutive(t_ver).tolist():
-                    self._tombstone_ids.append(t_ids[t_ver.to(dev) == v])
-                    self._tombstone_versions.append(int(v))
             self._tombstones_since = int(meta["tombstones_since"])
+            self._append_tombstones(tensors)
         else:
             base = int(meta["base_version"])
             if base != self._version:
                 raise ValueError(f"incremental checkpoint of table {self.name!r} applies on version {base}, but the "
                                  f"table is at version {self._version}: load the full checkpoint and the "
                                  f"incrementals in order")
-            evicted = tensors["evicted"].to(dev)
+            evicted = torch.unique(tensors["tombstones.ids"].to(dev))
             if evicted.numel():
-                self.index.remove(evicted)
+                self.index.remove(evicted)  # ids re-inserted since are among `ids` below
                 self._epoch += 1
-                self._tombstone_ids.append(evicted.clone())
-                self._tombstone_versions.append(int(meta["version"]))
+            self._append_tombstones(tensors)
             ids = tensors["ids"].to(dev)
             rows = self.index.find(ids)
             missing = rows < 0
@@ -874,6 +875,13 @@ class DynamicEmbeddingTable(nn.Module):
         self._step = int(meta["step"])
         self._epoch += 1
         self._pending = []
+
+    def _append_tombstones(self, tensors: Dict[str, torch.Tensor]) -> None:
+        t_ids = tensors["tombstones.ids"].to(self.device)
+        t_ver = tensors["tombstones.versions"].to(self.device)
+        for v in torch.unique_consecutive(t_ver).tolist():
+            self._tombstone_ids.append(t_ids[t_ver == v])
+            self._tombstone_versions.append(int(v))
 
     # nn.Module integration: model.state_dict() / load_state_dict() carry the full table.
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -15,7 +15,6 @@ paper's code (MovieLens never repeats an item).
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterable, Optional, Sequence
 
 import torch
@@ -91,7 +90,3 @@ class RetrievalMetrics:
             raise RuntimeError("no evaluation batch was seen; nothing to average")
         return metrics_from_ranks(self.ranks(), self.ks)
 
-
-def ndcg_of_rank(rank: int) -> float:
-    """1 / log2(rank + 1): the NDCG of a single relevant item at 1-based ``rank``."""
-    return 1.0 / math.log2(rank + 1)

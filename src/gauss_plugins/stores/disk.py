@@ -38,7 +38,8 @@ to the next segment number (atomic), the directory fsynced, and only then the ol
 unlinked. A crash before the rename leaves a ``.tmp`` file that recovery deletes; a crash
 after it leaves old segments that recovery skips (they precede a RESET) and deletes.
 
-*Index.* In memory, a hash index (A's :class:`~gauss_plugins.embedding.index.TorchHashIndex`)
+*Index.* In memory, a hash index of the dynamic table (``table_backend`` from the registry:
+the compiled CPU one when built, else :class:`~gauss_plugins.embedding.index.TorchHashIndex`)
 maps each id to a slot whose location word is ``segment << 40 | byte offset of the row``;
 it is rebuilt by the replay. A directory lock (``flock``) keeps a second process out.
 """
@@ -57,7 +58,7 @@ import torch
 from gauss_plugins.embedding.index import TorchHashIndex
 from gauss_plugins.stores.base import as_ids
 
-__all__ = ["DiskTier", "CorruptLogError"]
+__all__ = ["DiskTier", "CorruptLogError", "make_index"]
 
 MAGIC = 0x47504C52
 _HEADER = struct.Struct("<IIB3xIQQ")
@@ -65,6 +66,20 @@ HEADER_BYTES = _HEADER.size  # 32
 PUT, DEL, RESET = 1, 2, 3
 _SEG_RE = re.compile(r"^seg-(\d{8})\.log$")
 _OFFSET_BITS = 40
+
+
+def make_index(backend: str, capacity: int):
+    """A CPU hash index of the dynamic table from the ``table_backend`` registry: ``"auto"``
+    picks the best available one (e.g. the compiled ``cpu_ext``), ``"torch"`` the reference."""
+    if backend == "torch":
+        return TorchHashIndex(capacity)
+    from gauss_plugins.plugins import get_registry
+
+    registry = get_registry()
+    if backend == "auto" and not registry.names("table_backend"):
+        return TorchHashIndex(capacity)  # a build without the embedding plugin: the reference
+    comp = registry.select("table_backend", backend, device=torch.device("cpu"))
+    return comp.create(capacity, torch.device("cpu"))
 
 
 class CorruptLogError(RuntimeError):
@@ -92,7 +107,8 @@ class DiskTier:
     """
 
     def __init__(self, path: str, width: int, *, sync: bool = True, segment_bytes: int = 64 << 20,
-                 compact_ratio: float = 0.5, min_compact_bytes: int = 16 << 20, initial_capacity: int = 1 << 16):
+                 compact_ratio: float = 0.5, min_compact_bytes: int = 16 << 20, initial_capacity: int = 1 << 16,
+                 index_backend: str = "auto"):
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
         if not 0.0 < compact_ratio < 1.0:
@@ -111,7 +127,7 @@ class DiskTier:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise RuntimeError(f"{self.path} is open in another process (its LOCK is held)") from None
-        self._index = TorchHashIndex(max(initial_capacity, 16))
+        self._index = make_index(index_backend, max(initial_capacity, 16))
         self._loc = torch.full((self._index.capacity,), -1, dtype=torch.int64)
         self._maps: Dict[int, np.ndarray] = {}
         self._sizes: Dict[int, int] = {}  # segment -> bytes

@@ -469,20 +469,34 @@ class Syncer:
         rows = deleted = nbytes = 0
         target_version = self._pulled_version
         dim = self.source.dim
+        atomic = bool(getattr(self.target, "atomic_apply", False))
         try:
+            batches = []
             for ids, vals, tomb in self._pending.batches(self.push_batch_rows):
                 up = ~tomb
                 values = vals[up]
                 batch = ChangeBatch(ids=ids[up], values=values[:, :dim].contiguous(),
                                     state=values[:, dim:].contiguous() if self.include_state else None,
                                     deleted=ids[tomb], version=self.pushed_version)
-                self.target.apply_changes(batch)
                 rows += batch.num_rows
                 deleted += int(batch.deleted.numel())
                 nbytes += int(values.numel() * 4 + ids.numel() * 8)
-            # The version goes last, alone: a reader seeing it sees every row it covers.
-            self.target.apply_changes(ChangeBatch(torch.empty(0, dtype=torch.int64), torch.empty(0, dim),
-                                                  None, torch.empty(0, dtype=torch.int64), target_version))
+                if atomic:
+                    batches.append(batch)
+                else:
+                    self.target.apply_changes(batch)
+            if atomic:
+                # An in-process store publishes the whole push as one snapshot.
+                self.target.apply_changes(ChangeBatch(
+                    torch.cat([b.ids for b in batches]) if batches else torch.empty(0, dtype=torch.int64),
+                    torch.cat([b.values for b in batches]) if batches else torch.empty(0, dim),
+                    torch.cat([b.state for b in batches]) if batches and self.include_state else None,
+                    torch.cat([b.deleted for b in batches]) if batches else torch.empty(0, dtype=torch.int64),
+                    target_version))
+            else:
+                # The version goes last, alone: a reader seeing it sees every row it covers.
+                self.target.apply_changes(ChangeBatch(torch.empty(0, dtype=torch.int64), torch.empty(0, dim),
+                                                      None, torch.empty(0, dtype=torch.int64), target_version))
         except Exception as exc:
             self._fail(exc, "push")
             return False

@@ -45,27 +45,12 @@ import torch
 
 from gauss_plugins.stores.base import (ChangeBatch, EmbeddingStore, IdsLike, Lookup, RowBatch, as_ids,
                                        last_occurrence)
-from gauss_plugins.stores.disk import DiskTier
+from gauss_plugins.stores.disk import DiskTier, make_index
 
 __all__ = ["TierPS"]
 
 # Per RAM row besides values/state: tick (8), dirty (1), hash-index slots (~16 at 0.75 load).
 _RAM_OVERHEAD_BYTES = 25
-
-
-def _make_index(backend: str, capacity: int):
-    """A hash index from the ``table_backend`` registry (``"auto"``: best CPU one)."""
-    from gauss_plugins.embedding.index import TorchHashIndex
-
-    if backend == "torch":
-        return TorchHashIndex(capacity)
-    from gauss_plugins.plugins import get_registry
-
-    registry = get_registry()
-    if backend == "auto" and not registry.names("table_backend"):
-        return TorchHashIndex(capacity)  # the embedding plugin registers none in this build
-    comp = registry.select("table_backend", backend, device=torch.device("cpu"))
-    return comp.create(capacity, torch.device("cpu"))
 
 
 class TierPS(EmbeddingStore):
@@ -92,10 +77,11 @@ class TierPS(EmbeddingStore):
         self.ram_bytes = int(ram_bytes)
         self._lock = threading.RLock()
         self.disk = DiskTier(path, dim + state_dim, sync=sync_writes, segment_bytes=segment_bytes,
-                             compact_ratio=compact_ratio, min_compact_bytes=min_compact_bytes)
+                             compact_ratio=compact_ratio, min_compact_bytes=min_compact_bytes,
+                             index_backend=index_backend)
         cap = max(16, min(initial_capacity, self.max_ram_rows))
         self._index_backend = index_backend
-        self._index = _make_index(index_backend, cap)
+        self._index = make_index(index_backend, cap)
         self._values = torch.zeros(cap, dim)
         self._state = torch.zeros(cap, state_dim)
         self._tick = torch.zeros(cap, dtype=torch.int64)
@@ -377,10 +363,12 @@ class TierPS(EmbeddingStore):
                      consumers=dict(self._consumers), **self._counters)
             return s
 
-    def close(self) -> None:
-        """Flush (acknowledging every row) and close the disk tier."""
+    def close(self, flush: bool = True) -> None:
+        """Flush (acknowledging every row; ``flush=False``: drop the RAM tier's unflushed
+        changes, as a crash would) and close the disk tier."""
         with self._lock:
             if self.disk._fd is None:
                 return
-            self.flush()
+            if flush:
+                self.flush()
             self.disk.close()

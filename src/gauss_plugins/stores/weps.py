@@ -127,6 +127,9 @@ class WePS(EmbeddingStore):
         merge_fraction: fold the deltas into the base once they hold this fraction of it.
     """
 
+    #: a syncer hands a whole push to :meth:`apply_changes` at once (it becomes one snapshot)
+    atomic_apply = True
+
     def __init__(self, dim: int, state_dim: int = 0, default: Any = 0.0, retain: int = 4,
                  max_layers: int = 6, merge_fraction: float = 0.25):
         super().__init__(dim, state_dim, default)

@@ -1,0 +1,269 @@
+"""Benchmark: dynamic embedding tables on CPU against static and TorchRec/FBGEMM baselines (issue 3).
+
+Workload (the issue's): dim 64, ids drawn Zipf(1.1) from a 10M-id space (rank r -> a raw
+int64 id by a hash, so ids are spread over the whole int64 range), batches of 65,536 ids in
+bags of 16, a table holding the 2M most frequent ids (``max_capacity`` 2M: slot load factor
+0.75; ~96% of the ids of a batch are present). Same ids for every system, in one run:
+
+* **lookup + sum-pooling** (eval): ``DynamicEmbeddingTable.lookup_pooled`` (probe + pool in
+  one C++ pass) vs ``nn.EmbeddingBag`` on the ids pre-mapped to rows (absent ids -> a zero
+  row) and TorchRec's unsharded ``EmbeddingBagCollection`` on the same rows;
+* **id -> row remap**: TorchRec ``MCHManagedCollisionModule`` in train mode (profile +
+  searchsorted remap, its 2M sorted ids loaded directly) vs the table's train-mode remap
+  (find, admission and insertion of absent ids, LRU eviction at capacity, LRU/version
+  stamps) and the bare ``find``;
+* **train step** (forward + backward + row-wise Adagrad): FBGEMM's
+  ``SplitTableBatchedEmbeddingBagsCodegen`` (HOST, CPU, ``EXACT_ROWWISE_ADAGRAD``, fused
+  in backward) on pre-mapped rows vs the table in train mode + ``SparseOptimizer.step``
+  (``rowwise_adagrad``); ``nn.EmbeddingBag(sparse=True)`` + SGD for reference;
+* **lookup-or-insert of new ids**: batches of 65,536 distinct unseen ids through a training
+  lookup (insert, deterministic init of the rows, stamps), and the index ``insert`` alone;
+* **memory**: index + policy + version bytes per live row beyond the vector.
+
+Run with 2 threads (``--threads``); the machine's load average is recorded with the result.
+``--quick`` shrinks the id space and the table 10x.
+
+Summary: lookup_ratio_vs_static (>= 0.5), remap_ratio_vs_torchrec_mch (>= 1.5),
+train_step_ratio_vs_fbgemm (>= 1.0), insert_ids_per_s, overhead_bytes_per_row (<= 24),
+load_factor.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from gauss_plugins.benchmarking import median_time, parser, print_table, write_report
+from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig, SparseOptimizer
+from gauss_plugins.embedding.index import hash_keys
+
+DIM, BAG, ZIPF_S = 64, 16, 1.1
+LR, EPS = 0.01, 1e-8
+
+
+def zipf_sampler(space: int, seed: int):
+    ranks = torch.arange(1, space + 1, dtype=torch.float64)
+    cdf = torch.cumsum(ranks.pow(-ZIPF_S), 0)
+    cdf /= cdf[-1].clone()
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(n: int) -> torch.Tensor:
+        return torch.searchsorted(cdf, torch.rand(n, dtype=torch.float64, generator=gen)).clamp_max(space - 1)
+
+    return sample
+
+
+def ids_of(ranks: torch.Tensor) -> torch.Tensor:
+    """Raw int64 ids of Zipf ranks (rank 0 most frequent), spread over int64."""
+    return hash_keys(ranks + 0x5EED)
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    space, rows_n = (1_000_000, 200_000) if args.quick else (10_000_000, 2_000_000)
+    n_ids = 65_536
+    n_batches = 8 if args.quick else 16
+    repeats = args.repeats or (5 if args.quick else 12)
+    load_before = os.getloadavg()
+    t_start = time.time()
+
+    sample = zipf_sampler(space, seed=0)
+    batches_ranks = [sample(n_ids) for _ in range(n_batches)]
+    batches = [ids_of(r) for r in batches_ranks]
+    offsets = torch.arange(0, n_ids + 1, BAG, dtype=torch.int64)
+    B = offsets.numel() - 1
+    present_frac = float(torch.cat(batches_ranks).lt(rows_n).float().mean())
+    # static baselines see the same ids pre-mapped to rows: rank r < rows_n -> row r, else the zero row
+    mapped = [torch.where(r < rows_n, r, torch.full_like(r, rows_n)) for r in batches_ranks]
+    results: List[Dict[str, Any]] = []
+
+    def record(what: str, system: str, ids_per_s: float, **extra) -> float:
+        results.append({"what": what, "system": system, "ids_per_s": ids_per_s, **extra})
+        return ids_per_s
+
+    def timed_over_batches(fn, reps=repeats) -> float:
+        state = {"i": 0}
+
+        def step():
+            fn(state["i"] % n_batches)
+            state["i"] += 1
+
+        return median_time(step, repeats=reps, warmup=2)
+
+    # ------------------------------------------------------------------ the dynamic table
+    g = torch.Generator().manual_seed(1)
+    init = torch.empty(rows_n + 1, DIM).uniform_(-0.01, 0.01, generator=g)
+    init[rows_n] = 0
+    cfg = DynamicTableConfig(name="bench", dim=DIM, initial_capacity=rows_n, max_capacity=rows_n, eviction="lru",
+                             optimizer=OptimizerConfig("rowwise_adagrad", lr=LR, eps=EPS), backend="auto")
+    t0 = time.perf_counter()
+    table = DynamicEmbeddingTable(cfg)
+    all_ids = ids_of(torch.arange(rows_n))
+    table.set(all_ids, init[:rows_n])
+    build_s = time.perf_counter() - t0
+    backend = type(table.index).__name__
+    mem = table.memory_report()
+    table.eval()
+
+    # ------------------------------------------------------------------ 1. lookup + pooling
+    with torch.no_grad():
+        ref = nn.EmbeddingBag(rows_n + 1, DIM, mode="sum", include_last_offset=True, _weight=init.clone())
+        static_s = timed_over_batches(lambda i: ref(mapped[i], offsets))
+        static = record("lookup+sum-pool", "nn.EmbeddingBag (pre-mapped rows)", rate(n_ids, static_s))
+        dyn_s = timed_over_batches(lambda i: table.lookup_pooled(batches[i], offsets))
+        dyn = record("lookup+sum-pool", f"DynamicEmbeddingTable ({backend})", rate(n_ids, dyn_s))
+        out_d = table.lookup_pooled(batches[0], offsets)
+        max_err = float((out_d - ref(mapped[0], offsets)).abs().max())
+        ebc_rate = None
+        try:
+            from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+            ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+                name="t", embedding_dim=DIM, num_embeddings=rows_n + 1, feature_names=["f"])], device=torch.device("cpu"))
+            ebc.embedding_bags["t"].weight.data.copy_(init)
+            lengths = torch.full((B,), BAG, dtype=torch.int64)
+            kjts = [KeyedJaggedTensor(keys=["f"], values=m, lengths=lengths) for m in mapped]
+            ebc_s = timed_over_batches(lambda i: ebc(kjts[i]))
+            ebc_rate = record("lookup+sum-pool", "torchrec EmbeddingBagCollection (pre-mapped rows)", rate(n_ids, ebc_s))
+        except ImportError as exc:
+            results.append({"what": "lookup+sum-pool", "system": "torchrec EBC", "skipped": str(exc)})
+
+    # ------------------------------------------------------------------ 2. remap
+    find_rate = record("id->row remap", f"index.find ({backend})",
+                       rate(n_ids, timed_over_batches(lambda i: table.index.find(batches[i]))))
+    mch_rate = None
+    try:
+        from torchrec.modules.mc_modules import LRU_EvictionPolicy, MCHManagedCollisionModule
+        from torchrec.sparse.jagged_tensor import JaggedTensor
+
+        # eviction (history coalescing) never falls inside the timed calls; the profile step still runs
+        mch = MCHManagedCollisionModule(zch_size=rows_n, device=torch.device("cpu"),
+                                        eviction_policy=LRU_EvictionPolicy(), eviction_interval=repeats + 8)
+        with torch.no_grad():
+            sorted_ids, order = all_ids.sort()
+            mch._mch_sorted_raw_ids.copy_(sorted_ids)
+            mch._mch_remapped_ids_mapping.copy_(order)
+        mch.train()
+        lengths = torch.full((B,), BAG, dtype=torch.int64)
+        jts = [{"f": JaggedTensor(values=b, lengths=lengths)} for b in batches]
+        check = mch(jts[0])["f"].values()
+        assert torch.equal(torch.where(check == rows_n - 1, torch.full_like(check, rows_n), check)[mapped[0] < rows_n],
+                           mapped[0][mapped[0] < rows_n])
+        with torch.no_grad():
+            mch_rate = record("id->row remap", "torchrec MCHManagedCollisionModule (train)",
+                              rate(n_ids, timed_over_batches(lambda i: mch(jts[i]))))
+    except ImportError as exc:
+        results.append({"what": "id->row remap", "system": "torchrec MCH", "skipped": str(exc)})
+
+    table.train()
+    with torch.no_grad():
+        remap_rate = record("id->row remap", f"DynamicEmbeddingTable train-mode remap ({backend}, LRU at capacity)",
+                            rate(n_ids, timed_over_batches(lambda i: table._rows_for_training(batches[i]))))
+
+    # ------------------------------------------------------------------ 3. train step
+    opt = SparseOptimizer(table)
+
+    def dyn_train(i):
+        out = table.lookup_pooled(batches[i], offsets)
+        out.sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    dyn_train_rate = record("train step (fwd+bwd+rowwise adagrad)", f"DynamicEmbeddingTable + SparseOptimizer ({backend})",
+                            rate(n_ids, timed_over_batches(dyn_train)))
+    fbgemm_rate = None
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+
+        tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            embedding_specs=[(rows_n + 1, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=LR, eps=EPS,
+            pooling_mode=PoolingMode.SUM, device=torch.device("cpu"))
+        tbe.split_embedding_weights()[0].data.copy_(init)
+
+        def fbgemm_train(i):
+            tbe(mapped[i], offsets).sum().backward()
+
+        fbgemm_rate = record("train step (fwd+bwd+rowwise adagrad)", "FBGEMM TBE HOST EXACT_ROWWISE_ADAGRAD (pre-mapped rows)",
+                             rate(n_ids, timed_over_batches(fbgemm_train)))
+    except ImportError as exc:
+        results.append({"what": "train step", "system": "FBGEMM TBE", "skipped": str(exc)})
+    sparse_bag = nn.EmbeddingBag(rows_n + 1, DIM, mode="sum", include_last_offset=True, sparse=True, _weight=init.clone())
+    sgd = torch.optim.SGD(sparse_bag.parameters(), lr=LR)
+
+    def sparse_train(i):
+        sparse_bag(mapped[i], offsets).sum().backward()
+        sgd.step()
+        sgd.zero_grad()
+
+    record("train step (fwd+bwd+SGD)", "nn.EmbeddingBag(sparse=True) + SGD (pre-mapped rows)",
+           rate(n_ids, timed_over_batches(sparse_train, reps=max(3, repeats // 2))))
+
+    # ------------------------------------------------------------------ 4. insert of new ids
+    n_new_batches = 4 if args.quick else 8
+    fresh = [ids_of(torch.arange(space + k * n_ids, space + (k + 1) * n_ids)) for k in range(n_new_batches)]
+    ins_table = DynamicEmbeddingTable(DynamicTableConfig(
+        name="ins", dim=DIM, initial_capacity=rows_n, max_capacity=4 * rows_n, eviction="lru",
+        optimizer=OptimizerConfig("rowwise_adagrad", lr=LR, eps=EPS)))
+    ins_table.set(all_ids, init[:rows_n])
+    ins_table.train()
+    with torch.no_grad():
+        ins_table._rows_for_training(fresh[0])  # warm up
+        t0 = time.perf_counter()
+        for b in fresh[1:]:
+            ins_table._rows_for_training(b)
+        insert_rate = record("lookup-or-insert of new ids", f"DynamicEmbeddingTable train lookup ({backend})",
+                             rate(n_ids * (n_new_batches - 1), time.perf_counter() - t0), note="includes row init")
+    idx = type(table.index)(rows_n + n_ids * n_new_batches, torch.device("cpu"))
+    t0 = time.perf_counter()
+    for b in fresh:
+        idx.insert(b)
+    record("lookup-or-insert of new ids", f"index.insert only ({backend})", rate(n_ids * n_new_batches, time.perf_counter() - t0))
+
+    # ------------------------------------------------------------------ report
+    print_table(results, ["what", "system", "ids_per_s"])
+    summary = {
+        "lookup_ratio_vs_static": dyn / static,
+        "remap_ratio_vs_torchrec_mch": remap_rate / mch_rate if mch_rate else None,
+        "train_step_ratio_vs_fbgemm": dyn_train_rate / fbgemm_rate if fbgemm_rate else None,
+        "insert_ids_per_s": insert_rate,
+        "overhead_bytes_per_row": mem["overhead_bytes_per_row"],
+        "load_factor": mem["load_factor"],
+        "lookup_ids_per_s": dyn,
+        "static_embedding_bag_ids_per_s": static,
+        "torchrec_ebc_ids_per_s": ebc_rate,
+        "remap_ids_per_s": remap_rate,
+        "find_ids_per_s": find_rate,
+        "torchrec_mch_ids_per_s": mch_rate,
+        "train_ids_per_s": dyn_train_rate,
+        "fbgemm_train_ids_per_s": fbgemm_rate,
+    }
+    results.append({
+        "what": "setup", "backend": backend, "threads": torch.get_num_threads(), "id_space": space, "rows": rows_n,
+        "ids_per_batch": n_ids, "bag": BAG, "present_fraction": present_frac, "repeats": repeats,
+        "table_build_s": build_s, "pooled_max_abs_err_vs_static": max_err, "memory": mem,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "wall_s": time.time() - t_start,
+    })
+    write_report("embedding_lookup", results, summary, args.json)
+
+
+if __name__ == "__main__":
+    main()
