@@ -22,7 +22,6 @@ reads through ``mget_nonatomic``. Connection, password and TLS options are passe
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np

@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from gauss_plugins.embedding.memory import alloc
 from gauss_plugins.embedding.index import (
     HashIndex,
     IndexFullError,
@@ -182,7 +183,7 @@ class CpuHashIndex(HashIndex):
         n = slots_for_capacity(capacity)
         if n >= 2**31 or capacity >= 2**31:
             raise ValueError(f"capacity {capacity} is too large for one index (rows are int32); shard the table")
-        self.slots = torch.empty(n * 12, dtype=torch.uint8)
+        self.slots = alloc((n * 3,), torch.int32, "cpu", -1).view(torch.uint8)  # 2 MiB pages when large
         self.slots.view(torch.int32).view(n, 3)[:, 2] = -1
         self.meta = torch.tensor([0, 0, 0, capacity], dtype=torch.int64)
         self.free_buf = torch.empty(0, dtype=torch.int32)
@@ -266,6 +267,10 @@ class CpuFusedKernels:
 
     def lookup_pool(self, index, ids, offsets, weight, per_sample_weights, mode, default_row):
         return self._ops.lookup_pool(index.slots, ids, offsets, weight, per_sample_weights, int(mode), int(default_row))
+
+    def find_stamp(self, index, keys, stamp, stamp_value, policy_array, policy_mode, policy_value):
+        return self._ops.find_stamp(index.slots, keys, stamp, int(stamp_value), policy_array, int(policy_mode),
+                                    int(policy_value))
 
     def pool_rows(self, weight, rows, offsets, per_sample_weights, mode):
         return self._ops.pool_rows(weight, rows, offsets, per_sample_weights, int(mode))

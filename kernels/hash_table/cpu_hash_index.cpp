@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -33,7 +34,7 @@ struct __attribute__((packed)) Slot {
 };
 static_assert(sizeof(Slot) == 12, "slots must be 12 bytes");
 
-constexpr int64_t kPrefetch = 16;  // keys whose home slot is prefetched ahead of the probe
+constexpr int64_t kPrefetch = 32;  // keys whose home slot is prefetched ahead of the probe
 
 enum Meta { kSize = 0, kNextRow = 1, kFreeCount = 2, kCapacity = 3 };
 
@@ -127,6 +128,57 @@ at::Tensor op_find(const at::Tensor& slots, const at::Tensor& keys_in, int64_t d
     }
   });
   return rows;
+}
+
+// find() for a training lookup that also stamps every row it finds: stamp[row] = stamp_val
+// (the table's version) and, for the eviction policy, pol[row] = pol_val (pol_mode 1, e.g.
+// LRU's last step) or pol[row] += 1 saturating (pol_mode 2, LFU's count); pol_mode 0: none.
+// Duplicate ids in the batch write the same value (set) or each count once (add).
+// Returns (rows with -1 where absent, number of absent positions).
+std::tuple<at::Tensor, int64_t> op_find_stamp(const at::Tensor& slots, const at::Tensor& keys_in, at::Tensor& stamp,
+                                              int64_t stamp_val, const c10::optional<at::Tensor>& pol_in,
+                                              int64_t pol_mode, int64_t pol_val) {
+  check_slots(slots);
+  check_keys(keys_in);
+  TORCH_CHECK(stamp.dtype() == at::kInt && stamp.is_contiguous(), "stamp must be contiguous int32");
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t N = keys.numel();
+  at::Tensor rows = at::empty({N}, keys.options());
+  const Slot* s = slots_of(slots);
+  const int64_t n = num_slots_of(slots);
+  const int64_t* k = keys.data_ptr<int64_t>();
+  int64_t* out = rows.data_ptr<int64_t>();
+  int32_t* st = stamp.data_ptr<int32_t>();
+  int32_t* pol = nullptr;
+  if (pol_mode != 0) {
+    TORCH_CHECK(pol_in.has_value() && pol_in->dtype() == at::kInt && pol_in->is_contiguous(), "pol must be contiguous int32");
+    pol = pol_in->data_ptr<int32_t>();
+  }
+  const int32_t sv = static_cast<int32_t>(stamp_val), pv = static_cast<int32_t>(pol_val);
+  std::atomic<int64_t> missing{0};
+  at::parallel_for(0, N, 4096, [&](int64_t b, int64_t e) {
+    int64_t miss = 0;
+    for (int64_t i = b; i < e; ++i) {
+      if (i + kPrefetch < e) __builtin_prefetch(&s[home_slot(k[i + kPrefetch], n)]);
+      const int64_t r = find_row(s, n, k[i], -1);
+      out[i] = r;
+      if (r < 0) {
+        ++miss;
+        continue;
+      }
+      __atomic_store_n(&st[r], sv, __ATOMIC_RELAXED);
+      if (pol_mode == 1) {
+        __atomic_store_n(&pol[r], pv, __ATOMIC_RELAXED);
+      } else if (pol_mode == 2) {
+        int32_t old = __atomic_load_n(&pol[r], __ATOMIC_RELAXED);
+        while (old < std::numeric_limits<int32_t>::max() &&
+               !__atomic_compare_exchange_n(&pol[r], &old, old + 1, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        }
+      }
+    }
+    missing += miss;
+  });
+  return {rows, missing.load()};
 }
 
 // Returns (rows, is_new, ok). On !ok (out of rows) the index is left as before the call.
@@ -241,7 +293,7 @@ void op_place(at::Tensor& slots, const at::Tensor& keys_in, const at::Tensor& ro
 // ------------------------------------------------------------------ lookup + pooling
 // mode: 0 sum, 1 mean. offsets: int64[B+1]. Returns (pooled float32[B, D], rows int64[N]);
 // absent ids read row `dflt` (the table's default row).
-constexpr int64_t kRowPrefetch = 12;  // rows fetched ahead while pooling (latency hiding)
+constexpr int64_t kRowPrefetch = 16;  // rows fetched ahead while pooling (latency hiding)
 
 // Pool bags [b0, b1). kD > 0: the dimension is a compile-time constant and each bag's sum
 // stays in registers; kD == 0: any dimension, summed in `out` directly. Same arithmetic
@@ -273,6 +325,62 @@ void pool_bags(const scalar_t* w, int64_t D_rt, const int64_t* rows, const int64
       for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
     }
     if (kD > 0) std::memcpy(out + b * D, acc, D * sizeof(float));
+  }
+}
+
+// Probe and pool in one software pipeline over ids [off[b0], off[b1]): the home slot of id
+// i + 2P is prefetched, id i + P is probed and its row prefetched, id i is accumulated; so
+// slot misses and row misses overlap. Arithmetic identical to pool_bags.
+template <typename scalar_t, int kD>
+void probe_pool_bags(const Slot* s, int64_t n, const int64_t* k, int64_t dflt, int64_t* r, const scalar_t* w,
+                     int64_t D_rt, const int64_t* off, const float* psw, int64_t mode, float* out, int64_t b0,
+                     int64_t b1) {
+  const int64_t D = kD > 0 ? kD : D_rt;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t begin = off[b0], end = off[b1];
+  constexpr int64_t P = kRowPrefetch;
+  for (int64_t i = begin; i < std::min(end, begin + 2 * P); ++i) __builtin_prefetch(&s[home_slot(k[i], n)]);
+  for (int64_t i = begin; i < std::min(end, begin + P); ++i) {
+    r[i] = find_row(s, n, k[i], dflt);
+    prefetch_row(w + r[i] * D, row_bytes);
+  }
+  float acc_fixed[kD > 0 ? kD : 1];
+  for (int64_t b = b0; b < b1; ++b) {
+    float* acc = kD > 0 ? acc_fixed : out + b * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+    const int64_t s0 = off[b], s1 = off[b + 1];
+    for (int64_t i = s0; i < s1; ++i) {
+      if (i + 2 * P < end) __builtin_prefetch(&s[home_slot(k[i + 2 * P], n)]);
+      if (i + P < end) {
+        r[i + P] = find_row(s, n, k[i + P], dflt);
+        prefetch_row(w + r[i + P] * D, row_bytes);
+      }
+      const scalar_t* __restrict__ src = w + r[i] * D;
+      if (psw) {
+        const float a = psw[i];
+        for (int64_t d = 0; d < D; ++d) acc[d] += a * static_cast<float>(src[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(src[d]);
+      }
+    }
+    if (mode == 1 && s1 > s0) {
+      const float inv = 1.f / static_cast<float>(s1 - s0);
+      for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+    }
+    if (kD > 0) std::memcpy(out + b * D, acc, D * sizeof(float));
+  }
+}
+
+template <typename scalar_t>
+void probe_pool_impl(const Slot* s, int64_t n, const int64_t* k, int64_t dflt, int64_t* r, const scalar_t* w,
+                     int64_t D, const int64_t* off, const float* psw, int64_t mode, float* out, int64_t b0,
+                     int64_t b1) {
+  switch (D) {
+    case 16: return probe_pool_bags<scalar_t, 16>(s, n, k, dflt, r, w, D, off, psw, mode, out, b0, b1);
+    case 32: return probe_pool_bags<scalar_t, 32>(s, n, k, dflt, r, w, D, off, psw, mode, out, b0, b1);
+    case 64: return probe_pool_bags<scalar_t, 64>(s, n, k, dflt, r, w, D, off, psw, mode, out, b0, b1);
+    case 128: return probe_pool_bags<scalar_t, 128>(s, n, k, dflt, r, w, D, off, psw, mode, out, b0, b1);
+    default: return probe_pool_bags<scalar_t, 0>(s, n, k, dflt, r, w, D, off, psw, mode, out, b0, b1);
   }
 }
 
@@ -311,13 +419,7 @@ std::tuple<at::Tensor, at::Tensor> op_lookup_pool(const at::Tensor& slots, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lookup_pool", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
-      // Probe the bags' ids first (prefetching slots), then pool (prefetching rows).
-      const int64_t i0 = o[b0], i1 = o[b1];
-      for (int64_t i = i0; i < i1; ++i) {
-        if (i + kPrefetch < i1) __builtin_prefetch(&s[home_slot(k[i + kPrefetch], n)]);
-        r[i] = find_row(s, n, k[i], dflt);
-      }
-      pool_impl<scalar_t>(w, D, r, o, pw, mode, outp, b0, b1);
+      probe_pool_impl<scalar_t>(s, n, k, dflt, r, w, D, o, pw, mode, outp, b0, b1);
     });
   });
   return {out, rows};
@@ -534,6 +636,7 @@ void op_init_uniform(at::Tensor& weight, const at::Tensor& rows_in, const at::Te
 
 TORCH_LIBRARY(gauss_hash, m) {
   m.def("find(Tensor slots, Tensor keys, int dflt) -> Tensor", &op_find);
+  m.def("find_stamp(Tensor slots, Tensor keys, Tensor(a!) stamp, int stamp_val, Tensor(b!)? pol, int pol_mode, int pol_val) -> (Tensor, int)", &op_find_stamp);
   m.def("insert(Tensor(a!) slots, Tensor keys, Tensor(b!) meta, Tensor(c!) free_buf) -> (Tensor, Tensor, bool)", &op_insert);
   m.def("remove(Tensor(a!) slots, Tensor keys, Tensor(b!) meta, Tensor(c!) free_buf) -> Tensor", &op_remove);
   m.def("keys_and_rows(Tensor slots, int size) -> (Tensor, Tensor)", &op_keys_and_rows);

@@ -64,11 +64,14 @@ class TritonHashIndex(HashIndex):
 
     EMPTY = _k.EMPTY
     TOMBSTONE = _k.TOMBSTONE
-    # Keys per program. A block loops until its slowest lane's probe ends, so smaller
-    # blocks waste fewer iterations on the long tail of linear probing; 256 measured best
-    # on an H100 for find and insert (benchmarks/hash_table_gpu.py, --sweep).
-    BLOCK = 256
-    NUM_WARPS = 4
+    # Keys per program of the probe kernels. A block loops until its slowest lane's probe
+    # ends, so small blocks waste fewer steps on the long tail of linear probing: one warp
+    # of 32 keys measured best on an H100 (benchmarks/hash_table_gpu.py --sweep).
+    BLOCK = 32
+    NUM_WARPS = 1
+    # find_and_gather moves [keys, dim] tiles of values: bigger programs (measured at dim 64).
+    GATHER_BLOCK = 128
+    GATHER_WARPS = 4
 
     def __init__(self, capacity: int, device: Device = None) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
@@ -169,12 +172,12 @@ class TritonHashIndex(HashIndex):
             out.zero_()
             return rows, out
         block_d = 1 << max(0, (dim - 1).bit_length())
-        block = max(16, min(self.BLOCK, 8192 // block_d))  # keep the [block, block_d] tile in registers
+        block = max(16, min(self.GATHER_BLOCK, 8192 // block_d))  # keep the [block, block_d] tile in registers
         with self._on_device():
             _k.find_gather_kernel[((n + block - 1) // block,)](
                 keys.contiguous(), values, out, rows, self.slot_keys, self.slot_rows,
                 n, self.num_slots, dim, values.stride(0), out.stride(0),
-                BLOCK=block, BLOCK_D=block_d, num_warps=self.NUM_WARPS)
+                BLOCK=block, BLOCK_D=block_d, num_warps=self.GATHER_WARPS)
         return rows, out
 
     def keys_and_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:

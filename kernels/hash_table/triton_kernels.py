@@ -68,7 +68,8 @@ def _next_slot(pos, num_slots):
     return tl.where(pos == num_slots, 0, pos)
 
 
-@triton.jit
+# Sizes are not specialised on (triton would compile a variant per divisibility of n).
+@triton.jit(do_not_specialize=["n", "num_slots", "default"])
 def find_kernel(keys_ptr, rows_out_ptr, slots_out_ptr, slot_keys_ptr, slot_rows_ptr,
                 n, num_slots, default,
                 WRITE_SLOTS: tl.constexpr, BLOCK: tl.constexpr):
@@ -99,7 +100,7 @@ def find_kernel(keys_ptr, rows_out_ptr, slots_out_ptr, slot_keys_ptr, slot_rows_
         tl.store(slots_out_ptr + offs, slot, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "num_slots", "dim"])
 def find_gather_kernel(keys_ptr, values_ptr, out_ptr, rows_out_ptr, slot_keys_ptr, slot_rows_ptr,
                        n, num_slots, dim, stride_v, stride_o,
                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -132,7 +133,7 @@ def find_gather_kernel(keys_ptr, values_ptr, out_ptr, rows_out_ptr, slot_keys_pt
              mask=mask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "num_slots"])
 def insert_claim_kernel(keys_ptr, slots_out_ptr, won_out_ptr, slot_keys_ptr, slot_rows_ptr,
                         n, num_slots, BLOCK: tl.constexpr):
     """Find or claim a slot for every key of a batch (rows are written afterwards).
@@ -170,7 +171,12 @@ def insert_claim_kernel(keys_ptr, slots_out_ptr, won_out_ptr, slot_keys_ptr, slo
         # Claim here: in CLAIM at any free slot, or in SEARCH at an empty slot with no
         # tombstone seen before it (the usual case: claim without a second walk).
         want = running & free & ((mode == 1) | ((s == _EMPTY) & (first_free < 0)))
-        old = tl.atomic_cas(slot_rows_ptr + pos, tl.where(want, s, _NO_MATCH), me, sem="relaxed")
+        # atomic_cas has no mask: every lane of the block would issue an atomic, so skip the
+        # whole CAS on the (frequent, at high load) steps where no lane wants one.
+        if _any(want):
+            old = tl.atomic_cas(slot_rows_ptr + pos, tl.where(want, s, _NO_MATCH), me, sem="relaxed")
+        else:
+            old = s
         got = want & (old == s)
         s = tl.where(want & (~got), old, s)  # lost the race: `old` is a claim
         tl.store(slot_keys_ptr + pos, k, mask=got)
@@ -197,7 +203,7 @@ def insert_claim_kernel(keys_ptr, slots_out_ptr, won_out_ptr, slot_keys_ptr, slo
     tl.store(won_out_ptr + offs, won, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "num_slots"])
 def place_kernel(keys_ptr, rows_ptr, slot_keys_ptr, slot_rows_ptr, n, num_slots, BLOCK: tl.constexpr):
     """Write distinct keys that are absent from the table with given rows (rebuild, load).
 
@@ -213,7 +219,10 @@ def place_kernel(keys_ptr, rows_ptr, slot_keys_ptr, slot_rows_ptr, n, num_slots,
     while _any(active):
         s = tl.load(slot_rows_ptr + pos, mask=active, other=0)
         want = active & (s == _EMPTY)
-        old = tl.atomic_cas(slot_rows_ptr + pos, tl.where(want, _EMPTY, _NO_MATCH), r, sem="relaxed")
+        if _any(want):
+            old = tl.atomic_cas(slot_rows_ptr + pos, tl.where(want, _EMPTY, _NO_MATCH), r, sem="relaxed")
+        else:
+            old = s
         got = want & (old == _EMPTY)
         tl.store(slot_keys_ptr + pos, k, mask=got)
         active = active & (~got)

@@ -32,7 +32,7 @@ class _Config(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = False  # forward only: K/V through host tensor descriptors (Hopper TMA)
+    tma: bool = False  # streamed tiles (K/V, or Q/dO for dK/dV) through host tensor descriptors (TMA)
     ws: bool = False  # forward only: warp-specialized main loop
 
 
@@ -74,14 +74,17 @@ _CANDIDATES: Dict[str, Dict[int, List[_Config]]] = {
         64: [_Config(32, 64, 4, 4), _Config(64, 128, 8, 3), _Config(32, 128, 4, 3), _Config(64, 64, 4, 3),
              _Config(32, 32, 4, 4)],
         128: [_Config(32, 64, 4, 3), _Config(64, 64, 4, 2), _Config(32, 64, 4, 4), _Config(64, 64, 4, 3),
-              _Config(32, 128, 8, 3), _Config(64, 128, 8, 2), _Config(32, 32, 4, 4)],
+              _Config(32, 128, 8, 3), _Config(64, 128, 8, 2), _Config(32, 32, 4, 4),
+              _Config(32, 64, 4, 3, tma=True), _Config(32, 64, 4, 4, tma=True), _Config(64, 64, 4, 2, tma=True),
+              _Config(32, 128, 8, 3, tma=True)],
         256: [_Config(32, 64, 4, 2), _Config(64, 64, 8, 2), _Config(32, 128, 8, 2), _Config(16, 64, 4, 2)],
     },
     "dq": {
         64: [_Config(64, 64, 4, 3), _Config(128, 64, 8, 3), _Config(128, 64, 4, 3), _Config(64, 32, 4, 3),
              _Config(128, 128, 8, 2)],
         128: [_Config(128, 64, 8, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 3), _Config(64, 64, 4, 2),
-              _Config(128, 64, 8, 2), _Config(128, 32, 8, 3)],
+              _Config(128, 64, 8, 2), _Config(128, 32, 8, 3), _Config(128, 64, 8, 3, tma=True),
+              _Config(64, 64, 4, 3, tma=True), _Config(64, 32, 4, 3, tma=True), _Config(128, 32, 8, 3, tma=True)],
         256: [_Config(64, 32, 4, 2), _Config(64, 64, 8, 2), _Config(128, 32, 8, 2), _Config(32, 32, 4, 2)],
     },
 }
@@ -330,6 +333,13 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     return plan
 
 
+def _descriptor(x: torch.Tensor, rows: int):
+    """Host TMA descriptor over [T, H * d] with [rows, d] blocks (d a power of two)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(x.view(x.shape[0], -1), [rows, x.shape[2]])
+
+
 def _forward(q, k, v, offsets, num_targets, rab, p: _Plan) -> torch.Tensor:
     out = _new_output((q.shape[0], p.H, v.shape[2]), q)
     tensors = (q, k, v, q if rab is None else rab, out, offsets, offsets if num_targets is None else num_targets)
@@ -339,11 +349,7 @@ def _forward(q, k, v, offsets, num_targets, rab, p: _Plan) -> torch.Tensor:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))
         args = tensors
         if cfg.tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            T = q.shape[0]
-            args = (q, TensorDescriptor.from_tensor(k.view(T, -1), [cfg.block_n, k.shape[2]]),
-                    TensorDescriptor.from_tensor(v.view(T, -1), [cfg.block_n, v.shape[2]])) + tensors[3:]
+            args = (q, _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) + tensors[3:]
         _fwd_launcher(grid, args, scalars, dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                                 USE_TMA=cfg.tma, WARP_SPEC=cfg.ws), cfg, p.launch_key)
 
@@ -379,20 +385,27 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
 
     def launch_dkdv(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_n))
-        _dkdv_launcher(grid, dkdv_tensors, dkdv_scalars,
+        args = dkdv_tensors
+        if cfg.tma:
+            args = (_descriptor(q, cfg.block_m),) + args[1:3] + (_descriptor(grad_out, cfg.block_m),) + args[4:]
+        _dkdv_launcher(grid, args, dkdv_scalars,
                        dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, RAB_GRAD=rab_grad,
-                            RAB_GRAD_ATOMIC=atomic), cfg, (p.launch_key, rab_grad, atomic))
+                            RAB_GRAD_ATOMIC=atomic, USE_TMA=cfg.tma), cfg, (p.launch_key, rab_grad, atomic))
 
     def launch_dq(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))
-        _dq_launcher(grid, dq_tensors, dq_scalars, dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
-                     cfg, p.launch_key)
+        args = dq_tensors
+        if cfg.tma:
+            args = (q, _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) + args[3:]
+        _dq_launcher(grid, args, dq_scalars,
+                     dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=cfg.tma), cfg, p.launch_key)
 
     if q.shape[0] == 0:
         return dq, dk, dv, (drab_buf.to(rab.dtype) if rab_grad else None)
     # tuning reruns the kernel: fine for plain stores, not for atomically summed drab
-    _launch_tuned("dkdv", ("dkdv",) + dkdv_key, p.block_d, launch_dkdv, may_tune=not atomic, wide=p.wide)
-    _launch_tuned("dq", ("dq",) + p.key, p.block_d, launch_dq, may_tune=True, wide=p.wide)
+    _launch_tuned("dkdv", ("dkdv",) + dkdv_key, p.block_d, launch_dkdv, may_tune=not atomic, allow_tma=p.tma_ok,
+                  wide=p.wide)
+    _launch_tuned("dq", ("dq",) + p.key, p.block_d, launch_dq, may_tune=True, allow_tma=p.tma_ok, wide=p.wide)
     drab = None
     if rab_grad:
         drab = drab_buf.to(rab.dtype) if atomic else drab_buf

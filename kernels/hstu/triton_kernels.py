@@ -372,17 +372,24 @@ def hstu_fwd_kernel(
 def _bwd_dkdv_block(
     dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last, contextual_len, max_attn_len,
-    half_alpha, row_scale,
+    half_alpha, row_scale, tma_row, tma_qcol, tma_docol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # transposed tiles, [keys, queries]: dk and dv come out of the dots in key-row order
     rows = start_m + offs_m
     row_ok = rows < seq_len
     col_ok = cols < seq_len
-    qt = tl.load(Q_ptrs + start_m * stride_t_qk, mask=mask_dq[:, None] & row_ok[None, :], other=0.0)
+    if USE_TMA:
+        # descriptors over [T, H * d]: rows past the sequence are another sequence's (or
+        # zero); the caller masks every block that reaches them
+        q_rows = Q_ptrs.load([(tma_row + start_m).to(tl.int32), tma_qcol])
+        qt = tl.trans(q_rows)
+    else:
+        qt = tl.load(Q_ptrs + start_m * stride_t_qk, mask=mask_dq[:, None] & row_ok[None, :], other=0.0)
+        q_rows = tl.trans(qt)
     ut = tl.dot(k, qt, input_precision=PRECISION, out_dtype=ACC) * half_alpha
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_m * stride_rm, mask=col_ok[:, None] & row_ok[None, :], other=0.0)
@@ -394,7 +401,10 @@ def _bwd_dkdv_block(
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW,
         )
         pt = tl.where(valid, pt, 0.0)
-    do = tl.load(DO_ptrs + start_m * stride_t_v, mask=row_ok[:, None] & mask_dv[None, :], other=0.0)
+    if USE_TMA:
+        do = DO_ptrs.load([(tma_row + start_m).to(tl.int32), tma_docol])
+    else:
+        do = tl.load(DO_ptrs + start_m * stride_t_v, mask=row_ok[:, None] & mask_dv[None, :], other=0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
     dst = dpt * g2t  # twice the true ds: halved in the final scale
@@ -409,7 +419,7 @@ def _bwd_dkdv_block(
         else:
             tl.store(DRAB_ptrs + start_m * stride_drm,
                      (dst * (0.5 * row_scale)).to(DRAB_ptrs.dtype.element_ty), mask=drab_mask)
-    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION, out_dtype=ACC)
+    dk = tl.dot(dst.to(q_rows.dtype), q_rows, dk, input_precision=PRECISION, out_dtype=ACC)
     return dk, dv
 
 
@@ -423,7 +433,7 @@ def hstu_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
     BLOCK_N)); in causal mode the first key blocks carry the most work and start first."""
@@ -455,8 +465,12 @@ def hstu_bwd_dkdv_kernel(
         V + (seq_start + cols[:, None]) * stride_t_v + h * D_V + offs_dv[None, :],
         mask=col_ok[:, None] & mask_dv[None, :], other=0.0,
     )
-    Q_ptrs = Q + (seq_start + offs_m[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
-    DO_ptrs = DO + (seq_start + offs_m[:, None]) * stride_t_v + h * D_V + offs_dv[None, :]
+    if USE_TMA:
+        Q_ptrs = Q
+        DO_ptrs = DO
+    else:
+        Q_ptrs = Q + (seq_start + offs_m[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
+        DO_ptrs = DO + (seq_start + offs_m[:, None]) * stride_t_v + h * D_V + offs_dv[None, :]
     RAB_ptrs = RAB
     DRAB_ptrs = DRAB
     if HAS_RAB:
@@ -474,18 +488,28 @@ def hstu_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
-        # ...those wholly below it do not: rows past the length load as zeros (s = 0, so
-        # p = 0, and do = 0), add nothing, and their drab is not stored
+        # ...those wholly below it and inside the sequence do not...
         full_lo = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        for start_m in range(full_lo, seq_len, BLOCK_M):
+        full_hi = (seq_len // BLOCK_M) * BLOCK_M
+        for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, False, FAST_SILU, PRECISION, ACC,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, False, FAST_SILU, PRECISION, ACC, USE_TMA,
+            )
+        # ...and the last, partial block is masked (past the length, rows are zeros or, with
+        # descriptors, another sequence's rows)
+        for start_m in range(tl.maximum(full_lo, full_hi), seq_len, BLOCK_M):
+            dk, dv = _bwd_dkdv_block(
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU,
+                PRECISION, ACC, USE_TMA,
             )
     else:
         pre_hi, lo, hi = _row_range(
@@ -496,15 +520,15 @@ def hstu_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, half_alpha, row_scale, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     dk = dk * (half_alpha * row_scale)
@@ -524,14 +548,23 @@ def hstu_bwd_dkdv_kernel(
 def _bwd_dq_block(
     dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
+    tma_row, tma_kcol, tma_vcol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n
     col_ok = cols < seq_len
-    kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
-    vt = tl.load(V_ptrs + start_n * stride_t_v, mask=mask_dv[:, None] & col_ok[None, :], other=0.0)
+    if USE_TMA:
+        # descriptors over [T, H * d]: rows past the sequence are another sequence's (or zero)
+        # and only ever reach masked blocks
+        k = K_ptrs.load([(tma_row + start_n).to(tl.int32), tma_kcol])
+        kt = tl.trans(k)
+        vt = tl.trans(V_ptrs.load([(tma_row + start_n).to(tl.int32), tma_vcol]))
+    else:
+        kt = tl.load(K_ptrs + start_n * stride_t_qk, mask=mask_dq[:, None] & col_ok[None, :], other=0.0)
+        vt = tl.load(V_ptrs + start_n * stride_t_v, mask=mask_dv[:, None] & col_ok[None, :], other=0.0)
+        k = tl.trans(kt)
     u = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * half_alpha
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
@@ -545,7 +578,7 @@ def _bwd_dq_block(
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW,
         )
         ds = tl.where(valid, ds, 0.0)
-    return tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION, out_dtype=ACC)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit
@@ -557,7 +590,7 @@ def hstu_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
-    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dq for one query block per program, accumulated in fp32 registers over all key
     blocks (no atomics). Grid (B * H, cdiv(max_seq_len, BLOCK_M)); BLOCK_N divides BLOCK_M."""
@@ -588,8 +621,12 @@ def hstu_bwd_dq_kernel(
         DO + (seq_start + offs_m[:, None]) * stride_t_v + h * D_V + offs_dv[None, :],
         mask=row_ok[:, None] & mask_dv[None, :], other=0.0,
     )
-    K_ptrs = K + (seq_start + offs_n[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
-    V_ptrs = V + (seq_start + offs_n[None, :]) * stride_t_v + h * D_V + offs_dv[:, None]
+    if USE_TMA:
+        K_ptrs = K
+        V_ptrs = V
+    else:
+        K_ptrs = K + (seq_start + offs_n[None, :]) * stride_t_qk + h * D_QK + offs_dq[:, None]
+        V_ptrs = V + (seq_start + offs_n[None, :]) * stride_t_v + h * D_V + offs_dv[:, None]
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
@@ -601,13 +638,13 @@ def hstu_bwd_dq_kernel(
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION, ACC,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
         lo, hi = _col_range(
@@ -618,7 +655,7 @@ def hstu_bwd_dq_kernel(
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     dq = dq * (half_alpha * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN))

@@ -58,6 +58,8 @@ class DictModel:
     def train_lookup(self, ids):
         self.step += 1
         present = {i for i in ids if i in self.values}
+        for i in present:  # read even if the batch then fails for lack of room
+            self.last[i] = self.step
         new = sorted(set(ids) - present)
         self._room(len(new), present)
         if new:

@@ -253,16 +253,19 @@ def test_gpu_fp64(rng):
            contextual_len=2)
 
 
+_VARIANTS = [(kind, i) for kind in ("fwd", "dkdv", "dq") for i in range(len(ta._CANDIDATES[kind][128]))]
+
+
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("index", range(len(ta._CANDIDATES["fwd"][128])))
+@pytest.mark.parametrize("kind,index", _VARIANTS, ids=[f"{k}-{i}" for k, i in _VARIANTS])
 @pytest.mark.parametrize("mode", ["causal", "targets+contextual+window"])
-def test_gpu_every_forward_variant(rng, monkeypatch, index, mode):
-    """Each forward config the autotuner may pick (tiles, TMA descriptors, warp
+def test_gpu_every_kernel_variant(rng, monkeypatch, kind, index, mode):
+    """Each config the autotuner may pick for each kernel (tiles, TMA descriptors, warp
     specialization) computes the same function. A variant this triton cannot build is
     skipped, as the tuner skips it."""
-    cfg = ta._CANDIDATES["fwd"][128][index]
-    monkeypatch.setitem(ta._CANDIDATES["fwd"], 128, [cfg])
+    cfg = ta._CANDIDATES[kind][128][index]
+    monkeypatch.setitem(ta._CANDIDATES[kind], 128, [cfg])
     monkeypatch.setenv("GAUSS_HSTU_AUTOTUNE", "0")
     monkeypatch.setattr(ta, "_tuned", {})
     options = {} if mode == "causal" else dict(num_targets=[40, 7, 90], contextual_len=5, max_attn_len=300)

@@ -24,8 +24,13 @@ pytest.importorskip("triton")
 
 
 def _drop_modules():
+    # Also the attributes the import set on the parent package: `from package import mod`
+    # would otherwise hand back the interpreted module after it left sys.modules.
+    parent = sys.modules.get("gauss_kernels.hash_table")
     for name in _MODULES:
         sys.modules.pop(name, None)
+        if parent is not None and hasattr(parent, name.rsplit(".", 1)[1]):
+            delattr(parent, name.rsplit(".", 1)[1])
 
 
 @pytest.fixture
@@ -270,7 +275,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON
 def test_gpu_matches_reference_at_scale():
     """Thousands of lanes racing: duplicates spread over many blocks, rows exact."""
     from gauss_kernels.hash_table.triton_index import TritonHashIndex
+    from gauss_kernels.hash_table.triton_kernels import find_kernel
 
+    assert type(find_kernel).__name__ == "JITFunction", "kernels must be compiled here, not interpreted"
     dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=dev).manual_seed(1)
     cap = 200_000

@@ -12,6 +12,7 @@ from gauss_plugins.stores.syncer import Syncer
 from gauss_plugins.stores.tierps import TierPS
 
 redis = pytest.importorskip("redis")
+pytestmark = pytest.mark.redis  # every test here runs a real redis-server
 from gauss_integrations.redis.store import RedisWePS, row_keys  # noqa: E402
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1

@@ -214,3 +214,23 @@ def test_dynamic_table_as_source():
     got = weps.lookup(torch.arange(-10, 130))
     assert torch.equal(got.found, present) and torch.equal(got.values[present], values[present])
     syncer.close()
+
+
+def test_dense_weights_through_another_fsspec_filesystem(tmp_path):
+    """Any fsspec URL works: here the in-memory filesystem."""
+    ps = TierPS(2, str(tmp_path / "ps"))
+    url = f"memory://gauss-{id(ps):x}/dense"
+    syncer = Syncer(ps, WePS(2), dense_url=url, start=False, keep_dense=0)
+    for step in range(3):
+        ps.put([step], torch.ones(1, 2))
+        syncer.publish_dense({"w": torch.full((2,), float(step))})
+        assert syncer.sync_now()
+    dense, manifest = load_dense(url)
+    assert manifest["dense_version"] == 3 and torch.equal(dense["w"], torch.full((2,), 2.0))
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"/gauss-{id(ps):x}/dense", detail=False))
+    assert names == ["dense-0000000003.safetensors", "manifest.json"]
+    syncer.close()
+    ps.close()

@@ -131,6 +131,14 @@ class FusedKernels(Protocol):
         int64[B+1]; mode 0 sum, 1 mean; absent ids read ``default_row``). Returns
         (float32[B, D], rows int64[N]). Same arithmetic as :meth:`pool_rows`."""
 
+    def find_stamp(self, index: "HashIndex", keys: torch.Tensor, stamp: torch.Tensor, stamp_value: int,
+                   policy_array: Optional[torch.Tensor], policy_mode: int, policy_value: int
+                   ) -> Tuple[torch.Tensor, int]:
+        """``index.find(keys)`` (-1 absent) that also stamps each found row:
+        ``stamp[row] = stamp_value``; ``policy_array[row] = policy_value`` (mode 1) or
+        ``+= 1`` per occurrence, saturating at 2**31 - 1 (mode 2); mode 0 no policy.
+        Returns (rows, number of absent positions)."""
+
     def pool_rows(self, weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
                   per_sample_weights: Optional[torch.Tensor], mode: int) -> torch.Tensor:
         """float32[B, D]: per bag, ``sum_i psw[i] * weight[rows[i]]`` in position order (mean:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -206,6 +206,12 @@ class EvictionPolicy:
     def scores(self, ids: torch.Tensor, rows: torch.Tensor, clock: Clock, table) -> torch.Tensor:
         raise NotImplementedError
 
+    def access_stamp(self, clock: Clock) -> Optional[Tuple[int, torch.Tensor, int]]:
+        """What :meth:`on_access` does, if it is a plain stamp a fused kernel can apply while
+        finding rows: ``(1, array, value)`` sets ``array[row] = value``, ``(2, array, 0)``
+        adds 1 per occurrence (saturating). None: call :meth:`on_access` instead."""
+        return None
+
     def expired(self, rows: torch.Tensor, clock: Clock) -> Optional[torch.Tensor]:
         """bool per row that has expired, or None when this policy never expires rows."""
         return None
@@ -249,6 +255,9 @@ class LRUEviction(EvictionPolicy):
 
     on_access = on_insert
 
+    def access_stamp(self, clock):
+        return 1, self.rows["last_step"], _stamp(clock.step)
+
     def scores(self, ids, rows, clock, table):
         return self.rows["last_step"][rows]
 
@@ -267,6 +276,9 @@ class LFUEviction(EvictionPolicy):
         touched = torch.unique(rows)
         inc = torch.bincount(torch.searchsorted(touched, rows), minlength=touched.numel())
         count[touched] = (count[touched].to(torch.int64) + inc).clamp_max(_INT32_MAX).to(torch.int32)
+
+    def access_stamp(self, clock):
+        return 2, self.rows["count"], 0
 
     def scores(self, ids, rows, clock, table):
         return self.rows["count"][rows]
@@ -294,6 +306,9 @@ class TTLEviction(EvictionPolicy):
         self.rows["last_seen"][rows] = self._now(clock)
 
     on_access = on_insert
+
+    def access_stamp(self, clock):
+        return 1, self.rows["last_seen"], self._now(clock)
 
     def scores(self, ids, rows, clock, table):
         return self.rows["last_seen"][rows]

@@ -47,6 +47,7 @@ from torch import nn
 
 from gauss_plugins.embedding.index import HashIndex, IndexFullError, TorchHashIndex, check_keys
 from gauss_plugins.embedding.initializers import Initializer, initial_values
+from gauss_plugins.embedding.memory import alloc
 from gauss_plugins.embedding.optim import OptimizerConfig, SparseRule, make_rule
 from gauss_plugins.embedding.policies import AdmissionPolicy, AlwaysAdmit, Clock, EvictionPolicy
 
@@ -218,8 +219,8 @@ class DynamicEmbeddingTable(nn.Module):
         self.rule: Optional[SparseRule] = None
         self.opt_state: Dict[str, torch.Tensor] = {}
         cap = self.index.capacity
-        self.weight = torch.zeros(cap + 1, self.dim, dtype=self.dtype, device=self.device)
-        self._row_stamp = torch.zeros(cap + 1, dtype=torch.int32, device=self.device)
+        self.weight = alloc((cap + 1, self.dim), self.dtype, self.device)
+        self._row_stamp = alloc((cap + 1,), torch.int32, self.device)
         self._stamp_base = 0          # row version = _stamp_base + _row_stamp (0: at or before base)
         self._version = 0
         self._step = 0                # training lookups (the eviction clock)
@@ -270,7 +271,7 @@ class DynamicEmbeddingTable(nn.Module):
         rows = self.weight.shape[0]
         self.opt_state = {}
         for name, (shape, dtype, init) in rule.state_fields(self.dim).items():
-            self.opt_state[name] = torch.full((rows, *shape), init, dtype=dtype, device=self.device)
+            self.opt_state[name] = alloc((rows, *shape), dtype, self.device, init)
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -357,7 +358,7 @@ class DynamicEmbeddingTable(nn.Module):
         new = self.index.capacity
 
         def grown(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
-            out = torch.full((new + 1, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            out = alloc((new + 1, *t.shape[1:]), t.dtype, t.device, fill)
             out[:old] = t[:old]
             out[new] = t[old]  # the default row moves to the end
             return out
@@ -463,34 +464,60 @@ class DynamicEmbeddingTable(nn.Module):
         self._stamp(rows, version)
 
     def _rows_for_training(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of ``ids`` (flat), inserting admitted new ids; absent ones -> default row."""
+        """Rows of ``ids`` (flat), inserting admitted new ids; absent ones -> default row.
+
+        If room cannot be made (:class:`TableFullError`) no row, value or optimizer state
+        changes, but the lookup still counts: the step and version advance, admission saw
+        the ids, and the rows that were found are stamped as read."""
         self._step += 1
         version = self._bump()
-        rows = self.index.find(ids)
-        missing = rows < 0
-        if bool(missing.any()):
-            cand, inverse, counts = torch.unique(ids[missing], return_inverse=True, return_counts=True)
-            admit = self.admission.admit(cand, counts)
-            admitted = cand[admit]
-            if admitted.numel():
-                self._ensure_room(admitted.numel(), protect=rows[~missing])
-                try:
-                    new_rows, _ = self.index.insert(admitted)
-                except IndexFullError as exc:  # _ensure_room made room: this is a bug, say so
-                    raise TableFullError(f"dynamic table {self.name!r}: {exc}") from exc
-                self._init_rows(new_rows, admitted, version)
-                cand_rows = torch.full_like(cand, -1)
-                cand_rows[admit] = new_rows
-                rows[missing] = cand_rows[inverse]
-                missing = rows < 0
-        present = rows[~missing] if bool(missing.any()) else rows
+        clock = self._clock()
+        # Fast path: one kernel finds the rows and stamps them (version, eviction policy).
+        fused = self.index.fused
+        spec = (0, None, 0) if self.eviction is None else self.eviction.access_stamp(clock)
+        stamped = fused is not None and spec is not None
+        if stamped:
+            mode, array, value = spec
+            rows, n_missing = fused.find_stamp(self.index, ids, self._row_stamp, version - self._stamp_base,
+                                               array, mode, value)
+            missing = rows < 0 if n_missing else None
+        else:
+            rows = self.index.find(ids)
+            missing = rows < 0
+            n_missing = int(missing.sum())
+            found = rows[~missing] if n_missing else rows
+            if self.eviction is not None:
+                self.eviction.on_access(found, clock)
+            self._stamp(found, version)
+        if not n_missing:
+            self._maybe_auto_evict(rows)
+            return rows
+        was_missing = missing.clone()
+        cand, inverse, counts = torch.unique(ids[missing], return_inverse=True, return_counts=True)
+        admit = self.admission.admit(cand, counts)
+        admitted = cand[admit]
+        if admitted.numel():
+            self._ensure_room(admitted.numel(), protect=rows[~missing])
+            try:
+                new_rows, _ = self.index.insert(admitted)
+            except IndexFullError as exc:  # _ensure_room made room: this is a bug, say so
+                raise TableFullError(f"dynamic table {self.name!r}: {exc}") from exc
+            self._init_rows(new_rows, admitted, version)
+            cand_rows = torch.full_like(cand, -1)
+            cand_rows[admit] = new_rows
+            rows[missing] = cand_rows[inverse]
+            missing = rows < 0
+        touched = rows[was_missing & ~missing]  # rows found at first are stamped already
         if self.eviction is not None:
-            self.eviction.on_access(present, self._clock())
-        self._stamp(present, version)
+            self.eviction.on_access(touched, clock)
+        self._stamp(touched, version)
         rows[missing] = self.default_row
+        self._maybe_auto_evict(rows[~missing])
+        return rows
+
+    def _maybe_auto_evict(self, present: torch.Tensor) -> None:
         if self.config.auto_evict_every and self._step % self.config.auto_evict_every == 0:
             self._expire(protect=present)
-        return rows
 
     def _resolve(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -824,11 +851,11 @@ class DynamicEmbeddingTable(nn.Module):
             index_state = {k[len("index."):]: v for k, v in tensors.items() if k.startswith("index.")}
             capacity = int(index_state["capacity"])
             self.index.load_state_dict(index_state)
-            self.weight = torch.zeros(capacity + 1, self.dim, dtype=self.dtype, device=dev)
-            self._row_stamp = torch.zeros(capacity + 1, dtype=torch.int32, device=dev)
+            self.weight = alloc((capacity + 1, self.dim), self.dtype, dev)
+            self._row_stamp = alloc((capacity + 1,), torch.int32, dev)
             self._stamp_base = max(0, int(meta["version"]) - _STAMP_LIMIT // 2)
             if self.rule is not None:
-                self.opt_state = {n: torch.full((capacity + 1, *shape), init, dtype=dt, device=dev)
+                self.opt_state = {n: alloc((capacity + 1, *shape), dt, dev, init)
                                   for n, (shape, dt, init) in self.rule.state_fields(self.dim).items()}
             if self.eviction is not None:
                 self.eviction.rows = {}

@@ -12,7 +12,9 @@ def build(num_items: int, dim: int, lr: float, betas: Tuple[float, float], weigh
 
     * Rows start as N(0, init_std) from the table's deterministic, id-keyed initialiser (the
       paper's truncated normal with std 0.02 truncates at +-2 absolute, i.e. never at this
-      scale, so a plain normal is the same distribution).
+      scale, so a plain normal is the same distribution). The table seed is fixed (0): an
+      item's initial vector depends on its id only, the same in every replica and every run;
+      training seeds vary the dense initialisation, dropout, negatives and batch order.
     * Optimizer: the table's fused sparse Adam with the dense AdamW's lr, betas, eps (1e-8,
       torch's default) and weight decay. It is the "lazy" Adam of sparse embedding libraries:
       a row's moments and bias-correction step advance only on batches that touch the row,

@@ -98,7 +98,6 @@ class DynamicItemEmbeddings(ItemEmbeddings):
         self._sparse_optimizer.zero_grad()
 
 
-
 def build_item_embeddings(kind: str, num_items: int, dim: int, lr: float, betas: Tuple[float, float],
                           weight_decay: float = 0.0, device: Optional[torch.device] = None) -> ItemEmbeddings:
     """``kind`` is ``"dynamic"`` (the default of every config) or ``"static"``."""

@@ -169,27 +169,29 @@ class TableSource:
 
 
 class _Pending:
-    """Changes not yet acknowledged by the target, one entry per id (latest wins).
-
-    Rows are stored with one extra column: 1.0 marks a tombstone (the id was deleted).
+    """Changes not yet acknowledged by the target, one entry per id (latest wins): ``ids``
+    (sorted), ``rows`` ``[n, width]`` and ``tomb`` (True: the id was deleted). Past the
+    memory budget everything moves to a DiskTier, where a row carries one extra column
+    (1.0 marks a tombstone).
     """
 
     def __init__(self, width: int, budget_bytes: int, spill_dir: Optional[str]):
         self.width = width
         self.budget_bytes = budget_bytes
-        self._spill_dir = spill_dir
-        self._own_spill_dir = False
+        self._spill_base = spill_dir
+        self._spill_path: Optional[str] = None
         self.spill: Optional[DiskTier] = None
         self.spills = 0
         self._reset_memory()
 
     def _reset_memory(self) -> None:
         self.ids = torch.empty(0, dtype=torch.int64)
-        self.rows = torch.empty(0, self.width + 1)
+        self.rows = torch.empty(0, self.width)
+        self.tomb = torch.empty(0, dtype=torch.bool)
 
     @property
     def memory_bytes(self) -> int:
-        return int(self.ids.numel() * 8 + self.rows.numel() * 4)
+        return int(self.ids.numel() * 9 + self.rows.numel() * 4)
 
     def __len__(self) -> int:
         return int(self.ids.numel()) + (len(self.spill) if self.spill is not None else 0)
@@ -208,32 +210,36 @@ class _Pending:
         # A deletion read together with an upsert of the same id: the source holds the row now.
         if d.numel() and n:
             d = d[~torch.isin(d, batch.ids)]
-        rows = torch.zeros(n + d.numel(), self.width + 1)
         vals = batch.values
         if include_state and batch.state is not None:
             vals = torch.cat([vals, batch.state], dim=1)
-        rows[:n, : self.width] = vals
-        rows[n:, self.width] = 1.0
-        ids = torch.cat([self.ids, batch.ids, d])
-        rows = torch.cat([self.rows, rows])
-        # Keep the last occurrence of each id: stable sort, then the end of each run.
-        sorted_ids, order = torch.sort(ids, stable=True)
-        keep = torch.ones_like(sorted_ids, dtype=torch.bool)
-        keep[:-1] = sorted_ids[1:] != sorted_ids[:-1]
-        order = order[keep]
-        self.ids, self.rows = ids.index_select(0, order), rows.index_select(0, order)
+        ids = batch.ids
+        if self.ids.numel() == 0 and d.numel() == 0 and (n <= 1 or bool((ids[1:] > ids[:-1]).all())):
+            # The usual cycle: nothing pending and the source gave sorted distinct ids.
+            self.ids, self.rows, self.tomb = ids, vals.contiguous(), torch.zeros(n, dtype=torch.bool)
+        else:
+            ids = torch.cat([self.ids, ids, d])
+            rows = torch.cat([self.rows, vals, torch.zeros(d.numel(), self.width)])
+            tomb = torch.cat([self.tomb, torch.zeros(n, dtype=torch.bool), torch.ones(d.numel(), dtype=torch.bool)])
+            # Keep the last occurrence of each id: stable sort, then the end of each run.
+            sorted_ids, order = torch.sort(ids, stable=True)
+            keep = torch.ones_like(sorted_ids, dtype=torch.bool)
+            keep[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+            order = order[keep]
+            self.ids, self.rows, self.tomb = sorted_ids[keep], rows.index_select(0, order), tomb.index_select(0, order)
         if self.memory_bytes > self.budget_bytes:
             self._spill()
 
     def _spill(self) -> None:
         if self.spill is None:
-            if self._spill_dir is None:
-                self._spill_dir = tempfile.mkdtemp(prefix="gauss-syncer-spill-")
-                self._own_spill_dir = True
+            base = self._spill_base or tempfile.gettempdir()
+            os.makedirs(base, exist_ok=True)
+            self._spill_path = tempfile.mkdtemp(prefix="gauss-syncer-spill-", dir=base)
             # No fsync: the spill only has to outlive an outage of the target, not a crash
             # of this process (whose training store is the source of truth then).
-            self.spill = DiskTier(self._spill_dir, self.width + 1, sync=False, min_compact_bytes=64 << 20)
-        self.spill.put(self.ids, self.rows)  # overwrites older spilled entries of the same ids
+            self.spill = DiskTier(self._spill_path, self.width + 1, sync=False, min_compact_bytes=64 << 20)
+        rows = torch.cat([self.rows, self.tomb.to(torch.float32).unsqueeze(1)], dim=1)
+        self.spill.put(self.ids, rows)  # overwrites older spilled entries of the same ids
         self.spills += 1
         self._reset_memory()
 
@@ -249,23 +255,18 @@ class _Pending:
                 rows, _ = self.spill.get(ids)
                 yield ids, rows[:, : self.width], rows[:, self.width] > 0.5
         for s in range(0, self.ids.numel(), size):
-            rows = self.rows[s:s + size]
-            yield self.ids[s:s + size], rows[:, : self.width], rows[:, self.width] > 0.5
+            yield self.ids[s:s + size], self.rows[s:s + size], self.tomb[s:s + size]
 
     def clear(self) -> None:
         self._reset_memory()
         if self.spill is not None:
-            path = self.spill.path
             self.spill.close()
             self.spill = None
-            shutil.rmtree(path, ignore_errors=True)
-            if not self._own_spill_dir:
-                os.makedirs(path, exist_ok=True)
+            shutil.rmtree(self._spill_path, ignore_errors=True)
+            self._spill_path = None
 
     def close(self) -> None:
         self.clear()
-        if self._own_spill_dir and self._spill_dir:
-            shutil.rmtree(self._spill_dir, ignore_errors=True)
 
 
 def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: Tuple[float, ...]) -> List[float]:
@@ -288,7 +289,9 @@ class Syncer:
         dense_url: where dense weights and the manifest go (local path or fsspec URL).
         include_state: also push optimizer state (the target needs ``state_dim`` then).
         max_pending_bytes: memory budget of the pending buffer before it spills to disk.
-        spill_dir: where to spill (default: a private temporary directory).
+        spill_dir: directory under which the spill gets a private subdirectory (default: the
+            system's temporary directory); the subdirectory is removed once the target has
+            acknowledged everything.
         push_batch_rows: rows per ``apply_changes`` call.
         keep_dense: dense files kept besides the one the manifest names.
         start: start the thread now (else call :meth:`start`, or drive it with :meth:`sync_now`).
@@ -473,11 +476,14 @@ class Syncer:
         try:
             batches = []
             for ids, vals, tomb in self._pending.batches(self.push_batch_rows):
-                up = ~tomb
-                values = vals[up]
-                batch = ChangeBatch(ids=ids[up], values=values[:, :dim].contiguous(),
+                if bool(tomb.any()):
+                    up = ~tomb
+                    values, up_ids, gone = vals[up], ids[up], ids[tomb]
+                else:  # no tombstones: no copies
+                    values, up_ids, gone = vals, ids, ids[:0]
+                batch = ChangeBatch(ids=up_ids, values=values[:, :dim].contiguous(),
                                     state=values[:, dim:].contiguous() if self.include_state else None,
-                                    deleted=ids[tomb], version=self.pushed_version)
+                                    deleted=gone, version=self.pushed_version)
                 rows += batch.num_rows
                 deleted += int(batch.deleted.numel())
                 nbytes += int(values.numel() * 4 + ids.numel() * 8)

@@ -204,10 +204,15 @@ class TierPS(EmbeddingStore):
     def _peek(self, uniq: torch.Tensor, touch: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(values, state, found)`` of distinct ids from RAM, else disk; no promotion."""
         n = uniq.numel()
-        values = self.default.expand(n, self.dim).clone()
-        state = torch.zeros(n, self.state_dim)
         rows = self._index.find(uniq)
         in_ram = rows >= 0
+        if n and bool(in_ram.all()):  # the common case of hot rows: one gather, no masks
+            if touch:
+                self._clock += 1
+                self._tick[rows] = self._clock
+            return self._values.index_select(0, rows), self._state.index_select(0, rows), in_ram
+        values = self.default.expand(n, self.dim).clone()
+        state = torch.zeros(n, self.state_dim)
         if bool(in_ram.any()):
             r = rows[in_ram]
             values[in_ram] = self._values.index_select(0, r)
@@ -331,9 +336,10 @@ class TierPS(EmbeddingStore):
             deleted_last = is_del.index_select(0, last)
             up = uniq[~deleted_last]
             values, state, found = self._peek(up)
-            # found is all True: an id whose last operation was a put is held by a tier.
-            return ChangeBatch(up[found], values[found], state[found] if self.state_dim else None,
-                               uniq[deleted_last], self._version)
+            # An id whose last operation was a put is held by a tier: found is all True.
+            if not bool(found.all()):
+                raise RuntimeError("TierPS change log names a row that no tier holds (a bug)")
+            return ChangeBatch(up, values, state if self.state_dim else None, uniq[deleted_last], self._version)
 
     def _full_batch(self) -> ChangeBatch:
         batches = list(self.export(1 << 30))
