@@ -75,7 +75,8 @@ class PaddedTorchAttention:
     def __call__(self, q, k, v):
         qp, kp, vp = self._pad(q), self._pad(k), self._pad(v)
         s = torch.matmul(qp, kp.transpose(-1, -2)) * self.alpha
-        p = torch.where(self.mask, torch.nn.functional.silu(s) / self.N, torch.zeros((), dtype=s.dtype, device=s.device))
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        p = torch.where(self.mask, torch.nn.functional.silu(s) / self.N, zero)
         out = torch.matmul(p, vp).transpose(1, 2)  # [B, N, H, d]
         return out[self.batch_idx, self.pos_idx]
 

@@ -86,6 +86,8 @@ def main(argv=None) -> int:
         "models is noise. The models separate on larger data (see benchmarks/ml1m_paper_table.py).",
         "",
     ]
+    if args.note:
+        md += [f"Note: {args.note}", ""]
     md_path = os.path.splitext(args.out)[0] + ".md"
     tmp = md_path + ".tmp"
     with open(tmp, "w") as f:

@@ -299,6 +299,9 @@ def main() -> None:
     server.start()
     results: List[Dict[str, Any]] = []
     try:
+        import redis
+
+        server_version = redis.Redis(port=server.port).info("server")["redis_version"]
         results += baseline(server.port, 200_000 if args.quick else 500_000)
         ps = TierPS(DIM, os.path.join(tmp, "ps"), ram_bytes=2 * num_ids * (4 * DIM + 32))
         store = RedisWePS(DIM, port=server.port, model="bench", socket_timeout=2.0, socket_connect_timeout=0.5)
@@ -337,6 +340,7 @@ def main() -> None:
         "load_average_1m_before": load_before,
         "load_average_1m_after": os.getloadavg()[0],
         "ceiling_mset_rows_per_s_chunk10000": ceiling,
+        "redis_server_version": server_version,
         "interval_s": args.interval,
         "torch_threads": args.threads,
         "dim": DIM,

@@ -18,6 +18,7 @@ interpreter executes the kernels in numpy), which is how its tests run without a
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from typing import Dict, Optional, Tuple
 
@@ -74,7 +75,7 @@ class TritonHashIndex(HashIndex):
     GATHER_WARPS = 4
 
     def __init__(self, capacity: int, device: Device = None) -> None:
-        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
         if device is None:
             device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -269,7 +270,7 @@ class TritonHashIndex(HashIndex):
         return rows
 
     def rehash(self, new_capacity: int) -> None:
-        if not isinstance(new_capacity, int) or isinstance(new_capacity, bool):
+        if isinstance(new_capacity, bool) or not isinstance(new_capacity, numbers.Integral):
             raise TypeError(f"new_capacity must be an int, got {new_capacity!r}")
         if new_capacity < self.capacity:
             raise ValueError(f"rehash can only grow: {new_capacity} < capacity {self.capacity}")

@@ -64,7 +64,8 @@ _CANDIDATES: Dict[str, Dict[int, List[_Config]]] = {
         64: [_Config(64, 64, 4, 3), _Config(128, 64, 4, 3), _Config(128, 128, 8, 3), _Config(64, 32, 4, 3),
              _Config(128, 64, 8, 3), _Config(64, 64, 4, 3, tma=True),
              _Config(128, 64, 8, 3, tma=True), _Config(128, 64, 8, 2, tma=True, ws=True)],
-        128: [_Config(64, 64, 4, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 2), _Config(128, 64, 8, 3), _Config(128, 128, 8, 2), _Config(128, 32, 8, 4),
+        128: [_Config(64, 64, 4, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 2), _Config(128, 64, 8, 3),
+              _Config(128, 128, 8, 2), _Config(128, 32, 8, 4),
               _Config(64, 64, 4, 3, tma=True), _Config(128, 64, 8, 3, tma=True), _Config(128, 128, 8, 2, tma=True),
               _Config(64, 64, 4, 3, tma=True, ws=True), _Config(128, 64, 8, 2, tma=True, ws=True),
               _Config(128, 128, 8, 2, tma=True, ws=True), _Config(64, 64, 4, 3, ws=True)],
@@ -253,11 +254,10 @@ class _Plan(NamedTuple):
     constexprs: dict
     block_d: int
     rab_strides: Tuple[int, int, int]
-    rab_shape: Optional[Tuple[int, ...]]
     key: tuple
     launch_key: int
-    tma_ok: bool
-    wide: bool  # fp32 / fp64: twice or four times the bytes per tile  # 16-bit, power-of-two head dims on Hopper or newer: TMA configs may be tried
+    tma_ok: bool  # 16-bit, power-of-two head dims, Hopper or newer, long rows: TMA configs may be tried
+    wide: bool  # fp32 / fp64: twice or four times the bytes per tile
 
 
 _plans: Dict[tuple, _Plan] = {}
@@ -270,8 +270,8 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     rab_layout = None if rab is None else (tuple(rab.shape), rab.stride(), rab.dtype)
     # T (the total length) is left out: it changes every batch and the plan does not use it
     cache_key = (q.shape[1:], k.shape[1:], v.shape[1:], q.dtype, k.dtype, v.dtype, q.device, offsets.shape,
-                 max_seq_len, alpha,
-                 causal, num_targets is None, contextual_len, max_attn_len, rab_layout, normalizer, interpreting)
+                 max_seq_len, alpha, causal, num_targets is None, contextual_len, max_attn_len, rab_layout,
+                 normalizer, interpreting)
     plan = _plans.get(cache_key)
     if plan is not None:
         return plan
@@ -328,7 +328,7 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     tma_ok = (not interpreting and not wide and d_qk == constexprs["BLOCK_DQ"] and d_v == constexprs["BLOCK_DV"]
               and max_seq_len >= 1024 and torch.cuda.get_device_capability(q.device)[0] >= 9)
     plan = _Plan(B, H, 0.5 * float(alpha), 1.0 / max_seq_len, int(contextual_len), int(max_attn_len), max_seq_len,
-                 constexprs, block_d, rab_strides, None if rab is None else tuple(rab.shape), key, launch_key, tma_ok, wide)
+                 constexprs, block_d, rab_strides, key, launch_key, tma_ok, wide)
     _plans[cache_key] = plan
     return plan
 

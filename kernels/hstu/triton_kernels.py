@@ -488,7 +488,8 @@ def hstu_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...those wholly below it and inside the sequence do not...
@@ -498,7 +499,8 @@ def hstu_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, False, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...and the last, partial block is masked (past the length, rows are zeros or, with
@@ -520,14 +522,16 @@ def hstu_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
-                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
@@ -638,13 +642,15 @@ def hstu_bwd_dq_kernel(
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION, ACC, USE_TMA,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False,
+                FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True,
+                FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
         lo, hi = _col_range(
@@ -655,7 +661,8 @@ def hstu_bwd_dq_kernel(
             dq = _bwd_dq_block(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True,
+                FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     dq = dq * (half_alpha * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN))

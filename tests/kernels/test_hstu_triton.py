@@ -158,6 +158,22 @@ def test_block_ranges_with_unequal_tiles(rng, monkeypatch, blocks):
     _check(rng, lengths)
 
 
+def test_fused_function_autograd_matches_reference(rng):
+    """hstu_attention_fused (autograd.Function over the kernels, no custom op)."""
+    q, k, v, offsets = _jagged(rng, [19, 7], 2, 16, 16, torch.float32)
+    nt = torch.tensor([2, 1], device=DEVICE)
+    rab = torch.randn(1, 2, 19, 19, generator=rng).to(DEVICE)
+    opts = dict(max_seq_len=19, alpha=0.25, num_targets=nt, contextual_len=2)
+    results = []
+    for fn in (ta.hstu_attention_fused, hstu_attention_reference):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, rab)]
+        out = fn(*leaves[:3], offsets, rab=leaves[3], **opts)
+        out.backward(torch.ones_like(out))
+        results.append([out] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert _rel(got.detach(), want.detach()) <= 1e-5
+
+
 def test_backend_follows_the_protocol_and_rejects_bad_input():
     backend = ta.hstu_attention_triton()
     assert isinstance(backend, AttentionBackend)
