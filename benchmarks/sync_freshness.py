@@ -222,9 +222,11 @@ def run_level(server, ps, store, syncer, num_ids, rate, duration, seed, tmp) -> 
     achieved = w.rows / max(w.elapsed, 1e-9)
     # Keeping up = a lag that does not grow: the second half of the run is not staler than
     # the first (p90, with one interval of slack), and the backlog is gone soon after.
-    half = np.median(pairs[:, 0]) if len(pairs) else 0.0
-    first_p90 = float(np.percentile(pairs[pairs[:, 0] <= half, 1], 90)) if len(pairs) > 20 else float("inf")
-    second_p90 = float(np.percentile(pairs[pairs[:, 0] > half, 1], 90)) if len(pairs) > 20 else float("inf")
+    def p90(x: np.ndarray) -> float:
+        return float(np.percentile(x, 90)) if x.size >= 10 else float("inf")  # too few to judge
+
+    mid = (pairs[:, 0].min() + pairs[:, 0].max()) / 2 if len(pairs) else 0.0
+    first_p90, second_p90 = p90(pairs[pairs[:, 0] <= mid, 1]), p90(pairs[pairs[:, 0] > mid, 1])
     sustained = bool(achieved >= 0.95 * rate and catch_up <= syncer.interval_s + 0.5
                      and second_p90 <= 1.25 * first_p90 + syncer.interval_s)
     return {

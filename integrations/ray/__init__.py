@@ -4,3 +4,7 @@ ImportError that names the ``pip install "gauss-plugins[ray]"`` to run."""
 from gauss_plugins._optional import require
 
 require("ray", "ray", "the Ray-sharded TierPS (gauss_integrations.ray)")
+
+from gauss_integrations.ray.sharded_store import ShardedTierPS  # noqa: E402
+
+__all__ = ["ShardedTierPS"]

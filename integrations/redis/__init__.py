@@ -4,3 +4,7 @@ that names the ``pip install "gauss-plugins[redis]"`` to run."""
 from gauss_plugins._optional import require
 
 require("redis", "redis", "the Redis serving store (gauss_integrations.redis)")
+
+from gauss_integrations.redis.store import RedisWePS  # noqa: E402
+
+__all__ = ["RedisWePS"]

@@ -272,6 +272,9 @@ class CpuFusedKernels:
         return self._ops.find_stamp(index.slots, keys, stamp, int(stamp_value), policy_array, int(policy_mode),
                                     int(policy_value))
 
+    def select_victims(self, index, stamp, scores, protect, limit, k):
+        return self._ops.select_victims(index.slots, stamp, scores, protect, int(limit), int(k))
+
     def pool_rows(self, weight, rows, offsets, per_sample_weights, mode):
         return self._ops.pool_rows(weight, rows, offsets, per_sample_weights, int(mode))
 

@@ -290,6 +290,88 @@ void op_place(at::Tensor& slots, const at::Tensor& keys_in, const at::Tensor& ro
   }
 }
 
+// ------------------------------------------------------------------ eviction
+// The k live rows of smallest (score, key), for the eviction policies whose score is an
+// int32 per row (LRU step, LFU count, TTL time). Rows r < limit are candidates when
+// stamp[r] >= 0 (the table marks rows without a key -1) and r is not in `protect`.
+// The threshold score comes from a histogram (or nth_element for wide score ranges) over a
+// sequential scan of the rows; one scan of the slots then yields the keys. Ties at the
+// threshold go to the smallest keys. Returns (keys, rows) of the victims, keys ascending.
+std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, const at::Tensor& stamp,
+                                                     const at::Tensor& scores, const at::Tensor& protect_in,
+                                                     int64_t limit, int64_t k) {
+  check_slots(slots);
+  TORCH_CHECK(stamp.dtype() == at::kInt && scores.dtype() == at::kInt && stamp.is_contiguous() &&
+                  scores.is_contiguous() && limit <= stamp.numel() && limit <= scores.numel(),
+              "stamp and scores must be contiguous int32 covering the rows");
+  const int32_t* st = stamp.data_ptr<int32_t>();
+  const int32_t* sc = scores.data_ptr<int32_t>();
+  const at::Tensor protect = protect_in.contiguous().to(at::kLong);
+  std::vector<uint8_t> flag(limit);  // 0 candidate, 1 excluded, 2 victim, 3 tie
+  int64_t live = 0;
+  int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+  for (int64_t r = 0; r < limit; ++r) flag[r] = st[r] < 0;
+  const int64_t* pr = protect.data_ptr<int64_t>();
+  for (int64_t i = 0; i < protect.numel(); ++i)
+    if (pr[i] >= 0 && pr[i] < limit) flag[pr[i]] = 1;
+  for (int64_t r = 0; r < limit; ++r) {
+    if (flag[r]) continue;
+    ++live;
+    lo = std::min(lo, sc[r]);
+    hi = std::max(hi, sc[r]);
+  }
+  k = std::min(k, live);
+  at::Tensor keys_out = at::empty({k}, at::kLong), rows_out = at::empty({k}, at::kLong);
+  if (k <= 0) return {keys_out, rows_out};
+  // threshold t: the k-th smallest score; `below` rows score < t, `take` of the ties go too
+  int32_t t;
+  int64_t below = 0;
+  const int64_t range = static_cast<int64_t>(hi) - lo + 1;
+  if (range <= (int64_t(1) << 22)) {
+    std::vector<int64_t> hist(range, 0);
+    for (int64_t r = 0; r < limit; ++r)
+      if (!flag[r]) ++hist[sc[r] - static_cast<int64_t>(lo)];
+    int64_t v = 0;
+    while (below + hist[v] < k) below += hist[v++];
+    t = static_cast<int32_t>(lo + v);
+  } else {
+    std::vector<int32_t> vals;
+    vals.reserve(live);
+    for (int64_t r = 0; r < limit; ++r)
+      if (!flag[r]) vals.push_back(sc[r]);
+    std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end());
+    t = vals[k - 1];
+    for (int64_t r = 0; r < limit; ++r)
+      if (!flag[r] && sc[r] < t) ++below;
+  }
+  const int64_t take = k - below;
+  for (int64_t r = 0; r < limit; ++r)
+    if (!flag[r]) flag[r] = sc[r] < t ? 2 : (sc[r] == t ? 3 : 0);
+  std::vector<std::pair<int64_t, int64_t>> victims, ties;
+  victims.reserve(k);
+  const Slot* s = slots_of(slots);
+  const int64_t n = num_slots_of(slots);
+  for (int64_t p = 0; p < n; ++p) {
+    const int32_t row = s[p].row;
+    if (row < 0 || row >= limit) continue;
+    const uint8_t f = flag[row];
+    if (f == 2) victims.emplace_back(s[p].key, row);
+    else if (f == 3) ties.emplace_back(s[p].key, row);
+  }
+  TORCH_CHECK(static_cast<int64_t>(victims.size()) == below && static_cast<int64_t>(ties.size()) >= take,
+              "select_victims: rows and slots disagree (stamp must be -1 exactly for rows without a key)");
+  if (take < static_cast<int64_t>(ties.size())) std::nth_element(ties.begin(), ties.begin() + take, ties.end());
+  victims.insert(victims.end(), ties.begin(), ties.begin() + take);
+  std::sort(victims.begin(), victims.end());
+  int64_t* ko = keys_out.data_ptr<int64_t>();
+  int64_t* ro = rows_out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i) {
+    ko[i] = victims[i].first;
+    ro[i] = victims[i].second;
+  }
+  return {keys_out, rows_out};
+}
+
 // ------------------------------------------------------------------ lookup + pooling
 // mode: 0 sum, 1 mean. offsets: int64[B+1]. Returns (pooled float32[B, D], rows int64[N]);
 // absent ids read row `dflt` (the table's default row).
@@ -447,6 +529,46 @@ at::Tensor op_pool_rows(const at::Tensor& weight, const at::Tensor& rows_in, con
 }
 
 // ------------------------------------------------------------------ gradients
+// out[u] = sum over the positions p of row u (ascending) of scale[p] * src[src_idx[p]],
+// starting from 0; kD > 0 keeps the sum in registers. Returns whether all sums are finite.
+template <int kD>
+bool sum_rows_fixed(int64_t D_rt, const float* g, const int64_t* si, const float* sc, const int32_t* start,
+                    const int32_t* order, float* out, int64_t u0, int64_t u1) {
+  const int64_t D = kD > 0 ? kD : D_rt;
+  float acc_fixed[kD > 0 ? kD : 1];
+  bool ok = true;
+  for (int64_t u = u0; u < u1; ++u) {
+    float* acc = kD > 0 ? acc_fixed : out + u * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+    for (int32_t j = start[u]; j < start[u + 1]; ++j) {
+      const int64_t p = order[j];
+      const float* __restrict__ src_row = g + (si ? si[p] : p) * D;
+      if (sc) {
+        const float a = sc[p];
+        for (int64_t d = 0; d < D; ++d) acc[d] += a * src_row[d];
+      } else {
+        for (int64_t d = 0; d < D; ++d) acc[d] += src_row[d];
+      }
+    }
+    float check = 0.f;  // inf/nan anywhere makes this non-finite (x * 0 of finite x is 0)
+    for (int64_t d = 0; d < D; ++d) check += acc[d] * 0.f;
+    ok = ok && (check == 0.f);
+    if (kD > 0) std::memcpy(out + u * D, acc, D * sizeof(float));
+  }
+  return ok;
+}
+
+bool sum_rows(int64_t D, const float* g, const int64_t* si, const float* sc, const int32_t* start,
+              const int32_t* order, float* out, int64_t u0, int64_t u1) {
+  switch (D) {
+    case 16: return sum_rows_fixed<16>(D, g, si, sc, start, order, out, u0, u1);
+    case 32: return sum_rows_fixed<32>(D, g, si, sc, start, order, out, u0, u1);
+    case 64: return sum_rows_fixed<64>(D, g, si, sc, start, order, out, u0, u1);
+    case 128: return sum_rows_fixed<128>(D, g, si, sc, start, order, out, u0, u1);
+    default: return sum_rows_fixed<0>(D, g, si, sc, start, order, out, u0, u1);
+  }
+}
+
 // Sum the gradients of repeated rows. Gradient of position i is
 //   scale[i] * src[src_idx[i]]   (src_idx empty: i; scale empty: 1).
 // Returns (unique rows in order of first occurrence, summed grads float32[U, D], all_finite).
@@ -484,27 +606,19 @@ std::tuple<at::Tensor, at::Tensor, bool> op_accumulate_grads(const at::Tensor& r
   const int64_t U = static_cast<int64_t>(uniq.size());
   at::Tensor urows = at::empty({U}, at::kLong);
   std::memcpy(urows.data_ptr<int64_t>(), uniq.data(), U * sizeof(int64_t));
-  at::Tensor out = at::zeros({U, D}, at::kFloat);
+  // Counting sort of the positions by unique index (positions stay ascending within a row).
+  std::vector<int32_t> start(U + 1, 0), order(N);
+  for (int64_t i = 0; i < N; ++i) ++start[uidx[i] + 1];
+  for (int64_t u = 0; u < U; ++u) start[u + 1] += start[u];
+  {
+    std::vector<int32_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < N; ++i) order[fill[uidx[i]]++] = static_cast<int32_t>(i);
+  }
+  at::Tensor out = at::empty({U, D}, at::kFloat);
   float* op = out.data_ptr<float>();
-  // Each thread owns a range of unique indices and scans all positions in order.
   std::atomic<bool> all_finite{true};
-  at::parallel_for(0, U, 1024, [&](int64_t u0, int64_t u1) {
-    bool ok = true;
-    for (int64_t i = 0; i < N; ++i) {
-      const int64_t u = uidx[i];
-      if (u < u0 || u >= u1) continue;
-      const float* src_row = g + (si ? si[i] : i) * D;
-      float* dst = op + u * D;
-      if (sc) {
-        const float a = sc[i];
-        for (int64_t d = 0; d < D; ++d) dst[d] += a * src_row[d];
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] += src_row[d];
-      }
-    }
-    for (int64_t u = u0; u < u1 && ok; ++u)
-      for (int64_t d = 0; d < D; ++d)
-        if (!std::isfinite(op[u * D + d])) { ok = false; break; }
+  at::parallel_for(0, U, 512, [&](int64_t u0, int64_t u1) {
+    const bool ok = sum_rows(D, g, si, sc, start.data(), order.data(), op, u0, u1);
     if (!ok) all_finite = false;
   });
   return {urows, out, all_finite.load()};
@@ -551,8 +665,13 @@ void update_impl(int64_t kind, scalar_t* w, int64_t D, const int64_t* rows, cons
           break;
         }
         case 2: {
-          float sq = 0.f;
-          for (int64_t d = 0; d < D; ++d) sq += gg[d] * gg[d];
+          // 8 partial sums combined in a fixed order: vectorizable and deterministic
+          float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+          int64_t d = 0;
+          for (; d + 8 <= D; d += 8)
+            for (int q = 0; q < 8; ++q) part[q] += gg[d + q] * gg[d + q];
+          for (; d < D; ++d) part[d % 8] += gg[d] * gg[d];
+          const float sq = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
           s1[row] += sq / static_cast<float>(D);
           const float mult = lr / (std::sqrt(s1[row]) + eps);
           for (int64_t d = 0; d < D; ++d) wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - mult * gg[d]);
@@ -641,6 +760,7 @@ TORCH_LIBRARY(gauss_hash, m) {
   m.def("remove(Tensor(a!) slots, Tensor keys, Tensor(b!) meta, Tensor(c!) free_buf) -> Tensor", &op_remove);
   m.def("keys_and_rows(Tensor slots, int size) -> (Tensor, Tensor)", &op_keys_and_rows);
   m.def("place(Tensor(a!) slots, Tensor keys, Tensor rows) -> ()", &op_place);
+  m.def("select_victims(Tensor slots, Tensor stamp, Tensor scores, Tensor protect, int limit, int k) -> (Tensor, Tensor)", &op_select_victims);
   m.def("lookup_pool(Tensor slots, Tensor ids, Tensor offsets, Tensor weight, Tensor? psw, int mode, int dflt) -> (Tensor, Tensor)", &op_lookup_pool);
   m.def("pool_rows(Tensor weight, Tensor rows, Tensor offsets, Tensor? psw, int mode) -> Tensor", &op_pool_rows);
   m.def("accumulate_grads(Tensor rows, Tensor src, Tensor src_idx, Tensor scale) -> (Tensor, Tensor, bool)", &op_accumulate_grads);

@@ -45,6 +45,10 @@ import triton
 import triton.language as tl
 
 
+# Only triton builtins inside the kernels (tl.full, not the @jit stdlib tl.zeros): the
+# stdlib functions are decorated when triton.language is imported, so under the
+# interpreter they would be compiled-mode functions if triton was imported first.
+
 # ------------------------------------------------------------------ elementwise helpers
 @triton.jit
 def _tanh_approx(x):
@@ -327,7 +331,7 @@ def hstu_fwd_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
@@ -477,8 +481,8 @@ def hstu_bwd_dkdv_kernel(
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm + cols[:, None]
     if RAB_GRAD:
         DRAB_ptrs = DRAB + b * stride_drb + h * stride_drh + offs_m[None, :] * stride_drm + cols[:, None]
-    dk = tl.zeros([BLOCK_N, BLOCK_DQ], dtype=ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    dk = tl.full([BLOCK_N, BLOCK_DQ], 0.0, ACC)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
@@ -634,7 +638,7 @@ def hstu_bwd_dq_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
-    dq = tl.zeros([BLOCK_M, BLOCK_DQ], dtype=ACC)
+    dq = tl.full([BLOCK_M, BLOCK_DQ], 0.0, ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:

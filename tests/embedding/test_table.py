@@ -326,3 +326,37 @@ def test_memory_report(backend):
     assert rep["load_factor"] == pytest.approx(0.75, abs=0.01)
     # 16 B index (12-byte slots at 0.75) + 4 B LRU stamp + 4 B version stamp
     assert rep["overhead_bytes_per_row"] == pytest.approx(24, abs=0.1)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "ttl"])
+def test_fused_victim_selection_matches_the_torch_path(policy):
+    """The C++ selection (histogram threshold, ties by id) picks exactly what the torch code picks."""
+    from gauss_kernels.hash_table import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip(cpu_ext.unavailable_reason())
+    g = torch.Generator().manual_seed(5)
+    t = make("cpu_ext", initial_capacity=3000, max_capacity=3000, eviction=policy, dim=2)
+    t.train()
+    with torch.no_grad():
+        for _ in range(40):
+            t(torch.randint(-2000, 2000, (300,), generator=g) * 7919)
+        t.delete(torch.arange(-300, 300) * 7919)  # free some rows
+    protect = t.find(torch.arange(-100, 100) * 7919)
+    protect = protect[protect >= 0]
+    fused = t.index.fused
+    for k in (1, 17, 500, 2500, 10_000):
+        got = t._select_victims(k, protect)
+        t.index.fused = None
+        try:
+            want = t._select_victims(k, protect)
+        finally:
+            t.index.fused = fused
+        assert torch.equal(got, want), k
+    if policy == "lru":  # a wide score range takes the nth_element path
+        t.eviction.rows["last_step"][:] = torch.randint(-(2**30), 2**30, (t.capacity + 1,), dtype=torch.int32, generator=g)
+        got = t._select_victims(700, protect)
+        t.index.fused = None
+        want = t._select_victims(700, protect)
+        t.index.fused = fused
+        assert torch.equal(got, want)

@@ -1,27 +1,27 @@
 """Fused Triton HSTU attention vs the reference (:mod:`gauss_plugins.hstu.attention`).
 
-Without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set
-below before the kernel module is imported; ``triton.jit`` reads it when it decorates),
-in fp32 on tiny shapes. With CUDA the same checks run compiled, and the ``gpu`` tests add
-bf16/fp16/fp32 up to N=4096, head dims 32-256 and every mask mode against an fp32
-reference. Inputs are fresh random jagged batches every run (the seed is printed on
-failure); every tensor the kernels write starts as NaN, so unwritten elements fail.
+Without CUDA the kernels run under the Triton interpreter: a module-scoped fixture sets
+``TRITON_INTERPRET=1`` and (re)imports the kernel module, which ``triton.jit`` decorates
+according to that variable, then restores both afterwards, so other test modules are not
+affected. Shapes are tiny and fp32 there. With CUDA the same checks run compiled, and the
+``gpu`` tests add bf16/fp16/fp32 up to N=4096, head dims 32-256, every mask mode and every
+tuning candidate against an fp32 reference. Inputs are fresh random jagged batches every
+run (the seed is printed on failure); every tensor the kernels write starts as NaN, so
+unwritten elements fail.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
+import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 pytest.importorskip("triton")
 
-from gauss_kernels.hstu import triton_attention as ta  # noqa: E402
+from gauss_kernels.hstu import triton_attention as ta  # noqa: E402  (imports no kernels yet)
 from gauss_plugins.hstu.attention import (  # noqa: E402
     AttentionBackend,
     hstu_attention_reference,
@@ -32,6 +32,30 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+
+_KERNELS = "gauss_kernels.hstu.triton_kernels"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_without_cuda():
+    """Without CUDA: kernels decorated (imported) with TRITON_INTERPRET=1 for this module."""
+    if ON_GPU:
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules.pop(_KERNELS, None)
+    ta._kernels = None
+    try:
+        yield
+    finally:
+        sys.modules.pop(_KERNELS, None)
+        ta._kernels = None
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.fixture(autouse=True)

@@ -139,6 +139,12 @@ class FusedKernels(Protocol):
         ``+= 1`` per occurrence, saturating at 2**31 - 1 (mode 2); mode 0 no policy.
         Returns (rows, number of absent positions)."""
 
+    def select_victims(self, index: "HashIndex", stamp: torch.Tensor, scores: torch.Tensor, protect: torch.Tensor,
+                       limit: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(keys ascending, rows) of the ``k`` rows of smallest (``scores[row]``, key) among
+        rows ``< limit`` with ``stamp[row] >= 0`` (int32; -1 marks rows without a key) that
+        are not in ``protect``."""
+
     def pool_rows(self, weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
                   per_sample_weights: Optional[torch.Tensor], mode: int) -> torch.Tensor:
         """float32[B, D]: per bag, ``sum_i psw[i] * weight[rows[i]]`` in position order (mean:

@@ -206,6 +206,11 @@ class EvictionPolicy:
     def scores(self, ids: torch.Tensor, rows: torch.Tensor, clock: Clock, table) -> torch.Tensor:
         raise NotImplementedError
 
+    def score_array(self) -> Optional[torch.Tensor]:
+        """The int32 per-row array :meth:`scores` reads (``scores == array[rows]``), so a
+        fused kernel can select victims from it; None when scores are computed otherwise."""
+        return None
+
     def access_stamp(self, clock: Clock) -> Optional[Tuple[int, torch.Tensor, int]]:
         """What :meth:`on_access` does, if it is a plain stamp a fused kernel can apply while
         finding rows: ``(1, array, value)`` sets ``array[row] = value``, ``(2, array, 0)``
@@ -261,6 +266,9 @@ class LRUEviction(EvictionPolicy):
     def scores(self, ids, rows, clock, table):
         return self.rows["last_step"][rows]
 
+    def score_array(self):
+        return self.rows["last_step"]
+
 
 class LFUEviction(EvictionPolicy):
     """Evict the rows read least often (count saturates at 2**31 - 1)."""
@@ -282,6 +290,9 @@ class LFUEviction(EvictionPolicy):
 
     def scores(self, ids, rows, clock, table):
         return self.rows["count"][rows]
+
+    def score_array(self):
+        return self.rows["count"]
 
 
 class TTLEviction(EvictionPolicy):
@@ -312,6 +323,9 @@ class TTLEviction(EvictionPolicy):
 
     def scores(self, ids, rows, clock, table):
         return self.rows["last_seen"][rows]
+
+    def score_array(self):
+        return self.rows["last_seen"]
 
     def expired(self, rows, clock):
         return (self._now(clock) - self.rows["last_seen"][rows].to(torch.int64)) > self.ttl

@@ -16,7 +16,8 @@ Lookup API (the names other modules use)::
   :class:`~gauss_plugins.embedding.optim.SparseOptimizer` applies them (repeated ids summed).
   The table holds no ``nn.Parameter``: dense optimizers never see it.
 
-Direct access: ``find(ids) -> rows`` (-1 absent), ``get(ids) -> (values, present)``,
+Direct access: ``remap(ids) -> rows`` (a lookup without the gather),
+``find(ids) -> rows`` (-1 absent), ``get(ids) -> (values, present)``,
 ``set(ids, values)``, ``delete(ids)``, ``evict(num=None, ids=None)``, ``len(table)``.
 
 Change tracking (stores, the WePS syncer, incremental checkpoints)::
@@ -220,8 +221,9 @@ class DynamicEmbeddingTable(nn.Module):
         self.opt_state: Dict[str, torch.Tensor] = {}
         cap = self.index.capacity
         self.weight = alloc((cap + 1, self.dim), self.dtype, self.device)
-        self._row_stamp = alloc((cap + 1,), torch.int32, self.device)
-        self._stamp_base = 0          # row version = _stamp_base + _row_stamp (0: at or before base)
+        # row version = _stamp_base + _row_stamp; 0: at or before the base; -1: no key in this row
+        self._row_stamp = alloc((cap + 1,), torch.int32, self.device, -1)
+        self._stamp_base = 0
         self._version = 0
         self._step = 0                # training lookups (the eviction clock)
         self._epoch = 0               # bumped when rows are freed or moved: re-resolve recorded grads
@@ -341,7 +343,8 @@ class DynamicEmbeddingTable(nn.Module):
         if self._version - self._stamp_base > _STAMP_LIMIT:
             # Rebase the int32 stamps; rows older than the new base read as "at or before base".
             shift = self._version - self._stamp_base - (_STAMP_LIMIT // 2)
-            self._row_stamp = (self._row_stamp.to(torch.int64) - shift).clamp_min(0).to(torch.int32)
+            rebased = (self._row_stamp.to(torch.int64) - shift).clamp_min(0).to(torch.int32)
+            self._row_stamp = torch.where(self._row_stamp < 0, self._row_stamp, rebased)
             self._stamp_base += shift
         return self._version
 
@@ -364,7 +367,7 @@ class DynamicEmbeddingTable(nn.Module):
             return out
 
         self.weight = grown(self.weight)
-        self._row_stamp = grown(self._row_stamp)
+        self._row_stamp = grown(self._row_stamp, -1)
         if self.rule is not None:
             fields_ = self.rule.state_fields(self.dim)
             self.opt_state = {k: grown(v, fields_[k][2]) for k, v in self.opt_state.items()}
@@ -401,7 +404,12 @@ class DynamicEmbeddingTable(nn.Module):
         self._remove(victims)
 
     def _select_victims(self, k: int, protect: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Ids of the ``k`` lowest-scored live rows not in ``protect`` (ties by id)."""
+        """Ids (ascending) of the ``k`` lowest-scored live rows not in ``protect`` (ties by id)."""
+        fused = self.index.fused
+        array = self.eviction.score_array() if self.eviction is not None else None
+        if fused is not None and array is not None and k > 0:
+            guard = protect if protect is not None else _EMPTY_LONG
+            return fused.select_victims(self.index, self._row_stamp, array, guard, self.capacity, k)[0]
         ids, rows = self.index.keys_and_rows()
         if protect is not None and protect.numel():
             mask = torch.zeros(self.capacity + 1, dtype=torch.bool, device=self.device)
@@ -426,8 +434,10 @@ class DynamicEmbeddingTable(nn.Module):
     def _remove(self, ids: torch.Tensor) -> torch.Tensor:
         """Remove ``ids`` (distinct) from the index; log them as tombstones. Returns rows."""
         rows = self.index.remove(ids)
-        gone = ids[rows >= 0]
+        freed = rows >= 0
+        gone = ids[freed]
         if gone.numel():
+            self._row_stamp[rows[freed]] = -1
             version = self._bump()
             self._tombstone_ids.append(gone.clone())
             self._tombstone_versions.append(version)
@@ -543,6 +553,15 @@ class DynamicEmbeddingTable(nn.Module):
         return out
 
     # ------------------------------------------------------------------ lookups
+    @torch.no_grad()
+    def remap(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 rows (shape of ``ids``) that a lookup of ``ids`` reads: in training mode
+        absent ids are admitted and inserted and the access is recorded, exactly as in
+        :meth:`lookup`; ids without a row map to :attr:`default_row`. For code that
+        gathers from :attr:`weight` itself (no gradient is recorded)."""
+        self._check_ids(ids)
+        return self._resolve(ids.reshape(-1)).view(ids.shape)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)
 
@@ -852,7 +871,7 @@ class DynamicEmbeddingTable(nn.Module):
             capacity = int(index_state["capacity"])
             self.index.load_state_dict(index_state)
             self.weight = alloc((capacity + 1, self.dim), self.dtype, dev)
-            self._row_stamp = alloc((capacity + 1,), torch.int32, dev)
+            self._row_stamp = alloc((capacity + 1,), torch.int32, dev, -1)
             self._stamp_base = max(0, int(meta["version"]) - _STAMP_LIMIT // 2)
             if self.rule is not None:
                 self.opt_state = {n: alloc((capacity + 1, *shape), dt, dev, init)
@@ -872,7 +891,8 @@ class DynamicEmbeddingTable(nn.Module):
                                  f"incrementals in order")
             evicted = torch.unique(tensors["tombstones.ids"].to(dev))
             if evicted.numel():
-                self.index.remove(evicted)  # ids re-inserted since are among `ids` below
+                gone = self.index.remove(evicted)  # ids re-inserted since are among `ids` below
+                self._row_stamp[gone[gone >= 0]] = -1
                 self._epoch += 1
             self._append_tombstones(tensors)
             ids = tensors["ids"].to(dev)

@@ -15,7 +15,16 @@ A :class:`Syncer` runs one background thread. Every ``interval_s`` (default 1 s)
 If the target is down (Redis stopped, restarting, unreachable), step 3 fails, the error is
 counted and kept in :meth:`Syncer.stats`, and the next cycle retries with everything that
 accumulated meanwhile: nothing is lost, nothing is sent twice needlessly (coalesced by id),
-memory stays bounded, and the training thread never waits for the target.
+memory stays bounded, and the training thread never waits for the target. A target that
+came back *empty* (Redis restarted without persistence) is noticed through its
+``instance_id()`` (Redis: the server's ``run_id``), before and after every push: the syncer
+then pulls a full image of the source and pushes everything again. A full image (a resync,
+or a source whose change log no longer reaches back far enough) also turns pending rows and
+rows the target holds (``stored_ids()``) that the source no longer has into tombstones.
+
+Sources: :class:`~gauss_plugins.stores.tierps.TierPS` (and the Ray-sharded one) directly;
+a :class:`~gauss_plugins.embedding.table.DynamicEmbeddingTable` through :class:`TableSource`
+(its ``changed_since`` / ``evicted_since``).
 
 Dense weights: :meth:`Syncer.publish_dense` (call it between training steps) hands over a
 copy of the dense ``state_dict`` together with the source version at that moment. The thread
