@@ -550,9 +550,13 @@ bool sum_rows_fixed(int64_t D_rt, const float* g, const int64_t* si, const float
         for (int64_t d = 0; d < D; ++d) acc[d] += src_row[d];
       }
     }
-    float check = 0.f;  // inf/nan anywhere makes this non-finite (x * 0 of finite x is 0)
-    for (int64_t d = 0; d < D; ++d) check += acc[d] * 0.f;
-    ok = ok && (check == 0.f);
+    uint32_t bad = 0;  // inf/nan: all exponent bits set (integer ops: vectorizable)
+    for (int64_t d = 0; d < D; ++d) {
+      uint32_t bits;
+      std::memcpy(&bits, &acc[d], 4);
+      bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    }
+    ok = ok && !bad;
     if (kD > 0) std::memcpy(out + u * D, acc, D * sizeof(float));
   }
   return ok;
@@ -639,8 +643,8 @@ void update_impl(int64_t kind, scalar_t* w, int64_t D, const int64_t* rows, cons
     std::vector<float> buf(D);
     const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t u = u0; u < u1; ++u) {
-      if (u + 4 < u1) {  // rows are scattered: fetch the rows (and their state) a few ahead
-        const int64_t ahead = rows[u + 4];
+      if (u + 8 < u1) {  // rows are scattered: fetch the rows (and their state) a few ahead
+        const int64_t ahead = rows[u + 8];
         prefetch_row(w + ahead * D, row_bytes);
         if (kind == 1 || kind == 3) prefetch_row(s1 + ahead * D, D * 4);
         if (kind == 2) __builtin_prefetch(s1 + ahead);

@@ -376,7 +376,8 @@ class DynamicEmbeddingTable(nn.Module):
         self._epoch += 1
         self._bump()
 
-    def _ensure_room(self, n_new: int, protect: Optional[torch.Tensor]) -> None:
+    def _ensure_room(self, n_new: int, protect: Callable[[], torch.Tensor]) -> None:
+        """Make room for ``n_new`` rows: grow, else evict (never the rows ``protect()`` returns)."""
         free = self.capacity - len(self)
         if n_new <= free:
             return
@@ -395,7 +396,7 @@ class DynamicEmbeddingTable(nn.Module):
                 f"(DynamicTableConfig.admission='counting').")
         need = n_new - free
         headroom = int(cfg.evict_fraction * self.capacity)
-        victims = self._select_victims(need + headroom, protect)
+        victims = self._select_victims(need + headroom, protect())
         if victims.numel() < need:
             raise TableFullError(
                 f"dynamic table {self.name!r}: a single batch brings {n_new} new ids but only "
@@ -490,7 +491,6 @@ class DynamicEmbeddingTable(nn.Module):
             mode, array, value = spec
             rows, n_missing = fused.find_stamp(self.index, ids, self._row_stamp, version - self._stamp_base,
                                                array, mode, value)
-            missing = rows < 0 if n_missing else None
         else:
             rows = self.index.find(ids)
             missing = rows < 0
@@ -499,35 +499,32 @@ class DynamicEmbeddingTable(nn.Module):
             if self.eviction is not None:
                 self.eviction.on_access(found, clock)
             self._stamp(found, version)
-        if not n_missing:
-            self._maybe_auto_evict(rows)
-            return rows
-        was_missing = missing.clone()
-        cand, inverse, counts = torch.unique(ids[missing], return_inverse=True, return_counts=True)
-        admit = self.admission.admit(cand, counts)
-        admitted = cand[admit]
-        if admitted.numel():
-            self._ensure_room(admitted.numel(), protect=rows[~missing])
-            try:
-                new_rows, _ = self.index.insert(admitted)
-            except IndexFullError as exc:  # _ensure_room made room: this is a bug, say so
-                raise TableFullError(f"dynamic table {self.name!r}: {exc}") from exc
-            self._init_rows(new_rows, admitted, version)
-            cand_rows = torch.full_like(cand, -1)
-            cand_rows[admit] = new_rows
-            rows[missing] = cand_rows[inverse]
-            missing = rows < 0
-        touched = rows[was_missing & ~missing]  # rows found at first are stamped already
-        if self.eviction is not None:
-            self.eviction.on_access(touched, clock)
-        self._stamp(touched, version)
-        rows[missing] = self.default_row
-        self._maybe_auto_evict(rows[~missing])
-        return rows
-
-    def _maybe_auto_evict(self, present: torch.Tensor) -> None:
+        if n_missing:
+            # Only the (few) positions of absent ids are touched from here on.
+            miss_pos = torch.nonzero(rows < 0).squeeze(1)
+            cand, inverse, counts = torch.unique(ids[miss_pos], return_inverse=True, return_counts=True)
+            admit = self.admission.admit(cand, counts)
+            admitted = cand[admit]
+            got = None
+            if admitted.numel():
+                self._ensure_room(admitted.numel(), protect=lambda: rows[rows >= 0])
+                try:
+                    new_rows, _ = self.index.insert(admitted)
+                except IndexFullError as exc:  # _ensure_room made room: this is a bug, say so
+                    raise TableFullError(f"dynamic table {self.name!r}: {exc}") from exc
+                self._init_rows(new_rows, admitted, version)
+                cand_rows = torch.full_like(cand, -1)
+                cand_rows[admit] = new_rows
+                got = cand_rows[inverse]
+                touched = got[got >= 0]  # rows found at first were stamped already
+                if self.eviction is not None:
+                    self.eviction.on_access(touched, clock)
+                self._stamp(touched, version)
+            default = self.default_row  # after any growth
+            rows[miss_pos] = default if got is None else torch.where(got >= 0, got, torch.full_like(got, default))
         if self.config.auto_evict_every and self._step % self.config.auto_evict_every == 0:
-            self._expire(protect=present)
+            self._expire(protect=rows[rows != self.default_row])
+        return rows
 
     def _resolve(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -706,7 +703,7 @@ class DynamicEmbeddingTable(nn.Module):
         missing = rows < 0
         version = self._bump()
         if bool(missing.any()):
-            self._ensure_room(int(missing.sum()), protect=rows[~missing])
+            self._ensure_room(int(missing.sum()), protect=lambda: rows[rows >= 0])
             new_rows, _ = self.index.insert(ids[missing])
             self._init_rows(new_rows, ids[missing], version)
             rows[missing] = new_rows
