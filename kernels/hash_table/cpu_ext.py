@@ -268,18 +268,25 @@ class CpuFusedKernels:
     def lookup_pool(self, index, ids, offsets, weight, per_sample_weights, mode, default_row):
         return self._ops.lookup_pool(index.slots, ids, offsets, weight, per_sample_weights, int(mode), int(default_row))
 
-    def find_stamp(self, index, keys, stamp, stamp_value, policy_array, policy_mode, policy_value):
-        return self._ops.find_stamp(index.slots, keys, stamp, int(stamp_value), policy_array, int(policy_mode),
-                                    int(policy_value))
+    def stamp_rows(self, rows, stamp, stamp_value, policy_array, policy_mode, policy_value, skip_row):
+        self._ops.stamp_rows(rows, stamp, int(stamp_value), policy_array, int(policy_mode), int(policy_value),
+                             int(skip_row))
 
     def select_victims(self, index, stamp, scores, protect, limit, k):
         return self._ops.select_victims(index.slots, stamp, scores, protect, int(limit), int(k))
 
-    def pool_rows(self, weight, rows, offsets, per_sample_weights, mode):
-        return self._ops.pool_rows(weight, rows, offsets, per_sample_weights, int(mode))
+    def pool_rows(self, weight, rows, offsets, per_sample_weights, mode, stamp=None, stamp_value=0,
+                  policy_array=None, policy_mode=0, policy_value=0, skip_row=-1):
+        return self._ops.pool_rows(weight, rows, offsets, per_sample_weights, int(mode), stamp, int(stamp_value),
+                                   policy_array, int(policy_mode), int(policy_value), int(skip_row))
 
     def accumulate_grads(self, rows, src, src_idx, scale):
         return self._ops.accumulate_grads(rows, src, src_idx, scale)
+
+    def accumulate_update(self, kind, weight, state1, state2, steps, hyperparams, rows, src, src_idx, scale, skip_row,
+                          stamp, stamp_value):
+        return self._ops.accumulate_update(int(kind), weight, state1, state2, steps, [float(h) for h in hyperparams],
+                                           rows, src, src_idx, scale, int(skip_row), stamp, int(stamp_value))
 
     def sparse_update(self, kind, weight, rows, grads, state1, state2, steps, hyperparams):
         self._ops.sparse_update(int(kind), weight, rows, grads, state1, state2, steps, [float(h) for h in hyperparams])

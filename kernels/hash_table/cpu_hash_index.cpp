@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -130,55 +131,64 @@ at::Tensor op_find(const at::Tensor& slots, const at::Tensor& keys_in, int64_t d
   return rows;
 }
 
-// find() for a training lookup that also stamps every row it finds: stamp[row] = stamp_val
-// (the table's version) and, for the eviction policy, pol[row] = pol_val (pol_mode 1, e.g.
-// LRU's last step) or pol[row] += 1 saturating (pol_mode 2, LFU's count); pol_mode 0: none.
-// Duplicate ids in the batch write the same value (set) or each count once (add).
-// Returns (rows with -1 where absent, number of absent positions).
-std::tuple<at::Tensor, int64_t> op_find_stamp(const at::Tensor& slots, const at::Tensor& keys_in, at::Tensor& stamp,
-                                              int64_t stamp_val, const c10::optional<at::Tensor>& pol_in,
-                                              int64_t pol_mode, int64_t pol_val) {
-  check_slots(slots);
-  check_keys(keys_in);
-  TORCH_CHECK(stamp.dtype() == at::kInt && stamp.is_contiguous(), "stamp must be contiguous int32");
-  const at::Tensor keys = keys_in.contiguous();
-  const int64_t N = keys.numel();
-  at::Tensor rows = at::empty({N}, keys.options());
-  const Slot* s = slots_of(slots);
-  const int64_t n = num_slots_of(slots);
-  const int64_t* k = keys.data_ptr<int64_t>();
-  int64_t* out = rows.data_ptr<int64_t>();
-  int32_t* st = stamp.data_ptr<int32_t>();
+// Stamps of a training read: stamp[row] = stamp_val (the table's version) and, for the
+// eviction policy, pol[row] = pol_val (pol_mode 1, e.g. LRU's last step) or pol[row] += 1
+// saturating (pol_mode 2, LFU's count); pol_mode 0: none. Rows < 0 and skip_row are not
+// stamped. Safe under parallel_for: duplicates write the same value (set) or add atomically.
+struct Stamper {
+  int32_t* st = nullptr;
   int32_t* pol = nullptr;
-  if (pol_mode != 0) {
-    TORCH_CHECK(pol_in.has_value() && pol_in->dtype() == at::kInt && pol_in->is_contiguous(), "pol must be contiguous int32");
-    pol = pol_in->data_ptr<int32_t>();
+  int32_t sv = 0, pv = 0;
+  int64_t pol_mode = 0, skip = -1;
+
+  bool active() const { return st != nullptr; }
+  void prefetch(int64_t r) const {
+    if (!st || r < 0) return;
+    __builtin_prefetch(&st[r], 1);
+    if (pol_mode != 0) __builtin_prefetch(&pol[r], 1);
   }
-  const int32_t sv = static_cast<int32_t>(stamp_val), pv = static_cast<int32_t>(pol_val);
-  std::atomic<int64_t> missing{0};
-  at::parallel_for(0, N, 4096, [&](int64_t b, int64_t e) {
-    int64_t miss = 0;
-    for (int64_t i = b; i < e; ++i) {
-      if (i + kPrefetch < e) __builtin_prefetch(&s[home_slot(k[i + kPrefetch], n)]);
-      const int64_t r = find_row(s, n, k[i], -1);
-      out[i] = r;
-      if (r < 0) {
-        ++miss;
-        continue;
-      }
-      __atomic_store_n(&st[r], sv, __ATOMIC_RELAXED);
-      if (pol_mode == 1) {
-        __atomic_store_n(&pol[r], pv, __ATOMIC_RELAXED);
-      } else if (pol_mode == 2) {
-        int32_t old = __atomic_load_n(&pol[r], __ATOMIC_RELAXED);
-        while (old < std::numeric_limits<int32_t>::max() &&
-               !__atomic_compare_exchange_n(&pol[r], &old, old + 1, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-        }
+  void apply(int64_t r) const {
+    if (!st || r < 0 || r == skip) return;
+    __atomic_store_n(&st[r], sv, __ATOMIC_RELAXED);
+    if (pol_mode == 1) {
+      __atomic_store_n(&pol[r], pv, __ATOMIC_RELAXED);
+    } else if (pol_mode == 2) {
+      int32_t old = __atomic_load_n(&pol[r], __ATOMIC_RELAXED);
+      while (old < std::numeric_limits<int32_t>::max() &&
+             !__atomic_compare_exchange_n(&pol[r], &old, old + 1, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
       }
     }
-    missing += miss;
+  }
+};
+
+Stamper make_stamper(const c10::optional<at::Tensor>& stamp, int64_t stamp_val, const c10::optional<at::Tensor>& pol,
+                     int64_t pol_mode, int64_t pol_val, int64_t skip_row) {
+  Stamper s;
+  if (!stamp.has_value() || !stamp->defined()) return s;
+  TORCH_CHECK(stamp->dtype() == at::kInt && stamp->is_contiguous(), "stamp must be contiguous int32");
+  s.st = stamp->data_ptr<int32_t>();
+  s.sv = static_cast<int32_t>(stamp_val);
+  s.pol_mode = pol_mode;
+  if (pol_mode != 0) {
+    TORCH_CHECK(pol.has_value() && pol->dtype() == at::kInt && pol->is_contiguous(), "pol must be contiguous int32");
+    s.pol = pol->data_ptr<int32_t>();
+  }
+  s.pv = static_cast<int32_t>(pol_val);
+  s.skip = skip_row;
+  return s;
+}
+
+void op_stamp_rows(const at::Tensor& rows_in, at::Tensor& stamp, int64_t stamp_val, const c10::optional<at::Tensor>& pol,
+                   int64_t pol_mode, int64_t pol_val, int64_t skip_row) {
+  const at::Tensor rows = rows_in.contiguous();
+  const Stamper sp = make_stamper(stamp, stamp_val, pol, pol_mode, pol_val, skip_row);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  at::parallel_for(0, rows.numel(), 8192, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (i + 16 < e) sp.prefetch(r[i + 16]);
+      sp.apply(r[i]);
+    }
   });
-  return {rows, missing.load()};
 }
 
 // Returns (rows, is_new, ok). On !ok (out of rows) the index is left as before the call.
@@ -307,30 +317,46 @@ std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, co
   const int32_t* st = stamp.data_ptr<int32_t>();
   const int32_t* sc = scores.data_ptr<int32_t>();
   const at::Tensor protect = protect_in.contiguous().to(at::kLong);
-  std::vector<uint8_t> flag(limit);  // 0 candidate, 1 excluded, 2 victim, 3 tie
-  int64_t live = 0;
-  int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
-  for (int64_t r = 0; r < limit; ++r) flag[r] = st[r] < 0;
+  constexpr int64_t kGrain = 1 << 16;
+  std::vector<uint8_t> flag(limit, 0);  // 0 candidate, 1 excluded, 2 victim, 3 tie
   const int64_t* pr = protect.data_ptr<int64_t>();
   for (int64_t i = 0; i < protect.numel(); ++i)
     if (pr[i] >= 0 && pr[i] < limit) flag[pr[i]] = 1;
-  for (int64_t r = 0; r < limit; ++r) {
-    if (flag[r]) continue;
-    ++live;
-    lo = std::min(lo, sc[r]);
-    hi = std::max(hi, sc[r]);
-  }
+  // pass 1: exclude rows without a key; count the candidates and their score range
+  std::mutex mu;
+  int64_t live = 0;
+  int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+  at::parallel_for(0, limit, kGrain, [&](int64_t r0, int64_t r1) {
+    int64_t c = 0;
+    int32_t l = std::numeric_limits<int32_t>::max(), h = std::numeric_limits<int32_t>::min();
+    for (int64_t r = r0; r < r1; ++r) {
+      flag[r] |= static_cast<uint8_t>(st[r] < 0);
+      if (flag[r]) continue;
+      ++c;
+      l = std::min(l, sc[r]);
+      h = std::max(h, sc[r]);
+    }
+    std::lock_guard<std::mutex> g(mu);
+    live += c;
+    lo = std::min(lo, l);
+    hi = std::max(hi, h);
+  });
   k = std::min(k, live);
   at::Tensor keys_out = at::empty({k}, at::kLong), rows_out = at::empty({k}, at::kLong);
   if (k <= 0) return {keys_out, rows_out};
-  // threshold t: the k-th smallest score; `below` rows score < t, `take` of the ties go too
+  // pass 2: the threshold t (the k-th smallest score); `below` candidates score < t
   int32_t t;
   int64_t below = 0;
   const int64_t range = static_cast<int64_t>(hi) - lo + 1;
-  if (range <= (int64_t(1) << 22)) {
+  if (range <= (int64_t(1) << 20)) {
     std::vector<int64_t> hist(range, 0);
-    for (int64_t r = 0; r < limit; ++r)
-      if (!flag[r]) ++hist[sc[r] - static_cast<int64_t>(lo)];
+    at::parallel_for(0, limit, kGrain, [&](int64_t r0, int64_t r1) {
+      std::vector<int64_t> local(range, 0);
+      for (int64_t r = r0; r < r1; ++r)
+        if (!flag[r]) ++local[sc[r] - static_cast<int64_t>(lo)];
+      std::lock_guard<std::mutex> g(mu);
+      for (int64_t v = 0; v < range; ++v) hist[v] += local[v];
+    });
     int64_t v = 0;
     while (below + hist[v] < k) below += hist[v++];
     t = static_cast<int32_t>(lo + v);
@@ -345,20 +371,45 @@ std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, co
       if (!flag[r] && sc[r] < t) ++below;
   }
   const int64_t take = k - below;
-  for (int64_t r = 0; r < limit; ++r)
-    if (!flag[r]) flag[r] = sc[r] < t ? 2 : (sc[r] == t ? 3 : 0);
+  // pass 3: mark victims (score < t) and ties (score == t)
+  at::parallel_for(0, limit, kGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      if (!flag[r]) flag[r] = sc[r] < t ? 2 : (sc[r] == t ? 3 : 0);
+  });
+  // pass 4: one scan of the slots turns victim rows into keys
   std::vector<std::pair<int64_t, int64_t>> victims, ties;
   victims.reserve(k);
   const Slot* s = slots_of(slots);
   const int64_t n = num_slots_of(slots);
-  for (int64_t p = 0; p < n; ++p) {
-    const int32_t row = s[p].row;
-    if (row < 0 || row >= limit) continue;
-    const uint8_t f = flag[row];
-    if (f == 2) victims.emplace_back(s[p].key, row);
-    else if (f == 3) ties.emplace_back(s[p].key, row);
-  }
-  TORCH_CHECK(static_cast<int64_t>(victims.size()) == below && static_cast<int64_t>(ties.size()) >= take,
+  int64_t ties_seen = 0;
+  at::parallel_for(0, n, kGrain, [&](int64_t p0, int64_t p1) {
+    // ties: keep only the `take` smallest keys (a bounded max-heap): tie groups can be huge
+    std::vector<std::pair<int64_t, int64_t>> v, heap;
+    int64_t seen = 0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int32_t row = s[p].row;
+      if (row < 0 || row >= limit) continue;
+      const uint8_t f = flag[row];
+      if (f == 2) {
+        v.emplace_back(s[p].key, row);
+      } else if (f == 3 && take > 0) {
+        ++seen;
+        if (static_cast<int64_t>(heap.size()) < take) {
+          heap.emplace_back(s[p].key, row);
+          std::push_heap(heap.begin(), heap.end());
+        } else if (s[p].key < heap.front().first) {
+          std::pop_heap(heap.begin(), heap.end());
+          heap.back() = {s[p].key, row};
+          std::push_heap(heap.begin(), heap.end());
+        }
+      }
+    }
+    std::lock_guard<std::mutex> g(mu);
+    victims.insert(victims.end(), v.begin(), v.end());
+    ties.insert(ties.end(), heap.begin(), heap.end());
+    ties_seen += seen;
+  });
+  TORCH_CHECK(static_cast<int64_t>(victims.size()) == below && ties_seen >= take,
               "select_victims: rows and slots disagree (stamp must be -1 exactly for rows without a key)");
   if (take < static_cast<int64_t>(ties.size())) std::nth_element(ties.begin(), ties.begin() + take, ties.end());
   victims.insert(victims.end(), ties.begin(), ties.begin() + take);
@@ -382,18 +433,25 @@ constexpr int64_t kRowPrefetch = 16;  // rows fetched ahead while pooling (laten
 // either way: out = sum over the bag, in order, of psw[i] * w[rows[i]] (then * 1/len).
 template <typename scalar_t, int kD>
 void pool_bags(const scalar_t* w, int64_t D_rt, const int64_t* rows, const int64_t* off, const float* psw,
-               int64_t mode, float* out, int64_t b0, int64_t b1) {
+               int64_t mode, float* out, int64_t b0, int64_t b1, const Stamper& sp) {
   const int64_t D = kD > 0 ? kD : D_rt;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t end = off[b1];
-  for (int64_t i = off[b0]; i < std::min(end, off[b0] + kRowPrefetch); ++i) prefetch_row(w + rows[i] * D, row_bytes);
+  for (int64_t i = off[b0]; i < std::min(end, off[b0] + kRowPrefetch); ++i) {
+    prefetch_row(w + rows[i] * D, row_bytes);
+    sp.prefetch(rows[i]);
+  }
   float acc_fixed[kD > 0 ? kD : 1];
   for (int64_t b = b0; b < b1; ++b) {
     float* acc = kD > 0 ? acc_fixed : out + b * D;
     for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
     const int64_t s0 = off[b], s1 = off[b + 1];
     for (int64_t i = s0; i < s1; ++i) {
-      if (i + kRowPrefetch < end) prefetch_row(w + rows[i + kRowPrefetch] * D, row_bytes);
+      if (i + kRowPrefetch < end) {
+        prefetch_row(w + rows[i + kRowPrefetch] * D, row_bytes);
+        sp.prefetch(rows[i + kRowPrefetch]);
+      }
+      sp.apply(rows[i]);
       const scalar_t* __restrict__ src = w + rows[i] * D;
       if (psw) {
         const float a = psw[i];
@@ -468,13 +526,13 @@ void probe_pool_impl(const Slot* s, int64_t n, const int64_t* k, int64_t dflt, i
 
 template <typename scalar_t>
 void pool_impl(const scalar_t* w, int64_t D, const int64_t* rows, const int64_t* off, const float* psw,
-               int64_t mode, float* out, int64_t b0, int64_t b1) {
+               int64_t mode, float* out, int64_t b0, int64_t b1, const Stamper& sp) {
   switch (D) {
-    case 16: return pool_bags<scalar_t, 16>(w, D, rows, off, psw, mode, out, b0, b1);
-    case 32: return pool_bags<scalar_t, 32>(w, D, rows, off, psw, mode, out, b0, b1);
-    case 64: return pool_bags<scalar_t, 64>(w, D, rows, off, psw, mode, out, b0, b1);
-    case 128: return pool_bags<scalar_t, 128>(w, D, rows, off, psw, mode, out, b0, b1);
-    default: return pool_bags<scalar_t, 0>(w, D, rows, off, psw, mode, out, b0, b1);
+    case 16: return pool_bags<scalar_t, 16>(w, D, rows, off, psw, mode, out, b0, b1, sp);
+    case 32: return pool_bags<scalar_t, 32>(w, D, rows, off, psw, mode, out, b0, b1, sp);
+    case 64: return pool_bags<scalar_t, 64>(w, D, rows, off, psw, mode, out, b0, b1, sp);
+    case 128: return pool_bags<scalar_t, 128>(w, D, rows, off, psw, mode, out, b0, b1, sp);
+    default: return pool_bags<scalar_t, 0>(w, D, rows, off, psw, mode, out, b0, b1, sp);
   }
 }
 
@@ -507,9 +565,13 @@ std::tuple<at::Tensor, at::Tensor> op_lookup_pool(const at::Tensor& slots, const
   return {out, rows};
 }
 
-// Pooling of rows already resolved (training path); same arithmetic as op_lookup_pool.
+// Pooling of rows already resolved (training path); same arithmetic as op_lookup_pool. With
+// a stamp tensor, every row read is stamped as in op_stamp_rows (skip_row: the default row).
 at::Tensor op_pool_rows(const at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& offsets_in,
-                        const c10::optional<at::Tensor>& psw_in, int64_t mode) {
+                        const c10::optional<at::Tensor>& psw_in, int64_t mode, const c10::optional<at::Tensor>& stamp,
+                        int64_t stamp_val, const c10::optional<at::Tensor>& pol, int64_t pol_mode, int64_t pol_val,
+                        int64_t skip_row) {
+  const Stamper sp = make_stamper(stamp, stamp_val, pol, pol_mode, pol_val, skip_row);
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous 2-D tensor");
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor off = offsets_in.contiguous();
@@ -523,59 +585,78 @@ at::Tensor op_pool_rows(const at::Tensor& weight, const at::Tensor& rows_in, con
   float* outp = out.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "pool_rows", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) { pool_impl<scalar_t>(w, D, r, o, pw, mode, outp, b0, b1); });
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) { pool_impl<scalar_t>(w, D, r, o, pw, mode, outp, b0, b1, sp); });
   });
   return out;
 }
 
 // ------------------------------------------------------------------ gradients
-// out[u] = sum over the positions p of row u (ascending) of scale[p] * src[src_idx[p]],
-// starting from 0; kD > 0 keeps the sum in registers. Returns whether all sums are finite.
-template <int kD>
-bool sum_rows_fixed(int64_t D_rt, const float* g, const int64_t* si, const float* sc, const int32_t* start,
-                    const int32_t* order, float* out, int64_t u0, int64_t u1) {
-  const int64_t D = kD > 0 ? kD : D_rt;
-  float acc_fixed[kD > 0 ? kD : 1];
-  bool ok = true;
-  for (int64_t u = u0; u < u1; ++u) {
-    float* acc = kD > 0 ? acc_fixed : out + u * D;
-    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-    for (int32_t j = start[u]; j < start[u + 1]; ++j) {
-      const int64_t p = order[j];
-      const float* __restrict__ src_row = g + (si ? si[p] : p) * D;
-      if (sc) {
-        const float a = sc[p];
-        for (int64_t d = 0; d < D; ++d) acc[d] += a * src_row[d];
-      } else {
-        for (int64_t d = 0; d < D; ++d) acc[d] += src_row[d];
-      }
-    }
-    uint32_t bad = 0;  // inf/nan: all exponent bits set (integer ops: vectorizable)
-    for (int64_t d = 0; d < D; ++d) {
-      uint32_t bits;
-      std::memcpy(&bits, &acc[d], 4);
-      bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-    }
-    ok = ok && !bad;
-    if (kD > 0) std::memcpy(out + u * D, acc, D * sizeof(float));
+// Positions grouped by row: uniq rows ascending; the positions of uniq[u] are
+// order[start[u]:start[u+1]], ascending. A stable LSD radix sort on the row (11 bits a pass):
+// linear time, and the updates then walk the rows in address order.
+struct Groups {
+  std::vector<int64_t> uniq;
+  std::vector<int32_t> start, order;
+};
+
+Groups group_positions(const int64_t* r, int64_t N) {
+  Groups g;
+  int64_t max_row = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < (int64_t(1) << 31), "row out of range");
+    max_row = std::max(max_row, r[i]);
   }
-  return ok;
+  std::vector<int32_t> cur(N), tmp(N);
+  for (int64_t i = 0; i < N; ++i) cur[i] = static_cast<int32_t>(i);
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  for (int shift = 0; shift == 0 || (max_row >> shift) > 0; shift += kBits) {
+    int32_t count[kBuckets + 1] = {0};
+    for (int64_t i = 0; i < N; ++i) ++count[((r[cur[i]] >> shift) & (kBuckets - 1)) + 1];
+    for (int b = 0; b < kBuckets; ++b) count[b + 1] += count[b];
+    for (int64_t i = 0; i < N; ++i) tmp[count[(r[cur[i]] >> shift) & (kBuckets - 1)]++] = cur[i];
+    cur.swap(tmp);
+  }
+  g.order = std::move(cur);
+  g.uniq.reserve(N);
+  g.start.reserve(N + 1);
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t row = r[g.order[j]];
+    if (j == 0 || row != g.uniq.back()) {
+      g.uniq.push_back(row);
+      g.start.push_back(static_cast<int32_t>(j));
+    }
+  }
+  g.start.push_back(static_cast<int32_t>(N));
+  return g;
 }
 
-bool sum_rows(int64_t D, const float* g, const int64_t* si, const float* sc, const int32_t* start,
-              const int32_t* order, float* out, int64_t u0, int64_t u1) {
-  switch (D) {
-    case 16: return sum_rows_fixed<16>(D, g, si, sc, start, order, out, u0, u1);
-    case 32: return sum_rows_fixed<32>(D, g, si, sc, start, order, out, u0, u1);
-    case 64: return sum_rows_fixed<64>(D, g, si, sc, start, order, out, u0, u1);
-    case 128: return sum_rows_fixed<128>(D, g, si, sc, start, order, out, u0, u1);
-    default: return sum_rows_fixed<0>(D, g, si, sc, start, order, out, u0, u1);
+// acc = sum over the positions p of group u (ascending) of scale[p] * src[src_idx[p]],
+// starting from 0. Returns false if a sum is inf/nan.
+inline bool sum_group(float* __restrict__ acc, int64_t D, const float* g, const int64_t* si, const float* sc,
+                      const Groups& grp, int64_t u) {
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+  for (int32_t j = grp.start[u]; j < grp.start[u + 1]; ++j) {
+    const int64_t p = grp.order[j];
+    const float* __restrict__ src_row = g + (si ? si[p] : p) * D;
+    if (sc) {
+      const float a = sc[p];
+      for (int64_t d = 0; d < D; ++d) acc[d] += a * src_row[d];
+    } else {
+      for (int64_t d = 0; d < D; ++d) acc[d] += src_row[d];
+    }
   }
+  uint32_t bad = 0;  // inf/nan: all exponent bits set (integer ops: vectorizable)
+  for (int64_t d = 0; d < D; ++d) {
+    uint32_t bits;
+    std::memcpy(&bits, &acc[d], 4);
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return !bad;
 }
 
 // Sum the gradients of repeated rows. Gradient of position i is
 //   scale[i] * src[src_idx[i]]   (src_idx empty: i; scale empty: 1).
-// Returns (unique rows in order of first occurrence, summed grads float32[U, D], all_finite).
+// Returns (distinct rows ascending, summed grads float32[U, D], all_finite).
 // Each row's sum runs over its positions in ascending order, whatever the thread count.
 std::tuple<at::Tensor, at::Tensor, bool> op_accumulate_grads(const at::Tensor& rows_in, const at::Tensor& src_in,
                                                            const at::Tensor& src_idx_in, const at::Tensor& scale_in) {
@@ -584,144 +665,193 @@ std::tuple<at::Tensor, at::Tensor, bool> op_accumulate_grads(const at::Tensor& r
   const at::Tensor src_idx = src_idx_in.contiguous();
   const at::Tensor scale = scale_in.defined() && scale_in.numel() ? scale_in.contiguous().to(at::kFloat) : at::Tensor();
   const int64_t N = rows.numel(), D = src.size(1);
-  const int64_t* r = rows.data_ptr<int64_t>();
   const int64_t* si = src_idx.numel() ? src_idx.data_ptr<int64_t>() : nullptr;
   const float* sc = scale.defined() ? scale.data_ptr<float>() : nullptr;
   const float* g = src.data_ptr<float>();
-  // Group positions by row with a small open-addressing map row -> unique index.
-  int64_t cap = 16;
-  while (cap < 2 * N) cap <<= 1;
-  std::vector<int64_t> mkeys(cap, -1);
-  std::vector<int32_t> mvals(cap);
-  std::vector<int32_t> uidx(N);
-  std::vector<int64_t> uniq;
-  uniq.reserve(N);
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t row = r[i];
-    int64_t p = static_cast<int64_t>(fmix64(static_cast<uint64_t>(row)) & (cap - 1));
-    while (mkeys[p] != -1 && mkeys[p] != row) p = (p + 1) & (cap - 1);
-    if (mkeys[p] == -1) {
-      mkeys[p] = row;
-      mvals[p] = static_cast<int32_t>(uniq.size());
-      uniq.push_back(row);
-    }
-    uidx[i] = mvals[p];
-  }
-  const int64_t U = static_cast<int64_t>(uniq.size());
+  const Groups grp = group_positions(rows.data_ptr<int64_t>(), N);
+  const int64_t U = static_cast<int64_t>(grp.uniq.size());
   at::Tensor urows = at::empty({U}, at::kLong);
-  std::memcpy(urows.data_ptr<int64_t>(), uniq.data(), U * sizeof(int64_t));
-  // Counting sort of the positions by unique index (positions stay ascending within a row).
-  std::vector<int32_t> start(U + 1, 0), order(N);
-  for (int64_t i = 0; i < N; ++i) ++start[uidx[i] + 1];
-  for (int64_t u = 0; u < U; ++u) start[u + 1] += start[u];
-  {
-    std::vector<int32_t> fill(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < N; ++i) order[fill[uidx[i]]++] = static_cast<int32_t>(i);
-  }
+  std::memcpy(urows.data_ptr<int64_t>(), grp.uniq.data(), U * sizeof(int64_t));
   at::Tensor out = at::empty({U, D}, at::kFloat);
   float* op = out.data_ptr<float>();
   std::atomic<bool> all_finite{true};
   at::parallel_for(0, U, 512, [&](int64_t u0, int64_t u1) {
-    const bool ok = sum_rows(D, g, si, sc, start.data(), order.data(), op, u0, u1);
+    bool ok = true;
+    for (int64_t u = u0; u < u1; ++u) ok = sum_group(op + u * D, D, g, si, sc, grp, u) && ok;
     if (!ok) all_finite = false;
   });
   return {urows, out, all_finite.load()};
 }
 
 // ------------------------------------------------------------------ sparse optimizers
-// kind: 0 SGD, 1 Adagrad, 2 row-wise Adagrad, 3 Adam. grads float32[U, D] for rows[U].
-// state1: Adagrad sum [R, D] / row-wise sum [R] / Adam exp_avg [R, D]; state2: Adam
-// exp_avg_sq [R, D]; steps: Adam per-row step count int64[R].
-// hp = {lr, eps, beta1, beta2, weight_decay}.
+// kind: 0 SGD, 1 Adagrad, 2 row-wise Adagrad, 3 Adam. state1: Adagrad sum [R, D] /
+// row-wise sum [R] / Adam exp_avg [R, D]; state2: Adam exp_avg_sq [R, D]; steps: Adam
+// per-row step count int64[R]. hp = {lr, eps, beta1, beta2, weight_decay}.
+struct OptState {
+  int64_t kind;
+  float* s1;
+  float* s2;
+  int64_t* steps;
+  float lr, eps, wd, w1, b2, w2;
+  double lr_d, beta1, beta2;
+};
+
+OptState make_opt_state(int64_t kind, const c10::optional<at::Tensor>& state1, const c10::optional<at::Tensor>& state2,
+                        const c10::optional<at::Tensor>& steps, const std::vector<double>& hp) {
+  TORCH_CHECK(hp.size() == 5, "hp = {lr, eps, beta1, beta2, weight_decay}");
+  OptState o;
+  o.kind = kind;
+  o.s1 = state1.has_value() && state1->defined() ? state1->data_ptr<float>() : nullptr;
+  o.s2 = state2.has_value() && state2->defined() ? state2->data_ptr<float>() : nullptr;
+  o.steps = steps.has_value() && steps->defined() ? steps->data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(kind >= 0 && kind <= 3, "unknown optimizer kind");
+  TORCH_CHECK(kind == 0 || o.s1, "optimizer state missing");
+  TORCH_CHECK(kind != 3 || (o.s2 && o.steps), "Adam state missing");
+  o.lr = static_cast<float>(hp[0]);
+  o.eps = static_cast<float>(hp[1]);
+  o.wd = static_cast<float>(hp[4]);
+  o.lr_d = hp[0];
+  o.beta1 = hp[2];
+  o.beta2 = hp[3];
+  // torch.optim.Adam: exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2),
+  // with 1 - beta computed in double before rounding to float.
+  o.w1 = static_cast<float>(1.0 - hp[2]);
+  o.b2 = static_cast<float>(hp[3]);
+  o.w2 = static_cast<float>(1.0 - hp[3]);
+  return o;
+}
+
 template <typename scalar_t>
-void update_impl(int64_t kind, scalar_t* w, int64_t D, const int64_t* rows, const float* g, int64_t U,
-                 float* s1, float* s2, int64_t* steps, const std::vector<double>& hp) {
-  const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);
-  const double beta1 = hp[2], beta2 = hp[3];
-  const float wd = static_cast<float>(hp[4]);
-  at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
-    std::vector<float> buf(D);
-    const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-    for (int64_t u = u0; u < u1; ++u) {
-      if (u + 8 < u1) {  // rows are scattered: fetch the rows (and their state) a few ahead
-        const int64_t ahead = rows[u + 8];
-        prefetch_row(w + ahead * D, row_bytes);
-        if (kind == 1 || kind == 3) prefetch_row(s1 + ahead * D, D * 4);
-        if (kind == 2) __builtin_prefetch(s1 + ahead);
-        if (kind == 3) prefetch_row(s2 + ahead * D, D * 4);
+inline void prefetch_opt_row(const OptState& o, const scalar_t* w, int64_t D, int64_t row) {
+  prefetch_row(w + row * D, D * static_cast<int64_t>(sizeof(scalar_t)));
+  if (o.kind == 1 || o.kind == 3) prefetch_row(o.s1 + row * D, D * 4);
+  if (o.kind == 2) __builtin_prefetch(o.s1 + row);
+  if (o.kind == 3) prefetch_row(o.s2 + row * D, D * 4);
+}
+
+// Update one row with its summed gradient g (modified in place by weight decay).
+template <typename scalar_t>
+inline void update_row(const OptState& o, scalar_t* __restrict__ wr, int64_t row, float* __restrict__ gg, int64_t D) {
+  if (o.wd != 0.f)
+    for (int64_t d = 0; d < D; ++d) gg[d] = gg[d] + o.wd * static_cast<float>(wr[d]);
+  switch (o.kind) {
+    case 0:
+      for (int64_t d = 0; d < D; ++d) wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - o.lr * gg[d]);
+      break;
+    case 1: {
+      float* st = o.s1 + row * D;
+      for (int64_t d = 0; d < D; ++d) {
+        st[d] += gg[d] * gg[d];
+        const float den = std::sqrt(st[d]) + o.eps;
+        wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - o.lr * (gg[d] / den));
       }
-      const int64_t row = rows[u];
-      scalar_t* wr = w + row * D;
-      const float* gr = g + u * D;
-      float* gg = buf.data();
-      for (int64_t d = 0; d < D; ++d) gg[d] = wd != 0.f ? gr[d] + wd * static_cast<float>(wr[d]) : gr[d];
-      switch (kind) {
-        case 0:
-          for (int64_t d = 0; d < D; ++d) wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - lr * gg[d]);
-          break;
-        case 1: {
-          float* st = s1 + row * D;
-          for (int64_t d = 0; d < D; ++d) {
-            st[d] += gg[d] * gg[d];
-            const float den = std::sqrt(st[d]) + eps;
-            wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - lr * (gg[d] / den));
-          }
-          break;
-        }
-        case 2: {
-          // 8 partial sums combined in a fixed order: vectorizable and deterministic
-          float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-          int64_t d = 0;
-          for (; d + 8 <= D; d += 8)
-            for (int q = 0; q < 8; ++q) part[q] += gg[d + q] * gg[d + q];
-          for (; d < D; ++d) part[d % 8] += gg[d] * gg[d];
-          const float sq = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-          s1[row] += sq / static_cast<float>(D);
-          const float mult = lr / (std::sqrt(s1[row]) + eps);
-          for (int64_t d = 0; d < D; ++d) wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - mult * gg[d]);
-          break;
-        }
-        case 3: {
-          float* m = s1 + row * D;
-          float* v = s2 + row * D;
-          const int64_t t = ++steps[row];
-          const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(t));
-          const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(t));
-          const float step_size = static_cast<float>(hp[0] / bc1);
-          const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-          // torch.optim.Adam: exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2),
-          // with 1 - beta computed in double before rounding to float.
-          const float w1 = static_cast<float>(1.0 - beta1), b2 = static_cast<float>(beta2);
-          const float w2 = static_cast<float>(1.0 - beta2);
-          for (int64_t d = 0; d < D; ++d) {
-            m[d] = m[d] + w1 * (gg[d] - m[d]);
-            v[d] = v[d] * b2 + w2 * (gg[d] * gg[d]);
-            const float den = std::sqrt(v[d]) / bc2_sqrt + eps;
-            wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - step_size * (m[d] / den));
-          }
-          break;
-        }
-      }
+      break;
     }
+    case 2: {
+      // 8 partial sums combined in a fixed order: vectorizable and deterministic
+      float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8)
+        for (int q = 0; q < 8; ++q) part[q] += gg[d + q] * gg[d + q];
+      for (; d < D; ++d) part[d % 8] += gg[d] * gg[d];
+      const float sq = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      o.s1[row] += sq / static_cast<float>(D);
+      const float mult = o.lr / (std::sqrt(o.s1[row]) + o.eps);
+      for (int64_t e = 0; e < D; ++e) wr[e] = static_cast<scalar_t>(static_cast<float>(wr[e]) - mult * gg[e]);
+      break;
+    }
+    case 3: {
+      float* m = o.s1 + row * D;
+      float* v = o.s2 + row * D;
+      const int64_t t = ++o.steps[row];
+      const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(t));
+      const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(t));
+      const float step_size = static_cast<float>(o.lr_d / bc1);
+      const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+      for (int64_t d = 0; d < D; ++d) {
+        m[d] = m[d] + o.w1 * (gg[d] - m[d]);
+        v[d] = v[d] * o.b2 + o.w2 * (gg[d] * gg[d]);
+        const float den = std::sqrt(v[d]) / bc2_sqrt + o.eps;
+        wr[d] = static_cast<scalar_t>(static_cast<float>(wr[d]) - step_size * (m[d] / den));
+      }
+      break;
+    }
+  }
+}
+
+constexpr int64_t kOptPrefetch = 16;  // rows (and their state) fetched ahead of the update
+
+void op_sparse_update(int64_t kind, at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& grads_in,
+                      const c10::optional<at::Tensor>& state1, const c10::optional<at::Tensor>& state2,
+                      const c10::optional<at::Tensor>& steps, std::vector<double> hp) {
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "weight must be contiguous 2-D");
+  const OptState o = make_opt_state(kind, state1, state2, steps, hp);
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor grads = grads_in.contiguous().to(at::kFloat);
+  const int64_t U = rows.numel(), D = weight.size(1);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const float* g = grads.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_update", [&] {
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
+      std::vector<float> buf(D);
+      for (int64_t u = u0; u < u1; ++u) {
+        if (u + kOptPrefetch < u1) prefetch_opt_row(o, w, D, r[u + kOptPrefetch]);
+        std::memcpy(buf.data(), g + u * D, D * sizeof(float));
+        update_row<scalar_t>(o, w + r[u] * D, r[u], buf.data(), D);
+      }
+    });
   });
 }
 
-void op_sparse_update(int64_t kind, at::Tensor& weight, const at::Tensor& rows_in, const at::Tensor& grads_in,
-                   const c10::optional<at::Tensor>& state1, const c10::optional<at::Tensor>& state2,
-                   const c10::optional<at::Tensor>& steps, std::vector<double> hp) {
+// Fused: sum the gradients of repeated rows (as accumulate_grads) and update each row right
+// away, in one parallel pass over the distinct rows, setting stamp[row] = stamp_val; rows
+// equal to skip_row get no update.
+// Only for gradients already checked finite with no possible overflow in the sums (the
+// caller checks max|src| * max|scale| * N), so no row can see inf/nan.
+// Returns the distinct rows (ascending, skip_row included if present).
+at::Tensor op_accumulate_update(int64_t kind, at::Tensor& weight, const c10::optional<at::Tensor>& state1,
+                                const c10::optional<at::Tensor>& state2, const c10::optional<at::Tensor>& steps,
+                                std::vector<double> hp, const at::Tensor& rows_in, const at::Tensor& src_in,
+                                const at::Tensor& src_idx_in, const at::Tensor& scale_in, int64_t skip_row,
+                                at::Tensor& stamp, int64_t stamp_val) {
   TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2, "weight must be contiguous 2-D");
-  TORCH_CHECK(hp.size() == 5, "hp = {lr, eps, beta1, beta2, weight_decay}");
+  TORCH_CHECK(stamp.dtype() == at::kInt && stamp.is_contiguous() && stamp.numel() >= weight.size(0),
+              "stamp must be contiguous int32 with a slot per row");
+  int32_t* st = stamp.data_ptr<int32_t>();
+  const int32_t sv = static_cast<int32_t>(stamp_val);
+  const OptState o = make_opt_state(kind, state1, state2, steps, hp);
   const at::Tensor rows = rows_in.contiguous();
-  const at::Tensor grads = grads_in.contiguous().to(at::kFloat);
-  float* s1 = state1.has_value() && state1->defined() ? state1->data_ptr<float>() : nullptr;
-  float* s2 = state2.has_value() && state2->defined() ? state2->data_ptr<float>() : nullptr;
-  int64_t* st = steps.has_value() && steps->defined() ? steps->data_ptr<int64_t>() : nullptr;
-  TORCH_CHECK(kind == 0 || s1, "optimizer state missing");
-  TORCH_CHECK(kind != 3 || (s2 && st), "Adam state missing");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_update", [&] {
-    update_impl<scalar_t>(kind, weight.data_ptr<scalar_t>(), weight.size(1), rows.data_ptr<int64_t>(),
-                          grads.data_ptr<float>(), rows.numel(), s1, s2, st, hp);
+  const at::Tensor src = src_in.contiguous().to(at::kFloat);
+  const at::Tensor src_idx = src_idx_in.contiguous();
+  const at::Tensor scale = scale_in.defined() && scale_in.numel() ? scale_in.contiguous().to(at::kFloat) : at::Tensor();
+  const int64_t N = rows.numel(), D = weight.size(1);
+  TORCH_CHECK(src.size(1) == D, "gradient width differs from the table's");
+  const int64_t* si = src_idx.numel() ? src_idx.data_ptr<int64_t>() : nullptr;
+  const float* sc = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  const float* g = src.data_ptr<float>();
+  const Groups grp = group_positions(rows.data_ptr<int64_t>(), N);
+  const int64_t U = static_cast<int64_t>(grp.uniq.size());
+  at::Tensor urows = at::empty({U}, at::kLong);
+  std::memcpy(urows.data_ptr<int64_t>(), grp.uniq.data(), U * sizeof(int64_t));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "accumulate_update", [&] {
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
+      std::vector<float> buf(D);
+      for (int64_t u = u0; u < u1; ++u) {
+        if (u + kOptPrefetch < u1) {
+          prefetch_opt_row(o, w, D, grp.uniq[u + kOptPrefetch]);
+          __builtin_prefetch(&st[grp.uniq[u + kOptPrefetch]], 1);
+        }
+        const int64_t row = grp.uniq[u];
+        if (row == skip_row) continue;
+        sum_group(buf.data(), D, g, si, sc, grp, u);
+        update_row<scalar_t>(o, w + row * D, row, buf.data(), D);
+        st[row] = sv;
+      }
+    });
   });
+  return urows;
 }
 
 // ------------------------------------------------------------------ initialisation
@@ -759,15 +889,16 @@ void op_init_uniform(at::Tensor& weight, const at::Tensor& rows_in, const at::Te
 
 TORCH_LIBRARY(gauss_hash, m) {
   m.def("find(Tensor slots, Tensor keys, int dflt) -> Tensor", &op_find);
-  m.def("find_stamp(Tensor slots, Tensor keys, Tensor(a!) stamp, int stamp_val, Tensor(b!)? pol, int pol_mode, int pol_val) -> (Tensor, int)", &op_find_stamp);
+  m.def("stamp_rows(Tensor rows, Tensor(a!) stamp, int stamp_val, Tensor(b!)? pol, int pol_mode, int pol_val, int skip_row) -> ()", &op_stamp_rows);
   m.def("insert(Tensor(a!) slots, Tensor keys, Tensor(b!) meta, Tensor(c!) free_buf) -> (Tensor, Tensor, bool)", &op_insert);
   m.def("remove(Tensor(a!) slots, Tensor keys, Tensor(b!) meta, Tensor(c!) free_buf) -> Tensor", &op_remove);
   m.def("keys_and_rows(Tensor slots, int size) -> (Tensor, Tensor)", &op_keys_and_rows);
   m.def("place(Tensor(a!) slots, Tensor keys, Tensor rows) -> ()", &op_place);
   m.def("select_victims(Tensor slots, Tensor stamp, Tensor scores, Tensor protect, int limit, int k) -> (Tensor, Tensor)", &op_select_victims);
   m.def("lookup_pool(Tensor slots, Tensor ids, Tensor offsets, Tensor weight, Tensor? psw, int mode, int dflt) -> (Tensor, Tensor)", &op_lookup_pool);
-  m.def("pool_rows(Tensor weight, Tensor rows, Tensor offsets, Tensor? psw, int mode) -> Tensor", &op_pool_rows);
+  m.def("pool_rows(Tensor weight, Tensor rows, Tensor offsets, Tensor? psw, int mode, Tensor(a!)? stamp, int stamp_val, Tensor(b!)? pol, int pol_mode, int pol_val, int skip_row) -> Tensor", &op_pool_rows);
   m.def("accumulate_grads(Tensor rows, Tensor src, Tensor src_idx, Tensor scale) -> (Tensor, Tensor, bool)", &op_accumulate_grads);
+  m.def("accumulate_update(int kind, Tensor(a!) weight, Tensor(b!)? state1, Tensor(c!)? state2, Tensor(d!)? steps, float[] hp, Tensor rows, Tensor src, Tensor src_idx, Tensor scale, int skip_row, Tensor(e!) stamp, int stamp_val) -> Tensor", &op_accumulate_update);
   m.def("sparse_update(int kind, Tensor(a!) weight, Tensor rows, Tensor grads, Tensor(b!)? state1, Tensor(c!)? state2, Tensor(d!)? steps, float[] hp) -> ()", &op_sparse_update);
   m.def("init_uniform(Tensor(a!) weight, Tensor rows, Tensor ids, int seed, float low, float high) -> ()", &op_init_uniform);
 }

@@ -217,3 +217,35 @@ def test_sparse_optimizer_finds_tables_in_a_module_and_sets_lr(backend):
     dense.step(); opt.step()
     with pytest.raises(TypeError, match="DynamicEmbeddingTable"):
         SparseOptimizer([nn.Linear(1, 1)])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_fused_and_two_phase_updates_are_bit_identical(monkeypatch, name):
+    """The one-pass sum+update and the sum-then-update path (used when a sum could
+    overflow) compute the very same bits, with repeated ids and two lookups per step."""
+    from gauss_kernels.hash_table import cpu_ext
+    from gauss_plugins.embedding import table as table_mod
+
+    if not cpu_ext.available():
+        pytest.skip(cpu_ext.unavailable_reason())
+
+    def run():
+        g = torch.Generator().manual_seed(4)
+        t = DynamicEmbeddingTable(DynamicTableConfig(name="t", dim=DIM, backend="cpu_ext",
+                                                     optimizer=OptimizerConfig(name, lr=0.05, weight_decay=0.01)))
+        opt = SparseOptimizer(t)
+        for _ in range(4):
+            ids = torch.randint(0, 20, (40,), generator=g)
+            offsets = torch.tensor([0, 10, 25, 40])
+            loss = (t.lookup_pooled(ids, offsets, mode="mean") * torch.randn(3, DIM, generator=g)).sum()
+            loss = loss + (t(ids[:7]) ** 2).sum()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return t.export_state()[0]
+
+    fused = run()
+    monkeypatch.setattr(table_mod, "_SAFE_SUM", 0.0)
+    two_phase = run()
+    for k in fused:
+        assert torch.equal(fused[k], two_phase[k]), k

@@ -58,10 +58,8 @@ class DictModel:
     def train_lookup(self, ids):
         self.step += 1
         present = {i for i in ids if i in self.values}
-        for i in present:  # read even if the batch then fails for lack of room
-            self.last[i] = self.step
         new = sorted(set(ids) - present)
-        self._room(len(new), present)
+        self._room(len(new), present)  # on TableFullError nothing is stamped
         if new:
             init = deterministic_uniform(torch.tensor(new), DIM, SEED, -0.1, 0.1)
             for i, v in zip(new, init):

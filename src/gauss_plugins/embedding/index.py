@@ -131,13 +131,11 @@ class FusedKernels(Protocol):
         int64[B+1]; mode 0 sum, 1 mean; absent ids read ``default_row``). Returns
         (float32[B, D], rows int64[N]). Same arithmetic as :meth:`pool_rows`."""
 
-    def find_stamp(self, index: "HashIndex", keys: torch.Tensor, stamp: torch.Tensor, stamp_value: int,
-                   policy_array: Optional[torch.Tensor], policy_mode: int, policy_value: int
-                   ) -> Tuple[torch.Tensor, int]:
-        """``index.find(keys)`` (-1 absent) that also stamps each found row:
+    def stamp_rows(self, rows: torch.Tensor, stamp: torch.Tensor, stamp_value: int,
+                   policy_array: Optional[torch.Tensor], policy_mode: int, policy_value: int, skip_row: int) -> None:
+        """Stamp the rows a training lookup read (rows < 0 and ``skip_row`` excepted):
         ``stamp[row] = stamp_value``; ``policy_array[row] = policy_value`` (mode 1) or
-        ``+= 1`` per occurrence, saturating at 2**31 - 1 (mode 2); mode 0 no policy.
-        Returns (rows, number of absent positions)."""
+        ``+= 1`` per occurrence, saturating at 2**31 - 1 (mode 2); mode 0 no policy."""
 
     def select_victims(self, index: "HashIndex", stamp: torch.Tensor, scores: torch.Tensor, protect: torch.Tensor,
                        limit: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -146,19 +144,31 @@ class FusedKernels(Protocol):
         are not in ``protect``."""
 
     def pool_rows(self, weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
-                  per_sample_weights: Optional[torch.Tensor], mode: int) -> torch.Tensor:
+                  per_sample_weights: Optional[torch.Tensor], mode: int, stamp: Optional[torch.Tensor] = None,
+                  stamp_value: int = 0, policy_array: Optional[torch.Tensor] = None, policy_mode: int = 0,
+                  policy_value: int = 0, skip_row: int = -1) -> torch.Tensor:
         """float32[B, D]: per bag, ``sum_i psw[i] * weight[rows[i]]`` in position order (mean:
-        times ``1 / len`` as float32)."""
+        times ``1 / len`` as float32); with ``stamp``, also :meth:`stamp_rows` on the rows read."""
 
     def accumulate_grads(self, rows: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor,
                          scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """Sum ``scale[i] * src[src_idx[i]]`` (empty src_idx: ``i``; empty scale: 1) per
-        distinct row, in position order. Returns (distinct rows, float32[U, D], all finite)."""
+        distinct row, in position order. Returns (distinct rows ascending, float32[U, D],
+        all finite)."""
 
     def sparse_update(self, kind: int, weight: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
                       state1: Optional[torch.Tensor], state2: Optional[torch.Tensor],
                       steps: Optional[torch.Tensor], hyperparams: List[float]) -> None:
         """In-place update of distinct ``rows`` (see :mod:`gauss_plugins.embedding.optim`)."""
+
+    def accumulate_update(self, kind: int, weight: torch.Tensor, state1: Optional[torch.Tensor],
+                          state2: Optional[torch.Tensor], steps: Optional[torch.Tensor], hyperparams: List[float],
+                          rows: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor, scale: torch.Tensor,
+                          skip_row: int, stamp: torch.Tensor, stamp_value: int) -> torch.Tensor:
+        """:meth:`accumulate_grads` then :meth:`sparse_update` in one pass over the distinct
+        rows, also setting ``stamp[row] = stamp_value`` (rows equal to ``skip_row`` are left
+        alone), for gradients known to be finite with sums that cannot overflow. Returns the
+        distinct rows."""
 
     def init_uniform(self, weight: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, seed: int,
                      low: float, high: float) -> None:

@@ -180,9 +180,13 @@ class _GradRecord:
 
 @dataclass
 class _Prepared:
-    rows: torch.Tensor
-    grads: torch.Tensor
     finite: bool
+    rows: Optional[torch.Tensor] = None    # two-phase: distinct rows and their summed grads
+    grads: Optional[torch.Tensor] = None
+    fused: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None  # rows, src, idx, scale
+
+# Fused sum + update only when no sum can overflow: max|src| * max|scale| * positions below this.
+_SAFE_SUM = 1e37
 
 
 class _LookupFunction(torch.autograd.Function):
@@ -474,34 +478,19 @@ class DynamicEmbeddingTable(nn.Module):
             self.eviction.on_insert(rows, self._clock())
         self._stamp(rows, version)
 
-    def _rows_for_training(self, ids: torch.Tensor) -> torch.Tensor:
+    def _rows_for_training(self, ids: torch.Tensor, stamp: bool = True) -> torch.Tensor:
         """Rows of ``ids`` (flat), inserting admitted new ids; absent ones -> default row.
 
-        If room cannot be made (:class:`TableFullError`) no row, value or optimizer state
-        changes, but the lookup still counts: the step and version advance, admission saw
-        the ids, and the rows that were found are stamped as read."""
+        The rows read are stamped (version and eviction policy) unless ``stamp`` is False:
+        then the caller must pass :meth:`_read_stamp` to the kernel that reads them. If room
+        cannot be made (:class:`TableFullError`) nothing changes but the step and version
+        counters and the admission policy's sightings."""
         self._step += 1
         version = self._bump()
-        clock = self._clock()
-        # Fast path: one kernel finds the rows and stamps them (version, eviction policy).
-        fused = self.index.fused
-        spec = (0, None, 0) if self.eviction is None else self.eviction.access_stamp(clock)
-        stamped = fused is not None and spec is not None
-        if stamped:
-            mode, array, value = spec
-            rows, n_missing = fused.find_stamp(self.index, ids, self._row_stamp, version - self._stamp_base,
-                                               array, mode, value)
-        else:
-            rows = self.index.find(ids)
-            missing = rows < 0
-            n_missing = int(missing.sum())
-            found = rows[~missing] if n_missing else rows
-            if self.eviction is not None:
-                self.eviction.on_access(found, clock)
-            self._stamp(found, version)
-        if n_missing:
+        rows = self.index.find(ids)
+        miss_pos = torch.nonzero(rows < 0).squeeze(1)
+        if miss_pos.numel():
             # Only the (few) positions of absent ids are touched from here on.
-            miss_pos = torch.nonzero(rows < 0).squeeze(1)
             cand, inverse, counts = torch.unique(ids[miss_pos], return_inverse=True, return_counts=True)
             admit = self.admission.admit(cand, counts)
             admitted = cand[admit]
@@ -516,15 +505,34 @@ class DynamicEmbeddingTable(nn.Module):
                 cand_rows = torch.full_like(cand, -1)
                 cand_rows[admit] = new_rows
                 got = cand_rows[inverse]
-                touched = got[got >= 0]  # rows found at first were stamped already
-                if self.eviction is not None:
-                    self.eviction.on_access(touched, clock)
-                self._stamp(touched, version)
             default = self.default_row  # after any growth
             rows[miss_pos] = default if got is None else torch.where(got >= 0, got, torch.full_like(got, default))
+        if stamp:
+            self._apply_read_stamp(rows, self._read_stamp(version))
         if self.config.auto_evict_every and self._step % self.config.auto_evict_every == 0:
             self._expire(protect=rows[rows != self.default_row])
         return rows
+
+    def _read_stamp(self, version: int) -> Optional[Dict[str, Any]]:
+        """Keyword arguments of a fused kernel's read stamp (None: stamp with torch code)."""
+        if self.index.fused is None:
+            return None
+        spec = (0, None, 0) if self.eviction is None else self.eviction.access_stamp(self._clock())
+        if spec is None:
+            return None
+        mode, array, value = spec
+        return dict(stamp=self._row_stamp, stamp_value=version - self._stamp_base, policy_array=array,
+                    policy_mode=mode, policy_value=value, skip_row=self.default_row)
+
+    def _apply_read_stamp(self, rows: torch.Tensor, spec: Optional[Dict[str, Any]]) -> None:
+        """Stamp ``rows`` as read (the default row excepted)."""
+        if spec is not None:
+            self.index.fused.stamp_rows(rows, **spec)
+            return
+        read = rows[rows != self.default_row]
+        if self.eviction is not None:
+            self.eviction.on_access(read, self._clock())
+        self._stamp(read, self._version)
 
     def _resolve(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -534,10 +542,11 @@ class DynamicEmbeddingTable(nn.Module):
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         return self.weight.index_select(0, rows).to(torch.float32)
 
-    def _pool(self, rows: torch.Tensor, offsets: torch.Tensor, mode: int, psw: Optional[torch.Tensor]) -> torch.Tensor:
+    def _pool(self, rows: torch.Tensor, offsets: torch.Tensor, mode: int, psw: Optional[torch.Tensor],
+              stamp: Optional[Dict[str, Any]] = None) -> torch.Tensor:
         fused = self.index.fused
         if fused is not None:
-            return fused.pool_rows(self.weight, rows, offsets, psw, mode)
+            return fused.pool_rows(self.weight, rows, offsets, psw, mode, **(stamp or {}))
         B = offsets.numel() - 1
         lengths = offsets[1:] - offsets[:-1]
         bag = torch.repeat_interleave(torch.arange(B, device=self.device), lengths)
@@ -595,9 +604,12 @@ class DynamicEmbeddingTable(nn.Module):
             if fused is not None:
                 return fused.lookup_pool(self.index, ids, offsets, self.weight, psw, imode, self.default_row)[0]
             return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
-        rows = self._rows_for_training(ids)
+        rows = self._rows_for_training(ids, stamp=False)
+        spec = self._read_stamp(self._version)
+        if spec is None:
+            self._apply_read_stamp(rows, None)
         if not torch.is_grad_enabled():
-            return self._pool(rows, offsets, imode, psw)
+            return self._pool(rows, offsets, imode, psw, spec)
         lengths = offsets[1:] - offsets[:-1]
         src_idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
         if imode == 1:
@@ -605,7 +617,7 @@ class DynamicEmbeddingTable(nn.Module):
         else:
             scale = psw.detach().to(torch.float32) if psw is not None else _EMPTY_FLOAT
         record = _GradRecord(ids, rows, None, src_idx, scale, self._epoch)
-        return _LookupFunction.apply(self._anchor, lambda: self._pool(rows, offsets, imode, psw), self, record)
+        return _LookupFunction.apply(self._anchor, lambda: self._pool(rows, offsets, imode, psw, spec), self, record)
 
     # ------------------------------------------------------------------ gradients
     def _record_grad(self, record: _GradRecord, grad_out: torch.Tensor) -> None:
@@ -632,38 +644,51 @@ class DynamicEmbeddingTable(nn.Module):
         return uniq, out, bool(torch.isfinite(out).all())
 
     def _prepare_gradients(self) -> Optional[_Prepared]:
+        """Check (and, on the two-phase path, sum) the recorded gradients without changing
+        the table; :meth:`_apply_gradients` then updates it."""
         if not self._pending:
             return None
         if self.rule is None:
             raise RuntimeError(f"table {self.name!r} has gradients but no optimizer; set DynamicTableConfig.optimizer")
-        parts = []
+        records = []
         for rec in self._pending:
             rows = rec.rows
             if rec.epoch != self._epoch:  # rows were freed or moved since the lookup
                 rows = self.index.find(rec.ids, default=self.default_row)
-            parts.append(self._accumulate(rows, rec.src, rec.src_idx, rec.scale))
-        if len(parts) == 1:
-            rows, grads, finite = parts[0]
-        else:
-            rows, grads, finite = self._accumulate(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                                                   _EMPTY_LONG, _EMPTY_FLOAT)
-            finite = finite and all(p[2] for p in parts)
+            records.append((rows, rec.src, rec.src_idx, rec.scale))
+        rows, src, src_idx, scale = records[0] if len(records) == 1 else _concat_records(records)
+        fused = self.index.fused
+        if fused is not None and self.rule.kind >= 0 and hasattr(fused, "accumulate_update"):
+            amax = float(src.abs().max()) if src.numel() else 0.0
+            smax = float(scale.abs().max()) if scale.numel() else 1.0
+            if not (math.isfinite(amax) and math.isfinite(smax)):
+                return _Prepared(finite=False)
+            if amax * smax * max(rows.numel(), 1) < _SAFE_SUM:
+                return _Prepared(finite=True, fused=(rows, src, src_idx, scale))
+        rows, grads, finite = self._accumulate(rows, src, src_idx, scale)
         if self.config.default == "zeros":
             keep = rows != self.default_row
             if not bool(keep.all()):
                 rows, grads = rows[keep], grads[keep]
-        return _Prepared(rows, grads, bool(finite))
+        return _Prepared(finite=bool(finite), rows=rows, grads=grads)
 
     def _apply_gradients(self, prep: _Prepared) -> None:
         self._pending = []
+        rule = self.rule
+        fused = self.index.fused
+        names = {0: (), 1: ("sum",), 2: ("sum",), 3: ("exp_avg", "exp_avg_sq", "step")}.get(rule.kind, ())
+        state = [self.opt_state[n] for n in names] + [None] * (3 - len(names))
+        if prep.fused is not None:
+            rows, src, src_idx, scale = prep.fused
+            skip = self.default_row if self.config.default == "zeros" else -1
+            version = self._bump()
+            fused.accumulate_update(rule.kind, self.weight, *state, rule.hyperparams(), rows, src, src_idx, scale,
+                                    skip, self._row_stamp, version - self._stamp_base)
+            return
         if prep.rows.numel() == 0:
             return
         version = self._bump()
-        rule = self.rule
-        fused = self.index.fused
         if fused is not None and rule.kind >= 0:
-            names = {0: (), 1: ("sum",), 2: ("sum",), 3: ("exp_avg", "exp_avg_sq", "step")}[rule.kind]
-            state = [self.opt_state[n] for n in names] + [None] * (3 - len(names))
             fused.sparse_update(rule.kind, self.weight, prep.rows, prep.grads, *state, rule.hyperparams())
         else:
             rule.update(self.weight, self.opt_state, prep.rows, prep.grads)
@@ -947,6 +972,24 @@ class DynamicEmbeddingTable(nn.Module):
             self.import_state(tensors, meta)
         except Exception as exc:
             error_msgs.append(f"{prefix or 'table'}: {exc}")
+
+
+def _concat_records(records):
+    """One (rows, src, src_idx, scale) for several lookups' gradients: sources stacked,
+    indices shifted, missing indices and scales made explicit."""
+    rows, srcs, idxs, scales = [], [], [], []
+    offset = 0
+    any_scale = any(r[3].numel() for r in records)
+    for r, src, idx, scale in records:
+        n = r.numel()
+        rows.append(r)
+        srcs.append(src)
+        idxs.append((idx if idx.numel() else torch.arange(n, device=src.device)) + offset)
+        if any_scale:
+            scales.append(scale.to(src.device) if scale.numel() else torch.ones(n, device=src.device))
+        offset += src.shape[0]
+    scale = torch.cat(scales) if any_scale else _EMPTY_FLOAT
+    return torch.cat(rows), torch.cat(srcs), torch.cat(idxs), scale
 
 
 _EMPTY_LONG = torch.empty(0, dtype=torch.int64)

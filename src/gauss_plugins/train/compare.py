@@ -76,7 +76,7 @@ def run_comparison(configs: Mapping[str, ExperimentConfig], seeds: Sequence[int]
             "runs": runs,
             "summary": summary,
             "configs": {label: config_to_dict(c) for label, c in configs.items()},
-            "wall_time_s": round(time.time() - started, 1),
+            "this_invocation_wall_s": round(time.time() - started, 1),  # runs reused by resume took their own fit_s
             **(extra or {}),
         }
 
