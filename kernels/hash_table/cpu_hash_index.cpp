@@ -606,21 +606,41 @@ Groups group_positions(const int64_t* r, int64_t N) {
     TORCH_CHECK(r[i] >= 0 && r[i] < (int64_t(1) << 31), "row out of range");
     max_row = std::max(max_row, r[i]);
   }
-  std::vector<int32_t> cur(N), tmp(N);
-  for (int64_t i = 0; i < N; ++i) cur[i] = static_cast<int32_t>(i);
+  // (row, position) pairs sorted by row; each pass splits the input into one chunk per
+  // thread: counts per chunk, then every chunk scatters to its own offsets (stable).
+  std::vector<int64_t> cur(N), tmp(N);
+  for (int64_t i = 0; i < N; ++i) cur[i] = (r[i] << 32) | i;  // row < 2**31, position < 2**31
   constexpr int kBits = 11, kBuckets = 1 << kBits;
-  for (int shift = 0; shift == 0 || (max_row >> shift) > 0; shift += kBits) {
-    int32_t count[kBuckets + 1] = {0};
-    for (int64_t i = 0; i < N; ++i) ++count[((r[cur[i]] >> shift) & (kBuckets - 1)) + 1];
-    for (int b = 0; b < kBuckets; ++b) count[b + 1] += count[b];
-    for (int64_t i = 0; i < N; ++i) tmp[count[(r[cur[i]] >> shift) & (kBuckets - 1)]++] = cur[i];
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16384));
+  const int64_t per = (N + chunks - 1) / chunks;
+  std::vector<int32_t> count(chunks * kBuckets);
+  for (int shift = 32; shift == 32 || (max_row >> (shift - 32)) > 0; shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t i = c * per; i < std::min(N, (c + 1) * per); ++i)
+          ++count[c * kBuckets + ((cur[i] >> shift) & (kBuckets - 1))];
+    });
+    int32_t total = 0;  // exclusive prefix over (bucket, chunk): chunk order keeps the sort stable
+    for (int b = 0; b < kBuckets; ++b)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int32_t v = count[c * kBuckets + b];
+        count[c * kBuckets + b] = total;
+        total += v;
+      }
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t i = c * per; i < std::min(N, (c + 1) * per); ++i)
+          tmp[count[c * kBuckets + ((cur[i] >> shift) & (kBuckets - 1))]++] = cur[i];
+    });
     cur.swap(tmp);
   }
-  g.order = std::move(cur);
+  g.order.resize(N);
+  for (int64_t j = 0; j < N; ++j) g.order[j] = static_cast<int32_t>(cur[j] & 0xFFFFFFFF);
   g.uniq.reserve(N);
   g.start.reserve(N + 1);
   for (int64_t j = 0; j < N; ++j) {
-    const int64_t row = r[g.order[j]];
+    const int64_t row = cur[j] >> 32;
     if (j == 0 || row != g.uniq.back()) {
       g.uniq.push_back(row);
       g.start.push_back(static_cast<int32_t>(j));
