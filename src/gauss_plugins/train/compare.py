@@ -53,7 +53,7 @@ def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], spl
 def run_comparison(configs: Mapping[str, ExperimentConfig], seeds: Sequence[int], workdir: str,
                    result_path: Optional[str] = None, resume: bool = False, progress: bool = False,
                    log: Callable[[str], None] = print, sequences=None,
-                   extra: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+                   extra: Optional[Dict[str, object]] = None, summary_table: bool = True) -> Dict[str, object]:
     """Run every config of ``configs`` (label -> config) with every seed; aggregate.
 
     Returns (and writes to ``result_path`` when given) ``{"runs": [...], "summary": {label:
@@ -109,10 +109,11 @@ def run_comparison(configs: Mapping[str, ExperimentConfig], seeds: Sequence[int]
     result = payload()
     if result_path:
         write_json(result_path, result)
-    rows = []
-    for label, stats in result["summary"].items():
-        rows.append({"model": label, **{k: _pm(stats[f"test/{k}"]) for k in METRIC_KEYS if f"test/{k}" in stats}})
-    log(format_table(rows, ["model", *METRIC_KEYS]))
+    if summary_table:
+        rows = []
+        for label, stats in result["summary"].items():
+            rows.append({"model": label, **{k: _pm(stats[f"test/{k}"]) for k in METRIC_KEYS if f"test/{k}" in stats}})
+        log(format_table(rows, ["model", *METRIC_KEYS]))
     return result
 
 
