@@ -13,7 +13,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constra
 QUIET  := sed -u '/is ignored: it is neither a file nor a directory/d'
 
 .PHONY: demo test test-fast bench bench-ml100k paper-ml1m venv plugins clean
-ML1M ?= data/ml-1m
+
 
 venv: $(STAMP)
 
@@ -44,7 +44,7 @@ bench-ml100k: $(STAMP)
 
 # The paper's ML-1M table (Table 4) in one command, for anyone holding ML-1M (a GPU run).
 paper-ml1m: $(STAMP)
-	$(BIN)/python benchmarks/ml1m_paper_table.py --data-path $(ML1M) --accelerator gpu
+	$(BIN)/python benchmarks/ml1m_paper_table.py $(if $(ML1M),--data-path $(ML1M)) --accelerator gpu
 
 plugins: $(STAMP)
 	$(BIN)/gauss plugins
