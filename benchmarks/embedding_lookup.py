@@ -83,7 +83,7 @@ def main() -> None:
     space, rows_n = (1_000_000, 200_000) if args.quick else (10_000_000, 2_000_000)
     n_ids = 65_536
     n_batches = 8 if args.quick else 16
-    repeats = args.repeats or (5 if args.quick else 12)
+    repeats = args.repeats or (5 if args.quick else 25)
     load_before = os.getloadavg()
     t_start = time.time()
 
@@ -158,7 +158,7 @@ def main() -> None:
     # ------------------------------------------------------------------ 2. remap
     # Training paths change state, so they are timed over a stream of `n_calls` batches
     # (total time), which includes the periodic eviction work of both systems.
-    n_calls = 16 if args.quick else 40
+    n_calls = 16 if args.quick else 64
 
     def stream_rate(fn) -> float:
         for i in range(2):

@@ -856,18 +856,24 @@ at::Tensor op_accumulate_update(int64_t kind, at::Tensor& weight, const c10::opt
   std::memcpy(urows.data_ptr<int64_t>(), grp.uniq.data(), U * sizeof(int64_t));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "accumulate_update", [&] {
     scalar_t* w = weight.data_ptr<scalar_t>();
-    at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
+    // Threads take the rows round-robin (u = t, t + T, ...): the hot rows, whose sums are
+    // long, have the lowest numbers and would otherwise all land on the first thread.
+    const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), U / 256));
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> buf(D);
-      for (int64_t u = u0; u < u1; ++u) {
-        if (u + kOptPrefetch < u1) {
-          prefetch_opt_row(o, w, D, grp.uniq[u + kOptPrefetch]);
-          __builtin_prefetch(&st[grp.uniq[u + kOptPrefetch]], 1);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t u = t; u < U; u += T) {
+          const int64_t ahead = u + kOptPrefetch * T;
+          if (ahead < U) {
+            prefetch_opt_row(o, w, D, grp.uniq[ahead]);
+            __builtin_prefetch(&st[grp.uniq[ahead]], 1);
+          }
+          const int64_t row = grp.uniq[u];
+          if (row == skip_row) continue;
+          sum_group(buf.data(), D, g, si, sc, grp, u);
+          update_row<scalar_t>(o, w + row * D, row, buf.data(), D);
+          st[row] = sv;
         }
-        const int64_t row = grp.uniq[u];
-        if (row == skip_row) continue;
-        sum_group(buf.data(), D, g, si, sc, grp, u);
-        update_row<scalar_t>(o, w + row * D, row, buf.data(), D);
-        st[row] = sv;
       }
     });
   });

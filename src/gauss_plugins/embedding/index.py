@@ -35,7 +35,7 @@ Contract (what every backend must do)
 
 Optional fused kernels
 ----------------------
-A backend may set ``fused`` to an object with the methods of :class:`FusedKernels`; the
+A backend may set ``fused`` to an object with all the methods of :class:`FusedKernels`; the
 table then uses them instead of its torch code for pooling, gradient accumulation, the
 sparse optimizer update and row initialisation (``None``: torch code). Each must compute
 what the documented torch reference computes, with per-row sums in batch-position order.

@@ -213,7 +213,7 @@ class EvictionPolicy:
 
     def access_stamp(self, clock: Clock) -> Optional[Tuple[int, torch.Tensor, int]]:
         """What :meth:`on_access` does, if it is a plain stamp a fused kernel can apply while
-        finding rows: ``(1, array, value)`` sets ``array[row] = value``, ``(2, array, 0)``
+        reading rows: ``(1, array, value)`` sets ``array[row] = value``, ``(2, array, 0)``
         adds 1 per occurrence (saturating). None: call :meth:`on_access` instead."""
         return None
 
