@@ -36,11 +36,9 @@ End to end, on CPU, in well under a minute:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -55,6 +53,7 @@ from gauss_plugins.models.item_embeddings import ItemEmbeddings
 from gauss_plugins.models.retrieval import l2_normalize
 from gauss_plugins.stores import WePS, load_dense, read_manifest
 from gauss_plugins.stores.syncer import Syncer, TableSource
+from gauss_plugins.train.report import write_json
 
 ML100K_DIR = "/work/shared/data/ml-100k"
 REPORT_KEYS = ("dataset", "steps", "events_trained", "train_seconds", "events_per_s", "final_loss", "syncer",
@@ -205,22 +204,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json.tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=float)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _finite(x: Any) -> Optional[float]:
@@ -389,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     "popularity_hr@10": mp["hr@10"], "method": "full corpus, serving query x WePS rows"},
         "top10": top,
     }
-    write_json_atomic(os.path.join(args.out, "report.json"), report)
+    write_json(os.path.join(args.out, "report.json"), report)
 
     # ------------------------------------------------------------------ summary
     for t in top:

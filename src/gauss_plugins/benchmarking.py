@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -106,12 +105,8 @@ def write_report(name: str, results: List[Dict[str, Any]], summary: Dict[str, An
     """Write the JSON record (atomically) when asked, and print the one-line summary last."""
     report = {"benchmark": name, "machine": machine_info(), "results": results, "summary": summary}
     if json_path:
-        directory = os.path.dirname(os.path.abspath(json_path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{json_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, json_path)
+        from gauss_plugins.train.report import write_json
+
+        write_json(json_path, report)
     print(f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
     return report
