@@ -12,31 +12,14 @@ pytest.importorskip("pytorch_lightning", reason="the lightning extra is not inst
 from gauss_plugins.cli import main  # noqa: E402
 from gauss_plugins.serialization import load_tensors  # noqa: E402
 
-TINY = """
-name: tiny
-data:
-  dataset: synthetic
-  max_len: 20
-  options: {{num_users: 60, num_items: 80, mean_length: 15, num_topics: 4, seed: 1}}
-model: {{arch: {arch}, dim: 16, num_blocks: 1, num_heads: 1, attention_dim: 8, linear_dim: 8, dropout: 0.1}}
-loss: {{num_negatives: 16}}
-train: {{max_epochs: {epochs}, batch_size: 16, eval_every: 1}}
-streaming: {{num_windows: 4}}
-"""
 
 KEYS = [f"{s}/{m}@{k}" for s in ("val", "test") for m in ("hr", "ndcg") for k in (10, 50, 200)]
 
 
-def _config(tmp_path, arch="hstu", epochs=2):
-    path = tmp_path / f"{arch}.yaml"
-    path.write_text(TINY.format(arch=arch, epochs=epochs))
-    return str(path)
-
-
 @pytest.mark.parametrize("arch", ["hstu", "sasrec"])
-def test_cli_train_writes_metrics_checkpoint_and_plot(tmp_path, arch):
+def test_cli_train_writes_metrics_checkpoint_and_plot(tmp_path, arch, tiny_config):
     out = tmp_path / "run"
-    rc = main(["train", "--config", _config(tmp_path, arch), "--dataset", "synthetic", "--output-dir", str(out),
+    rc = main(["train", "--config", tiny_config(arch), "--dataset", "synthetic", "--output-dir", str(out),
                "--max-epochs", "2", "--accelerator", "cpu", "--seed", "3", "--no-progress"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -71,12 +54,12 @@ def test_bad_config_fails_cleanly_without_output(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_seqfile_training(tmp_path):
+def test_seqfile_training(tmp_path, tiny_config):
     lines = [f"{u} " + " ".join(str((u * 7 + k) % 50 + 1) for k in range(12)) for u in range(1, 31)]
     seqfile = tmp_path / "seqs.txt"
     seqfile.write_text("\n".join(lines) + "\n")
     out = tmp_path / "seq"
-    rc = main(["train", "--config", _config(tmp_path, "sasrec"), "--dataset", "seqfile", "--data-path", str(seqfile),
+    rc = main(["train", "--config", tiny_config("sasrec"), "--dataset", "seqfile", "--data-path", str(seqfile),
                "--output-dir", str(out), "--max-epochs", "1", "--no-progress"])
     assert rc == 0
     assert set(KEYS) <= set(json.loads((out / "metrics.json").read_text()))
