@@ -280,6 +280,9 @@ class CpuFusedKernels:
         return self._ops.pool_rows(weight, rows, offsets, per_sample_weights, int(mode), stamp, int(stamp_value),
                                    policy_array, int(policy_mode), int(policy_value), int(skip_row))
 
+    def bag_index(self, offsets):
+        return self._ops.bag_index(offsets)
+
     def accumulate_grads(self, rows, src, src_idx, scale):
         return self._ops.accumulate_grads(rows, src, src_idx, scale)
 

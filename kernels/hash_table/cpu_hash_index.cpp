@@ -7,10 +7,11 @@
 // Scalar state lives in `meta` = int64[4] {size, next_row, free_count, capacity} so the
 // whole index is plain tensors, owned by the Python class CpuHashIndex.
 //
-// Beside the index: fused lookup + pooling, gradient accumulation of repeated rows, the
-// fused sparse optimizer updates, and deterministic row initialisation. Everything that
-// sums floats does so in a fixed order (by position in the batch), so results do not
-// depend on the thread count or on which row a key occupies.
+// Beside the index: probe + pooling in one pass, the stamps of rows read in training,
+// eviction victim selection, gradient accumulation of repeated rows (alone or fused with
+// the sparse optimizer update), and deterministic row initialisation. Everything that sums
+// floats does so in a fixed order (by position in the batch), so results do not depend on
+// the thread count or on which row a key occupies.
 //
 // Build flags include -ffp-contract=off: a*b+c must round like torch's separate ops.
 
@@ -590,6 +591,21 @@ at::Tensor op_pool_rows(const at::Tensor& weight, const at::Tensor& rows_in, con
   return out;
 }
 
+// bag[i] = b for offsets[b] <= i < offsets[b+1] (offsets int64[B+1]): the source row of each
+// position's gradient in a pooled lookup (torch.repeat_interleave(arange(B), lengths)).
+at::Tensor op_bag_index(const at::Tensor& offsets_in) {
+  const at::Tensor off = offsets_in.contiguous();
+  const int64_t B = off.numel() - 1;
+  const int64_t* o = off.data_ptr<int64_t>();
+  at::Tensor out = at::empty({B > 0 ? o[B] : 0}, off.options());
+  int64_t* bag = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = o[b]; i < o[b + 1]; ++i) bag[i] = b;
+  });
+  return out;
+}
+
 // ------------------------------------------------------------------ gradients
 // Positions grouped by row: uniq rows ascending; the positions of uniq[u] are
 // order[start[u]:start[u+1]], ascending. A stable LSD radix sort on the row (11 bits a pass):
@@ -923,6 +939,7 @@ TORCH_LIBRARY(gauss_hash, m) {
   m.def("select_victims(Tensor slots, Tensor stamp, Tensor scores, Tensor protect, int limit, int k) -> (Tensor, Tensor)", &op_select_victims);
   m.def("lookup_pool(Tensor slots, Tensor ids, Tensor offsets, Tensor weight, Tensor? psw, int mode, int dflt) -> (Tensor, Tensor)", &op_lookup_pool);
   m.def("pool_rows(Tensor weight, Tensor rows, Tensor offsets, Tensor? psw, int mode, Tensor(a!)? stamp, int stamp_val, Tensor(b!)? pol, int pol_mode, int pol_val, int skip_row) -> Tensor", &op_pool_rows);
+  m.def("bag_index(Tensor offsets) -> Tensor", &op_bag_index);
   m.def("accumulate_grads(Tensor rows, Tensor src, Tensor src_idx, Tensor scale) -> (Tensor, Tensor, bool)", &op_accumulate_grads);
   m.def("accumulate_update(int kind, Tensor(a!) weight, Tensor(b!)? state1, Tensor(c!)? state2, Tensor(d!)? steps, float[] hp, Tensor rows, Tensor src, Tensor src_idx, Tensor scale, int skip_row, Tensor(e!) stamp, int stamp_val) -> Tensor", &op_accumulate_update);
   m.def("sparse_update(int kind, Tensor(a!) weight, Tensor rows, Tensor grads, Tensor(b!)? state1, Tensor(c!)? state2, Tensor(d!)? steps, float[] hp) -> ()", &op_sparse_update);

@@ -166,21 +166,41 @@ def test_cpu_kernel_init_is_bit_identical_to_torch():
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_lru_and_lfu_evict_the_right_rows(backend, policy):
-    t = make(backend, initial_capacity=4, max_capacity=4, eviction=policy, evict_fraction=0.0)
+    t = make(backend, initial_capacity=4, max_capacity=4, eviction=policy, evict_fraction=0.0,
+             optimizer=OptimizerConfig("sgd", lr=0.1))
+    opt = SparseOptimizer(t)
     t.train()
     v0 = t.version
-    with torch.no_grad():
-        t(torch.tensor([1, 2, 3, 4]))
-        t(torch.tensor([1, 1, 1, 3, 3]))  # 1 and 3: recent and frequent
-        t(torch.tensor([4]))              # 4: most recent, once more
-        t(torch.tensor([10, 11]))         # two new ids need two rows
+
+    def step(ids):  # a training step: read, then update, the rows
+        t(torch.tensor(ids)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step([1, 2, 3, 4])
+    step([1, 1, 1, 3, 3])  # 1 and 3: recent and frequent
+    step([4])              # 4: most recent, once more
+    step([10, 11])         # two new ids need two rows
     live = set(t.index.keys_and_rows()[0].tolist())
     if policy == "lru":
-        assert live == {3, 4, 10, 11}  # 2 is oldest; 1 and 3 were read at the same step: ties by id
+        assert live == {3, 4, 10, 11}  # 2 is oldest; 1 and 3 were touched at the same step: ties by id
     else:
-        assert live == {1, 3, 10, 11}
+        assert live == {1, 3, 10, 11}  # counts: 1 -> 4, 2 -> 1, 3 -> 3, 4 -> 2
     gone = t.evicted_since(v0)
     assert gone.tolist() == sorted({1, 2, 3, 4} - live)
+
+
+def test_lru_ignores_reads_without_updates(backend):
+    """LRU orders rows by their last insert/update/write: eval reads, and training reads
+    whose gradient never reaches the optimizer, do not refresh a row."""
+    t = make(backend, initial_capacity=3, max_capacity=3, eviction="lru", evict_fraction=0.0)
+    t.train()
+    with torch.no_grad():
+        t(torch.tensor([1, 2, 3]))
+        t(torch.tensor([1]))
+        t.set(torch.tensor([2]), torch.ones(1, 4))  # a write is a touch
+        t(torch.tensor([9]))
+    assert set(t.index.keys_and_rows()[0].tolist()) == {2, 3, 9}
 
 
 def test_lru_protects_ids_of_the_current_batch(backend):
@@ -324,8 +344,13 @@ def test_memory_report(backend):
         t(torch.arange(3000))
     rep = t.memory_report()
     assert rep["load_factor"] == pytest.approx(0.75, abs=0.01)
-    # 16 B index (12-byte slots at 0.75) + 4 B LRU stamp + 4 B version stamp
-    assert rep["overhead_bytes_per_row"] == pytest.approx(24, abs=0.1)
+    # 16 B index (12-byte slots at 0.75) + 4 B version stamp; LRU reads the version stamp
+    assert rep["overhead_bytes_per_row"] == pytest.approx(20, abs=0.1)
+    lfu = make(backend, initial_capacity=3000, max_capacity=3000, eviction="lfu", dim=8)
+    lfu.train()
+    with torch.no_grad():
+        lfu(torch.arange(3000))
+    assert lfu.memory_report()["overhead_bytes_per_row"] == pytest.approx(24, abs=0.1)  # + 4 B count
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "ttl"])
@@ -353,8 +378,8 @@ def test_fused_victim_selection_matches_the_torch_path(policy):
         finally:
             t.index.fused = fused
         assert torch.equal(got, want), k
-    if policy == "lru":  # a wide score range takes the nth_element path
-        t.eviction.rows["last_step"][:] = torch.randint(-(2**30), 2**30, (t.capacity + 1,), dtype=torch.int32, generator=g)
+    if policy == "lfu":  # a wide score range takes the nth_element path
+        t.eviction.rows["count"][:] = torch.randint(0, 2**30, (t.capacity + 1,), dtype=torch.int32, generator=g)
         got = t._select_victims(700, protect)
         t.index.fused = None
         want = t._select_victims(700, protect)

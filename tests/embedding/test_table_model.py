@@ -28,11 +28,17 @@ ids_st = st.lists(st.one_of(st.integers(-12, 12), st.sampled_from([-(2**63), 2**
 
 
 class DictModel:
-    """The table's contract with a dict: id -> value, LRU by (last step, id)."""
+    """The table's contract with a dict: id -> value, LRU by (last touch, id); a touch is a
+    training read, an optimizer update or a set."""
 
     def __init__(self, evict: bool):
         self.values, self.last = {}, {}
-        self.step, self.capacity, self.evict = 0, INITIAL, evict
+        self.tick, self.capacity, self.evict = 0, INITIAL, evict
+
+    def touch(self, ids):
+        self.tick += 1
+        for i in ids:
+            self.last[i] = self.tick
 
     def _room(self, n_new, protect):
         free = self.capacity - len(self.values)
@@ -56,16 +62,14 @@ class DictModel:
         del self.values[i], self.last[i]
 
     def train_lookup(self, ids):
-        self.step += 1
         present = {i for i in ids if i in self.values}
         new = sorted(set(ids) - present)
-        self._room(len(new), present)  # on TableFullError nothing is stamped
+        self._room(len(new), present)  # on TableFullError nothing is touched
         if new:
             init = deterministic_uniform(torch.tensor(new), DIM, SEED, -0.1, 0.1)
             for i, v in zip(new, init):
                 self.values[i] = v.clone()
-        for i in set(ids):
-            self.last[i] = self.step
+        self.touch(set(ids))
 
     def apply_grads(self, ids, coef):
         summed = {}
@@ -73,6 +77,7 @@ class DictModel:
             summed[i] = summed[i] + c if i in summed else torch.zeros(DIM) + c
         for i, g in summed.items():
             self.values[i] = self.values[i] - LR * g
+        self.touch(summed)
 
     def read(self, ids):
         return torch.stack([self.values.get(i, torch.zeros(DIM)) for i in ids])
@@ -138,8 +143,7 @@ def machine_for(backend: str, evict: bool):
             self.table.set(torch.tensor(ids), torch.full((len(ids), DIM), value))
             for i in ids:
                 self.model.values[i] = torch.full((DIM,), value)
-                if i in new:
-                    self.model.last[i] = self.model.step
+            self.model.touch(ids)
             self.seen.update(ids)
             self._note_inserts(before)
 

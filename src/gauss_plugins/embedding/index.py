@@ -150,6 +150,9 @@ class FusedKernels(Protocol):
         """float32[B, D]: per bag, ``sum_i psw[i] * weight[rows[i]]`` in position order (mean:
         times ``1 / len`` as float32); with ``stamp``, also :meth:`stamp_rows` on the rows read."""
 
+    def bag_index(self, offsets: torch.Tensor) -> torch.Tensor:
+        """int64[N]: the bag of each position (``repeat_interleave(arange(B), lengths)``)."""
+
     def accumulate_grads(self, rows: torch.Tensor, src: torch.Tensor, src_idx: torch.Tensor,
                          scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """Sum ``scale[i] * src[src_idx[i]]`` (empty src_idx: ``i``; empty scale: 1) per

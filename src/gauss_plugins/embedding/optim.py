@@ -28,9 +28,8 @@ Rules (kind ``sparse_optimizer``), with torch's conventions:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 

@@ -13,7 +13,8 @@ Admission decides when an id that is not in the table gets a row (in training mo
 Eviction frees rows when the table is full and cannot grow, or when :meth:`evict` is called
 (TTL). A policy keeps at most one int32 per row:
 
-* :class:`LRUEviction` (``"lru"``): least recently used (last training step that read it).
+* :class:`LRUEviction` (``"lru"``): least recently touched (inserted, updated by the
+  optimizer or written), from the table's own version stamps: no extra bytes per row.
 * :class:`LFUEviction` (``"lfu"``): least frequently used (saturating access count).
 * :class:`TTLEviction` (``"ttl"``): rows unused for more than ``ttl`` steps or seconds
   expire; when space is needed the least recently used go first.
@@ -26,6 +27,7 @@ through the ``gauss_register_admission_policies`` / ``gauss_register_eviction_po
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -184,9 +186,14 @@ class EvictionPolicy:
     name = "eviction"
     #: per-row int32 arrays this policy keeps (names -> tensors after resize)
     row_fields: tuple = ()
+    #: whether :meth:`on_access` does anything (the table skips recording reads otherwise)
+    records_reads: bool = True
 
     def __init__(self) -> None:
         self.rows: Dict[str, torch.Tensor] = {}
+
+    def bind(self, table) -> None:
+        """Called once by the table that uses this policy."""
 
     def resize(self, num_rows: int, device: torch.device) -> None:
         for field in self.row_fields:
@@ -250,24 +257,28 @@ def _stamp(step: int) -> int:
 
 
 class LRUEviction(EvictionPolicy):
-    """Evict the rows whose last training read is oldest."""
+    """Evict the rows touched longest ago.
+
+    A row is touched when it is inserted, the optimizer updates it (every row a training
+    batch reads gets its gradient) or ``set`` writes it. The table's per-row version stamp
+    records exactly that, so this policy keeps no state of its own (0 bytes a row), records
+    no reads, and its score is the stamp."""
 
     name = "lru"
-    row_fields = ("last_step",)
+    row_fields = ()
+    records_reads = False
 
-    def on_insert(self, rows, clock):
-        self.rows["last_step"][rows] = _stamp(clock.step)
-
-    on_access = on_insert
+    def bind(self, table) -> None:
+        self._table = weakref.ref(table)
 
     def access_stamp(self, clock):
-        return 1, self.rows["last_step"], _stamp(clock.step)
+        return 0, None, 0  # the table's own stamp is all LRU needs
 
     def scores(self, ids, rows, clock, table):
-        return self.rows["last_step"][rows]
+        return table.row_stamps[rows]
 
     def score_array(self):
-        return self.rows["last_step"]
+        return self._table().row_stamps
 
 
 class LFUEviction(EvictionPolicy):
@@ -344,6 +355,7 @@ class ScoreEviction(EvictionPolicy):
     """Custom scores: ``score_fn(ids, rows, table) -> Tensor`` (lower is evicted first)."""
 
     name = "score"
+    records_reads = False
 
     def __init__(self, score_fn: Callable[..., torch.Tensor]) -> None:
         super().__init__()

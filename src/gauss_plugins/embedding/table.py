@@ -24,11 +24,13 @@ Change tracking (stores, the WePS syncer, incremental checkpoints)::
 
     v = table.version                                   # monotonically increasing
     ...                                                 # training
-    ids, values, opt_state = table.changed_since(v)     # rows inserted, written or read in training since v
+    ids, values, opt_state = table.changed_since(v)     # rows inserted, updated or written since v
     gone = table.evicted_since(v)                       # ids evicted or deleted since v (not live now)
 
 Every mutation (a training lookup, an optimizer step, set, delete, evict, growth) advances
-``version``; a row touched by it is stamped with the new version.
+``version``; a row it inserts, updates or writes is stamped with the new version (so is a
+row a training lookup reads when the eviction policy records reads, as LFU and TTL do:
+their per-row state changed).
 
 Capacity grows (rehash, rows keep their numbers) by ``growth_factor`` up to
 ``max_capacity``; a full table then evicts (if an eviction policy is set) or raises
@@ -40,13 +42,13 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from gauss_plugins.embedding.index import HashIndex, IndexFullError, TorchHashIndex, check_keys
+from gauss_plugins.embedding.index import HashIndex, IndexFullError, check_keys
 from gauss_plugins.embedding.initializers import Initializer, initial_values
 from gauss_plugins.embedding.memory import alloc
 from gauss_plugins.embedding.optim import OptimizerConfig, SparseRule, make_rule
@@ -237,6 +239,7 @@ class DynamicEmbeddingTable(nn.Module):
         self._pending: List[_GradRecord] = []
         self._anchor = torch.zeros((), requires_grad=True)
         if self.eviction is not None:
+            self.eviction.bind(self)
             self.eviction.resize(cap + 1, self.device)
         if config.default == "unknown":
             self.weight[cap] = initial_values(config.initializer, torch.tensor([-(2**63)], device=self.device),
@@ -295,6 +298,12 @@ class DynamicEmbeddingTable(nn.Module):
     @property
     def step_count(self) -> int:
         return self._step
+
+    @property
+    def row_stamps(self) -> torch.Tensor:
+        """int32 per row: the (rebased) version at which the row was last inserted, read in
+        training, updated or written; -1 for rows without a key. Larger is more recent."""
+        return self._row_stamp
 
     def __len__(self) -> int:
         return len(self.index)
@@ -481,8 +490,8 @@ class DynamicEmbeddingTable(nn.Module):
     def _rows_for_training(self, ids: torch.Tensor, stamp: bool = True) -> torch.Tensor:
         """Rows of ``ids`` (flat), inserting admitted new ids; absent ones -> default row.
 
-        The rows read are stamped (version and eviction policy) unless ``stamp`` is False:
-        then the caller must pass :meth:`_read_stamp` to the kernel that reads them. If room
+        The rows read are recorded (:meth:`_read_stamp`) unless ``stamp`` is False: then the
+        caller must record them, e.g. in the kernel that reads them. If room
         cannot be made (:class:`TableFullError`) nothing changes but the step and version
         counters and the admission policy's sightings."""
         self._step += 1
@@ -513,26 +522,30 @@ class DynamicEmbeddingTable(nn.Module):
             self._expire(protect=rows[rows != self.default_row])
         return rows
 
-    def _read_stamp(self, version: int) -> Optional[Dict[str, Any]]:
-        """Keyword arguments of a fused kernel's read stamp (None: stamp with torch code)."""
-        if self.index.fused is None:
+    def _read_stamp(self, version: int) -> Union[None, str, Dict[str, Any]]:
+        """How the rows a training lookup reads are recorded: None (nothing to record: no
+        eviction policy, or one that ignores reads, like LRU on the version stamps), a dict
+        of fused-kernel arguments (stamp the version and the policy's array), or ``"torch"``
+        (the policy's ``on_access`` and the version stamp, in torch)."""
+        if self.eviction is None or not self.eviction.records_reads:
             return None
-        spec = (0, None, 0) if self.eviction is None else self.eviction.access_stamp(self._clock())
+        spec = self.eviction.access_stamp(self._clock()) if self.index.fused is not None else None
         if spec is None:
-            return None
+            return "torch"
         mode, array, value = spec
         return dict(stamp=self._row_stamp, stamp_value=version - self._stamp_base, policy_array=array,
                     policy_mode=mode, policy_value=value, skip_row=self.default_row)
 
-    def _apply_read_stamp(self, rows: torch.Tensor, spec: Optional[Dict[str, Any]]) -> None:
-        """Stamp ``rows`` as read (the default row excepted)."""
-        if spec is not None:
-            self.index.fused.stamp_rows(rows, **spec)
+    def _apply_read_stamp(self, rows: torch.Tensor, spec: Union[None, str, Dict[str, Any]]) -> None:
+        """Record ``rows`` as read (the default row excepted), as :meth:`_read_stamp` says."""
+        if spec is None:
             return
-        read = rows[rows != self.default_row]
-        if self.eviction is not None:
+        if spec == "torch":
+            read = rows[rows != self.default_row]
             self.eviction.on_access(read, self._clock())
-        self._stamp(read, self._version)
+            self._stamp(read, self._version)
+            return
+        self.index.fused.stamp_rows(rows, **spec)
 
     def _resolve(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -606,12 +619,16 @@ class DynamicEmbeddingTable(nn.Module):
             return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
         rows = self._rows_for_training(ids, stamp=False)
         spec = self._read_stamp(self._version)
-        if spec is None:
-            self._apply_read_stamp(rows, None)
+        if spec == "torch":
+            self._apply_read_stamp(rows, spec)
+            spec = None
         if not torch.is_grad_enabled():
             return self._pool(rows, offsets, imode, psw, spec)
         lengths = offsets[1:] - offsets[:-1]
-        src_idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
+        if fused is not None:
+            src_idx = fused.bag_index(offsets)
+        else:
+            src_idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
         if imode == 1:
             scale = (1.0 / lengths.clamp_min(1).to(torch.float32))[src_idx]
         else:
@@ -808,7 +825,8 @@ class DynamicEmbeddingTable(nn.Module):
     @torch.no_grad()
     def changed_since(self, version: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """(ids ascending, values [N, dim] in the storage dtype, optimizer state by name) of the
-        live rows inserted, written or read in training after ``version``."""
+        live rows inserted, updated or written after ``version`` (and read in training, with
+        an eviction policy that records reads)."""
         ids, rows = self._changed_rows(int(version))
         return ids, self.weight[rows].clone(), {k: v[rows].clone() for k, v in self.opt_state.items()}
 
