@@ -30,6 +30,7 @@ from gauss_plugins.embedding.index import (
     IndexFullError,
     _validate_state,
     check_keys,
+    resolve_device,
     slots_for_capacity,
 )
 
@@ -79,9 +80,7 @@ class TritonHashIndex(HashIndex):
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
         if device is None:
             device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = resolve_device(device)
         if device.type != "cuda" and not _interpreting():
             raise ValueError(f"TritonHashIndex runs on CUDA devices, got {device}; use table_backend "
                              f"'cpu_ext' or 'torch' on CPU (or set TRITON_INTERPRET=1 to debug the kernels on CPU)")

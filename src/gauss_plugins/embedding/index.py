@@ -78,6 +78,15 @@ def slots_for_capacity(capacity: int, max_load_factor: float = MAX_LOAD_FACTOR) 
     return max(8, math.ceil(capacity / max_load_factor))
 
 
+def resolve_device(device) -> torch.device:
+    """``torch.device`` with the CUDA index filled in: tensors report ``cuda:0``, never
+    ``cuda``, so a table created on "cuda" must store the concrete device to compare with."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def check_keys(keys: torch.Tensor, device: torch.device, what: str = "keys") -> None:
     """Raise a clear error unless ``keys`` is a 1-D int64 tensor on ``device``."""
     if not isinstance(keys, torch.Tensor):
@@ -315,7 +324,7 @@ class TorchHashIndex(HashIndex):
     def __init__(self, capacity: int, device: Device = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = resolve_device(device)
         self.capacity = int(capacity)
         self._alloc_slots(slots_for_capacity(self.capacity))
         self._size = 0

@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from gauss_plugins.embedding.index import HashIndex, IndexFullError, check_keys
+from gauss_plugins.embedding.index import HashIndex, IndexFullError, check_keys, resolve_device
 from gauss_plugins.embedding.initializers import Initializer, initial_values
 from gauss_plugins.embedding.memory import alloc
 from gauss_plugins.embedding.optim import OptimizerConfig, SparseRule, make_rule
@@ -217,7 +217,7 @@ class DynamicEmbeddingTable(nn.Module):
         self.config = config
         self.name = config.name
         self.dim = config.dim
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.dtype = config.storage_dtype
         self.index = self._make_index(config.initial_capacity)
         self.admission: AdmissionPolicy = _resolve_policy("admission_policy", config.admission, config.admission_options) or AlwaysAdmit()
