@@ -196,6 +196,8 @@ def test_dynamic_table_as_source():
     table.set(torch.tensor([1, 2, 3, -7]), torch.randn(4, 4))
     assert syncer.sync_now()
     assert weps.lookup(torch.tensor([1, 2, 3, -7])).found.all()
+    first = syncer.reports[-1]["freshness_p99_s"]
+    assert first == first and 0 <= first < 60, "the first push must report a finite freshness"
     with source.lock:  # the training step
         table.set(torch.tensor([2]), torch.full((1, 4), 9.0))
         table.delete(torch.tensor([3]))

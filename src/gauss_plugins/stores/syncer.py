@@ -135,7 +135,9 @@ class TableSource:
         self.state_dim = 0  # optimizer state stays in training; serving needs values only
         self.lock = lock or threading.Lock()
         self._consumers: Dict[str, int] = {}
-        self._pulled_at: Dict[int, float] = {}
+        # Changes after the attach happened after it: that time bounds the first push's
+        # freshness from above (a run with a single push still reports a number).
+        self._pulled_at: Dict[int, float] = {self.version: time.time()}
 
     @property
     def version(self) -> int:
