@@ -18,20 +18,17 @@ interpreter executes the kernels in numpy), which is how its tests run without a
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from gauss_plugins.embedding.index import (
     Device,
-    HashIndex,
     IndexFullError,
-    _validate_state,
+    SlotArrayIndex,
     check_keys,
     resolve_device,
-    slots_for_capacity,
 )
 
 from gauss_kernels.hash_table import triton_kernels as _k
@@ -51,7 +48,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-class TritonHashIndex(HashIndex):
+class TritonHashIndex(SlotArrayIndex):
     """Open-addressing int64 -> row index whose probe, insert and placement are Triton kernels.
 
     Args:
@@ -76,27 +73,13 @@ class TritonHashIndex(HashIndex):
     GATHER_WARPS = 4
 
     def __init__(self, capacity: int, device: Device = None) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
         if device is None:
             device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         device = resolve_device(device)
         if device.type != "cuda" and not _interpreting():
             raise ValueError(f"TritonHashIndex runs on CUDA devices, got {device}; use table_backend "
                              f"'cpu_ext' or 'torch' on CPU (or set TRITON_INTERPRET=1 to debug the kernels on CPU)")
-        self.device = device
-        self.capacity = int(capacity)
-        self._alloc_slots(slots_for_capacity(self.capacity))
-        self._size = 0
-        self._tombstones = 0
-        self._free = torch.empty(0, dtype=torch.int64, device=self.device)  # stack: reused from the end
-        self._next_row = 0
-
-    def _alloc_slots(self, n: int) -> None:
-        if n >= 2**31:
-            raise ValueError(f"{n} slots is too many for one index (max 2**31 - 1); shard the table")
-        self.slot_keys = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self.slot_rows = torch.full((n,), self.EMPTY, dtype=torch.int32, device=self.device)
+        self._init_slots(capacity, device)
 
     def _grid(self, n: int) -> Tuple[int]:
         return ((n + self.BLOCK - 1) // self.BLOCK,)
@@ -107,18 +90,6 @@ class TritonHashIndex(HashIndex):
 
     def _launch_opts(self) -> dict:
         return {"BLOCK": self.BLOCK, "num_warps": self.NUM_WARPS}
-
-    # -- queries ---------------------------------------------------------------
-    @property
-    def num_slots(self) -> int:
-        return self.slot_keys.numel()
-
-    def __len__(self) -> int:
-        return self._size
-
-    def memory_bytes(self) -> int:
-        return (self.slot_keys.numel() * 8 + self.slot_rows.numel() * 4
-                + self._free.numel() * self._free.element_size())
 
     def _probe(self, keys: torch.Tensor, default: int, want_slots: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         n = keys.numel()
@@ -179,20 +150,6 @@ class TritonHashIndex(HashIndex):
                 n, self.num_slots, dim, values.stride(0), out.stride(0),
                 BLOCK=block, BLOCK_D=block_d, num_warps=self.GATHER_WARPS)
         return rows, out
-
-    def keys_and_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        live = self.slot_rows >= 0
-        return self.slot_keys[live].clone(), self.slot_rows[live].to(torch.int64)
-
-    # -- updates ---------------------------------------------------------------
-    def _allocate(self, count: int) -> torch.Tensor:
-        """``count`` rows: free rows first (from the top of the stack), then fresh ones."""
-        take = min(count, self._free.numel())
-        reused = self._free[self._free.numel() - take:].flip(0)
-        self._free = self._free[: self._free.numel() - take]
-        fresh = torch.arange(self._next_row, self._next_row + count - take, dtype=torch.int64, device=self.device)
-        self._next_row += count - take
-        return torch.cat([reused, fresh])
 
     def insert(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         check_keys(keys, self.device)
@@ -268,28 +225,11 @@ class TritonHashIndex(HashIndex):
             self._maybe_rebuild()
         return rows
 
-    def rehash(self, new_capacity: int) -> None:
-        if isinstance(new_capacity, bool) or not isinstance(new_capacity, numbers.Integral):
-            raise TypeError(f"new_capacity must be an int, got {new_capacity!r}")
-        if new_capacity < self.capacity:
-            raise ValueError(f"rehash can only grow: {new_capacity} < capacity {self.capacity}")
-        slots = slots_for_capacity(new_capacity)
-        if slots >= 2**31:
-            raise ValueError(f"{slots} slots is too many for one index (max 2**31 - 1); shard the table")
-        self.capacity = int(new_capacity)
-        self._rebuild(slots)
-
     def _maybe_rebuild(self) -> None:
         n = self.num_slots
         if self._tombstones and (self._tombstones > _MAX_TOMBSTONE_FRACTION * n
                                  or self._size + self._tombstones > (1 - _MIN_EMPTY_FRACTION) * n):
             self._rebuild(n)
-
-    def _rebuild(self, num_slots: int) -> None:
-        keys, rows = self.keys_and_rows()
-        self._alloc_slots(num_slots)
-        self._tombstones = 0
-        self._place(keys, rows)
 
     def _place(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         n = keys.numel()
@@ -298,27 +238,3 @@ class TritonHashIndex(HashIndex):
         with self._on_device():
             _k.place_kernel[self._grid(n)](keys.contiguous(), rows.contiguous(), self.slot_keys, self.slot_rows,
                                            n, self.num_slots, **self._launch_opts())
-
-    # -- checkpoints -----------------------------------------------------------
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        keys, rows = self.keys_and_rows()
-        keys, order = keys.sort()
-        return {
-            "capacity": torch.tensor(self.capacity, dtype=torch.int64),
-            "keys": keys.cpu(),
-            "rows": rows[order].cpu(),
-            "free_rows": self._free.flip(0).cpu(),
-            "next_row": torch.tensor(self._next_row, dtype=torch.int64),
-        }
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        capacity, keys, rows, free_rows, next_row = _validate_state(state)
-        if slots_for_capacity(capacity) >= 2**31:
-            raise ValueError(f"index state: capacity {capacity} needs more than 2**31 - 1 slots; shard the table")
-        self.capacity = capacity
-        self._alloc_slots(slots_for_capacity(capacity))
-        self._tombstones = 0
-        self._size = keys.numel()
-        self._free = free_rows.flip(0).to(self.device)
-        self._next_row = next_row
-        self._place(keys.to(self.device), rows.to(self.device))

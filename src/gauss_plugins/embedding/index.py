@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from typing import Dict, List, Optional, Protocol, Tuple, Union
 
 import torch
@@ -306,25 +307,23 @@ def _validate_state(state: Dict[str, torch.Tensor]) -> Tuple[int, torch.Tensor, 
 
 
 # --------------------------------------------------------------------------- torch backend
-class TorchHashIndex(HashIndex):
-    """Open addressing with linear probing, every operation a few vectorized torch ops.
+class SlotArrayIndex(HashIndex):
+    """The slot layout shared by the open-addressing backends (torch ops, Triton kernels).
 
     Slots are two tensors, ``slot_keys`` int64 and ``slot_rows`` int32 (12 bytes a slot),
-    with ``slot_rows == -1`` empty and ``-2`` a tombstone (removed key), so any int64 is a
-    valid key. Lookups run in rounds: every unresolved key reads its current slot, resolves
-    on a match or an empty slot, else moves one slot on. Inserts claim empty slots by
-    scatter-then-read-back (one winner per slot per round). Removal leaves tombstones, which
-    a rebuild clears once they fill a quarter of the slots. Free rows are a stack.
-    Works on CPU and CUDA; far slower than the compiled backends on CPU (see PLATFORM.md).
+    with ``slot_rows == EMPTY`` (-1) an empty slot and ``TOMBSTONE`` (-2) a removed key, so
+    any int64 is a valid key. Free rows are a stack reused from its end. Subclasses probe
+    and claim slots (``find``, ``insert``, ``remove``) and place known keys (``_place``);
+    growth, rebuilds, row allocation and checkpoints are the same for all of them.
     """
 
     EMPTY = -1
     TOMBSTONE = -2
 
-    def __init__(self, capacity: int, device: Device = None) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.device = resolve_device(device)
+    def _init_slots(self, capacity: int, device: torch.device) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        self.device = device
         self.capacity = int(capacity)
         self._alloc_slots(slots_for_capacity(self.capacity))
         self._size = 0
@@ -332,11 +331,19 @@ class TorchHashIndex(HashIndex):
         self._free = torch.empty(0, dtype=torch.int64, device=self.device)  # stack: reuse from the end
         self._next_row = 0
 
-    def _alloc_slots(self, n: int) -> None:
+    @staticmethod
+    def _check_slot_count(n: int) -> None:
         if n >= 2**31:
             raise ValueError(f"{n} slots is too many for one index (max 2**31 - 1); shard the table")
+
+    def _alloc_slots(self, n: int) -> None:
+        self._check_slot_count(n)
         self.slot_keys = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.slot_rows = torch.full((n,), self.EMPTY, dtype=torch.int32, device=self.device)
+
+    @abc.abstractmethod
+    def _place(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Put keys known to be absent and distinct into the slots with the given rows."""
 
     # -- queries ---------------------------------------------------------------
     @property
@@ -349,6 +356,75 @@ class TorchHashIndex(HashIndex):
     def memory_bytes(self) -> int:
         return (self.slot_keys.numel() * 8 + self.slot_rows.numel() * 4
                 + self._free.numel() * self._free.element_size())
+
+    def keys_and_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        live = self.slot_rows >= 0
+        return self.slot_keys[live].clone(), self.slot_rows[live].to(torch.int64)
+
+    # -- updates ---------------------------------------------------------------
+    def _allocate(self, count: int) -> torch.Tensor:
+        """``count`` rows: free rows first (from the top of the stack), then fresh ones."""
+        take = min(count, self._free.numel())
+        reused = self._free[self._free.numel() - take:].flip(0)
+        self._free = self._free[: self._free.numel() - take]
+        fresh = torch.arange(self._next_row, self._next_row + count - take, dtype=torch.int64, device=self.device)
+        self._next_row += count - take
+        return torch.cat([reused, fresh])
+
+    def rehash(self, new_capacity: int) -> None:
+        if isinstance(new_capacity, bool) or not isinstance(new_capacity, numbers.Integral):
+            raise TypeError(f"new_capacity must be an int, got {new_capacity!r}")
+        if new_capacity < self.capacity:
+            raise ValueError(f"rehash can only grow: {new_capacity} < capacity {self.capacity}")
+        slots = slots_for_capacity(new_capacity)
+        self._check_slot_count(slots)
+        self.capacity = int(new_capacity)
+        self._rebuild(slots)
+
+    def _rebuild(self, num_slots: int) -> None:
+        keys, rows = self.keys_and_rows()
+        self._alloc_slots(num_slots)
+        self._tombstones = 0
+        if keys.numel():
+            self._place(keys, rows)
+
+    # -- checkpoints -----------------------------------------------------------
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        keys, rows = self.keys_and_rows()
+        keys, order = keys.sort()
+        return {
+            "capacity": torch.tensor(self.capacity, dtype=torch.int64),
+            "keys": keys.cpu(),
+            "rows": rows[order].cpu(),
+            "free_rows": self._free.flip(0).cpu(),
+            "next_row": torch.tensor(self._next_row, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        capacity, keys, rows, free_rows, next_row = _validate_state(state)
+        self._check_slot_count(slots_for_capacity(capacity))  # before anything changes
+        self.capacity = capacity
+        self._alloc_slots(slots_for_capacity(capacity))
+        self._tombstones = 0
+        self._size = keys.numel()
+        self._free = free_rows.flip(0).to(self.device)
+        self._next_row = next_row
+        if keys.numel():
+            self._place(keys.to(self.device), rows.to(self.device))
+
+
+class TorchHashIndex(SlotArrayIndex):
+    """Open addressing with linear probing, every operation a few vectorized torch ops.
+
+    The slot layout is :class:`SlotArrayIndex`'s. Lookups run in rounds: every unresolved key reads its current slot, resolves
+    on a match or an empty slot, else moves one slot on. Inserts claim empty slots by
+    scatter-then-read-back (one winner per slot per round). Removal leaves tombstones, which
+    a rebuild clears once they fill a quarter of the slots.
+    Works on CPU and CUDA; far slower than the compiled backends on CPU (see PLATFORM.md).
+    """
+
+    def __init__(self, capacity: int, device: Device = None) -> None:
+        self._init_slots(capacity, resolve_device(device))
 
     def _probe(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(slot, found) per key: the slot holding it, or the empty slot ending its probe."""
@@ -381,19 +457,6 @@ class TorchHashIndex(HashIndex):
         slot, found = self._probe(keys)
         rows = self.slot_rows[slot].to(torch.int64)
         return torch.where(found, rows, torch.full_like(rows, default))
-
-    def keys_and_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        live = self.slot_rows >= 0
-        return self.slot_keys[live].clone(), self.slot_rows[live].to(torch.int64)
-
-    # -- updates ---------------------------------------------------------------
-    def _allocate(self, count: int) -> torch.Tensor:
-        take = min(count, self._free.numel())
-        reused = self._free[self._free.numel() - take:].flip(0)
-        self._free = self._free[: self._free.numel() - take]
-        fresh = torch.arange(self._next_row, self._next_row + count - take, dtype=torch.int64, device=self.device)
-        self._next_row += count - take
-        return torch.cat([reused, fresh])
 
     def insert(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         check_keys(keys, self.device)
@@ -470,42 +533,6 @@ class TorchHashIndex(HashIndex):
         used = self._size + self._tombstones
         if self._tombstones and (self._tombstones * 4 > self.num_slots or used * 8 > self.num_slots * 7):
             self._rebuild(self.num_slots)
-
-    def rehash(self, new_capacity: int) -> None:
-        if new_capacity < self.capacity:
-            raise ValueError(f"rehash can only grow: {new_capacity} < capacity {self.capacity}")
-        self.capacity = int(new_capacity)
-        self._rebuild(slots_for_capacity(self.capacity))
-
-    def _rebuild(self, num_slots: int) -> None:
-        keys, rows = self.keys_and_rows()
-        self._alloc_slots(num_slots)
-        self._tombstones = 0
-        if keys.numel():
-            self._place(keys, rows)
-
-    # -- checkpoints -----------------------------------------------------------
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        keys, rows = self.keys_and_rows()
-        keys, order = keys.sort()
-        return {
-            "capacity": torch.tensor(self.capacity, dtype=torch.int64),
-            "keys": keys.cpu(),
-            "rows": rows[order].cpu(),
-            "free_rows": self._free.flip(0).cpu(),
-            "next_row": torch.tensor(self._next_row, dtype=torch.int64),
-        }
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        capacity, keys, rows, free_rows, next_row = _validate_state(state)
-        self.capacity = capacity
-        self._alloc_slots(slots_for_capacity(capacity))
-        self._tombstones = 0
-        self._size = keys.numel()
-        self._free = free_rows.flip(0).to(self.device)
-        self._next_row = next_row
-        if keys.numel():
-            self._place(keys.to(self.device), rows.to(self.device))
 
 
 def _unique_first(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
