@@ -429,6 +429,29 @@ std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, co
 // absent ids read row `dflt` (the table's default row).
 constexpr int64_t kRowPrefetch = 16;  // rows fetched ahead while pooling (latency hiding)
 
+// One bag's arithmetic, shared by pool_bags and probe_pool_bags so that both pool exactly
+// alike: acc += psw[i] * row (or row), then the mean's 1/len and the copy out of registers.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void add_row(float* __restrict__ acc, const scalar_t* __restrict__ src,
+                                                   int64_t D, const float* psw, int64_t i) {
+  if (psw) {
+    const float a = psw[i];
+    for (int64_t d = 0; d < D; ++d) acc[d] += a * static_cast<float>(src[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(src[d]);
+  }
+}
+
+template <int kD>
+inline __attribute__((always_inline)) void finish_bag(float* acc, float* out_b, int64_t D, int64_t len,
+                                                      int64_t mode) {
+  if (mode == 1 && len > 0) {
+    const float inv = 1.f / static_cast<float>(len);
+    for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+  }
+  if (kD > 0) std::memcpy(out_b, acc, D * sizeof(float));
+}
+
 // Pool bags [b0, b1). kD > 0: the dimension is a compile-time constant and each bag's sum
 // stays in registers; kD == 0: any dimension, summed in `out` directly. Same arithmetic
 // either way: out = sum over the bag, in order, of psw[i] * w[rows[i]] (then * 1/len).
@@ -454,18 +477,9 @@ void pool_bags(const scalar_t* w, int64_t D_rt, const int64_t* rows, const int64
       }
       sp.apply(rows[i]);
       const scalar_t* __restrict__ src = w + rows[i] * D;
-      if (psw) {
-        const float a = psw[i];
-        for (int64_t d = 0; d < D; ++d) acc[d] += a * static_cast<float>(src[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(src[d]);
-      }
+      add_row(acc, src, D, psw, i);
     }
-    if (mode == 1 && s1 > s0) {
-      const float inv = 1.f / static_cast<float>(s1 - s0);
-      for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
-    }
-    if (kD > 0) std::memcpy(out + b * D, acc, D * sizeof(float));
+    finish_bag<kD>(acc, out + b * D, D, s1 - s0, mode);
   }
 }
 
@@ -497,18 +511,9 @@ void probe_pool_bags(const Slot* s, int64_t n, const int64_t* k, int64_t dflt, i
         prefetch_row(w + r[i + P] * D, row_bytes);
       }
       const scalar_t* __restrict__ src = w + r[i] * D;
-      if (psw) {
-        const float a = psw[i];
-        for (int64_t d = 0; d < D; ++d) acc[d] += a * static_cast<float>(src[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(src[d]);
-      }
+      add_row(acc, src, D, psw, i);
     }
-    if (mode == 1 && s1 > s0) {
-      const float inv = 1.f / static_cast<float>(s1 - s0);
-      for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
-    }
-    if (kD > 0) std::memcpy(out + b * D, acc, D * sizeof(float));
+    finish_bag<kD>(acc, out + b * D, D, s1 - s0, mode);
   }
 }
 
