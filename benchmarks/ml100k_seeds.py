@@ -3,7 +3,7 @@
     python benchmarks/ml100k_seeds.py                       # 3 seeds, the committed settings
     python benchmarks/ml100k_seeds.py --seeds 0 1 2 3 4 --max-epochs 101
 
-Both models use the paper's ML-1M configuration (configs/ml-100k-{hstu,sasrec}.yaml: length
+Both models use the paper's ML-1M configuration (src/gauss_plugins/configs/ml-100k-{hstu,sasrec}.yaml: length
 200, dim 50, 2 blocks x 1 head, dropout 0.2, 128 sampled negatives, temperature 0.05, AdamW
 1e-3 (0.9, 0.98), batch 128) and the same harness (dynamic-table item embeddings, the paper's
 full-corpus evaluation). For each run the epoch with the best validation NDCG@10 is kept and
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     configs = {}
     for model in args.models:
-        cfg = load_config(os.path.join(REPO, "configs", f"ml-100k-{model}.yaml"))
+        cfg = load_config(f"ml-100k-{model}")
         configs[model] = with_overrides(
             cfg, data__path=args.data_path, train__max_epochs=args.max_epochs, train__eval_every=args.eval_every,
             train__early_stopping_patience=args.patience or None, model__item_embedding=args.item_embedding,

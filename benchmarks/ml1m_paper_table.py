@@ -3,7 +3,7 @@
     python benchmarks/ml1m_paper_table.py --data-path /path/to/ml-1m --accelerator gpu
     # no data yet?  gauss data download movielens-1m --dest data   (then --data-path data/ml-1m)
 
-Trains SASRec, HSTU and HSTU-large with configs/ml-1m-*.yaml (the paper's settings, 101
+Trains SASRec, HSTU and HSTU-large with src/gauss_plugins/configs/ml-1m-*.yaml (the paper's settings, 101
 epochs), selects each on validation NDCG@10, and prints test HR@10 / NDCG@10 beside the
 paper's numbers (SASRec .2853/.1603, HSTU .3097/.1720, HSTU-large .3294/.1893). Writes
 benchmarks/results/ml1m_paper_table.json (and .md). Use --seeds for several seeds.
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from gauss_plugins.train.compare import markdown_table, run_comparison
     from gauss_plugins.train.config import load_config, with_overrides
 
-    configs = {m: with_overrides(load_config(os.path.join(REPO, "configs", f"ml-1m-{m}.yaml")),
+    configs = {m: with_overrides(load_config(f"ml-1m-{m}"),
                                  data__path=args.data_path, train__accelerator=args.accelerator,
                                  train__max_epochs=args.max_epochs)
                for m in args.models}

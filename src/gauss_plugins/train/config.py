@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
     "DataConfig",
@@ -162,13 +162,34 @@ def config_from_dict(raw: Dict[str, Any], where: str = "config") -> ExperimentCo
     return ExperimentConfig(name=str(raw.get("name", "experiment")), **sections).validate()
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_configs() -> List[str]:
+    """Names of the configs shipped with the package (``gauss_plugins/configs/*.yaml``)."""
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def resolve_config(name_or_path: str) -> str:
+    """A config file path: an existing file as given, else a shipped config by name
+    (``ml-1m-hstu`` or ``ml-1m-hstu.yaml``)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    base = os.path.basename(name_or_path)
+    shipped = os.path.join(CONFIG_DIR, base if base.endswith(".yaml") else base + ".yaml")
+    if os.path.isfile(shipped):
+        return shipped
+    raise FileNotFoundError(f"no config file at {name_or_path}, and no shipped config of that name; "
+                            f"shipped: {', '.join(packaged_configs())}")
+
+
 def load_config(path: str) -> ExperimentConfig:
-    """Read a YAML config file (needs pyyaml: the ``lightning`` extra)."""
+    """Read a YAML config file, or a shipped config by name (needs pyyaml: the ``lightning``
+    extra)."""
     from gauss_plugins._optional import require
 
     yaml = require("yaml", "lightning", feature="reading YAML configs")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file at {path} (see configs/ for examples)")
+    path = resolve_config(path)
     with open(path, "r", encoding="utf-8") as f:
         try:
             raw = yaml.safe_load(f) or {}
