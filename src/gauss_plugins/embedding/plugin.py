@@ -51,12 +51,12 @@ def gauss_register_eviction_policies():
 @hookimpl
 def gauss_register_sparse_optimizers():
     return [
-        Component(kind="sparse_optimizer", name="sgd", factory=f"{_EMB}.optim:create_sgd",
+        Component(kind="sparse_optimizer", name="sgd", factory=f"{_EMB}.sparse_rules:create_sgd",
                   description="fused sparse SGD"),
-        Component(kind="sparse_optimizer", name="adagrad", factory=f"{_EMB}.optim:create_adagrad",
+        Component(kind="sparse_optimizer", name="adagrad", factory=f"{_EMB}.sparse_rules:create_adagrad",
                   description="fused sparse Adagrad, D accumulators a row"),
-        Component(kind="sparse_optimizer", name="rowwise_adagrad", factory=f"{_EMB}.optim:create_rowwise_adagrad",
+        Component(kind="sparse_optimizer", name="rowwise_adagrad", factory=f"{_EMB}.sparse_rules:create_rowwise_adagrad",
                   description="fused row-wise Adagrad (FBGEMM EXACT_ROWWISE_ADAGRAD), one accumulator a row"),
-        Component(kind="sparse_optimizer", name="adam", factory=f"{_EMB}.optim:create_adam",
+        Component(kind="sparse_optimizer", name="adam", factory=f"{_EMB}.sparse_rules:create_adam",
                   description="fused lazy Adam with per-row step counts"),
     ]

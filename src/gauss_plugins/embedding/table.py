@@ -51,7 +51,7 @@ from torch import nn
 from gauss_plugins.embedding.index import HashIndex, IndexFullError, check_keys, resolve_device
 from gauss_plugins.embedding.initializers import Initializer, initial_values
 from gauss_plugins.embedding.memory import alloc
-from gauss_plugins.embedding.optim import OptimizerConfig, SparseRule, make_rule
+from gauss_plugins.embedding.sparse_rules import OptimizerConfig, SparseRule, make_rule
 from gauss_plugins.embedding.policies import AdmissionPolicy, AlwaysAdmit, Clock, EvictionPolicy
 
 __all__ = ["DynamicTableConfig", "DynamicEmbeddingTable", "TableFullError"]
