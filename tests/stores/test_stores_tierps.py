@@ -117,3 +117,34 @@ def test_registry_builds_tierps_and_weps(tmp_path, fresh_registry):
         assert len(ps) == 1
     weps = reg.create("embedding_store", "weps", dim=3)
     assert weps.get([1]).shape == (1, 3)
+
+
+def test_damage_in_a_flushed_segment_refuses_to_open_until_repaired(tmp_path):
+    import os
+
+    from gauss_plugins.stores.disk import CorruptLogError, repair_log
+
+    ps = TierPS(DIM, str(tmp_path), ram_bytes=30 * ROW, segment_bytes=4096, min_compact_bytes=1 << 30)
+    for start in range(0, 400, 20):  # demotion writes everything beyond 10 rows to the log
+        ps.put(torch.arange(start, start + 20), torch.full((20, DIM), float(start)))
+    ps.flush()
+    ps.close()
+    segs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".log"))
+    assert len(segs) >= 3
+    sealed = tmp_path / segs[0]
+    data = bytearray(sealed.read_bytes())
+    first_end = 32 + int.from_bytes(data[24:32], "little")  # header + payload bytes of record 1
+    data[first_end - 1] ^= 0x04  # a value byte of the first record (its ids stay readable)
+    sealed.write_bytes(bytes(data))
+    size = sealed.stat().st_size
+    with pytest.raises(CorruptLogError, match=f"{segs[0]}: damaged record at byte offset 0 "):
+        TierPS(DIM, str(tmp_path), ram_bytes=30 * ROW)
+    assert sealed.stat().st_size == size
+    dropped = repair_log(str(tmp_path))
+    assert len(dropped) == 1 and dropped[0].offset == 0 and dropped[0].records[0]["kind"] == "PUT"
+    lost = set(dropped[0].records[0]["ids"])
+    ps = TierPS(DIM, str(tmp_path), ram_bytes=10 * ROW)
+    got = ps.lookup(torch.arange(400), promote=False)
+    # only the dropped record's ids are gone (none of them was written again later)
+    assert {i for i in range(400) if not got.found[i]} == lost
+    ps.close()

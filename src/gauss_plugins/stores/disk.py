@@ -24,12 +24,20 @@ of ``flush()``). A new segment is created only after the previous one was fsynce
 directory is fsynced after every create, rename and unlink, so the set of files is durable too.
 
 *Recovery* (on open) replays the segments in order, starting at the newest one that begins
-with a RESET. A record whose magic, length or CRC does not check out is a torn write from a
-crash: the segment is truncated there and replay goes on with the next segment. Acknowledged
-records were fsynced before the acknowledgement, so they are never torn; a kill -9 at any
-moment therefore leaves a store that opens and holds every acknowledged row, each with a
-value that was actually written (the newest acknowledged one, or a newer one whose write
-completed before the kill).
+with a (CRC-checked) RESET. A crash can tear only the last record of the active (newest)
+segment: a new segment is created only after the previous one was fsynced, and acknowledged
+records were fsynced before the acknowledgement. So a bad record (wrong magic, length past
+the end, CRC mismatch) with nothing valid after it, at the end of the active segment, is a torn
+write: it is cut and appends start clean. Anything else -- a bad record in a sealed segment,
+or one in the active segment followed by a valid record -- is damage on disk (bit rot, a bad
+copy) that would silently delete acknowledged rows if cut: opening raises
+:class:`CorruptLogError` naming the file and byte offset, changes nothing, and points to
+``gauss store repair PATH`` (:func:`repair_log`), which reports exactly which records it
+drops. Thus a kill -9 at any moment leaves a store that opens and holds every acknowledged
+row, each with a value that was actually written (the newest acknowledged one, or a newer one
+whose write completed before the kill). (With ``sync=False`` a power loss, not a kill, may
+leave a hole in the unacknowledged tail followed by intact records; that too is refused rather
+than guessed at, and ``repair`` drops the hole.)
 
 *Compaction.* Overwritten and deleted rows are dead bytes. When they exceed
 ``compact_ratio`` of the log (and the log is larger than ``min_compact_bytes``), the live
@@ -50,6 +58,7 @@ import os
 import re
 import struct
 import zlib
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -58,7 +67,7 @@ import torch
 from gauss_plugins.embedding.index import TorchHashIndex
 from gauss_plugins.stores.base import as_ids
 
-__all__ = ["DiskTier", "CorruptLogError", "make_index"]
+__all__ = ["DiskTier", "CorruptLogError", "DroppedRange", "make_index", "repair_log"]
 
 MAGIC = 0x47504C52
 _HEADER = struct.Struct("<IIB3xIQQ")
@@ -83,7 +92,67 @@ def make_index(backend: str, capacity: int):
 
 
 class CorruptLogError(RuntimeError):
-    """The log cannot be replayed (not a torn tail: e.g. a record of the wrong row width)."""
+    """The log cannot be replayed as it is: damage that is not a torn tail of the active
+    segment, or a record of the wrong row width. ``path`` and ``offset`` locate the record."""
+
+    def __init__(self, message: str, path: str = "", offset: int = -1):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+def _record_at(data: np.ndarray, pos: int) -> Tuple[Optional[Tuple[int, int, int, int]], str]:
+    """``((kind, count, version, end), "")`` for a valid record at byte ``pos`` of a segment's
+    bytes, else ``(None, why)``."""
+    size = data.size
+    if size - pos < HEADER_BYTES:
+        return None, f"{size - pos} bytes left, less than a record header"
+    magic, crc, kind, count, version, payload = _HEADER.unpack(data[pos:pos + HEADER_BYTES].tobytes())
+    if magic != MAGIC:
+        return None, "bad magic"
+    if kind not in (PUT, DEL, RESET):
+        return None, f"unknown record kind {kind}"
+    end = pos + HEADER_BYTES + payload
+    if end > size:
+        return None, f"record of {payload} payload bytes runs past the end of the file"
+    if zlib.crc32(memoryview(data[pos + 8:end])) != crc:
+        return None, "CRC mismatch"
+    return (kind, count, version, end), ""
+
+
+def _next_record(data: np.ndarray, start: int) -> int:
+    """The first byte offset >= ``start`` where a valid record begins (records are 4-byte
+    aligned), or ``data.size`` if none does."""
+    start += -start % 4
+    words = data[: data.size - data.size % 4].view(np.uint32)
+    for w in np.flatnonzero(words[start // 4:] == MAGIC):
+        pos = start + 4 * int(w)
+        if _record_at(data, pos)[0] is not None:
+            return pos
+    return data.size
+
+
+def _segment_numbers(path: str) -> List[int]:
+    return sorted(int(m.group(1)) for m in map(_SEG_RE.match, os.listdir(path)) if m)
+
+
+def _starts_with_reset(seg_path: str) -> bool:
+    """Whether a segment begins with a valid RESET record (CRC-checked: a damaged header must
+    never make recovery skip, let alone delete, the segments before it)."""
+    with open(seg_path, "rb") as f:
+        head = np.frombuffer(f.read(HEADER_BYTES), dtype=np.uint8)
+    rec, _ = _record_at(head, 0)
+    return rec is not None and rec[0] == RESET
+
+
+def _live_segments(path: str) -> Tuple[List[int], List[int]]:
+    """``(superseded, live)`` segment numbers: replay starts at the newest RESET segment."""
+    segs = _segment_numbers(path)
+    start = 0
+    for i, no in enumerate(segs):
+        if _starts_with_reset(os.path.join(path, f"seg-{no:08d}.log")):
+            start = i
+    return segs[:start], segs[start:]
 
 
 def _fsync_dir(path: str) -> None:
@@ -136,14 +205,19 @@ class DiskTier:
         self.compactions = 0
         self.torn_bytes_dropped = 0
         self._fd: Optional[int] = None
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:
+            os.close(self._lock_fd)  # release the directory for `gauss store repair`
+            self._lock_fd = None
+            raise
 
     # ------------------------------------------------------------------ files
     def _seg_path(self, no: int) -> str:
         return os.path.join(self.path, f"seg-{no:08d}.log")
 
     def _segments(self) -> List[int]:
-        return sorted(int(m.group(1)) for m in map(_SEG_RE.match, os.listdir(self.path)) if m)
+        return _segment_numbers(self.path)
 
     def _open_active(self, no: int) -> None:
         fresh = not os.path.exists(self._seg_path(no))
@@ -155,49 +229,37 @@ class DiskTier:
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
+        superseded, segs = _live_segments(self.path)
+        # Replay (which raises on damage) before deleting anything, so a refused open
+        # leaves the directory exactly as it found it.
+        for i, no in enumerate(segs):
+            self._replay(no, active=i == len(segs) - 1)
         for name in os.listdir(self.path):
             if name.endswith(".tmp"):  # an interrupted compaction's output: never renamed, never used
                 os.unlink(os.path.join(self.path, name))
-        segs = self._segments()
-        start = 0
-        for i, no in enumerate(segs):
-            with open(self._seg_path(no), "rb") as f:
-                head = f.read(HEADER_BYTES)
-            if len(head) == HEADER_BYTES and self._parse_header(head, no, 0)[0] == RESET:
-                start = i
-        superseded, segs = segs[:start], segs[start:]
         for no in superseded:  # a completed compaction replaced them; its cleanup was cut short
             os.unlink(self._seg_path(no))
         if superseded:
             _fsync_dir(self.path)
-        for no in segs:
-            self._replay(no)
         self._open_active(segs[-1] if segs else 1)
 
-    def _parse_header(self, head: bytes, no: int, pos: int) -> Tuple[int, int, int, int, int]:
-        magic, crc, kind, count, version, payload = _HEADER.unpack(head)
-        if magic != MAGIC or kind not in (PUT, DEL, RESET):
-            return (-1, 0, 0, 0, 0)
-        return kind, crc, count, version, payload
-
-    def _replay(self, no: int) -> None:
+    def _replay(self, no: int, active: bool) -> None:
         path = self._seg_path(no)
         data = np.fromfile(path, dtype=np.uint8)
         size = data.size
         pos = 0
+        why = ""
         while pos < size:
-            if size - pos < HEADER_BYTES:
+            rec, why = _record_at(data, pos)
+            if rec is None:
                 break
-            kind, crc, count, version, payload = self._parse_header(data[pos:pos + HEADER_BYTES].tobytes(), no, pos)
-            end = pos + HEADER_BYTES + payload
-            if kind < 0 or end > size:
-                break
-            if zlib.crc32(memoryview(data[pos + 8:end])) != crc:
-                break
+            kind, count, version, end = rec
+            payload = end - pos - HEADER_BYTES
             expect = {PUT: count * (8 + self.row_bytes), DEL: count * 8, RESET: 0}[kind]
             if payload != expect:
                 raise CorruptLogError(f"{path}: record at {pos} has {payload} payload bytes, expected {expect} "
-                                      f"(row width {self.width}); was this directory written with another dim?")
+                                      f"(row width {self.width}); was this directory written with another dim?",
+                                      path, pos)
             body = pos + HEADER_BYTES
             ids = torch.from_numpy(data[body:body + 8 * count].view(np.int64).copy()) if count else None
             if kind == PUT and count:
@@ -206,7 +268,18 @@ class DiskTier:
                 self._index_del(ids)
             self.max_version = max(self.max_version, version)
             pos = end
-        if pos < size:  # torn tail of a crashed write: drop it so appends start clean
+        if pos < size:
+            resume = _next_record(data, pos + 1)
+            if not active or resume < size:
+                where = "sealed segment" if not active else "active segment, followed by valid records at byte " \
+                    f"{resume}"
+                raise CorruptLogError(
+                    f"{path}: damaged record at byte offset {pos} ({why}; {where}). A crash can only tear the end "
+                    f"of the newest segment, so this is damage on disk, and cutting here would lose acknowledged "
+                    f"rows: nothing was changed. See what would be dropped with `gauss store repair {self.path} "
+                    f"--dry-run`, then drop it with `gauss store repair {self.path}` (or restore the directory "
+                    f"from a backup).", path, pos)
+            # The torn tail of a crashed write: drop it so appends start clean.
             self.torn_bytes_dropped += size - pos
             with open(path, "r+b") as f:
                 f.truncate(pos)
@@ -408,3 +481,102 @@ class DiskTier:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+
+
+# ---------------------------------------------------------------------- repair
+@dataclass
+class DroppedRange:
+    """Bytes ``[offset, offset + length)`` of ``segment`` that repair drops (or would drop).
+
+    ``records`` describes what the damaged bytes held, read from the first record header
+    when that header itself is intact (``kind``, ``count``, ``version`` and the ids as stored:
+    the record failed its CRC, so the ids may be damaged too); it is empty when the header is
+    unreadable. ``torn_tail`` marks the end of the active segment, which opening would cut anyway.
+    """
+
+    segment: str
+    offset: int
+    length: int
+    reason: str
+    torn_tail: bool
+    records: List[dict] = field(default_factory=list)
+
+    def describe(self) -> str:
+        what = "torn tail of the active segment" if self.torn_tail else "damaged"
+        line = f"{self.segment}: bytes {self.offset}..{self.offset + self.length} ({self.length} bytes, {what}: {self.reason})"
+        for r in self.records:
+            ids = r["ids"]
+            shown = ", ".join(map(str, ids[:20])) + (f", ... ({len(ids)} ids)" if len(ids) > 20 else "")
+            line += f"\n    {r['kind']} of {r['count']} rows, version {r['version']}; ids as stored: [{shown}]"
+        if not self.records:
+            line += "\n    record header unreadable: the ids it held are unknown"
+        return line
+
+
+def _describe_damage(data: np.ndarray, pos: int, stop: int) -> List[dict]:
+    """The record header at ``pos`` when it is intact and its payload lies inside ``[pos, stop)``."""
+    if stop - pos < HEADER_BYTES:
+        return []
+    magic, _, kind, count, version, payload = _HEADER.unpack(data[pos:pos + HEADER_BYTES].tobytes())
+    if magic != MAGIC or kind not in (PUT, DEL, RESET) or pos + HEADER_BYTES + payload > stop \
+            or (kind != RESET and 8 * count > payload):
+        return []
+    body = pos + HEADER_BYTES
+    ids = data[body:body + 8 * count].view(np.int64).tolist() if kind != RESET else []
+    return [{"kind": {PUT: "PUT", DEL: "DELETE", RESET: "RESET"}[kind], "count": count, "version": version, "ids": ids}]
+
+
+def repair_log(path: str, dry_run: bool = False) -> List[DroppedRange]:
+    """Drop the damaged records of the segment log under ``path`` and report what was dropped.
+
+    Every live segment is scanned; each run of bytes that is not a valid record, up to the next
+    valid record, is one :class:`DroppedRange`. Unless ``dry_run``, each damaged segment is
+    rewritten without those bytes (to a ``.tmp`` file, fsynced, renamed over the segment, the
+    directory fsynced: a crash mid-repair leaves the original). Dropping a PUT can bring back
+    the previous value of its ids; dropping a DELETE brings its ids back: the report lists them.
+    Takes the directory lock, so the store must be closed.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path) or not _segment_numbers(path):
+        raise FileNotFoundError(f"{path} holds no segment log (seg-*.log files): is this a TierPS / DiskTier directory?")
+    lock_fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{path} is open in another process (its LOCK is held): close the store first") from None
+        _, segs = _live_segments(path)
+        dropped: List[DroppedRange] = []
+        for i, no in enumerate(segs):
+            seg_path = os.path.join(path, f"seg-{no:08d}.log")
+            data = np.fromfile(seg_path, dtype=np.uint8)
+            keep: List[Tuple[int, int]] = []
+            mine: List[DroppedRange] = []
+            pos = start = 0
+            while pos < data.size:
+                rec, why = _record_at(data, pos)
+                if rec is not None:
+                    pos = rec[3]
+                    continue
+                keep.append((start, pos))
+                stop = _next_record(data, pos + 1)
+                mine.append(DroppedRange(seg_path, pos, stop - pos, why,
+                                         torn_tail=i == len(segs) - 1 and stop == data.size,
+                                         records=_describe_damage(data, pos, stop)))
+                pos = start = stop
+            keep.append((start, data.size))
+            dropped += mine
+            if mine and not dry_run:
+                tmp = seg_path + ".tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    for a, b in keep:
+                        _write_all(fd, memoryview(data[a:b]))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, seg_path)
+                _fsync_dir(path)
+        return dropped
+    finally:
+        os.close(lock_fd)
