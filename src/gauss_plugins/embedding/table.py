@@ -205,6 +205,33 @@ class _LookupFunction(torch.autograd.Function):
         return None, None, None, None
 
 
+class _WeightedPoolFunction(torch.autograd.Function):
+    """A pooled lookup whose per-sample weights need a gradient (position weights of a
+    feature processor, for instance), as ``nn.EmbeddingBag`` gives one.
+
+    ``out[b] = sum_i w[i] * row[i]`` over the ids of bag ``b``, so ``d loss / d w[i]`` is the
+    dot product of ``row[i]`` (as read in forward: ``values``) with ``d loss / d out[b]``.
+    ``record`` is None when the table itself gets no gradient (eval mode).
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, weights, compute, table, record, values, bag):  # noqa: D401
+        ctx.table, ctx.record, ctx.weights_dtype = table, record, weights.dtype
+        ctx.save_for_backward(values, bag)
+        return compute()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, bag = ctx.saved_tensors
+        if ctx.record is not None:
+            ctx.table._record_grad(ctx.record, grad_out)
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad = grad_out.to(torch.float32).index_select(0, bag)
+            grad_weights = (values * grad).sum(dim=1).to(ctx.weights_dtype)
+        return None, grad_weights, None, None, None, None, None
+
+
 class DynamicEmbeddingTable(nn.Module):
     """A growing, collision-free embedding table keyed by raw int64 ids (see module docs)."""
 
@@ -613,7 +640,14 @@ class DynamicEmbeddingTable(nn.Module):
                 raise ValueError(f"per_sample_weights are on {psw.device} but the table is on {self.device}")
         imode = 0 if mode == "sum" else 1
         fused = self.index.fused
+        # Per-sample weights that need a gradient: the rows read must be kept for backward.
+        weights_grad = psw is not None and psw.requires_grad and torch.is_grad_enabled()
         if not self.training:
+            if weights_grad:
+                rows = self.index.find(ids, default=self.default_row)
+                bag = self._bag_index(offsets)
+                return _WeightedPoolFunction.apply(self._anchor, psw, lambda: self._pool(rows, offsets, imode, psw.detach()),
+                                                   self, None, self._gather(rows), bag)
             if fused is not None:
                 return fused.lookup_pool(self.index, ids, offsets, self.weight, psw, imode, self.default_row)[0]
             return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
@@ -625,16 +659,27 @@ class DynamicEmbeddingTable(nn.Module):
         if not torch.is_grad_enabled():
             return self._pool(rows, offsets, imode, psw, spec)
         lengths = offsets[1:] - offsets[:-1]
-        if fused is not None:
-            src_idx = fused.bag_index(offsets)
-        else:
-            src_idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
+        src_idx = self._bag_index(offsets)
         if imode == 1:
             scale = (1.0 / lengths.clamp_min(1).to(torch.float32))[src_idx]
         else:
             scale = psw.detach().to(torch.float32) if psw is not None else _EMPTY_FLOAT
         record = _GradRecord(ids, rows, None, src_idx, scale, self._epoch)
+        if weights_grad:
+            # Gathered before the pool: a later lookup in the same forward may grow the table
+            # or evict, and the optimizer step happens after backward anyway.
+            values = self._gather(rows)
+            return _WeightedPoolFunction.apply(self._anchor, psw, lambda: self._pool(rows, offsets, imode, psw.detach(), spec),
+                                               self, record, values, src_idx)
         return _LookupFunction.apply(self._anchor, lambda: self._pool(rows, offsets, imode, psw, spec), self, record)
+
+    def _bag_index(self, offsets: torch.Tensor) -> torch.Tensor:
+        """int64[N]: the bag of each id position."""
+        fused = self.index.fused
+        if fused is not None:
+            return fused.bag_index(offsets)
+        lengths = offsets[1:] - offsets[:-1]
+        return torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
 
     # ------------------------------------------------------------------ gradients
     def _record_grad(self, record: _GradRecord, grad_out: torch.Tensor) -> None:
@@ -653,7 +698,9 @@ class DynamicEmbeddingTable(nn.Module):
         fused = self.index.fused
         if fused is not None:
             return fused.accumulate_grads(rows, src, src_idx, scale)
-        g = src if src_idx.numel() == 0 else src.index_select(0, src_idx)
+        # An empty src_idx means "identity" only when there is one source row per id: a
+        # batch whose bags are all empty has no ids but still one (zero) source row per bag.
+        g = src if src_idx.numel() == 0 and src.shape[0] == rows.numel() else src.index_select(0, src_idx)
         if scale.numel():
             g = g * scale[:, None]
         uniq, inverse = torch.unique(rows, return_inverse=True)
