@@ -12,6 +12,16 @@ hand; a test checks that the files load with the package. Writes are atomic: the
 written to a temporary name in the same directory, fsynced, then renamed over the target
 (``os.replace``), so a reader sees the old file or the new one, never a torn one.
 
+*Checksum.* :func:`save_tensors` stores ``"gauss.checksum": "crc32:<8 hex>"`` in
+``__metadata__``: a CRC-32 over the header (as canonical JSON, without that key) followed by the
+data section, so one flipped byte anywhere -- a value, a shape, an offset, a metadata string --
+is caught. :func:`load_tensors` verifies it before returning anything and raises
+:class:`ChecksumError` on a mismatch. Files without the key (written by the ``safetensors``
+package, or by this module before checksums existed) load as before unless the caller asks
+for ``missing_checksum="warn"`` or ``"error"``. CRC-32 because the threat is bit rot and bad
+copies, not an adversary (a malicious file cannot execute code here anyway: nothing unpickles),
+and it runs at memory speed through zlib.
+
 Nothing here unpickles: loading a file can never execute code.
 """
 from __future__ import annotations
@@ -21,11 +31,15 @@ import os
 import struct
 import sys
 import tempfile
+import warnings
+import zlib
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["save_tensors", "load_tensors", "read_metadata"]
+__all__ = ["save_tensors", "load_tensors", "read_metadata", "ChecksumError", "CHECKSUM_KEY"]
+
+CHECKSUM_KEY = "gauss.checksum"
 
 _DTYPE_TO_CODE = {
     torch.bool: "BOOL",
@@ -48,6 +62,21 @@ _CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
 # A header larger than this is not a tensor file (the safetensors package uses the same cap).
 _MAX_HEADER = 100 * 1024 * 1024
 
+class ChecksumError(ValueError):
+    """A tensor file's bytes do not match the checksum stored in it (or it has none and the
+    caller required one)."""
+
+
+def _header_crc(header: Mapping[str, object]) -> int:
+    """CRC-32 of the header as canonical JSON, without the checksum entry itself."""
+    meta = dict(header.get("__metadata__") or {})
+    meta.pop(CHECKSUM_KEY, None)
+    body = {k: v for k, v in header.items() if k != "__metadata__"}
+    if meta:
+        body["__metadata__"] = meta
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("gauss_plugins.serialization supports little-endian hosts only")
 
@@ -64,6 +93,8 @@ def save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optio
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise TypeError(f"metadata must map str to str; bad entries: {bad[:5]} (json.dumps values first)")
+        if CHECKSUM_KEY in metadata:
+            raise ValueError(f"metadata key {CHECKSUM_KEY!r} is reserved for the file's checksum")
         header["__metadata__"] = dict(metadata)
     prepared = []
     for name, tensor in tensors.items():
@@ -85,6 +116,11 @@ def save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optio
         header[name] = {"dtype": _DTYPE_TO_CODE[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
+    crc = _header_crc(header)
+    for _, tensor in prepared:
+        if tensor.numel():
+            crc = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy().data, crc)
+    header.setdefault("__metadata__", {})[CHECKSUM_KEY] = f"crc32:{crc:08x}"
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
 
@@ -145,18 +181,26 @@ def _read_header(f, path: str) -> Tuple[dict, int]:
 
 
 def read_metadata(path: str) -> Dict[str, str]:
-    """Only the ``__metadata__`` of a tensor file (reads the header, not the data)."""
+    """Only the ``__metadata__`` of a tensor file (reads the header, not the data, so nothing
+    is verified; the checksum entry is left out)."""
     with open(path, "rb") as f:
         header, _ = _read_header(f, os.fspath(path))
-    return dict(header.get("__metadata__") or {})
+    meta = dict(header.get("__metadata__") or {})
+    meta.pop(CHECKSUM_KEY, None)
+    return meta
 
 
-def load_tensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def load_tensors(path: str, missing_checksum: str = "accept") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Read a file written by :func:`save_tensors` (or by the safetensors package).
 
     Returns ``(tensors, metadata)``; tensors are writable CPU tensors (views into one buffer read from the file; no copies).
-    Raises ``ValueError`` naming the problem for a truncated or malformed file.
+    The stored checksum is verified before anything is returned: :class:`ChecksumError` on a
+    mismatch. A file without
+    one is loaded (``missing_checksum="accept"``), loaded with a warning (``"warn"``) or refused
+    (``"error"``). Raises ``ValueError`` naming the problem for a truncated or malformed file.
     """
+    if missing_checksum not in ("accept", "warn", "error"):
+        raise ValueError(f"missing_checksum must be 'accept', 'warn' or 'error', got {missing_checksum!r}")
     path = os.fspath(path)
     with open(path, "rb") as f:
         header, start = _read_header(f, path)
@@ -166,9 +210,14 @@ def load_tensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         data = bytearray(data_len)
         if f.readinto(data) != data_len:
             raise ValueError(f"{path}: could not read {data_len} data bytes")
-    metadata = header.pop("__metadata__", None) or {}
+    # Layout problems (a truncated file) are reported first, as the more specific error;
+    # the checksum is verified before anything is returned.
+    metadata = dict(header.get("__metadata__") or {})
+    metadata.pop(CHECKSUM_KEY, None)
     tensors: Dict[str, torch.Tensor] = {}
     for name, entry in header.items():
+        if name == "__metadata__":
+            continue
         try:
             dtype = _CODE_TO_DTYPE[entry["dtype"]]
             shape = [int(s) for s in entry["shape"]]
@@ -190,4 +239,25 @@ def load_tensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         else:  # written by another tool without alignment: copy to aligned memory
             flat = torch.frombuffer(bytearray(data[begin:end]), dtype=torch.uint8).view(dtype)
         tensors[name] = flat.view(shape)
-    return tensors, dict(metadata)
+    _verify_checksum(path, header, data, missing_checksum)
+    return tensors, metadata
+
+
+def _verify_checksum(path: str, header: dict, data: bytearray, missing: str) -> None:
+    stored = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+    if stored is None:
+        if missing == "accept":
+            return
+        msg = (f"{path} carries no checksum (written before checksums existed, or by another tool), so damage to "
+               f"it cannot be detected; save it again to add one")
+        if missing == "error":
+            raise ChecksumError(msg)
+        warnings.warn(msg, stacklevel=3)
+        return
+    if not (isinstance(stored, str) and stored.startswith("crc32:")):
+        raise ChecksumError(f"{path}: unknown checksum {stored!r} (expected 'crc32:<hex>'): the file was written "
+                            f"by a newer gauss-plugins or damaged")
+    computed = f"crc32:{zlib.crc32(data, _header_crc(header)):08x}"
+    if computed != stored:
+        raise ChecksumError(f"{path}: checksum mismatch (stored {stored}, computed {computed}): the file was damaged "
+                            f"after it was written; nothing was loaded. Use another copy or an earlier checkpoint.")

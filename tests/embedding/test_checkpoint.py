@@ -2,6 +2,8 @@
 training is bit-identical on CPU to never having stopped."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -138,7 +140,7 @@ def test_wrong_order_and_mismatched_configs_are_refused(backend, tmp_path):
     fresh = DynamicEmbeddingTable(config(backend))
     with pytest.raises(ValueError, match="first checkpoint must be a full"):
         load_table(fresh, [tmp_path / "inc1"])
-    with pytest.raises(ValueError, match="in order"):
+    with pytest.raises(ValueError, match="in the order they were saved"):
         load_table(fresh, [tmp_path / "full", tmp_path / "inc2"])
     with pytest.raises(ValueError, match="dim"):
         load_table(DynamicEmbeddingTable(config(backend, dim=4)), [tmp_path / "full"])
@@ -156,3 +158,77 @@ def test_module_state_dict_roundtrip(backend):
     other = torch.nn.Sequential(DynamicEmbeddingTable(config(backend)), torch.nn.Linear(8, 1))
     other.load_state_dict(state)
     assert_identical(model[0], other[0])
+
+
+def strip_checksum(path) -> None:
+    """Rewrite a file as it was written before checksums existed (same tensors and data)."""
+    from gauss_plugins.serialization import CHECKSUM_KEY
+
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    del header["__metadata__"][CHECKSUM_KEY]
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+
+
+def _trained_chain(backend, tmp_path):
+    ref = DynamicEmbeddingTable(config(backend))
+    opt = SparseOptimizer(ref)
+    train(ref, opt, range(3))
+    v = save_table(ref, tmp_path / "full")
+    train(ref, opt, range(3, 5))
+    save_table(ref, tmp_path / "inc1", since_version=v)
+    return ref
+
+
+def test_a_flipped_data_byte_is_refused_and_the_table_is_unchanged(backend, tmp_path):
+    from gauss_plugins.serialization import ChecksumError
+
+    _trained_chain(backend, tmp_path)
+    raw = bytearray((tmp_path / "inc1").read_bytes())
+    raw[-5] ^= 0x20  # one bit in the data section of the incremental
+    (tmp_path / "inc1").write_bytes(bytes(raw))
+    table = DynamicEmbeddingTable(config(backend))
+    train(table, SparseOptimizer(table), range(10, 12))  # some state of its own
+    before = full_view(table)
+    # the intact full checkpoint comes first: the damaged second file must stop the load
+    # before the first one is applied
+    with pytest.raises(ChecksumError, match="inc1: checksum mismatch"):
+        load_table(table, [tmp_path / "full", tmp_path / "inc1"])
+    after = full_view(table)
+    assert before[1] == after[1] and set(before[0]) == set(after[0])
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+def test_misordered_chain_is_refused_before_touching_the_table(backend, tmp_path):
+    ref = _trained_chain(backend, tmp_path)
+    table = DynamicEmbeddingTable(config(backend))
+    train(table, SparseOptimizer(table), range(10, 12))
+    before = full_view(table)
+    with pytest.raises(ValueError, match="in the order they were saved"):
+        load_table(table, [tmp_path / "full", tmp_path / "inc1", tmp_path / "inc1"])
+    assert full_view(table)[1] == before[1]
+    assert torch.equal(full_view(table)[0]["weight"], before[0]["weight"])
+    assert ref.version > 0
+
+
+def test_checkpoints_without_a_checksum_load_with_a_warning(backend, tmp_path):
+    """Files written before checksums existed: loaded (with a warning) by default, refused
+    with require_checksum=True; saving again adds the checksum."""
+    from gauss_plugins.serialization import ChecksumError
+
+    ref = _trained_chain(backend, tmp_path)
+    for name in ("full", "inc1"):
+        strip_checksum(tmp_path / name)
+    with pytest.raises(ChecksumError, match="carries no checksum"):
+        load_table(DynamicEmbeddingTable(config(backend)), [tmp_path / "full"], require_checksum=True)
+    with pytest.warns(UserWarning) as warned:
+        old = load_table(DynamicEmbeddingTable(config(backend)), [tmp_path / "full", tmp_path / "inc1"])
+    assert sorted(str(w.message).split(" carries no checksum")[0] for w in warned) == \
+        [str(tmp_path / "full"), str(tmp_path / "inc1")]
+    assert_identical(ref, old)
+    save_table(old, tmp_path / "resaved")
+    again = load_table(DynamicEmbeddingTable(config(backend)), [tmp_path / "resaved"], require_checksum=True)
+    assert_identical(ref, again)

@@ -24,6 +24,14 @@ bit-identical results to never having stopped. A typical loop::
 
 Metadata (``__metadata__``): format, kind, version, base_version, step, the table config as
 JSON. :func:`table_from_checkpoint` rebuilds a table from a full checkpoint's config.
+
+Every file carries a CRC-32 of its header and data (:mod:`gauss_plugins.serialization`).
+:func:`load_table` reads and verifies *all* the files, and checks that they form a chain
+(full first, each incremental based on the previous file's version), before touching the
+table: a damaged or misordered file raises and leaves the table as it was. Checkpoints written
+before checksums existed load with a warning by default (``require_checksum=True`` refuses
+them): they are this project's own files, refusing them would strand trained tables with no way
+to upgrade, and saving the loaded table again writes a verified file.
 """
 from __future__ import annotations
 
@@ -50,17 +58,27 @@ def save_table(table: DynamicEmbeddingTable, path: PathLike, since_version: Opti
     return table.version
 
 
-def load_table(table: DynamicEmbeddingTable, paths: Union[PathLike, Iterable[PathLike]]) -> DynamicEmbeddingTable:
-    """Load a full checkpoint, then incrementals, in the given order, into ``table``."""
+def load_table(table: DynamicEmbeddingTable, paths: Union[PathLike, Iterable[PathLike]], *,
+               require_checksum: bool = False) -> DynamicEmbeddingTable:
+    """Load a full checkpoint, then incrementals, in the given order, into ``table``.
+
+    Every file is read and verified first (checksum, chain of versions); a
+    :class:`~gauss_plugins.serialization.ChecksumError` or ``ValueError`` then leaves ``table``
+    unchanged. Files without a checksum warn, or raise with ``require_checksum=True``."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = list(paths)
     if not paths:
         raise ValueError("load_table needs at least one checkpoint path")
-    for i, path in enumerate(paths):
-        tensors, meta = load_tensors(path)
+    loaded = [load_tensors(path, missing_checksum="error" if require_checksum else "warn") for path in paths]
+    for i, (path, (_, meta)) in enumerate(zip(paths, loaded)):
         if i == 0 and meta.get("kind") != "full":
             raise ValueError(f"{path}: the first checkpoint must be a full one (got {meta.get('kind')!r})")
+        if i > 0 and meta.get("kind") != "full" and meta.get("base_version") != loaded[i - 1][1].get("version"):
+            raise ValueError(f"{path}: incremental checkpoint based on version {meta.get('base_version')}, but the "
+                             f"file before it ({paths[i - 1]}) is at version {loaded[i - 1][1].get('version')}: "
+                             f"pass the full checkpoint and the incrementals in the order they were saved")
+    for path, (tensors, meta) in zip(paths, loaded):
         try:
             table.import_state(tensors, meta)
         except ValueError as exc:
