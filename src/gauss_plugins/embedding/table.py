@@ -54,7 +54,7 @@ from gauss_plugins.embedding.memory import alloc
 from gauss_plugins.embedding.sparse_rules import OptimizerConfig, SparseRule, make_rule
 from gauss_plugins.embedding.policies import AdmissionPolicy, AlwaysAdmit, Clock, EvictionPolicy
 
-__all__ = ["DynamicTableConfig", "DynamicEmbeddingTable", "TableFullError"]
+__all__ = ["DynamicTableConfig", "DynamicEmbeddingTable", "TableFullError", "UnknownIdError", "ReplicatedTableError"]
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -63,6 +63,21 @@ _STAMP_LIMIT = 2**31 - 1
 
 class TableFullError(RuntimeError):
     """The table has no free row, may not grow, and may not evict."""
+
+
+class UnknownIdError(LookupError):
+    """An eval-mode lookup read ids without a row, and ``eval_unknown="error"`` forbids it."""
+
+
+class ReplicatedTableError(RuntimeError):
+    """A table is trained by several ranks of a process group (DDP, TorchRec's
+    DistributedModelParallel): its rows are not synchronised across ranks, so each rank would
+    train its own diverging copy."""
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass
@@ -76,6 +91,13 @@ class DynamicTableConfig:
     is freed beyond what the batch needs (fewer, larger eviction rounds).
     ``auto_evict_every``: run :meth:`DynamicEmbeddingTable.evict` (expiry, e.g. TTL) every
     this many training lookups (0: only when called).
+    ``default``: what ids without a row read: ``"zeros"`` or ``"unknown"`` (one shared,
+    trainable row). ``eval_unknown``: what :meth:`~DynamicEmbeddingTable.lookup` and
+    :meth:`~DynamicEmbeddingTable.lookup_pooled` read in eval mode for an id the table has
+    never seen (eval never inserts): ``"default"`` (the ``default`` above; zeros unless set,
+    and silently so), ``"init"`` (the row the id would start with if training inserted it
+    now: the deterministic initializer's values) or ``"error"`` (raise
+    :class:`UnknownIdError` naming the ids).
     """
 
     name: str
@@ -96,6 +118,7 @@ class DynamicTableConfig:
     evict_fraction: float = 0.01
     auto_evict_every: int = 0
     default: str = "zeros"
+    eval_unknown: str = "default"
     optimizer: Union[OptimizerConfig, str, None] = None
     backend: str = "auto"
     device: Union[str, torch.device] = "cpu"
@@ -114,6 +137,9 @@ class DynamicTableConfig:
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
         if self.default not in ("zeros", "unknown"):
             raise ValueError(f"default must be 'zeros' or 'unknown', got {self.default!r}")
+        if self.eval_unknown not in ("default", "init", "error"):
+            raise ValueError(f"eval_unknown must be 'default' (read the default row), 'init' (read the id's initial "
+                             f"row) or 'error', got {self.eval_unknown!r}")
         if not 0.0 <= self.evict_fraction < 1.0:
             raise ValueError(f"evict_fraction must be in [0, 1), got {self.evict_fraction}")
         if isinstance(self.optimizer, str):
@@ -606,18 +632,23 @@ class DynamicEmbeddingTable(nn.Module):
         :meth:`lookup`; ids without a row map to :attr:`default_row`. For code that
         gathers from :attr:`weight` itself (no gradient is recorded)."""
         self._check_ids(ids)
+        self._check_single_replica()
         return self._resolve(ids.reshape(-1)).view(ids.shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32[*ids.shape, dim]: the rows of ``ids`` (default row where absent)."""
+        """float32[*ids.shape, dim]: the rows of ``ids``; absent ids read the default row (in
+        eval mode, what ``DynamicTableConfig.eval_unknown`` says)."""
         self._check_ids(ids)
+        self._check_single_replica()
         flat = ids.reshape(-1)
         rows = self._resolve(flat)
         shape = (*ids.shape, self.dim)
-        if not (self.training and torch.is_grad_enabled()):
+        if not self.training:
+            return self._read_unknown(flat, rows, self._gather(rows)).view(shape)
+        if not torch.is_grad_enabled():
             return self._gather(rows).view(shape)
         record = _GradRecord(flat, rows, None, _EMPTY_LONG, _EMPTY_FLOAT, self._epoch)
         return _LookupFunction.apply(self._anchor, lambda: self._gather(rows), self, record).view(shape)
@@ -625,8 +656,10 @@ class DynamicEmbeddingTable(nn.Module):
     def lookup_pooled(self, ids: torch.Tensor, offsets: torch.Tensor, mode: str = "sum",
                       per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32[B, dim]: per bag ``ids[offsets[b]:offsets[b+1]]``, the sum (or mean) of
-        the rows, each scaled by ``per_sample_weights`` when given (sum mode only)."""
+        the rows, each scaled by ``per_sample_weights`` when given (sum mode only; they get a
+        gradient when they require one). Absent ids read as in :meth:`lookup`."""
         self._check_ids(ids, flat=True)
+        self._check_single_replica()
         self._check_offsets(offsets, ids.numel())
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
@@ -643,14 +676,18 @@ class DynamicEmbeddingTable(nn.Module):
         # Per-sample weights that need a gradient: the rows read must be kept for backward.
         weights_grad = psw is not None and psw.requires_grad and torch.is_grad_enabled()
         if not self.training:
-            if weights_grad:
-                rows = self.index.find(ids, default=self.default_row)
-                bag = self._bag_index(offsets)
-                return _WeightedPoolFunction.apply(self._anchor, psw, lambda: self._pool(rows, offsets, imode, psw.detach()),
-                                                   self, None, self._gather(rows), bag)
-            if fused is not None:
-                return fused.lookup_pool(self.index, ids, offsets, self.weight, psw, imode, self.default_row)[0]
-            return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
+            if self.config.eval_unknown == "default" and not weights_grad:
+                if fused is not None:
+                    return fused.lookup_pool(self.index, ids, offsets, self.weight, psw, imode, self.default_row)[0]
+                return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
+            rows = self.index.find(ids, default=self.default_row)
+            values = self._read_unknown(ids, rows, self._gather(rows))
+            bag = self._bag_index(offsets)
+            if not weights_grad:
+                return self._pool_values(values, bag, offsets, imode, psw)
+            return _WeightedPoolFunction.apply(self._anchor, psw,
+                                               lambda: self._pool_values(values, bag, offsets, imode, psw.detach()),
+                                               self, None, values, bag)
         rows = self._rows_for_training(ids, stamp=False)
         spec = self._read_stamp(self._version)
         if spec == "torch":
@@ -672,6 +709,54 @@ class DynamicEmbeddingTable(nn.Module):
             return _WeightedPoolFunction.apply(self._anchor, psw, lambda: self._pool(rows, offsets, imode, psw.detach(), spec),
                                                self, record, values, src_idx)
         return _LookupFunction.apply(self._anchor, lambda: self._pool(rows, offsets, imode, psw, spec), self, record)
+
+    def _read_unknown(self, ids: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (gathered at ``rows``) with the ids that have no row read as
+        ``config.eval_unknown`` says; raises :class:`UnknownIdError` before returning anything."""
+        policy = self.config.eval_unknown
+        if policy == "default":
+            return values
+        missing = rows == self.default_row
+        if not bool(missing.any()):
+            return values
+        unknown = ids[missing]
+        if policy == "error":
+            shown = torch.unique(unknown)
+            raise UnknownIdError(
+                f"dynamic table {self.name!r} (eval mode) has no row for {shown.numel()} id(s), e.g. "
+                f"{shown[:5].tolist()}; eval_unknown='error' forbids reading them. Train on these ids first, or "
+                f"set DynamicTableConfig.eval_unknown='default' (read the default row) or 'init' (read the "
+                f"id's initial row)")
+        cfg = self.config
+        init = initial_values(cfg.initializer, unknown, self.dim, cfg.seed, cfg.init_min, cfg.init_max, cfg.init_std)
+        # Rounded through the storage dtype: exactly what the row would hold once inserted.
+        values[missing] = init.to(self.dtype).to(torch.float32)
+        return values
+
+    def _pool_values(self, values: torch.Tensor, bag: torch.Tensor, offsets: torch.Tensor, mode: int,
+                     psw: Optional[torch.Tensor]) -> torch.Tensor:
+        """Sum (mode 0) or mean (1) per bag of already gathered ``values``."""
+        if psw is not None:
+            values = values * psw.to(torch.float32)[:, None]
+        out = torch.zeros(offsets.numel() - 1, self.dim, dtype=torch.float32, device=self.device)
+        out.index_add_(0, bag, values)
+        if mode == 1:
+            lengths = offsets[1:] - offsets[:-1]
+            out = out * (1.0 / lengths.clamp_min(1).to(torch.float32))[:, None]
+        return out
+
+    def _check_single_replica(self) -> None:
+        """Refuse training lookups under a process group of several ranks (see
+        :class:`ReplicatedTableError`); reading in eval mode stays allowed."""
+        if not self.training:
+            return
+        world = _world_size()
+        if world > 1:
+            raise ReplicatedTableError(
+                f"dynamic table {self.name!r} is trained in a process group of world size {world} (DDP, "
+                f"TorchRec's DistributedModelParallel, a multi-process Lightning or Ray run). Its rows are not "
+                f"synchronised across ranks yet, so each rank would train its own diverging table. Train with "
+                f"one process (world size 1) until distributed training of dynamic tables is supported")
 
     def _bag_index(self, offsets: torch.Tensor) -> torch.Tensor:
         """int64[N]: the bag of each id position."""
