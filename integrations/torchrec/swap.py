@@ -8,6 +8,7 @@ tables to give to the fused sparse optimizer.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from gauss_integrations.torchrec.modules import DynamicEmbeddingBagCollection, DynamicEmbeddingCollection
-from gauss_integrations.torchrec.tables import TableOptions
+from gauss_integrations.torchrec.tables import TableOptions, sets_option
 
 
 def swap_dynamic_embeddings(
@@ -24,6 +25,7 @@ def swap_dynamic_embeddings(
     default_options: Optional[TableOptions] = None,
     allow_unknown_features: bool = False,
     copy_weights: bool = False,
+    copy_headroom: float = 2.0,
 ) -> nn.Module:
     """Replace every TorchRec ``EmbeddingBagCollection`` and ``EmbeddingCollection`` in
     ``model`` (the model itself included) by a dynamic twin with the same configs.
@@ -39,6 +41,16 @@ def swap_dynamic_embeddings(
             models whose ids already are row numbers, e.g. from a vocabulary): the swapped
             model then computes what the original did on those ids, and new ids get new
             rows. Off by default: the dynamic tables start empty.
+        copy_headroom: with ``copy_weights``, a copied table is already ``num_embeddings``
+            rows full, so unless the options set ``max_capacity`` it may grow to
+            ``copy_headroom * num_embeddings`` rows (and starts at ``num_embeddings``, so the
+            copy does not rehash repeatedly): the first unseen ids get rows instead of
+            failing the batch with ``TableFullError``. Set an eviction policy for a bound
+            that never fails.
+
+    Ids a table has never seen read zeros in eval mode (eval never inserts), as in any
+    dynamic table; choose otherwise with the option ``eval_unknown`` (``"init"``: the id's
+    initial row, ``"error"``: raise), e.g. ``default_options={"eval_unknown": "error"}``.
 
     Returns:
         ``model`` itself, changed in place, or the twin when ``model`` is a collection.
@@ -46,6 +58,9 @@ def swap_dynamic_embeddings(
         device and train/eval mode; a module used at several places in the tree is
         replaced by one shared twin. On any error the model is left unchanged.
     """
+    if isinstance(copy_headroom, bool) or not isinstance(copy_headroom, (int, float)) or not copy_headroom >= 1.0:
+        raise ValueError(f"copy_headroom must be a number >= 1 (the most rows a copied table grows to, as a multiple "
+                         f"of num_embeddings), got {copy_headroom!r}")
     table_options = dict(table_options or {})
     seen_tables: Dict[str, str] = {}
     twins: Dict[int, nn.Module] = {}
@@ -62,6 +77,8 @@ def swap_dynamic_embeddings(
                 )
             seen_tables[config.name] = path
         options = {c.name: table_options[c.name] for c in configs if c.name in table_options}
+        if copy_weights:
+            options = {c.name: _with_headroom(c, default_options, options.get(c.name), copy_headroom) for c in configs}
         if isinstance(module, EmbeddingBagCollection):
             twin: nn.Module = DynamicEmbeddingBagCollection(
                 configs,
@@ -109,6 +126,19 @@ def swap_dynamic_embeddings(
     for parent, child_name, twin in replacements:
         setattr(parent, child_name, twin)
     return model
+
+
+def _with_headroom(config, default_options: Optional[TableOptions], options: Optional[TableOptions],
+                   headroom: float) -> Optional[TableOptions]:
+    """``options`` for a table that copy_weights fills to ``num_embeddings`` rows at once:
+    room to grow beyond it, unless the options bound the table themselves."""
+    if sets_option(default_options, "max_capacity") or sets_option(options, "max_capacity"):
+        return options
+    rows = config.num_embeddings
+    extra = {"max_capacity": max(rows, math.ceil(headroom * rows))}
+    if not (sets_option(default_options, "initial_capacity") or sets_option(options, "initial_capacity")):
+        extra["initial_capacity"] = rows  # the copy fills it: no rehash per doubling on the way
+    return {**options, **extra} if options else extra
 
 
 def _copy_rows(static: nn.Module, twin: nn.Module) -> None:

@@ -6,6 +6,11 @@ What a TorchRec config says is kept:
 * ``num_embeddings`` -> ``max_capacity``: the memory the model was sized for stays the
   bound (the table starts small and grows up to it). Raise it, or set an eviction policy,
   through the options: with eviction off a full table raises ``TableFullError``.
+  ``swap_dynamic_embeddings(copy_weights=True)`` fills a table with ``num_embeddings`` rows
+  at once, so it bounds copied tables at ``copy_headroom`` (2) times that instead.
+* Ids a table has never seen read zeros in eval mode (eval never inserts rows), where
+  TorchRec would read the row of that index: set the option ``eval_unknown`` to ``"init"``
+  (the id's initial row) or ``"error"`` to choose otherwise.
 * The default initialisation, uniform in ``[weight_init_min, weight_init_max]`` (TorchRec's
   ``±sqrt(1 / num_embeddings)`` when unset), becomes the table's deterministic uniform
   initializer over the same range. A custom ``init_fn`` fills a whole weight tensor from
@@ -69,14 +74,14 @@ def table_config(
     for layer in (default_options, options):
         values.update(_layer_fields(layer, config))
     layers = (default_options, options)
-    if not any(_sets(layer, "initializer") for layer in layers):
+    if not any(sets_option(layer, "initializer") for layer in layers):
         # Honour TorchRec's uniform init (its range unless an option sets one); a custom
         # init_fn raises here, so it is never silently replaced.
         low, high = _uniform_range(config)
         values["initializer"] = "uniform"
-        if not any(_sets(layer, f) for layer in layers for f in ("init_min", "init_max")):
+        if not any(sets_option(layer, f) for layer in layers for f in ("init_min", "init_max")):
             values.update(init_min=low, init_max=high)
-    if not any(_sets(layer, "initial_capacity") for layer in layers):
+    if not any(sets_option(layer, "initial_capacity") for layer in layers):
         values["initial_capacity"] = min(values["initial_capacity"], values["max_capacity"])
     return DynamicTableConfig(**values)
 
@@ -91,7 +96,8 @@ def build_table(
     return DynamicEmbeddingTable(table_config(config, device, default_options, options))
 
 
-def _sets(layer: Optional[TableOptions], name: str) -> bool:
+def sets_option(layer: Optional[TableOptions], name: str) -> bool:
+    """Whether an options layer decides field ``name`` (a whole config decides them all)."""
     if layer is None:
         return False
     if isinstance(layer, DynamicTableConfig):

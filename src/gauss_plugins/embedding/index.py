@@ -94,6 +94,8 @@ def check_keys(keys: torch.Tensor, device: torch.device, what: str = "keys") -> 
         raise TypeError(f"{what} must be a torch.Tensor of int64 ids, got {type(keys).__name__}")
     if keys.dtype != torch.int64:
         hint = " (float ids are not accepted: ids are exact int64 values)" if keys.is_floating_point() else ""
+        if keys.dtype == torch.uint64:
+            hint = " (.long() wraps uint64 ids above 2**63 - 1 to negative ids: map them to int64 deliberately)"
         raise TypeError(f"{what} must have dtype torch.int64, got {keys.dtype}{hint}; convert with .long() "
                         f"only if the values are exact integer ids")
     if keys.dim() != 1:

@@ -102,6 +102,10 @@ def as_ids(ids: IdsLike, name: str = "ids") -> torch.Tensor:
             raise TypeError(f"{name}: expected a 1-D integer tensor or sequence of ints, got a scalar {ids!r}")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{name}: ids must be integers, got dtype {t.dtype}")
+    if t.dtype == torch.uint64:
+        # Converting would wrap 2**64 - 1 to -1 silently: another id's row.
+        raise TypeError(f"{name}: ids must be int64; uint64 ids above 2**63 - 1 would wrap to negative ids. "
+                        f"Map them to int64 yourself (e.g. ids.view(torch.int64) if wrapping is what you want)")
     if t.dim() != 1:
         raise ValueError(f"{name}: ids must be 1-D, got shape {tuple(t.shape)}")
     return t.to(device="cpu", dtype=torch.int64).contiguous()
