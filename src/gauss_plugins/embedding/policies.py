@@ -21,6 +21,22 @@ Eviction frees rows when the table is full and cannot grow, or when :meth:`evict
 * :class:`ScoreEviction` (``"score"``): a custom ``score_fn(ids, rows, table) -> scores``.
 
 Lower score = evicted first; ties are broken by id, so eviction is deterministic.
+
+Cost per round is bounded on large tables (every policy takes these options):
+
+* ``sample_factor`` (default 8): once the table holds more than ``exact_below`` (default
+  65,536) rows, a round that must free ``k`` rows scores ``sample_factor * k`` rows drawn
+  uniformly at random (from a generator seeded by the table's seed) and evicts the ``k``
+  lowest of them. The victims are then the table's lowest ``~1/sample_factor`` quantile by
+  score, not exactly its ``k`` lowest; a round costs O(k), whatever the table size.
+  ``sample_factor=0`` always selects exactly (a full scan: O(table) per round).
+  Smaller tables, and rounds that would sample most of the table, select exactly.
+  ``evict_fraction`` still adds its headroom to ``k``: set it to 0 for the smallest,
+  steadiest rounds (each training step then frees what its new ids need).
+* ``expire_scan_rows`` (default 65,536): automatic expiry (``auto_evict_every``) checks the
+  next this many rows of a sweep over the table, so an expired row goes within
+  ``capacity / expire_scan_rows`` rounds. ``table.evict()`` with no arguments still
+  removes every expired row at once (a full scan).
 Third-party policies subclass :class:`AdmissionPolicy` / :class:`EvictionPolicy` and register
 through the ``gauss_register_admission_policies`` / ``gauss_register_eviction_policies`` hooks.
 """
@@ -189,7 +205,12 @@ class EvictionPolicy:
     #: whether :meth:`on_access` does anything (the table skips recording reads otherwise)
     records_reads: bool = True
 
-    def __init__(self) -> None:
+    def __init__(self, sample_factor: int = 8, exact_below: int = 1 << 16, expire_scan_rows: int = 1 << 16) -> None:
+        for name, value, low in (("sample_factor", sample_factor, 0), ("exact_below", exact_below, 0),
+                                 ("expire_scan_rows", expire_scan_rows, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"eviction option {name} must be an int >= {low}, got {value!r}")
+        self.sample_factor, self.exact_below, self.expire_scan_rows = sample_factor, exact_below, expire_scan_rows
         self.rows: Dict[str, torch.Tensor] = {}
 
     def bind(self, table) -> None:
@@ -247,7 +268,8 @@ class EvictionPolicy:
         pass
 
     def options(self) -> Dict[str, object]:
-        return {}
+        return {"sample_factor": self.sample_factor, "exact_below": self.exact_below,
+                "expire_scan_rows": self.expire_scan_rows}
 
 
 def _stamp(step: int) -> int:
@@ -312,8 +334,8 @@ class TTLEviction(EvictionPolicy):
     name = "ttl"
     row_fields = ("last_seen",)
 
-    def __init__(self, ttl: float = 1000, unit: str = "steps") -> None:
-        super().__init__()
+    def __init__(self, ttl: float = 1000, unit: str = "steps", **bounds: int) -> None:
+        super().__init__(**bounds)
         if unit not in ("steps", "seconds"):
             raise ValueError(f"ttl unit must be 'steps' or 'seconds', got {unit!r}")
         if ttl <= 0:
@@ -348,7 +370,7 @@ class TTLEviction(EvictionPolicy):
         self.epoch = int(state["epoch"])
 
     def options(self):
-        return {"ttl": self.ttl, "unit": self.unit}
+        return {**super().options(), "ttl": self.ttl, "unit": self.unit}
 
 
 class ScoreEviction(EvictionPolicy):
@@ -357,8 +379,8 @@ class ScoreEviction(EvictionPolicy):
     name = "score"
     records_reads = False
 
-    def __init__(self, score_fn: Callable[..., torch.Tensor]) -> None:
-        super().__init__()
+    def __init__(self, score_fn: Callable[..., torch.Tensor], **bounds: int) -> None:
+        super().__init__(**bounds)
         if not callable(score_fn):
             raise TypeError("ScoreEviction needs a callable score_fn(ids, rows, table) -> scores")
         self.score_fn = score_fn

@@ -27,6 +27,10 @@ Change tracking (stores, the WePS syncer, incremental checkpoints)::
     ids, values, opt_state = table.changed_since(v)     # rows inserted, updated or written since v
     gone = table.evicted_since(v)                       # ids evicted or deleted since v (not live now)
 
+Both cost O(rows changed / evicted since ``v``), not O(table): every mutation appends the
+rows it stamps to a bounded change log (see :mod:`gauss_plugins.embedding.tracking`); a
+``v`` older than the log reaches back falls back to one full scan.
+
 Every mutation (a training lookup, an optimizer step, set, delete, evict, growth) advances
 ``version``; a row it inserts, updates or writes is stamped with the new version (so is a
 row a training lookup reads when the eviction policy records reads, as LFU and TTL do:
@@ -53,6 +57,7 @@ from gauss_plugins.embedding.initializers import Initializer, initial_values
 from gauss_plugins.embedding.memory import alloc
 from gauss_plugins.embedding.sparse_rules import OptimizerConfig, SparseRule, make_rule
 from gauss_plugins.embedding.policies import AdmissionPolicy, AlwaysAdmit, Clock, EvictionPolicy
+from gauss_plugins.embedding.tracking import ChangeLog, RowScratch, expire_window, lowest_k, sampled_victims
 
 __all__ = ["DynamicTableConfig", "DynamicEmbeddingTable", "TableFullError", "UnknownIdError", "ReplicatedTableError"]
 
@@ -285,6 +290,12 @@ class DynamicEmbeddingTable(nn.Module):
         self._stamp_base = 0
         self._version = 0
         self._step = 0                # training lookups (the eviction clock)
+        self._row_ids = alloc((cap + 1,), torch.int64, self.device, 0)  # the key of each live row
+        self._changes = ChangeLog(self._change_log_limit(cap))
+        self._scratch = RowScratch()
+        self._evict_rng: Optional[torch.Generator] = None
+        self._expire_hand = 0         # where automatic expiry's sweep resumes
+        self.last_changed_scan = 0    # entries the last changed_since visited (log entries or rows)
         self._epoch = 0               # bumped when rows are freed or moved: re-resolve recorded grads
         self._tombstone_ids: List[torch.Tensor] = []
         self._tombstone_versions: List[int] = []
@@ -374,13 +385,16 @@ class DynamicEmbeddingTable(nn.Module):
         return {
             "live_rows": len(self),
             "capacity": self.capacity,
+        row_id_bytes = self._row_ids.numel() * 8  # row -> id, so change tracking never scans the index
             "load_factor": len(self) / self.index.num_slots,
             "index_bytes": index_bytes,
             "policy_bytes": policy_bytes,
             "version_stamp_bytes": stamp_bytes,
             "vector_bytes": self.weight.numel() * self.weight.element_size(),
             "optimizer_bytes": sum(t.numel() * t.element_size() for t in self.opt_state.values()),
-            "overhead_bytes_per_row": (index_bytes + policy_bytes + stamp_bytes) / live,
+            "overhead_bytes_per_row": (index_bytes + policy_bytes + stamp_bytes + row_id_bytes) / live,
+            "row_id_bytes": row_id_bytes,
+            "change_log_bytes": self._changes.nbytes() + self._scratch.nbytes(),
         }
 
     # ------------------------------------------------------------------ validation
@@ -414,7 +428,7 @@ class DynamicEmbeddingTable(nn.Module):
             self._stamp_base += shift
         return self._version
 
-    def _stamp(self, rows: torch.Tensor, version: int) -> None:
+    def _stamp(self, rows: torch.Tensor, version: int, distinct: bool = True) -> None:
         self._row_stamp[rows] = version - self._stamp_base
 
     def _clock(self) -> Clock:
@@ -426,6 +440,18 @@ class DynamicEmbeddingTable(nn.Module):
         self.index.rehash(new_capacity)
         new = self.index.capacity
 
+        self._changes.add(rows, version, distinct=distinct)
+
+    @staticmethod
+    def _change_log_limit(capacity: int) -> int:
+        # Room for about a full table's worth of row changes (8 B each): a consumer that
+        # falls further behind gets one full scan, which is exact anyway.
+        return max(capacity, 1 << 20)
+
+    def _eviction_rng(self) -> torch.Generator:
+        if self._evict_rng is None:
+            self._evict_rng = torch.Generator(device=self.device).manual_seed(self.config.seed ^ 0xE71C7)
+        return self._evict_rng
         def grown(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
             out = alloc((new + 1, *t.shape[1:]), t.dtype, t.device, fill)
             out[:old] = t[:old]
@@ -444,6 +470,8 @@ class DynamicEmbeddingTable(nn.Module):
 
     def _ensure_room(self, n_new: int, protect: Callable[[], torch.Tensor]) -> None:
         """Make room for ``n_new`` rows: grow, else evict (never the rows ``protect()`` returns)."""
+        self._row_ids = grown(self._row_ids)
+        self._changes.limit = self._change_log_limit(new)
         free = self.capacity - len(self)
         if n_new <= free:
             return
@@ -471,7 +499,13 @@ class DynamicEmbeddingTable(nn.Module):
         self._remove(victims)
 
     def _select_victims(self, k: int, protect: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Ids (ascending) of the ``k`` lowest-scored live rows not in ``protect`` (ties by id)."""
+        """Ids (ascending) of the ``k`` lowest-scored live rows not in ``protect`` (ties by id);
+        on a large table, of a random sample of ``eviction.sample_factor * k`` rows
+        (:func:`~gauss_plugins.embedding.tracking.sampled_victims`)."""
+        if self.eviction is not None and k > 0:
+            sampled = sampled_victims(self, k, protect)
+            if sampled is not None:
+                return sampled
         fused = self.index.fused
         array = self.eviction.score_array() if self.eviction is not None else None
         if fused is not None and array is not None and k > 0:
@@ -487,16 +521,7 @@ class DynamicEmbeddingTable(nn.Module):
             return ids[:0]
         if k >= ids.numel():
             return ids.sort().values
-        scores = self.eviction.scores(ids, rows, self._clock(), self)
-        scores = scores.to(torch.float64) if scores.is_floating_point() else scores.to(torch.int64)
-        # Everything below the k-th score goes; among the rows tied at it, the smallest ids.
-        threshold = scores.kthvalue(k).values
-        below = scores < threshold
-        tied = ids[scores == threshold]
-        m = k - int(below.sum())
-        if m < tied.numel():
-            tied = tied[tied <= tied.kthvalue(m).values]
-        return torch.cat([ids[below], tied]).sort().values
+        return lowest_k(ids, self.eviction.scores(ids, rows, self._clock(), self), k)
 
     def _remove(self, ids: torch.Tensor) -> torch.Tensor:
         """Remove ``ids`` (distinct) from the index; log them as tombstones. Returns rows."""
@@ -548,6 +573,7 @@ class DynamicEmbeddingTable(nn.Module):
         cannot be made (:class:`TableFullError`) nothing changes but the step and version
         counters and the admission policy's sightings."""
         self._step += 1
+        self._row_ids[rows] = ids
         version = self._bump()
         rows = self.index.find(ids)
         miss_pos = torch.nonzero(rows < 0).squeeze(1)
@@ -572,7 +598,7 @@ class DynamicEmbeddingTable(nn.Module):
         if stamp:
             self._apply_read_stamp(rows, self._read_stamp(version))
         if self.config.auto_evict_every and self._step % self.config.auto_evict_every == 0:
-            self._expire(protect=rows[rows != self.default_row])
+            self._expire(protect=rows[rows != self.default_row], bounded=True)
         return rows
 
     def _read_stamp(self, version: int) -> Union[None, str, Dict[str, Any]]:
@@ -596,7 +622,7 @@ class DynamicEmbeddingTable(nn.Module):
         if spec == "torch":
             read = rows[rows != self.default_row]
             self.eviction.on_access(read, self._clock())
-            self._stamp(read, self._version)
+            self._stamp(read, self._version, distinct=False)
             return
         self.index.fused.stamp_rows(rows, **spec)
 
@@ -619,6 +645,7 @@ class DynamicEmbeddingTable(nn.Module):
         vals = self._gather(rows)
         if psw is not None:
             vals = vals * psw.to(torch.float32)[:, None]
+        self._changes.add(rows, spec["stamp_value"] + self._stamp_base, distinct=False)
         out = torch.zeros(B, self.dim, dtype=torch.float32, device=self.device).index_add_(0, bag, vals)
         if mode == 1:
             out = out * (1.0 / lengths.clamp_min(1).to(torch.float32))[:, None]
@@ -726,6 +753,8 @@ class DynamicEmbeddingTable(nn.Module):
                 f"dynamic table {self.name!r} (eval mode) has no row for {shown.numel()} id(s), e.g. "
                 f"{shown[:5].tolist()}; eval_unknown='error' forbids reading them. Train on these ids first, or "
                 f"set DynamicTableConfig.eval_unknown='default' (read the default row) or 'init' (read the "
+        elif spec is not None:  # the pooling kernel below stamps the rows it reads
+            self._changes.add(rows, spec["stamp_value"] + self._stamp_base, distinct=False)
                 f"id's initial row)")
         cfg = self.config
         init = initial_values(cfg.initializer, unknown, self.dim, cfg.seed, cfg.init_min, cfg.init_max, cfg.init_std)
@@ -831,8 +860,9 @@ class DynamicEmbeddingTable(nn.Module):
             rows, src, src_idx, scale = prep.fused
             skip = self.default_row if self.config.default == "zeros" else -1
             version = self._bump()
-            fused.accumulate_update(rule.kind, self.weight, *state, rule.hyperparams(), rows, src, src_idx, scale,
-                                    skip, self._row_stamp, version - self._stamp_base)
+            updated = fused.accumulate_update(rule.kind, self.weight, *state, rule.hyperparams(), rows, src, src_idx,
+                                              scale, skip, self._row_stamp, version - self._stamp_base)
+            self._changes.add(updated, version)  # distinct rows, as the kernel returns them
             return
         if prep.rows.numel() == 0:
             return
@@ -922,7 +952,9 @@ class DynamicEmbeddingTable(nn.Module):
             return victims
         return self._expire()
 
-    def _expire(self, protect: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _expire(self, protect: Optional[torch.Tensor] = None, bounded: bool = False) -> torch.Tensor:
+        """Remove expired rows: all of them, or (``bounded``, automatic expiry during
+        training) those in the next window of a sweep (``eviction.expire_scan_rows`` rows)."""
         if self.eviction is None:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         keys, rows = self.index.keys_and_rows()
@@ -943,24 +975,38 @@ class DynamicEmbeddingTable(nn.Module):
         return self.weight[self.default_row].to(torch.float32).clone()
 
     # ------------------------------------------------------------------ change tracking
-    def _changed_rows(self, version: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids, rows = self.index.keys_and_rows()
+    def _changed_rows(self, version: int, sort: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         rel = version - self._stamp_base
-        if rel < 0:  # older than the stamp window: everything may have changed
-            sel = torch.ones_like(rows, dtype=torch.bool)
-        else:
-            sel = self._row_stamp[rows].to(torch.int64) > rel
-        ids, rows = ids[sel], rows[sel]
+        if rel >= 0 and self._changes.covers(version):
+            # O(changed): the log's chunks after `version`, checked against the stamps.
+            rows, self.last_changed_scan = self._changes.rows_since(version, self._row_stamp, self._stamp_base,
+                                                                    self._scratch)
+            rows = rows[rows != self.default_row]  # a trained "unknown" row is stamped too
+            ids = self._row_ids[rows]
+        else:  # older than the stamp window or the log: scan every row
+            ids, rows = self.index.keys_and_rows()
+            self.last_changed_scan = rows.numel()
+            if rel >= 0:
+                sel = self._row_stamp[rows].to(torch.int64) > rel
+                ids, rows = ids[sel], rows[sel]
+        if not sort:
+            return ids, rows
         ids, order = ids.sort()
         return ids, rows[order]
 
     @torch.no_grad()
-    def changed_since(self, version: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """(ids ascending, values [N, dim] in the storage dtype, optimizer state by name) of the
-        live rows inserted, updated or written after ``version`` (and read in training, with
-        an eviction policy that records reads)."""
-        ids, rows = self._changed_rows(int(version))
-        return ids, self.weight[rows].clone(), {k: v[rows].clone() for k, v in self.opt_state.items()}
+    def changed_since(self, version: int, optimizer_state: bool = True,
+                      sort: bool = True) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """(ids, values [N, dim] in the storage dtype, optimizer state by name) of the live
+        rows inserted, updated or written after ``version`` (and read in training, with an
+        eviction policy that records reads). Ids are ascending unless ``sort=False`` (a
+        caller holding a lock may sort after releasing it); ``optimizer_state=False``
+        returns ``{}`` instead of copying the state. Costs O(rows changed since
+        ``version``) while the change log reaches back that far (:attr:`last_changed_scan`
+        says how many entries were visited)."""
+        ids, rows = self._changed_rows(int(version), sort=sort)
+        state = {k: v[rows] for k, v in self.opt_state.items()} if optimizer_state else {}
+        return ids, self.weight[rows], state
 
     def evicted_since(self, version: int) -> torch.Tensor:
         """Ids (ascending, distinct) evicted or deleted after ``version`` that are not live now."""
@@ -980,6 +1026,11 @@ class DynamicEmbeddingTable(nn.Module):
         """Flat CPU tensors + str metadata: the full state, or with ``since_version`` the
         rows changed since then, the evicted ids and the table-wide state. See checkpoint.py."""
         meta = {
+        if bounded:
+            victims = expire_window(self, protect)
+            if victims.numel():
+                self._remove(victims)
+            return victims
             "format": "gauss-dynamic-table/1",
             "kind": "full" if since_version is None else "incremental",
             "config": self.config.to_json(),
@@ -1099,6 +1150,10 @@ class DynamicEmbeddingTable(nn.Module):
         t_ids = tensors["tombstones.ids"].to(self.device)
         t_ver = tensors["tombstones.versions"].to(self.device)
         for v in torch.unique_consecutive(t_ver).tolist():
+            self._row_ids = alloc((capacity + 1,), torch.int64, dev, 0)
+            # Stamps come from the file; the log starts now (older queries scan once).
+            self._changes = ChangeLog(self._change_log_limit(capacity), since=int(meta["version"]))
+            self._expire_hand = 0
             self._tombstone_ids.append(t_ids[t_ver == v])
             self._tombstone_versions.append(int(v))
 
@@ -1107,6 +1162,7 @@ class DynamicEmbeddingTable(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         tensors, meta = self.export_state()
         for k, v in tensors.items():
+            self._row_ids[rows] = index_state["keys"].to(dev)
             destination[f"{prefix}{k}"] = v
         destination[f"{prefix}_meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
 
@@ -1132,10 +1188,13 @@ def _concat_records(records):
     any_scale = any(r[3].numel() for r in records)
     for r, src, idx, scale in records:
         n = r.numel()
+            self._row_ids[rows] = ids
         rows.append(r)
         srcs.append(src)
         idxs.append((idx if idx.numel() else torch.arange(n, device=src.device)) + offset)
         if any_scale:
+        if meta["kind"] != "full":  # rows keep their saved versions: match them by "newer than"
+            self._changes.add(rows, int(meta["version"]), exact=False)
             scales.append(scale.to(src.device) if scale.numel() else torch.ones(n, device=src.device))
         offset += src.shape[0]
     scale = torch.cat(scales) if any_scale else _EMPTY_FLOAT

@@ -124,6 +124,11 @@ class TableSource:
     (``with source.lock: loss.backward(); opt.step()``) so that a pull never sees a step
     half-applied. The version is read before the rows, so a row updated during a pull is
     pushed again by the next one.
+
+    A pull holds the lock for O(rows changed since the last pull) -- the table's change
+    log, not a scan of the table -- and sorts the ids after releasing it. :attr:`pulls`
+    keeps the recent pulls' ``lock_s`` (time training was blocked), ``total_s``, ``rows``
+    and ``visited`` (change-log entries or rows the table looked at).
     """
 
     def __init__(self, table: Any, lock: Optional[threading.Lock] = None):
@@ -135,6 +140,7 @@ class TableSource:
         self.state_dim = 0  # optimizer state stays in training; serving needs values only
         self.lock = lock or threading.Lock()
         self._consumers: Dict[str, int] = {}
+        self.pulls: Deque[Dict[str, float]] = deque(maxlen=10_000)
         # Changes after the attach happened after it: that time bounds the first push's
         # freshness from above (a run with a single push still reports a number).
         self._pulled_at: Dict[int, float] = {self.version: time.time()}
@@ -158,7 +164,9 @@ class TableSource:
         self._consumers.pop(name, None)
 
     def changes_since(self, version: int, consumer: Optional[str] = None, full: bool = False) -> ChangeBatch:
+        t0 = time.perf_counter()
         with self.lock:
+            t_locked = time.perf_counter()
             now = self.version
             deleted = None
             if not full:
@@ -166,14 +174,22 @@ class TableSource:
                     deleted = self.table.evicted_since(version)
                 except ValueError:  # tombstones that old were dropped: only a full image is exact
                     full = True
-            # changed_since of a version before every stamp returns every live row.
-            ids, values, _ = self.table.changed_since(-(1 << 62) if full else version)
+            # changed_since of a version before every stamp returns every live row. Serving
+            # needs no optimizer state, and the ids are sorted once the lock is released.
+            ids, values, _ = self.table.changed_since(-(1 << 62) if full else version, optimizer_state=False,
+                                                      sort=False)
+            visited = int(getattr(self.table, "last_changed_scan", -1))
             if consumer is not None:
                 self._consumers[consumer] = max(int(version), self._consumers.get(consumer, 0))
                 self.table.trim_tombstones(min(self._consumers.values()))
             self._pulled_at[now] = time.time()
             for v in [v for v in self._pulled_at if v < version]:
                 del self._pulled_at[v]
+            t_unlock = time.perf_counter()
+        ids, order = ids.sort()
+        values = values[order]
+        self.pulls.append({"lock_s": t_unlock - t_locked, "wait_s": t_locked - t0,
+                           "total_s": time.perf_counter() - t0, "rows": int(ids.numel()), "visited": visited})
         empty = torch.empty(0, dtype=torch.int64)
         return ChangeBatch(ids.to("cpu"), values.to("cpu", torch.float32), None,
                            empty if deleted is None else deleted.to("cpu"), now, full=full)

@@ -1,0 +1,215 @@
+"""Incremental bookkeeping that keeps a sync pull O(changed rows) and an eviction round bounded.
+
+Why: a dynamic table can hold tens of millions of rows, and both consumers of "which rows"
+questions run while training waits (the syncer's pull holds the training lock; eviction runs
+inside a training lookup). A full scan of the rows costs ~25 ms a million rows on one core,
+so neither may look at every row.
+
+* :class:`ChangeLog` -- the rows each mutation stamped, appended as they happen (the tensors
+  the mutation already built: no copy). ``changed_since(v)`` reads only the chunks newer
+  than ``v`` and keeps a row where the table's version stamp says its *latest* change is
+  in that chunk (each row therefore survives once, without a sort). The log holds at most
+  ``limit`` row entries; older chunks are dropped and a query older than what is kept
+  falls back to a full scan (still exact, just O(table)).
+* :func:`sampled_victims` -- approximate LRU/LFU/TTL victim selection, as Redis does it:
+  score ``sample_factor * k`` rows drawn uniformly at random and evict the ``k`` lowest of
+  the sample. The cost is O(k) whatever the table size; the victims are the lowest
+  ``~1/sample_factor`` quantile of the table's scores rather than its exact bottom ``k``.
+  Small tables (``live <= exact_below``) and rounds that would sample most of the table
+  keep the exact selection. Sampling was chosen over incremental buckets or a clock because
+  it needs no per-row state beyond what the policies already keep, works unchanged for
+  custom scores (``ScoreEviction``), and its error is easy to state and to test.
+* :func:`distinct_rows` -- de-duplication in O(n) through a scratch array with a slot per
+  row (no sort).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Deque, Optional, Tuple
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gauss_plugins.embedding.table import DynamicEmbeddingTable
+
+__all__ = ["ChangeLog", "RowScratch", "distinct_rows", "lowest_k", "sampled_victims", "expire_window"]
+
+# Fewer, larger chunks keep the Python loop of a query short; past this many the oldest go.
+_MAX_CHUNKS = 1 << 14
+
+
+class RowScratch:
+    """An int32 array with at least one slot per row, reused between calls: never cleared,
+    because every user writes the slots it reads before reading them."""
+
+    def __init__(self) -> None:
+        self._buf: Optional[torch.Tensor] = None
+
+    def get(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        if self._buf is None or self._buf.numel() < num_rows or self._buf.device != device:
+            self._buf = torch.empty(num_rows, dtype=torch.int32, device=device)
+        return self._buf
+
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else self._buf.numel() * 4
+
+
+def distinct_rows(rows: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``rows`` with each value once, in O(n): every position writes its index into the
+    row's scratch slot; one write per row wins, and that position is kept. Leaves
+    ``scratch[row]`` = the kept position for every row of the result."""
+    if rows.numel() == 0:
+        return rows
+    pos = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device)
+    scratch[rows] = pos
+    return rows[scratch[rows] == pos]
+
+
+class ChangeLog:
+    """Row numbers stamped by each mutation, newest last: ``(version, rows, exact, distinct)``.
+
+    ``exact``: every row of the chunk was stamped with exactly ``version`` (so a row whose
+    stamp equals it had its latest change here). ``distinct``: no row repeats in the chunk.
+    A chunk that is not exact is matched by "stamp newer than the query" and de-duplicated.
+    The log is complete for queries at versions ``>= since``.
+    """
+
+    def __init__(self, limit: int, since: int = 0) -> None:
+        self.limit = int(limit)
+        self.since = int(since)
+        self._chunks: Deque[Tuple[int, torch.Tensor, bool, bool]] = deque()
+        self._total = 0
+
+    def __len__(self) -> int:
+        return self._total
+
+    def nbytes(self) -> int:
+        return sum(c[1].numel() * c[1].element_size() for c in self._chunks)
+
+    def reset(self, since: int) -> None:
+        """Forget everything; queries before ``since`` need a full scan from now on."""
+        self._chunks.clear()
+        self._total = 0
+        self.since = int(since)
+
+    def add(self, rows: torch.Tensor, version: int, exact: bool = True, distinct: bool = True) -> None:
+        """Record that ``rows`` were stamped with ``version`` (the tensor is kept, not copied:
+        callers never modify it afterwards)."""
+        n = rows.numel()
+        if n == 0:
+            return
+        if self._chunks and version < self._chunks[-1][0]:
+            # Out of order: file it under the newest version and match by "stamp newer than
+            # the query" instead, which stays correct for any later label.
+            version, exact = self._chunks[-1][0], False
+        self._chunks.append((int(version), rows.reshape(-1), bool(exact), bool(distinct)))
+        self._total += n
+        while len(self._chunks) > 1 and (self._total > self.limit or len(self._chunks) > _MAX_CHUNKS):
+            old_version, old_rows, _, _ = self._chunks.popleft()
+            self._total -= old_rows.numel()
+            self.since = max(self.since, old_version)
+
+    def covers(self, version: int) -> bool:
+        return int(version) >= self.since
+
+    def rows_since(self, version: int, stamps: torch.Tensor, stamp_base: int,
+                   scratch: RowScratch) -> Tuple[torch.Tensor, int]:
+        """(distinct rows whose stamp is newer than ``version``, log entries visited).
+        Only valid when :meth:`covers` ``(version)`` and ``version >= stamp_base``."""
+        rel = int(version) - stamp_base
+        parts = []
+        visited = 0
+        dedupe = False
+        last_version = None
+        for chunk_version, rows, exact, distinct in reversed(self._chunks):
+            if chunk_version <= version:
+                break  # versions never decrease along the log
+            visited += rows.numel()
+            stamp = stamps[rows]
+            if exact:
+                keep = stamp == (chunk_version - stamp_base)
+            else:
+                keep = stamp.to(torch.int64) > rel
+                dedupe = True
+            parts.append(rows[keep])
+            dedupe = dedupe or not distinct or chunk_version == last_version
+            last_version = chunk_version
+        if not parts:
+            return torch.empty(0, dtype=torch.int64, device=stamps.device), 0
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if dedupe:
+            rows = distinct_rows(rows, scratch.get(stamps.numel(), stamps.device))
+        return rows, visited
+
+
+def lowest_k(ids: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids (ascending) of the ``k`` lowest scores, ties broken by the smaller id."""
+    if k <= 0 or ids.numel() == 0:
+        return ids[:0]
+    if k >= ids.numel():
+        return ids.sort().values
+    scores = scores.to(torch.float64) if scores.is_floating_point() else scores.to(torch.int64)
+    # Everything below the k-th score goes; among the rows tied at it, the smallest ids.
+    threshold = scores.kthvalue(k).values
+    below = scores < threshold
+    tied = ids[scores == threshold]
+    m = k - int(below.sum())
+    if m < tied.numel():
+        tied = tied[tied <= tied.kthvalue(m).values]
+    return torch.cat([ids[below], tied]).sort().values
+
+
+def _drop_protected(rows: torch.Tensor, protect: Optional[torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
+    """``rows`` (distinct, their scratch slots just written with values >= 0) minus ``protect``."""
+    if protect is None or protect.numel() == 0 or rows.numel() == 0:
+        return rows
+    scratch[protect] = -1
+    return rows[scratch[rows] != -1]
+
+
+def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Ids (ascending) of ``k`` victims chosen among ``sample_factor * k`` random rows, or
+    None when the exact selection should run instead (small table, a round that would
+    sample most of it, or too few live unprotected rows in the sample)."""
+    policy = table.eviction
+    factor = int(policy.sample_factor)
+    live = len(table)
+    if factor <= 0 or live <= policy.exact_below or k * factor >= live:
+        return None
+    num_rows = table.capacity + 1
+    device = table.device
+    scratch = table._scratch.get(num_rows, device)
+    rows = torch.randint(0, table.capacity, (k * factor,), generator=table._eviction_rng(),
+                         device=device, dtype=torch.int64)
+    rows = distinct_rows(rows, scratch)
+    rows = _drop_protected(rows, protect, scratch)
+    rows = rows[table._row_stamp[rows] >= 0]  # rows with a key
+    if rows.numel() < k:
+        return None
+    ids = table._row_ids[rows]
+    scores = policy.scores(ids, rows, table._clock(), table)
+    return lowest_k(ids, scores, k)
+
+
+def expire_window(table: "DynamicEmbeddingTable", protect: Optional[torch.Tensor]) -> torch.Tensor:
+    """Ids (ascending) that have expired among the next ``expire_scan_rows`` rows of a
+    sweep over the table (a clock hand that wraps): automatic expiry costs O(window) per
+    round, and every row is examined once per ``capacity / window`` rounds."""
+    policy = table.eviction
+    capacity = table.capacity
+    width = min(int(policy.expire_scan_rows), capacity)
+    start = table._expire_hand % capacity
+    rows = torch.arange(start, start + width, dtype=torch.int64, device=table.device) % capacity
+    table._expire_hand = (start + width) % capacity
+    rows = rows[table._row_stamp[rows] >= 0]
+    if rows.numel() == 0:
+        return rows
+    expired = policy.expired(rows, table._clock())
+    if expired is None:
+        return rows[:0]
+    rows = rows[expired]
+    scratch = table._scratch.get(capacity + 1, table.device)
+    if rows.numel():
+        scratch[rows] = 0
+    rows = _drop_protected(rows, protect, scratch)
+    return table._row_ids[rows].sort().values
