@@ -287,15 +287,15 @@ class DynamicEmbeddingTable(nn.Module):
         self.weight = alloc((cap + 1, self.dim), self.dtype, self.device)
         # row version = _stamp_base + _row_stamp; 0: at or before the base; -1: no key in this row
         self._row_stamp = alloc((cap + 1,), torch.int32, self.device, -1)
-        self._stamp_base = 0
-        self._version = 0
-        self._step = 0                # training lookups (the eviction clock)
         self._row_ids = alloc((cap + 1,), torch.int64, self.device, 0)  # the key of each live row
         self._changes = ChangeLog(self._change_log_limit(cap))
         self._scratch = RowScratch()
         self._evict_rng: Optional[torch.Generator] = None
         self._expire_hand = 0         # where automatic expiry's sweep resumes
         self.last_changed_scan = 0    # entries the last changed_since visited (log entries or rows)
+        self._stamp_base = 0
+        self._version = 0
+        self._step = 0                # training lookups (the eviction clock)
         self._epoch = 0               # bumped when rows are freed or moved: re-resolve recorded grads
         self._tombstone_ids: List[torch.Tensor] = []
         self._tombstone_versions: List[int] = []
@@ -382,19 +382,19 @@ class DynamicEmbeddingTable(nn.Module):
         index_bytes = self.index.memory_bytes()
         policy_bytes = (self.eviction.memory_bytes_per_row() * (self.capacity + 1)) if self.eviction else 0
         stamp_bytes = self._row_stamp.numel() * 4
+        row_id_bytes = self._row_ids.numel() * 8  # row -> id, so change tracking never scans the index
         return {
             "live_rows": len(self),
             "capacity": self.capacity,
-        row_id_bytes = self._row_ids.numel() * 8  # row -> id, so change tracking never scans the index
             "load_factor": len(self) / self.index.num_slots,
             "index_bytes": index_bytes,
             "policy_bytes": policy_bytes,
             "version_stamp_bytes": stamp_bytes,
+            "row_id_bytes": row_id_bytes,
+            "change_log_bytes": self._changes.nbytes() + self._scratch.nbytes(),
             "vector_bytes": self.weight.numel() * self.weight.element_size(),
             "optimizer_bytes": sum(t.numel() * t.element_size() for t in self.opt_state.values()),
             "overhead_bytes_per_row": (index_bytes + policy_bytes + stamp_bytes + row_id_bytes) / live,
-            "row_id_bytes": row_id_bytes,
-            "change_log_bytes": self._changes.nbytes() + self._scratch.nbytes(),
         }
 
     # ------------------------------------------------------------------ validation
@@ -430,16 +430,6 @@ class DynamicEmbeddingTable(nn.Module):
 
     def _stamp(self, rows: torch.Tensor, version: int, distinct: bool = True) -> None:
         self._row_stamp[rows] = version - self._stamp_base
-
-    def _clock(self) -> Clock:
-        return Clock(step=self._step, now=time.time())
-
-    # ------------------------------------------------------------------ capacity
-    def _grow(self, new_capacity: int) -> None:
-        old = self.capacity
-        self.index.rehash(new_capacity)
-        new = self.index.capacity
-
         self._changes.add(rows, version, distinct=distinct)
 
     @staticmethod
@@ -452,6 +442,16 @@ class DynamicEmbeddingTable(nn.Module):
         if self._evict_rng is None:
             self._evict_rng = torch.Generator(device=self.device).manual_seed(self.config.seed ^ 0xE71C7)
         return self._evict_rng
+
+    def _clock(self) -> Clock:
+        return Clock(step=self._step, now=time.time())
+
+    # ------------------------------------------------------------------ capacity
+    def _grow(self, new_capacity: int) -> None:
+        old = self.capacity
+        self.index.rehash(new_capacity)
+        new = self.index.capacity
+
         def grown(t: torch.Tensor, fill: float = 0) -> torch.Tensor:
             out = alloc((new + 1, *t.shape[1:]), t.dtype, t.device, fill)
             out[:old] = t[:old]
@@ -460,6 +460,8 @@ class DynamicEmbeddingTable(nn.Module):
 
         self.weight = grown(self.weight)
         self._row_stamp = grown(self._row_stamp, -1)
+        self._row_ids = grown(self._row_ids)
+        self._changes.limit = self._change_log_limit(new)
         if self.rule is not None:
             fields_ = self.rule.state_fields(self.dim)
             self.opt_state = {k: grown(v, fields_[k][2]) for k, v in self.opt_state.items()}
@@ -470,8 +472,6 @@ class DynamicEmbeddingTable(nn.Module):
 
     def _ensure_room(self, n_new: int, protect: Callable[[], torch.Tensor]) -> None:
         """Make room for ``n_new`` rows: grow, else evict (never the rows ``protect()`` returns)."""
-        self._row_ids = grown(self._row_ids)
-        self._changes.limit = self._change_log_limit(new)
         free = self.capacity - len(self)
         if n_new <= free:
             return
@@ -563,6 +563,7 @@ class DynamicEmbeddingTable(nn.Module):
                 self.opt_state[name][rows] = init
         if self.eviction is not None:
             self.eviction.on_insert(rows, self._clock())
+        self._row_ids[rows] = ids
         self._stamp(rows, version)
 
     def _rows_for_training(self, ids: torch.Tensor, stamp: bool = True) -> torch.Tensor:
@@ -573,7 +574,6 @@ class DynamicEmbeddingTable(nn.Module):
         cannot be made (:class:`TableFullError`) nothing changes but the step and version
         counters and the admission policy's sightings."""
         self._step += 1
-        self._row_ids[rows] = ids
         version = self._bump()
         rows = self.index.find(ids)
         miss_pos = torch.nonzero(rows < 0).squeeze(1)
@@ -625,6 +625,7 @@ class DynamicEmbeddingTable(nn.Module):
             self._stamp(read, self._version, distinct=False)
             return
         self.index.fused.stamp_rows(rows, **spec)
+        self._changes.add(rows, spec["stamp_value"] + self._stamp_base, distinct=False)
 
     def _resolve(self, ids: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -645,7 +646,6 @@ class DynamicEmbeddingTable(nn.Module):
         vals = self._gather(rows)
         if psw is not None:
             vals = vals * psw.to(torch.float32)[:, None]
-        self._changes.add(rows, spec["stamp_value"] + self._stamp_base, distinct=False)
         out = torch.zeros(B, self.dim, dtype=torch.float32, device=self.device).index_add_(0, bag, vals)
         if mode == 1:
             out = out * (1.0 / lengths.clamp_min(1).to(torch.float32))[:, None]
@@ -720,6 +720,8 @@ class DynamicEmbeddingTable(nn.Module):
         if spec == "torch":
             self._apply_read_stamp(rows, spec)
             spec = None
+        elif spec is not None:  # the pooling kernel below stamps the rows it reads
+            self._changes.add(rows, spec["stamp_value"] + self._stamp_base, distinct=False)
         if not torch.is_grad_enabled():
             return self._pool(rows, offsets, imode, psw, spec)
         lengths = offsets[1:] - offsets[:-1]
@@ -753,8 +755,6 @@ class DynamicEmbeddingTable(nn.Module):
                 f"dynamic table {self.name!r} (eval mode) has no row for {shown.numel()} id(s), e.g. "
                 f"{shown[:5].tolist()}; eval_unknown='error' forbids reading them. Train on these ids first, or "
                 f"set DynamicTableConfig.eval_unknown='default' (read the default row) or 'init' (read the "
-        elif spec is not None:  # the pooling kernel below stamps the rows it reads
-            self._changes.add(rows, spec["stamp_value"] + self._stamp_base, distinct=False)
                 f"id's initial row)")
         cfg = self.config
         init = initial_values(cfg.initializer, unknown, self.dim, cfg.seed, cfg.init_min, cfg.init_max, cfg.init_std)
@@ -957,6 +957,11 @@ class DynamicEmbeddingTable(nn.Module):
         training) those in the next window of a sweep (``eviction.expire_scan_rows`` rows)."""
         if self.eviction is None:
             return torch.empty(0, dtype=torch.int64, device=self.device)
+        if bounded:
+            victims = expire_window(self, protect)
+            if victims.numel():
+                self._remove(victims)
+            return victims
         keys, rows = self.index.keys_and_rows()
         expired = self.eviction.expired(rows, self._clock())
         if expired is None:
@@ -1026,11 +1031,6 @@ class DynamicEmbeddingTable(nn.Module):
         """Flat CPU tensors + str metadata: the full state, or with ``since_version`` the
         rows changed since then, the evicted ids and the table-wide state. See checkpoint.py."""
         meta = {
-        if bounded:
-            victims = expire_window(self, protect)
-            if victims.numel():
-                self._remove(victims)
-            return victims
             "format": "gauss-dynamic-table/1",
             "kind": "full" if since_version is None else "incremental",
             "config": self.config.to_json(),
@@ -1095,6 +1095,10 @@ class DynamicEmbeddingTable(nn.Module):
             self.index.load_state_dict(index_state)
             self.weight = alloc((capacity + 1, self.dim), self.dtype, dev)
             self._row_stamp = alloc((capacity + 1,), torch.int32, dev, -1)
+            self._row_ids = alloc((capacity + 1,), torch.int64, dev, 0)
+            # Stamps come from the file; the log starts now (older queries scan once).
+            self._changes = ChangeLog(self._change_log_limit(capacity), since=int(meta["version"]))
+            self._expire_hand = 0
             self._stamp_base = max(0, int(meta["version"]) - _STAMP_LIMIT // 2)
             if self.rule is not None:
                 self.opt_state = {n: alloc((capacity + 1, *shape), dt, dev, init)
@@ -1103,6 +1107,7 @@ class DynamicEmbeddingTable(nn.Module):
                 self.eviction.rows = {}
                 self.eviction.resize(capacity + 1, dev)
             rows = index_state["rows"].to(dev)
+            self._row_ids[rows] = index_state["keys"].to(dev)
             self._tombstone_ids, self._tombstone_versions = [], []
             self._tombstones_since = int(meta["tombstones_since"])
             self._append_tombstones(tensors)
@@ -1128,10 +1133,13 @@ class DynamicEmbeddingTable(nn.Module):
                                                                  math.ceil(self.capacity * self.config.growth_factor))))
                 new_rows, _ = self.index.insert(ids[missing])
                 rows[missing] = new_rows
+            self._row_ids[rows] = ids
         self.weight[rows] = tensors["weight"].to(dev, self.dtype)
         self.weight[self.default_row] = tensors["default.weight"].to(dev, self.dtype)
         stamp = tensors["stamp"].to(dev) - self._stamp_base
         self._row_stamp[rows] = stamp.clamp(0, _STAMP_LIMIT).to(torch.int32)
+        if meta["kind"] != "full":  # rows keep their saved versions: match them by "newer than"
+            self._changes.add(rows, int(meta["version"]), exact=False)
         for k in self.opt_state:
             self.opt_state[k][rows] = tensors[f"opt.{k}"].to(dev, self.opt_state[k].dtype)
             self.opt_state[k][self.default_row] = tensors[f"default.opt.{k}"].to(dev, self.opt_state[k].dtype)
@@ -1150,10 +1158,6 @@ class DynamicEmbeddingTable(nn.Module):
         t_ids = tensors["tombstones.ids"].to(self.device)
         t_ver = tensors["tombstones.versions"].to(self.device)
         for v in torch.unique_consecutive(t_ver).tolist():
-            self._row_ids = alloc((capacity + 1,), torch.int64, dev, 0)
-            # Stamps come from the file; the log starts now (older queries scan once).
-            self._changes = ChangeLog(self._change_log_limit(capacity), since=int(meta["version"]))
-            self._expire_hand = 0
             self._tombstone_ids.append(t_ids[t_ver == v])
             self._tombstone_versions.append(int(v))
 
@@ -1162,7 +1166,6 @@ class DynamicEmbeddingTable(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         tensors, meta = self.export_state()
         for k, v in tensors.items():
-            self._row_ids[rows] = index_state["keys"].to(dev)
             destination[f"{prefix}{k}"] = v
         destination[f"{prefix}_meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
 
@@ -1188,13 +1191,10 @@ def _concat_records(records):
     any_scale = any(r[3].numel() for r in records)
     for r, src, idx, scale in records:
         n = r.numel()
-            self._row_ids[rows] = ids
         rows.append(r)
         srcs.append(src)
         idxs.append((idx if idx.numel() else torch.arange(n, device=src.device)) + offset)
         if any_scale:
-        if meta["kind"] != "full":  # rows keep their saved versions: match them by "newer than"
-            self._changes.add(rows, int(meta["version"]), exact=False)
             scales.append(scale.to(src.device) if scale.numel() else torch.ones(n, device=src.device))
         offset += src.shape[0]
     scale = torch.cat(scales) if any_scale else _EMPTY_FLOAT
