@@ -49,5 +49,6 @@ paper-ml1m: $(STAMP)
 plugins: $(STAMP)
 	$(BIN)/gauss plugins
 
+# setuptools writes the egg-info beside pyproject.toml (package-dir maps three folders).
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

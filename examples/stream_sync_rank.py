@@ -6,7 +6,8 @@
 End to end, on CPU, in well under a minute:
 
 1. *Data*: the synthetic event stream (:func:`gauss_plugins.data.synthetic_event_stream`), or
-   MovieLens-100K from ``/work/shared/data/ml-100k`` with ``--dataset ml-100k``. Each user's
+   MovieLens-100K with ``--dataset ml-100k`` (``--data-dir``, else ``ml-100k/`` in the data
+   folder: ``$GAUSS_DATA``, see :mod:`gauss_plugins.data.locate`). Each user's
    last event is held out; every other event (with some history before it) is a training
    event, and training events are consumed in global time order.
 2. *Training*: the HSTU retrieval model of :mod:`gauss_plugins.models`; item embeddings are
@@ -45,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from gauss_plugins.data import UserSequences, load_movielens_100k, synthetic_event_stream
+from gauss_plugins.data import UserSequences, load_movielens_100k, locate_dataset, synthetic_event_stream
 from gauss_plugins.hstu.mfalcon import MFalcon
 from gauss_plugins.hstu.modules import HSTUConfig, PaddedHSTUEncoder
 from gauss_plugins.models import SequentialRetrievalModel, build_item_embeddings, metrics_from_ranks, target_ranks
@@ -55,7 +56,6 @@ from gauss_plugins.stores import WePS, load_dense, read_manifest
 from gauss_plugins.stores.syncer import Syncer, TableSource
 from gauss_plugins.train.report import write_json
 
-ML100K_DIR = "/work/shared/data/ml-100k"
 REPORT_KEYS = ("dataset", "steps", "events_trained", "train_seconds", "events_per_s", "final_loss", "syncer",
                "manifest", "consistency", "ranking", "top10")
 ITEM_PREFIX = "item_embeddings."
@@ -64,10 +64,16 @@ ITEM_PREFIX = "item_embeddings."
 # ---------------------------------------------------------------------------- data
 def load_events(args: argparse.Namespace) -> UserSequences:
     if args.dataset == "ml-100k":
-        if os.path.exists(os.path.join(args.data_dir, "u.data")):
-            return load_movielens_100k(args.data_dir)
-        print(f"--dataset ml-100k: no u.data under {args.data_dir}; using the synthetic stream instead",
-              file=sys.stderr)
+        if args.data_dir is not None:
+            if os.path.exists(os.path.join(args.data_dir, "u.data")):
+                return load_movielens_100k(args.data_dir)
+            why = f"no u.data under --data-dir {args.data_dir}"
+        else:
+            found = locate_dataset("ml-100k")
+            if found:
+                return load_movielens_100k(found.path)
+            why = found.reason
+        print(f"--dataset ml-100k: {why}; using the synthetic stream instead", file=sys.stderr)
     return synthetic_event_stream(num_users=args.users, num_items=args.items, mean_length=args.mean_length,
                                   min_length=3, num_topics=10, seed=args.seed)
 
@@ -187,7 +193,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="training steps (stops early at the end of the stream)")
     p.add_argument("--out", default="runs/stream_sync_rank")
     p.add_argument("--dataset", choices=("synthetic", "ml-100k"), default="synthetic")
-    p.add_argument("--data-dir", default=ML100K_DIR)
+    p.add_argument("--data-dir", help="ml-100k folder (default: ml-100k/ in the data folder, see `gauss data list`)")
     p.add_argument("--users", type=int, default=600)
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--mean-length", type=int, default=40)

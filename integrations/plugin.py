@@ -27,3 +27,17 @@ def gauss_register_embedding_stores():
             check=requires_modules("ray", extra="ray"),
         ),
     ]
+
+
+@hookimpl
+def gauss_register_trainers():
+    return [
+        Component(
+            kind="trainer",
+            name="lightning",
+            factory="gauss_integrations.lightning.fit:run_experiment",
+            description="the retrieval experiment under PyTorch Lightning (epoch and streaming modes)",
+            # The loop needs Lightning; its configs need pyyaml and its plots matplotlib.
+            check=requires_modules("pytorch_lightning", "yaml", "matplotlib", extra="lightning"),
+        ),
+    ]

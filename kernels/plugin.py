@@ -69,3 +69,10 @@ def gauss_register_table_backends():
             priority=50,
         ),
     ]
+
+
+@hookimpl
+def gauss_build_extensions():
+    from gauss_kernels.hash_table import cpu_ext
+
+    return [cpu_ext.build()]

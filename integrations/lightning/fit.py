@@ -29,8 +29,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from gauss_plugins.data.download import find_data_dir
-from gauss_plugins.data.registry import load_dataset
+from gauss_plugins.data.locate import load_configured_dataset
 from gauss_plugins.data.sequences import UserSequences
 from gauss_plugins.data.split import leave_one_out
 from gauss_plugins.models.builder import build_model
@@ -43,24 +42,10 @@ from gauss_integrations.lightning.module import RetrievalModule, SequenceDataMod
 
 __all__ = ["run_experiment", "load_sequences", "BestModelKeeper", "save_checkpoint"]
 
-# Rating-file folders of the built-in datasets, for finding data when no path is given.
-_DEFAULT_FOLDERS = {"ml-100k": "ml-100k", "ml-1m": "ml-1m", "ml-20m": "ml-20m", "ml-25m": "ml-25m"}
-
-
 def load_sequences(config: ExperimentConfig) -> UserSequences:
-    """The dataset of ``config``: from ``data.path``, else found under ``$GAUSS_DATA`` or
-    ``../shared/data``; ``synthetic`` needs no path."""
-    name = config.data.dataset
-    path = config.data.path
-    if path is None and name in _DEFAULT_FOLDERS:
-        path = find_data_dir(_DEFAULT_FOLDERS[name])
-        if path is None:
-            raise FileNotFoundError(
-                f"no {name} data found: pass --data-path, set GAUSS_DATA to the folder holding {name}/, "
-                f"or run `gauss data download {name.replace('ml-', 'movielens-')}`")
-    if path is None and name == "seqfile":
-        raise FileNotFoundError("the seqfile dataset needs --data-path pointing at the sequence file")
-    return load_dataset(name, path, **config.data.options)
+    """The dataset of ``config``: from ``data.path``, else from the data folder
+    (:mod:`gauss_plugins.data.locate`); ``synthetic`` needs no path."""
+    return load_configured_dataset(config.data.dataset, config.data.path, config.data.options)
 
 
 class BestModelKeeper(pl.Callback):
@@ -102,6 +87,17 @@ def model_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def load_model_tensors(model: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
     model.load_state_dict(tensors, strict=True)
+
+
+class ValidateLastEpoch(pl.Callback):
+    """Validates the last epoch even when ``eval_every`` does not divide ``max_epochs``, so
+    the model trained last is always a candidate and a run shorter than ``eval_every``
+    still selects a model. Lightning reads ``trainer.check_val_every_n_epoch`` at every
+    epoch's end, so setting it at the start of the last epoch is enough."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs:
+            trainer.check_val_every_n_epoch = 1
 
 
 class EpochLogger(pl.Callback):
@@ -213,7 +209,7 @@ def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: Retri
         HeldOutExamples(split.test, max_len, config.data.exclude_history),
         batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size, seed=config.train.seed)
     keeper = BestModelKeeper(config.train.monitor)
-    callbacks: List[pl.Callback] = [keeper]
+    callbacks: List[pl.Callback] = [ValidateLastEpoch(), keeper]
     if not progress:
         callbacks.append(EpochLogger(log))
     if config.train.early_stopping_patience:

@@ -5,7 +5,8 @@ system C++ compiler into a shared library of ``torch.ops.gauss_hash`` ops, cache
 ``$GAUSS_PLUGINS_CACHE`` (default ``$XDG_CACHE_HOME/gauss_plugins`` or
 ``~/.cache/gauss_plugins``) in a folder named by a hash of the source, the flags, the
 compiler and torch, so a change to any of them rebuilds and nothing stale is ever loaded.
-A build takes about 20 s; loading a cached one a few milliseconds.
+A build takes about 20 s (announced once on stderr); loading a cached one a few
+milliseconds. ``gauss build`` (:func:`build`) does it ahead of time, e.g. at install or in CI.
 
 The build calls the compiler directly with the include and library paths of
 ``torch.utils.cpp_extension`` (no ninja needed) and writes the library under a temporary
@@ -24,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Dict, Optional, Tuple
+import time
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -37,12 +39,14 @@ from gauss_plugins.embedding.index import (
     slots_for_capacity,
 )
 
-__all__ = ["CpuHashIndex", "available", "load_ops", "ExtensionBuildError"]
+__all__ = ["CpuHashIndex", "available", "build", "load_ops", "ExtensionBuildError"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_hash_index.cpp")
 _lock = threading.Lock()
 _ops = None
 _error: Optional[str] = None
+_library: Optional[str] = None          # the loaded library's path
+_build_seconds: Optional[float] = None  # how long this process spent compiling it (None: it came from the cache)
 
 
 class ExtensionBuildError(RuntimeError):
@@ -120,6 +124,7 @@ def load_ops():
 
 
 def _load():
+    global _library, _build_seconds
     if hasattr(torch.ops, "gauss_hash") and hasattr(torch.ops.gauss_hash, "find"):
         return torch.ops.gauss_hash
     cxx = _compiler()
@@ -127,6 +132,10 @@ def _load():
         raise ExtensionBuildError("no C++ compiler on PATH (install g++ or set CXX); using the torch fallback")
     lib = _library_path(cxx)
     if not os.path.exists(lib):
+        # Without a word the first table would seem to hang for ~20 s.
+        print(f"building the gauss C++ hash index (one time, ~20 s; `gauss build` does it ahead) into "
+              f"{os.path.dirname(lib)} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         os.makedirs(os.path.dirname(lib), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(lib))
         os.close(fd)
@@ -138,8 +147,22 @@ def _load():
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        _build_seconds = time.perf_counter() - started
     torch.ops.load_library(lib)
+    _library = lib
     return torch.ops.gauss_hash
+
+
+def build() -> Dict[str, Any]:
+    """Compile the library now unless the cache has it (what ``gauss build`` runs).
+
+    Returns ``{"name", "path", "built", "seconds"}``: where the library is cached, whether
+    this call compiled it, and how long that took. Raises :class:`ExtensionBuildError` with
+    the compiler's message when it cannot be built.
+    """
+    load_ops()
+    return {"name": "C++ hash index (cpu_hash_index.cpp)", "path": _library or "(already loaded in this process)",
+            "built": _build_seconds is not None, "seconds": round(_build_seconds or 0.0, 1)}
 
 
 def available() -> bool:

@@ -42,8 +42,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    from gauss_plugins._optional import MissingExtraError
+    from gauss_plugins.train.trainers import TrainerUnavailableError
+
     try:
         return int(args._run(args) or 0)
+    except (MissingExtraError, TrainerUnavailableError) as exc:
+        # What is missing and the command that installs it fit on one line; a chained
+        # traceback through the import machinery would only bury it.
+        print(f"gauss {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

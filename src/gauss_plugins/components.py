@@ -25,6 +25,7 @@ KINDS = (
     "table_backend",
     "sparse_optimizer",
     "dataset",
+    "trainer",
 )
 
 

@@ -91,6 +91,37 @@ def gauss_register_datasets() -> Optional[Sequence["Component"]]:
     synthetic stream. The factory takes the dataset options and returns per-user sequences."""
 
 
+@hookspec
+def gauss_register_trainers() -> Optional[Sequence["Component"]]:
+    """Register training loops (kind ``trainer``), e.g. the Lightning integration's.
+
+    The core never imports a training framework: ``gauss train``, ``gauss demo`` and
+    :mod:`gauss_plugins.train.compare` get their loop from the registry through
+    :func:`gauss_plugins.train.trainers.get_trainer`. A trainer's factory is a callable
+    ``run(config, output_dir, progress=True, log=print, sequences=None) -> dict`` that
+    trains and evaluates an :class:`~gauss_plugins.train.config.ExperimentConfig`, writes
+    ``metrics.json``, ``report.json`` and a checkpoint into ``output_dir``, and returns the
+    flat ``val/...`` and ``test/...`` metrics. Its availability check names what is missing
+    (``gauss plugins`` shows it), e.g. the extra to install.
+    """
+
+
+# -------------------------------------------------------------------------
+# Setup: preparing this machine
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def gauss_build_extensions() -> Optional[Sequence[dict]]:
+    """Compile now what the plugin would otherwise compile on first use (C++ ops).
+
+    Called by ``gauss build`` (at install, in CI, or before a timed run). Each result is a
+    dict ``{"name", "path", "built", "seconds"}``: what was built, where it is cached,
+    whether this call compiled it (``False``: the cache had it), and how long that took.
+    Raise with a message saying what to fix when it cannot be built.
+    """
+
+
 # -------------------------------------------------------------------------
 # Runtime: called while components are being used
 # -------------------------------------------------------------------------

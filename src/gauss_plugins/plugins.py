@@ -3,7 +3,8 @@
 * Built-in core plugins are the modules in :data:`DEFAULT_PLUGINS`.
 * Everything else arrives through the ``gauss_plugins`` entry point group, this
   distribution's own ``gauss_kernels`` and ``gauss_integrations`` included.
-* ``GAUSS_PLUGINS_LOAD=a,b`` loads only the named entry-point plugins (empty: none);
+* ``GAUSS_PLUGINS_LOAD=a,b`` loads only the named entry-point plugins (empty: none; a name
+  that no installed package provides is warned about);
   ``GAUSS_PLUGINS_DENY=a,b`` blocks the named plugins (built-ins too).
 * ``GAUSS_TRACE_PLUGINS=1`` prints each hook call with its arguments and results.
 
@@ -16,6 +17,7 @@ import functools
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any, Dict, Iterable, List, Optional
@@ -48,10 +50,15 @@ _KIND_HOOKS = {
     "export_target": "gauss_register_export_targets",
     "sparse_optimizer": "gauss_register_sparse_optimizers",
     "dataset": "gauss_register_datasets",
+    "trainer": "gauss_register_trainers",
 }
 assert set(_KIND_HOOKS) == set(KINDS)
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class PluginLoadWarning(UserWarning):
+    """The plugin environment variables name something that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,13 @@ def _load_entry_point_plugins(pm: GaussPluginManager, allow: Optional[List[str]]
         if pm.is_registered(plugin):
             continue
         pm.register_provided(plugin, ep.name, provider)
+    unknown = [name for name in allow or () if name not in seen]
+    if unknown:
+        # A misspelt name would otherwise load nothing and say nothing.
+        message = (f"GAUSS_PLUGINS_LOAD names {', '.join(map(repr, unknown))}, which no installed package provides; "
+                   f"the {ENTRY_POINT_GROUP} entry points here are: {', '.join(sorted(seen)) or 'none'}")
+        warnings.warn(message, PluginLoadWarning, stacklevel=3)
+        pm.problems.append(PluginProblem(",".join(unknown), "GAUSS_PLUGINS_LOAD", message))
 
 
 def _trace_call(hook_name: str, plugin_names: List[str], kwargs: Dict[str, Any]) -> None:

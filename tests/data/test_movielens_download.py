@@ -73,12 +73,26 @@ def test_unknown_dataset():
         dl.download_dataset("movielens-7m", "/nonexistent")
 
 
-def test_find_data_dir_env(tmp_path, monkeypatch):
-    (tmp_path / "ml-1m").mkdir()
-    monkeypatch.setenv("GAUSS_DATA", str(tmp_path))
-    assert dl.find_data_dir("ml-1m") == str(tmp_path / "ml-1m")
-    monkeypatch.setenv("GAUSS_DATA", str(tmp_path / "ml-1m"))
-    assert dl.find_data_dir("ml-1m") == str(tmp_path / "ml-1m")
+def test_cli_download_writes_where_every_command_looks(tmp_path, monkeypatch, capsys):
+    """`gauss data download` without --dest fills the data folder, so `gauss data info` (and
+    train, demo) find the dataset with no path given."""
+    from gauss_plugins.cli import main
+    from gauss_plugins.data.locate import locate_dataset
+
+    payload = _archive()
+    monkeypatch.setitem(dl.DATASETS, "movielens-1m",
+                        replace(dl.DATASETS["movielens-1m"], md5=hashlib.md5(payload).hexdigest()))
+    real = dl.download_dataset
+    monkeypatch.setattr(dl, "download_dataset",
+                        lambda *a, **kw: real(*a, **kw, opener=lambda url, timeout: _Response(payload)))
+    monkeypatch.delenv("GAUSS_DATA", raising=False)
+    monkeypatch.setenv("GAUSS_PLUGINS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("gauss_plugins.data.locate._checkout_root", lambda: None)  # as from an installed wheel
+    assert not locate_dataset("ml-1m")
+    assert main(["data", "download", "movielens-1m"]) == 0
+    assert locate_dataset("ml-1m").path == str(tmp_path / "cache" / "data" / "ml-1m")
+    assert main(["data", "info", "ml-1m"]) == 0
+    assert "3 events" in capsys.readouterr().out
 
 
 def test_cli_choices_match_the_catalog():

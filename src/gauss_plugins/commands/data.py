@@ -1,8 +1,11 @@
 """``gauss data``: fetch and inspect datasets.
 
-    gauss data download movielens-1m [--dest data] [--force]
+    gauss data download movielens-1m [--dest FOLDER] [--force]
     gauss data info ml-100k [--data-path PATH]
     gauss data list
+
+Datasets live in the data folder ($GAUSS_DATA, else ../shared/data beside the checkout, else
+~/.cache/gauss_plugins/data): see gauss_plugins.data.locate.
 """
 from __future__ import annotations
 
@@ -20,25 +23,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     d = sub.add_parser("download", help="download a MovieLens archive from GroupLens, verify its MD5, extract it")
     d.add_argument("name", choices=DOWNLOADABLE, help="which dataset")
-    d.add_argument("--dest", default="data", help="folder to extract into (default: ./data)")
+    d.add_argument("--dest", help="folder to extract into (default: the data folder, where every command looks: "
+                                  "$GAUSS_DATA, else ../shared/data beside the checkout, else ~/.cache/gauss_plugins/data)")
     d.add_argument("--force", action="store_true", help="download again even if the folder exists")
     d.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
     i = sub.add_parser("info", help="load a dataset and print its size and sequence lengths")
     i.add_argument("name", help="a registered dataset (ml-100k, ml-1m, ml-20m, ml-25m, seqfile, synthetic, ...)")
-    i.add_argument("--data-path", help="file or folder (default: $GAUSS_DATA or ../shared/data)")
-    sub.add_parser("list", help="registered datasets and downloadable archives")
+    i.add_argument("--data-path", help="file or folder (default: NAME/ in the data folder, see `gauss data list`)")
+    sub.add_parser("list", help="the data folder, registered datasets and downloadable archives")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from gauss_plugins.data.download import DATASETS, DownloadError, download_dataset, find_data_dir
+    from gauss_plugins.data.download import DATASETS, DownloadError, download_dataset
+    from gauss_plugins.data.locate import data_root, load_configured_dataset
 
     action = getattr(args, "data_command", None)
     if action == "download":
         ds = DATASETS[args.name]
-        print(f"downloading {ds.url} (~{ds.size_mb} MB, MD5 {ds.md5}) into {args.dest}/{ds.folder} ...", flush=True)
+        dest = args.dest if args.dest is not None else data_root().path
+        print(f"downloading {ds.url} (~{ds.size_mb} MB, MD5 {ds.md5}) into {dest}/{ds.folder} ...", flush=True)
         try:
-            folder = download_dataset(args.name, args.dest, force=args.force, timeout_s=args.timeout)
+            folder = download_dataset(args.name, dest, force=args.force, timeout_s=args.timeout)
         except DownloadError as exc:
             print(f"gauss data download: {exc}", file=sys.stderr)
             return 1
@@ -46,21 +52,19 @@ def run(args: argparse.Namespace) -> int:
               f"see {folder}/README*")
         return 0
     if action == "info":
-        from gauss_plugins.data.registry import load_dataset
-
-        path = args.data_path
-        if path is None and args.name.startswith("ml-"):
-            path = find_data_dir(args.name)
         try:
-            seqs = load_dataset(args.name, path)
+            seqs = load_configured_dataset(args.name, args.data_path)
         except (FileNotFoundError, ValueError, KeyError) as exc:
-            print(f"gauss data info: {exc}", file=sys.stderr)
+            # KeyError's str() quotes its message; show the message itself
+            print(f"gauss data info: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
             return 2
         print(seqs.describe())
         return 0
     if action == "list":
         from gauss_plugins.plugins import get_registry
 
+        root = data_root()
+        print(f"data folder: {root.path} (from {root.source}; set $GAUSS_DATA to change it)")
         print("registered datasets:")
         for comp in get_registry().components("dataset"):
             print(f"  {comp.name:<10} {comp.description} [{comp.provider}]")

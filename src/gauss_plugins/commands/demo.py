@@ -15,11 +15,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "demo",
         help="HSTU vs SASRec on MovieLens 100K (or synthetic data): metrics table, plot, JSON report (~5 min on CPU)",
         description="Train HSTU and the SASRec baseline with the paper's settings, shortened to a few minutes on a "
-                    "CPU, on MovieLens 100K when ../shared/data/ml-100k or $GAUSS_DATA has it, else on the synthetic "
-                    "event stream.",
+                    "CPU, on MovieLens 100K when the data folder has ml-100k/ ($GAUSS_DATA, else ../shared/data "
+                    "beside the checkout, else ~/.cache/gauss_plugins/data, where `gauss data download "
+                    "movielens-100k` puts it), else on the synthetic event stream. Works from any folder: the "
+                    "configs ship with the package.",
     )
     p.add_argument("--output-dir", default=os.path.join("runs", "demo"), help="where to write (default runs/demo)")
-    p.add_argument("--data-path", help="ml-100k folder (default: $GAUSS_DATA, then ../shared/data)")
+    p.add_argument("--data-path", help="ml-100k folder (default: ml-100k/ in the data folder, see `gauss data list`)")
     p.add_argument("--synthetic", action="store_true", help="use the synthetic stream even if MovieLens is found")
     p.add_argument("--max-epochs", type=int, help="override the demo's 30 epochs")
     p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
@@ -29,17 +31,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gauss_plugins.data.download import find_data_dir
+    from gauss_plugins.data.locate import locate_dataset
     from gauss_plugins.train.config import load_config, with_overrides
+    from gauss_plugins.train.trainers import get_trainer
 
     started = time.time()
-    data_path = args.data_path
-    if data_path is None and not args.synthetic:
-        data_path = find_data_dir("ml-100k")
-    use_movielens = data_path is not None and not args.synthetic
-    if use_movielens and not os.path.isfile(os.path.join(data_path, "u.data")) and not os.path.isfile(data_path):
-        print(f"gauss demo: {data_path} has no u.data", file=sys.stderr)
-        return 2
+    get_trainer()  # no training loop here: fail now, in one line (cli.main), not after loading data
+    data_path = None
+    if args.synthetic:
+        source, why = "the synthetic event stream", "--synthetic was given"
+    elif args.data_path is not None:
+        data_path = args.data_path
+        if not os.path.isfile(os.path.join(data_path, "u.data")) and not os.path.isfile(data_path):
+            print(f"gauss demo: --data-path {data_path} has no u.data (pass the ml-100k folder or its u.data)",
+                  file=sys.stderr)
+            return 2
+        source, why = f"MovieLens 100K at {data_path}", "--data-path"
+    else:
+        found = locate_dataset("ml-100k")
+        if found:
+            data_path = found.path
+            source, why = f"MovieLens 100K at {data_path}", f"the data folder, from {found.root.source}"
+        else:
+            source, why = "the synthetic event stream", f"MovieLens 100K was not found: {found.reason}"
+    use_movielens = data_path is not None
+    print(f"gauss demo: data: {source} ({why})", flush=True)
     configs = {}
     for model in ("hstu", "sasrec"):
         cfg = load_config(f"demo-{model}")
@@ -52,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
             overrides.update(data__dataset="synthetic", data__path=None,
                              data__options={"num_users": 1000, "num_items": 2000, "mean_length": 60, "seed": 0})
         configs[model] = with_overrides(cfg, **overrides)
-    source = f"MovieLens 100K at {data_path}" if use_movielens else "the synthetic event stream (no MovieLens found)"
     epochs = configs["hstu"].train.max_epochs
     print(f"gauss demo: HSTU vs SASRec on {source}.\n"
           f"  Paper settings (dim 50, 2 blocks x 1 head, 128 sampled negatives, temperature 0.05, AdamW 1e-3), "
@@ -67,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.output_dir
     result = run_comparison(configs, [configs["hstu"].train.seed], out, result_path=os.path.join(out, "report.json"),
                             progress=True, log=lambda m: print(m, flush=True),
-                            extra={"demo": {"source": source, "epochs": epochs}}, summary_table=False)
+                            extra={"demo": {"source": source, "why": why, "epochs": epochs}}, summary_table=False)
     histories = {}
     metrics = {}
     for run in result["runs"]:

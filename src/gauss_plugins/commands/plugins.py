@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
             "description": comp.description,
         })
     problems = [{"plugin": p.name, "provider": p.provider, "reason": p.reason} for p in registry.problems]
+    training = _training_status()
     if args.json:
-        print(json.dumps({"components": rows, "problems": problems}, indent=2))
+        print(json.dumps({"components": rows, "problems": problems,
+                          "training": {"available": training.startswith("yes"), "status": training}}, indent=2))
         return 0
     headers = ["kind", "name", "provider", "available"]
     table = [[r["kind"], r["name"], r["provider"], "yes" if r["available"] else f"no: {r['reason']}"] for r in rows]
@@ -47,4 +49,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{len(rows)} components from {len(plugins)} plugins: " + ", ".join(sorted(n for n, _ in plugins)))
     for p in problems:
         print(f"plugin {p['plugin']} ({p['provider']}) not loaded: {p['reason']}")
+    if args.kind in (None, "trainer"):
+        print(f"training (gauss train, gauss demo): {training}")
     return 0
+
+
+def _training_status() -> str:
+    from gauss_plugins.train.trainers import TrainerUnavailableError, trainer_component
+
+    try:
+        comp = trainer_component()
+    except TrainerUnavailableError as exc:
+        return f"no: {exc}"
+    return f"yes, with the {comp.name} trainer ({comp.provider})"

@@ -1,7 +1,11 @@
 """``gauss train``: train and evaluate a retrieval model from a YAML config.
 
-    gauss train --config configs/ml-1m-hstu.yaml --dataset ml-1m --data-path data/ml-1m \\
-        --output-dir runs/ml1m-hstu [--max-epochs N] [--accelerator cpu|gpu] [--seed S]
+    gauss train --config ml-1m-hstu --output-dir runs/ml1m-hstu [--dataset ml-1m] [--data-path PATH]
+        [--max-epochs N] [--accelerator cpu|gpu] [--seed S]
+
+``--config`` is a YAML file or the name of a shipped config (``gauss_plugins/configs``). The
+training loop comes from the registry (a ``trainer`` component; the ``lightning`` extra
+provides one), so the core imports no training framework.
 
 Writes ``metrics.json`` (``val/`` and ``test/`` HR/NDCG@10/50/200), ``report.json``,
 ``model.safetensors`` and a plot into the output folder.
@@ -21,11 +25,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Train a sequential retrieval model (HSTU or SASRec) as configured in a YAML file; "
                     "command-line options override the file.",
     )
-    p.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
+    p.add_argument("--config", required=True, help="YAML experiment config file, or the name of a shipped one "
+                                                   "(demo-hstu, ml-100k-hstu, ml-1m-hstu, ml-1m-sasrec, ...)")
     p.add_argument("--dataset", help=f"dataset: {', '.join(DATASETS)} or any registered dataset plugin "
                                      "(default: the config's data.dataset)")
-    p.add_argument("--data-path", help="rating file / folder / sequence file (default: the config's, else "
-                                       "$GAUSS_DATA or ../shared/data)")
+    p.add_argument("--data-path", help="rating file / folder / sequence file (default: the config's, else the "
+                                       "dataset's folder in the data folder: see `gauss data list`)")
     p.add_argument("--output-dir", required=True, help="folder for metrics.json, report.json, model.safetensors, plots")
     p.add_argument("--max-epochs", type=int, help="override train.max_epochs")
     p.add_argument("--accelerator", choices=("cpu", "gpu"), help="override train.accelerator")
@@ -39,7 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from gauss_plugins.train.config import load_config, with_overrides
+    from gauss_plugins.train.trainers import get_trainer
 
+    run_experiment = get_trainer()  # raises TrainerUnavailableError (one line, see cli.main) before any work
     try:
         config = load_config(args.config)
         if args.dataset and args.dataset != config.data.dataset and config.data.options:
@@ -54,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"gauss train: {exc}", file=sys.stderr)
         return 2
-    from gauss_integrations.lightning import run_experiment
     from gauss_plugins.train.report import format_table
 
     try:

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-__all__ = ["DATASETS", "DownloadError", "download_dataset", "find_data_dir"]
+__all__ = ["DATASETS", "DownloadError", "download_dataset"]
 
 _BASE = "https://files.grouplens.org/datasets/movielens/"
 
@@ -152,28 +152,3 @@ def download_dataset(name: str, dest_dir: str, force: bool = False, timeout_s: f
         if tmp_extract is not None and os.path.exists(tmp_extract):
             shutil.rmtree(tmp_extract, ignore_errors=True)
 
-
-def find_data_dir(folder: str, extra_roots: tuple = ()) -> Optional[str]:
-    """The first existing ``<root>/<folder>`` among ``$GAUSS_DATA``, ``extra_roots``, and
-    ``../shared/data`` seen from the current directory and from the source checkout.
-
-    Looking from the package location too makes ``gauss demo`` find the shared data however
-    it is launched (``make demo`` from the repo root, or from elsewhere).
-    """
-    roots = []
-    env = os.environ.get("GAUSS_DATA")
-    if env:
-        if os.path.basename(os.path.normpath(env)) == folder and os.path.isdir(env):
-            return os.path.abspath(env)  # GAUSS_DATA may name the dataset folder itself
-        roots.append(env)
-    roots.extend(extra_roots)
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo_root = os.path.abspath(os.path.join(here, "..", "..", ".."))  # src/gauss_plugins/data -> repo
-    for base in (os.getcwd(), repo_root):
-        roots.append(os.path.join(base, "..", "shared", "data"))
-        roots.append(os.path.join(base, "data"))
-    for root in roots:
-        candidate = os.path.abspath(os.path.join(root, folder))
-        if os.path.isdir(candidate):
-            return candidate
-    return None

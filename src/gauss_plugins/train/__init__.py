@@ -1,7 +1,7 @@
 """Framework-neutral training pieces: configs, batching, the streaming windows, reports.
 
-The training loops themselves live in the framework adapters
-(:mod:`gauss_integrations.lightning`).
+The training loops themselves live in the framework adapters, which register them as
+``trainer`` components (:mod:`gauss_plugins.train.trainers`).
 """
 from gauss_plugins.train.config import (
     DataConfig,

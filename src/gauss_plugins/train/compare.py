@@ -1,7 +1,7 @@
 """Compare models over several seeds: run, aggregate (mean ± std), write JSON and Markdown.
 
 Used by ``gauss demo`` and the scripts in ``benchmarks/``. Each (model, seed) run is a full
-:func:`gauss_integrations.lightning.run_experiment` in its own folder; the aggregate file is
+experiment of the registered trainer (:func:`~gauss_plugins.train.trainers.get_trainer`) in its own folder; the aggregate file is
 rewritten (atomically) after every run, so an interrupted comparison keeps what it finished
 and ``resume=True`` skips runs whose ``metrics.json`` already exists.
 """
@@ -59,13 +59,15 @@ def run_comparison(configs: Mapping[str, ExperimentConfig], seeds: Sequence[int]
     Returns (and writes to ``result_path`` when given) ``{"runs": [...], "summary": {label:
     {metric: stats}}, "configs": {...}}``.
     """
-    from gauss_integrations.lightning import load_sequences, run_experiment
+    from gauss_plugins.data.locate import load_configured_dataset
+    from gauss_plugins.train.trainers import get_trainer
 
+    run_experiment = get_trainer()  # the registered training loop (the core imports no framework)
     runs: List[Dict[str, object]] = []
     started = time.time()
     first = next(iter(configs.values()))
     if sequences is None:
-        sequences = load_sequences(first)
+        sequences = load_configured_dataset(first.data.dataset, first.data.path, first.data.options)
 
     def payload() -> Dict[str, object]:
         summary = {label: aggregate([r["metrics"] for r in runs if r["model"] == label]) for label in configs

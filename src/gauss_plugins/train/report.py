@@ -17,13 +17,14 @@ METRIC_KEYS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
 
 
 def write_json(path: str, payload: Any) -> None:
-    """Write ``payload`` as indented JSON; atomic (temp file in the same folder + rename)."""
+    """Write ``payload`` as indented, strict JSON (NaN and infinities become ``null``);
+    atomic (temp file in the same folder + rename)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=_jsonable)
+            json.dump(_strict(payload), f, indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -40,6 +41,22 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+def _strict(value: Any) -> Any:
+    """``payload`` with every non-finite float as ``None``: Python writes bare ``NaN`` (a std
+    over one seed), which strict JSON parsers and other languages reject."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, (str, int)) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return _strict(value.tolist())
+    return value
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
