@@ -254,6 +254,7 @@ class _Plan(NamedTuple):
     constexprs: dict
     block_d: int
     rab_strides: Tuple[int, int, int]
+    table_scalars: Tuple[int, float, int]  # (pos_center = L - 1, 1 / time_bucket_scale, num_buckets)
     key: tuple
     launch_key: int
     tma_ok: bool  # 16-bit, power-of-two head dims, Hopper or newer, long rows: TMA configs may be tried
@@ -265,13 +266,14 @@ _launch_keys: Dict[tuple, int] = {}
 
 
 def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab,
-          normalizer) -> _Plan:
+          normalizer, position_bias=None, time_bias=None, time_bucket_scale=0.301) -> _Plan:
     interpreting = _interpreting()
     rab_layout = None if rab is None else (tuple(rab.shape), rab.stride(), rab.dtype)
+    tables = tuple(None if t is None else (t.shape[0], t.dtype) for t in (position_bias, time_bias))
     # T (the total length) is left out: it changes every batch and the plan does not use it
     cache_key = (q.shape[1:], k.shape[1:], v.shape[1:], q.dtype, k.dtype, v.dtype, q.device, offsets.shape,
                  max_seq_len, alpha, causal, num_targets is None, contextual_len, max_attn_len, rab_layout,
-                 normalizer, interpreting)
+                 normalizer, interpreting, tables, time_bucket_scale if time_bias is not None else None)
     plan = _plans.get(cache_key)
     if plan is not None:
         return plan
@@ -297,6 +299,17 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
         # broadcast dimensions read with stride 0; the last dimension must be dense
         rab_strides = (0 if rab.shape[0] == 1 else rab.stride(0), 0 if rab.shape[1] == 1 else rab.stride(1),
                        rab.stride(2))
+    for name, table in (("position_bias", position_bias), ("time_bias", time_bias)):
+        if table is not None and (table.dim() != 1 or table.shape[0] < 1):
+            raise ValueError(f"{name} must be a non-empty 1-D table, got shape {tuple(table.shape)}")
+    if position_bias is not None and position_bias.shape[0] < 2 * max_seq_len - 1:
+        raise ValueError(f"position_bias needs 2L - 1 >= {2 * max_seq_len - 1} entries (L >= max_seq_len), "
+                         f"got {position_bias.shape[0]}")
+    if time_bias is not None and not time_bucket_scale > 0:
+        raise ValueError(f"time_bucket_scale must be positive, got {time_bucket_scale!r}")
+    table_scalars = (0 if position_bias is None else (position_bias.shape[0] - 1) // 2,
+                     1.0 if time_bias is None else 1.0 / float(time_bucket_scale),
+                     0 if time_bias is None else time_bias.shape[0] - 1)
     import triton.language as tl
 
     wide = q.dtype in (torch.float32, torch.float64)
@@ -307,6 +320,8 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
         HAS_CONTEXT=contextual_len > 0,
         HAS_WINDOW=max_attn_len > 0,
         HAS_RAB=rab is not None,
+        HAS_POS=position_bias is not None,
+        HAS_TIME=time_bias is not None,
         SCALE_BY_SEQ_LEN=normalizer == "seq_len",
         # tanh.approx is PTX: not under the interpreter, and not precise enough for fp32
         FAST_SILU=not wide and not interpreting,
@@ -317,18 +332,18 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     pure_causal = causal and num_targets is None and contextual_len == 0 and max_attn_len == 0
     # tuning key: configs are shared by calls that differ only in lengths and mask details
     key = (constexprs["BLOCK_DQ"], constexprs["BLOCK_DV"], q.dtype, _seq_bucket(max_seq_len), pure_causal,
-           rab is not None, q.device.index)
+           rab is not None, position_bias is not None, time_bias is not None, q.device.index)
     # launch key: one small int per distinct set of constexprs (what a compiled kernel fixes)
     # (tensor dtypes too: they are part of a compiled kernel's signature)
     signature = tuple(sorted((name, str(value)) for name, value in constexprs.items())) + (
-        str(q.dtype), None if rab is None else str(rab.dtype))
+        str(q.dtype), None if rab is None else str(rab.dtype), *(None if t is None else str(t[1]) for t in tables))
     launch_key = _launch_keys.setdefault(signature, len(_launch_keys))
     # TMA descriptors are built per call and bypass the direct launch: worth it only where
     # the kernel, not the host, takes the time
     tma_ok = (not interpreting and not wide and d_qk == constexprs["BLOCK_DQ"] and d_v == constexprs["BLOCK_DV"]
               and max_seq_len >= 1024 and torch.cuda.get_device_capability(q.device)[0] >= 9)
     plan = _Plan(B, H, 0.5 * float(alpha), 1.0 / max_seq_len, int(contextual_len), int(max_attn_len), max_seq_len,
-                 constexprs, block_d, rab_strides, key, launch_key, tma_ok, wide)
+                 constexprs, block_d, rab_strides, table_scalars, key, launch_key, tma_ok, wide)
     _plans[cache_key] = plan
     return plan
 
@@ -340,10 +355,23 @@ def _descriptor(x: torch.Tensor, rows: int):
     return TensorDescriptor.from_tensor(x.view(x.shape[0], -1), [rows, x.shape[2]])
 
 
-def _forward(q, k, v, offsets, num_targets, rab, p: _Plan) -> torch.Tensor:
+class _Tables(NamedTuple):
+    """The relative-bias tables and the timestamps (each None when absent)."""
+
+    position_bias: Optional[torch.Tensor] = None
+    time_bias: Optional[torch.Tensor] = None
+    timestamps: Optional[torch.Tensor] = None
+
+    def pointers(self, like: torch.Tensor) -> tuple:
+        # an absent tensor is passed as another (never read: its HAS_* constexpr is off)
+        return tuple(like if t is None else t for t in self)
+
+
+def _forward(q, k, v, offsets, num_targets, rab, p: _Plan, tables: _Tables = _Tables()) -> torch.Tensor:
     out = _new_output((q.shape[0], p.H, v.shape[2]), q)
-    tensors = (q, k, v, q if rab is None else rab, out, offsets, offsets if num_targets is None else num_targets)
-    scalars = (*p.rab_strides, p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len)
+    tensors = (q, k, v, q if rab is None else rab, *tables.pointers(q), out, offsets,
+               offsets if num_targets is None else num_targets)
+    scalars = (*p.rab_strides, p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len, *p.table_scalars)
 
     def launch(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))
@@ -359,7 +387,8 @@ def _forward(q, k, v, offsets, num_targets, rab, p: _Plan) -> torch.Tensor:
     return out
 
 
-def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_drab: bool):
+def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_drab: bool,
+              tables: _Tables = _Tables(), compute_dposition_bias: bool = False, compute_dtime_bias: bool = False):
     dq = _new_output(q.shape, q)
     dk = _new_output(k.shape, k)
     dv = _new_output(v.shape, v)
@@ -376,21 +405,40 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
                         0 if drab_buf.shape[1] == 1 else drab_buf.stride(1), drab_buf.stride(2))
     rab_or_q = q if rab is None else rab
     targets = offsets if num_targets is None else num_targets
-    common = (p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len)
-    dkdv_tensors = (q, k, v, grad_out, rab_or_q, drab_buf, dk, dv, offsets, targets)
-    dkdv_scalars = (*p.rab_strides, *drab_strides, *common)
-    dq_tensors = (q, k, v, grad_out, rab_or_q, dq, offsets, targets)
+    common = (p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len, *p.table_scalars)
+    # table gradients: one fp32 (fp64 for fp64 inputs) row per (sequence, head), which the
+    # dK/dV kernel adds dS into by index; summed over the rows here
+    pos_grad = compute_dposition_bias and tables.position_bias is not None
+    time_grad = compute_dtime_bias and tables.time_bias is not None
+    grad_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dpos_buf = dtb_buf = q
+    if pos_grad:
+        dpos_buf = torch.empty((p.B * p.H, tables.position_bias.shape[0]), dtype=grad_dtype, device=q.device)
+    if time_grad:
+        dtb_buf = torch.empty((p.B * p.H, tables.time_bias.shape[0]), dtype=grad_dtype, device=q.device)
+    table_ptrs = tables.pointers(q)
+    dkdv_tensors = (q, k, v, grad_out, rab_or_q, drab_buf, *table_ptrs, dpos_buf, dtb_buf, dk, dv, offsets, targets)
+    dkdv_scalars = (*p.rab_strides, *drab_strides, dpos_buf.shape[-1] if pos_grad else 0,
+                    dtb_buf.shape[-1] if time_grad else 0, *common)
+    dq_tensors = (q, k, v, grad_out, rab_or_q, *table_ptrs, dq, offsets, targets)
     dq_scalars = (*p.rab_strides, *common)
-    dkdv_key = p.key + (rab_grad, atomic)
+    dkdv_key = p.key + (rab_grad, atomic, pos_grad, time_grad)
 
     def launch_dkdv(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_n))
+        # the kernel adds into the table-gradient buffers: start them at zero on every
+        # launch, so that autotuning (which runs candidates repeatedly) stays correct
+        if pos_grad:
+            dpos_buf.zero_()
+        if time_grad:
+            dtb_buf.zero_()
         args = dkdv_tensors
         if cfg.tma:
             args = (_descriptor(q, cfg.block_m),) + args[1:3] + (_descriptor(grad_out, cfg.block_m),) + args[4:]
         _dkdv_launcher(grid, args, dkdv_scalars,
                        dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, RAB_GRAD=rab_grad,
-                            RAB_GRAD_ATOMIC=atomic, USE_TMA=cfg.tma), cfg, (p.launch_key, rab_grad, atomic))
+                            RAB_GRAD_ATOMIC=atomic, POS_GRAD=pos_grad, TIME_GRAD=time_grad, USE_TMA=cfg.tma), cfg,
+                       (p.launch_key, rab_grad, atomic, pos_grad, time_grad))
 
     def launch_dq(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))
@@ -400,8 +448,19 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
         _dq_launcher(grid, args, dq_scalars,
                      dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=cfg.tma), cfg, p.launch_key)
 
+    def table_grads():
+        grads = []
+        for on, buf, table in ((pos_grad, dpos_buf, tables.position_bias), (time_grad, dtb_buf, tables.time_bias)):
+            if not on:
+                grads.append(None)
+                continue
+            if q.shape[0] == 0:  # no kernel ran to write the buffer
+                buf.zero_()
+            grads.append(buf.sum(0).to(table.dtype))
+        return tuple(grads)
+
     if q.shape[0] == 0:
-        return dq, dk, dv, (drab_buf.to(rab.dtype) if rab_grad else None)
+        return (dq, dk, dv, (drab_buf.to(rab.dtype) if rab_grad else None)) + table_grads()
     # tuning reruns the kernel: fine for plain stores, not for atomically summed drab
     _launch_tuned("dkdv", ("dkdv",) + dkdv_key, p.block_d, launch_dkdv, may_tune=not atomic, allow_tma=p.tma_ok,
                   wide=p.wide)
@@ -409,7 +468,7 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
     drab = None
     if rab_grad:
         drab = drab_buf.to(rab.dtype) if atomic else drab_buf
-    return dq, dk, dv, drab
+    return (dq, dk, dv, drab) + table_grads()
 
 
 def _contig(t: torch.Tensor) -> torch.Tensor:
@@ -427,6 +486,15 @@ def _rab(rab: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return rab if rab is None or rab.stride(-1) == 1 else rab.contiguous()
 
 
+def _tables(position_bias, time_bias, timestamps) -> _Tables:
+    if (time_bias is None) != (timestamps is None):
+        raise ValueError("time_bias and timestamps go together: pass both (jagged [T] int64 timestamps) or neither")
+    if timestamps is not None and (timestamps.dtype != torch.int64 or not timestamps.is_contiguous()):
+        timestamps = timestamps.to(torch.int64).contiguous()
+    return _Tables(None if position_bias is None else _contig(position_bias),
+                   None if time_bias is None else _contig(time_bias), timestamps)
+
+
 # ---------------------------------------------------------------- public API
 class TritonAttentionBackend:
     """HSTU attention backend with fused Triton kernels (see the module docstring).
@@ -438,17 +506,22 @@ class TritonAttentionBackend:
 
     def forward(self, q, k, v, offsets, *, max_seq_len: int, alpha: float, causal: bool = True,
                 num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0, max_attn_len: int = 0,
-                rab: Optional[torch.Tensor] = None, normalizer: str = "max_seq_len") -> torch.Tensor:
+                rab: Optional[torch.Tensor] = None, position_bias: Optional[torch.Tensor] = None,
+                time_bias: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
+                time_bucket_scale: float = 0.301, normalizer: str = "max_seq_len") -> torch.Tensor:
         q, k, v = _contig(q), _contig(k), _contig(v)
         num_targets, rab = _targets(num_targets), _rab(rab)
+        tables = _tables(position_bias, time_bias, timestamps)
         p = _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab,
-                  normalizer)
-        return _forward(q, k, v, offsets, num_targets, rab, p)
+                  normalizer, tables.position_bias, tables.time_bias, time_bucket_scale)
+        return _forward(q, k, v, offsets, num_targets, rab, p, tables)
 
     def backward(self, grad_out, q, k, v, offsets, *, max_seq_len: int, alpha: float, causal: bool = True,
                  num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0, max_attn_len: int = 0,
-                 rab: Optional[torch.Tensor] = None, normalizer: str = "max_seq_len",
-                 compute_drab: bool = True):
+                 rab: Optional[torch.Tensor] = None, position_bias: Optional[torch.Tensor] = None,
+                 time_bias: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
+                 time_bucket_scale: float = 0.301, normalizer: str = "max_seq_len",
+                 compute_drab: bool = True, compute_dposition_bias: bool = True, compute_dtime_bias: bool = True):
         q, k, v, grad_out = _contig(q), _contig(k), _contig(v), _contig(grad_out)
         if tuple(grad_out.shape) != (q.shape[0], q.shape[1], v.shape[2]):
             raise ValueError(f"grad_out must have shape {(q.shape[0], q.shape[1], v.shape[2])}, "
@@ -456,9 +529,11 @@ class TritonAttentionBackend:
         if grad_out.dtype != q.dtype:
             grad_out = grad_out.to(q.dtype)
         num_targets, rab = _targets(num_targets), _rab(rab)
+        tables = _tables(position_bias, time_bias, timestamps)
         p = _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len, max_attn_len, rab,
-                  normalizer)
-        return _backward(grad_out, q, k, v, offsets, num_targets, rab, p, compute_drab)
+                  normalizer, tables.position_bias, tables.time_bias, time_bucket_scale)
+        return _backward(grad_out, q, k, v, offsets, num_targets, rab, p, compute_drab, tables,
+                         compute_dposition_bias, compute_dtime_bias)
 
 
 _backend = TritonAttentionBackend()
@@ -471,30 +546,36 @@ def hstu_attention_triton() -> TritonAttentionBackend:
 
 class _FusedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rab, offsets, num_targets, options):
+    def forward(ctx, q, k, v, rab, position_bias, time_bias, offsets, num_targets, timestamps, options):
         num_targets, rab_c = _targets(num_targets), _rab(rab)
+        tables = _tables(position_bias, time_bias, timestamps)
         p = _plan(q, k, v, offsets, options["max_seq_len"], options["alpha"], options["causal"], num_targets,
-                  options["contextual_len"], options["max_attn_len"], rab_c, options["normalizer"])
-        ctx.save_for_backward(q, k, v, rab_c, offsets, num_targets)
+                  options["contextual_len"], options["max_attn_len"], rab_c, options["normalizer"],
+                  tables.position_bias, tables.time_bias, options["time_bucket_scale"])
+        ctx.save_for_backward(q, k, v, rab_c, offsets, num_targets, *tables)
         ctx.plan = p
-        return _forward(q, k, v, offsets, num_targets, rab_c, p)
+        return _forward(q, k, v, offsets, num_targets, rab_c, p, tables)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, rab, offsets, num_targets = ctx.saved_tensors
+        q, k, v, rab, offsets, num_targets, position_bias, time_bias, timestamps = ctx.saved_tensors
         grad_out = _contig(grad_out).to(q.dtype)
         compute_drab = rab is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, drab = _backward(grad_out, q, k, v, offsets, num_targets, rab, ctx.plan, compute_drab)
-        return dq, dk, dv, drab, None, None, None
+        dq, dk, dv, drab, dpos, dtime = _backward(
+            grad_out, q, k, v, offsets, num_targets, rab, ctx.plan, compute_drab,
+            _Tables(position_bias, time_bias, timestamps), ctx.needs_input_grad[4], ctx.needs_input_grad[5])
+        return dq, dk, dv, drab, dpos, dtime, None, None, None, None
 
 
 def hstu_attention_fused(q, k, v, offsets, *, max_seq_len: int, alpha: float, causal: bool = True,
                          num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0,
                          max_attn_len: int = 0, rab: Optional[torch.Tensor] = None,
+                         position_bias: Optional[torch.Tensor] = None, time_bias: Optional[torch.Tensor] = None,
+                         timestamps: Optional[torch.Tensor] = None, time_bucket_scale: float = 0.301,
                          normalizer: str = "max_seq_len") -> torch.Tensor:
     """Differentiable HSTU attention on the fused kernels, without the custom op around it
-    (no input validation beyond layouts: offsets and num_targets are trusted)."""
+    (no input validation beyond layouts: offsets, num_targets and timestamps are trusted)."""
     q, k, v = _contig(q), _contig(k), _contig(v)
     options = dict(max_seq_len=max_seq_len, alpha=alpha, causal=causal, contextual_len=contextual_len,
-                   max_attn_len=max_attn_len, normalizer=normalizer)
-    return _FusedFunction.apply(q, k, v, rab, offsets, num_targets, options)
+                   max_attn_len=max_attn_len, normalizer=normalizer, time_bucket_scale=time_bucket_scale)
+    return _FusedFunction.apply(q, k, v, rab, position_bias, time_bias, offsets, num_targets, timestamps, options)

@@ -243,14 +243,77 @@ def _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN: tl.constexpr):
         return scale
 
 
+# ------------------------------------------------------------------ relative bias from tables
+@triton.jit
+def _history_end(num_targets, b, seq_len, HAS_TARGETS: tl.constexpr):
+    """First position of sequence b that is a target (its length without targets)."""
+    if HAS_TARGETS:
+        return seq_len - tl.load(num_targets + b).to(tl.int32)
+    else:
+        return seq_len
+
+
+@triton.jit
+def _query_times(TS, seq_start, rows, seq_len, history_end):
+    """t_next of query rows: the next event's time while the next position is history,
+    else the row's own time (targets; the last history row)."""
+    use_next = rows + 1 < history_end
+    t_next = tl.load(TS + seq_start + rows + 1, mask=use_next, other=0)
+    t_own = tl.load(TS + seq_start + rows, mask=(rows < seq_len) & (rows + 1 >= history_end), other=0)
+    return tl.where(use_next, t_next, t_own)
+
+
+@triton.jit
+def _position_index(row_ids, col_ids, pos_center):
+    """Index into position_bias [2 * pos_center + 1]; the clamp only matters for rows or
+    columns past the sequence (masked), whose ids can be out of the table's range."""
+    return tl.minimum(tl.maximum(col_ids - row_ids + pos_center, 0), 2 * pos_center)
+
+
+@triton.jit
+def _time_index(query_times, key_times, inv_scale, num_buckets):
+    """floor(log(max(|dt|, 1)) * inv_scale) clamped to [0, num_buckets], in fp32 exactly as
+    the reference computes it (so both pick the same bucket)."""
+    gap = tl.maximum(tl.abs(query_times - key_times), 1).to(tl.float32)
+    bucket = tl.floor(tl.log(gap) * inv_scale).to(tl.int32)
+    return tl.minimum(tl.maximum(bucket, 0), num_buckets)
+
+
+@triton.jit
+def _add_table_bias(u, row_ids, col_ids, query_times, key_times, POS, TB, pos_center, inv_scale, num_buckets,
+                    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
+    """u + bias / 2 (the kernels work with u = s / 2); tables are tiny and cached, so the
+    gathers cost little next to the tile's dots."""
+    if HAS_POS:
+        u += 0.5 * tl.load(POS + _position_index(row_ids, col_ids, pos_center)).to(tl.float32)
+    if HAS_TIME:
+        u += 0.5 * tl.load(TB + _time_index(query_times, key_times, inv_scale, num_buckets)).to(tl.float32)
+    return u
+
+
+@triton.jit
+def _table_bias_grads(ds, mask, row_ids, col_ids, query_times, key_times, DPOS, DTB, pos_center, inv_scale,
+                      num_buckets, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr):
+    """Adds ds into this (sequence, head)'s rows of the table-gradient buffers, by index:
+    relaxed atomics (many pairs share an index), summed over the rows on the host."""
+    if POS_GRAD:
+        tl.atomic_add(DPOS + _position_index(row_ids, col_ids, pos_center), ds.to(DPOS.dtype.element_ty),
+                      mask=mask, sem="relaxed")
+    if TIME_GRAD:
+        tl.atomic_add(DTB + _time_index(query_times, key_times, inv_scale, num_buckets),
+                      ds.to(DTB.dtype.element_ty), mask=mask, sem="relaxed")
+
+
 # ------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_block(
-    acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+    acc, q, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
+    start_n, offs_m, offs_n, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     tma_row, tma_kcol, tma_vcol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    APPLY_MASK: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n
@@ -267,6 +330,12 @@ def _fwd_block(
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
+    if HAS_POS or HAS_TIME:
+        # tma_row is the sequence's first row
+        key_times = tl.load(TS + tma_row + cols, mask=col_ok, other=0) if HAS_TIME else cols
+        col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+        u = _add_table_bias(u, row_ids[:, None], col_ids[None, :], query_times[:, None], key_times[None, :],
+                            POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME)
     p = _silu_half(u, FAST_SILU)
     if APPLY_MASK:
         valid = _valid(
@@ -283,13 +352,14 @@ def _fwd_block(
 
 @triton.jit
 def hstu_fwd_kernel(
-    Q, K, V, RAB, Out, seq_offsets, num_targets,
+    Q, K, V, RAB, POS, TB, TS, Out, seq_offsets, num_targets,
     stride_rb, stride_rh, stride_rm,
-    H, half_alpha, scale, contextual_len, max_attn_len,
+    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    SCALE_BY_SEQ_LEN: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
@@ -331,6 +401,11 @@ def hstu_fwd_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
+    row_ids = _ids(offs_m, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    query_times = offs_m
+    if HAS_TIME:
+        query_times = _query_times(TS, seq_start, offs_m, seq_len,
+                                   _history_end(num_targets, b, seq_len, HAS_TARGETS))
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
@@ -338,17 +413,21 @@ def hstu_fwd_kernel(
         # key blocks strictly below the diagonal: every pair valid and in range
         for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WARP_SPEC):
             acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False, FAST_SILU, PRECISION, ACC, USE_TMA,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, False, FAST_SILU,
+                PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, True, FAST_SILU,
+                PRECISION, ACC, USE_TMA,
             )
     else:
         lo, hi = _col_range(
@@ -357,10 +436,12 @@ def hstu_fwd_kernel(
         )
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
             acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, True, FAST_SILU,
+                PRECISION, ACC, USE_TMA,
             )
 
     acc = acc * _row_scale(scale, seq_len, SCALE_BY_SEQ_LEN)
@@ -374,12 +455,14 @@ def hstu_fwd_kernel(
 # ------------------------------------------------------------------ backward: dK, dV (and dRAB)
 @triton.jit
 def _bwd_dkdv_block(
-    dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols, mask_dq, mask_dv,
+    dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS, DTB, col_ids, key_times, history_end,
+    pos_center, inv_scale, num_buckets, start_m, offs_m, cols, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last, contextual_len, max_attn_len,
     half_alpha, row_scale, tma_row, tma_qcol, tma_docol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
-    RAB_GRAD_ATOMIC: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr,
+    RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
+    TIME_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # transposed tiles, [keys, queries]: dk and dv come out of the dots in key-row order
@@ -398,6 +481,13 @@ def _bwd_dkdv_block(
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_m * stride_rm, mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         ut += 0.5 * rab.to(tl.float32)
+    row_ids = _ids(rows, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    query_times = rows
+    if HAS_TIME:
+        query_times = _query_times(TS, tma_row, rows, seq_len, history_end)  # tma_row: the sequence's first row
+    if HAS_POS or HAS_TIME:
+        ut = _add_table_bias(ut, row_ids[None, :], col_ids[:, None], query_times[None, :], key_times[:, None],
+                             POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME)
     pt, g2t = _silu_and_grad_half(ut, FAST_SILU)
     if APPLY_MASK:
         valid = _valid(
@@ -423,20 +513,29 @@ def _bwd_dkdv_block(
         else:
             tl.store(DRAB_ptrs + start_m * stride_drm,
                      (dst * (0.5 * row_scale)).to(DRAB_ptrs.dtype.element_ty), mask=drab_mask)
+    if POS_GRAD or TIME_GRAD:
+        if APPLY_MASK:
+            grad_mask = valid
+        else:
+            grad_mask = col_ok[:, None] & row_ok[None, :]
+        _table_bias_grads(dst * (0.5 * row_scale), grad_mask, row_ids[None, :], col_ids[:, None],
+                          query_times[None, :], key_times[:, None], DPOS, DTB, pos_center, inv_scale, num_buckets,
+                          POS_GRAD, TIME_GRAD)
     dk = tl.dot(dst.to(q_rows.dtype), q_rows, dk, input_precision=PRECISION, out_dtype=ACC)
     return dk, dv
 
 
 @triton.jit
 def hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, RAB, DRAB, DK, DV, seq_offsets, num_targets,
-    stride_rb, stride_rh, stride_rm, stride_drb, stride_drh, stride_drm,
-    H, half_alpha, scale, contextual_len, max_attn_len,
+    Q, K, V, DO, RAB, DRAB, POS, TB, TS, DPOS, DTB, DK, DV, seq_offsets, num_targets,
+    stride_rb, stride_rh, stride_rm, stride_drb, stride_drh, stride_drm, stride_dpos, stride_dtb,
+    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
-    RAB_GRAD_ATOMIC: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
+    RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
+    TIME_GRAD: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
@@ -481,6 +580,15 @@ def hstu_bwd_dkdv_kernel(
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm + cols[:, None]
     if RAB_GRAD:
         DRAB_ptrs = DRAB + b * stride_drb + h * stride_drh + offs_m[None, :] * stride_drm + cols[:, None]
+    col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    key_times = cols
+    history_end = seq_len
+    if HAS_TIME:
+        key_times = tl.load(TS + seq_start + cols, mask=col_ok, other=0)
+        history_end = _history_end(num_targets, b, seq_len, HAS_TARGETS)
+    # this (sequence, head)'s row of the table-gradient buffers
+    DPOS_row = DPOS + off_bh * stride_dpos
+    DTB_row = DTB + off_bh * stride_dtb
     dk = tl.full([BLOCK_N, BLOCK_DQ], 0.0, ACC)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, ACC)
 
@@ -490,31 +598,34 @@ def hstu_bwd_dkdv_kernel(
         lo = (start_n // BLOCK_M) * BLOCK_M
         for start_m in range(lo, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...those wholly below it and inside the sequence do not...
         full_lo = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         full_hi = (seq_len // BLOCK_M) * BLOCK_M
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, False, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, False, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...and the last, partial block is masked (past the length, rows are zeros or, with
         # descriptors, another sequence's rows)
         for start_m in range(tl.maximum(full_lo, full_hi), seq_len, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL,
-                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, True, FAST_SILU,
                 PRECISION, ACC, USE_TMA,
             )
     else:
@@ -524,19 +635,21 @@ def hstu_bwd_dkdv_kernel(
         )
         for start_m in range(0, pre_hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, start_m, offs_m, cols,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     dk = dk * (half_alpha * row_scale)
@@ -554,11 +667,13 @@ def hstu_bwd_dkdv_kernel(
 # ------------------------------------------------------------------ backward: dQ
 @triton.jit
 def _bwd_dq_block(
-    dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+    dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
+    start_n, offs_m, offs_n, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     tma_row, tma_kcol, tma_vcol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, APPLY_MASK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    APPLY_MASK: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n
@@ -577,6 +692,12 @@ def _bwd_dq_block(
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
+    if HAS_POS or HAS_TIME:
+        # tma_row is the sequence's first row
+        key_times = tl.load(TS + tma_row + cols, mask=col_ok, other=0) if HAS_TIME else cols
+        col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+        u = _add_table_bias(u, row_ids[:, None], col_ids[None, :], query_times[:, None], key_times[None, :],
+                            POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME)
     _, g2 = _silu_and_grad_half(u, FAST_SILU)
     dp = tl.dot(do, vt, input_precision=PRECISION, out_dtype=ACC)
     ds = dp * g2  # twice the true ds: halved in the final scale
@@ -591,13 +712,14 @@ def _bwd_dq_block(
 
 @triton.jit
 def hstu_bwd_dq_kernel(
-    Q, K, V, DO, RAB, DQ, seq_offsets, num_targets,
+    Q, K, V, DO, RAB, POS, TB, TS, DQ, seq_offsets, num_targets,
     stride_rb, stride_rh, stride_rm,
-    H, half_alpha, scale, contextual_len, max_attn_len,
+    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+    SCALE_BY_SEQ_LEN: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dq for one query block per program, accumulated in fp32 registers over all key
@@ -638,22 +760,29 @@ def hstu_bwd_dq_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
+    row_ids = _ids(offs_m, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
+    query_times = offs_m
+    if HAS_TIME:
+        query_times = _query_times(TS, seq_start, offs_m, seq_len,
+                                   _history_end(num_targets, b, seq_len, HAS_TARGETS))
     dq = tl.full([BLOCK_M, BLOCK_DQ], 0.0, ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
         for start_n in range(0, start_m, BLOCK_N):
             dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, False,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, False,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, True,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
@@ -663,9 +792,10 @@ def hstu_bwd_dq_kernel(
         )
         for start_n in range(lo, hi, BLOCK_N):
             dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, start_n, offs_m, offs_n, mask_dq, mask_dv,
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, True,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, True,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 

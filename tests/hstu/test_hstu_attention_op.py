@@ -48,9 +48,10 @@ def test_opcheck():
     rab = torch.randn(1, 2, 7, 7, requires_grad=True)
     for t in (q, k, v):
         t.requires_grad_(True)
-    args = (q, k, v, offsets, options["num_targets"], rab, 7, 0.7, True, 1, 3, "max_seq_len", "auto", True)
+    args = (q, k, v, offsets, options["num_targets"], rab, None, None, None, 7, 0.7, True, 1, 3, 0.301,
+            "max_seq_len", "auto", True)
     torch.library.opcheck(torch.ops.gauss.hstu_attention_fwd.default, args)
-    args = (q, k, v, offsets, None, None, 7, 0.7, False, 0, 0, "seq_len", "auto", True)
+    args = (q, k, v, offsets, None, None, None, None, None, 7, 0.7, False, 0, 0, 0.301, "seq_len", "auto", True)
     torch.library.opcheck(torch.ops.gauss.hstu_attention_fwd.default, args)
 
 
@@ -110,9 +111,8 @@ class RecordingBackend:
         assert grad_out.is_contiguous()
         from gauss_plugins.hstu.attention import hstu_attention_reference_backward
 
-        dq, dk, dv, drab = hstu_attention_reference_backward(2 * grad_out, q, k, v, offsets,
-                                                             compute_drab=compute_drab, **options)
-        return dq, dk, dv, drab
+        return hstu_attention_reference_backward(2 * grad_out, q, k, v, offsets, compute_drab=compute_drab,
+                                                 **options)
 
 
 def forward_only(q, k, v, offsets, **options):
@@ -273,10 +273,10 @@ def test_custom_op_autograd_gradchecks(mode):
         t.requires_grad_(True)
     nt = options["num_targets"]
     schema_args = (options["max_seq_len"], options["alpha"], options["causal"], options["contextual_len"],
-                   options["max_attn_len"], options["normalizer"], "torch", True)
+                   options["max_attn_len"], 0.301, options["normalizer"], "torch", True)
 
     def op(q, k, v, rab=None):
-        return torch.ops.gauss.hstu_attention_fwd(q, k, v, offsets, nt, rab, *schema_args)
+        return torch.ops.gauss.hstu_attention_fwd(q, k, v, offsets, nt, rab, None, None, None, *schema_args)
 
     torch.testing.assert_close(op(*tensors), hstu_attention(q, k, v, offsets, rab=rab, **options))
     assert torch.autograd.gradcheck(op, tuple(tensors), eps=1e-6, atol=1e-6)

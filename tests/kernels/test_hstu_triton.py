@@ -93,9 +93,26 @@ def _rel(x, ref):
     return float(err / denom) if denom > 0 else float(err)
 
 
+def _bias_tables(rng, lengths, n, position, time_buckets, table_dtype=torch.float32):
+    """Random tables (position: L - max_seq_len extra, or None; time: num_buckets or None)
+    and jagged increasing timestamps with gaps from 0 to ~1e4 (many buckets, ties too)."""
+    tables = {}
+    if position is not None:
+        size = 2 * (n + position) - 1
+        tables["position_bias"] = torch.randn(size, generator=rng).to(DEVICE, table_dtype)
+    if time_buckets is not None:
+        tables["time_bias"] = torch.randn(time_buckets + 1, generator=rng).to(DEVICE, table_dtype)
+        gaps = (torch.rand(sum(lengths), generator=rng) ** 4 * 1e4).to(torch.int64)
+        times = torch.cat([torch.cumsum(g, 0) + 1_700_000_000 for g in torch.split(gaps, list(lengths))])
+        tables["timestamps"] = times.to(DEVICE)
+    return tables
+
+
 def _check(rng, lengths, *, H=1, d_qk=16, d_v=16, dtype=torch.float32, tol=1e-5, max_seq_len=None,
-           num_targets=None, rab=None, rab_grad=True, **options):
-    """Forward and every gradient of the backend vs the fp32 reference on the same values."""
+           num_targets=None, rab=None, rab_grad=True, position=None, time_buckets=None, table_grads=True,
+           **options):
+    """Forward and every gradient of the backend vs the fp32 reference on the same values.
+    ``position`` / ``time_buckets``: relative-bias tables (see _bias_tables)."""
     q, k, v, offsets = _jagged(rng, lengths, H, d_qk, d_v, dtype)
     n = max_seq_len or max(max(lengths), 1)
     nt = None
@@ -104,18 +121,20 @@ def _check(rng, lengths, *, H=1, d_qk=16, d_v=16, dtype=torch.float32, tol=1e-5,
     rab_t = None
     if rab is not None:
         rab_t = torch.randn(rab[0], rab[1], n, n, generator=rng).to(DEVICE)
+    tables = _bias_tables(rng, lengths, n, position, time_buckets)
     opts = dict(max_seq_len=n, alpha=options.pop("alpha", 1.0 / math.sqrt(d_qk)), num_targets=nt,
-                rab=rab_t, **options)
+                rab=rab_t, **tables, **options)
     backend = ta.hstu_attention_triton()
     out = backend.forward(q, k, v, offsets, **opts)
     grad_out = torch.randn(out.shape, generator=rng).to(DEVICE, dtype)
     compute_drab = rab_t is not None and rab_grad
-    dq, dk, dv, drab = backend.backward(grad_out, q, k, v, offsets, compute_drab=compute_drab, **opts)
+    flags = dict(compute_drab=compute_drab, compute_dposition_bias=table_grads, compute_dtime_bias=table_grads)
+    dq, dk, dv, drab, dpos, dtime = backend.backward(grad_out, q, k, v, offsets, **flags, **opts)
 
     f = (q.float(), k.float(), v.float())
     ref = hstu_attention_reference(*f, offsets, **opts)
-    rdq, rdk, rdv, rdrab = hstu_attention_reference_backward(grad_out.float(), *f, offsets,
-                                                             compute_drab=compute_drab, **opts)
+    rdq, rdk, rdv, rdrab, rdpos, rdtime = hstu_attention_reference_backward(grad_out.float(), *f, offsets,
+                                                                            **flags, **opts)
     got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
     want = {"out": ref, "dq": rdq, "dk": rdk, "dv": rdv}
     if compute_drab:
@@ -123,6 +142,12 @@ def _check(rng, lengths, *, H=1, d_qk=16, d_v=16, dtype=torch.float32, tol=1e-5,
         got["drab"], want["drab"] = drab, rdrab
     else:
         assert drab is None
+    for name, grad, ref_grad in (("position_bias", dpos, rdpos), ("time_bias", dtime, rdtime)):
+        if name in tables and table_grads:
+            assert grad.shape == tables[name].shape and grad.dtype == tables[name].dtype
+            got["d" + name], want["d" + name] = grad, ref_grad
+        else:
+            assert grad is None
     errors = {}
     for name in got:
         assert got[name].shape == want[name].shape, name
@@ -157,6 +182,40 @@ def test_relative_bias_and_its_gradient(rng, rab):
     lengths = [int(x) for x in torch.randint(1, 30, (3,), generator=rng)]
     # max_seq_len above every length: rab is padded, its unused rows/columns get zero grad
     _check(rng, lengths, H=2, rab=rab, max_seq_len=max(lengths) + 3, num_targets=[2, 1, 3])
+
+
+TABLE_MODES = {
+    "position": dict(position=0),
+    "position, L > max_seq_len": dict(position=5, num_targets=[2, 0, 3]),
+    "time": dict(time_buckets=40),
+    "position+time, targets": dict(position=2, time_buckets=12, num_targets=[3, 1, 4]),
+    "position+time, contextual+window": dict(position=0, time_buckets=30, contextual_len=3, max_attn_len=6),
+    "position+time, everything, bidirectional": dict(position=1, time_buckets=30, causal=False,
+                                                     num_targets=[4, 2, 1], contextual_len=2, max_attn_len=7),
+    "position+time + rab, seq_len normaliser": dict(position=0, time_buckets=20, rab=(1, 2),
+                                                    normalizer="seq_len", num_targets=[2, 2, 2]),
+}
+
+
+@pytest.mark.parametrize("mode", list(TABLE_MODES))
+def test_relative_bias_tables_and_their_gradients(rng, mode):
+    """Bias from the tables built per tile, table gradients reduced in the dK/dV kernel."""
+    lengths = [int(x) for x in torch.randint(1, 36, (3,), generator=rng)]
+    _check(rng, lengths, H=2, **TABLE_MODES[mode])
+
+
+def test_relative_bias_tables_without_gradients(rng):
+    _check(rng, [21, 6], H=2, position=0, time_buckets=16, table_grads=False, num_targets=[3, 1])
+
+
+def test_relative_bias_tables_with_unequal_tiles(rng, monkeypatch):
+    if ON_GPU:
+        pytest.skip("tile override applies to the interpreter")
+    monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "fwd", ta._Config(32, 16, 1, 1))
+    monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dq", ta._Config(32, 16, 1, 1))
+    monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dkdv", ta._Config(16, 32, 1, 1))
+    _check(rng, [45, 20], position=3, time_buckets=25, num_targets=[5, 2], contextual_len=2)
+    _check(rng, [45, 20], position=0)  # pure causal: the unmasked interior blocks
 
 
 def test_relative_bias_without_gradient(rng):

@@ -2,7 +2,7 @@
 
 For each sequence ``b`` and head ``h`` (positions ``i, j`` inside the sequence)::
 
-    S   = alpha * Q K^T + rab                       (rab optional, padded to max_seq_len)
+    S   = alpha * Q K^T + rab + bias                (rab, bias optional)
     P   = SiLU(S) / N  (masked: P[i, j] = 0 where attention_mask(...)[b, i, j] is False)
     out = P V
 
@@ -19,6 +19,35 @@ of one floating dtype; ``offsets`` ``[B + 1]`` int64; ``num_targets`` ``[B]`` in
 None; ``rab`` ``[B or 1, H or 1, max_seq_len, max_seq_len]`` or None (any float dtype,
 differentiable). The output is ``[T, H, d_v]`` in ``q``'s dtype.
 
+Relative attention bias from tables
+-----------------------------------
+``bias`` is HSTU's relative attention bias, given as two small 1-D tables shared by all
+heads and expanded inside the attention (the Triton kernels build it per tile, so no
+``[B, ., N, N]`` bias or bias gradient ever exists); either table may be None::
+
+    bias[b, i, j] = position_bias[clamp(id_j - id_i + L - 1, 0, 2L - 2)]
+                  + time_bias[clamp(floor(log(max(|t_next(i) - t_j|, 1)) * (1 / time_bucket_scale)),
+                                0, num_buckets)]
+
+* ``position_bias`` ``[2L - 1]`` with ``L >= max_seq_len``; ``id_*`` are the position ids
+  of :func:`attention_mask` (a contextual prefix shares id 0 and later ids shift; with
+  ``num_targets`` every target shares the first target's id), so all candidates of an
+  M-FALCON batch see the same position bias.
+* ``time_bias`` ``[num_buckets + 1]`` with ``timestamps`` jagged ``[T]`` int64 (required
+  exactly when ``time_bias`` is given). ``t_next(i) = t_{i+1}`` when position ``i + 1``
+  exists in the same sequence and is not a target, else ``t_i``: history query ``i``
+  predicts the next event, and a target / candidate uses its own time, so no candidate's
+  bias depends on its slot or on the other candidates. This is the "next timestamp minus
+  key timestamp" bucketing of the paper's code (generative-recommenders
+  ``RelativeBucketedTimeAndPositionBasedBias``, ``time_bucket_scale = 0.301``). The bucket is
+  computed in fp32 (``|dt|`` converted to fp32, ``log``, times the fp32 reciprocal of the
+  scale, ``floor``) by the reference and the kernels alike.
+
+Gradients flow to both tables (not to ``timestamps``); ``rab`` still adds on top.
+:func:`relative_bias_dense` expands the tables to the dense ``[B, N, N]`` bias (a
+cross-check: passing it as ``rab`` gives the same output, and the tables' gradients are that
+``rab``'s gradient summed by index).
+
 Backends (the ``attention_backend`` hook)
 -----------------------------------------
 Under ``torch.compile``, ``torch.export`` or any other tracing, :func:`hstu_attention` is
@@ -33,21 +62,22 @@ factory may return either
 1. an object with two methods (see :class:`AttentionBackend`)::
 
        forward(q, k, v, offsets, *, max_seq_len, alpha, causal, num_targets,
-               contextual_len, max_attn_len, rab, normalizer) -> out [T, H, d_v]
-       backward(grad_out, q, k, v, offsets, *, max_seq_len, alpha, causal, num_targets,
-                contextual_len, max_attn_len, rab, normalizer, compute_drab)
-           -> (dq, dk, dv, drab)
+               contextual_len, max_attn_len, rab, position_bias, time_bias, timestamps,
+               time_bucket_scale, normalizer) -> out [T, H, d_v]
+       backward(grad_out, q, k, v, offsets, *, <the same keywords>, compute_drab,
+                compute_dposition_bias, compute_dtime_bias)
+           -> (dq, dk, dv, drab, d_position_bias, d_time_bias)
 
    ``backward`` receives the same inputs as ``forward`` (HSTU has no softmax, so nothing
-   else needs saving) and returns gradients shaped like ``q, k, v`` and like ``rab``
-   (summed over its broadcast dimensions); ``drab`` may be None when ``compute_drab`` is
-   False (rab absent or not requiring grad). Or
+   else needs saving) and returns gradients shaped like ``q, k, v``, like ``rab`` (summed
+   over its broadcast dimensions) and like the two tables; each of the last three may be
+   None when its ``compute_*`` flag is False (input absent or not requiring grad). Or
 2. a plain callable with the signature of :func:`hstu_attention_reference` (forward only);
    its backward is then :func:`hstu_attention_reference_backward`.
 
 What a backend can rely on: layouts were checked (shapes, dtypes, devices; see
 :func:`check_attention_inputs`); every tensor argument, ``grad_out`` included, is
-contiguous; ``num_targets`` is int64; ``normalizer`` is one of :data:`NORMALIZERS`. Data
+contiguous; ``num_targets`` and ``timestamps`` are int64; ``normalizer`` is one of :data:`NORMALIZERS`. Data
 checks (offsets monotone, lengths <= max_seq_len, 0 <= num_targets <= length) ran when
 ``validate`` was on (by default for CPU tensors; off on accelerators, where they would
 synchronise with the host). The output must be a new tensor, not a view of an input.
@@ -59,7 +89,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Any, Callable, Dict, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +105,7 @@ __all__ = [
     "hstu_attention",
     "hstu_attention_reference",
     "hstu_attention_reference_backward",
+    "relative_bias_dense",
     "validate_attention_data",
 ]
 
@@ -137,14 +168,7 @@ def attention_mask(
     n = max_seq_len
     positions = torch.arange(n, device=device)
     lengths = lengths.to(torch.int64).view(batch, 1)
-    ids = positions.view(1, n).expand(batch, n)
-    last = lengths  # id of the first position that is not history (in id space)
-    if contextual_len > 0:
-        ids = (ids - contextual_len + 1).clamp(min=0)
-        last = last - contextual_len + 1
-    if num_targets is not None:
-        last = last - num_targets.to(torch.int64).view(batch, 1)
-        ids = torch.minimum(ids, last)
+    ids, last = _position_ids(lengths, n, num_targets, contextual_len)
     row = ids.view(batch, n, 1)
     col = ids.view(batch, 1, n)
     dist = row - col
@@ -157,6 +181,23 @@ def attention_mask(
         mask = mask | ((row == 0) & (col < last.view(batch, 1, 1)))
     inside = positions.view(1, n) < lengths
     return mask & inside.view(batch, n, 1) & inside.view(batch, 1, n)
+
+
+def _position_ids(lengths: torch.Tensor, n: int, num_targets: Optional[torch.Tensor],
+                  contextual_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rules 1 and 2 of :func:`attention_mask`: ids ``[B, n]`` of the positions of each
+    sequence, and ``last`` ``[B, 1]``, the id of the first position that is not history."""
+    batch = lengths.shape[0]
+    lengths = lengths.to(torch.int64).view(batch, 1)
+    ids = torch.arange(n, device=lengths.device).view(1, n).expand(batch, n)
+    last = lengths
+    if contextual_len > 0:
+        ids = (ids - contextual_len + 1).clamp(min=0)
+        last = last - contextual_len + 1
+    if num_targets is not None:
+        last = last - num_targets.to(torch.int64).view(batch, 1)
+        ids = torch.minimum(ids, last)
+    return ids, last
 
 
 # ---------------------------------------------------------------------------- checks
@@ -173,6 +214,10 @@ def check_attention_inputs(
     max_attn_len: int = 0,
     rab: Optional[torch.Tensor] = None,
     normalizer: str = "max_seq_len",
+    position_bias: Optional[torch.Tensor] = None,
+    time_bias: Optional[torch.Tensor] = None,
+    timestamps: Optional[torch.Tensor] = None,
+    time_bucket_scale: float = 0.301,
 ) -> None:
     """Check shapes, dtypes, devices and options without reading tensor data (so it is safe
     under ``torch.compile`` and costs no GPU synchronisation). Raises TypeError/ValueError."""
@@ -226,6 +271,47 @@ def check_attention_inputs(
                 f"[{batch} or 1, {heads} or 1, {max_seq_len}, {max_seq_len}], got {tuple(rab.shape)}")
         if rab.device != q.device:
             raise ValueError(f"rab is on {rab.device} but q is on {q.device}")
+    _check_bias_tables(q, max_seq_len, position_bias, time_bias, timestamps, time_bucket_scale)
+
+
+def _check_bias_tables(q, max_seq_len, position_bias, time_bias, timestamps, time_bucket_scale) -> None:
+    """The relative-bias arguments (see the module docstring)."""
+    for name, table in (("position_bias", position_bias), ("time_bias", time_bias)):
+        if table is None:
+            continue
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"{name} must be a 1-D float tensor or None, got {type(table).__name__}")
+        if table.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {table.dtype}")
+        if table.device != q.device:
+            raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
+    if position_bias is not None:
+        size = position_bias.shape[0] if position_bias.dim() == 1 else -1
+        if size < 2 * max_seq_len - 1 or size % 2 == 0:
+            raise ValueError(
+                f"position_bias must be a 1-D table of odd length 2L - 1 with L >= max_seq_len, i.e. at least "
+                f"{2 * max_seq_len - 1} entries for max_seq_len={max_seq_len}; got shape {tuple(position_bias.shape)}")
+    if time_bias is not None:
+        if time_bias.dim() != 1 or time_bias.shape[0] < 1:
+            raise ValueError(f"time_bias must be a 1-D table [num_buckets + 1], got shape {tuple(time_bias.shape)}")
+        if timestamps is None:
+            raise ValueError("time_bias needs timestamps: pass the jagged [T] int64 event times, or time_bias=None")
+    if timestamps is not None:
+        if time_bias is None:
+            raise ValueError("timestamps were given without time_bias: they only feed the time bias; pass "
+                             "time_bias=<table [num_buckets + 1]> or drop timestamps")
+        if not isinstance(timestamps, torch.Tensor):
+            raise TypeError(f"timestamps must be a jagged [T] integer tensor, got {type(timestamps).__name__}")
+        if timestamps.dtype.is_floating_point or timestamps.dtype.is_complex or timestamps.dtype == torch.bool:
+            raise TypeError(f"timestamps must be an integer tensor (e.g. seconds), got {timestamps.dtype}")
+        if tuple(timestamps.shape) != (q.shape[0],):
+            raise ValueError(f"timestamps must have shape ({q.shape[0]},) (one per row of q), "
+                             f"got {tuple(timestamps.shape)}")
+        if timestamps.device != q.device:
+            raise ValueError(f"timestamps are on {timestamps.device} but q is on {q.device}")
+    scale = time_bucket_scale
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"time_bucket_scale must be a positive finite number, got {scale!r}")
 
 
 def validate_attention_data(q: torch.Tensor, offsets: torch.Tensor, max_seq_len: int,
@@ -250,8 +336,100 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _relative_bias_indices(offsets: torch.Tensor, n: int, *, position_size: Optional[int],
+                           num_buckets: Optional[int], timestamps: Optional[torch.Tensor], time_bucket_scale: float,
+                           num_targets: Optional[torch.Tensor], contextual_len: int
+                           ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Table indices ``[B, n, n]`` (int64) of the position and time bias of every (query,
+    key) pair (None for an absent table): the one definition of the bias, shared by the
+    reference forward (a gather) and backward (a reduction by index). Pairs outside a
+    sequence get valid but meaningless indices."""
+    lengths = offsets[1:] - offsets[:-1]
+    batch = lengths.shape[0]
+    position_index = time_index = None
+    if position_size is not None:
+        ids, _ = _position_ids(lengths, n, num_targets, contextual_len)
+        half = (position_size + 1) // 2
+        position_index = (ids.view(batch, 1, n) - ids.view(batch, n, 1) + (half - 1)).clamp(0, position_size - 1)
+    if num_buckets is not None:
+        times, _ = pad(timestamps.to(torch.int64), offsets, n, validate=False)  # [B, n]
+        positions = torch.arange(n, device=offsets.device).view(1, n)
+        history_end = lengths.view(batch, 1)  # first position that is a target (or the length)
+        if num_targets is not None:
+            history_end = history_end - num_targets.to(torch.int64).view(batch, 1)
+        following = torch.cat([times[:, 1:], times[:, -1:]], dim=1)
+        query_times = torch.where(positions + 1 < history_end, following, times)  # t_next(i)
+        gap = (query_times.view(batch, n, 1) - times.view(batch, 1, n)).abs().clamp(min=1)
+        # fp32 on purpose: the kernels compute the same fp32 ops, so both agree on every bucket
+        inverse_scale = torch.tensor(1.0 / time_bucket_scale, dtype=torch.float32, device=offsets.device)
+        buckets = torch.floor(torch.log(gap.to(torch.float32)) * inverse_scale)
+        time_index = buckets.clamp(0, num_buckets).to(torch.int64)
+    return position_index, time_index
+
+
+def _table_sizes(position_bias, time_bias) -> Dict[str, Optional[int]]:
+    return dict(position_size=None if position_bias is None else position_bias.shape[0],
+                num_buckets=None if time_bias is None else time_bias.shape[0] - 1)
+
+
+def _dense_bias(offsets, n, position_bias, time_bias, timestamps, time_bucket_scale, num_targets, contextual_len,
+                dtype) -> Optional[torch.Tensor]:
+    """The expanded bias ``[B, n, n]`` in ``dtype`` (None without tables)."""
+    if position_bias is None and time_bias is None:
+        return None
+    position_index, time_index = _relative_bias_indices(
+        offsets, n, **_table_sizes(position_bias, time_bias), timestamps=timestamps,
+        time_bucket_scale=time_bucket_scale, num_targets=num_targets, contextual_len=contextual_len)
+    bias = None
+    for table, index in ((position_bias, position_index), (time_bias, time_index)):
+        if table is not None:
+            term = table.to(dtype)[index]
+            bias = term if bias is None else bias + term
+    return bias
+
+
+def relative_bias_dense(
+    offsets: torch.Tensor,
+    max_seq_len: int,
+    *,
+    position_bias: Optional[torch.Tensor] = None,
+    time_bias: Optional[torch.Tensor] = None,
+    timestamps: Optional[torch.Tensor] = None,
+    time_bucket_scale: float = 0.301,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_len: int = 0,
+) -> torch.Tensor:
+    """The relative attention bias of the tables, expanded: ``[B, max_seq_len, max_seq_len]``.
+
+    ``bias[b, i, j]`` as defined in the module docstring, in the tables' (promoted) dtype,
+    differentiable in the tables; entries outside a sequence are 0. Passing
+    ``rab=relative_bias_dense(...).unsqueeze(1)`` to :func:`hstu_attention` gives the same
+    result as passing the tables (which never build this ``O(B N^2)`` tensor): a cross-check
+    for tests and for code that builds the bias itself.
+    """
+    if position_bias is None and time_bias is None:
+        raise ValueError("relative_bias_dense needs position_bias, time_bias or both")
+    check_offsets_layout(offsets)
+    table = position_bias if position_bias is not None else time_bias
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+    total = timestamps.shape[0] if timestamps is not None else 0
+    _check_bias_tables(table.new_empty((total, 1, 1)), max_seq_len, position_bias, time_bias, timestamps,
+                       time_bucket_scale)
+    if num_targets is not None and tuple(num_targets.shape) != (offsets.shape[0] - 1,):
+        raise ValueError(f"num_targets must have shape ({offsets.shape[0] - 1},), got {tuple(num_targets.shape)}")
+    dtypes = [t.dtype for t in (position_bias, time_bias) if t is not None]
+    dtype = torch.promote_types(dtypes[0], dtypes[-1])
+    bias = _dense_bias(offsets, max_seq_len, position_bias, time_bias, timestamps, time_bucket_scale, num_targets,
+                       contextual_len, dtype)
+    lengths = offsets[1:] - offsets[:-1]
+    inside = torch.arange(max_seq_len, device=offsets.device).view(1, -1) < lengths.view(-1, 1)
+    return torch.where(inside.unsqueeze(2) & inside.unsqueeze(1), bias, bias.new_zeros(()))
+
+
 def _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len,
-                 max_attn_len, rab, normalizer):
+                 max_attn_len, rab, normalizer, position_bias=None, time_bias=None, timestamps=None,
+                 time_bucket_scale=0.301):
     """Padded fp32 (fp64 for fp64 input) q, k, v, the scores S, the mask and the divisor."""
     acc = _accumulation_dtype(q.dtype)
     n = max_seq_len
@@ -262,6 +440,10 @@ def _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, cont
     scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha
     if rab is not None:
         scores = scores + rab.to(acc)
+    bias = _dense_bias(offsets, n, position_bias, time_bias, timestamps, time_bucket_scale, num_targets,
+                       contextual_len, acc)
+    if bias is not None:
+        scores = scores + bias.unsqueeze(1)
     lengths = offsets[1:] - offsets[:-1]
     mask = attention_mask(lengths, n, causal=causal, num_targets=num_targets,
                           contextual_len=contextual_len, max_attn_len=max_attn_len).unsqueeze(1)
@@ -285,21 +467,29 @@ def hstu_attention_reference(
     contextual_len: int = 0,
     max_attn_len: int = 0,
     rab: Optional[torch.Tensor] = None,
+    position_bias: Optional[torch.Tensor] = None,
+    time_bias: Optional[torch.Tensor] = None,
+    timestamps: Optional[torch.Tensor] = None,
+    time_bucket_scale: float = 0.301,
     normalizer: str = "max_seq_len",
 ) -> torch.Tensor:
     """HSTU attention in plain PyTorch: pad, dense masked SiLU attention, unpad.
 
     Accumulates in fp32 (fp64 for fp64 inputs) and returns ``[T, H, d_v]`` in ``q``'s
-    dtype. Differentiable in ``q, k, v, rab`` through ordinary autograd. Checks its inputs
+    dtype. Differentiable in ``q, k, v, rab`` and the bias tables through ordinary autograd
+    (the tables through a dense gather: slow backward; the op's backward,
+    :func:`hstu_attention_reference_backward`, reduces by index instead). Checks its inputs
     (layout and data). See the module docstring for the formula and :func:`attention_mask`
     for the mask.
     """
     check_attention_inputs(q, k, v, offsets, max_seq_len=max_seq_len, alpha=alpha, num_targets=num_targets,
                            contextual_len=contextual_len, max_attn_len=max_attn_len, rab=rab,
-                           normalizer=normalizer)
+                           normalizer=normalizer, position_bias=position_bias, time_bias=time_bias,
+                           timestamps=timestamps, time_bucket_scale=time_bucket_scale)
     validate_attention_data(q, offsets, max_seq_len, num_targets)
     _, _, vp, scores, mask, divisor = _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets,
-                                                   contextual_len, max_attn_len, rab, normalizer)
+                                                   contextual_len, max_attn_len, rab, normalizer, position_bias,
+                                                   time_bias, timestamps, time_bucket_scale)
     # where, not multiply: a -inf in rab at a masked place must not turn into NaN
     probs = torch.where(mask, F.silu(scores) / divisor, scores.new_zeros(()))
     out = torch.einsum("bhij,bjhd->bihd", probs, vp)
@@ -320,22 +510,33 @@ def hstu_attention_reference_backward(
     contextual_len: int = 0,
     max_attn_len: int = 0,
     rab: Optional[torch.Tensor] = None,
+    position_bias: Optional[torch.Tensor] = None,
+    time_bias: Optional[torch.Tensor] = None,
+    timestamps: Optional[torch.Tensor] = None,
+    time_bucket_scale: float = 0.301,
     normalizer: str = "max_seq_len",
     compute_drab: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Gradients ``(dq, dk, dv, drab)`` of :func:`hstu_attention_reference`, written out.
+    compute_dposition_bias: bool = True,
+    compute_dtime_bias: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+           Optional[torch.Tensor]]:
+    """Gradients ``(dq, dk, dv, drab, d_position_bias, d_time_bias)`` of
+    :func:`hstu_attention_reference`, written out.
 
     With ``P = M * SiLU(S) / N`` and ``out = P V``: ``dV = P^T dO``, ``dP = dO V^T``,
     ``dS = M * dP * SiLU'(S) / N`` with ``SiLU'(s) = sig(s) (1 + s (1 - sig(s)))``,
     ``dQ = alpha dS K``, ``dK = alpha dS^T Q``, ``drab = dS`` summed over the dimensions
-    ``rab`` broadcasts. No autograd involved, so it runs inside custom-op implementations.
-    ``drab`` is None when ``rab`` is None or ``compute_drab`` is False. Inputs are taken as
-    the forward pass checked them (no validation here).
+    ``rab`` broadcasts, and each table's gradient is ``dS`` summed over heads and then by
+    table index (one ``index_add_``: no ``[B, N, N]`` gradient of a gathered bias, no sort).
+    No autograd involved, so it runs inside custom-op implementations. A gradient is None
+    when its input is None or its ``compute_*`` flag is False. Inputs are taken as the
+    forward pass checked them (no validation here).
     """
     if tuple(grad_out.shape) != (q.shape[0], q.shape[1], v.shape[2]):
         raise ValueError(f"grad_out must have shape {(q.shape[0], q.shape[1], v.shape[2])}, got {tuple(grad_out.shape)}")
     qp, kp, vp, scores, mask, divisor = _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets,
-                                                     contextual_len, max_attn_len, rab, normalizer)
+                                                     contextual_len, max_attn_len, rab, normalizer, position_bias,
+                                                     time_bias, timestamps, time_bucket_scale)
     zero = scores.new_zeros(())
     probs = torch.where(mask, F.silu(scores) / divisor, zero)
     dop, _ = pad(grad_out.to(scores.dtype), offsets, max_seq_len, validate=False)  # [B, N, H, d_v]
@@ -347,15 +548,29 @@ def hstu_attention_reference_backward(
     dkp = torch.einsum("bhij,bihd->bjhd", dscores, qp) * alpha
     drab = None
     if rab is not None and compute_drab:
+        drab = dscores
         if rab.shape[0] == 1:
-            dscores = dscores.sum(0, keepdim=True)
+            drab = drab.sum(0, keepdim=True)
         if rab.shape[1] == 1:
-            dscores = dscores.sum(1, keepdim=True)
-        drab = dscores.to(rab.dtype)
+            drab = drab.sum(1, keepdim=True)
+        drab = drab.to(rab.dtype)
+    want_position = position_bias is not None and compute_dposition_bias
+    want_time = time_bias is not None and compute_dtime_bias
+    d_tables: list = [None, None]
+    if want_position or want_time:
+        position_index, time_index = _relative_bias_indices(
+            offsets, max_seq_len, position_size=position_bias.shape[0] if want_position else None,
+            num_buckets=time_bias.shape[0] - 1 if want_time else None, timestamps=timestamps,
+            time_bucket_scale=time_bucket_scale, num_targets=num_targets, contextual_len=contextual_len)
+        per_pair = dscores.sum(1).reshape(-1)  # the tables are shared by all heads
+        for slot, (table, index) in enumerate(((position_bias, position_index), (time_bias, time_index))):
+            if index is not None:
+                summed = torch.zeros(table.shape[0], dtype=per_pair.dtype, device=per_pair.device)
+                d_tables[slot] = summed.index_add_(0, index.reshape(-1), per_pair).to(table.dtype)
     total = q.shape[0]
     return (unpad(dqp, offsets, total, validate=False).to(q.dtype),
             unpad(dkp, offsets, total, validate=False).to(k.dtype),
-            unpad(dvp, offsets, total, validate=False).to(v.dtype), drab)
+            unpad(dvp, offsets, total, validate=False).to(v.dtype), drab, d_tables[0], d_tables[1])
 
 
 # ---------------------------------------------------------------------------- backends
@@ -366,13 +581,17 @@ class AttentionBackend(Protocol):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
                 max_seq_len: int, alpha: float, causal: bool, num_targets: Optional[torch.Tensor],
                 contextual_len: int, max_attn_len: int, rab: Optional[torch.Tensor],
-                normalizer: str) -> torch.Tensor: ...
+                position_bias: Optional[torch.Tensor], time_bias: Optional[torch.Tensor],
+                timestamps: Optional[torch.Tensor], time_bucket_scale: float, normalizer: str) -> torch.Tensor: ...
 
     def backward(self, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  offsets: torch.Tensor, *, max_seq_len: int, alpha: float, causal: bool,
                  num_targets: Optional[torch.Tensor], contextual_len: int, max_attn_len: int,
-                 rab: Optional[torch.Tensor], normalizer: str, compute_drab: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]: ...
+                 rab: Optional[torch.Tensor], position_bias: Optional[torch.Tensor],
+                 time_bias: Optional[torch.Tensor], timestamps: Optional[torch.Tensor], time_bucket_scale: float,
+                 normalizer: str, compute_drab: bool, compute_dposition_bias: bool, compute_dtime_bias: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                            Optional[torch.Tensor], Optional[torch.Tensor]]: ...
 
 
 class TorchReferenceBackend:
@@ -441,24 +660,34 @@ def _backend_for(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 # ---------------------------------------------------------------------------- running a backend
 # Options after the tensors, in schema order: (max_seq_len, alpha, causal, contextual_len,
-# max_attn_len, normalizer).
-_Options = Tuple[int, float, bool, int, int, str]
+# max_attn_len, time_bucket_scale, normalizer).
+_Options = Tuple[int, float, bool, int, int, float, str]
+
+
+class _Tensors(NamedTuple):
+    """The optional tensor arguments besides q, k, v, offsets."""
+
+    num_targets: Optional[torch.Tensor]
+    rab: Optional[torch.Tensor]
+    position_bias: Optional[torch.Tensor]
+    time_bias: Optional[torch.Tensor]
+    timestamps: Optional[torch.Tensor]
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
-def _keywords(options: _Options, num_targets: Optional[torch.Tensor], rab: Optional[torch.Tensor]) -> Dict[str, Any]:
-    max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer = options
-    return dict(max_seq_len=max_seq_len, alpha=alpha, causal=causal, num_targets=_contiguous(num_targets),
-                contextual_len=contextual_len, max_attn_len=max_attn_len, rab=_contiguous(rab),
-                normalizer=normalizer)
+def _keywords(options: _Options, extra: _Tensors) -> Dict[str, Any]:
+    max_seq_len, alpha, causal, contextual_len, max_attn_len, time_bucket_scale, normalizer = options
+    return dict(max_seq_len=max_seq_len, alpha=alpha, causal=causal, contextual_len=contextual_len,
+                max_attn_len=max_attn_len, time_bucket_scale=time_bucket_scale, normalizer=normalizer,
+                **{name: _contiguous(t) for name, t in extra._asdict().items()})
 
 
-def _run_forward(impl: Any, name: str, q, k, v, offsets, num_targets, rab, options: _Options) -> torch.Tensor:
+def _run_forward(impl: Any, name: str, q, k, v, offsets, extra: _Tensors, options: _Options) -> torch.Tensor:
     out = impl.forward(q.contiguous(), k.contiguous(), v.contiguous(), offsets.contiguous(),
-                       **_keywords(options, num_targets, rab))
+                       **_keywords(options, extra))
     expected = (q.shape[0], q.shape[1], v.shape[2])
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected or out.dtype != q.dtype:
         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -466,70 +695,101 @@ def _run_forward(impl: Any, name: str, q, k, v, offsets, num_targets, rab, optio
     return out
 
 
-def _run_backward(impl: Any, name: str, grad_out, q, k, v, offsets, num_targets, rab, options: _Options,
-                  compute_drab: bool):
-    dq, dk, dv, drab = impl.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                                     offsets.contiguous(), compute_drab=compute_drab,
-                                     **_keywords(options, num_targets, rab))
-    if compute_drab and drab is None:
-        raise RuntimeError(f"attention backend {name!r} returned no gradient for rab")
-    return dq, dk, dv, (drab if compute_drab else None)
+def _run_backward(impl: Any, name: str, grad_out, q, k, v, offsets, extra: _Tensors, options: _Options,
+                  wanted: Tuple[bool, bool, bool]):
+    """``wanted``: whether the gradients of rab, position_bias and time_bias are needed."""
+    result = impl.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                           offsets.contiguous(), compute_drab=wanted[0], compute_dposition_bias=wanted[1],
+                           compute_dtime_bias=wanted[2], **_keywords(options, extra))
+    if not isinstance(result, tuple) or len(result) != 6:
+        raise RuntimeError(f"attention backend {name!r}: backward must return (dq, dk, dv, drab, d_position_bias, "
+                           f"d_time_bias), got {type(result).__name__} of length {len(result) if isinstance(result, tuple) else '?'}")
+    dq, dk, dv = result[:3]
+    grads = []
+    for want, grad, what, like in zip(wanted, result[3:], ("rab", "position_bias", "time_bias"), extra[1:4]):
+        if not want:
+            grads.append(None)
+            continue
+        if grad is None or tuple(grad.shape) != tuple(like.shape):
+            got = "None" if grad is None else str(tuple(grad.shape))
+            raise RuntimeError(f"attention backend {name!r} returned {got} as the gradient of {what}, expected "
+                               f"{tuple(like.shape)}")
+        grads.append(grad)
+    return (dq, dk, dv, *grads)
+
+
+def _wanted(extra: _Tensors, needs: Tuple[bool, bool, bool]) -> Tuple[bool, bool, bool]:
+    return tuple(t is not None and need for t, need in zip(extra[1:4], needs))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------- the custom op
 @torch.library.custom_op("gauss::hstu_attention_fwd", mutates_args=())
 def _hstu_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-    num_targets: Optional[torch.Tensor], rab: Optional[torch.Tensor],
+    num_targets: Optional[torch.Tensor], rab: Optional[torch.Tensor], position_bias: Optional[torch.Tensor],
+    time_bias: Optional[torch.Tensor], timestamps: Optional[torch.Tensor],
     max_seq_len: int, alpha: float, causal: bool, contextual_len: int, max_attn_len: int,
-    normalizer: str, backend: str, validate: bool,
+    time_bucket_scale: float, normalizer: str, backend: str, validate: bool,
 ) -> torch.Tensor:
     if validate:
         validate_attention_data(q, offsets, max_seq_len, num_targets)
-    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer)
-    return _run_forward(_backend_for(backend, q, k, v), backend, q, k, v, offsets, num_targets, rab, options)
+    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, time_bucket_scale, normalizer)
+    extra = _Tensors(num_targets, rab, position_bias, time_bias, timestamps)
+    return _run_forward(_backend_for(backend, q, k, v), backend, q, k, v, offsets, extra, options)
 
 
 @_hstu_attention_fwd.register_fake
-def _hstu_attention_fwd_fake(q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal, contextual_len,
-                             max_attn_len, normalizer, backend, validate):
+def _hstu_attention_fwd_fake(q, k, v, offsets, num_targets, rab, position_bias, time_bias, timestamps, max_seq_len,
+                             alpha, causal, contextual_len, max_attn_len, time_bucket_scale, normalizer, backend,
+                             validate):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
 @torch.library.custom_op("gauss::hstu_attention_bwd", mutates_args=())
 def _hstu_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-    num_targets: Optional[torch.Tensor], rab: Optional[torch.Tensor],
+    num_targets: Optional[torch.Tensor], rab: Optional[torch.Tensor], position_bias: Optional[torch.Tensor],
+    time_bias: Optional[torch.Tensor], timestamps: Optional[torch.Tensor],
     max_seq_len: int, alpha: float, causal: bool, contextual_len: int, max_attn_len: int,
-    normalizer: str, backend: str, compute_drab: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer)
-    dq, dk, dv, drab = _run_backward(_backend_for(backend, q, k, v), backend, grad_out, q, k, v, offsets,
-                                     num_targets, rab, options, compute_drab)
-    # a custom op cannot return None: an empty tensor stands for "no drab"
-    return dq, dk, dv, (drab if drab is not None else q.new_empty((0,)))
+    time_bucket_scale: float, normalizer: str, backend: str, compute_drab: bool, compute_dposition_bias: bool,
+    compute_dtime_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, time_bucket_scale, normalizer)
+    extra = _Tensors(num_targets, rab, position_bias, time_bias, timestamps)
+    grads = _run_backward(_backend_for(backend, q, k, v), backend, grad_out, q, k, v, offsets, extra, options,
+                          _wanted(extra, (compute_drab, compute_dposition_bias, compute_dtime_bias)))
+    # a custom op cannot return None: an empty tensor stands for "no gradient"
+    return tuple(g if g is not None else q.new_empty((0,)) for g in grads)  # type: ignore[return-value]
 
 
 @_hstu_attention_bwd.register_fake
-def _hstu_attention_bwd_fake(grad_out, q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal,
-                             contextual_len, max_attn_len, normalizer, backend, compute_drab):
-    drab = torch.empty_like(rab) if (compute_drab and rab is not None) else q.new_empty((0,))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drab
+def _hstu_attention_bwd_fake(grad_out, q, k, v, offsets, num_targets, rab, position_bias, time_bias, timestamps,
+                             max_seq_len, alpha, causal, contextual_len, max_attn_len, time_bucket_scale, normalizer,
+                             backend, compute_drab, compute_dposition_bias, compute_dtime_bias):
+    extra = _Tensors(num_targets, rab, position_bias, time_bias, timestamps)
+    wanted = _wanted(extra, (compute_drab, compute_dposition_bias, compute_dtime_bias))
+    optional = tuple(torch.empty_like(t) if want else q.new_empty((0,)) for t, want in zip(extra[1:4], wanted))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) + optional
+
+
+_TENSOR_INPUTS = 9  # q, k, v, offsets, num_targets, rab, position_bias, time_bias, timestamps
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal, contextual_len, max_attn_len,
-     normalizer, backend, _validate) = inputs
-    ctx.save_for_backward(q, k, v, offsets, num_targets, rab)
-    ctx.options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer, backend)
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS])
+    (max_seq_len, alpha, causal, contextual_len, max_attn_len, time_bucket_scale, normalizer, backend,
+     _validate) = inputs[_TENSOR_INPUTS:]
+    ctx.options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, time_bucket_scale, normalizer, backend)
 
 
 def _backward(ctx, grad_out):
-    q, k, v, offsets, num_targets, rab = ctx.saved_tensors
-    compute_drab = rab is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, drab = torch.ops.gauss.hstu_attention_bwd(grad_out, q, k, v, offsets, num_targets, rab,
-                                                          *ctx.options, compute_drab)
-    return (dq, dk, dv, None, None, drab if compute_drab else None) + (None,) * 8
+    q, k, v, offsets, num_targets, rab, position_bias, time_bias, timestamps = ctx.saved_tensors
+    extra = _Tensors(num_targets, rab, position_bias, time_bias, timestamps)
+    wanted = _wanted(extra, tuple(ctx.needs_input_grad[5:8]))
+    dq, dk, dv, drab, dpos, dtime = torch.ops.gauss.hstu_attention_bwd(
+        grad_out, q, k, v, offsets, num_targets, rab, position_bias, time_bias, timestamps, *ctx.options, *wanted)
+    optional = tuple(g if want else None for g, want in zip((drab, dpos, dtime), wanted))
+    return (dq, dk, dv, None, None) + optional + (None,) * 10
 
 
 _hstu_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -541,18 +801,20 @@ class _EagerHSTUAttention(torch.autograd.Function):
     ~3x more host time per call; it matters for small, launch-bound shapes)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rab, offsets, num_targets, impl, name, options):
-        ctx.save_for_backward(q, k, v, rab, offsets, num_targets)
+    def forward(ctx, q, k, v, rab, position_bias, time_bias, offsets, num_targets, timestamps, impl, name, options):
+        ctx.save_for_backward(q, k, v, rab, position_bias, time_bias, offsets, num_targets, timestamps)
         ctx.impl, ctx.name, ctx.options = impl, name, options
-        return _run_forward(impl, name, q, k, v, offsets, num_targets, rab, options)
+        extra = _Tensors(num_targets, rab, position_bias, time_bias, timestamps)
+        return _run_forward(impl, name, q, k, v, offsets, extra, options)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, rab, offsets, num_targets = ctx.saved_tensors
-        compute_drab = rab is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, drab = _run_backward(ctx.impl, ctx.name, grad_out, q, k, v, offsets, num_targets, rab,
-                                         ctx.options, compute_drab)
-        return dq, dk, dv, drab, None, None, None, None, None
+        q, k, v, rab, position_bias, time_bias, offsets, num_targets, timestamps = ctx.saved_tensors
+        extra = _Tensors(num_targets, rab, position_bias, time_bias, timestamps)
+        wanted = _wanted(extra, tuple(ctx.needs_input_grad[3:6]))
+        dq, dk, dv, drab, dpos, dtime = _run_backward(ctx.impl, ctx.name, grad_out, q, k, v, offsets, extra,
+                                                      ctx.options, wanted)
+        return (dq, dk, dv, drab, dpos, dtime) + (None,) * 6
 
 
 def _traced(q: torch.Tensor) -> bool:
@@ -571,47 +833,60 @@ def hstu_attention(
     offsets: torch.Tensor,
     *,
     max_seq_len: int,
-    alpha: float,
+    alpha: float = 1.0,
     causal: bool = True,
     num_targets: Optional[torch.Tensor] = None,
     contextual_len: int = 0,
     max_attn_len: int = 0,
     rab: Optional[torch.Tensor] = None,
+    position_bias: Optional[torch.Tensor] = None,
+    time_bias: Optional[torch.Tensor] = None,
+    timestamps: Optional[torch.Tensor] = None,
+    time_bucket_scale: float = 0.301,
     normalizer: str = "max_seq_len",
     backend: str = "auto",
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """HSTU attention over jagged sequences: ``[T, H, d_qk] x2, [T, H, d_v] -> [T, H, d_v]``.
 
-    Same semantics as :func:`hstu_attention_reference` (see the module docstring and
+    Same semantics as :func:`hstu_attention_reference` (see the module docstring for the
+    relative bias tables ``position_bias`` / ``time_bias`` with ``timestamps``, and
     :func:`attention_mask`), computed by the ``attention_backend`` named ``backend``
     (``"auto"``: the available backend of highest priority that supports these tensors,
-    e.g. ``triton`` on CUDA, ``torch`` on CPU). Differentiable in ``q, k, v`` and ``rab``
-    (not twice). Under ``torch.compile`` / ``torch.export`` (or any tracing) it is the one
-    op ``gauss::hstu_attention_fwd`` (backward ``gauss::hstu_attention_bwd``); plain eager
-    calls run the same backend code without the op's dispatch overhead. (A process that
-    loads an exported program or AOTInductor package holding the op must import
-    ``gauss_plugins.hstu.attention`` first, which registers it.) ``validate`` runs
+    e.g. ``triton`` on CUDA, ``torch`` on CPU). Differentiable in ``q, k, v``, ``rab`` and
+    the two tables (not twice). Under ``torch.compile`` / ``torch.export`` (or any tracing)
+    it is the one op ``gauss::hstu_attention_fwd`` (backward ``gauss::hstu_attention_bwd``);
+    plain eager calls run the same backend code without the op's dispatch overhead. (A
+    process that loads an exported program or AOTInductor package holding the op must
+    import ``gauss_plugins.hstu.attention`` first, which registers it.) ``validate`` runs
     the data checks (offsets, lengths, num_targets) in eager calls; by default only for
     CPU tensors, since on a GPU they synchronise with the host.
     """
     check_attention_inputs(q, k, v, offsets, max_seq_len=max_seq_len, alpha=alpha, num_targets=num_targets,
                            contextual_len=contextual_len, max_attn_len=max_attn_len, rab=rab,
-                           normalizer=normalizer)
+                           normalizer=normalizer, position_bias=position_bias, time_bias=time_bias,
+                           timestamps=timestamps, time_bucket_scale=time_bucket_scale)
     if not isinstance(backend, str) or not backend:
         raise ValueError(f"backend must be a backend name or 'auto', got {backend!r}")
     if validate is None:
         validate = q.device.type == "cpu"
     if num_targets is not None:
         num_targets = num_targets.to(torch.int64)
-    alpha, causal = float(alpha), bool(causal)
+    if timestamps is not None:
+        timestamps = timestamps.to(torch.int64)
+    alpha, causal, time_bucket_scale = float(alpha), bool(causal), float(time_bucket_scale)
     if _traced(q):
-        return torch.ops.gauss.hstu_attention_fwd(q, k, v, offsets, num_targets, rab, max_seq_len, alpha, causal,
-                                                  contextual_len, max_attn_len, normalizer, backend, bool(validate))
+        return torch.ops.gauss.hstu_attention_fwd(q, k, v, offsets, num_targets, rab, position_bias, time_bias,
+                                                  timestamps, max_seq_len, alpha, causal, contextual_len,
+                                                  max_attn_len, time_bucket_scale, normalizer, backend,
+                                                  bool(validate))
     if validate:
         validate_attention_data(q, offsets, max_seq_len, num_targets)
     impl = _backend_for(backend, q, k, v)
-    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, normalizer)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rab)):
-        return _EagerHSTUAttention.apply(q, k, v, rab, offsets, num_targets, impl, backend, options)
-    return _run_forward(impl, backend, q, k, v, offsets, num_targets, rab, options)
+    options = (max_seq_len, alpha, causal, contextual_len, max_attn_len, time_bucket_scale, normalizer)
+    differentiable = (q, k, v, rab, position_bias, time_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        return _EagerHSTUAttention.apply(q, k, v, rab, position_bias, time_bias, offsets, num_targets, timestamps,
+                                         impl, backend, options)
+    extra = _Tensors(num_targets, rab, position_bias, time_bias, timestamps)
+    return _run_forward(impl, backend, q, k, v, offsets, extra, options)
