@@ -218,6 +218,9 @@ class _Prepared:
     grads: Optional[torch.Tensor] = None
     fused: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None  # rows, src, idx, scale
 
+# Tables with at most this many rows (or 4x the step's ids) sum gradients into a dense
+# per-row buffer instead of sorting the ids (torch.unique), when no fused kernel does it.
+_DENSE_SUM_MIN_ROWS = 1 << 16
 # Fused sum + update only when no sum can overflow: max|src| * max|scale| * positions below this.
 _SAFE_SUM = 1e37
 
@@ -403,6 +406,13 @@ class DynamicEmbeddingTable(nn.Module):
             raise TypeError(f"{what} must be a torch.Tensor of int64 ids, got {type(ids).__name__}")
         check_keys(ids.reshape(-1) if not flat else ids, self.device, what)
 
+    def _check_valid(self, valid: torch.Tensor, ids: torch.Tensor) -> None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != ids.shape:
+            raise ValueError(f"valid must be a bool tensor of the ids' shape {tuple(ids.shape)}, got "
+                             f"{getattr(valid, 'dtype', type(valid).__name__)} {tuple(getattr(valid, 'shape', ()))}")
+        if valid.device != ids.device:
+            raise ValueError(f"valid is on {valid.device} but the ids are on {ids.device}")
+
     def _check_offsets(self, offsets: torch.Tensor, n: int) -> None:
         if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64 or offsets.dim() != 1:
             raise TypeError(f"offsets must be a 1-D int64 tensor of B + 1 entries, got "
@@ -566,8 +576,11 @@ class DynamicEmbeddingTable(nn.Module):
         self._row_ids[rows] = ids
         self._stamp(rows, version)
 
-    def _rows_for_training(self, ids: torch.Tensor, stamp: bool = True) -> torch.Tensor:
+    def _rows_for_training(self, ids: torch.Tensor, stamp: bool = True,
+                           valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rows of ``ids`` (flat), inserting admitted new ids; absent ones -> default row.
+        Positions where ``valid`` (bool, flat) is False are treated as absent ids that are
+        never admitted: they read the default row and nothing is inserted for them.
 
         The rows read are recorded (:meth:`_read_stamp`) unless ``stamp`` is False: then the
         caller must record them, e.g. in the kernel that reads them. If room
@@ -576,7 +589,12 @@ class DynamicEmbeddingTable(nn.Module):
         self._step += 1
         version = self._bump()
         rows = self.index.find(ids)
-        miss_pos = torch.nonzero(rows < 0).squeeze(1)
+        absent = rows < 0
+        if valid is not None:
+            absent &= valid
+        # The one device-to-host sync of a training lookup: once every id has a row (most
+        # steps of an epoch) nothing else below runs.
+        miss_pos = torch.nonzero(absent).squeeze(1)
         if miss_pos.numel():
             # Only the (few) positions of absent ids are touched from here on.
             cand, inverse, counts = torch.unique(ids[miss_pos], return_inverse=True, return_counts=True)
@@ -595,6 +613,8 @@ class DynamicEmbeddingTable(nn.Module):
                 got = cand_rows[inverse]
             default = self.default_row  # after any growth
             rows[miss_pos] = default if got is None else torch.where(got >= 0, got, torch.full_like(got, default))
+        if valid is not None:
+            rows = torch.where(valid, rows, self.default_row)
         if stamp:
             self._apply_read_stamp(rows, self._read_stamp(version))
         if self.config.auto_evict_every and self._step % self.config.auto_evict_every == 0:
@@ -665,16 +685,29 @@ class DynamicEmbeddingTable(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, ids: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32[*ids.shape, dim]: the rows of ``ids``; absent ids read the default row (in
-        eval mode, what ``DynamicTableConfig.eval_unknown`` says)."""
+        eval mode, what ``DynamicTableConfig.eval_unknown`` says).
+
+        ``valid`` (bool, shape of ``ids``), for padded batches: where it is False the id is
+        not looked up at all; the position reads the default row (zeros unless
+        ``default="unknown"``), inserts nothing, and its gradient goes where a default-row
+        read's goes (dropped when ``default="zeros"``). Cheaper than compacting the valid
+        ids first, which costs a host sync on CUDA."""
         self._check_ids(ids)
         self._check_single_replica()
+        if valid is not None:
+            self._check_valid(valid, ids)
         flat = ids.reshape(-1)
-        rows = self._resolve(flat)
+        vflat = None if valid is None else valid.reshape(-1)
+        rows = self._rows_for_training(flat, valid=vflat) if self.training else self._resolve(flat)
         shape = (*ids.shape, self.dim)
         if not self.training:
-            return self._read_unknown(flat, rows, self._gather(rows)).view(shape)
+            if vflat is None:
+                return self._read_unknown(flat, rows, self._gather(rows)).view(shape)
+            # Masked positions read the default row and are never "unknown" ids (-1 is no row).
+            values = self._gather(torch.where(vflat, rows, self.default_row))
+            return self._read_unknown(flat, torch.where(vflat, rows, -1), values).view(shape)
         if not torch.is_grad_enabled():
             return self._gather(rows).view(shape)
         record = _GradRecord(flat, rows, None, _EMPTY_LONG, _EMPTY_FLOAT, self._epoch)
@@ -821,6 +854,26 @@ class DynamicEmbeddingTable(nn.Module):
         out = torch.zeros(uniq.numel(), self.dim, dtype=torch.float32, device=self.device).index_add_(0, inverse, g)
         return uniq, out, bool(torch.isfinite(out).all())
 
+    def _prepare_dense(self, records) -> _Prepared:
+        """The two-phase sum into a ``[rows, dim]`` buffer indexed by row: no sort (the
+        unique of the generic path), one kernel per lookup, and the touched rows come out
+        ascending, as ``torch.unique`` gives them, so the update is the same. Summation order
+        per row is batch order, as on the generic path."""
+        n_rows = self.weight.shape[0]
+        sums = torch.zeros(n_rows, self.dim, dtype=torch.float32, device=self.device)
+        touched = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        for rows, src, src_idx, scale in records:
+            g = src if src_idx.numel() == 0 and src.shape[0] == rows.numel() else src.index_select(0, src_idx)
+            if scale.numel():
+                g = g * scale[:, None]
+            sums.index_add_(0, rows, g)
+            touched[rows] = True
+        finite = bool(torch.isfinite(sums).all())
+        if self.config.default == "zeros":
+            touched[self.default_row] = False
+        rows = touched.nonzero().squeeze(1)  # right after the sync above: the device is idle
+        return _Prepared(finite=finite, rows=rows, grads=sums.index_select(0, rows))
+
     def _prepare_gradients(self) -> Optional[_Prepared]:
         """Check (and, on the two-phase path, sum) the recorded gradients without changing
         the table; :meth:`_apply_gradients` then updates it."""
@@ -834,8 +887,10 @@ class DynamicEmbeddingTable(nn.Module):
             if rec.epoch != self._epoch:  # rows were freed or moved since the lookup
                 rows = self.index.find(rec.ids, default=self.default_row)
             records.append((rows, rec.src, rec.src_idx, rec.scale))
-        rows, src, src_idx, scale = records[0] if len(records) == 1 else _concat_records(records)
         fused = self.index.fused
+        if fused is None and self.weight.shape[0] <= max(_DENSE_SUM_MIN_ROWS, 4 * sum(r[0].numel() for r in records)):
+            return self._prepare_dense(records)
+        rows, src, src_idx, scale = records[0] if len(records) == 1 else _concat_records(records)
         if fused is not None and self.rule.kind >= 0 and hasattr(fused, "accumulate_update"):
             amax = float(src.abs().max()) if src.numel() else 0.0
             smax = float(scale.abs().max()) if scale.numel() else 1.0

@@ -58,9 +58,11 @@ class StaticItemEmbeddings(ItemEmbeddings):
             self.weight[0].zero_()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.num_items):
-            raise ValueError(f"item ids must be in 0..{self.num_items} for static embeddings, got "
-                             f"{int(ids.min())}..{int(ids.max())}; the dynamic table takes any id")
+        if ids.numel():
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())  # one host sync, not two
+            if lo < 0 or hi > self.num_items:
+                raise ValueError(f"item ids must be in 0..{self.num_items} for static embeddings, got "
+                                 f"{lo}..{hi}; the dynamic table takes any id")
         out = nn.functional.embedding(ids, self.weight)
         return out * (ids > 0).unsqueeze(-1).to(out.dtype)
 
@@ -73,6 +75,9 @@ class DynamicItemEmbeddings(ItemEmbeddings):
 
     def __init__(self, table: nn.Module, optimizer: object, dim: int) -> None:
         super().__init__(dim)
+        if getattr(table.config, "default", "zeros") != "zeros":
+            raise ValueError(f"DynamicItemEmbeddings needs a table with default='zeros' (padding reads the default "
+                             f"row, which must stay zero and untrained), got default={table.config.default!r}")
         self.table = table
         # The sparse optimizer is not an nn.Module; keep it out of the module tree.
         self._sparse_optimizer = optimizer
@@ -82,14 +87,11 @@ class DynamicItemEmbeddings(ItemEmbeddings):
         return self._sparse_optimizer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        valid = flat > 0
-        # Padding never reaches the table: id 0 would otherwise get (and train) a row.
-        uniq, inverse = torch.unique(flat[valid], return_inverse=True)
-        rows = self.table.lookup(uniq)
-        out = rows.new_zeros(flat.shape[0], self.dim)
-        out = out.index_put((valid.nonzero().squeeze(1),), rows[inverse])
-        return out.reshape(*ids.shape, self.dim)
+        # Padding (id <= 0) is masked, not compacted away: it reads the zero default row,
+        # never gets a row, and its gradient is dropped by the table's step. One probe of
+        # every position costs less on a GPU than unique + compaction (three host syncs and a
+        # sort) and keeps the backward a plain per-position record (no index backward).
+        return self.table.lookup(ids, valid=ids > 0)
 
     def sparse_step(self) -> None:
         self._sparse_optimizer.step()
