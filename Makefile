@@ -35,8 +35,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Every benchmark in quick mode, each writing its JSON record into one run folder (BENCH_DIR,
+# default runs/bench/<UTC time>); a failing one does not stop the others. Ends with one table
+# of all of them (benchmarks/summarize.py) and fails if any benchmark failed. A GPU-only or
+# data-less benchmark records why it skipped and exits 0.
+BENCH_TIMEOUT ?= 600
 bench: $(STAMP)
-	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b --quick; done
+	dir="$${BENCH_DIR:-runs/bench/$$(date -u +%Y%m%dT%H%M%SZ)}"; mkdir -p "$$dir"; \
+	for b in benchmarks/*.py; do \
+	  name=$$(basename "$$b" .py); \
+	  case "$$name" in summarize|_*) continue;; esac; \
+	  echo "== $$b --quick --json $$dir/$$name.json"; rm -f "$$dir/$$name.json"; start=$$SECONDS; \
+	  rc=0; timeout $(BENCH_TIMEOUT) $(BIN)/python "$$b" --quick --json "$$dir/$$name.json" || rc=$$?; \
+	  echo $$rc > "$$dir/$$name.rc"; echo $$((SECONDS - start)) > "$$dir/$$name.seconds"; \
+	done; \
+	$(BIN)/python benchmarks/summarize.py "$$dir"
 
 # HSTU vs SASRec on ML-100K over 3 seeds (long: tens of minutes on the CPU machine).
 bench-ml100k: $(STAMP)

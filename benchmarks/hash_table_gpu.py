@@ -16,7 +16,8 @@ array (dim 64). Everything is measured in the same run on the same keys:
 * ``find + gather``: keys to their dim-64 value rows: the fused ``find_and_gather`` kernel,
   find then ``index_select``, and ``index_select`` of pre-mapped rows alone (the floor).
 
-Median of ``--repeats`` timings (synchronised wall time). Needs CUDA::
+Median of ``--repeats`` timings (synchronised wall time). Needs CUDA; on a machine without
+one it writes ``{"skipped": "<reason>"}`` with ``--json`` and exits 0::
 
     python benchmarks/hash_table_gpu.py --json benchmarks/results/hash_table_gpu_h100.json
     python benchmarks/hash_table_gpu.py --sweep   # also time kernel block sizes / warps
@@ -26,13 +27,12 @@ Summary: ``find_keys_per_s`` and ``insert_keys_per_s`` (targets 2e9 and 5e8 on a
 """
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Callable, Dict, List
 
 import torch
 
-from gauss_plugins.benchmarking import median_time, parser, print_table, write_report
+from gauss_plugins.benchmarking import cuda_skip_reason, median_time, parser, print_table, write_report, write_skip
 from gauss_plugins.embedding.index import TorchHashIndex
 
 FIND_TARGET, INSERT_TARGET = 2e9, 5e8
@@ -97,9 +97,10 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sweep", action="store_true", help="also time BLOCK/num_warps variants of the kernels")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("hash_table_gpu: needs a CUDA device (the Triton index runs only on GPUs); "
-                 "the CPU index benchmark is benchmarks/embedding_lookup.py")
+    reason = cuda_skip_reason()
+    if reason:
+        return write_skip("hash_table_gpu", f"{reason}; the Triton index runs only on GPUs (the CPU index is "
+                                            f"measured by benchmarks/embedding_lookup.py)", args.json)
     from gauss_kernels.hash_table.triton_index import TritonHashIndex
 
     if args.quick:
@@ -233,7 +234,8 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
         "dim": DIM,
     }
     results = rows + [dict(r, op="sweep") for r in sweep_rows]
-    return write_report("hash_table_gpu", results, summary, args.json)
+    return write_report("hash_table_gpu", results, summary, args.json,
+                        targets={"find_keys_per_s": f">= {FIND_TARGET:g}", "insert_keys_per_s": f">= {INSERT_TARGET:g}"})
 
 
 if __name__ == "__main__":
