@@ -169,6 +169,7 @@ def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = T
     t0 = time.time()
     seqs = sequences if sequences is not None else load_sequences(config)
     log(f"data: {seqs.describe()}")
+    config.check_data(seqs)  # e.g. HSTU's time bias on data without timestamps: refuse before any output
     os.makedirs(output_dir, exist_ok=True)  # only once the data loaded: bad input leaves no folder behind
     _seed(config.train.seed)
     device = torch.device("cuda") if config.train.accelerator == "gpu" else torch.device("cpu")

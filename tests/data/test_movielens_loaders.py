@@ -18,6 +18,11 @@ ML100K = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "da
 ML100K = os.environ.get("GAUSS_ML100K", os.path.abspath(ML100K))
 needs_ml100k = pytest.mark.skipif(not os.path.isfile(os.path.join(ML100K, "u.data")),
                                   reason=f"MovieLens 100K not found at {ML100K} (set GAUSS_ML100K to its folder)")
+ML1M = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "ml-1m"))
+ML1M = os.environ.get("GAUSS_ML1M", ML1M)
+needs_ml1m_sequences = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(ML1M, "ml-1m_seq.txt")),
+    reason=f"the ML-1M sequence file is not at {ML1M}/ml-1m_seq.txt (set GAUSS_ML1M to the folder holding it)")
 
 
 @needs_ml100k
@@ -94,6 +99,52 @@ def test_non_integer_or_zero_ids_refused(tmp_path):
 def test_missing_data_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="gauss data download movielens-1m"):
         load_movielens_1m(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="neither ratings.dat .* nor ml-1m_seq.txt"):
+        load_movielens_1m(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no ml-1m data at"):
+        load_movielens_1m(str(tmp_path / "absent.txt"))
+
+
+ML1M_LINES = "1 10 11 12\n2 30 40\n3 5 6 7 8\n"
+
+
+def test_ml1m_sequence_file_in_a_folder_or_by_name(tmp_path):
+    (tmp_path / "ml-1m_seq.txt").write_text(ML1M_LINES)
+    for path in (tmp_path, tmp_path / "ml-1m_seq.txt"):
+        seqs = load_movielens_1m(str(path))
+        assert seqs.name == "ml-1m" and seqs.timestamps is None
+        assert list(seqs.user_ids) == [1, 2, 3] and seqs.sequence(2)[0].tolist() == [5, 6, 7, 8]
+        assert seqs.info["source"] == str(tmp_path / "ml-1m_seq.txt")
+        assert "no timestamps" in seqs.describe()
+    # any file name: the format is recognised from the first data line
+    other = tmp_path / "mine.txt"
+    other.write_text("# users and their items\n" + ML1M_LINES)
+    assert load_dataset("ml-1m", str(other)).num_events == 9
+
+
+def test_ml1m_folder_with_both_files_prefers_ratings(tmp_path):
+    (tmp_path / "ml-1m_seq.txt").write_text(ML1M_LINES)
+    (tmp_path / "ratings.dat").write_text("1::10::3::50\n1::11::2::40\n")
+    seqs = load_movielens_1m(str(tmp_path))
+    assert seqs.timestamps is not None and seqs.sequence(0)[0].tolist() == [11, 10]
+
+
+def test_ml1m_sequence_file_errors_name_the_line(tmp_path):
+    p = tmp_path / "ml-1m_seq.txt"
+    p.write_text("1 10 11\n2 3 x\n")
+    with pytest.raises(ValueError, match="line 2"):
+        load_movielens_1m(str(tmp_path))
+
+
+@needs_ml1m_sequences
+def test_real_ml1m_sequence_file():
+    """The shared file as its README describes it (6,040 users, 3,706 items, 1,000,209 events)."""
+    seqs = load_dataset("ml-1m", ML1M)
+    assert seqs.name == "ml-1m" and seqs.timestamps is None
+    assert seqs.num_users == 6040 and seqs.num_events == 1_000_209
+    assert len(seqs.item_ids()) == 3706 and seqs.max_item_id <= 3952
+    assert seqs.lengths.min() == 20 and seqs.lengths.max() == 2314
+    assert load_movielens_1m(os.path.join(ML1M, "ml-1m_seq.txt")).num_events == 1_000_209
 
 
 def test_sequence_file(tmp_path):
@@ -119,3 +170,38 @@ def test_sequence_file_errors(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_sequence_file(str(p))
+
+
+TINY_HSTU = """
+name: tiny-ml1m
+data: {{dataset: ml-1m, max_len: 12}}
+model: {{arch: hstu, dim: 16, num_blocks: 1, num_heads: 1, attention_dim: 8, linear_dim: 8, dropout: 0.1,
+        num_time_buckets: {buckets}}}
+loss: {{num_negatives: 8}}
+train: {{max_epochs: 1, batch_size: 16}}
+"""
+
+
+def test_gauss_train_on_an_ml1m_sequence_folder(tmp_path, capsys):
+    """`gauss train --dataset ml-1m --data-path FOLDER` on a generated ml-1m_seq.txt: a config
+    asking for the time bias is refused with the fix and no output; position-only trains."""
+    pytest.importorskip("pytorch_lightning", reason="gauss train needs the lightning extra")
+    from gauss_plugins.cli import main
+
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    lines = [f"{u} " + " ".join(str((u * 7 + k) % 40 + 1) for k in range(10)) for u in range(1, 25)]
+    (folder / "ml-1m_seq.txt").write_text("\n".join(lines) + "\n")
+    for buckets, want_rc in ((128, 2), (0, 0)):
+        config = tmp_path / f"hstu-{buckets}.yaml"
+        config.write_text(TINY_HSTU.format(buckets=buckets))
+        out = tmp_path / f"run-{buckets}"
+        rc = main(["train", "--config", str(config), "--dataset", "ml-1m", "--data-path", str(folder),
+                   "--output-dir", str(out), "--no-progress"])
+        assert rc == want_rc
+        if want_rc:
+            err = capsys.readouterr().err
+            assert "no timestamps" in err and "num_time_buckets: 0" in err
+            assert not out.exists()
+        else:
+            assert (out / "metrics.json").is_file()

@@ -1,26 +1,30 @@
-"""M-FALCON: the cached history gives the uncached result; rounds behave as the mask says."""
+"""M-FALCON: a candidate's score depends on the history and on itself only (not on its slot
+or the micro-batch size); the cached history gives the uncached result through the fused
+op with the num_targets mask."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import gauss_plugins.hstu.modules as modules
 from gauss_plugins.hstu.mfalcon import MFalcon, append_targets
 from gauss_plugins.hstu.modules import HSTUConfig, HSTUEncoder
 from gauss_plugins.jagged import lengths_to_offsets
 
 
-def setup(seed=0, history=(3, 7, 0, 5), candidates=(5, 1, 7, 0), timestamps=True, **config):
+def setup(seed=0, history=(3, 7, 0, 5), candidates=(5, 1, 7, 0), timestamps=True, dtype=torch.float64,
+          **config):
     torch.manual_seed(seed)
-    base = dict(dim=16, num_heads=2, max_seq_len=12, dropout=0.1)
+    base = dict(dim=16, num_heads=2, max_seq_len=12, dropout=0.1, num_time_buckets=16, time_bucket_scale=1.0)
     base.update(config)
-    encoder = HSTUEncoder(HSTUConfig(**base)).double().eval()
+    encoder = HSTUEncoder(HSTUConfig(**base)).to(dtype).eval()
     ho = lengths_to_offsets(torch.tensor(history))
     co = lengths_to_offsets(torch.tensor(candidates))
-    h = torch.randn(int(ho[-1]), 16, dtype=torch.float64)
-    c = torch.randn(int(co[-1]), 16, dtype=torch.float64)
+    h = torch.randn(int(ho[-1]), 16, dtype=dtype)
+    c = torch.randn(int(co[-1]), 16, dtype=dtype)
     ht = ct = None
     if timestamps:
-        ht = torch.randint(0, 10**7, (int(ho[-1]),))
+        ht = torch.cat([torch.randint(1, 10**6, (n,)).cumsum(0) for n in history])
         ct = torch.randint(10**7, 2 * 10**7, (int(co[-1]),))
     return encoder, h, ho, c, co, ht, ct
 
@@ -40,11 +44,12 @@ def test_append_targets_by_hand():
     (1, dict()),
     (3, dict()),
     (7, dict()),
-    (2, dict(timestamps=False)),
+    (2, dict(timestamps=False, num_time_buckets=0)),
     (3, dict(contextual_len=2, max_attn_len=3)),
     (1, dict(contextual_len=1)),
     (4, dict(max_attn_len=2, num_time_buckets=0)),
     (3, dict(silu_on="u", alpha=0.25, num_blocks=3)),
+    (5, dict(relative_position_bias=False)),
 ])
 def test_cached_equals_uncached(micro_batch_size, options):
     encoder, h, ho, c, co, ht, ct = setup(**options)
@@ -59,16 +64,44 @@ def test_cached_equals_uncached(micro_batch_size, options):
     assert not torch.allclose(mfalcon.score_cached(cache, c, co, ct), uncached)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(contextual_len=2, max_attn_len=3)])
+def test_permuting_candidates_permutes_the_scores(options):
+    encoder, h, ho, c, co, ht, ct = setup(seed=4, **options)
+    mfalcon = MFalcon(encoder, 7)  # every user's candidates in one round: slots really move
+    cache = mfalcon.encode_history(h, ho, ht)
+    base = mfalcon.score_cached(cache, c, co, ct)
+    g = torch.Generator().manual_seed(0)
+    # shuffle inside each user's block of candidates
+    perm = torch.cat([s + torch.randperm(e - s, generator=g) for s, e in zip(co[:-1].tolist(), co[1:].tolist())])
+    assert not torch.equal(perm, torch.arange(perm.shape[0]))
+    moved = mfalcon.score_cached(cache, c[perm], co, ct[perm])
+    # exact up to the order of a floating-point sum over keys (fp64)
+    torch.testing.assert_close(moved, base[perm], rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(mfalcon.score(h, ho, c[perm], co, ht, ct[perm]), base[perm], rtol=1e-13, atol=1e-14)
+
+
+def test_micro_batch_size_does_not_change_the_scores_fp32():
+    history, candidates = (9, 0, 14, 3), (64, 40, 17, 64)
+    encoder, h, ho, c, co, ht, ct = setup(seed=5, history=history, candidates=candidates, dtype=torch.float32,
+                                          max_seq_len=80)
+    one = MFalcon(encoder, 1)
+    sixty_four = MFalcon(encoder, 64)
+    by_one = one.score_cached(one.encode_history(h, ho, ht), c, co, ct)
+    by_64 = sixty_four.score_cached(sixty_four.encode_history(h, ho, ht), c, co, ct)
+    torch.testing.assert_close(by_64, by_one, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sixty_four.score(h, ho, c, co, ht, ct), by_one, rtol=0, atol=1e-5)
+
+
 def test_one_candidate_per_round_equals_appending_it_to_the_history():
     encoder, h, ho, c, co, ht, ct = setup(seed=1)
-    got = MFalcon(encoder, 1).score_cached(MFalcon(encoder, 1).encode_history(h, ho, ht), c, co, ct)
+    got = MFalcon(encoder, 3).score_cached(MFalcon(encoder, 3).encode_history(h, ho, ht), c, co, ct)
     for b in range(4):
         hs, he = ho[b].item(), ho[b + 1].item()
         for i in range(co[b].item(), co[b + 1].item()):
             x = torch.cat([h[hs:he], c[i:i + 1]])
             t = torch.cat([ht[hs:he], ct[i:i + 1]])
             out = encoder(x, torch.tensor([0, x.shape[0]]), t, torch.tensor([1]))
-            torch.testing.assert_close(got[i], out[-1])
+            torch.testing.assert_close(got[i], out[-1], rtol=1e-12, atol=1e-13)
 
 
 def test_candidates_in_a_round_do_not_see_each_other():
@@ -76,11 +109,34 @@ def test_candidates_in_a_round_do_not_see_each_other():
     mfalcon = MFalcon(encoder, 4)
     cache = mfalcon.encode_history(h, ho, ht)
     base = mfalcon.score_cached(cache, c, co, ct)
-    c2 = c.clone()
+    c2, ct2 = c.clone(), ct.clone()
     c2[0] += torch.randn(16, dtype=c.dtype)  # user 0, first candidate of round 0
-    moved = mfalcon.score_cached(cache, c2, co, ct)
-    torch.testing.assert_close(moved[1:], base[1:])
-    assert not torch.allclose(moved[0], base[0])
+    ct2[1] //= 1000  # and the time of its neighbour (other time buckets)
+    moved = mfalcon.score_cached(cache, c2, co, ct2)
+    torch.testing.assert_close(moved[2:], base[2:])
+    assert not torch.allclose(moved[0], base[0]) and not torch.allclose(moved[1], base[1])
+
+
+def test_cached_path_runs_the_attention_op_with_the_num_targets_mask(monkeypatch):
+    """Every attention of the cached path is one hstu_attention call over [history ; round]
+    with num_targets = the round's candidates (what selects the fused kernel on CUDA)."""
+    encoder, h, ho, c, co, ht, ct = setup(seed=3)
+    mfalcon = MFalcon(encoder, 4)
+    cache = mfalcon.encode_history(h, ho, ht)
+    calls = []
+    attention = modules.hstu_attention
+
+    def spy(q, k, v, offsets, **kwargs):
+        calls.append((offsets.clone(), kwargs["num_targets"].clone()))
+        return attention(q, k, v, offsets, **kwargs)
+
+    monkeypatch.setattr(modules, "hstu_attention", spy)
+    mfalcon.score_cached(cache, c, co, ct)
+    rounds = [torch.tensor([4, 1, 4, 0]), torch.tensor([1, 0, 3, 0])]
+    assert len(calls) == len(rounds) * len(encoder.blocks)
+    for (offsets, num_targets), expected in zip(calls, [r for r in rounds for _ in encoder.blocks]):
+        assert num_targets.tolist() == expected.tolist()
+        assert offsets.diff().tolist() == (ho.diff() + expected).tolist()
 
 
 def test_float32_cached_close_to_uncached():
@@ -89,6 +145,18 @@ def test_float32_cached_close_to_uncached():
     mfalcon = MFalcon(encoder, 3)
     cached = mfalcon.score_cached(mfalcon.encode_history(h.float(), ho, ht), c.float(), co, ct)
     torch.testing.assert_close(cached, mfalcon.score(h.float(), ho, c.float(), co, ht, ct), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cached_equals_cpu():
+    encoder, h, ho, c, co, ht, ct = setup(seed=6, dtype=torch.float32, history=(30, 0, 90, 7),
+                                          candidates=(64, 10, 30, 1), max_seq_len=128)
+    want = MFalcon(encoder, 32).score_cached(MFalcon(encoder, 32).encode_history(h, ho, ht), c, co, ct)
+    gpu = MFalcon(encoder.cuda(), 32)
+    cache = gpu.encode_history(h.cuda(), ho.cuda(), ht.cuda())
+    got = gpu.score_cached(cache, c.cuda(), co.cuda(), ct.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
 
 
 def test_errors():
@@ -101,6 +169,8 @@ def test_errors():
     MFalcon(encoder, 2).score(lh, lho, lc, lco, lht, lct)  # 10 + 2 fits
     with pytest.raises(ValueError, match="both"):
         MFalcon(encoder, 2).score(h, ho, c, co, ht, None)
+    with pytest.raises(ValueError, match="num_time_buckets=16"):
+        MFalcon(encoder, 2).score(h, ho, c, co, None, None)
     with pytest.raises(ValueError, match="users"):
         MFalcon(encoder, 2).score(h, ho, c[:5], co[:2], ht, ct[:5])
     encoder.train()

@@ -8,7 +8,7 @@ import pytest
 
 from gauss_plugins.train.config import config_from_dict, load_config, with_overrides
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "src", "gauss_plugins", "configs")
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))))

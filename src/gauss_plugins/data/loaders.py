@@ -2,8 +2,8 @@
 
 Every rating counts as an interaction (the generative-recommenders protocol uses all ML-1M
 ratings, whatever their value). A path may name the rating file itself or the folder that
-holds it (``ml-100k/`` -> ``u.data``, ``ml-1m/`` -> ``ratings.dat``, ``ml-20m/`` ->
-``ratings.csv``). Malformed input raises ``ValueError`` naming the file and the line.
+holds it (``ml-100k/`` -> ``u.data``, ``ml-1m/`` -> ``ratings.dat`` or the sequence file
+``ml-1m_seq.txt``, ``ml-20m/`` -> ``ratings.csv``). Malformed input raises ``ValueError`` naming the file and the line.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 from gauss_plugins.data.sequences import UserSequences, from_events
 
 __all__ = [
+    "ML1M_SEQUENCE_FILE",
     "load_movielens_100k",
     "load_movielens_1m",
     "load_movielens_csv",
@@ -112,11 +113,51 @@ def load_movielens_100k(path: str) -> UserSequences:
     return _from_table(path, table, "ml-100k")
 
 
+ML1M_SEQUENCE_FILE = "ml-1m_seq.txt"
+
+
 def load_movielens_1m(path: str) -> UserSequences:
-    """MovieLens 1M ``ratings.dat``: ``UserID::MovieID::Rating::Timestamp``."""
-    path = resolve_rating_file(path, "ml-1m")
+    """MovieLens 1M in either of the forms it is distributed in:
+
+    * GroupLens ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``), with timestamps;
+    * the per-user sequence file ``ml-1m_seq.txt`` (``user item item ...``, oldest first) of
+      the BERT4Rec / SASRec line of work, as in ``../shared/data/ml-1m/``: the same events in
+      the same order, but **no timestamps** (HSTU's time bias cannot be used on it).
+
+    ``path`` is either file, or a folder holding one (``ratings.dat`` wins when both are
+    there, since it has the times). A file is recognised by its first data line (``::``
+    separators mean ``ratings.dat``).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        ratings = os.path.join(path, _RATING_FILES["ml-1m"])
+        sequences = os.path.join(path, ML1M_SEQUENCE_FILE)
+        if os.path.isfile(ratings):
+            path = ratings
+        elif os.path.isfile(sequences):
+            return load_sequence_file(sequences, name="ml-1m")
+        else:
+            raise FileNotFoundError(
+                f"{path} holds neither {_RATING_FILES['ml-1m']} (GroupLens) nor {ML1M_SEQUENCE_FILE} (sequences); "
+                "point --data-path at the extracted ml-1m folder or at either file (get the GroupLens one with "
+                "`gauss data download movielens-1m`)")
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no ml-1m data at {path}; download it with `gauss data download movielens-1m` or pass --data-path to "
+            f"the folder holding {_RATING_FILES['ml-1m']} or {ML1M_SEQUENCE_FILE}")
+    elif "::" not in _first_data_line(path):
+        return load_sequence_file(path, name="ml-1m")
     table = _parse_numeric(path, _read_text(path), "::", 4, first_line=1)
     return _from_table(path, table, "ml-1m")
+
+
+def _first_data_line(path: str) -> str:
+    """The first line that is neither blank nor a ``#`` comment ('' for none)."""
+    with open(path, "r", encoding="latin-1") as f:
+        for line in f:
+            if line.strip() and not line.lstrip().startswith("#"):
+                return line
+    return ""
 
 
 def load_movielens_csv(path: str, name: str = "ml-20m") -> UserSequences:

@@ -28,6 +28,9 @@ DATA_ENV = "GAUSS_DATA"
 
 # The file whose presence makes a folder a usable copy of each MovieLens dataset.
 RATING_FILES = {"ml-100k": "u.data", "ml-1m": "ratings.dat", "ml-20m": "ratings.csv", "ml-25m": "ratings.csv"}
+# Other files that make a folder usable instead: ML-1M also comes as a per-user sequence file
+# (../shared/data/ml-1m holds only that one; data.loaders.load_movielens_1m reads either).
+OTHER_DATA_FILES = {"ml-1m": ("ml-1m_seq.txt",)}
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def locate_dataset(name: str) -> Located:
     root = data_root()
     folder = os.path.join(root.path, name)
     marker = RATING_FILES.get(name)
-    if os.path.isdir(folder) and (marker is None or os.path.isfile(os.path.join(folder, marker))):
+    accepted = (marker, *OTHER_DATA_FILES.get(name, ()))
+    if os.path.isdir(folder) and (marker is None or any(os.path.isfile(os.path.join(folder, f)) for f in accepted)):
         return Located(name, folder, root, "")
     where = f"{folder}/{marker}" if marker else folder
     what = f"no {where} (the data folder is {root.path}, from {root.source})"

@@ -16,7 +16,8 @@ def gauss_register_datasets():
         Component("dataset", "ml-100k", "gauss_plugins.data.loaders:load_movielens_100k",
                   description="MovieLens 100K u.data (user, item, rating, timestamp); all ratings are interactions"),
         Component("dataset", "ml-1m", "gauss_plugins.data.loaders:load_movielens_1m",
-                  description="MovieLens 1M ratings.dat (UserID::MovieID::Rating::Timestamp)"),
+                  description="MovieLens 1M: GroupLens ratings.dat (UserID::MovieID::Rating::Timestamp) "
+                              "or the sequence file ml-1m_seq.txt (user item item ..., no timestamps)"),
         Component("dataset", "ml-20m", "gauss_plugins.data.loaders:load_movielens_csv",
                   description="MovieLens 20M ratings.csv (userId,movieId,rating,timestamp)"),
         Component("dataset", "ml-25m", "gauss_plugins.data.registry:load_movielens_25m",

@@ -82,7 +82,7 @@ class UserSequences:
 
     def describe(self) -> str:
         lens = self.lengths
-        span = ""
+        span = ", no timestamps (order only)" if self.timestamps is None else ""
         if self.timestamps is not None and len(self.timestamps):
             span = f", time {int(self.timestamps.min())}..{int(self.timestamps.max())}"
         return (f"{self.name or 'sequences'}: {self.num_users} users, {len(self.item_ids())} items "

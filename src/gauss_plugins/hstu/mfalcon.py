@@ -3,19 +3,27 @@
 Each user ``b`` has a history (``n_b`` rows) and ``m_b`` candidates. Candidates are scored in
 micro-batches (*rounds*) of at most ``micro_batch_size`` per user: round ``r`` appends
 candidates ``r*mb .. (r+1)*mb - 1`` of every user to that user's history and runs the
-encoder with ``num_targets`` = the number appended, so each candidate attends to the
-history and to itself, never to another candidate
-(:func:`~gauss_plugins.hstu.attention.attention_mask`). A candidate's output depends on
-its place in its round (the relative position bias sees position ``n_b + t``), so the
-micro-batch size is part of the result, as in the paper.
+encoder with ``num_targets`` = the number appended. As the paper defines M-FALCON, a
+candidate attends to the history and to itself, never to another candidate
+(:func:`~gauss_plugins.hstu.attention.attention_mask`), and its relative bias does not see
+its slot either: all targets share the position id of the first target (``n_b``), and a
+target's time bias uses its own time (see
+:class:`~gauss_plugins.hstu.modules.RelativeAttentionBias`). So a candidate's output depends
+on the history and on the candidate alone: permuting the candidates permutes the outputs,
+and the micro-batch size changes only the cost, not the result.
 
-Under a causal mask the history never attends to candidates, so its keys and values in
-every block are the same in every round. :meth:`MFalcon.encode_history` computes them once
-(:class:`HistoryCache`); :meth:`MFalcon.score_cached` then runs only the candidate rows
-through the blocks, attending to the cached keys/values plus their own: per round
-``O(C * (n + C))`` attention instead of ``O((n + C)^2)``, and no block MLP work on the
-history. :meth:`MFalcon.score` is the same computation without the cache (one encoder
-pass per round over history + candidates); the two agree, which the tests check.
+Under a causal mask the history never attends to candidates and its bias does not involve
+them (the last history row's ``t_next`` is its own time whether or not targets follow), so
+the history's keys and values in every block are the same in every round.
+:meth:`MFalcon.encode_history` computes them once (:class:`HistoryCache`);
+:meth:`MFalcon.score_cached` then runs only the candidate rows through the blocks'
+projections, norms and output layers. Its attention, per block and round, is one
+:func:`~gauss_plugins.hstu.attention.hstu_attention` call on ``[cached history K/V ;
+candidates' K/V]`` as a jagged batch with ``num_targets`` = the round's candidates, so on
+CUDA it runs the fused kernel with the ``num_targets`` mask; the history rows' queries are
+zeros and their outputs are dropped. :meth:`MFalcon.score` is the same computation without
+the cache (one full encoder pass per round over history + candidates); the two agree,
+which the tests check.
 
 Requirements for the cache to be exact: a causal mask and ``normalizer="max_seq_len"``
 (with ``"seq_len"`` the history rows would be divided by a length that includes the
@@ -27,11 +35,9 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from gauss_plugins.hstu.attention import attention_mask
-from gauss_plugins.hstu.modules import HSTUBlock, HSTUEncoder
-from gauss_plugins.jagged import lengths_to_offsets, pad, row_coordinates, unpad, validate_offsets
+from gauss_plugins.hstu.modules import HSTUEncoder
+from gauss_plugins.jagged import lengths_to_offsets, row_coordinates, validate_offsets
 
 __all__ = ["HistoryCache", "MFalcon", "append_targets"]
 
@@ -51,6 +57,30 @@ class HistoryCache:
         return self.offsets[1:] - self.offsets[:-1]
 
 
+class _AppendLayout:
+    """Where each row of the jagged ``[history_b ; targets_b]`` comes from, computed once and
+    applied to values, keys, timestamps... alike (any trailing shape)."""
+
+    def __init__(self, history_offsets: torch.Tensor, target_offsets: torch.Tensor, history_rows: int,
+                 target_rows: int) -> None:
+        n_hist = history_offsets[1:] - history_offsets[:-1]
+        self.num_targets = target_offsets[1:] - target_offsets[:-1]
+        self.offsets = lengths_to_offsets(n_hist + self.num_targets)
+        seq_h, pos_h = row_coordinates(history_offsets, history_rows)
+        seq_t, pos_t = row_coordinates(target_offsets, target_rows)
+        self.history_rows = self.offsets[seq_h] + pos_h
+        self.target_rows = self.offsets[seq_t] + n_hist[seq_t] + pos_t
+        self.total = history_rows + target_rows
+
+    def merge(self, history: Optional[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """``[history_b ; targets_b]``; with ``history=None`` the history rows are zeros."""
+        values = targets.new_zeros((self.total, *targets.shape[1:]))
+        if history is not None:
+            values[self.history_rows] = history
+        values[self.target_rows] = targets
+        return values
+
+
 def append_targets(history: torch.Tensor, history_offsets: torch.Tensor, targets: torch.Tensor,
                    target_offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jagged ``[history_b ; targets_b]`` per sequence.
@@ -65,17 +95,8 @@ def append_targets(history: torch.Tensor, history_offsets: torch.Tensor, targets
                          f"{target_offsets.shape[0] - 1}")
     if history.shape[1:] != targets.shape[1:]:
         raise ValueError(f"history rows {tuple(history.shape[1:])} and target rows {tuple(targets.shape[1:])} differ")
-    n_hist = history_offsets[1:] - history_offsets[:-1]
-    n_tgt = target_offsets[1:] - target_offsets[:-1]
-    offsets = lengths_to_offsets(n_hist + n_tgt)
-    seq_h, pos_h = row_coordinates(history_offsets, history.shape[0])
-    seq_t, pos_t = row_coordinates(target_offsets, targets.shape[0])
-    hist_rows = offsets[seq_h] + pos_h
-    target_rows = offsets[seq_t] + n_hist[seq_t] + pos_t
-    values = history.new_empty((history.shape[0] + targets.shape[0], *history.shape[1:]))
-    values[hist_rows] = history
-    values[target_rows] = targets
-    return values, offsets, n_tgt, target_rows
+    layout = _AppendLayout(history_offsets, target_offsets, history.shape[0], targets.shape[0])
+    return layout.merge(history, targets), layout.offsets, layout.num_targets, layout.target_rows
 
 
 class MFalcon:
@@ -133,18 +154,17 @@ class MFalcon:
               candidate_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One encoder pass per round over ``[history ; round's candidates]`` with the
         ``num_targets`` mask (runs on the fused attention backend where there is one)."""
+        _check_times(history_timestamps, candidate_timestamps)
         self._check(history, history_offsets, history_timestamps)
         self._check(candidates, candidate_offsets, candidate_timestamps)
-        _check_times(history_timestamps, candidate_timestamps)
         out = candidates.new_empty(candidates.shape)
         for rows, round_offsets in self._rounds(candidates, candidate_offsets, history_offsets.diff()):
-            x, offsets, num_targets, target_rows = append_targets(history, history_offsets, candidates[rows],
-                                                                  round_offsets)
+            layout = _AppendLayout(history_offsets, round_offsets, history.shape[0], rows.shape[0])
             times = None
             if history_timestamps is not None:
-                times = append_targets(history_timestamps, history_offsets, candidate_timestamps[rows],
-                                       round_offsets)[0]
-            out[rows] = self.encoder(x, offsets, times, num_targets)[target_rows]
+                times = layout.merge(history_timestamps, candidate_timestamps[rows])
+            x = layout.merge(history, candidates[rows])
+            out[rows] = self.encoder(x, layout.offsets, times, layout.num_targets)[layout.target_rows]
         return out
 
     # ------------------------------------------------------------------ with cache
@@ -153,31 +173,39 @@ class MFalcon:
                        history_timestamps: Optional[torch.Tensor] = None) -> HistoryCache:
         """Run the history through the blocks once and keep every block's keys and values."""
         self._check(history, history_offsets, history_timestamps)
+        times = history_timestamps.to(torch.int64) if history_timestamps is not None else None
         keys, values = [], []
         x = history
         for block in self.encoder.blocks:
             u, q, k, v = block.project(x)
             keys.append(k)
             values.append(v)
-            x = block.combine(x, u, block.attend(q, k, v, history_offsets, history_timestamps))
-        return HistoryCache(history_offsets, history_timestamps, keys, values)
+            x = block.combine(x, u, block.attend(q, k, v, history_offsets, times))
+        return HistoryCache(history_offsets, times, keys, values)
 
     @torch.no_grad()
     def score_cached(self, cache: HistoryCache, candidates: torch.Tensor, candidate_offsets: torch.Tensor,
                      candidate_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Same result as :meth:`score`, attending to the cached history keys/values."""
-        self._check(candidates, candidate_offsets, candidate_timestamps)
+        """Same result as :meth:`score`, attending to the cached history keys/values (see the
+        module docstring: one ``hstu_attention`` call with ``num_targets`` per block and round)."""
         _check_times(cache.timestamps, candidate_timestamps)
+        self._check(candidates, candidate_offsets, candidate_timestamps)
         if len(cache.keys) != len(self.encoder.blocks):
             raise ValueError(f"the cache holds {len(cache.keys)} blocks, the encoder has {len(self.encoder.blocks)}")
+        history_rows = cache.keys[0].shape[0] if cache.keys else 0
         out = candidates.new_empty(candidates.shape)
         for rows, round_offsets in self._rounds(candidates, candidate_offsets, cache.lengths):
+            layout = _AppendLayout(cache.offsets, round_offsets, history_rows, rows.shape[0])
+            times = None
+            if cache.timestamps is not None:
+                times = layout.merge(cache.timestamps, candidate_timestamps[rows].to(torch.int64))
             x = candidates[rows]
-            times = candidate_timestamps[rows] if candidate_timestamps is not None else None
-            for i, block in enumerate(self.encoder.blocks):
+            for block, keys, values in zip(self.encoder.blocks, cache.keys, cache.values):
                 u, q, k, v = block.project(x)
-                attn = _attend_with_history(block, q, k, v, round_offsets, times, cache, i)
-                x = block.combine(x, u, attn)
+                # history queries are zeros: their outputs are not used, only the candidates'
+                attn = block.attend(layout.merge(None, q), layout.merge(keys, k), layout.merge(values, v),
+                                    layout.offsets, times, layout.num_targets)
+                x = block.combine(x, u, attn[layout.target_rows])
             out[rows] = self.encoder.finish(x)
         return out
 
@@ -185,47 +213,3 @@ class MFalcon:
 def _check_times(history_timestamps: Optional[torch.Tensor], candidate_timestamps: Optional[torch.Tensor]) -> None:
     if (history_timestamps is None) != (candidate_timestamps is None):
         raise ValueError("give timestamps for both the history and the candidates, or for neither")
-
-
-def _attend_with_history(block: HSTUBlock, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         round_offsets: torch.Tensor, times: Optional[torch.Tensor], cache: HistoryCache,
-                         index: int) -> torch.Tensor:
-    """HSTU attention of the round's candidate rows (queries) over the cached history of
-    their user plus the round's own rows, exactly as the full ``[history ; candidates]``
-    sequence with ``num_targets`` computes those rows. Dense over ``max_seq_len`` keys."""
-    config = block.config
-    n = config.max_seq_len
-    n_hist = cache.lengths
-    n_cand = round_offsets[1:] - round_offsets[:-1]
-    batch = n_hist.shape[0]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    seq, pos = row_coordinates(round_offsets, q.shape[0])
-    full_pos = n_hist[seq] + pos  # position of each candidate in its [history ; round] sequence
-
-    # keys/values of the full sequences, padded to max_seq_len: cached history, then the round
-    k_full, _ = pad(cache.keys[index].to(acc), cache.offsets, n)
-    v_full, _ = pad(cache.values[index].to(acc), cache.offsets, n)
-    k_full[seq, full_pos] = k.to(acc)
-    v_full[seq, full_pos] = v.to(acc)
-
-    widest = int(n_cand.max()) if batch else 0
-    q_pad, q_valid = pad(q.to(acc), round_offsets, widest)  # [B, C, H, d_qk]
-    query_pos = (n_hist.view(-1, 1) + torch.arange(widest, device=q.device)).clamp(max=n - 1)  # [B, C]
-    scores = torch.einsum("bchd,bjhd->bhcj", q_pad, k_full) * config.alpha
-
-    key_pos = torch.arange(n, device=q.device)
-    query_time = key_time = None
-    if times is not None and block.relative_bias.time_weight is not None:
-        key_time, _ = pad(cache.timestamps, cache.offsets, n)
-        key_time[seq, full_pos] = times
-        query_time = key_time.gather(1, query_pos)
-    rab = block.relative_bias.bias(query_pos, key_pos, query_time, key_time)
-    if rab is not None:
-        scores = scores + rab.to(acc)
-
-    full_mask = attention_mask(n_hist + n_cand, n, causal=True, num_targets=n_cand,
-                               contextual_len=config.contextual_len, max_attn_len=config.max_attn_len)
-    rows_mask = full_mask.gather(1, query_pos.unsqueeze(-1).expand(batch, widest, n)) & q_valid.unsqueeze(-1)
-    probs = torch.where(rows_mask.unsqueeze(1), F.silu(scores) / n, scores.new_zeros(()))
-    out = torch.einsum("bhcj,bjhd->bchd", probs, v_full)
-    return unpad(out, round_offsets).to(v.dtype)

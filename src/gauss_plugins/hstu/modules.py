@@ -3,22 +3,26 @@
 One block (pre-norm, residual), ``x`` jagged ``[T, dim]``::
 
     u, v, q, k = split(phi(Linear(LayerNorm(x))))    phi = SiLU on the projections chosen
-    a          = hstu_attention(q, k, v, rab = relative bias)           [T, H, d_v]
-    y          = x + Dropout(Linear(LayerNorm(a) * u))
+    a          = hstu_attention(q, k, v, relative bias tables)          [T, H, d_v]
+    y          = x + Linear(Dropout(u * LayerNorm(a)))
+
+Dropout sits before the output projection, as in the paper's research block
+(generative-recommenders ``SequentialTransductionUnitJagged``: ``_o(dropout(u * norm(a))) + x``).
 
 The relative attention bias (:class:`RelativeAttentionBias`) is a learned bias by relative
-position ``j - i``, plus, when timestamps are given, a learned bias by bucket of the log time
-gap ``|t_i - t_j|``. Defaults follow the paper's research code (generative-recommenders,
-``hstu.py``): SiLU on all of U, V, Q, K, no scaling of ``QK^T`` (``alpha = 1``), the
-normaliser ``N = max_seq_len``, 128 time buckets of ``floor(ln(max(|dt|, 1)) / 0.301)``.
-Production variants (``alpha = 1/sqrt(d_qk)``, ``normalizer="seq_len"``, SiLU on U only...)
-are config options.
+position plus, when ``num_time_buckets > 0``, a learned bias by bucket of the log time from
+the key's event to the event being predicted; both are 1-D tables that
+:func:`hstu_attention` expands per tile inside the attention (see the class for the exact
+definition). Defaults follow the paper's research code: SiLU on all of U, V, Q, K, no
+scaling of ``QK^T`` (``alpha = 1``), the normaliser ``N = max_seq_len``, 128 time buckets
+of ``floor(ln(max(|dt|, 1)) / 0.301)``. Production variants (``alpha = 1/sqrt(d_qk)``,
+``normalizer="seq_len"``, SiLU on U only...) are config options.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +45,9 @@ class HSTUConfig:
     the research code; ``1/sqrt(d_qk)`` is the other common choice). ``normalizer`` is
     ``"max_seq_len"`` or ``"seq_len"`` (see :mod:`gauss_plugins.hstu.attention`).
     ``causal``, ``contextual_len`` and ``max_attn_len`` select the mask
-    (:func:`~gauss_plugins.hstu.attention.attention_mask`). ``num_time_buckets = 0``
-    disables the timestamp bias; ``relative_position_bias=False`` the position bias.
+    (:func:`~gauss_plugins.hstu.attention.attention_mask`). ``relative_position_bias=False``
+    turns the position bias off; ``num_time_buckets = 0`` the time bias (then no timestamps
+    are needed); ``time_bucket_scale`` is the width of a bucket in ``ln`` seconds.
     ``backend`` names the attention backend (``"auto"`` picks by device).
     """
 
@@ -93,8 +98,12 @@ class HSTUConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"HSTUConfig.{name} must be a non-negative int, got {value!r}")
-        if self.time_bucket_scale <= 0:
-            raise ValueError(f"HSTUConfig.time_bucket_scale must be positive, got {self.time_bucket_scale!r}")
+        if not isinstance(self.relative_position_bias, bool):
+            raise ValueError("HSTUConfig.relative_position_bias must be True or False, got "
+                             f"{self.relative_position_bias!r}")
+        scale = self.time_bucket_scale
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"HSTUConfig.time_bucket_scale must be a positive finite number, got {scale!r}")
 
     @property
     def attention_options(self) -> dict:
@@ -105,11 +114,27 @@ class HSTUConfig:
 
 
 class RelativeAttentionBias(nn.Module):
-    """Learned attention bias by relative position and (optionally) by log time gap.
+    """The learned relative attention bias of one block, as two small tables.
 
-    ``bias[i, j] = w_pos[j - i + max_seq_len - 1] + w_time[bucket(t_i - t_j)]`` with
-    ``bucket(dt) = clamp(floor(ln(max(|dt|, 1)) / time_bucket_scale), 0, num_time_buckets)``.
-    Positions are positions inside each sequence; the result is shared by all heads.
+    ``position_weight`` ``[2L - 1]`` (``L = max_seq_len``) holds a bias per relative position,
+    ``time_weight`` ``[num_time_buckets + 1]`` one per bucket of log time gap; either may be
+    off (None). The tables are handed to :func:`hstu_attention`, which adds, for query ``i``
+    and key ``j`` of one sequence (shared by all heads)::
+
+        position_weight[clamp(id_j - id_i + L - 1, 0, 2L - 2)]
+      + time_weight[clamp(floor(ln(max(|t_next(i) - t_j|, 1)) / time_bucket_scale), 0, num_time_buckets)]
+
+    ``id`` is the position id of :func:`~gauss_plugins.hstu.attention.attention_mask`
+    (candidates / targets share the first target's id), and ``t_next(i)`` is the time of the
+    event position ``i`` predicts: ``t_{i+1}`` when ``i + 1`` is a non-target position of the
+    same sequence, else ``t_i``. That is the paper code's bucketing of "next timestamp minus
+    key timestamp" (generative-recommenders, ``RelativeBucketedTimeAndPositionBasedBias``);
+    the earlier ``|t_i - t_j|`` is not kept: it describes the gap to the event already seen,
+    not to the one being predicted. Targets use their own time, so a candidate's bias does
+    not depend on its slot or on the other candidates (the M-FALCON property).
+
+    Nothing ``[B, N, N]`` is ever built here: the attention backend computes the bias per
+    tile and reduces its gradient into the tables.
     """
 
     def __init__(self, max_seq_len: int, *, position: bool = True, num_time_buckets: int = 128,
@@ -117,49 +142,23 @@ class RelativeAttentionBias(nn.Module):
         super().__init__()
         self.max_seq_len = max_seq_len
         self.num_time_buckets = num_time_buckets
-        self.time_bucket_scale = time_bucket_scale
+        self.time_bucket_scale = float(time_bucket_scale)
+        # N(0, 0.02) as the paper code initialises both tables
         self.position_weight = nn.Parameter(torch.empty(2 * max_seq_len - 1).normal_(0.0, 0.02)) if position else None
         self.time_weight = nn.Parameter(torch.empty(num_time_buckets + 1).normal_(0.0, 0.02)) \
             if num_time_buckets > 0 else None
 
-    @property
-    def enabled(self) -> bool:
-        return self.position_weight is not None or self.time_weight is not None
-
-    def time_buckets(self, gaps: torch.Tensor) -> torch.Tensor:
-        """Bucket index (int64) of time gaps (any integer or float tensor)."""
-        # float32 is plenty: a bucket is a factor e^scale wide, far above float32 rounding
-        logs = torch.log(gaps.abs().to(torch.float32).clamp(min=1.0)) / self.time_bucket_scale
-        return logs.floor().to(torch.int64).clamp(0, self.num_time_buckets)
-
-    def bias(self, query_pos: torch.Tensor, key_pos: torch.Tensor,
-             query_time: Optional[torch.Tensor] = None, key_time: Optional[torch.Tensor] = None
-             ) -> Optional[torch.Tensor]:
-        """Bias ``[B or 1, 1, Q, K]`` for queries at positions ``query_pos`` (``[Q]`` or
-        ``[B, Q]``) against keys at ``key_pos`` (``[K]``), with padded times ``[B, Q]`` /
-        ``[B, K]`` or None. None when neither bias is enabled."""
-        out = None
-        if self.position_weight is not None:
-            if query_pos.dim() == 1:
-                query_pos = query_pos.unsqueeze(0)
-            rel = key_pos.view(1, 1, -1) - query_pos.unsqueeze(-1) + (self.max_seq_len - 1)
-            out = self.position_weight[rel].unsqueeze(1)
-        if self.time_weight is not None and query_time is not None:
-            buckets = self.time_buckets(query_time.unsqueeze(-1) - key_time.unsqueeze(-2))
-            time_bias = self.time_weight[buckets].unsqueeze(1)
-            out = time_bias if out is None else out + time_bias
-        return out
-
-    def forward(self, offsets: torch.Tensor, timestamps: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """The square bias ``[B or 1, 1, max_seq_len, max_seq_len]`` over padded positions, for
-        jagged ``timestamps`` ``[T]`` (or None: position bias only)."""
-        n = self.max_seq_len
-        positions = torch.arange(n, device=offsets.device)
-        padded_time = None
-        if timestamps is not None and self.time_weight is not None:
-            # data checks only on CPU: on a GPU they would synchronise with the host
-            padded_time, _ = pad(timestamps, offsets, n, validate=timestamps.device.type == "cpu")
-        return self.bias(positions, positions, padded_time, padded_time)
+    def attention_kwargs(self, timestamps: Optional[torch.Tensor]) -> Dict[str, Any]:
+        """The bias keyword arguments of :func:`hstu_attention` for jagged ``timestamps``
+        ``[T]`` (int64; required when the time bias is on, ignored otherwise)."""
+        if self.time_weight is not None and timestamps is None:
+            raise ValueError(
+                f"this HSTU block has a time bias (num_time_buckets={self.num_time_buckets}) but no timestamps "
+                "were given: pass the events' timestamps, or build the encoder with num_time_buckets=0 "
+                "(model.num_time_buckets: 0 in a config) for data without times")
+        return dict(position_bias=self.position_weight, time_bias=self.time_weight,
+                    timestamps=timestamps if self.time_weight is not None else None,
+                    time_bucket_scale=self.time_bucket_scale)
 
 
 class HSTUBlock(nn.Module):
@@ -198,16 +197,16 @@ class HSTUBlock(nn.Module):
         return u, q.reshape(t, h, d_qk), k.reshape(t, h, d_qk), v.reshape(t, h, d_v)
 
     def combine(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual output from the block input, the gate ``u`` and attention ``[T, H, d_v]``."""
-        gated = self.attention_norm(attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2])) * u
-        return x + self.dropout(self.output(gated))
+        """Residual output from the block input, the gate ``u`` and attention ``[T, H, d_v]``:
+        ``x + output(dropout(u * norm(attn)))`` (the paper's placement of the dropout)."""
+        gated = u * self.attention_norm(attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2]))
+        return x + self.output(self.dropout(gated))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
                timestamps: Optional[torch.Tensor] = None, num_targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:func:`hstu_attention` with this block's relative bias and mask options."""
-        rab = self.relative_bias(offsets, timestamps) if self.relative_bias.enabled else None
-        return hstu_attention(q, k, v, offsets, num_targets=num_targets, rab=rab, backend=self.config.backend,
-                              **self.config.attention_options)
+        """:func:`hstu_attention` with this block's bias tables and mask options."""
+        return hstu_attention(q, k, v, offsets, num_targets=num_targets, backend=self.config.backend,
+                              **self.relative_bias.attention_kwargs(timestamps), **self.config.attention_options)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, timestamps: Optional[torch.Tensor] = None,
                 num_targets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -223,7 +222,8 @@ class HSTUEncoder(nn.Module):
     * ``x``: jagged values ``[T, dim]`` (float), rows of sequence ``b`` at
       ``offsets[b]:offsets[b + 1]``; every sequence at most ``config.max_seq_len`` long.
     * ``offsets``: ``[B + 1]`` int64.
-    * ``timestamps``: jagged ``[T]`` integer (e.g. seconds), enables the time-gap bias.
+    * ``timestamps``: jagged ``[T]`` integer (e.g. seconds); required when the config has a
+      time bias (``num_time_buckets > 0``), ignored otherwise.
     * ``num_targets``: ``[B]`` integer; the last ``num_targets[b]`` rows of sequence ``b``
       are targets (M-FALCON mask: they see the history and themselves only).
 
@@ -246,6 +246,13 @@ class HSTUEncoder(nn.Module):
         if timestamps is not None:
             if not isinstance(timestamps, torch.Tensor) or tuple(timestamps.shape) != (x.shape[0],):
                 raise ValueError(f"timestamps must be jagged like x, shape [{x.shape[0]}]")
+            if timestamps.dtype.is_floating_point or timestamps.dtype.is_complex or timestamps.dtype == torch.bool:
+                raise TypeError(f"timestamps must be integers (e.g. seconds), got {timestamps.dtype}")
+        elif self.config.num_time_buckets > 0:
+            raise ValueError(
+                f"this HSTU encoder has a time bias (num_time_buckets={self.config.num_time_buckets}) but no "
+                "timestamps were given: pass the events' timestamps, or build it with num_time_buckets=0 "
+                "(model.num_time_buckets: 0 in a config) for data without times")
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_norm(x) if self.output_norm is not None else x
@@ -253,6 +260,8 @@ class HSTUEncoder(nn.Module):
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, timestamps: Optional[torch.Tensor] = None,
                 num_targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check_inputs(x, offsets, timestamps)
+        if timestamps is not None:
+            timestamps = timestamps.to(torch.int64)  # the attention op reads int64 times
         for block in self.blocks:
             x = block(x, offsets, timestamps, num_targets)
         return self.finish(x)
@@ -262,7 +271,9 @@ class PaddedHSTUEncoder(nn.Module):
     """:class:`HSTUEncoder` behind a padded interface, for models that batch as ``[B, N]``.
 
     ``forward(x [B, N, D], valid [B, N] bool, timestamps [B, N] or None) -> [B, N, D]``;
-    ``valid`` must be a prefix mask (right padding). Padded output rows are zero.
+    ``valid`` must be a prefix mask (right padding). Padded output rows are zero. Timestamps
+    are passed on only when the config has a time bias (so data without times may send
+    anything, e.g. the zeros a batch collator fills in).
     """
 
     def __init__(self, config: HSTUConfig) -> None:
@@ -278,8 +289,13 @@ class PaddedHSTUEncoder(nn.Module):
         if not torch.equal(prefix, valid):
             raise ValueError("valid must mark a prefix of each row (right-padded sequences)")
         offsets = lengths_to_offsets(lengths)
-        # offsets come from a prefix mask: valid by construction
-        jagged_time = unpad(timestamps, offsets, validate=False) if timestamps is not None else None
+        jagged_time = None
+        if timestamps is not None and self.encoder.config.num_time_buckets > 0:
+            if timestamps.shape != valid.shape:
+                raise ValueError(f"timestamps must be padded like x, shape {tuple(valid.shape)}, got "
+                                 f"{tuple(timestamps.shape)}")
+            # offsets come from a prefix mask: valid by construction
+            jagged_time = unpad(timestamps, offsets, validate=False)
         out = self.encoder(unpad(x, offsets, validate=False), offsets, jagged_time)
         padded, _ = pad(out, offsets, x.shape[1], validate=False)
         return padded

@@ -23,11 +23,14 @@ def build_encoder(model_cfg, max_len: int) -> nn.Module:
         from gauss_plugins.hstu.modules import HSTUConfig, PaddedHSTUEncoder
 
         # The paper's research settings (HSTUConfig defaults): SiLU on U, V, Q, K, alpha = 1,
-        # normaliser max_seq_len, relative position + 128 log-time buckets bias.
+        # normaliser max_seq_len; the relative bias parts come from the config.
         return PaddedHSTUEncoder(HSTUConfig(dim=model_cfg.dim, num_blocks=model_cfg.num_blocks,
                                             num_heads=model_cfg.num_heads, d_qk=model_cfg.attention_dim,
                                             d_v=model_cfg.linear_dim, max_seq_len=max_len,
-                                            dropout=model_cfg.dropout))
+                                            dropout=model_cfg.dropout,
+                                            relative_position_bias=model_cfg.relative_position_bias,
+                                            num_time_buckets=model_cfg.num_time_buckets,
+                                            time_bucket_scale=float(model_cfg.time_bucket_scale)))
     raise ValueError(f"unknown model.arch {model_cfg.arch!r}; expected 'hstu' or 'sasrec'")
 
 

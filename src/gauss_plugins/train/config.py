@@ -9,6 +9,7 @@ silently falls back to a default. YAML is read with pyyaml, an optional dependen
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -50,6 +51,10 @@ class ModelConfig:
     linear_dim: int = 25              # HSTU: per-head value dimension (paper dv)
     ffn_dim: Optional[int] = None     # SASRec feed-forward width (default: dim)
     item_embedding: str = "dynamic"   # dynamic (DynamicEmbeddingTable) | static (nn.Embedding)
+    # HSTU relative attention bias (ignored by SASRec); an ablation is one of these lines
+    relative_position_bias: bool = True   # learned bias by relative position
+    num_time_buckets: int = 128           # learned bias by log time gap, in this many buckets; 0 = off
+    time_bucket_scale: float = 0.301      # bucket width in ln(seconds): floor(ln(|dt|) / scale)
 
 
 @dataclass
@@ -109,6 +114,16 @@ class ExperimentConfig:
             (self.model.dim >= 1 and self.model.num_blocks >= 1 and self.model.num_heads >= 1,
              "model.dim, num_blocks and num_heads must be >= 1"),
             (0.0 <= self.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.model.dropout}"),
+            (isinstance(self.model.relative_position_bias, bool),
+             f"model.relative_position_bias must be true or false, got {self.model.relative_position_bias!r}"),
+            (isinstance(self.model.num_time_buckets, int) and not isinstance(self.model.num_time_buckets, bool)
+             and self.model.num_time_buckets >= 0,
+             f"model.num_time_buckets must be a whole number >= 0 (0 turns the time bias off), got "
+             f"{self.model.num_time_buckets!r}"),
+            (isinstance(self.model.time_bucket_scale, (int, float)) and not isinstance(self.model.time_bucket_scale, bool)
+             and math.isfinite(self.model.time_bucket_scale) and self.model.time_bucket_scale > 0,
+             f"model.time_bucket_scale must be a positive number (the paper's is 0.301), got "
+             f"{self.model.time_bucket_scale!r}"),
             (self.loss.num_negatives >= 1, f"loss.num_negatives must be >= 1, got {self.loss.num_negatives}"),
             (self.loss.temperature > 0, f"loss.temperature must be > 0, got {self.loss.temperature}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
@@ -128,6 +143,19 @@ class ExperimentConfig:
                 raise ValueError(message)
         return self
 
+    def check_data(self, seqs: Any) -> None:
+        """Raise ``ValueError`` when the loaded data cannot feed this config: HSTU's time bias
+        (``model.num_time_buckets > 0``) needs timestamps, which a sequence file (e.g. the
+        shared ``ml-1m_seq.txt``) does not have. ``seqs`` is a ``UserSequences``."""
+        if self.model.arch == "hstu" and self.model.num_time_buckets > 0 and seqs.timestamps is None:
+            source = seqs.info.get("source", "") if isinstance(seqs.info, dict) else ""
+            raise ValueError(
+                f"model.num_time_buckets = {self.model.num_time_buckets} asks for HSTU's time bias, but the data "
+                f"({seqs.name or self.data.dataset}{', ' + source if source else ''}) has no timestamps (a sequence "
+                "file keeps only the order). Set `num_time_buckets: 0` in the config's model section to train "
+                "with the position bias only, or use data with times (for ML-1M, the GroupLens folder with "
+                "ratings.dat)")
+
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
              "train": TrainConfig, "streaming": StreamingConfig}
@@ -145,7 +173,7 @@ def _build(cls: type, values: Any, where: str) -> Any:
     kwargs = dict(values)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
-    for float_key in ("lr", "weight_decay", "temperature", "dropout"):
+    for float_key in ("lr", "weight_decay", "temperature", "dropout", "time_bucket_scale"):
         if float_key in kwargs and isinstance(kwargs[float_key], str):
             kwargs[float_key] = float(kwargs[float_key])  # YAML 1.1 reads "1e-3" as a string
     return cls(**kwargs)
