@@ -45,3 +45,37 @@ def make_inputs(seed, mode, dtype=torch.float32, lengths=(4, 0, 6, 1, 5), heads=
                    contextual_len=contextual, max_attn_len=mode.get("max_attn_len", 0), rab=rab,
                    normalizer=mode.get("normalizer", "max_seq_len"))
     return q, k, v, offsets, list(lengths), options
+
+
+# relative-bias tables on top of a mask mode: (mode in MODES, position table extra length
+# L - max_seq_len or None, number of time buckets or None)
+TABLE_MODES = {
+    "position": ("causal", 0, None),
+    "position, long table": ("targets", 3, None),
+    "time": ("causal", None, 12),
+    "position+time": ("causal", 0, 12),
+    "position+time, targets": ("targets", 1, 9),
+    "position+time, contextual": ("contextual", 0, 9),
+    "position+time, window": ("window", 2, 9),
+    "position+time, everything": ("everything", 0, 6),
+    "position+time, not causal + targets + window": ("not causal + targets + window", 0, 6),
+    "position+time + rab": ("rab shared by heads", 0, 6),
+    "position+time, seq_len normaliser": ("seq_len normaliser", 0, 6),
+}
+
+
+def make_tables(seed, offsets, max_seq_len, position, time_buckets, dtype=torch.float32):
+    """position_bias [2 (max_seq_len + position) - 1], time_bias [time_buckets + 1] and jagged
+    increasing int64 timestamps (gaps 0..~3000 s: several buckets, ties too); None where absent."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    tables = dict(position_bias=None, time_bias=None, timestamps=None)
+    if position is not None:
+        tables["position_bias"] = torch.randn(2 * (max_seq_len + position) - 1, generator=g, dtype=dtype)
+    if time_buckets is not None:
+        tables["time_bias"] = torch.randn(time_buckets + 1, generator=g, dtype=dtype)
+        total = int(offsets[-1])
+        gaps = (torch.rand(total, generator=g) ** 3 * 3000).to(torch.int64)
+        lengths = (offsets[1:] - offsets[:-1]).tolist()
+        tables["timestamps"] = torch.cat([torch.zeros(0, dtype=torch.int64)] + [
+            torch.cumsum(part, 0) + 1_600_000_000 for part in torch.split(gaps, lengths)])
+    return tables

@@ -10,13 +10,19 @@ import pytest
 import torch
 
 from gauss_plugins.components import Component
-from gauss_plugins.hstu.attention import hstu_attention, hstu_attention_reference
+from gauss_plugins.hstu.attention import (
+    hstu_attention,
+    hstu_attention_reference,
+    hstu_attention_reference_backward,
+    relative_bias_dense,
+)
 from gauss_plugins.plugins import hookimpl
 
 _spec = importlib.util.spec_from_file_location("hstu_cases", pathlib.Path(__file__).with_name("hstu_cases.py"))
 _cases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_cases)
 MODES, make_inputs = _cases.MODES, _cases.make_inputs
+TABLE_MODES, make_tables = _cases.TABLE_MODES, _cases.make_tables
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -289,3 +295,271 @@ def test_tracing_modes_use_the_op():
     traced = make_fx(lambda q, k, v: hstu_attention(q, k, v, offsets, **options))(q, k, v)
     targets = [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
     assert "gauss.hstu_attention_fwd.default" in targets
+
+
+# ---------------------------------------------------------------------------- relative bias tables
+def _table_inputs(seed, name, dtype=torch.float64, **shape):
+    mode, position, buckets = TABLE_MODES[name]
+    q, k, v, offsets, lengths, options = make_inputs(seed, MODES[mode], dtype=dtype, **shape)
+    tables = make_tables(seed, offsets, options["max_seq_len"], position, buckets, dtype=dtype)
+    return q, k, v, offsets, lengths, options, tables
+
+
+def _naive_bias(lengths, max_seq_len, num_targets, contextual_len, position_bias, time_bias, timestamps, scale):
+    """The bias by the docstring's formula, one pair at a time."""
+    import math
+
+    out = torch.zeros(len(lengths), max_seq_len, max_seq_len, dtype=torch.float64)
+    start = 0
+    for b, n in enumerate(lengths):
+        nt = 0 if num_targets is None else int(num_targets[b])
+        last = n - nt - (contextual_len - 1 if contextual_len > 0 else 0)
+
+        def pid(p):
+            i = max(p - contextual_len + 1, 0) if contextual_len > 0 else p
+            return min(i, last) if num_targets is not None else i
+
+        for i in range(n):
+            t_next = timestamps[start + i + 1] if (timestamps is not None and i + 1 < n - nt) else None
+            for j in range(n):
+                value = 0.0
+                if position_bias is not None:
+                    size = position_bias.shape[0]
+                    half = (size + 1) // 2
+                    value += float(position_bias[min(max(pid(j) - pid(i) + half - 1, 0), size - 2)])
+                if time_bias is not None:
+                    tq = int(timestamps[start + i]) if t_next is None else int(t_next)
+                    gap = max(abs(tq - int(timestamps[start + j])), 1)
+                    bucket = math.floor(math.log(gap) / scale)
+                    value += float(time_bias[min(max(bucket, 0), time_bias.shape[0] - 1)])
+                out[b, i, j] = value
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("name", list(TABLE_MODES))
+def test_relative_bias_dense_follows_the_formula(name):
+    q, k, v, offsets, lengths, options, tables = _table_inputs(20, name)
+    got = relative_bias_dense(offsets, options["max_seq_len"], num_targets=options["num_targets"],
+                              contextual_len=options["contextual_len"], **tables)
+    want = _naive_bias(lengths, options["max_seq_len"], options["num_targets"], options["contextual_len"],
+                       tables["position_bias"], tables["time_bias"], tables["timestamps"], 0.301)
+    torch.testing.assert_close(got, want)
+
+
+def test_candidates_bias_ignores_their_slot_and_each_other():
+    """M-FALCON: a candidate's bias row is the same wherever it sits among the targets."""
+    offsets = torch.tensor([0, 8])
+    position_bias = torch.randn(2 * 8 - 1, dtype=torch.float64)
+    time_bias = torch.randn(20, dtype=torch.float64)
+    history = torch.tensor([100, 160, 400, 9000, 9100])
+    candidates = torch.tensor([20000, 9150, 500000])
+    nt = torch.tensor([3])
+
+    def bias(order):
+        ts = torch.cat([history, candidates[order]])
+        return relative_bias_dense(offsets, 8, position_bias=position_bias, time_bias=time_bias, timestamps=ts,
+                                   num_targets=nt)[0]
+
+    a, b = bias(torch.tensor([0, 1, 2])), bias(torch.tensor([2, 0, 1]))
+    for slot_a, slot_b in ((5, 6), (6, 7), (7, 5)):  # candidate 0, 1, 2
+        torch.testing.assert_close(a[slot_a, :5], b[slot_b, :5])  # its row over the history
+        torch.testing.assert_close(a[slot_a, slot_a], b[slot_b, slot_b])  # and itself
+        torch.testing.assert_close(a[:5, :5], b[:5, :5])
+
+
+@pytest.mark.parametrize("name", list(TABLE_MODES))
+def test_tables_equal_their_dense_expansion_as_rab(name):
+    """The op with tables == the op with relative_bias_dense(...) passed as rab, outputs and
+    gradients; the tables' gradients are the dense bias gradient summed by index."""
+    q, k, v, offsets, _, options, tables = _table_inputs(21, name)
+    rab = options.pop("rab")
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    table_leaves = [tables[n].requires_grad_(True) for n in ("position_bias", "time_bias") if tables[n] is not None]
+    extra = [] if rab is None else [rab.requires_grad_(True)]
+    out = hstu_attention(q, k, v, offsets, rab=rab, backend="torch", **tables, **options)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves + extra + table_leaves, grad_out)
+
+    dense = relative_bias_dense(offsets, options["max_seq_len"], num_targets=options["num_targets"],
+                                contextual_len=options["contextual_len"], **tables).unsqueeze(1)
+    total_rab = dense if rab is None else dense + rab
+    out_dense = hstu_attention(q, k, v, offsets, rab=total_rab, backend="torch", **options)
+    want = torch.autograd.grad(out_dense, leaves + extra + table_leaves, grad_out)
+    torch.testing.assert_close(out, out_dense)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    for table in table_leaves:
+        assert table.grad is None  # autograd.grad, nothing accumulated
+
+
+@pytest.mark.parametrize("name", ["position+time, everything", "position+time + rab", "time",
+                                  "position+time, not causal + targets + window"])
+def test_tables_gradcheck(name):
+    q, k, v, offsets, _, options, tables = _table_inputs(22, name, lengths=(3, 0, 4, 2), heads=2, d_qk=2, d_v=2,
+                                                         max_seq_len=5)
+    rab = options.pop("rab")
+    names = [n for n in ("position_bias", "time_bias") if tables[n] is not None]
+    inputs = [q, k, v] + [tables[n] for n in names] + ([rab] if rab is not None else [])
+    for t in inputs:
+        t.requires_grad_(True)
+    timestamps = tables["timestamps"]
+
+    def op(q, k, v, *rest):
+        named = dict(zip(names, rest))
+        r = rest[len(names)] if rab is not None else None
+        return hstu_attention(q, k, v, offsets, rab=r, timestamps=timestamps, backend="torch", **named, **options)
+
+    assert torch.autograd.gradcheck(op, tuple(inputs), eps=1e-6, atol=1e-6)
+
+    # and the op's registered autograd (what compile/export run)
+    schema = (options["max_seq_len"], options["alpha"], options["causal"], options["contextual_len"],
+              options["max_attn_len"], 0.301, options["normalizer"], "torch", True)
+
+    def custom_op(q, k, v, *rest):
+        named = dict(zip(names, rest))
+        r = rest[len(names)] if rab is not None else None
+        return torch.ops.gauss.hstu_attention_fwd(q, k, v, offsets, options["num_targets"], r,
+                                                  named.get("position_bias"), named.get("time_bias"), timestamps,
+                                                  *schema)
+
+    assert torch.autograd.gradcheck(custom_op, tuple(inputs), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tables_in_low_precision_follow_fp64(dtype):
+    q, k, v, offsets, _, options, tables = _table_inputs(23, "position+time, everything", dtype=dtype)
+    options.pop("rab")
+    leaves = [t.requires_grad_(True) for t in (q, k, v, tables["position_bias"], tables["time_bias"])]
+    out = hstu_attention(*leaves[:3], offsets, position_bias=leaves[3], time_bias=leaves[4],
+                         timestamps=tables["timestamps"], **options)
+    assert out.dtype == dtype
+    grads = torch.autograd.grad(out.float().square().sum(), leaves)
+    wide = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = hstu_attention_reference(*wide[:3], offsets, position_bias=wide[3], time_bias=wide[4],
+                                   timestamps=tables["timestamps"], **options)
+    want = torch.autograd.grad(ref.square().sum(), wide)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for g, w in zip(grads, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, **tol)
+
+
+def test_only_the_tables_require_grad():
+    q, k, v, offsets, _, options, tables = _table_inputs(24, "position+time, targets")
+    tables["time_bias"].requires_grad_(True)
+    out = hstu_attention(q, k, v, offsets, **tables, **options)
+    (dtime,) = torch.autograd.grad(out.sum(), [tables["time_bias"]])
+    assert dtime.shape == tables["time_bias"].shape and dtime.abs().sum() > 0
+
+
+def test_reference_backward_reduces_by_index():
+    """The written backward's table gradients equal autograd through the dense gather."""
+    q, k, v, offsets, _, options, tables = _table_inputs(25, "position+time, everything")
+    options.pop("rab")
+    pos, time = (tables[n].requires_grad_(True) for n in ("position_bias", "time_bias"))
+    out = hstu_attention_reference(q, k, v, offsets, position_bias=pos, time_bias=time,
+                                   timestamps=tables["timestamps"], **options)
+    grad_out = torch.randn_like(out)
+    want = torch.autograd.grad(out, [pos, time], grad_out)
+    got = hstu_attention_reference_backward(grad_out, q, k, v, offsets, position_bias=pos.detach(),
+                                            time_bias=time.detach(), timestamps=tables["timestamps"], **options)
+    torch.testing.assert_close(got[4], want[0])
+    torch.testing.assert_close(got[5], want[1])
+    skipped = hstu_attention_reference_backward(grad_out, q, k, v, offsets, position_bias=pos.detach(),
+                                                time_bias=time.detach(), timestamps=tables["timestamps"],
+                                                compute_dposition_bias=False, compute_dtime_bias=False, **options)
+    assert skipped[4] is None and skipped[5] is None
+
+
+def _table_attention(q, k, v, offsets, num_targets, position_bias, time_bias, timestamps):
+    return hstu_attention(q, k, v, offsets, max_seq_len=7, alpha=0.5, num_targets=num_targets, contextual_len=1,
+                          max_attn_len=4, position_bias=position_bias, time_bias=time_bias, timestamps=timestamps)
+
+
+def test_torch_compile_traces_tables():
+    q, k, v, offsets, _, options, tables = _table_inputs(26, "position+time, everything", dtype=torch.float32)
+    pos, time = tables["position_bias"], tables["time_bias"]
+    leaves = [t.requires_grad_(True) for t in (q, k, v, pos, time)]
+    args = (q, k, v, offsets, options["num_targets"], pos, time, tables["timestamps"])
+    compiled = torch.compile(_table_attention, backend="aot_eager", fullgraph=True)
+    out_c = compiled(*args)
+    grads_c = torch.autograd.grad(out_c.square().sum(), leaves)
+    out_e = _table_attention(*args)
+    grads_e = torch.autograd.grad(out_e.square().sum(), leaves)
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_export_with_tables():
+    class Attention(torch.nn.Module):
+        def __init__(self, pos, time):
+            super().__init__()
+            self.pos, self.time = torch.nn.Parameter(pos), torch.nn.Parameter(time)
+
+        def forward(self, q, k, v, offsets, num_targets, timestamps):
+            return _table_attention(q, k, v, offsets, num_targets, self.pos, self.time, timestamps)
+
+    q, k, v, offsets, _, options, tables = _table_inputs(27, "position+time, everything", dtype=torch.float32)
+    model = Attention(tables["position_bias"], tables["time_bias"])
+    args = (q, k, v, offsets, options["num_targets"], tables["timestamps"])
+    rows, batch = torch.export.Dim("rows", min=1, max=1 << 20), torch.export.Dim("batch", min=1, max=4096)
+    dynamic = ({0: rows}, {0: rows}, {0: rows}, {0: batch + 1}, {0: batch}, {0: rows})
+    exported = torch.export.export(model, args, dynamic_shapes=dynamic)
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert "gauss.hstu_attention_fwd.default" in targets
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(*args), model(*args))
+        other = _table_inputs(28, "position+time, everything", dtype=torch.float32, lengths=(7, 2, 0))
+        args2 = (*other[:4], other[5]["num_targets"], other[6]["timestamps"])
+        torch.testing.assert_close(exported.module()(*args2), model(*args2))
+
+
+def _table_call(change):
+    q, k, v, offsets, _, options, tables = _table_inputs(29, "position+time, targets", dtype=torch.float32)
+    args = dict(q=q, k=k, v=v, offsets=offsets, **options, **tables)
+    args.update(change(args))
+    return args
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: dict(position_bias=a["position_bias"][:-4]), ValueError, "odd length 2L - 1"),
+    (lambda a: dict(position_bias=torch.zeros(12)), ValueError, "odd length"),
+    (lambda a: dict(position_bias=a["position_bias"].view(1, -1)), ValueError, "1-D table"),
+    (lambda a: dict(position_bias=a["position_bias"].long()), TypeError, "position_bias must be a floating"),
+    (lambda a: dict(position_bias=[0.0] * 17), TypeError, "position_bias must be a 1-D float tensor"),
+    (lambda a: dict(time_bias=a["time_bias"].view(1, -1)), ValueError, "time_bias must be a 1-D"),
+    (lambda a: dict(time_bias=torch.zeros(0)), ValueError, "time_bias must be a 1-D"),
+    (lambda a: dict(timestamps=None), ValueError, "time_bias needs timestamps"),
+    (lambda a: dict(time_bias=None), ValueError, "timestamps were given without time_bias"),
+    (lambda a: dict(timestamps=a["timestamps"].double()), TypeError, "timestamps must be an integer"),
+    (lambda a: dict(timestamps=a["timestamps"][:-1]), ValueError, "timestamps must have shape"),
+    (lambda a: dict(time_bucket_scale=0.0), ValueError, "time_bucket_scale"),
+    (lambda a: dict(time_bucket_scale=float("inf")), ValueError, "time_bucket_scale"),
+    (lambda a: dict(time_bucket_scale=True), ValueError, "time_bucket_scale"),
+])
+def test_bad_tables_raise_clearly_and_change_nothing(change, error, match):
+    args = _table_call(change)
+    for name in ("position_bias", "time_bias"):
+        if isinstance(args[name], torch.Tensor) and args[name].is_floating_point():
+            args[name].requires_grad_(True)
+    before = {n: t.detach().clone() for n, t in args.items() if isinstance(t, torch.Tensor)}
+    q, k, v, offsets = (args.pop(n) for n in ("q", "k", "v", "offsets"))
+    with pytest.raises(error, match=match):
+        hstu_attention(q, k, v, offsets, **args)
+    after = dict(q=q, k=k, v=v, offsets=offsets, **args)
+    for name, value in before.items():
+        assert torch.equal(after[name].detach(), value), f"{name} changed"
+        assert after[name].grad is None
+
+
+def test_relative_bias_dense_errors():
+    offsets = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="needs position_bias, time_bias or both"):
+        relative_bias_dense(offsets, 3)
+    with pytest.raises(ValueError, match="odd length"):
+        relative_bias_dense(offsets, 3, position_bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="time_bias needs timestamps"):
+        relative_bias_dense(offsets, 3, time_bias=torch.zeros(4))
