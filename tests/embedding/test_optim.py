@@ -142,12 +142,17 @@ def test_pooled_lookup_matches_embedding_bag(backend, mode, weighted):
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
         pos = torch.randint(0, 12, (int(offsets[-1]),), generator=g)
         psw = torch.rand(pos.numel(), generator=g) if weighted else None
+        # The weights are differentiable too (position weights, for instance): same gradient.
+        psw_t = psw.clone().requires_grad_() if weighted else None
+        psw_e = psw.clone().requires_grad_() if weighted else None
         target = torch.randn(7, DIM, generator=g)
-        out_t = table.lookup_pooled(ids_all[pos], offsets, mode=mode, per_sample_weights=psw)
-        out_e = bag(pos, offsets, per_sample_weights=psw)
+        out_t = table.lookup_pooled(ids_all[pos], offsets, mode=mode, per_sample_weights=psw_t)
+        out_e = bag(pos, offsets, per_sample_weights=psw_e)
         torch.testing.assert_close(out_t, out_e, rtol=0, atol=1e-6)
         ((out_t - target) ** 2).sum().backward()
         ((out_e - target) ** 2).sum().backward()
+        if weighted:
+            torch.testing.assert_close(psw_t.grad, psw_e.grad, rtol=1e-5, atol=1e-6)
         sparse.step(); dense.step(); sparse.zero_grad(); dense.zero_grad()
     torch.testing.assert_close(table.get(ids_all)[0], bag.weight.detach(), rtol=0, atol=1e-6)
     table.eval()
@@ -249,3 +254,96 @@ def test_fused_and_two_phase_updates_are_bit_identical(monkeypatch, name):
     two_phase = run()
     for k in fused:
         assert torch.equal(fused[k], two_phase[k]), k
+
+
+def test_keyword_overrides_keep_the_tables_other_options(backend):
+    """SparseOptimizer(table, lr=...) on a table configured with an optimizer overrides that
+    option only; the rule, the other hyperparameters and the per-row state stay."""
+    cfg = OptimizerConfig("rowwise_adagrad", lr=0.05, eps=1e-6, weight_decay=0.01, initial_accumulator_value=0.1)
+    table = DynamicEmbeddingTable(DynamicTableConfig(name="t", dim=DIM, backend=backend, optimizer=cfg))
+    ids = torch.tensor([3, 9])
+    first = SparseOptimizer(table)
+    table(ids).sum().backward()
+    first.step()
+    state = table.opt_state["sum"].clone()
+    opt = SparseOptimizer(table, lr=0.5)
+    c = table.rule.config
+    assert (c.name, c.lr, c.eps, c.weight_decay, c.initial_accumulator_value) == ("rowwise_adagrad", 0.5, 1e-6, 0.01, 0.1)
+    assert table.config.optimizer.lr == 0.5 and cfg.lr == 0.05  # the caller's config object is not changed
+    assert torch.equal(table.opt_state["sum"], state)  # same rule: state kept
+    # The step uses the new lr: row-wise Adagrad by hand.
+    w = table.get(ids)[0]
+    rows = table.find(ids)
+    table(ids).sum().backward()
+    opt.step()
+    g = torch.ones(2, DIM) + 0.01 * w
+    s_new = state[rows] + (g * g).mean(dim=1)
+    expected = w - 0.5 * g / (s_new.sqrt() + 1e-6)[:, None]
+    torch.testing.assert_close(table.get(ids)[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_optimizer_options_change_no_table(backend):
+    a = DynamicEmbeddingTable(DynamicTableConfig(name="a", dim=DIM, backend=backend, optimizer=OptimizerConfig("adam", lr=0.1)))
+    b = DynamicEmbeddingTable(DynamicTableConfig(name="b", dim=DIM, backend=backend, optimizer="sgd"))
+    bare = DynamicEmbeddingTable(DynamicTableConfig(name="bare", dim=DIM, backend=backend))
+    a(torch.tensor([1])).sum().backward()
+    SparseOptimizer(a).step()
+    state = {k: v.clone() for k, v in a.opt_state.items()}
+
+    def unchanged():
+        assert a.rule.config == OptimizerConfig("adam", lr=0.1) and b.rule.config == OptimizerConfig("sgd")
+        assert all(torch.equal(a.opt_state[k], v) for k, v in state.items())
+        assert bare.rule is None
+
+    cases = [
+        (ValueError, "lr .* must be >= 0", lambda: SparseOptimizer([a, b], lr=-1.0)),
+        (ValueError, "eps must be > 0", lambda: SparseOptimizer([a, b], eps=0.0)),
+        (ValueError, "beta1 .* must be in \\[0, 1\\)", lambda: SparseOptimizer([a, b], beta1=1.0)),
+        (ValueError, "lr must be a finite number", lambda: SparseOptimizer([a, b], lr=float("nan"))),
+        (ValueError, "lr must be a finite number", lambda: SparseOptimizer([a, b], lr="0.1")),
+        (ValueError, "unknown optimizer options \\['momentum'\\]", lambda: SparseOptimizer([a, b], momentum=0.9)),
+        (ValueError, "'bare' has no optimizer for the options \\['lr'\\]", lambda: SparseOptimizer([a, b, bare], lr=0.2)),
+        (ValueError, "'bare' has no optimizer", lambda: SparseOptimizer([a, bare])),
+        (TypeError, "a DynamicEmbeddingTable, a list of them or a module", lambda: SparseOptimizer(42)),
+        (TypeError, "OptimizerConfig, a rule name or a dict", lambda: SparseOptimizer([a, b], 3)),
+    ]
+    for exc, match, call in cases:
+        with pytest.raises(exc, match=match):
+            call()
+        unchanged()
+    opt = SparseOptimizer([a, b])
+    with pytest.raises(ValueError, match="finite number"):
+        opt.lr = float("inf")
+    unchanged()
+    with pytest.raises(ValueError, match="unknown optimizer options"):
+        opt.load_state_dict({"a": {"name": "adam", "lr": 0.3}, "b": {"name": "sgd", "nope": 1}})
+    unchanged()
+    opt.load_state_dict({"a": {"name": "adam", "lr": 0.3}})
+    assert a.rule.config.lr == 0.3 and all(torch.equal(a.opt_state[k], v) for k, v in state.items())
+
+
+def test_table_and_optimizer_modules_do_not_import_each_other_back():
+    """optim.py builds on table.py; table.py and the shared rules never import optim.py (no
+    circle, not even a deferred import inside a function)."""
+    import ast
+    import importlib
+
+    def imported(module_name):
+        path = importlib.import_module(module_name).__file__
+        names = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    assert "gauss_plugins.embedding.optim" not in imported("gauss_plugins.embedding.table")
+    rules = imported("gauss_plugins.embedding.sparse_rules")
+    assert not {"gauss_plugins.embedding.optim", "gauss_plugins.embedding.table"} & rules
+    assert "gauss_plugins.embedding.table" in imported("gauss_plugins.embedding.optim")
+    # The registry's optimizer factories live below the table too.
+    from gauss_plugins import get_registry
+
+    factories = [c.factory for c in get_registry().components("sparse_optimizer") if c.name in ("sgd", "adagrad", "rowwise_adagrad", "adam")]
+    assert len(factories) == 4 and all(f.startswith("gauss_plugins.embedding.sparse_rules:") for f in factories), factories

@@ -12,7 +12,9 @@ from gauss_plugins.embedding import (
     OptimizerConfig,
     ScoreEviction,
     SparseOptimizer,
+    ReplicatedTableError,
     TableFullError,
+    UnknownIdError,
 )
 from gauss_plugins.embedding.initializers import deterministic_uniform
 
@@ -318,6 +320,17 @@ def _bad_calls(t):
     yield ValueError, "offsets are on meta", lambda: t.lookup_pooled(torch.tensor([1]), torch.tensor([0, 1], device="meta"))
     if torch.cuda.is_available():
         yield ValueError, "table is on cpu", lambda: t(torch.tensor([1], device="cuda"))
+    # Ids that int64 cannot hold exactly (uint64 above 2**63 - 1 would wrap to -1), or that are
+    # not integers, are refused by every entry point.
+    yield TypeError, "wraps uint64", lambda: t(torch.tensor([2**64 - 1], dtype=torch.uint64))
+    entries = (t, t.lookup, t.find, t.contains, t.get, t.remap, t.delete, lambda i: t.evict(ids=i),
+               lambda i: t.set(i, torch.ones(2, 4)), lambda i: t.lookup_pooled(i, torch.tensor([0, 2])))
+    bad_ids = (torch.tensor([2**64 - 1, 1], dtype=torch.uint64), torch.tensor([1, 2], dtype=torch.uint32),
+               torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([True, False]),
+               torch.tensor([1.0, 2.0], dtype=torch.float64))
+    for entry in entries:
+        for ids in bad_ids:
+            yield TypeError, "must have dtype torch.int64", lambda e=entry, i=ids: e(i)
 
 
 def test_bad_input_raises_clearly_and_changes_nothing(backend):
@@ -386,3 +399,123 @@ def test_fused_victim_selection_matches_the_torch_path(policy):
         want = t._select_victims(700, protect)
         t.index.fused = fused
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("policy", ["default", "init", "error"])
+def test_eval_unknown_decides_what_unseen_ids_read(backend, policy, dtype):
+    t = make(backend, eval_unknown=policy, dtype=dtype, init_min=-1.0, init_max=1.0)
+    t(torch.tensor([1, 2]))
+    known = t.get(torch.tensor([1, 2]))[0]
+    t.eval()
+    ids, offsets = torch.tensor([1, 7, 2, 7, 8]), torch.tensor([0, 2, 2, 5])
+    before = snapshot(t)
+    if policy == "error":
+        for call in (lambda: t(ids), lambda: t.lookup_pooled(ids, offsets)):
+            with pytest.raises(UnknownIdError, match=r"no row for 2 id\(s\), e.g. \[7, 8\].*eval_unknown='default'"):
+                call()
+        assert_same_state(before, snapshot(t))
+        assert t(torch.tensor([2, 1])).shape == (2, 4)  # known ids read fine
+        return
+    rows = t(ids)
+    pooled = t.lookup_pooled(ids, offsets)
+    mean = t.lookup_pooled(ids, offsets, mode="mean")
+    assert_same_state(before, snapshot(t))  # eval never inserts, whatever the policy
+    if policy == "default":
+        expected_unseen = torch.zeros(2, 4)
+    else:
+        t.train()
+        t(torch.tensor([7, 8]))  # what training would insert for them
+        expected_unseen = t.get(torch.tensor([7, 8]))[0]
+        assert not torch.equal(expected_unseen, torch.zeros(2, 4))
+    torch.testing.assert_close(rows, torch.stack([known[0], expected_unseen[0], known[1], expected_unseen[0],
+                                                  expected_unseen[1]]), rtol=0, atol=0)
+    torch.testing.assert_close(pooled, torch.stack([known[0] + expected_unseen[0], torch.zeros(4),
+                                                    known[1] + expected_unseen[0] + expected_unseen[1]]))
+    torch.testing.assert_close(mean[2], pooled[2] / 3)
+
+
+def test_eval_unknown_is_validated_and_serialised(backend):
+    with pytest.raises(ValueError, match="eval_unknown must be 'default'.*'init'.*'error', got 'zeros'"):
+        make(backend, eval_unknown="zeros")
+    t = make(backend, eval_unknown="error")
+    assert DynamicTableConfig.from_json(t.config.to_json()).eval_unknown == "error"
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_all_bags_empty_steps_to_a_zero_gradient(backend, optimizer):
+    """A pooled lookup whose bags are all empty has no ids but one (zero) output gradient a
+    bag: the step applies nothing for it, alone or beside another lookup's gradient."""
+    t = make(backend, optimizer=optimizer)
+    opt = SparseOptimizer(t)
+    t(torch.tensor([1, 2]))
+    before = snapshot(t)
+    empty, offsets = torch.zeros(0, dtype=torch.int64), torch.tensor([0, 0, 0])
+    (t.lookup_pooled(empty, offsets) + 1.0).pow(2).sum().backward()
+    opt.step()
+    assert not t.has_pending_grads
+    for k in before[0]:
+        if k == "weight" or k.startswith("opt."):
+            assert torch.equal(before[0][k], snapshot(t)[0][k]), k
+    # Beside a lookup that does have ids: only that lookup's rows move.
+    row1 = t.get(torch.tensor([1]))[0]
+    loss = t.lookup_pooled(empty, offsets).sum() + t(torch.tensor([2])).sum()
+    loss.backward()
+    opt.step()
+    assert torch.equal(t.get(torch.tensor([1]))[0], row1)
+
+
+@pytest.fixture
+def fake_world_of_2():
+    """An in-process fake process group of world size 2 (no other process needed): what a
+    table sees inside DDP / DistributedModelParallel; torn down afterwards.
+    tests/torchrec/test_torchrec_distributed.py runs real DDP and DMP on a gloo world of 2."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_training_lookups_refuse_a_multi_rank_group(backend, fake_world_of_2):
+    t = make(backend, optimizer="sgd")
+    ids, offsets = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3])
+    before = snapshot(t)
+    for call in (lambda: t(ids), lambda: t.lookup_pooled(ids, offsets), lambda: t.remap(ids)):
+        with pytest.raises(ReplicatedTableError, match="world size 2.*each rank would train its own diverging"):
+            call()
+        assert_same_state(before, snapshot(t))
+    t.eval()
+    assert t(ids).shape == (3, 4) and t.lookup_pooled(ids, offsets).shape == (2, 4)
+    assert_same_state(before, snapshot(t))
+
+
+def test_world_size_1_trains(backend):
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    try:
+        t = make(backend)
+        t(torch.tensor([1, 2]))
+        assert len(t) == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stores_refuse_uint64_ids_instead_of_wrapping():
+    import numpy as np
+
+    from gauss_plugins.stores.base import as_ids
+
+    for ids in (np.array([2**64 - 1], dtype=np.uint64), torch.tensor([3], dtype=torch.uint64)):
+        with pytest.raises(TypeError, match="uint64 ids above 2\\*\\*63 - 1 would wrap"):
+            as_ids(ids)
+    assert as_ids(np.array([7], dtype=np.uint32)).tolist() == [7]  # exact in int64: accepted
