@@ -81,9 +81,10 @@ def test_permuting_candidates_permutes_the_scores(options):
 
 
 def test_micro_batch_size_does_not_change_the_scores_fp32():
-    history, candidates = (9, 0, 14, 3), (64, 40, 17, 64)
+    # 64 rounds of one candidate against one round of 64 (one block keeps the 64 rounds cheap)
+    history, candidates = (9, 0, 14), (64, 40, 17)
     encoder, h, ho, c, co, ht, ct = setup(seed=5, history=history, candidates=candidates, dtype=torch.float32,
-                                          max_seq_len=80)
+                                          max_seq_len=80, num_blocks=1)
     one = MFalcon(encoder, 1)
     sixty_four = MFalcon(encoder, 64)
     by_one = one.score_cached(one.encode_history(h, ho, ht), c, co, ct)

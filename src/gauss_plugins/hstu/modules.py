@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gauss_plugins.hstu.attention import NORMALIZERS, hstu_attention
-from gauss_plugins.jagged import check_offsets_layout, lengths_to_offsets, pad, unpad
+from gauss_plugins.jagged import check_offsets_layout, pad, unpad
 
 __all__ = ["HSTUBlock", "HSTUConfig", "HSTUEncoder", "PaddedHSTUEncoder", "RelativeAttentionBias"]
 
@@ -284,18 +284,21 @@ class PaddedHSTUEncoder(nn.Module):
         if x.dim() != 3 or valid.shape != x.shape[:2] or valid.dtype != torch.bool:
             raise ValueError(f"expected x [B, N, D] and a bool valid [B, N], got {tuple(x.shape)} and "
                              f"{tuple(valid.shape)} {valid.dtype}")
+        if timestamps is not None and timestamps.shape != valid.shape:
+            raise ValueError(f"timestamps must be padded like x, shape {tuple(valid.shape)}, got "
+                             f"{tuple(timestamps.shape)}")
         lengths = valid.sum(dim=1)
-        prefix = torch.arange(valid.shape[1], device=valid.device).unsqueeze(0) < lengths.unsqueeze(1)
-        if not torch.equal(prefix, valid):
-            raise ValueError("valid must mark a prefix of each row (right-padded sequences)")
-        offsets = lengths_to_offsets(lengths)
+        if valid.device.type == "cpu":  # a data check: on a GPU it would synchronise with the host
+            prefix = torch.arange(valid.shape[1], device=valid.device).unsqueeze(0) < lengths.unsqueeze(1)
+            if not torch.equal(prefix, valid):
+                raise ValueError("valid must mark a prefix of each row (right-padded sequences)")
+        offsets = torch.zeros(lengths.shape[0] + 1, dtype=torch.int64, device=valid.device)
+        torch.cumsum(lengths, dim=0, out=offsets[1:])
+        total = int(offsets[-1])  # the jagged size: the one read from the device per call
         jagged_time = None
         if timestamps is not None and self.encoder.config.num_time_buckets > 0:
-            if timestamps.shape != valid.shape:
-                raise ValueError(f"timestamps must be padded like x, shape {tuple(valid.shape)}, got "
-                                 f"{tuple(timestamps.shape)}")
             # offsets come from a prefix mask: valid by construction
-            jagged_time = unpad(timestamps, offsets, validate=False)
-        out = self.encoder(unpad(x, offsets, validate=False), offsets, jagged_time)
+            jagged_time = unpad(timestamps, offsets, total, validate=False)
+        out = self.encoder(unpad(x, offsets, total, validate=False), offsets, jagged_time)
         padded, _ = pad(out, offsets, x.shape[1], validate=False)
         return padded
