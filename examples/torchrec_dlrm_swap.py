@@ -11,6 +11,10 @@ trained by Adam, the tables by the fused row-wise Adagrad whose state lives in t
 
 The synthetic task: a click is likely when a user's hidden taste matches the item's hidden
 category, so the loss can only fall if the tables learn the ids.
+
+One process only for now: the dynamic tables are not synchronised across ranks, so training
+them under DDP or ``DistributedModelParallel`` at world size > 1 raises
+``ReplicatedTableError`` instead of letting each rank train its own diverging table.
 """
 from __future__ import annotations
 
@@ -81,7 +85,9 @@ def main() -> None:
     )
     print(model.sparse_arch.embedding_bag_collection)
     dense_opt = torch.optim.Adam(model.parameters(), lr=3e-3)  # dense layers only: tables hold no Parameters
-    sparse_opt = SparseOptimizer(model)  # every dynamic table, with its configured rule
+    # Every dynamic table, with its configured rule; keywords override single options and keep
+    # the rest (and the per-row state), e.g. SparseOptimizer(model, lr=0.1).
+    sparse_opt = SparseOptimizer(model)
     data = SyntheticClicks()
     loss_fn = nn.BCEWithLogitsLoss()
 
@@ -98,6 +104,14 @@ def main() -> None:
 
     sizes = {name.rsplit(".", 1)[-1]: len(t) for name, t in dynamic_tables(model).items()}
     print(f"rows per table: {sizes}")
+
+    # Eval never inserts rows: ids never seen in training read zeros (the tables' default;
+    # the option eval_unknown="init" or "error" chooses otherwise).
+    model.eval()
+    with torch.no_grad():
+        dense, kjt, labels = data.batch(args.batch)
+        accuracy = ((model(dense, kjt).squeeze(1) > 0).float() == labels).float().mean().item()
+    print(f"eval accuracy on a fresh batch: {accuracy:.3f}")
 
 
 if __name__ == "__main__":
