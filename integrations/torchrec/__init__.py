@@ -13,6 +13,13 @@ Training: a dense optimizer for ``model.parameters()`` (the tables hold no Param
     model = swap_dynamic_embeddings(DLRM(...), default_options={"eviction": "lru"})
     dense_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sparse_opt = SparseOptimizer(model, "rowwise_adagrad", lr=0.05)
+
+Limits today: one process. The tables are not synchronised across ranks, so a training
+lookup under a process group of world size > 1 (DDP, ``DistributedModelParallel``, which
+does not shard these collections) raises
+:class:`gauss_plugins.embedding.ReplicatedTableError` before any row changes. Eval mode never
+inserts rows: an id never seen in training reads zeros unless the table option
+``eval_unknown`` is ``"init"`` (the id's initial row) or ``"error"``.
 """
 from gauss_plugins._optional import require
 

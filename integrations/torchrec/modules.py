@@ -121,7 +121,10 @@ class DynamicEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Forward takes a ``KeyedJaggedTensor`` and returns a ``KeyedTensor`` of shape
     ``(batch, sum of dims)``, keys in table order then feature order. In training mode
     new ids get rows (subject to the admission policy); a malformed batch raises before any
-    table is touched.
+    table is touched. With ``is_weighted`` the KJT weights get a gradient (as with TorchRec's
+    collection), so a ``FeatureProcessedEmbeddingBagCollection``'s position weights train.
+    In eval mode ids without a row read what the table option ``eval_unknown`` says (zeros
+    by default).
     """
 
     def __init__(
