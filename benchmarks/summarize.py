@@ -51,7 +51,7 @@ def benchmark_rows(folder: str, name: str) -> List[Dict[str, Any]]:
         return [{**head, "status": f"FAILED: {problem or 'wrote no JSON (was it given --json?)'}"}]
     if "skipped" in record:
         return [{**head, "status": f"skipped: {record['skipped']}"}]
-    summary = record.get("summary") or {}
+    summary = _flatten(record.get("summary") or {})
     targets = dict(record.get("targets") or {})
     for key, value in summary.items():  # the older convention: a numeric `<key>_target` entry
         if key.endswith("_target") and isinstance(value, (int, float)):
@@ -67,10 +67,29 @@ def benchmark_rows(folder: str, name: str) -> List[Dict[str, Any]]:
             value = value[: _WIDTH - 3] + "..."
         rows.append({"key": key, "value": value, "target": target,
                      "status": "" if met is None else ("met" if met else "MISSED")})
+    missing = [k for k in ("benchmark", "machine", "results", "summary") if k not in record]
+    if missing:  # still shown, but the script does not follow the convention yet
+        rows.insert(0, {"key": f"(record lacks {', '.join(missing)})", "status": "NOT THE CONVENTION"})
     if not rows:
         rows = [{"status": "ok", "key": "(empty summary)"}]
     rows[0] = {**head, **rows[0]}
     return rows
+
+
+def _flatten(summary: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested summaries (model -> metric -> {mean, std, ...}) as ``model.metric`` -> mean;
+    lists (per-seed values) are left to the JSON."""
+    flat: Dict[str, Any] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if "mean" in value and not isinstance(value["mean"], dict):
+                flat[name] = value["mean"]
+            else:
+                flat.update(_flatten(value, name + "."))
+        elif not isinstance(value, list):
+            flat[name] = value
+    return flat
 
 
 def summarize(folder: str) -> int:

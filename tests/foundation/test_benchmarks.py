@@ -132,3 +132,17 @@ def test_redis_server_helper_says_what_to_install(monkeypatch):
     assert "apt-get install redis-server" in benchmarking.redis_skip_reason()
     with pytest.raises(FileNotFoundError, match="apt-get install redis-server"):
         benchmarking.RedisServer()
+
+
+def test_summary_flattens_nested_records_and_flags_other_layouts(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "compare.json").write_text(json.dumps(
+        {"runs": [], "summary": {"hstu": {"test/hr@10": {"mean": 0.25, "std": 0.01, "values": [0.24, 0.26]}}}}))
+    (run / "compare.rc").write_text("0")
+    capsys.readouterr()
+    rc, out = _summarize(run, capsys)
+    assert rc == 0
+    assert any(line.startswith("compare") and "(record lacks benchmark, machine, results)" in line
+               and line.endswith("NOT THE CONVENTION") for line in out.splitlines())
+    assert any("hstu.test/hr@10" in line and "0.25" in line for line in out.splitlines())
