@@ -142,7 +142,8 @@ def _load():
         try:
             proc = subprocess.run(_build_command(cxx, tmp), capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
-                raise ExtensionBuildError(f"building {os.path.basename(_SOURCE)} failed:\n{_first_errors(proc.stderr)}")
+                raise ExtensionBuildError(f"building {os.path.basename(_SOURCE)} with {cxx} failed (exit "
+                                          f"{proc.returncode}):\n{_first_errors(proc.stderr)}")
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):

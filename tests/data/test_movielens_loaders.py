@@ -13,16 +13,18 @@ from gauss_plugins.data import (
     load_movielens_csv,
     load_sequence_file,
 )
+from gauss_plugins.data.locate import locate_dataset
 
-ML100K = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "ml-100k")
-ML100K = os.environ.get("GAUSS_ML100K", os.path.abspath(ML100K))
-needs_ml100k = pytest.mark.skipif(not os.path.isfile(os.path.join(ML100K, "u.data")),
-                                  reason=f"MovieLens 100K not found at {ML100K} (set GAUSS_ML100K to its folder)")
-ML1M = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "ml-1m"))
-ML1M = os.environ.get("GAUSS_ML1M", ML1M)
+# The real files come from the data folder every command uses ($GAUSS_DATA, ...: data.locate).
+_ML100K = locate_dataset("ml-100k")
+ML100K = _ML100K.path or ""
+needs_ml100k = pytest.mark.skipif(not _ML100K, reason=f"MovieLens 100K not found: {_ML100K.reason}")
+_ML1M = locate_dataset("ml-1m")
+ML1M = _ML1M.path or ""
 needs_ml1m_sequences = pytest.mark.skipif(
     not os.path.isfile(os.path.join(ML1M, "ml-1m_seq.txt")),
-    reason=f"the ML-1M sequence file is not at {ML1M}/ml-1m_seq.txt (set GAUSS_ML1M to the folder holding it)")
+    reason=f"the ML-1M sequence file ml-1m/ml-1m_seq.txt is not in the data folder ({_ML1M.root.path}, from "
+           f"{_ML1M.root.source}; set GAUSS_DATA to the folder holding ml-1m/)")
 
 
 @needs_ml100k

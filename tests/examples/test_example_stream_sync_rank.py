@@ -71,3 +71,20 @@ def test_stream_sync_rank_detects_a_lossy_sync(tmp_path, monkeypatch):
     c = report["consistency"]
     assert not c["served_rows_equal_trained"]
     assert not c["last_step_rows_visible"]
+
+
+def test_ml100k_comes_from_the_data_folder(tmp_path, monkeypatch, capsys):
+    """--dataset ml-100k looks where every command looks ($GAUSS_DATA ...), not at a fixed path,
+    and says why when it falls back to the synthetic stream."""
+    example = load_example()
+    monkeypatch.setenv("GAUSS_DATA", str(tmp_path))
+    args = example.parse_args(["--dataset", "ml-100k", "--users", "30", "--items", "40"])
+    fallback = example.load_events(args)
+    err = capsys.readouterr().err
+    assert fallback.name == "synthetic" and f"no {tmp_path / 'ml-100k' / 'u.data'}" in err
+    assert "using the synthetic stream instead" in err
+
+    (tmp_path / "ml-100k").mkdir()
+    (tmp_path / "ml-100k" / "u.data").write_text("1\t10\t5\t100\n1\t11\t4\t101\n2\t10\t3\t100\n2\t12\t1\t102\n")
+    seqs = example.load_events(args)
+    assert seqs.name == "ml-100k" and seqs.num_users == 2 and seqs.num_events == 4
