@@ -36,7 +36,7 @@ REPO = os.path.dirname(HERE)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-path", help="ml-100k folder (default: $GAUSS_DATA or ../shared/data/ml-100k)")
+    p.add_argument("--data-path", help="ml-100k folder (default: ml-100k/ in the data folder, see `gauss data list`)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-epochs", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=2)

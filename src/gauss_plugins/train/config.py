@@ -32,7 +32,7 @@ __all__ = [
 @dataclass
 class DataConfig:
     dataset: str = "ml-1m"            # a registered dataset: ml-100k, ml-1m, ml-20m, seqfile, synthetic...
-    path: Optional[str] = None        # file or folder; None: look in $GAUSS_DATA and ../shared/data
+    path: Optional[str] = None        # file or folder; None: the data folder (data.locate)
     max_len: int = 200                # most recent items fed to the encoder
     # Items excluded from the ranking at evaluation: "window" = the items of the encoder's
     # input (the paper code's invalid_ids), "full" = the user's whole history.
