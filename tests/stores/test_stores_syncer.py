@@ -236,3 +236,65 @@ def test_dense_weights_through_another_fsspec_filesystem(tmp_path):
     assert names == ["dense-0000000003.safetensors", "manifest.json"]
     syncer.close()
     ps.close()
+
+
+class _InterleavingLock:
+    """A lock that runs ``between()`` (a training step) just before its ``at``-th acquisition."""
+
+    def __init__(self, between, at: int):
+        import threading
+
+        self._lock, self.between, self.at, self.count = threading.Lock(), between, at, 0
+
+    def __enter__(self):
+        self.count += 1
+        if self.count == self.at:
+            self.between()
+        self._lock.acquire()
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def test_table_pull_copies_outside_the_lock_and_drops_rows_written_meanwhile():
+    """A pull lists the changed rows under the lock, copies them without it, and drops the
+    rows training wrote (or evicted) in between: the next pull brings their new values or
+    their tombstones, so serving never holds a value newer than the version it names."""
+    from gauss_plugins.embedding.table import DynamicEmbeddingTable, DynamicTableConfig
+    from gauss_plugins.stores.syncer import TableSource
+
+    table = DynamicEmbeddingTable(DynamicTableConfig(name="items", dim=4))
+    table.set(torch.arange(10), torch.zeros(10, 4))
+    v0 = table.version
+
+    def training_step():
+        table.set(torch.tensor([5, 6]), torch.full((2, 4), 9.0))
+        table.delete(torch.tensor([7]))
+
+    source = TableSource(table, lock=_InterleavingLock(training_step, at=2))
+    table.set(torch.tensor([5, 6, 7, 8]), torch.ones(4, 4))
+    first = source.changes_since(v0)
+    assert first.ids.tolist() == [8] and torch.equal(first.values, torch.ones(1, 4))
+    assert first.deleted.tolist() == []
+    assert source.pulls[-1]["rows"] == 1 and source.pulls[-1]["lock_s"] >= 0
+    second = source.changes_since(first.version)
+    assert second.ids.tolist() == [5, 6] and torch.equal(second.values, torch.full((2, 4), 9.0))
+    assert second.deleted.tolist() == [7]
+    assert source.changes_since(second.version).num_rows == 0
+
+
+def test_syncer_start_version_skips_what_the_target_holds():
+    from gauss_plugins.embedding.table import DynamicEmbeddingTable, DynamicTableConfig
+    from gauss_plugins.stores.syncer import TableSource
+
+    table = DynamicEmbeddingTable(DynamicTableConfig(name="items", dim=4))
+    table.set(torch.arange(100), torch.zeros(100, 4))
+    source = TableSource(table)
+    weps = WePS(4)
+    with pytest.raises(ValueError, match="start_version"):
+        Syncer(source, weps, start=False, start_version=table.version + 1)
+    syncer = Syncer(source, weps, start=False, start_version=table.version)
+    table.set(torch.tensor([3]), torch.ones(1, 4))
+    assert syncer.sync_now()
+    assert syncer.reports[-1]["rows"] == 1 and len(weps) == 1
+    syncer.close()

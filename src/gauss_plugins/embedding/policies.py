@@ -297,7 +297,7 @@ class LRUEviction(EvictionPolicy):
         return 0, None, 0  # the table's own stamp is all LRU needs
 
     def scores(self, ids, rows, clock, table):
-        return table.row_stamps[rows]
+        return table.row_stamps.index_select(0, rows)
 
     def score_array(self):
         return self._table().row_stamps
@@ -322,7 +322,7 @@ class LFUEviction(EvictionPolicy):
         return 2, self.rows["count"], 0
 
     def scores(self, ids, rows, clock, table):
-        return self.rows["count"][rows]
+        return self.rows["count"].index_select(0, rows)
 
     def score_array(self):
         return self.rows["count"]
@@ -355,7 +355,7 @@ class TTLEviction(EvictionPolicy):
         return 1, self.rows["last_seen"], self._now(clock)
 
     def scores(self, ids, rows, clock, table):
-        return self.rows["last_seen"][rows]
+        return self.rows["last_seen"].index_select(0, rows)
 
     def score_array(self):
         return self.rows["last_seen"]

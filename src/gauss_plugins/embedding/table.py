@@ -57,7 +57,8 @@ from gauss_plugins.embedding.initializers import Initializer, initial_values
 from gauss_plugins.embedding.memory import alloc
 from gauss_plugins.embedding.sparse_rules import OptimizerConfig, SparseRule, make_rule
 from gauss_plugins.embedding.policies import AdmissionPolicy, AlwaysAdmit, Clock, EvictionPolicy
-from gauss_plugins.embedding.tracking import ChangeLog, RowScratch, expire_window, lowest_k, sampled_victims
+from gauss_plugins.embedding.tracking import (ChangeLog, ChangeSnapshot, RowScratch, expire_window, lowest_k,
+                                              sampled_victims)
 
 __all__ = ["DynamicTableConfig", "DynamicEmbeddingTable", "TableFullError", "UnknownIdError", "ReplicatedTableError"]
 
@@ -790,9 +791,16 @@ class DynamicEmbeddingTable(nn.Module):
                 f"set DynamicTableConfig.eval_unknown='default' (read the default row) or 'init' (read the "
                 f"id's initial row)")
         cfg = self.config
-        init = initial_values(cfg.initializer, unknown, self.dim, cfg.seed, cfg.init_min, cfg.init_max, cfg.init_std)
-        # Rounded through the storage dtype: exactly what the row would hold once inserted.
-        values[missing] = init.to(self.dtype).to(torch.float32)
+        fused = self.index.fused
+        if fused is not None and cfg.initializer == "uniform":  # as _init_rows: the same bits, compiled
+            init = torch.empty(unknown.numel(), self.dim, dtype=self.dtype, device=self.device)
+            fused.init_uniform(init, torch.arange(unknown.numel(), device=self.device), unknown, cfg.seed,
+                               cfg.init_min, cfg.init_max)
+        else:
+            init = initial_values(cfg.initializer, unknown, self.dim, cfg.seed, cfg.init_min, cfg.init_max,
+                                  cfg.init_std).to(self.dtype)
+        # In the storage dtype first: exactly what the row would hold once inserted.
+        values[missing] = init.to(torch.float32)
         return values
 
     def _pool_values(self, values: torch.Tensor, bag: torch.Tensor, offsets: torch.Tensor, mode: int,
@@ -1042,7 +1050,7 @@ class DynamicEmbeddingTable(nn.Module):
             rows, self.last_changed_scan = self._changes.rows_since(version, self._row_stamp, self._stamp_base,
                                                                     self._scratch)
             rows = rows[rows != self.default_row]  # a trained "unknown" row is stamped too
-            ids = self._row_ids[rows]
+            ids = self._row_ids.index_select(0, rows)
         else:  # older than the stamp window or the log: scan every row
             ids, rows = self.index.keys_and_rows()
             self.last_changed_scan = rows.numel()
@@ -1052,7 +1060,42 @@ class DynamicEmbeddingTable(nn.Module):
         if not sort:
             return ids, rows
         ids, order = ids.sort()
-        return ids, rows[order]
+        return ids, rows.index_select(0, order)
+
+    @torch.no_grad()
+    def change_snapshot(self, version: int) -> ChangeSnapshot:
+        """What changed after ``version``, taken in O(log chunks) -- call it under the lock
+        that guards training -- and resolved into ids and rows by
+        :meth:`resolve_change_snapshot` after releasing it (see ``TableSource``). A version
+        older than the change log reaches back is resolved here, by a scan."""
+        version = int(version)
+        if version - self._stamp_base >= 0 and self._changes.covers(version):
+            return ChangeSnapshot(version, self._version, self._stamp_base, self.default_row,
+                                  self._changes.tail(version))
+        ids, rows = self._changed_rows(version, sort=False)
+        return ChangeSnapshot(version, self._version, self._stamp_base, self.default_row, [], (ids, rows),
+                              self.last_changed_scan)
+
+    @torch.no_grad()
+    def resolve_change_snapshot(self, snap: ChangeSnapshot, scratch: RowScratch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(ids, rows) of ``snap``, unsorted; safe while training runs on (it reads stamps and
+        ids, never the index), with a ``scratch`` of the caller's own. Rows written since the
+        snapshot may be missing or carry newer values: check them with
+        :meth:`rows_unchanged_since` under the lock."""
+        if snap.resolved is not None:
+            return snap.resolved
+        rows, snap.visited = ChangeLog.filter(snap.chunks, snap.version, self._row_stamp, snap.stamp_base, scratch)
+        rows = rows[rows != snap.default_row]  # a trained "unknown" row is stamped too
+        return self._row_ids.index_select(0, rows), rows
+
+    @torch.no_grad()
+    def rows_unchanged_since(self, ids: torch.Tensor, rows: torch.Tensor, version: int) -> torch.Tensor:
+        """bool per ``(id, row)``: the row still holds ``id`` and was not written after
+        ``version`` (its stamp says so), so values read from it since then are its values
+        at ``version``. Rows are stamped after every write of their values."""
+        rel = int(version) - self._stamp_base
+        stamp = self._row_stamp.index_select(0, rows).to(torch.int64)
+        return (stamp >= 0) & (stamp <= rel) & (self._row_ids.index_select(0, rows) == ids)
 
     @torch.no_grad()
     def changed_since(self, version: int, optimizer_state: bool = True,
@@ -1065,8 +1108,8 @@ class DynamicEmbeddingTable(nn.Module):
         ``version``) while the change log reaches back that far (:attr:`last_changed_scan`
         says how many entries were visited)."""
         ids, rows = self._changed_rows(int(version), sort=sort)
-        state = {k: v[rows] for k, v in self.opt_state.items()} if optimizer_state else {}
-        return ids, self.weight[rows], state
+        state = {k: v.index_select(0, rows) for k, v in self.opt_state.items()} if optimizer_state else {}
+        return ids, self.weight.index_select(0, rows), state
 
     def evicted_since(self, version: int) -> torch.Tensor:
         """Ids (ascending, distinct) evicted or deleted after ``version`` that are not live now."""

@@ -25,34 +25,50 @@ so neither may look at every row.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Deque, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Deque, List, Optional, Tuple
 
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from gauss_plugins.embedding.table import DynamicEmbeddingTable
 
-__all__ = ["ChangeLog", "RowScratch", "distinct_rows", "lowest_k", "sampled_victims", "expire_window"]
+__all__ = ["ChangeLog", "ChangeSnapshot", "RowScratch", "distinct_rows", "lowest_k", "sampled_victims", "expire_window"]
 
 # Fewer, larger chunks keep the Python loop of a query short; past this many the oldest go.
 _MAX_CHUNKS = 1 << 14
 
 
 class RowScratch:
-    """An int32 array with at least one slot per row, reused between calls: never cleared,
-    because every user writes the slots it reads before reading them."""
+    """An int32 array with at least one slot per row, reused between calls and never
+    cleared: a user either writes the slots it reads before reading them (positions >= 0,
+    :func:`distinct_rows`) or marks slots with a fresh negative :meth:`token`, which no
+    stale slot can hold."""
 
     def __init__(self) -> None:
         self._buf: Optional[torch.Tensor] = None
+        self._token = -1
 
     def get(self, num_rows: int, device: torch.device) -> torch.Tensor:
         if self._buf is None or self._buf.numel() < num_rows or self._buf.device != device:
-            self._buf = torch.empty(num_rows, dtype=torch.int32, device=device)
+            self._buf = torch.zeros(num_rows, dtype=torch.int32, device=device)
+            self._token = -1
         return self._buf
+
+    def token(self) -> int:
+        """A negative value no slot holds yet (after :meth:`get`)."""
+        self._token -= 1
+        if self._token < -(2**31) + 1:  # every value used once: start over on a cleared array
+            self._buf.zero_()
+            self._token = -2
+        return self._token
 
     def nbytes(self) -> int:
         return 0 if self._buf is None else self._buf.numel() * 4
 
+
+# index_select / index_copy_ / index_fill_ rather than ``t[rows]`` indexing: on CPU the
+# advanced-indexing kernels are several times slower for these 1-D gathers and scatters.
 
 def distinct_rows(rows: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """``rows`` with each value once, in O(n): every position writes its index into the
@@ -61,8 +77,8 @@ def distinct_rows(rows: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     if rows.numel() == 0:
         return rows
     pos = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device)
-    scratch[rows] = pos
-    return rows[scratch[rows] == pos]
+    scratch.index_copy_(0, rows, pos)
+    return rows[scratch.index_select(0, rows) == pos]
 
 
 class ChangeLog:
@@ -112,20 +128,37 @@ class ChangeLog:
     def covers(self, version: int) -> bool:
         return int(version) >= self.since
 
+    def tail(self, version: int) -> List[Tuple[int, torch.Tensor, bool, bool]]:
+        """The chunks newer than ``version``, newest first: O(chunks), no tensor work. A
+        reader may take them under a lock and :meth:`filter` them after releasing it."""
+        out = []
+        for chunk in reversed(self._chunks):
+            if chunk[0] <= version:
+                break  # versions never decrease along the log
+            out.append(chunk)
+        return out
+
     def rows_since(self, version: int, stamps: torch.Tensor, stamp_base: int,
                    scratch: RowScratch) -> Tuple[torch.Tensor, int]:
         """(distinct rows whose stamp is newer than ``version``, log entries visited).
         Only valid when :meth:`covers` ``(version)`` and ``version >= stamp_base``."""
+        return self.filter(self.tail(version), version, stamps, stamp_base, scratch)
+
+    @staticmethod
+    def filter(chunks: List[Tuple[int, torch.Tensor, bool, bool]], version: int, stamps: torch.Tensor,
+               stamp_base: int, scratch: RowScratch) -> Tuple[torch.Tensor, int]:
+        """The rows of ``chunks`` (from :meth:`tail`) whose latest change the stamps place
+        after ``version``, each once, and the entries visited. Run without the table's lock
+        it can only err by dropping rows written meanwhile (their stamps moved past their
+        chunk) or keeping rows whose stamps moved on: a reader checks its rows afterwards."""
         rel = int(version) - stamp_base
         parts = []
         visited = 0
         dedupe = False
         last_version = None
-        for chunk_version, rows, exact, distinct in reversed(self._chunks):
-            if chunk_version <= version:
-                break  # versions never decrease along the log
+        for chunk_version, rows, exact, distinct in chunks:
             visited += rows.numel()
-            stamp = stamps[rows]
+            stamp = stamps.index_select(0, rows)
             if exact:
                 keep = stamp == (chunk_version - stamp_base)
             else:
@@ -140,6 +173,20 @@ class ChangeLog:
         if dedupe:
             rows = distinct_rows(rows, scratch.get(stamps.numel(), stamps.device))
         return rows, visited
+
+
+@dataclass
+class ChangeSnapshot:
+    """The change-log chunks after ``version`` as a table's ``change_snapshot`` took them at
+    ``now`` (or, when the log does not reach back, the ``resolved`` ids and rows)."""
+
+    version: int
+    now: int
+    stamp_base: int
+    default_row: int
+    chunks: List[Tuple[int, torch.Tensor, bool, bool]]
+    resolved: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    visited: int = 0
 
 
 def lowest_k(ids: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -159,12 +206,15 @@ def lowest_k(ids: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([ids[below], tied]).sort().values
 
 
-def _drop_protected(rows: torch.Tensor, protect: Optional[torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
-    """``rows`` (distinct, their scratch slots just written with values >= 0) minus ``protect``."""
-    if protect is None or protect.numel() == 0 or rows.numel() == 0:
-        return rows
-    scratch[protect] = -1
-    return rows[scratch[rows] != -1]
+def _unprotected(rows: torch.Tensor, protect: Optional[torch.Tensor], scratch: RowScratch,
+                 num_rows: int) -> Optional[torch.Tensor]:
+    """bool per row of ``rows``: not in ``protect`` (None when nothing is protected)."""
+    if protect is None or protect.numel() == 0:
+        return None
+    buf = scratch.get(num_rows, rows.device)
+    token = scratch.token()
+    buf.index_fill_(0, protect, token)
+    return buf.index_select(0, rows) != token
 
 
 def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -176,19 +226,18 @@ def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[to
     live = len(table)
     if factor <= 0 or live <= policy.exact_below or k * factor >= live:
         return None
-    num_rows = table.capacity + 1
-    device = table.device
-    scratch = table._scratch.get(num_rows, device)
     rows = torch.randint(0, table.capacity, (k * factor,), generator=table._eviction_rng(),
-                         device=device, dtype=torch.int64)
-    rows = distinct_rows(rows, scratch)
-    rows = _drop_protected(rows, protect, scratch)
-    rows = rows[table._row_stamp[rows] >= 0]  # rows with a key
+                         device=table.device, dtype=torch.int64)
+    # Distinct rows (writes positions >= 0 into their slots), then the protected ones marked
+    # with a negative token in the same scratch.
+    rows = distinct_rows(rows, table._scratch.get(table.capacity + 1, table.device))
+    keep = table._row_stamp.index_select(0, rows) >= 0  # rows with a key
+    free = _unprotected(rows, protect, table._scratch, table.capacity + 1)
+    rows = rows[keep if free is None else keep & free]
     if rows.numel() < k:
         return None
-    ids = table._row_ids[rows]
-    scores = policy.scores(ids, rows, table._clock(), table)
-    return lowest_k(ids, scores, k)
+    ids = table._row_ids.index_select(0, rows)
+    return lowest_k(ids, policy.scores(ids, rows, table._clock(), table), k)
 
 
 def expire_window(table: "DynamicEmbeddingTable", protect: Optional[torch.Tensor]) -> torch.Tensor:
@@ -201,15 +250,14 @@ def expire_window(table: "DynamicEmbeddingTable", protect: Optional[torch.Tensor
     start = table._expire_hand % capacity
     rows = torch.arange(start, start + width, dtype=torch.int64, device=table.device) % capacity
     table._expire_hand = (start + width) % capacity
-    rows = rows[table._row_stamp[rows] >= 0]
+    rows = rows[table._row_stamp.index_select(0, rows) >= 0]
     if rows.numel() == 0:
         return rows
     expired = policy.expired(rows, table._clock())
     if expired is None:
         return rows[:0]
     rows = rows[expired]
-    scratch = table._scratch.get(capacity + 1, table.device)
-    if rows.numel():
-        scratch[rows] = 0
-    rows = _drop_protected(rows, protect, scratch)
-    return table._row_ids[rows].sort().values
+    free = _unprotected(rows, protect, table._scratch, capacity + 1)
+    if free is not None:
+        rows = rows[free]
+    return table._row_ids.index_select(0, rows).sort().values

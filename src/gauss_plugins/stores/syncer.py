@@ -125,10 +125,12 @@ class TableSource:
     half-applied. The version is read before the rows, so a row updated during a pull is
     pushed again by the next one.
 
-    A pull holds the lock for O(rows changed since the last pull) -- the table's change
-    log, not a scan of the table -- and sorts the ids after releasing it. :attr:`pulls`
-    keeps the recent pulls' ``lock_s`` (time training was blocked), ``total_s``, ``rows``
-    and ``visited`` (change-log entries or rows the table looked at).
+    A pull holds the lock twice, briefly: to list the rows changed since the last pull
+    (O(changed), from the table's change log, not a scan) and, after copying their values
+    without the lock, to drop the rows training wrote meanwhile (the next pull has them).
+    :attr:`pulls` keeps the recent pulls' ``lock_s`` (time training was blocked),
+    ``wait_s`` (waiting for the lock), ``total_s``, ``rows`` and ``visited`` (change-log
+    entries or rows the table looked at).
     """
 
     def __init__(self, table: Any, lock: Optional[threading.Lock] = None):
@@ -141,6 +143,9 @@ class TableSource:
         self.lock = lock or threading.Lock()
         self._consumers: Dict[str, int] = {}
         self.pulls: Deque[Dict[str, float]] = deque(maxlen=10_000)
+        from gauss_plugins.embedding.tracking import RowScratch
+
+        self._scratch = RowScratch()  # the pull's own: eviction in training uses the table's
         # Changes after the attach happened after it: that time bounds the first push's
         # freshness from above (a run with a single push still reports a number).
         self._pulled_at: Dict[int, float] = {self.version: time.time()}
@@ -174,22 +179,44 @@ class TableSource:
                     deleted = self.table.evicted_since(version)
                 except ValueError:  # tombstones that old were dropped: only a full image is exact
                     full = True
-            # changed_since of a version before every stamp returns every live row. Serving
-            # needs no optimizer state, and the ids are sorted once the lock is released.
-            ids, values, _ = self.table.changed_since(-(1 << 62) if full else version, optimizer_state=False,
-                                                      sort=False)
-            visited = int(getattr(self.table, "last_changed_scan", -1))
+            if full:
+                # changed_since of a version before every stamp returns every live row. A
+                # full image is copied under the lock: a row missing from it would read as
+                # deleted (rare: a first pull or a resync).
+                ids, values, _ = self.table.changed_since(-(1 << 62), optimizer_state=False, sort=False)
+                visited = int(self.table.last_changed_scan)
+            else:
+                snap = self.table.change_snapshot(version)  # O(log chunks): the rows come later
             if consumer is not None:
                 self._consumers[consumer] = max(int(version), self._consumers.get(consumer, 0))
                 self.table.trim_tombstones(min(self._consumers.values()))
             self._pulled_at[now] = time.time()
             for v in [v for v in self._pulled_at if v < version]:
                 del self._pulled_at[v]
-            t_unlock = time.perf_counter()
+            lock_s = time.perf_counter() - t_locked
+        if not full:
+            # Finding the rows and copying them (the bulk of a pull) runs while training goes
+            # on; then, briefly under the lock again, the rows written (or evicted) meanwhile
+            # are dropped: their stamps are newer than `now`, so the next pull brings them (or
+            # their tombstones). Growth swaps the tensors but keeps row numbers.
+            ids, rows = self.table.resolve_change_snapshot(snap, self._scratch)
+            visited = snap.visited
+            values = self.table.weight.index_select(0, rows)
+            with self.lock:
+                t_check = time.perf_counter()
+                if snap.stamp_base != self.table._stamp_base:
+                    # The stamps were rebased meanwhile (every ~2**30 versions): redo it locked.
+                    snap = self.table.change_snapshot(version)
+                    ids, rows = self.table.resolve_change_snapshot(snap, self._scratch)
+                    values = self.table.weight.index_select(0, rows)
+                same = self.table.rows_unchanged_since(ids, rows, now)
+                lock_s += time.perf_counter() - t_check
+            if not bool(same.all()):
+                ids, values = ids[same], values[same]
         ids, order = ids.sort()
-        values = values[order]
-        self.pulls.append({"lock_s": t_unlock - t_locked, "wait_s": t_locked - t0,
-                           "total_s": time.perf_counter() - t0, "rows": int(ids.numel()), "visited": visited})
+        values = values.index_select(0, order)
+        self.pulls.append({"lock_s": lock_s, "wait_s": t_locked - t0, "total_s": time.perf_counter() - t0,
+                           "rows": int(ids.numel()), "visited": visited})
         empty = torch.empty(0, dtype=torch.int64)
         return ChangeBatch(ids.to("cpu"), values.to("cpu", torch.float32), None,
                            empty if deleted is None else deleted.to("cpu"), now, full=full)
@@ -322,12 +349,16 @@ class Syncer:
         push_batch_rows: rows per ``apply_changes`` call.
         keep_dense: dense files kept besides the one the manifest names.
         start: start the thread now (else call :meth:`start`, or drive it with :meth:`sync_now`).
+        start_version: the source version the target already holds (both restored from the
+            same checkpoint, say): the first pull reads only what changed after it instead
+            of the whole source. Default 0: push everything.
     """
 
     def __init__(self, source: Any, target: EmbeddingStore, *, interval_s: float = 1.0,
                  dense_url: Optional[str] = None, include_state: bool = False,
                  max_pending_bytes: int = 256 << 20, spill_dir: Optional[str] = None,
-                 push_batch_rows: int = 200_000, keep_dense: int = 2, history: int = 1000, start: bool = True):
+                 push_batch_rows: int = 200_000, keep_dense: int = 2, history: int = 1000, start: bool = True,
+                 start_version: int = 0):
         if not interval_s > 0:
             raise ValueError(f"interval_s must be positive, got {interval_s!r}")
         if not hasattr(source, "changes_since") or not hasattr(source, "version"):
@@ -336,6 +367,10 @@ class Syncer:
         if target.dim != source.dim or (include_state and target.state_dim != source.state_dim):
             raise ValueError(f"target rows (dim={target.dim}, state_dim={target.state_dim}) do not match the "
                              f"source (dim={source.dim}, state_dim={source.state_dim}, include_state={include_state})")
+        if isinstance(start_version, bool) or not isinstance(start_version, int) or start_version < 0 \
+                or start_version > int(source.version):
+            raise ValueError(f"start_version must be an int in [0, source.version={int(source.version)}], "
+                             f"got {start_version!r}")
         if dense_url is not None:
             _fs(dense_url)  # fail now, in the caller's thread, on a bad URL or a missing fsspec
         self.source = source
@@ -347,13 +382,13 @@ class Syncer:
         self.keep_dense = int(keep_dense)
         self._pending = _Pending(width, int(max_pending_bytes), spill_dir)
         self._pending_clock: List[Tuple[np.ndarray, np.ndarray]] = []
-        self._pulled_version = 0
-        self.pushed_version = 0
+        self._pulled_version = start_version
+        self.pushed_version = start_version
         # A source that keeps a change log per consumer (TierPS) may drop what we have read.
         self._consumer: Optional[str] = None
         if hasattr(source, "register_consumer"):
             self._consumer = f"syncer-{id(self):x}"
-            source.register_consumer(self._consumer, 0)
+            source.register_consumer(self._consumer, start_version)
         self._lock = threading.Lock()  # one cycle at a time (thread, sync_now, close)
         self._stop = threading.Event()
         self._wake = threading.Event()

@@ -1,0 +1,206 @@
+"""A dynamic table under training load: step-time tail, sync-pull cost and eviction cost.
+
+What runs (CPU, one torch thread for training, so the numbers are per core):
+
+* a ``DynamicEmbeddingTable`` of ``--rows`` rows (10M; 500k with ``--quick``), dim 64, fp32,
+  row-wise Adagrad, LRU eviction (sampled, ``evict_fraction=0``: each step frees what its
+  new ids need), filled with ``table.set`` before timing;
+* training steps of 65,536 ids in bags of 16 (pooled lookup, backward, optimizer step,
+  all under the syncer's lock, as a trainer must hold it): 10% of the ids are never seen
+  before, the rest follow a Zipf(1.1) law over recency (recent ids are hot, like new items);
+* **baseline** (same run, same table): the first ``--baseline-steps`` steps, with no syncer,
+  while the table still has room (no eviction);
+* **under load**: the next ``--steps`` steps with the table full (every step evicts about
+  6,554 rows) and a :class:`~gauss_plugins.stores.syncer.Syncer` pulling through
+  :class:`~gauss_plugins.stores.syncer.TableSource` every 0.25 s. Its target only counts
+  what it receives: serving-side costs are ``sync_freshness.py``'s subject, and on two
+  cores a real store's merges would mostly measure CPU contention.
+
+Summary keys: ``p99_over_p50_step_time`` (under load; target <= 2.0), ``sync_pull_ms_p99``
+(the time a pull blocks training: it holds the training lock twice, to take the
+change-log chunks and, after copying the rows without the lock, to check them; target
+<= 5; ``sync_pull_total_ms_p99`` is the whole pull, copy and sort included), ``eviction_ms_p99`` (the eviction work of a step that
+evicts; target <= 5), with the baseline's step times and the rows each pull returned
+beside them. Two shared cores: other jobs on the machine move the tails.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+from gauss_plugins.benchmarking import parser, print_table, write_report
+
+DIM = 64
+BATCH = 65_536
+BAG = 16
+NEW_FRACTION = 0.10
+INTERVAL_S = 0.25
+
+
+def pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
+
+
+class IdStream:
+    """65,536 ids a step: 10% never seen, the rest Zipf(1.1) over recency (rank r -> the
+    r-th newest id; ranks past the table's size wrap around)."""
+
+    def __init__(self, first_new: int, window: int, seed: int = 0):
+        self.next_new = first_new
+        self.window = window
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self) -> torch.Tensor:
+        n_new = int(BATCH * NEW_FRACTION)
+        new = np.arange(self.next_new, self.next_new + n_new, dtype=np.int64)
+        self.next_new += n_new
+        issued = self.next_new - n_new  # ids 0 .. issued-1 were seen before this batch
+        ranks = (self.rng.zipf(1.1, BATCH - n_new) - 1) % min(self.window, issued)
+        old = issued - 1 - ranks
+        ids = np.concatenate([new, old])
+        self.rng.shuffle(ids)
+        return torch.from_numpy(ids)
+
+
+class CountingTarget:
+    """A serving store that only counts the rows and tombstones pushed to it."""
+
+    def __init__(self, dim: int):
+        self.dim, self.state_dim = dim, 0
+        self.rows = self.deleted = 0
+
+    def apply_changes(self, batch) -> None:
+        self.rows += batch.num_rows
+        self.deleted += int(batch.deleted.numel())
+
+
+def build_table(rows: int):
+    from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
+
+    cfg = DynamicTableConfig(name="under_load", dim=DIM, initial_capacity=rows, max_capacity=rows, eviction="lru",
+                             evict_fraction=0.0, optimizer=OptimizerConfig("rowwise_adagrad", lr=0.05))
+    return DynamicEmbeddingTable(cfg)
+
+
+def fill(table, count: int) -> float:
+    t0 = time.perf_counter()
+    chunk = 1 << 20
+    for s in range(0, count, chunk):
+        n = min(chunk, count - s)
+        table.set(torch.arange(s, s + n), torch.randn(n, DIM) * 0.01)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=None, help="table capacity (default 10M; 500k with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="steps under load (default 300; 60 with --quick)")
+    p.add_argument("--baseline-steps", type=int, default=None, help="steps of the baseline (default 60; 20 quick)")
+    args = p.parse_args()
+    rows = args.rows or (500_000 if args.quick else 10_000_000)
+    steps = args.steps or (60 if args.quick else 300)
+    base_steps = args.baseline_steps or (20 if args.quick else 60)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    from gauss_plugins.embedding import SparseOptimizer
+    from gauss_plugins.stores.syncer import Syncer, TableSource
+
+    table = build_table(rows)
+    n_new = int(BATCH * NEW_FRACTION)
+    prefill = rows - base_steps * n_new  # the baseline's new ids fill the table exactly
+    if prefill < BATCH:
+        raise SystemExit(f"--rows {rows} is too small for {base_steps} baseline steps of {n_new} new ids")
+    fill_s = fill(table, prefill)
+    print(f"filled {prefill:,} rows in {fill_s:.1f}s ({table.index.__class__.__name__})")
+    opt = SparseOptimizer(table)
+    stream = IdStream(prefill, window=rows)
+    offsets = torch.arange(0, BATCH + 1, BAG)
+    target = torch.randn(BATCH // BAG, DIM)
+    source = TableSource(table)
+
+    # Eviction work per step: time spent making room (victim selection + removal).
+    evict_ms: List[float] = []
+    ensure_room = table._ensure_room
+
+    def timed_ensure_room(n_new_rows, protect):
+        full = n_new_rows > table.capacity - len(table)
+        t0 = time.perf_counter()
+        ensure_room(n_new_rows, protect)
+        if full:
+            evict_ms.append((time.perf_counter() - t0) * 1e3)
+
+    table._ensure_room = timed_ensure_room
+
+    def step() -> float:
+        ids = stream.batch()
+        t0 = time.perf_counter()
+        with source.lock:
+            out = table.lookup_pooled(ids, offsets)
+            (out * target).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return (time.perf_counter() - t0) * 1e3
+
+    table.train()
+    for _ in range(3):  # warm-up (first-use costs), still within the table's room
+        step()
+    base = [step() for _ in range(base_steps - 3)]
+    assert not evict_ms, "the baseline must not evict"
+    sink = CountingTarget(DIM)
+    syncer = Syncer(source, sink, interval_s=INTERVAL_S, start_version=table.version)
+    loaded: List[float] = []
+    evicted_before = len(evict_ms)
+    t_run = time.perf_counter()
+    for _ in range(steps):
+        loaded.append(step())
+    run_s = time.perf_counter() - t_run
+    syncer.close()
+    pulls = list(source.pulls)
+    total_ms = [(q["total_s"] - q["wait_s"]) * 1e3 for q in pulls]
+    pull_ms = [q["lock_s"] * 1e3 for q in pulls]
+    pull_rows = [q["rows"] for q in pulls]
+    visited = [q["visited"] for q in pulls]
+    ev = evict_ms[evicted_before:]
+    results: List[Dict[str, Any]] = [
+        {"case": "baseline: no syncer, no eviction", "steps": len(base), "step_ms_p50": pct(base, 50),
+         "step_ms_p99": pct(base, 99), "p99_over_p50": pct(base, 99) / pct(base, 50)},
+        {"case": "under load: eviction + syncer every 0.25 s", "steps": len(loaded), "step_ms_p50": pct(loaded, 50),
+         "step_ms_p99": pct(loaded, 99), "p99_over_p50": pct(loaded, 99) / pct(loaded, 50)},
+        {"case": "sync pull: training blocked", "count": len(pull_ms), "ms_p50": pct(pull_ms, 50),
+         "ms_p99": pct(pull_ms, 99), "total_ms_p99": pct(total_ms, 99), "rows_p50": pct(pull_rows, 50),
+         "rows_p99": pct(pull_rows, 99), "log_entries_visited_p50": pct(visited, 50)},
+        {"case": "eviction per evicting step", "count": len(ev), "ms_p50": pct(ev, 50), "ms_p99": pct(ev, 99),
+         "rows_per_step": n_new},
+    ]
+    print_table(results[:2], ["case", "steps", "step_ms_p50", "step_ms_p99", "p99_over_p50"])
+    print_table(results[2:3], ["case", "count", "ms_p50", "ms_p99", "total_ms_p99", "rows_p50", "rows_p99",
+                               "log_entries_visited_p50"])
+    print_table(results[3:], ["case", "count", "ms_p50", "ms_p99", "rows_per_step"])
+    stats = syncer.stats()
+    summary = {
+        "p99_over_p50_step_time": pct(loaded, 99) / pct(loaded, 50),
+        "sync_pull_ms_p99": pct(pull_ms, 99),
+        "eviction_ms_p99": pct(ev, 99),
+        "baseline_p99_over_p50_step_time": pct(base, 99) / pct(base, 50),
+        "step_ms_p50": pct(loaded, 50),
+        "baseline_step_ms_p50": pct(base, 50),
+        "sync_pull_total_ms_p99": pct(total_ms, 99),
+        "sync_pull_rows_p50": pct(pull_rows, 50),
+        "pulls": len(pulls),
+        "rows_pushed": stats["rows_pushed"],
+        "tombstones_pushed": sink.deleted,
+        "table_rows": rows,
+        "live_rows_end": len(table),
+        "ids_per_s_under_load": BATCH * len(loaded) / run_s,
+    }
+    write_report("table_under_load", results, summary, args.json,
+                 targets={"p99_over_p50_step_time": "<= 2.0", "sync_pull_ms_p99": "<= 5", "eviction_ms_p99": "<= 5"})
+
+
+if __name__ == "__main__":
+    main()
