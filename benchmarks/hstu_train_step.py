@@ -7,9 +7,10 @@ rows AdamW trains). The model is ``configs/ml-1m-hstu.yaml`` (batch 128, len 200
 the same batches, in the same process, interleaved step by step so that clock drift and
 other load hit both alike.
 
-Data: the ML-1M sequence file (``ml-1m_seq.txt``) from ``--data-path``, ``$GAUSS_DATA/ml-1m``
-or ``../shared/data/ml-1m`` when present, else synthetic ML-1M-shaped sequences (3706 items,
-Zipf-like popularity, lengths 20..201 as in ML-1M).
+Data: the ML-1M sequence file (``ml-1m_seq.txt``) from ``--data-path``, ``ml-1m/`` in the
+data folder (``$GAUSS_DATA``, else ``../shared/data``, else the user cache) when present,
+else synthetic ML-1M-shaped sequences (3706 items, Zipf-like popularity, lengths 20..201 as
+in ML-1M).
 
 Timings: the median of per-step wall times, each step between two ``cuda.synchronize()``
 calls (``step_ms_*``), and the mean over a run of back-to-back steps without per-step sync
@@ -44,15 +45,16 @@ VARIANTS = ("dynamic", "static")
 
 # ---------------------------------------------------------------- data
 def find_seq_file(data_path: Optional[str]) -> Optional[str]:
-    """The ML-1M sequence file: ``--data-path`` (the file or its folder), else
-    ``$GAUSS_DATA/ml-1m``, else ``../shared/data/ml-1m`` beside the checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """The ML-1M sequence file: ``--data-path`` (the file or its folder), else ``ml-1m/`` in
+    the data folder every command uses (:func:`gauss_plugins.data.locate.locate_dataset`)."""
+    from gauss_plugins.data.locate import locate_dataset
+
     candidates = []
     if data_path:
         candidates.append(data_path if data_path.endswith(".txt") else os.path.join(data_path, SEQ_FILE))
-    if os.environ.get("GAUSS_DATA"):
-        candidates.append(os.path.join(os.environ["GAUSS_DATA"], "ml-1m", SEQ_FILE))
-    candidates.append(os.path.join(here, "..", "..", "shared", "data", "ml-1m", SEQ_FILE))
+    found = locate_dataset("ml-1m")
+    if found:
+        candidates.append(os.path.join(found.path, SEQ_FILE))
     for path in candidates:
         if os.path.isfile(path):
             return os.path.abspath(path)
