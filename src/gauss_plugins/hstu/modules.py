@@ -113,6 +113,13 @@ class HSTUConfig:
                     normalizer=self.normalizer)
 
 
+def _no_timestamps_error(num_time_buckets: int) -> ValueError:
+    return ValueError(
+        f"this HSTU encoder has a time bias (num_time_buckets={num_time_buckets}) but no timestamps were given: "
+        "pass the events' timestamps, or build it with num_time_buckets=0 (model.num_time_buckets: 0 in a "
+        "config) for data without times")
+
+
 class RelativeAttentionBias(nn.Module):
     """The learned relative attention bias of one block, as two small tables.
 
@@ -152,10 +159,7 @@ class RelativeAttentionBias(nn.Module):
         """The bias keyword arguments of :func:`hstu_attention` for jagged ``timestamps``
         ``[T]`` (int64; required when the time bias is on, ignored otherwise)."""
         if self.time_weight is not None and timestamps is None:
-            raise ValueError(
-                f"this HSTU block has a time bias (num_time_buckets={self.num_time_buckets}) but no timestamps "
-                "were given: pass the events' timestamps, or build the encoder with num_time_buckets=0 "
-                "(model.num_time_buckets: 0 in a config) for data without times")
+            raise _no_timestamps_error(self.num_time_buckets)
         return dict(position_bias=self.position_weight, time_bias=self.time_weight,
                     timestamps=timestamps if self.time_weight is not None else None,
                     time_bucket_scale=self.time_bucket_scale)
@@ -249,10 +253,7 @@ class HSTUEncoder(nn.Module):
             if timestamps.dtype.is_floating_point or timestamps.dtype.is_complex or timestamps.dtype == torch.bool:
                 raise TypeError(f"timestamps must be integers (e.g. seconds), got {timestamps.dtype}")
         elif self.config.num_time_buckets > 0:
-            raise ValueError(
-                f"this HSTU encoder has a time bias (num_time_buckets={self.config.num_time_buckets}) but no "
-                "timestamps were given: pass the events' timestamps, or build it with num_time_buckets=0 "
-                "(model.num_time_buckets: 0 in a config) for data without times")
+            raise _no_timestamps_error(self.config.num_time_buckets)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_norm(x) if self.output_norm is not None else x
