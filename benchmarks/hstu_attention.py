@@ -13,7 +13,19 @@ forward call through the public ``gauss_plugins.hstu.hstu_attention`` (backend "
         --plot benchmarks/results/hstu_attention_h100.png        # GPU
     python benchmarks/hstu_attention.py --quick                   # CPU: reference, tiny
 
-``--plot-only JSON --plot PNG`` redraws the plot from a saved record.
+Relative attention bias (issue 9): at N=4096 and at the training shape (128, 200, 1, 64) the
+same kernels also run with the bias built per tile from a position table (``rab`` cases;
+``rab_cost_ratio`` = fwd+bwd time with it / without it) and from position + time tables
+(``rabt``), each with the tables' gradients; the baseline in the same run is the previous
+way, a dense ``[B, 1, N, N]`` bias gathered from the table and passed as ``rab``, whose
+gradient is reduced back to the table by ``index_put_(accumulate=True)`` (what autograd of
+the gather does). ``rab_diag_off`` times the per-pair-atomic reduction of the position-bias
+gradient instead of the per-diagonal one. On CPU, ``--quick`` also measures the reference
+(``backend="torch"``) backward with the tables against the dense-rab path at (128, 200, 1, 64).
+
+``--configs 4096,200`` runs only the configs of those N; ``--tune-top K`` autotunes over the
+first K candidates of each kernel only (both to fit a short device lease; recorded in the
+JSON). ``--plot-only JSON --plot PNG`` redraws the plot from a saved record.
 """
 from __future__ import annotations
 
@@ -30,6 +42,9 @@ import torch
 from gauss_plugins.benchmarking import parser, print_table, write_report
 
 CONFIGS = [(32, 1024, 4, 128), (16, 2048, 4, 128), (8, 4096, 4, 128), (64, 512, 2, 64), (128, 200, 1, 64)]
+BIAS_NS = (4096, 200)
+TARGETS = {"rab_cost_ratio": "<= 1.15"}  # configs that also run the relative-bias cases
+NUM_TIME_BUCKETS = 128  # the paper's setting
 QUICK_CONFIGS = [(4, 64, 2, 32), (2, 128, 1, 32)]
 
 
@@ -42,6 +57,27 @@ def make_inputs(B: int, N: int, H: int, D: int, device: str, dtype: torch.dtype,
     T = int(offsets[-1])
     q, k, v = (torch.randn(T, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(3))
     return lengths, offsets.to(device), q, k, v
+
+
+def bias_tables(lengths: torch.Tensor, N: int, device: str, seed: int) -> Dict[str, torch.Tensor]:
+    """Position table [2N - 1], time table [NUM_TIME_BUCKETS + 1] (fp32, small values as a
+    trained model has) and jagged increasing int64 timestamps (gaps of seconds to days)."""
+    g = torch.Generator(device="cpu").manual_seed(seed + 7)
+    gaps = (torch.rand(int(lengths.sum()), generator=g) ** 4 * 86400 * 3).to(torch.int64)
+    times = torch.cat([torch.cumsum(part, 0) + 1_600_000_000 for part in torch.split(gaps, lengths.tolist())])
+    return dict(position_bias=(0.1 * torch.randn(2 * N - 1, generator=g)).to(device),
+                time_bias=(0.1 * torch.randn(NUM_TIME_BUCKETS + 1, generator=g)).to(device),
+                timestamps=times.to(device))
+
+
+def dense_position_index(offsets: torch.Tensor, N: int, size: int) -> torch.Tensor:
+    """[B, 1, N, N] index of the position table (what the previous module gathered)."""
+    from gauss_plugins.hstu.attention import _relative_bias_indices
+
+    index, _ = _relative_bias_indices(offsets, N, position_size=size, num_buckets=None, timestamps=None,
+                                      time_bucket_scale=0.301, num_targets=None, contextual_len=0)
+    # one bias per sequence, materialised, as the module built it (the index is shared)
+    return index.unsqueeze(1).expand(offsets.shape[0] - 1, 1, N, N).contiguous()
 
 
 def fwd_flops(lengths: torch.Tensor, H: int, D: int) -> float:
@@ -159,6 +195,9 @@ def bench_config(B: int, N: int, H: int, D: int, seed: int) -> Dict[str, Any]:
         row[f"ours_{name}_eager_tflops"] = fl / t_eager / 1e12
         row[f"ours_{name}_graph_tflops"] = fl / t_graph / 1e12
 
+    if N in BIAS_NS:
+        row.update(bench_bias(backend, q, k, v, offsets, lengths, go, opts, flops, seed))
+
     # baseline: padded bf16 torch, autograd backward
     base = PaddedTorchAttention(lengths, offsets, N, alpha)
     qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -195,6 +234,90 @@ def bench_config(B: int, N: int, H: int, D: int, seed: int) -> Dict[str, Any]:
         row[f"{name}_rel_err"] = rel_err(x, r)
         row[f"{name}_finite"] = bool(torch.isfinite(x).all())
     del ref, rdq, rdk, rdv
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_bias(backend, q, k, v, offsets, lengths, go, opts, flops: float, seed: int) -> Dict[str, Any]:
+    """The relative-bias cases of one config (see the module docstring)."""
+    from gauss_kernels.hstu import triton_attention as ta
+    from gauss_plugins.hstu.attention import hstu_attention_reference, hstu_attention_reference_backward
+
+    N = opts["max_seq_len"]
+    tables = bias_tables(lengths, N, "cuda", seed)
+    cases = {"rab": dict(position_bias=tables["position_bias"]), "rabt": tables}
+    grads = dict(compute_drab=False, compute_dposition_bias=True, compute_dtime_bias=True)
+    row: Dict[str, Any] = {}
+
+    def timed(name: str, fwd: Callable[[], Any], fwdbwd: Callable[[], Any]) -> None:
+        fwdbwd()  # autotunes outside the timings and the graph capture
+        torch.cuda.synchronize()
+        for part, fn, fl in (("fwd", fwd, flops), ("fwdbwd", fwdbwd, 3.5 * flops)):
+            t_graph = time_graph(fn)
+            row[f"{name}_{part}_graph_ms"] = t_graph * 1e3
+            row[f"{name}_{part}_graph_tflops"] = fl / t_graph / 1e12
+
+    for name, extra in cases.items():
+        o = dict(opts, **extra)
+
+        def fwd(o=o):
+            return backend.forward(q, k, v, offsets, **o)
+
+        def fwdbwd(o=o):
+            out = backend.forward(q, k, v, offsets, **o)
+            return out, backend.backward(go, q, k, v, offsets, **grads, **o)
+
+        timed(name, fwd, fwdbwd)
+        # accuracy against the fp32 reference, the tables' gradients included
+        out = fwd()
+        got = backend.backward(go, q, k, v, offsets, **grads, **o)
+        qf, kf, vf = q.float(), k.float(), v.float()
+        ref = hstu_attention_reference(qf, kf, vf, offsets, **o)
+        want = hstu_attention_reference_backward(go.float(), qf, kf, vf, offsets, **grads, **o)
+        row[f"{name}_out_rel_err"] = rel_err(out, ref)
+        for label, i in (("dq", 0), ("dk", 1), ("dv", 2), ("dpos", 4), ("dtime", 5)):
+            if got[i] is not None:
+                row[f"{name}_{label}_rel_err"] = rel_err(got[i], want[i])
+        del ref, want
+        torch.cuda.empty_cache()
+
+    # the per-pair-atomic reduction of the position-bias gradient, for comparison
+    o = dict(opts, **cases["rab"])
+    saved = ta._diagonal_position_grads
+    ta._diagonal_position_grads = False
+    try:
+        timed("rab_diag_off", lambda: backend.forward(q, k, v, offsets, **o),
+              lambda: (backend.forward(q, k, v, offsets, **o), backend.backward(go, q, k, v, offsets, **grads, **o)))
+    finally:
+        ta._diagonal_position_grads = saved
+
+    # baseline: the dense bias gathered from the table, passed as rab, its gradient reduced
+    # back to the table by index_put_(accumulate=True) (autograd's backward of the gather)
+    table = tables["position_bias"]
+    index = dense_position_index(offsets, N, table.shape[0])
+
+    def dense_fwd():
+        return backend.forward(q, k, v, offsets, rab=table[index], **opts)
+
+    def dense_fwdbwd():
+        rab = table[index]
+        out = backend.forward(q, k, v, offsets, rab=rab, **opts)
+        dq, dk, dv, drab, _, _ = backend.backward(go, q, k, v, offsets, rab=rab, compute_drab=True, **opts)
+        dtable = torch.zeros_like(table).index_put_((index,), drab, accumulate=True)
+        return out, dq, dk, dv, dtable
+
+    dense_fwdbwd()
+    torch.cuda.synchronize()
+    for part, fn, fl in (("fwd", dense_fwd, flops), ("fwdbwd", dense_fwdbwd, 3.5 * flops)):
+        t = time_eager(fn, warmup=2, repeats=10)
+        row[f"dense_rab_{part}_eager_ms"] = t * 1e3
+        row[f"dense_rab_{part}_eager_tflops"] = fl / t / 1e12
+        try:
+            t = time_graph(fn, repeats=10)
+            row[f"dense_rab_{part}_graph_ms"] = t * 1e3
+        except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+            row[f"dense_rab_{part}_graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    del index
     torch.cuda.empty_cache()
     return row
 
@@ -267,6 +390,36 @@ def quick(seed: int) -> List[Dict[str, Any]]:
     return rows
 
 
+def reference_bias_backward_cpu(seed: int, repeats: int = 5) -> Dict[str, Any]:
+    """Backward time of the reference op (backend="torch") at the training shape (128, 200, 1,
+    64) on this CPU: the position table passed as a table (dS reduced by index) vs the dense
+    [B, 1, N, N] bias gathered from it and passed as rab (autograd's index backward)."""
+    from gauss_plugins.hstu import hstu_attention
+
+    B, N, H, D = CONFIGS[-1]
+    lengths, offsets, q, k, v = make_inputs(B, N, H, D, "cpu", torch.float32, seed)
+    table = bias_tables(lengths, N, "cpu", seed)["position_bias"].requires_grad_(True)
+    index = dense_position_index(offsets, N, table.shape[0])
+    q.requires_grad_(True)
+    opts = dict(max_seq_len=N, alpha=1.0 / math.sqrt(D), backend="torch")
+    go = torch.randn_like(v)
+
+    def backward_time(make_out) -> float:
+        times = []
+        torch.autograd.grad(make_out(), [q, table], go)  # warm-up
+        for _ in range(repeats):
+            out = make_out()
+            t0 = time.perf_counter()
+            torch.autograd.grad(out, [q, table], go)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    tables_s = backward_time(lambda: hstu_attention(q, k, v, offsets, position_bias=table, **opts))
+    dense_s = backward_time(lambda: hstu_attention(q, k, v, offsets, rab=table[index], **opts))
+    return dict(B=B, N=N, H=H, D=D, ref_bwd_tables_ms=tables_s * 1e3, ref_bwd_dense_rab_ms=dense_s * 1e3,
+                ref_bwd_dense_over_tables=dense_s / tables_s)
+
+
 # ---------------------------------------------------------------- plot
 def plot(record: Dict[str, Any], path: str) -> None:
     import matplotlib
@@ -306,6 +459,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--profile", metavar="TXT", help="write a cProfile of the small eager call here")
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000,
                    help="input seed (default: fresh every run)")
+    p.add_argument("--configs", metavar="N,N", help="run only the configs with these N (default: all)")
+    p.add_argument("--tune-top", type=int, default=0, metavar="K",
+                   help="autotune over the first K candidates of each kernel only (default: all)")
     args = p.parse_args(argv)
     if args.plot_only:
         with open(args.plot_only) as f:
@@ -318,16 +474,34 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             print("no CUDA device: running --quick (reference only)", file=sys.stderr)
         rows = quick(args.seed)
         print_table(rows)
+        bias_row = reference_bias_backward_cpu(args.seed)
+        print_table([bias_row])
+        rows.append(bias_row)
         summary = {k: None for k in ("fwd_tflops_n4096", "fwdbwd_tflops_n4096", "fwd_tflops_n2048",
-                                     "fwdbwd_tflops_n2048", "eager_fwd_us_small", "dq_rel_err_n4096")}
+                                     "fwdbwd_tflops_n2048", "eager_fwd_us_small", "dq_rel_err_n4096",
+                                     "fwd_tflops_n4096_rab", "fwdbwd_tflops_n4096_rab", "rab_cost_ratio")}
+        summary["ref_bwd_ms_small_tables"] = bias_row["ref_bwd_tables_ms"]
+        summary["ref_bwd_ms_small_dense_rab"] = bias_row["ref_bwd_dense_rab_ms"]
         summary["mode"] = "quick (CPU reference only)"
-        return write_report("hstu_attention", rows, summary, args.json)
+        return write_report("hstu_attention", rows, summary, args.json, targets=TARGETS)
 
+    from gauss_kernels.hstu import triton_attention as ta
+
+    if args.tune_top:
+        for table in (ta._CANDIDATES, ta._WIDE_CANDIDATES):
+            for kind in table:
+                for d in table[kind]:
+                    table[kind][d] = table[kind][d][:args.tune_top]
+    wanted = set(int(n) for n in args.configs.split(",")) if args.configs else None
     rows = []
     for i, (B, N, H, D) in enumerate(CONFIGS):
+        if wanted is not None and N not in wanted:
+            continue
+        t0 = time.perf_counter()
         rows.append(bench_config(B, N, H, D, args.seed + i))
+        print(f"config {(B, N, H, D)}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         torch.cuda.empty_cache()
-    small = eager_small_us(args.seed)
+    small = eager_small_us(args.seed) if 200 in {r["N"] for r in rows} else {}
     if args.profile:
         profile_small(args.seed, args.profile)
     from gauss_kernels.hstu.triton_attention import _tune_failures, _tuned
@@ -336,22 +510,41 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                "ours_fwdbwd_eager_tflops", "ref_fwd_eager_tflops", "ref_fwdbwd_eager_tflops", "out_rel_err",
                "dq_rel_err", "dk_rel_err", "dv_rel_err"]
     by_n = {r["N"]: r for r in rows}
+    n4096, n2048, n200 = by_n.get(4096, {}), by_n.get(2048, {}), by_n.get(200, {})
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return None if a is None or b is None else a / b
+
     summary = {
-        "fwd_tflops_n4096": by_n[4096]["ours_fwd_graph_tflops"],
-        "fwdbwd_tflops_n4096": by_n[4096]["ours_fwdbwd_graph_tflops"],
-        "fwd_tflops_n2048": by_n[2048]["ours_fwd_graph_tflops"],
-        "fwdbwd_tflops_n2048": by_n[2048]["ours_fwdbwd_graph_tflops"],
-        "eager_fwd_us_small": small["public_api_us"],
-        "eager_fwd_us_small_backend": small["backend_us"],
-        "kernel_fwd_us_small": small["kernel_graph_us"],
-        "dq_rel_err_n4096": by_n[4096]["dq_rel_err"],
+        "fwd_tflops_n4096": n4096.get("ours_fwd_graph_tflops"),
+        "fwdbwd_tflops_n4096": n4096.get("ours_fwdbwd_graph_tflops"),
+        "fwd_tflops_n2048": n2048.get("ours_fwd_graph_tflops"),
+        "fwdbwd_tflops_n2048": n2048.get("ours_fwdbwd_graph_tflops"),
+        "eager_fwd_us_small": small.get("public_api_us"),
+        "eager_fwd_us_small_backend": small.get("backend_us"),
+        "kernel_fwd_us_small": small.get("kernel_graph_us"),
+        "dq_rel_err_n4096": n4096.get("dq_rel_err"),
         "max_rel_err": max(max(r[f"{n}_rel_err"] for n in ("out", "dq", "dk", "dv")) for r in rows),
+        "fwd_tflops_n4096_rab": n4096.get("rab_fwd_graph_tflops"),
+        "fwdbwd_tflops_n4096_rab": n4096.get("rab_fwdbwd_graph_tflops"),
+        "rab_cost_ratio": ratio(n4096.get("rab_fwdbwd_graph_ms"), n4096.get("ours_fwdbwd_graph_ms")),
+        "fwdbwd_tflops_n4096_rab_time": n4096.get("rabt_fwdbwd_graph_tflops"),
+        "rab_time_cost_ratio": ratio(n4096.get("rabt_fwdbwd_graph_ms"), n4096.get("ours_fwdbwd_graph_ms")),
+        "rab_diag_off_cost_ratio": ratio(n4096.get("rab_diag_off_fwdbwd_graph_ms"), n4096.get("ours_fwdbwd_graph_ms")),
+        "dense_rab_over_tables_n4096": ratio(n4096.get("dense_rab_fwdbwd_eager_ms"), n4096.get("rab_fwdbwd_graph_ms")),
+        "small_fwdbwd_us_rab_time": None if "rabt_fwdbwd_graph_ms" not in n200 else n200["rabt_fwdbwd_graph_ms"] * 1e3,
+        "small_fwdbwd_us_dense_rab": (None if "dense_rab_fwdbwd_eager_ms" not in n200
+                                      else n200["dense_rab_fwdbwd_eager_ms"] * 1e3),
+        "max_rel_err_rab": max((v for r in rows for key, v in r.items()
+                                if key.startswith(("rab_", "rabt_")) and key.endswith("_rel_err")), default=None),
+        "configs": [list(c) for c in CONFIGS if wanted is None or c[1] in wanted],
+        "tune_top": args.tune_top,
     }
     rows.append({"tuned_configs": {"/".join(map(str, k)): list(v) for k, v in _tuned.items()},
                  "skipped_configs": {"/".join(map(str, k[0])) + " " + str(tuple(k[1])): why
                                      for k, why in _tune_failures.items()}})
     print_table(rows[:-1], columns)
-    record = write_report("hstu_attention", rows, summary, args.json)
+    record = write_report("hstu_attention", rows, summary, args.json, targets=TARGETS)
     if args.plot:
         try:
             plot(record, args.plot)

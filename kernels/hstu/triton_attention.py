@@ -110,6 +110,12 @@ for _kind in ("fwd", "dq"):
 # (BLOCK_M, BLOCK_N) pairs here to exercise the block-range logic
 _INTERPRETER_CONFIGS: Dict[str, _Config] = {kind: _Config(16, 16, 1, 1) for kind in ("fwd", "dkdv", "dq")}
 
+# How the dK/dV kernel reduces the position-bias gradient when ids are positions (no targets,
+# no contextual prefix): True, per tile diagonal sums (a register gather, BLOCK_M atomics per
+# wrap); False, one atomic per (query, key) pair, as with targets or a prefix. Read at each
+# backward call; the benchmark times both.
+_diagonal_position_grads = os.environ.get("GAUSS_HSTU_DIAGONAL_POSITION_GRADS", "1") != "0"
+
 _tuned: Dict[tuple, _Config] = {}
 _tune_lock = threading.Lock()
 
@@ -422,7 +428,8 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
                     dtb_buf.shape[-1] if time_grad else 0, *common)
     dq_tensors = (q, k, v, grad_out, rab_or_q, *table_ptrs, dq, offsets, targets)
     dq_scalars = (*p.rab_strides, *common)
-    dkdv_key = p.key + (rab_grad, atomic, pos_grad, time_grad)
+    diagonal = pos_grad and _diagonal_position_grads
+    dkdv_key = p.key + (rab_grad, atomic, pos_grad, time_grad, diagonal)
 
     def launch_dkdv(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_n))
@@ -437,8 +444,9 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
             args = (_descriptor(q, cfg.block_m),) + args[1:3] + (_descriptor(grad_out, cfg.block_m),) + args[4:]
         _dkdv_launcher(grid, args, dkdv_scalars,
                        dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, RAB_GRAD=rab_grad,
-                            RAB_GRAD_ATOMIC=atomic, POS_GRAD=pos_grad, TIME_GRAD=time_grad, USE_TMA=cfg.tma), cfg,
-                       (p.launch_key, rab_grad, atomic, pos_grad, time_grad))
+                            RAB_GRAD_ATOMIC=atomic, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
+                            POS_GRAD_DIAGONAL=diagonal, USE_TMA=cfg.tma), cfg,
+                       (p.launch_key, rab_grad, atomic, pos_grad, time_grad, diagonal))
 
     def launch_dq(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))

@@ -3,7 +3,7 @@
 Per sequence b (rows ``offsets[b]:offsets[b+1]`` of the jagged ``[T, H, d]`` tensors) and
 head h::
 
-    s   = alpha * q k^T + rab[b, h, :n, :n]
+    s   = alpha * q k^T + rab[b, h, :n, :n] + position_bias[pidx(i, j)] + time_bias[tidx(i, j)]
     p   = silu(s) * valid(i, j) * scale          # scale = 1 / normaliser
     out = p v
 
@@ -12,6 +12,19 @@ and the backward pass, with sigma = sigmoid(s)::
     dv   = p^T do
     ds   = (do v^T) * sigma * (1 + s * (1 - sigma)) * valid * scale      (= drab)
     dq   = alpha * ds k,   dk = alpha * ds^T q
+    d position_bias[r] = sum of ds over (b, h, i, j) with pidx(i, j) = r   (time_bias alike)
+
+The relative-bias indices (``pidx`` from the position ids, ``tidx`` the log-time bucket of
+``t_next(i) - t_j``; see :mod:`gauss_plugins.hstu.attention`) are computed per tile from
+row/column numbers and the per-token timestamps; the 1-D tables stay in cache, so no
+``[B, N, N]`` bias or bias gradient exists. The dK/dV kernel reduces the tables' gradients
+into one fp32 row per (sequence, head) ([B * H, 2L - 1] and [B * H, num_buckets + 1]),
+summed by one small torch reduction after: with relaxed atomics per (query, key) pair for
+the time table and, with targets or a contextual prefix, the position table; when ids are
+plain positions, the position index is constant along a tile's diagonals, so a register
+gather rotates each key row and the tile's diagonal sums go out with BLOCK_M atomics per
+wrap instead of one per pair. The atomics make the tables' gradients deterministic only up
+to fp32 rounding order; dq, dk, dv stay atomic-free and deterministic.
 
 ``valid(i, j)`` is computed from the row and column indices inside the kernels (see
 :func:`_valid`); it is the same definition as
@@ -304,6 +317,35 @@ def _table_bias_grads(ds, mask, row_ids, col_ids, query_times, key_times, DPOS, 
                       ds.to(DTB.dtype.element_ty), mask=mask, sem="relaxed")
 
 
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _diagonal_position_grads(dst, start_n, start_m, pos_center, DPOS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Adds a transposed dS tile ``dst`` [keys, queries] into the position-bias gradient
+    when ids are positions (no targets, no contextual prefix): then a pair's index is
+    ``start_n - start_m + pos_center + (jl - il)``, constant along the tile's diagonals.
+
+    Each key row jl is rotated by jl (one register gather), so that column c holds the
+    pairs with ``jl - il = c (mod BLOCK_M)``; masked column sums, one per wrap m, give the
+    diagonal sums, added with BLOCK_M atomics per wrap instead of one per pair. Pairs the
+    mask removed hold dS = 0, so they add nothing."""
+    jl = tl.arange(0, BLOCK_N)[:, None]
+    c = tl.arange(0, BLOCK_M)[None, :]
+    il = (jl - c + BLOCK_M) % BLOCK_M
+    rotated = tl.gather(dst, tl.broadcast_to(il, (BLOCK_N, BLOCK_M)), 1)
+    wrap = (jl - il - c + 2 * BLOCK_M) // BLOCK_M - 2  # (jl - il - c) / BLOCK_M, exactly
+    base = start_n - start_m + pos_center
+    cols = tl.arange(0, BLOCK_M)
+    for m in tl.static_range(-1, (BLOCK_N - 1) // BLOCK_M + 1):
+        sums = tl.reduce(tl.where(wrap == m, rotated, 0.0), 0, _add)
+        index = base + cols + m * BLOCK_M
+        tl.atomic_add(DPOS + index, sums.to(DPOS.dtype.element_ty), mask=(index >= 0) & (index <= 2 * pos_center),
+                      sem="relaxed")
+
+
 # ------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_block(
@@ -456,14 +498,15 @@ def hstu_fwd_kernel(
 @triton.jit
 def _bwd_dkdv_block(
     dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS, DTB, col_ids, key_times, history_end,
-    pos_center, inv_scale, num_buckets, start_m, offs_m, cols, mask_dq, mask_dv,
+    pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last, contextual_len, max_attn_len,
     half_alpha, row_scale, tma_row, tma_qcol, tma_docol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
+    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # transposed tiles, [keys, queries]: dk and dv come out of the dots in key-row order
     rows = start_m + offs_m
@@ -518,9 +561,14 @@ def _bwd_dkdv_block(
             grad_mask = valid
         else:
             grad_mask = col_ok[:, None] & row_ok[None, :]
-        _table_bias_grads(dst * (0.5 * row_scale), grad_mask, row_ids[None, :], col_ids[:, None],
-                          query_times[None, :], key_times[:, None], DPOS, DTB, pos_center, inv_scale, num_buckets,
-                          POS_GRAD, TIME_GRAD)
+        ds_true = dst * (0.5 * row_scale)
+        DIAGONAL: tl.constexpr = POS_GRAD and POS_GRAD_DIAGONAL and not (HAS_TARGETS or HAS_CONTEXT)
+        if DIAGONAL:
+            _diagonal_position_grads(ds_true, start_n, start_m, pos_center, DPOS,
+                                     BLOCK_M, BLOCK_N)
+        _table_bias_grads(ds_true, grad_mask, row_ids[None, :], col_ids[:, None], query_times[None, :],
+                          key_times[:, None], DPOS, DTB, pos_center, inv_scale, num_buckets,
+                          POS_GRAD and not DIAGONAL, TIME_GRAD)
     dk = tl.dot(dst.to(q_rows.dtype), q_rows, dk, input_precision=PRECISION, out_dtype=ACC)
     return dk, dv
 
@@ -535,7 +583,7 @@ def hstu_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
+    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
@@ -599,11 +647,11 @@ def hstu_bwd_dkdv_kernel(
         for start_m in range(lo, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
-                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...those wholly below it and inside the sequence do not...
         full_lo = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
@@ -611,21 +659,21 @@ def hstu_bwd_dkdv_kernel(
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
-                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, False, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, False, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...and the last, partial block is masked (past the length, rows are zeros or, with
         # descriptors, another sequence's rows)
         for start_m in range(tl.maximum(full_lo, full_hi), seq_len, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
-                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL,
-                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, True, FAST_SILU,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU,
                 PRECISION, ACC, USE_TMA,
             )
     else:
@@ -636,20 +684,20 @@ def hstu_bwd_dkdv_kernel(
         for start_m in range(0, pre_hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
-                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
-                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, offs_m, cols,
+                key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     dk = dk * (half_alpha * row_scale)

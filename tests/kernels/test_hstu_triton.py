@@ -216,6 +216,8 @@ def test_relative_bias_tables_with_unequal_tiles(rng, monkeypatch):
     monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dkdv", ta._Config(16, 32, 1, 1))
     _check(rng, [45, 20], position=3, time_buckets=25, num_targets=[5, 2], contextual_len=2)
     _check(rng, [45, 20], position=0)  # pure causal: the unmasked interior blocks
+    monkeypatch.setattr(ta, "_diagonal_position_grads", False)  # per-pair atomics on the same case
+    _check(rng, [45, 20], position=0, max_attn_len=9)
 
 
 def test_relative_bias_without_gradient(rng):
@@ -309,6 +311,56 @@ def test_gpu_mask_modes_bf16(rng, mode):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-3), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("N", [1024, 4096])
+@pytest.mark.parametrize("tables", [dict(position=0), dict(position=0, time_buckets=128)], ids=["pos", "pos+time"])
+def test_gpu_tables_precision_by_length(rng, dtype, tol, N, tables):
+    B = 2 if N == 4096 else 3
+    lengths = [int(x) for x in torch.randint(N // 2, N + 1, (B,), generator=rng)]
+    lengths[0] = N
+    _check(rng, lengths, H=2, d_qk=128, d_v=128, dtype=dtype, tol=tol, max_seq_len=N, **tables)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", list(TABLE_MODES))
+def test_gpu_tables_mask_modes_bf16(rng, mode):
+    options = dict(TABLE_MODES[mode])
+    if "num_targets" in options:
+        options["num_targets"] = [t * 40 for t in options["num_targets"]]
+    if "contextual_len" in options:
+        options["contextual_len"] *= 16
+    if "max_attn_len" in options:
+        options["max_attn_len"] *= 60
+    lengths = [int(x) for x in torch.randint(400, 1025, (3,), generator=rng)]
+    _check(rng, lengths, H=2, d_qk=64, d_v=64, dtype=torch.bfloat16, tol=4e-3, max_seq_len=1024, **options)
+
+
+@gpu
+@needs_cuda
+def test_gpu_tables_through_the_public_op(rng, fresh_registry):
+    from gauss_plugins.hstu import hstu_attention
+
+    q, k, v, offsets = _jagged(rng, [200, 57, 133], 1, 64, 64, torch.bfloat16)
+    tables = _bias_tables(rng, [200, 57, 133], 200, 0, 128)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    pos, time = (tables[n].detach().clone().requires_grad_(True) for n in ("position_bias", "time_bias"))
+    opts = dict(max_seq_len=200, alpha=1.0)
+    out = hstu_attention(*leaves, offsets, position_bias=pos, time_bias=time, timestamps=tables["timestamps"], **opts)
+    go = torch.randn_like(out)
+    out.backward(go)
+    f = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    rpos, rtime = (t.detach().clone().requires_grad_(True) for t in (pos, time))
+    ref = hstu_attention_reference(*f, offsets, position_bias=rpos, time_bias=rtime,
+                                   timestamps=tables["timestamps"], **opts)
+    ref.backward(go.float())
+    assert _rel(out, ref) <= 4e-3
+    for got, want in zip(leaves + [pos, time], f + [rpos, rtime]):
+        assert _rel(got.grad, want.grad) <= 4e-3
+
+
+@gpu
+@needs_cuda
 def test_gpu_backward_is_deterministic(rng):
     q, k, v, offsets = _jagged(rng, [1000, 700], 2, 64, 64, torch.bfloat16)
     go = torch.randn_like(v)
@@ -358,7 +410,7 @@ _VARIANTS = [(kind, i) for kind in ("fwd", "dkdv", "dq") for i in range(len(ta._
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kind,index", _VARIANTS, ids=[f"{k}-{i}" for k, i in _VARIANTS])
-@pytest.mark.parametrize("mode", ["causal", "targets+contextual+window"])
+@pytest.mark.parametrize("mode", ["causal", "targets+contextual+window", "tables", "tables+targets"])
 def test_gpu_every_kernel_variant(rng, monkeypatch, kind, index, mode):
     """Each config the autotuner may pick for each kernel (tiles, TMA descriptors, warp
     specialization) computes the same function. A variant this triton cannot build is
@@ -367,7 +419,12 @@ def test_gpu_every_kernel_variant(rng, monkeypatch, kind, index, mode):
     monkeypatch.setitem(ta._CANDIDATES[kind], 128, [cfg])
     monkeypatch.setenv("GAUSS_HSTU_AUTOTUNE", "0")
     monkeypatch.setattr(ta, "_tuned", {})
-    options = {} if mode == "causal" else dict(num_targets=[40, 7, 90], contextual_len=5, max_attn_len=300)
+    options = {
+        "causal": {},
+        "targets+contextual+window": dict(num_targets=[40, 7, 90], contextual_len=5, max_attn_len=300),
+        "tables": dict(position=0, time_buckets=128),  # per-diagonal position gradients
+        "tables+targets": dict(position=0, time_buckets=128, num_targets=[40, 7, 90]),  # per-pair
+    }[mode]
     lengths = [int(x) for x in torch.randint(300, 1025, (3,), generator=rng)]
     try:
         _check(rng, lengths, H=2, d_qk=128, d_v=128, dtype=torch.bfloat16, tol=4e-3, max_seq_len=1024, **options)

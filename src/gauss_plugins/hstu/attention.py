@@ -340,18 +340,23 @@ def _relative_bias_indices(offsets: torch.Tensor, n: int, *, position_size: Opti
                            num_buckets: Optional[int], timestamps: Optional[torch.Tensor], time_bucket_scale: float,
                            num_targets: Optional[torch.Tensor], contextual_len: int
                            ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Table indices ``[B, n, n]`` (int64) of the position and time bias of every (query,
-    key) pair (None for an absent table): the one definition of the bias, shared by the
-    reference forward (a gather) and backward (a reduction by index). Pairs outside a
-    sequence get valid but meaningless indices."""
+    """Table indices (int64) of the position and time bias of every (query, key) pair: time
+    ``[B, n, n]``, position ``[B, n, n]``, or ``[1, n, n]`` when ids are plain positions (no
+    targets, no prefix: the same for every sequence); None for an absent table. The one
+    definition of the bias, shared by the reference forward (a gather) and backward (a
+    reduction by index). Pairs outside a sequence get valid but meaningless indices."""
     lengths = offsets[1:] - offsets[:-1]
     batch = lengths.shape[0]
     position_index = time_index = None
     if position_size is not None:
+        if num_targets is None and contextual_len == 0:
+            lengths, batch = lengths[:1].clamp(min=n), 1  # ids = positions, whatever the length
         ids, _ = _position_ids(lengths, n, num_targets, contextual_len)
         half = (position_size + 1) // 2
         position_index = (ids.view(batch, 1, n) - ids.view(batch, n, 1) + (half - 1)).clamp(0, position_size - 1)
     if num_buckets is not None:
+        lengths = offsets[1:] - offsets[:-1]
+        batch = lengths.shape[0]
         times, _ = pad(timestamps.to(torch.int64), offsets, n, validate=False)  # [B, n]
         positions = torch.arange(n, device=offsets.device).view(1, n)
         history_end = lengths.view(batch, 1)  # first position that is a target (or the length)
@@ -373,13 +378,16 @@ def _table_sizes(position_bias, time_bias) -> Dict[str, Optional[int]]:
 
 
 def _dense_bias(offsets, n, position_bias, time_bias, timestamps, time_bucket_scale, num_targets, contextual_len,
-                dtype) -> Optional[torch.Tensor]:
-    """The expanded bias ``[B, n, n]`` in ``dtype`` (None without tables)."""
+                dtype, indices=None) -> Optional[torch.Tensor]:
+    """The expanded bias ``[B or 1, n, n]`` in ``dtype`` (None without tables); ``indices``:
+    those of :func:`_relative_bias_indices`, when the caller has them."""
     if position_bias is None and time_bias is None:
         return None
-    position_index, time_index = _relative_bias_indices(
-        offsets, n, **_table_sizes(position_bias, time_bias), timestamps=timestamps,
-        time_bucket_scale=time_bucket_scale, num_targets=num_targets, contextual_len=contextual_len)
+    if indices is None:
+        indices = _relative_bias_indices(
+            offsets, n, **_table_sizes(position_bias, time_bias), timestamps=timestamps,
+            time_bucket_scale=time_bucket_scale, num_targets=num_targets, contextual_len=contextual_len)
+    position_index, time_index = indices
     bias = None
     for table, index in ((position_bias, position_index), (time_bias, time_index)):
         if table is not None:
@@ -423,13 +431,14 @@ def relative_bias_dense(
     bias = _dense_bias(offsets, max_seq_len, position_bias, time_bias, timestamps, time_bucket_scale, num_targets,
                        contextual_len, dtype)
     lengths = offsets[1:] - offsets[:-1]
+    bias = bias.expand(lengths.shape[0], max_seq_len, max_seq_len)
     inside = torch.arange(max_seq_len, device=offsets.device).view(1, -1) < lengths.view(-1, 1)
     return torch.where(inside.unsqueeze(2) & inside.unsqueeze(1), bias, bias.new_zeros(()))
 
 
 def _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_len,
                  max_attn_len, rab, normalizer, position_bias=None, time_bias=None, timestamps=None,
-                 time_bucket_scale=0.301):
+                 time_bucket_scale=0.301, bias_indices=None):
     """Padded fp32 (fp64 for fp64 input) q, k, v, the scores S, the mask and the divisor."""
     acc = _accumulation_dtype(q.dtype)
     n = max_seq_len
@@ -441,7 +450,7 @@ def _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, cont
     if rab is not None:
         scores = scores + rab.to(acc)
     bias = _dense_bias(offsets, n, position_bias, time_bias, timestamps, time_bucket_scale, num_targets,
-                       contextual_len, acc)
+                       contextual_len, acc, bias_indices)
     if bias is not None:
         scores = scores + bias.unsqueeze(1)
     lengths = offsets[1:] - offsets[:-1]
@@ -534,9 +543,14 @@ def hstu_attention_reference_backward(
     """
     if tuple(grad_out.shape) != (q.shape[0], q.shape[1], v.shape[2]):
         raise ValueError(f"grad_out must have shape {(q.shape[0], q.shape[1], v.shape[2])}, got {tuple(grad_out.shape)}")
+    indices = None
+    if position_bias is not None or time_bias is not None:
+        indices = _relative_bias_indices(
+            offsets, max_seq_len, **_table_sizes(position_bias, time_bias), timestamps=timestamps,
+            time_bucket_scale=time_bucket_scale, num_targets=num_targets, contextual_len=contextual_len)
     qp, kp, vp, scores, mask, divisor = _dense_terms(q, k, v, offsets, max_seq_len, alpha, causal, num_targets,
                                                      contextual_len, max_attn_len, rab, normalizer, position_bias,
-                                                     time_bias, timestamps, time_bucket_scale)
+                                                     time_bias, timestamps, time_bucket_scale, indices)
     zero = scores.new_zeros(())
     probs = torch.where(mask, F.silu(scores) / divisor, zero)
     dop, _ = pad(grad_out.to(scores.dtype), offsets, max_seq_len, validate=False)  # [B, N, H, d_v]
@@ -558,15 +572,14 @@ def hstu_attention_reference_backward(
     want_time = time_bias is not None and compute_dtime_bias
     d_tables: list = [None, None]
     if want_position or want_time:
-        position_index, time_index = _relative_bias_indices(
-            offsets, max_seq_len, position_size=position_bias.shape[0] if want_position else None,
-            num_buckets=time_bias.shape[0] - 1 if want_time else None, timestamps=timestamps,
-            time_bucket_scale=time_bucket_scale, num_targets=num_targets, contextual_len=contextual_len)
-        per_pair = dscores.sum(1).reshape(-1)  # the tables are shared by all heads
-        for slot, (table, index) in enumerate(((position_bias, position_index), (time_bias, time_index))):
-            if index is not None:
-                summed = torch.zeros(table.shape[0], dtype=per_pair.dtype, device=per_pair.device)
-                d_tables[slot] = summed.index_add_(0, index.reshape(-1), per_pair).to(table.dtype)
+        per_pair = dscores.sum(1)  # the tables are shared by all heads
+        for slot, (table, index, want) in enumerate(((position_bias, indices[0], want_position),
+                                                     (time_bias, indices[1], want_time))):
+            if want:
+                # an index shared by all sequences ([1, n, n]) takes the batch sum first
+                pairs = per_pair.sum(0, keepdim=True) if index.shape[0] == 1 else per_pair
+                summed = torch.zeros(table.shape[0], dtype=pairs.dtype, device=pairs.device)
+                d_tables[slot] = summed.index_add_(0, index.reshape(-1), pairs.reshape(-1)).to(table.dtype)
     total = q.shape[0]
     return (unpad(dqp, offsets, total, validate=False).to(q.dtype),
             unpad(dkp, offsets, total, validate=False).to(k.dtype),
