@@ -742,10 +742,10 @@ class DynamicEmbeddingTable(nn.Module):
                     return fused.lookup_pool(self.index, ids, offsets, self.weight, psw, imode, self.default_row)[0]
                 return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
             rows = self.index.find(ids, default=self.default_row)
+            if not weights_grad:
+                return self._pool_unknown(ids, rows, offsets, imode, psw)
             values = self._read_unknown(ids, rows, self._gather(rows))
             bag = self._bag_index(offsets)
-            if not weights_grad:
-                return self._pool_values(values, bag, offsets, imode, psw)
             return _WeightedPoolFunction.apply(self._anchor, psw,
                                                lambda: self._pool_values(values, bag, offsets, imode, psw.detach()),
                                                self, None, values, bag)
@@ -773,17 +773,39 @@ class DynamicEmbeddingTable(nn.Module):
                                                self, record, values, src_idx)
         return _LookupFunction.apply(self._anchor, lambda: self._pool(rows, offsets, imode, psw, spec), self, record)
 
+    def _pool_unknown(self, ids: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, mode: int,
+                      psw: Optional[torch.Tensor]) -> torch.Tensor:
+        """Eval pooling at ``rows`` (default row where absent) with the absent ids read as
+        ``config.eval_unknown`` says: the pool as usual, then, for the absent positions only,
+        the difference between what they should read and the default row added to their bags
+        (so the cost grows with the unseen ids, not with the batch)."""
+        out = self._pool(rows, offsets, mode, psw)
+        pos = torch.nonzero(rows == self.default_row).squeeze(1)
+        if pos.numel() == 0:
+            return out
+        delta = self._unknown_values(ids[pos]) - self.weight[self.default_row].to(torch.float32)
+        bag = torch.searchsorted(offsets, pos, right=True) - 1
+        if psw is not None:
+            delta = delta * psw[pos].to(torch.float32)[:, None]
+        if mode == 1:
+            lengths = offsets[1:] - offsets[:-1]
+            delta = delta / lengths[bag].to(torch.float32)[:, None]
+        return out.index_add_(0, bag, delta)
+
     def _read_unknown(self, ids: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``values`` (gathered at ``rows``) with the ids that have no row read as
         ``config.eval_unknown`` says; raises :class:`UnknownIdError` before returning anything."""
-        policy = self.config.eval_unknown
-        if policy == "default":
+        if self.config.eval_unknown == "default":
             return values
         missing = rows == self.default_row
-        if not bool(missing.any()):
-            return values
-        unknown = ids[missing]
-        if policy == "error":
+        if bool(missing.any()):
+            values[missing] = self._unknown_values(ids[missing])
+        return values
+
+    def _unknown_values(self, unknown: torch.Tensor) -> torch.Tensor:
+        """float32[N, dim]: what the ids ``unknown`` (all without a row) read in eval mode
+        under ``eval_unknown`` "init"; raises :class:`UnknownIdError` under "error"."""
+        if self.config.eval_unknown == "error":
             shown = torch.unique(unknown)
             raise UnknownIdError(
                 f"dynamic table {self.name!r} (eval mode) has no row for {shown.numel()} id(s), e.g. "
@@ -800,8 +822,7 @@ class DynamicEmbeddingTable(nn.Module):
             init = initial_values(cfg.initializer, unknown, self.dim, cfg.seed, cfg.init_min, cfg.init_max,
                                   cfg.init_std).to(self.dtype)
         # In the storage dtype first: exactly what the row would hold once inserted.
-        values[missing] = init.to(torch.float32)
-        return values
+        return init.to(torch.float32)
 
     def _pool_values(self, values: torch.Tensor, bag: torch.Tensor, offsets: torch.Tensor, mode: int,
                      psw: Optional[torch.Tensor]) -> torch.Tensor:
