@@ -58,6 +58,9 @@ def swap_dynamic_embeddings(
         device and train/eval mode; a module used at several places in the tree is
         replaced by one shared twin. On any error the model is left unchanged.
     """
+    for name, flag in (("allow_unknown_features", allow_unknown_features), ("copy_weights", copy_weights)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if isinstance(copy_headroom, bool) or not isinstance(copy_headroom, (int, float)) or not copy_headroom >= 1.0:
         raise ValueError(f"copy_headroom must be a number >= 1 (the most rows a copied table grows to, as a multiple "
                          f"of num_embeddings), got {copy_headroom!r}")

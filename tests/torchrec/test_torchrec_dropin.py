@@ -183,6 +183,10 @@ def test_copy_weights_leaves_headroom_for_unseen_ids(backend):
         with pytest.raises(ValueError, match="copy_headroom"):
             swap_dynamic_embeddings(model, copy_weights=True, copy_headroom=bad)
         assert type(model) is EmbeddingBagCollection  # nothing swapped
+    model = copy.deepcopy(ref)
+    with pytest.raises(TypeError, match="copy_weights must be True or False"):
+        swap_dynamic_embeddings(model, copy_weights="yes")
+    assert type(model) is EmbeddingBagCollection
 
 
 @pytest.mark.parametrize("policy", ["default", "init", "error"])
