@@ -14,7 +14,7 @@ are reused. ML-100K (943 users) cannot separate the two models: the standard err
 is about .013, so a gap under ~.03 is noise.
 
 ``--quick`` (what ``make bench`` runs) checks the whole pipeline in a few minutes on the
-2-core CPU: one seed, 2 epochs, sequences cut to the last 50 items, in a temporary folder; it
+2-core CPU: one seed, 1 epoch, sequences cut to the last 50 items, in a temporary folder; it
 writes only ``--json`` (the committed table is never touched) and says so in its summary. Its
 numbers show that both models train under the same harness, not how they compare. Without the
 ML-100K data it records ``{"skipped": ...}`` and exits 0.
@@ -51,11 +51,11 @@ def main(argv=None) -> int:
                                                "benchmarks/results/ml100k_hstu_vs_sasrec.json, none with --quick")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. how the runs were scheduled)")
-    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, length 50, temporary folder: a few minutes")
+    p.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, length 50, temporary folder: a few minutes")
     p.add_argument("--json", metavar="PATH", help="write the benchmark convention's record here")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.max_epochs, args.eval_every, args.patience = [0], 2, 1, 0
+        args.seeds, args.max_epochs, args.eval_every, args.patience = [0], 1, 1, 0
         args.max_len = args.max_len or 50
         args.threads = args.threads or 2
     if args.out is None and not args.quick:
@@ -140,7 +140,7 @@ def _write_convention_record(result: dict, args: argparse.Namespace, write_repor
     results = [{"model": r["model"], "seed": r["seed"], "fit_s": r.get("fit_s"), "epochs": r.get("epochs_trained"),
                 **{k: v for k, v in r["metrics"].items() if k.endswith(("hr@10", "ndcg@10"))}}
                for r in result["runs"]]
-    summary = {"mode": (f"quick: {len(args.seeds)} seed, {args.max_epochs} epochs, length {args.max_len} "
+    summary = {"mode": (f"quick: {len(args.seeds)} seed, {args.max_epochs} epoch(s), length {args.max_len} "
                         "(pipeline check; not comparable to the committed table)") if args.quick else "full",
                "seeds": len(args.seeds), "max_epochs": args.max_epochs}
     for model, stats in result["summary"].items():
