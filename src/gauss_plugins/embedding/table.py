@@ -540,7 +540,7 @@ class DynamicEmbeddingTable(nn.Module):
         freed = rows >= 0
         gone = ids[freed]
         if gone.numel():
-            self._row_stamp[rows[freed]] = -1
+            self._row_stamp.index_fill_(0, rows[freed], -1)
             version = self._bump()
             self._tombstone_ids.append(gone.clone())
             self._tombstone_versions.append(version)

@@ -218,26 +218,45 @@ def _unprotected(rows: torch.Tensor, protect: Optional[torch.Tensor], scratch: R
 
 
 def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Ids (ascending) of ``k`` victims chosen among ``sample_factor * k`` random rows, or
-    None when the exact selection should run instead (small table, a round that would
-    sample most of it, or too few live unprotected rows in the sample)."""
+    """Ids (ascending) of ``k`` victims: the lowest-scored of ``sample_factor * k`` random
+    rows, or None when the exact selection should run instead (small table, a round that
+    would sample most of it, or too few live unprotected rows in the sample).
+
+    Every step is a gather or a filter over the sample (no sort of it): rows are drawn with
+    replacement and the rare repeats are dropped among the chosen ones; ties in score are
+    broken arbitrarily (but deterministically), not by id as the exact selection does."""
     policy = table.eviction
     factor = int(policy.sample_factor)
     live = len(table)
     if factor <= 0 or live <= policy.exact_below or k * factor >= live:
         return None
-    rows = torch.randint(0, table.capacity, (k * factor,), generator=table._eviction_rng(),
-                         device=table.device, dtype=torch.int64)
-    # Distinct rows (writes positions >= 0 into their slots), then the protected ones marked
-    # with a negative token in the same scratch.
-    rows = distinct_rows(rows, table._scratch.get(table.capacity + 1, table.device))
-    keep = table._row_stamp.index_select(0, rows) >= 0  # rows with a key
-    free = _unprotected(rows, protect, table._scratch, table.capacity + 1)
-    rows = rows[keep if free is None else keep & free]
+    capacity = table.capacity
+    m = k * factor
+    rows = torch.randint(0, capacity, (m,), generator=table._eviction_rng(), device=table.device, dtype=torch.int64)
+    stamps = table._row_stamp.index_select(0, rows)
+    keep = stamps >= 0  # rows with a key
+    free = _unprotected(rows, protect, table._scratch, capacity + 1)
+    if free is not None:
+        keep &= free
+    rows = rows[keep]
     if rows.numel() < k:
         return None
-    ids = table._row_ids.index_select(0, rows)
-    return lowest_k(ids, policy.scores(ids, rows, table._clock(), table), k)
+    array = policy.score_array()
+    if array is table._row_stamp:
+        scores = stamps[keep]  # LRU: the stamps just read are the scores
+    elif array is not None:
+        scores = array.index_select(0, rows)
+    else:
+        scores = policy.scores(table._row_ids.index_select(0, rows), rows, table._clock(), table)
+    scores = scores.to(torch.float64) if scores.is_floating_point() else scores.to(torch.int64)
+    # Extra picks cover the repeats a sample drawn with replacement may hold (~m/capacity).
+    want = min(rows.numel(), k + (k * m) // capacity + 8)
+    chosen = rows.index_select(0, torch.topk(scores, want, largest=False, sorted=True).indices)
+    # A repeated row has one score, so any copy may stay; the order (by score) is kept.
+    chosen = distinct_rows(chosen, table._scratch.get(capacity + 1, table.device))[:k]
+    if chosen.numel() < k:
+        return None
+    return table._row_ids.index_select(0, chosen).sort().values
 
 
 def expire_window(table: "DynamicEmbeddingTable", protect: Optional[torch.Tensor]) -> torch.Tensor:
