@@ -7,15 +7,16 @@ bias, in eval mode): ``users`` users, each with a ``history``-long history and
 * **Baseline**: :meth:`MFalcon.score`, one full encoder pass per round over
   ``[history ; round's candidates]`` (every block's projections, norms and output layers
   run on the history again in every round).
-* **Cached**: :meth:`MFalcon.encode_history` once, then :meth:`MFalcon.score_cached`: per
-  round only the candidate rows go through the blocks; each attention is one
-  ``hstu_attention`` call over ``[cached K/V ; candidates' K/V]`` with ``num_targets``
-  (the fused kernel on CUDA). ``cached_s`` includes encoding the history;
+* **Cached**: :meth:`MFalcon.encode_history` once, then :meth:`MFalcon.score_cached`: only
+  the candidate rows go through the blocks, all rounds at once; each block's attention is
+  one ``hstu_attention`` call over ``[cached K/V ; round's K/V]`` per (user, round) with
+  ``num_targets`` (the fused kernel on CUDA). ``cached_s`` includes encoding the history;
   ``cache_reused_s`` is a later request against the same cached history.
 
-The attention of a round costs the same on both paths (the op computes every row of
+The attention of a round costs the same FLOPs on both paths (the op computes every row of
 ``[history ; candidates]``; the history rows' outputs are dropped): the cache saves the
-history's projections, norms and output layers, and the history pass when it is reused.
+history's projections, norms and output layers, one launch per round (rounds run
+together), and the history pass when it is reused.
 
 Each row also records the largest difference between the two outputs (they compute the
 same function). Summary keys: ``cached_speedup_mb64`` (baseline time / cached time at the

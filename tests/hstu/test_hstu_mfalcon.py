@@ -119,9 +119,10 @@ def test_candidates_in_a_round_do_not_see_each_other():
 
 
 def test_cached_path_runs_the_attention_op_with_the_num_targets_mask(monkeypatch):
-    """Every attention of the cached path is one hstu_attention call over [history ; round]
-    with num_targets = the round's candidates (what selects the fused kernel on CUDA)."""
-    encoder, h, ho, c, co, ht, ct = setup(seed=3)
+    """Each block's attention of the cached path is one hstu_attention call over every
+    (user, round) pair as [history ; round's candidates], with num_targets = the round's
+    candidates (what selects the fused kernel on CUDA)."""
+    encoder, h, ho, c, co, ht, ct = setup(seed=3)  # history (3, 7, 0, 5), candidates (5, 1, 7, 0)
     mfalcon = MFalcon(encoder, 4)
     cache = mfalcon.encode_history(h, ho, ht)
     calls = []
@@ -133,11 +134,11 @@ def test_cached_path_runs_the_attention_op_with_the_num_targets_mask(monkeypatch
 
     monkeypatch.setattr(modules, "hstu_attention", spy)
     mfalcon.score_cached(cache, c, co, ct)
-    rounds = [torch.tensor([4, 1, 4, 0]), torch.tensor([1, 0, 3, 0])]
-    assert len(calls) == len(rounds) * len(encoder.blocks)
-    for (offsets, num_targets), expected in zip(calls, [r for r in rounds for _ in encoder.blocks]):
-        assert num_targets.tolist() == expected.tolist()
-        assert offsets.diff().tolist() == (ho.diff() + expected).tolist()
+    assert len(calls) == len(encoder.blocks)
+    # round 0: users 0, 1, 2 (4, 1, 4 candidates); round 1: users 0, 2 (1, 3); user 3 has none
+    for offsets, num_targets in calls:
+        assert num_targets.tolist() == [4, 1, 4, 1, 3]
+        assert offsets.diff().tolist() == [3 + 4, 7 + 1, 0 + 4, 3 + 1, 0 + 3]
 
 
 def test_float32_cached_close_to_uncached():
@@ -181,3 +182,10 @@ def test_errors():
         other = setup(**config)[0]
         with pytest.raises(ValueError, match="causal encoder with normalizer='max_seq_len'"):
             MFalcon(other, 2).encode_history(h, ho, ht)
+
+
+def test_no_candidates_gives_an_empty_result():
+    encoder, h, ho, c, co, ht, ct = setup(candidates=(0, 0, 0, 0))
+    mfalcon = MFalcon(encoder, 4)
+    assert mfalcon.score_cached(mfalcon.encode_history(h, ho, ht), c, co, ct).shape == (0, 16)
+    assert mfalcon.score(h, ho, c, co, ht, ct).shape == (0, 16)

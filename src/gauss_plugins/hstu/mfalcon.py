@@ -17,13 +17,17 @@ them (the last history row's ``t_next`` is its own time whether or not targets f
 the history's keys and values in every block are the same in every round.
 :meth:`MFalcon.encode_history` computes them once (:class:`HistoryCache`);
 :meth:`MFalcon.score_cached` then runs only the candidate rows through the blocks'
-projections, norms and output layers. Its attention, per block and round, is one
-:func:`~gauss_plugins.hstu.attention.hstu_attention` call on ``[cached history K/V ;
-candidates' K/V]`` as a jagged batch with ``num_targets`` = the round's candidates, so on
-CUDA it runs the fused kernel with the ``num_targets`` mask; the history rows' queries are
-zeros and their outputs are dropped. :meth:`MFalcon.score` is the same computation without
-the cache (one full encoder pass per round over history + candidates); the two agree,
-which the tests check.
+projections, norms and output layers. Since rounds no longer depend on each other, it runs
+them all at once: every (user, round) pair with candidates is one sequence ``[cached
+history K/V ; that round's candidates' K/V]`` of a jagged batch, and each block's attention
+is one :func:`~gauss_plugins.hstu.attention.hstu_attention` call on it with ``num_targets``
+= the candidates of each pair, so on CUDA it is one launch of the fused kernel with the
+``num_targets`` mask (not a dense einsum), however many rounds there are. The history rows'
+queries are zeros and their outputs are dropped; they still cost attention FLOPs (the op
+computes every row), so a round's attention costs what it costs uncached, and the history
+keys/values are repeated once per round (memory ``O(rounds * history)`` rows per block).
+:meth:`MFalcon.score` is the definition without the cache (one full encoder pass per round
+over history + candidates); the two agree, which the tests check.
 
 Requirements for the cache to be exact: a causal mask and ``normalizer="max_seq_len"``
 (with ``"seq_len"`` the history rows would be divided by a length that includes the
@@ -116,9 +120,9 @@ class MFalcon:
         self.micro_batch_size = micro_batch_size
 
     # ------------------------------------------------------------------ rounds
-    def _rounds(self, candidates: torch.Tensor, candidate_offsets: torch.Tensor,
-                history_lengths: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(rows of candidates, offsets of the round)`` for each micro-batch round."""
+    def _round_counts(self, candidates: torch.Tensor, candidate_offsets: torch.Tensor,
+                      history_lengths: torch.Tensor) -> torch.Tensor:
+        """``[rounds, B]``: how many candidates of each user go into each round."""
         validate_offsets(candidate_offsets, candidates.shape[0], name="candidate_offsets")
         if candidate_offsets.shape[0] != history_lengths.shape[0] + 1:
             raise ValueError(f"candidates describe {candidate_offsets.shape[0] - 1} users but the history "
@@ -131,11 +135,17 @@ class MFalcon:
                 f"history + one micro-batch of candidates reaches {longest} rows, more than max_seq_len="
                 f"{self.encoder.config.max_seq_len}; use a smaller micro_batch_size or a shorter history")
         rounds = -(-int(counts.max()) // mb) if counts.numel() else 0
-        for r in range(rounds):
-            in_round = (counts - r * mb).clamp(min=0, max=mb)
+        first = torch.arange(rounds, device=counts.device).view(-1, 1) * mb
+        return (counts.view(1, -1) - first).clamp(min=0, max=mb)
+
+    def _rounds(self, candidates: torch.Tensor, candidate_offsets: torch.Tensor,
+                history_lengths: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(rows of candidates, offsets of the round)`` for each micro-batch round."""
+        in_rounds = self._round_counts(candidates, candidate_offsets, history_lengths)
+        for r, in_round in enumerate(in_rounds):
             round_offsets = lengths_to_offsets(in_round)
             seq, pos = row_coordinates(round_offsets, int(round_offsets[-1]))
-            yield candidate_offsets[seq] + r * mb + pos, round_offsets
+            yield candidate_offsets[seq] + r * self.micro_batch_size + pos, round_offsets
 
     def _check(self, x: torch.Tensor, offsets: torch.Tensor, timestamps: Optional[torch.Tensor]) -> None:
         config = self.encoder.config
@@ -186,28 +196,51 @@ class MFalcon:
     @torch.no_grad()
     def score_cached(self, cache: HistoryCache, candidates: torch.Tensor, candidate_offsets: torch.Tensor,
                      candidate_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Same result as :meth:`score`, attending to the cached history keys/values (see the
-        module docstring: one ``hstu_attention`` call with ``num_targets`` per block and round)."""
+        """Same result as :meth:`score`, attending to the cached history keys/values; all
+        rounds in one pass (see the module docstring: one ``hstu_attention`` call with
+        ``num_targets`` per block)."""
         _check_times(cache.timestamps, candidate_timestamps)
         self._check(candidates, candidate_offsets, candidate_timestamps)
         if len(cache.keys) != len(self.encoder.blocks):
             raise ValueError(f"the cache holds {len(cache.keys)} blocks, the encoder has {len(self.encoder.blocks)}")
-        history_rows = cache.keys[0].shape[0] if cache.keys else 0
+        pairs = _AllRounds(cache.offsets, candidate_offsets,
+                           self._round_counts(candidates, candidate_offsets, cache.lengths), self.micro_batch_size)
+        layout = pairs.layout
+        times = None
+        if cache.timestamps is not None:
+            times = layout.merge(cache.timestamps[pairs.history_rows],
+                                 candidate_timestamps[pairs.candidate_rows].to(torch.int64))
+        x = candidates[pairs.candidate_rows]
+        for block, keys, values in zip(self.encoder.blocks, cache.keys, cache.values):
+            u, q, k, v = block.project(x)
+            # history queries are zeros: their outputs are not used, only the candidates'
+            attn = block.attend(layout.merge(None, q), layout.merge(keys[pairs.history_rows], k),
+                                layout.merge(values[pairs.history_rows], v), layout.offsets, times,
+                                layout.num_targets)
+            x = block.combine(x, u, attn[layout.target_rows])
         out = candidates.new_empty(candidates.shape)
-        for rows, round_offsets in self._rounds(candidates, candidate_offsets, cache.lengths):
-            layout = _AppendLayout(cache.offsets, round_offsets, history_rows, rows.shape[0])
-            times = None
-            if cache.timestamps is not None:
-                times = layout.merge(cache.timestamps, candidate_timestamps[rows].to(torch.int64))
-            x = candidates[rows]
-            for block, keys, values in zip(self.encoder.blocks, cache.keys, cache.values):
-                u, q, k, v = block.project(x)
-                # history queries are zeros: their outputs are not used, only the candidates'
-                attn = block.attend(layout.merge(None, q), layout.merge(keys, k), layout.merge(values, v),
-                                    layout.offsets, times, layout.num_targets)
-                x = block.combine(x, u, attn[layout.target_rows])
-            out[rows] = self.encoder.finish(x)
+        out[pairs.candidate_rows] = self.encoder.finish(x)
         return out
+
+
+class _AllRounds:
+    """Every (user, round) pair that has candidates as one sequence ``[history ; round]``:
+    which cached history rows and which candidate rows feed each pair, and the jagged layout
+    of the whole batch (pairs ordered by round, then user)."""
+
+    def __init__(self, history_offsets: torch.Tensor, candidate_offsets: torch.Tensor, in_rounds: torch.Tensor,
+                 micro_batch_size: int) -> None:
+        pair_round, pair_user = torch.nonzero(in_rounds > 0, as_tuple=True)
+        n_hist = (history_offsets[1:] - history_offsets[:-1])[pair_user]
+        n_cand = in_rounds[pair_round, pair_user]
+        hist_offsets = lengths_to_offsets(n_hist)
+        cand_offsets = lengths_to_offsets(n_cand)
+        hist_total, cand_total = int(hist_offsets[-1]), int(cand_offsets[-1])
+        seq, pos = row_coordinates(hist_offsets, hist_total)
+        self.history_rows = history_offsets[pair_user][seq] + pos
+        seq, pos = row_coordinates(cand_offsets, cand_total)
+        self.candidate_rows = candidate_offsets[pair_user][seq] + pair_round[seq] * micro_batch_size + pos
+        self.layout = _AppendLayout(hist_offsets, cand_offsets, hist_total, cand_total)
 
 
 def _check_times(history_timestamps: Optional[torch.Tensor], candidate_timestamps: Optional[torch.Tensor]) -> None:
