@@ -19,6 +19,7 @@ _EXPORTS = {
     "hstu_attention": "attention",
     "hstu_attention_reference": "attention",
     "hstu_attention_reference_backward": "attention",
+    "relative_bias_dense": "attention",
     "HSTUBlock": "modules",
     "HSTUConfig": "modules",
     "HSTUEncoder": "modules",
