@@ -114,6 +114,55 @@ class EpochLogger(pl.Callback):
                  f"val HR@10 {record.get('val/hr@10', float('nan')):.4f}, NDCG@10 {record.get('val/ndcg@10', float('nan')):.4f}")
 
 
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch (its batches and optimizer steps, from the epoch's
+    start to the start of its validation, or to its end when it has none) and of each
+    validation pass, in seconds. The device is synchronised at each mark, so queued GPU work
+    is counted in the phase that queued it."""
+
+    def __init__(self) -> None:
+        self.train_seconds: List[float] = []
+        self.val_seconds: List[float] = []
+        self._train_start: Optional[float] = None
+        self._val_start: Optional[float] = None
+
+    @staticmethod
+    def _now(pl_module: pl.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def _end_train(self, pl_module: pl.LightningModule) -> None:
+        if self._train_start is not None:
+            self.train_seconds.append(self._now(pl_module) - self._train_start)
+            self._train_start = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = self._now(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._end_train(pl_module)  # Lightning validates inside the epoch, before its end hook
+        self._val_start = self._now(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._val_start is not None:
+            self.val_seconds.append(self._now(pl_module) - self._val_start)
+            self._val_start = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_train(pl_module)
+
+    def summary(self) -> Dict[str, Any]:
+        """``epoch_seconds`` / ``val_seconds``: per-epoch lists and their means (None if empty)."""
+        def mean(xs: List[float]) -> Optional[float]:
+            return round(float(np.mean(xs)), 4) if xs else None
+
+        return {"epoch_seconds": [round(x, 4) for x in self.train_seconds], "epoch_seconds_mean": mean(self.train_seconds),
+                "val_seconds": [round(x, 4) for x in self.val_seconds], "val_seconds_mean": mean(self.val_seconds)}
+
+
 def save_checkpoint(path: str, model: torch.nn.Module, config: ExperimentConfig, extra: Dict[str, Any]) -> None:
     """Pickle-free checkpoint: tensors + the config and run facts as JSON metadata."""
     metadata = {"format": "gauss-plugins/retrieval-model/1", "config": json.dumps(config_to_dict(config)),
@@ -210,7 +259,8 @@ def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: Retri
         HeldOutExamples(split.test, max_len, config.data.exclude_history),
         batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size, seed=config.train.seed)
     keeper = BestModelKeeper(config.train.monitor)
-    callbacks: List[pl.Callback] = [ValidateLastEpoch(), keeper]
+    timer = EpochTimer()
+    callbacks: List[pl.Callback] = [ValidateLastEpoch(), keeper, timer]
     if not progress:
         callbacks.append(EpochLogger(log))
     if config.train.early_stopping_patience:
@@ -235,7 +285,7 @@ def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: Retri
     metrics = {**{k: v for k, v in val.items()}, **{k: v for k, v in test.items()}}
     report = {"mode": "epoch", "selected_epoch": keeper.best_epoch, "epochs_trained": epochs_trained,
               "monitor": config.train.monitor, "fit_s": round(fit_s, 1),
-              "eval_users": len(split.test), "history": module.history}
+              "eval_users": len(split.test), "history": module.history, **timer.summary()}
     plot_history({config.model.arch: module.history}, os.path.join(output_dir, "training_curve.png"),
                  title=f"{config.name}: test HR@10 {test['test/hr@10']:.4f}, NDCG@10 {test['test/ndcg@10']:.4f} "
                        f"(epoch {keeper.best_epoch})")

@@ -18,7 +18,11 @@ import numpy as np
 from gauss_plugins.train.config import ExperimentConfig, config_to_dict
 from gauss_plugins.train.report import METRIC_KEYS, format_table, write_json
 
-__all__ = ["run_comparison", "aggregate", "markdown_table"]
+__all__ = ["run_comparison", "aggregate", "markdown_table", "timing_table", "TIMING_KEYS"]
+
+# Per-run timings aggregated beside the metrics (seconds): the mean training-epoch wall time
+# (validation excluded), the mean validation pass, and the whole fit.
+TIMING_KEYS = ("epoch_seconds", "val_seconds", "fit_s")
 
 
 def aggregate(runs: Sequence[Mapping[str, float]]) -> Dict[str, Dict[str, float]]:
@@ -33,7 +37,7 @@ def aggregate(runs: Sequence[Mapping[str, float]]) -> Dict[str, Dict[str, float]
 
 
 def _pm(stats: Mapping[str, float]) -> str:
-    if math.isnan(stats["std"]):
+    if stats.get("std") is None or math.isnan(stats["std"]):  # one run (std is null once written as JSON)
         return f"{stats['mean']:.4f}"
     return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
 
@@ -47,6 +51,15 @@ def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], spl
         n = stats.get(f"{split}/{keys[0]}", {}).get("n", 0)
         cells = [_pm(stats[f"{split}/{k}"]) if f"{split}/{k}" in stats else "" for k in keys]
         lines.append(f"| {model} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def timing_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Markdown table, one row per model: mean ± std seconds of each of :data:`TIMING_KEYS`."""
+    lines = ["| model | train epoch (s) | validation pass (s) | fit (s) |", "| --- | --- | --- | --- |"]
+    for model, stats in summary.items():
+        cells = [_pm(stats[k]) if k in stats else "" for k in TIMING_KEYS]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -70,8 +83,8 @@ def run_comparison(configs: Mapping[str, ExperimentConfig], seeds: Sequence[int]
         sequences = load_configured_dataset(first.data.dataset, first.data.path, first.data.options)
 
     def payload() -> Dict[str, object]:
-        summary = {label: aggregate([r["metrics"] for r in runs if r["model"] == label]) for label in configs
-                   if any(r["model"] == label for r in runs)}
+        summary = {label: aggregate([{**r["metrics"], **r["timing"]} for r in runs if r["model"] == label])
+                   for label in configs if any(r["model"] == label for r in runs)}
         return {
             "data": sequences.describe(),
             "seeds": list(seeds),
@@ -126,6 +139,9 @@ def _with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
 
 
 def _run_record(label: str, seed: int, metrics: Mapping[str, float], report: Mapping[str, object]) -> Dict[str, object]:
+    timing = {"epoch_seconds": report.get("epoch_seconds_mean"), "val_seconds": report.get("val_seconds_mean"),
+              "fit_s": report.get("fit_s")}
     return {"model": label, "seed": int(seed), "metrics": dict(metrics),
+            "timing": {k: float(v) for k, v in timing.items() if isinstance(v, (int, float))},
             "selected_epoch": report.get("selected_epoch"), "epochs_trained": report.get("epochs_trained"),
             "fit_s": report.get("fit_s"), "item_embeddings": report.get("item_embeddings")}
