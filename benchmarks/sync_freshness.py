@@ -94,8 +94,9 @@ def baseline(port: int, rows: int) -> List[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- reader process
-def reader_main(port: int, prefix: bytes, ids: np.ndarray, duration: float, out_path: str) -> None:
-    """Poll the probe ids; write ``[seen time, probe index, digest hex]`` per value change."""
+def reader_main(port: int, prefix: bytes, ids: np.ndarray, duration: float, out_path: str, ready=None) -> None:
+    """Poll the probe ids; write ``[seen time, probe index, digest hex]`` per value change.
+    ``ready`` (an event) is set after the first poll: the run starts only then."""
     import redis
 
     from gauss_integrations.redis.store import row_keys
@@ -118,6 +119,8 @@ def reader_main(port: int, prefix: bytes, ids: np.ndarray, duration: float, out_
                 if not first:  # the first poll shows old state, not transitions
                     samples.append([seen, i, digest(v).hex()])
                 last[i] = v
+        if first and ready is not None:
+            ready.set()
         first = False
         time.sleep(0.05)  # 20k keys/s of polling: a light load next to the writes measured
     with open(out_path, "w") as f:
@@ -139,13 +142,21 @@ class Trainer(threading.Thread):
         self.is_probe = np.zeros(self.num_ids, dtype=bool)
         self.is_probe[probes] = True
         self.written: Dict[bytes, float] = {}
-        self.grad = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(seed)) * 1e-3
+        self.batch = min(BATCH, num_ids // 2)
+        self.grad = torch.randn(self.batch, DIM, generator=torch.Generator().manual_seed(seed)) * 1e-3
+        self.error: Optional[BaseException] = None
         self.rows = 0
         self.deleted: List[torch.Tensor] = []
         self.max_step_s = 0.0
         self.elapsed = 0.0
 
     def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # re-raised by the caller after join()
+            self.error = exc
+
+    def _loop(self) -> None:
         table = self.table
         t_start = time.monotonic()
         n = 0
@@ -153,12 +164,10 @@ class Trainer(threading.Thread):
             now = time.monotonic()
             if now - t_start >= self.duration:
                 break
-            due = t_start + n * BATCH / self.rate
+            due = t_start + n * self.batch / self.rate
             if now < due:
                 time.sleep(due - now)
-            ids_np = np.unique(self.rng.integers(0, self.num_ids, BATCH + BATCH // 4))
-            self.rng.shuffle(ids_np)
-            ids_np = ids_np[:BATCH]  # distinct: every id of a step is one changed row
+            ids_np = self.rng.choice(self.num_ids, self.batch, replace=False)  # distinct: one changed row each
             ids = torch.from_numpy(ids_np)
             probe_ids = torch.from_numpy(ids_np[self.is_probe[ids_np]])
             t0 = time.monotonic()
@@ -176,7 +185,7 @@ class Trainer(threading.Thread):
             if probe_rows is not None:
                 for row in probe_rows.numpy():
                     self.written[digest(row.astype("<f4").tobytes())] = stepped
-            self.rows += BATCH
+            self.rows += self.batch
             n += 1
         self.elapsed = time.monotonic() - t_start
 
@@ -202,17 +211,28 @@ def run_level(server, table, opt, source, store, syncer, num_ids, rate, duration
     probes = rng.choice(num_ids, size=min(PROBES, num_ids), replace=False).astype(np.int64)
     out_path = os.path.join(tmp, f"reader-{rate:.0f}.json")
     ctx = mp.get_context("spawn")
-    reader = ctx.Process(target=reader_main, args=(server.port, store.key_prefix, probes, duration + 3.0, out_path))
+    ready = ctx.Event()
+    reader = ctx.Process(target=reader_main,
+                         args=(server.port, store.key_prefix, probes, duration + 3.0, out_path, ready))
     reader.start()
-    time.sleep(1.0)  # let the reader start and take its first look
+    # A loaded machine can take many seconds to start a Python with torch: wait for its first look.
+    if not ready.wait(120):
+        reader.kill()
+        raise RuntimeError("the reader process did not poll Redis within 120 s")
     pushed0, reports0 = syncer.rows_pushed, len(syncer.reports)
     w = Trainer(table, opt, source, num_ids, probes, rate, duration, seed)
     w.start()
     w.join()
+    if w.error is not None:
+        reader.kill()
+        raise RuntimeError("the training loop failed") from w.error
     catch_up = wait_caught_up(syncer, source, 30.0)
     pushed = syncer.rows_pushed - pushed0
     reader.join(duration + 30)
-    seen = json.load(open(out_path)) if os.path.exists(out_path) else []
+    if reader.exitcode != 0:
+        raise RuntimeError(f"the reader process failed (exit code {reader.exitcode}); its traceback is above")
+    with open(out_path) as f:
+        seen = json.load(f)
     # Each new value the reader saw, matched with the step that wrote it.
     pairs = np.array([(t, t - w.written[bytes.fromhex(d)]) for t, _, d in seen if bytes.fromhex(d) in w.written],
                      dtype=np.float64).reshape(-1, 2)
@@ -252,6 +272,8 @@ def restart_phase(server, table, opt, source, store, syncer, num_ids, rate, dura
     time.sleep(duration * 0.3)
     server.start()
     w.join()
+    if w.error is not None:
+        raise RuntimeError("the training loop failed") from w.error
     catch_up = wait_caught_up(syncer, source, 60.0)
     missing = differ = 0
     with source.lock:
