@@ -166,13 +166,13 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- one config
-def bench_config(B: int, N: int, H: int, D: int, seed: int) -> Dict[str, Any]:
+def bench_config(B: int, N: int, H: int, D: int, seed: int, device: str = "cuda") -> Dict[str, Any]:
     from gauss_kernels.hstu.triton_attention import hstu_attention_triton
     from gauss_plugins.hstu.attention import hstu_attention_reference, hstu_attention_reference_backward
 
     backend = hstu_attention_triton()
     alpha = 1.0 / math.sqrt(D)
-    lengths, offsets, q, k, v = make_inputs(B, N, H, D, "cuda", torch.bfloat16, seed)
+    lengths, offsets, q, k, v = make_inputs(B, N, H, D, device, torch.bfloat16, seed)
     go = torch.randn_like(v)
     opts = dict(max_seq_len=N, alpha=alpha, causal=True)
     flops = fwd_flops(lengths, H, D)
@@ -226,10 +226,10 @@ def bench_config(B: int, N: int, H: int, D: int, seed: int) -> Dict[str, Any]:
     # accuracy against the fp32 reference on the same (bf16-valued) inputs; outputs poisoned
     out = torch.full_like(v, float("nan"))
     out.copy_(ours_fwd())
-    dq, dk, dv, _ = backend.backward(go, q, k, v, offsets, compute_drab=False, **opts)
+    dq, dk, dv = backend.backward(go, q, k, v, offsets, compute_drab=False, **opts)[:3]
     qf, kf, vf, gof = q.float(), k.float(), v.float(), go.float()
     ref = hstu_attention_reference(qf, kf, vf, offsets, **opts)
-    rdq, rdk, rdv, _ = hstu_attention_reference_backward(gof, qf, kf, vf, offsets, compute_drab=False, **opts)
+    rdq, rdk, rdv = hstu_attention_reference_backward(gof, qf, kf, vf, offsets, compute_drab=False, **opts)[:3]
     for name, x, r in (("out", out, ref), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
         row[f"{name}_rel_err"] = rel_err(x, r)
         row[f"{name}_finite"] = bool(torch.isfinite(x).all())
@@ -244,7 +244,7 @@ def bench_bias(backend, q, k, v, offsets, lengths, go, opts, flops: float, seed:
     from gauss_plugins.hstu.attention import hstu_attention_reference, hstu_attention_reference_backward
 
     N = opts["max_seq_len"]
-    tables = bias_tables(lengths, N, "cuda", seed)
+    tables = bias_tables(lengths, N, q.device.type, seed)
     cases = {"rab": dict(position_bias=tables["position_bias"]), "rabt": tables}
     grads = dict(compute_drab=False, compute_dposition_bias=True, compute_dtime_bias=True)
     row: Dict[str, Any] = {}
@@ -544,6 +544,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                  "skipped_configs": {"/".join(map(str, k[0])) + " " + str(tuple(k[1])): why
                                      for k, why in _tune_failures.items()}})
     print_table(rows[:-1], columns)
+    bias_rows = [r for r in rows[:-1] if "rab_fwdbwd_graph_ms" in r]
+    print_table(bias_rows, ["B", "N", "H", "D", "ours_fwdbwd_graph_ms", "rab_fwdbwd_graph_ms", "rabt_fwdbwd_graph_ms",
+                            "rab_diag_off_fwdbwd_graph_ms", "dense_rab_fwdbwd_eager_ms", "rab_fwd_graph_tflops",
+                            "rab_fwdbwd_graph_tflops", "rab_dpos_rel_err", "rabt_dtime_rel_err"])
     record = write_report("hstu_attention", rows, summary, args.json, targets=TARGETS)
     if args.plot:
         try:

@@ -412,20 +412,17 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
     rab_or_q = q if rab is None else rab
     targets = offsets if num_targets is None else num_targets
     common = (p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len, *p.table_scalars)
-    # table gradients: one fp32 (fp64 for fp64 inputs) row per (sequence, head), which the
-    # dK/dV kernel adds dS into by index; summed over the rows here
+    # table gradients, fp32 (fp64 for fp64 inputs) rows that the dK/dV kernel adds dS into by
+    # index, summed over the rows here: the position table gets one row per (sequence, head)
+    # (its per-diagonal adds rarely collide), the small time table one per program (every
+    # pair of a program adds to a few buckets: fewer programs contend for one address)
     pos_grad = compute_dposition_bias and tables.position_bias is not None
     time_grad = compute_dtime_bias and tables.time_bias is not None
     grad_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dpos_buf = dtb_buf = q
+    buffers = {"pos": q, "time": q}
     if pos_grad:
-        dpos_buf = torch.empty((p.B * p.H, tables.position_bias.shape[0]), dtype=grad_dtype, device=q.device)
-    if time_grad:
-        dtb_buf = torch.empty((p.B * p.H, tables.time_bias.shape[0]), dtype=grad_dtype, device=q.device)
+        buffers["pos"] = torch.empty((p.B * p.H, tables.position_bias.shape[0]), dtype=grad_dtype, device=q.device)
     table_ptrs = tables.pointers(q)
-    dkdv_tensors = (q, k, v, grad_out, rab_or_q, drab_buf, *table_ptrs, dpos_buf, dtb_buf, dk, dv, offsets, targets)
-    dkdv_scalars = (*p.rab_strides, *drab_strides, dpos_buf.shape[-1] if pos_grad else 0,
-                    dtb_buf.shape[-1] if time_grad else 0, *common)
     dq_tensors = (q, k, v, grad_out, rab_or_q, *table_ptrs, dq, offsets, targets)
     dq_scalars = (*p.rab_strides, *common)
     diagonal = pos_grad and _diagonal_position_grads
@@ -436,13 +433,17 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
         # the kernel adds into the table-gradient buffers: start them at zero on every
         # launch, so that autotuning (which runs candidates repeatedly) stays correct
         if pos_grad:
-            dpos_buf.zero_()
+            buffers["pos"].zero_()
         if time_grad:
-            dtb_buf.zero_()
-        args = dkdv_tensors
+            buffers["time"] = torch.zeros((grid[0] * grid[1], tables.time_bias.shape[0]), dtype=grad_dtype,
+                                          device=q.device)
+        dpos_buf, dtb_buf = buffers["pos"], buffers["time"]
+        args = (q, k, v, grad_out, rab_or_q, drab_buf, *table_ptrs, dpos_buf, dtb_buf, dk, dv, offsets, targets)
+        scalars = (*p.rab_strides, *drab_strides, dpos_buf.shape[-1] if pos_grad else 0,
+                   dtb_buf.shape[-1] if time_grad else 0, *common)
         if cfg.tma:
             args = (_descriptor(q, cfg.block_m),) + args[1:3] + (_descriptor(grad_out, cfg.block_m),) + args[4:]
-        _dkdv_launcher(grid, args, dkdv_scalars,
+        _dkdv_launcher(grid, args, scalars,
                        dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, RAB_GRAD=rab_grad,
                             RAB_GRAD_ATOMIC=atomic, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
                             POS_GRAD_DIAGONAL=diagonal, USE_TMA=cfg.tma), cfg,
@@ -458,13 +459,13 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
 
     def table_grads():
         grads = []
-        for on, buf, table in ((pos_grad, dpos_buf, tables.position_bias), (time_grad, dtb_buf, tables.time_bias)):
+        for on, name, table in ((pos_grad, "pos", tables.position_bias), (time_grad, "time", tables.time_bias)):
             if not on:
                 grads.append(None)
-                continue
-            if q.shape[0] == 0:  # no kernel ran to write the buffer
-                buf.zero_()
-            grads.append(buf.sum(0).to(table.dtype))
+            elif q.shape[0] == 0:  # no kernel ran
+                grads.append(torch.zeros_like(table))
+            else:
+                grads.append(buffers[name].sum(0).to(table.dtype))
         return tuple(grads)
 
     if q.shape[0] == 0:

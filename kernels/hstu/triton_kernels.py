@@ -18,8 +18,9 @@ The relative-bias indices (``pidx`` from the position ids, ``tidx`` the log-time
 ``t_next(i) - t_j``; see :mod:`gauss_plugins.hstu.attention`) are computed per tile from
 row/column numbers and the per-token timestamps; the 1-D tables stay in cache, so no
 ``[B, N, N]`` bias or bias gradient exists. The dK/dV kernel reduces the tables' gradients
-into one fp32 row per (sequence, head) ([B * H, 2L - 1] and [B * H, num_buckets + 1]),
-summed by one small torch reduction after: with relaxed atomics per (query, key) pair for
+into fp32 rows, one per (sequence, head) for the position table ([B * H, 2L - 1]) and one
+per program for the time table ([programs, num_buckets + 1]), summed by one small torch
+reduction after: with relaxed atomics per (query, key) pair for
 the time table and, with targets or a contextual prefix, the position table; when ids are
 plain positions, the position index is constant along a tile's diagonals, so a register
 gather rotates each key row and the tile's diagonal sums go out with BLOCK_M atomics per
@@ -307,7 +308,7 @@ def _add_table_bias(u, row_ids, col_ids, query_times, key_times, POS, TB, pos_ce
 @triton.jit
 def _table_bias_grads(ds, mask, row_ids, col_ids, query_times, key_times, DPOS, DTB, pos_center, inv_scale,
                       num_buckets, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr):
-    """Adds ds into this (sequence, head)'s rows of the table-gradient buffers, by index:
+    """Adds ds into this program's rows of the table-gradient buffers, by index:
     relaxed atomics (many pairs share an index), summed over the rows on the host."""
     if POS_GRAD:
         tl.atomic_add(DPOS + _position_index(row_ids, col_ids, pos_center), ds.to(DPOS.dtype.element_ty),
@@ -634,9 +635,9 @@ def hstu_bwd_dkdv_kernel(
     if HAS_TIME:
         key_times = tl.load(TS + seq_start + cols, mask=col_ok, other=0)
         history_end = _history_end(num_targets, b, seq_len, HAS_TARGETS)
-    # this (sequence, head)'s row of the table-gradient buffers
+    # this program's rows of the table-gradient buffers (position: per (sequence, head); time: per program)
     DPOS_row = DPOS + off_bh * stride_dpos
-    DTB_row = DTB + off_bh * stride_dtb
+    DTB_row = DTB + (off_bh * tl.num_programs(1) + pid_n) * stride_dtb
     dk = tl.full([BLOCK_N, BLOCK_DQ], 0.0, ACC)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, ACC)
 
