@@ -306,6 +306,8 @@ class DynamicEmbeddingTable(nn.Module):
         self._tombstones_since = 0    # evicted_since(v) is complete for v >= this
         self._pending: List[_GradRecord] = []
         self._anchor = torch.zeros((), requires_grad=True)
+        # A StoreBacking (attach_store): evicted rows go to its store, re-admitted ids come back from it.
+        self.backing = None
         if self.eviction is not None:
             self.eviction.bind(self)
             self.eviction.resize(cap + 1, self.device)
@@ -534,8 +536,12 @@ class DynamicEmbeddingTable(nn.Module):
             return ids.sort().values
         return lowest_k(ids, self.eviction.scores(ids, rows, self._clock(), self), k)
 
-    def _remove(self, ids: torch.Tensor) -> torch.Tensor:
-        """Remove ``ids`` (distinct) from the index; log them as tombstones. Returns rows."""
+    def _remove(self, ids: torch.Tensor, write_back: bool = True) -> torch.Tensor:
+        """Remove ``ids`` (distinct) from the index; log them as tombstones. Returns rows.
+        With a backing store, changed rows are written to it first (``write_back``: an
+        eviction), or the ids are deleted from it too (a delete)."""
+        if self.backing is not None and ids.numel():
+            self.backing.on_remove(self, ids, write_back)
         rows = self.index.remove(ids)
         freed = rows >= 0
         gone = ids[freed]
@@ -609,6 +615,8 @@ class DynamicEmbeddingTable(nn.Module):
                 except IndexFullError as exc:  # _ensure_room made room: this is a bug, say so
                     raise TableFullError(f"dynamic table {self.name!r}: {exc}") from exc
                 self._init_rows(new_rows, admitted, version)
+                if self.backing is not None:  # re-admitted ids get their stored rows back
+                    self.backing.restore(self, admitted, new_rows, version)
                 cand_rows = torch.full_like(cand, -1)
                 cand_rows[admit] = new_rows
                 got = cand_rows[inverse]
@@ -1059,6 +1067,25 @@ class DynamicEmbeddingTable(nn.Module):
             self._remove(victims)
         return victims
 
+    def attach_store(self, store: Any, write: Optional[Callable[..., Any]] = None) -> Any:
+        """Back this table by ``store`` (TierPS, ShardedTierPS: ``dim == self.dim``,
+        ``state_dim`` = the optimizer state's width): evicted rows are written to it and
+        re-admitted ids read their rows from it (:mod:`gauss_plugins.embedding.backing`).
+        Returns the :class:`~gauss_plugins.embedding.backing.StoreBacking`; its ``flush(table)``
+        writes every changed resident row."""
+        from gauss_plugins.embedding.backing import StoreBacking
+
+        if self.backing is not None:
+            raise ValueError(f"table {self.name!r} already has a backing store; detach_store() first")
+        self.backing = StoreBacking(self, store, write)
+        return self.backing
+
+    def detach_store(self, flush: bool = True) -> None:
+        """Stop backing this table (writing every changed resident row first, unless ``flush=False``)."""
+        if self.backing is not None and flush:
+            self.backing.flush(self)
+        self.backing = None
+
     def default_value(self) -> torch.Tensor:
         """float32[dim]: what ids without a row read (zeros or the "unknown" row)."""
         return self.weight[self.default_row].to(torch.float32).clone()
@@ -1227,6 +1254,8 @@ class DynamicEmbeddingTable(nn.Module):
                 self.eviction.resize(capacity + 1, dev)
             rows = index_state["rows"].to(dev)
             self._row_ids[rows] = index_state["keys"].to(dev)
+            if self.backing is not None:  # every row number now holds another row
+                self.backing.reset(self)
             self._tombstone_ids, self._tombstone_versions = [], []
             self._tombstones_since = int(meta["tombstones_since"])
             self._append_tombstones(tensors)

@@ -213,6 +213,9 @@ class TableSource:
                 lock_s += time.perf_counter() - t_check
             if not bool(same.all()):
                 ids, values = ids[same], values[same]
+        backing = getattr(self.table, "backing", None)
+        if backing is not None:
+            ids, values, deleted = self._with_store_rows(backing, ids, values, deleted, full)
         ids, order = ids.sort()
         values = values.index_select(0, order)
         self.pulls.append({"lock_s": lock_s, "wait_s": t_locked - t0, "total_s": time.perf_counter() - t0,
@@ -220,6 +223,30 @@ class TableSource:
         empty = torch.empty(0, dtype=torch.int64)
         return ChangeBatch(ids.to("cpu"), values.to("cpu", torch.float32), None,
                            empty if deleted is None else deleted.to("cpu"), now, full=full)
+
+    @staticmethod
+    def _with_store_rows(backing: Any, ids: torch.Tensor, values: torch.Tensor, deleted: Optional[torch.Tensor],
+                         full: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """A table backed by a store (``table.attach_store``): an evicted row moved to the
+        store, it was not deleted, so it is pushed with the store's values; a full image
+        holds the store's rows too. Ids the store lacks stay deletions."""
+        drain = getattr(backing, "drain", None)
+        if drain is not None:  # writes queued by an asynchronous writer land before the read
+            drain()
+        store = backing.store
+        if full:
+            held = [b for b in store.export()]
+            extra_ids = torch.cat([b.ids for b in held]) if held else torch.empty(0, dtype=torch.int64)
+            extra = torch.cat([b.values for b in held]) if held else torch.empty(0, store.dim)
+            keep = ~torch.isin(extra_ids, ids.cpu())
+            return (torch.cat([ids.cpu(), extra_ids[keep]]),
+                    torch.cat([values.to("cpu", torch.float32), extra[keep]]), deleted)
+        if deleted is None or deleted.numel() == 0:
+            return ids, values, deleted
+        got = store.lookup(deleted.cpu())
+        found = got.found
+        return (torch.cat([ids.cpu(), deleted.cpu()[found]]),
+                torch.cat([values.to("cpu", torch.float32), got.values[found]]), deleted.cpu()[~found])
 
 
 class _Pending:
