@@ -134,6 +134,49 @@ def make_step(model, dense) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]
     return step
 
 
+def phase_times(model, dense, batches, device: torch.device, steps: int) -> Dict[str, float]:
+    """Median ms of each phase of a step (forward + backward, dense step, sparse step), with a
+    sync between phases: where a variant's extra time goes."""
+    items = model.item_embeddings
+    sync = sync_fn(device)
+    phases: Dict[str, List[float]] = {"fwd_bwd_ms": [], "dense_step_ms": [], "sparse_step_ms": []}
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        sync()
+        t0 = time.perf_counter()
+        out = model.sampled_softmax_loss(batch["ids"], batch["lengths"], batch["targets"], batch["timestamps"])
+        out["loss"].backward()
+        sync()
+        t1 = time.perf_counter()
+        dense.step()
+        dense.zero_grad(set_to_none=True)
+        sync()
+        t2 = time.perf_counter()
+        items.sparse_step()
+        items.sparse_zero_grad()
+        sync()
+        t3 = time.perf_counter()
+        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            phases[key].append(1e3 * dt)
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
+def host_syncs_per_step(step, batch, device: torch.device) -> Optional[int]:
+    """Device-to-host synchronisations in one step, counted by CUDA's sync debug mode."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+
+
 def sync_fn(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
@@ -273,6 +316,9 @@ def main(argv=None) -> int:
         sync()
         pipelined[kind] = (time.perf_counter() - t0) / steps
 
+    phases = {kind: phase_times(*models[kind], batches, device, steps=max(3, steps // 4)) for kind in VARIANTS}
+    syncs = {kind: host_syncs_per_step(step_fns[kind], batches[0], device) for kind in VARIANTS}
+
     eval_s = {}
     if not args.no_eval:
         users = seqs if not tiny else seqs[:256]
@@ -295,6 +341,8 @@ def main(argv=None) -> int:
             "step_ms_p10": 1e3 * float(np.percentile(times[kind], 10)),
             "step_ms_p90": 1e3 * float(np.percentile(times[kind], 90)),
             "pipelined_step_ms": 1e3 * pipelined[kind],
+            **phases[kind],
+            "host_syncs_per_step": syncs[kind],
             "eval_pass_s": eval_s.get(kind),
             "train_epoch_s_estimate": pipelined[kind] * steps_per_epoch,
         })
@@ -312,6 +360,9 @@ def main(argv=None) -> int:
         "pipelined_step_ms_static": round(sta["pipelined_step_ms"], 3),
         "pipelined_ratio": round(dyn["pipelined_step_ms"] / sta["pipelined_step_ms"], 3),
     }
+    if device.type == "cuda":
+        summary["host_syncs_per_step_dynamic"] = syncs["dynamic"]
+        summary["host_syncs_per_step_static"] = syncs["static"]
     if eval_s:
         summary["eval_pass_s_dynamic"] = round(eval_s["dynamic"], 4)
         summary["eval_pass_s_static"] = round(eval_s["static"], 4)
