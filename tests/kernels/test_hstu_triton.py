@@ -259,6 +259,22 @@ def test_fused_function_autograd_matches_reference(rng):
         assert _rel(got.detach(), want.detach()) <= 1e-5
 
 
+def test_fused_function_with_tables_matches_reference(rng):
+    """hstu_attention_fused with the bias tables: gradients reach both tables."""
+    q, k, v, offsets = _jagged(rng, [19, 7], 2, 16, 16, torch.float32)
+    tables = _bias_tables(rng, [19, 7], 19, 1, 10)
+    opts = dict(max_seq_len=19, alpha=0.25, num_targets=torch.tensor([2, 1], device=DEVICE),
+                timestamps=tables["timestamps"])
+    results = []
+    for fn in (ta.hstu_attention_fused, hstu_attention_reference):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, tables["position_bias"], tables["time_bias"])]
+        out = fn(*leaves[:3], offsets, position_bias=leaves[3], time_bias=leaves[4], **opts)
+        out.backward(torch.ones_like(out))
+        results.append([out] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert _rel(got.detach(), want.detach()) <= 1e-5
+
+
 def test_backend_follows_the_protocol_and_rejects_bad_input():
     backend = ta.hstu_attention_triton()
     assert isinstance(backend, AttentionBackend)
@@ -269,6 +285,10 @@ def test_backend_follows_the_protocol_and_rejects_bad_input():
     y = torch.zeros(4, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="normalizer"):
         backend.forward(y, y, y, offsets, max_seq_len=4, alpha=1.0, normalizer="rows")
+    with pytest.raises(ValueError, match="time_bias and timestamps go together"):
+        backend.forward(y, y, y, offsets, max_seq_len=4, alpha=1.0, time_bias=torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="position_bias needs 2L - 1 >= 7"):
+        backend.forward(y, y, y, offsets, max_seq_len=4, alpha=1.0, position_bias=torch.zeros(5, device=DEVICE))
 
 
 # ---------------------------------------------------------------- GPU: precision, sizes, head dims

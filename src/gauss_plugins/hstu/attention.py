@@ -271,11 +271,13 @@ def check_attention_inputs(
                 f"[{batch} or 1, {heads} or 1, {max_seq_len}, {max_seq_len}], got {tuple(rab.shape)}")
         if rab.device != q.device:
             raise ValueError(f"rab is on {rab.device} but q is on {q.device}")
-    _check_bias_tables(q, max_seq_len, position_bias, time_bias, timestamps, time_bucket_scale)
+    _check_bias_tables(q.device, q.shape[0], max_seq_len, position_bias, time_bias, timestamps, time_bucket_scale)
 
 
-def _check_bias_tables(q, max_seq_len, position_bias, time_bias, timestamps, time_bucket_scale) -> None:
-    """The relative-bias arguments (see the module docstring)."""
+def _check_bias_tables(device: torch.device, total: Optional[int], max_seq_len: int, position_bias, time_bias,
+                       timestamps, time_bucket_scale) -> None:
+    """The relative-bias arguments (see the module docstring): tables on ``device``,
+    ``timestamps`` with ``total`` rows (any number when None)."""
     for name, table in (("position_bias", position_bias), ("time_bias", time_bias)):
         if table is None:
             continue
@@ -283,8 +285,8 @@ def _check_bias_tables(q, max_seq_len, position_bias, time_bias, timestamps, tim
             raise TypeError(f"{name} must be a 1-D float tensor or None, got {type(table).__name__}")
         if table.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor, got {table.dtype}")
-        if table.device != q.device:
-            raise ValueError(f"{name} is on {table.device} but q is on {q.device}")
+        if table.device != device:
+            raise ValueError(f"{name} is on {table.device} but q is on {device}")
     if position_bias is not None:
         size = position_bias.shape[0] if position_bias.dim() == 1 else -1
         if size < 2 * max_seq_len - 1 or size % 2 == 0:
@@ -304,11 +306,11 @@ def _check_bias_tables(q, max_seq_len, position_bias, time_bias, timestamps, tim
             raise TypeError(f"timestamps must be a jagged [T] integer tensor, got {type(timestamps).__name__}")
         if timestamps.dtype.is_floating_point or timestamps.dtype.is_complex or timestamps.dtype == torch.bool:
             raise TypeError(f"timestamps must be an integer tensor (e.g. seconds), got {timestamps.dtype}")
-        if tuple(timestamps.shape) != (q.shape[0],):
-            raise ValueError(f"timestamps must have shape ({q.shape[0]},) (one per row of q), "
+        if timestamps.dim() != 1 or (total is not None and timestamps.shape[0] != total):
+            raise ValueError(f"timestamps must have shape ({'T' if total is None else total},) (one per row of q), "
                              f"got {tuple(timestamps.shape)}")
-        if timestamps.device != q.device:
-            raise ValueError(f"timestamps are on {timestamps.device} but q is on {q.device}")
+        if timestamps.device != device:
+            raise ValueError(f"timestamps are on {timestamps.device} but q is on {device}")
     scale = time_bucket_scale
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"time_bucket_scale must be a positive finite number, got {scale!r}")
@@ -418,12 +420,9 @@ def relative_bias_dense(
     if position_bias is None and time_bias is None:
         raise ValueError("relative_bias_dense needs position_bias, time_bias or both")
     check_offsets_layout(offsets)
-    table = position_bias if position_bias is not None else time_bias
     if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
-    total = timestamps.shape[0] if timestamps is not None else 0
-    _check_bias_tables(table.new_empty((total, 1, 1)), max_seq_len, position_bias, time_bias, timestamps,
-                       time_bucket_scale)
+    _check_bias_tables(offsets.device, None, max_seq_len, position_bias, time_bias, timestamps, time_bucket_scale)
     if num_targets is not None and tuple(num_targets.shape) != (offsets.shape[0] - 1,):
         raise ValueError(f"num_targets must have shape ({offsets.shape[0] - 1},), got {tuple(num_targets.shape)}")
     dtypes = [t.dtype for t in (position_bias, time_bias) if t is not None]
