@@ -555,6 +555,15 @@ def test_bad_tables_raise_clearly_and_change_nothing(change, error, match):
         assert after[name].grad is None
 
 
+def test_opcheck_with_tables():
+    q, k, v, offsets, _, options, tables = _table_inputs(30, "position+time, everything", dtype=torch.float32)
+    for t in (q, k, v, tables["position_bias"], tables["time_bias"]):
+        t.requires_grad_(True)
+    args = (q, k, v, offsets, options["num_targets"], None, tables["position_bias"], tables["time_bias"],
+            tables["timestamps"], 7, 0.7, True, 1, 3, 0.301, "max_seq_len", "torch", True)
+    torch.library.opcheck(torch.ops.gauss.hstu_attention_fwd.default, args)
+
+
 def test_relative_bias_dense_errors():
     offsets = torch.tensor([0, 3])
     with pytest.raises(ValueError, match="needs position_bias, time_bias or both"):
