@@ -37,6 +37,7 @@ DEFAULT_PLUGINS = (
     "gauss_plugins.hstu.plugin",
     "gauss_plugins.stores.plugin",
     "gauss_plugins.data.plugin",
+    "gauss_plugins.cache.plugin",
 )
 
 # kind -> the registration hook that provides it

@@ -148,9 +148,23 @@ class StoreBacking:
                 table.opt_state[name][at] = value
         return found
 
-    def mark_clean(self, table: "DynamicEmbeddingTable", rows: torch.Tensor, version: int) -> None:
-        """``rows`` equal their store copy as of ``version`` (rows installed from the store)."""
-        self._clean_rows(table)[rows] = version
+    @torch.no_grad()
+    def install(self, table: "DynamicEmbeddingTable", ids: torch.Tensor, got: Any) -> torch.Tensor:
+        """Insert the distinct absent ``ids`` (on the table's device) with ``got``, the store
+        ``Lookup`` of them read earlier (a prefetch): stored rows where found, the
+        initializer's elsewhere; they count as clean. No admission check. Returns their rows."""
+        if ids.numel() == 0:
+            return ids
+        table._ensure_room(ids.numel(), protect=lambda: ids[:0])
+        version = table._bump()
+        rows, _ = table.index.insert(ids)
+        table._init_rows(rows, ids, version)
+        found = self.fill(table, ids, rows, got)
+        self._clean_rows(table)[rows if self.deterministic_init else rows[found]] = version
+        n_found = int(found.sum())
+        self.counters["restored_rows"] += n_found
+        self.counters["initialized_rows"] += ids.numel() - n_found
+        return rows
 
     def dirty(self, table: "DynamicEmbeddingTable", rows: torch.Tensor) -> torch.Tensor:
         """bool per row: written since it last equalled its store copy."""

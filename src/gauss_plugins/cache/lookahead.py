@@ -1,0 +1,549 @@
+"""``LookaheadCache``: a Bagpipe-style (SOSP'23) embedding cache in front of a backing store.
+
+::
+
+    cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=20_000, window=8),
+                           ids_fn=lambda batch: {"items": batch["item_ids"]})
+    for batch in cache.wrap(loader):     # yielded once every row its ids need is resident
+        loss = model(batch); loss.backward(); dense_opt.step(); sparse_opt.step()
+        cache.step_done()                # the step used its rows: they may be evicted now
+    cache.flush()                        # every changed row back to the store
+    cache.stats()                        # hits/misses at use, prefetched rows, stall ms, window...
+
+The fast tier is each :class:`~gauss_plugins.embedding.table.DynamicEmbeddingTable`
+itself (GPU memory on GPU, RAM on CPU), holding at most ``budget_rows`` rows; the store
+(TierPS, local or sharded on Ray) holds the rest, with their optimizer state. The table is
+backed by the store (:mod:`gauss_plugins.embedding.backing`), so an evicted row that changed
+is written back and a row fetched again comes back with its state.
+
+How it works. The cache pulls batches from the loader ahead of training and keeps a
+*window* of up to ``window`` batches (the one being trained included). When a batch enters
+the window, the ids it needs that are neither resident nor already being fetched are
+*reserved* room and handed to a background worker (a thread; on GPU it copies the rows on
+a separate CUDA stream) that reads them from the store. To make room, rows that no batch in
+the window needs are evicted (the policy orders them; the lookahead policy takes the one
+used longest ago); a changed row is written back by the same worker, in order, so a later
+read of the id sees the write. A batch is yielded only after the rows fetched for it are
+installed in the table: every row a step touches is resident when it starts (``misses_at_use``
+counts violations; it stays 0). When the window's rows do not fit the budget, the window
+shrinks instead of failing (batches wait outside it) and grows back as rows free up; only
+a single batch that needs more rows than the budget is an error (:class:`BudgetError`).
+
+Policies without lookahead (the ``lru`` / ``lfu`` baselines) use the same machinery with a
+window of one batch: its missing rows are fetched synchronously when it arrives.
+
+Data parallel ("logically replicated, physically partitioned"): ``exchange(ids)`` turns a
+rank's ids of a batch into the ids of the *global* batch (an all_gather under a strategy),
+so every replica caches the same rows and makes the same decisions; ``owner_fn(ids) -> bool``
+says which changed rows this rank writes back (each row by exactly one replica). The tables
+must receive the same updates on every replica (gradients combined across replicas). Each
+replica drains its queued write-backs before calling ``exchange`` for the next batch, so
+once the collective returns, every row any replica evicted is in the store before anyone
+fetches it again: use ``owner_fn`` only together with a collective ``exchange``.
+
+One thread trains: ``wrap`` / ``step_done`` / ``flush`` must be called from the training
+thread; only the store reads and writes run on the worker.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional
+
+import torch
+
+from gauss_plugins.cache.policies import CachePolicy
+
+__all__ = ["CacheConfig", "LookaheadCache", "BudgetError"]
+
+IdsFn = Callable[[Any], Mapping[str, torch.Tensor]]
+
+
+class BudgetError(RuntimeError):
+    """A single batch needs more rows of a table than the cache's budget holds."""
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    """``budget_rows``: the most rows each table holds (its fast tier). ``window``: batches
+    looked at ahead, the one being trained included (1: no lookahead). ``policy``: a
+    registered ``cache_policy`` name (``"lookahead"``, ``"lru"``, ``"lfu"``) or a
+    :class:`~gauss_plugins.cache.policies.CachePolicy`. ``prefetch``: read rows on a
+    background worker (False: on the training thread, when the batch is due).
+    ``min_window``: the window may not shrink below this; a budget that cannot hold that
+    many batches' rows raises :class:`BudgetError`."""
+
+    budget_rows: int
+    window: int = 8
+    policy: Any = "lookahead"
+    prefetch: bool = True
+    min_window: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("budget_rows", "window", "min_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CacheConfig.{name} must be a positive int, got {value!r}")
+        if self.min_window > self.window:
+            raise ValueError(f"CacheConfig.min_window ({self.min_window}) must not exceed window ({self.window})")
+        if not isinstance(self.policy, (str, CachePolicy)):
+            raise TypeError(f"CacheConfig.policy must be a registered cache_policy name or a CachePolicy, "
+                            f"got {type(self.policy).__name__}")
+
+
+class _Job:
+    """One store operation for the worker: a read of ids (its result is a ``Lookup``,
+    moved to ``device``) or a write. Run inline when there is no worker."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # handed to the training thread, which raises it
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"the cache's store worker failed: {type(self.error).__name__}: {self.error}") \
+                from self.error
+        return self.result
+
+
+class _Worker:
+    """A thread that runs store reads and writes in submission order (so a read of an id
+    always sees an earlier write of it)."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue()
+        self._last: Optional[_Job] = None
+        self._thread = threading.Thread(target=self._run, name="gauss-lookahead-cache", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            job.run()
+
+    def submit(self, fn: Callable[[], Any]) -> _Job:
+        job = _Job(fn)
+        self._last = job
+        self._queue.put(job)
+        return job
+
+    def drain(self) -> None:
+        """Wait until everything submitted so far has run."""
+        last = self._last
+        if last is not None:
+            last.wait()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+@dataclass
+class _Entry:
+    """A batch pulled from the loader, with the distinct (global) ids it needs per table."""
+
+    batch: Any
+    ids: Dict[str, torch.Tensor]
+    jobs: List[Any] = field(default_factory=list)   # (table name, ids, job) fetched for it
+    admitted: bool = False
+
+
+class _TableState:
+    """Per table: the table, its backing, per-row policy arrays and the in-flight fetches."""
+
+    def __init__(self, name: str, table: Any, backing: Any) -> None:
+        self.name, self.table, self.backing = name, table, backing
+        self.last_use = torch.zeros(0, dtype=torch.int64, device=table.device)
+        self.uses = torch.zeros(0, dtype=torch.int64, device=table.device)
+        self.inflight = torch.empty(0, dtype=torch.int64, device=table.device)  # ids being fetched
+        self.row_bytes = 4 * (table.dim + int(getattr(backing.store, "state_dim", 0)))
+        self.stream: Any = None  # the side CUDA stream of the copies (GPU tables)
+
+    def arrays(self):
+        n = self.table.weight.shape[0]
+        if self.last_use.numel() < n:  # the table grew (row numbers are kept)
+            for name in ("last_use", "uses"):
+                old = getattr(self, name)
+                new = torch.zeros(n, dtype=torch.int64, device=old.device)
+                new[: old.numel()] = old
+                setattr(self, name, new)
+        return self.last_use, self.uses
+
+
+_STAT_KEYS = ("hits_at_use", "misses_at_use", "prefetched_rows", "prefetched_bytes", "stall_ms", "window",
+              "evicted_rows", "written_back_rows")
+
+
+class LookaheadCache:
+    """See the module docstring. ``tables``: name -> DynamicEmbeddingTable; ``store``: one
+    backing store for all tables or a mapping name -> store (a table already backed by a
+    store keeps it); ``ids_fn(batch) -> {table name: ids}``."""
+
+    def __init__(self, tables: Mapping[str, Any], store: Any, config: CacheConfig, ids_fn: IdsFn, *,
+                 exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 owner_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        from gauss_plugins.embedding.policies import AlwaysAdmit
+        from gauss_plugins.embedding.table import DynamicEmbeddingTable
+
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+        if not isinstance(tables, Mapping) or not tables:
+            raise ValueError("tables must be a non-empty mapping of name -> DynamicEmbeddingTable")
+        if not callable(ids_fn):
+            raise TypeError("ids_fn must be a callable batch -> {table name: ids tensor}")
+        stores = dict(store) if isinstance(store, Mapping) else {name: store for name in tables}
+        # Check everything before attaching anything: a bad argument leaves the tables as they were.
+        for name, table in tables.items():
+            if not isinstance(table, DynamicEmbeddingTable):
+                raise TypeError(f"tables[{name!r}] must be a DynamicEmbeddingTable, got {type(table).__name__}")
+            if table.config.max_capacity < config.budget_rows:
+                raise ValueError(f"table {name!r} may hold at most {table.config.max_capacity} rows (max_capacity) "
+                                 f"but the cache budget is {config.budget_rows}: raise max_capacity or lower "
+                                 f"budget_rows")
+            if not isinstance(table.admission, AlwaysAdmit):
+                raise ValueError(f"table {name!r} has admission policy {table.admission.name!r}; under a "
+                                 f"LookaheadCache every id a batch uses gets its row, so configure the table "
+                                 f"with admission='always'")
+            if table.backing is None and name not in stores:
+                raise ValueError(f"no store for table {name!r}: pass store= as one store or a mapping "
+                                 f"with every table name")
+            if table.backing is not None and name in stores and table.backing.store is not stores[name]:
+                raise ValueError(f"table {name!r} is already backed by another store; detach_store() first")
+        self.policy = self._make_policy(config.policy)
+        self.config = config
+        self.ids_fn = ids_fn
+        self.exchange = exchange
+        self.owner_fn = owner_fn
+        self.target_window = config.window if self.policy.lookahead else 1
+        self._worker: Optional[_Worker] = _Worker() if config.prefetch else None
+        self._tables: Dict[str, _TableState] = {}
+        for name, table in tables.items():
+            backing = table.backing if table.backing is not None else table.attach_store(stores[name])
+            backing.write = self._writer(backing)
+            backing.drain = self._drain  # a syncer reading the store waits for queued writes
+            self._tables[name] = _TableState(name, table, backing)
+        self._window: Deque[_Entry] = deque()    # admitted batches, the next one to train first
+        self._waiting: Deque[_Entry] = deque()   # pulled from the loader, not yet admitted
+        self._source: Optional[Iterator[Any]] = None
+        self._exhausted = False
+        self._current: Optional[_Entry] = None   # the batch being trained (yielded, step not done)
+        self._step = 0
+        self._counts = {k: 0.0 for k in _STAT_KEYS}
+        self._step_stats: Dict[str, float] = {}
+        self.per_step: List[Dict[str, float]] = []
+
+    @staticmethod
+    def _make_policy(spec: Any) -> CachePolicy:
+        if isinstance(spec, CachePolicy):
+            return spec
+        from gauss_plugins.plugins import get_registry
+
+        return get_registry().create("cache_policy", spec)
+
+    # ------------------------------------------------------------------ store traffic
+    def _writer(self, backing: Any) -> Callable[..., None]:
+        """The backing's write: only rows this replica owns, queued on the worker."""
+        put = backing._put
+
+        def write(ids: torch.Tensor, values: torch.Tensor, state: Optional[torch.Tensor]) -> None:
+            if self.owner_fn is not None:
+                mine = self.owner_fn(ids).to("cpu", torch.bool)
+                ids, values = ids[mine], values[mine]
+                state = state[mine] if state is not None else None
+            if ids.numel() == 0:
+                return
+            self._count("written_back_rows", ids.numel())
+            if self._worker is None:
+                put(ids, values, state)
+            else:  # values and state are copies already: training may overwrite the rows
+                self._worker.submit(lambda: put(ids, values, state))
+        return write
+
+    def _drain(self) -> None:
+        if self._worker is not None:
+            self._worker.drain()
+
+    def _read(self, ts: _TableState, ids: torch.Tensor) -> Any:
+        """Submit a read of ``ids`` from the store (the result lands on the table's device)."""
+        store, device = ts.backing.store, ts.table.device
+        cuda = device.type == "cuda"
+        if cuda and self._worker is not None and ts.stream is None:
+            ts.stream = torch.cuda.Stream(device=device)
+        stream = ts.stream
+
+        def fetch():
+            got = store.lookup(ids)
+            if not cuda:
+                return got, None
+            # Host -> device on a side stream, so the copy overlaps the training step.
+            ctx = torch.cuda.stream(stream) if stream is not None else torch.cuda.device(device)
+            with ctx:
+                values = got.values.pin_memory().to(device, non_blocking=True)
+                state = got.state.pin_memory().to(device, non_blocking=True) if got.state is not None else None
+                found = got.found.to(device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            return type(got)(values, state, found), event
+
+        if self._worker is None:
+            job = _Job(fetch)
+            job.run()
+            return job
+        return self._worker.submit(fetch)
+
+    # ------------------------------------------------------------------ the iterator
+    def wrap(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """Yield the batches of ``batches`` in order, each once every row it needs is
+        resident. Call :meth:`step_done` after each step (done for you on the next batch if
+        you do not)."""
+        if self._source is not None and not self._exhausted:
+            raise RuntimeError("this LookaheadCache is already wrapping an iterator; finish it first")
+        self._source, self._exhausted = iter(batches), False
+        try:
+            while True:
+                if self._current is not None:
+                    self.step_done()
+                self._fill_window()
+                if not self._window:
+                    break
+                entry = self._window[0]
+                self._make_resident(entry)
+                self._current = entry
+                yield entry.batch
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """End of an iteration (finished, or left early): rows still being fetched are
+        installed, so the budget's bookkeeping matches the table; batches not trained are
+        dropped."""
+        self._current = None
+        pending = [e for e in self._window if e.jobs]
+        self._window.clear()
+        self._waiting.clear()
+        self._source = None
+        for entry in pending:
+            for name, ids, job in entry.jobs:
+                ts = self._tables[name]
+                got, event = job.wait()
+                if event is not None:
+                    event.synchronize()
+                ts.backing.install(ts.table, ids, got)
+                ts.inflight = ts.inflight[~torch.isin(ts.inflight, ids)]
+            entry.jobs = []
+
+    def _pull(self) -> Optional[_Entry]:
+        if self._waiting:
+            return self._waiting.popleft()
+        if self._exhausted or self._source is None:
+            return None
+        try:
+            batch = next(self._source)
+        except StopIteration:
+            self._exhausted = True
+            return None
+        raw = self.ids_fn(batch)
+        if self.exchange is not None:
+            # Every replica's queued write-backs land before the exchange (a collective)
+            # returns anywhere, so a fetch issued after it sees rows another replica owns
+            # and evicted: the only evictions before this batch's fetches are before this point.
+            self._drain()
+        ids = {}
+        for name, ts in self._tables.items():
+            if name not in raw:
+                raise KeyError(f"ids_fn returned no ids for table {name!r} (it returned {sorted(raw)})")
+            t = raw[name]
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+                raise TypeError(f"ids_fn()[{name!r}] must be an int64 tensor, got {getattr(t, 'dtype', type(t))}")
+            u = torch.unique(t.reshape(-1).to(ts.table.device))
+            if self.exchange is not None:  # every replica caches the global batch's rows
+                u = torch.unique(self.exchange(u).to(ts.table.device))
+            ids[name] = u
+        return _Entry(batch, ids)
+
+    def _fill_window(self) -> None:
+        while len(self._window) < self.target_window:
+            entry = self._pull()
+            if entry is None:
+                return
+            if not self._admit(entry):
+                self._waiting.appendleft(entry)  # waits outside the window: the window shrank
+                if len(self._window) < self.config.min_window:
+                    raise BudgetError(self._budget_message(entry))
+                return
+
+    def _budget_message(self, entry: _Entry) -> str:
+        sizes = {name: int(ids.numel()) for name, ids in entry.ids.items()}
+        return (f"the cache cannot hold {self.config.min_window} batch(es): the next batch alone needs "
+                f"{sizes} rows and budget_rows is {self.config.budget_rows} per table; raise budget_rows, "
+                f"lower min_window, or use smaller batches")
+
+    def _admit(self, entry: _Entry) -> bool:
+        """Reserve room for the rows ``entry`` needs and start fetching the missing ones;
+        False (nothing changed) when they do not fit even after evicting every row the
+        window does not need."""
+        plans = {}
+        for name, ts in self._tables.items():
+            ids = entry.ids[name]
+            resident = ts.table.index.find(ids) >= 0
+            new = ids[~resident]
+            if ts.inflight.numel() and new.numel():
+                new = new[~torch.isin(new, ts.inflight)]
+            excess = len(ts.table) + ts.inflight.numel() + new.numel() - self.config.budget_rows
+            victims = ids[:0]
+            if excess > 0:
+                victims = self._victims(ts, entry, excess)
+                if victims is None:
+                    return False
+            plans[name] = (new, victims)
+        for name, (new, victims) in plans.items():
+            ts = self._tables[name]
+            if victims.numel():
+                ts.table.evict(ids=victims)  # changed rows are written back (queued, in order)
+                self._count("evicted_rows", victims.numel())
+            if new.numel():
+                ts.inflight = torch.cat([ts.inflight, new])
+                entry.jobs.append((name, new, self._read(ts, new.cpu())))
+        entry.admitted = True
+        self._window.append(entry)
+        return True
+
+    def _victims(self, ts: _TableState, entry: _Entry, k: int) -> Optional[torch.Tensor]:
+        """The ``k`` resident ids of ``ts`` to evict (the policy's lowest scores among rows
+        no batch of the window, ``entry`` included, needs); None if fewer are evictable."""
+        keys, rows = ts.table.index.keys_and_rows()
+        needed = torch.cat([e.ids[ts.name] for e in self._window] + [entry.ids[ts.name]])
+        if self._current is not None and self._current not in self._window:
+            needed = torch.cat([needed, self._current.ids[ts.name]])
+        free = ~torch.isin(keys, needed)
+        keys, rows = keys[free], rows[free]
+        if keys.numel() < k:
+            return None
+        last_use, uses = ts.arrays()
+        scores = self.policy.scores(last_use, uses, rows)
+        pick = torch.topk(scores, k, largest=False).indices if k < keys.numel() else slice(None)
+        return keys[pick]
+
+    def _make_resident(self, entry: _Entry) -> None:
+        """Wait for the fetches started for ``entry`` (and, in order, every earlier one) and
+        install them; count hits, misses and stall time for the step."""
+        self._step_stats = {k: 0.0 for k in _STAT_KEYS}
+        self._step_stats["window"] = len(self._window)
+        t0 = time.perf_counter()
+        fetched = 0
+        for name, ids, job in entry.jobs:
+            ts = self._tables[name]
+            got, event = job.wait()
+            if event is not None:  # the side stream's copy must finish before the rows are used
+                main = torch.cuda.current_stream(ts.table.device)
+                main.wait_event(event)
+                for t in (got.values, got.state, got.found):
+                    if t is not None:
+                        t.record_stream(main)  # allocated on the side stream, freed after main's use
+            rows = ts.backing.install(ts.table, ids, got)
+            last_use, uses = ts.arrays()
+            last_use[rows] = self._step
+            uses[rows] = 0
+            ts.inflight = ts.inflight[~torch.isin(ts.inflight, ids)]
+            fetched += ids.numel()
+            self._count("prefetched_rows" if self.policy.lookahead else "misses_fetched", ids.numel())
+            self._count("prefetched_bytes", ids.numel() * ts.row_bytes if self.policy.lookahead else 0)
+        entry.jobs = []
+        stall_ms = (time.perf_counter() - t0) * 1e3
+        hits = misses = 0
+        for name, ts in self._tables.items():
+            ids = entry.ids[name]
+            present = int((ts.table.index.find(ids) >= 0).sum())
+            hits += present
+            misses += ids.numel() - present
+        if not self.policy.lookahead:
+            # Fetch on miss: the rows fetched when the batch arrived were not resident at use.
+            hits -= fetched
+            misses += fetched
+        self._count("hits_at_use", hits)
+        self._count("misses_at_use", misses)
+        self._count("stall_ms", stall_ms)
+        self._counts["window"] = len(self._window)
+
+    def _count(self, key: str, value: float) -> None:
+        if key not in _STAT_KEYS:
+            return
+        self._counts[key] += value
+        self._step_stats[key] = self._step_stats.get(key, 0) + value
+
+    # ------------------------------------------------------------------ per step
+    def step_done(self) -> None:
+        """The step of the last yielded batch is over: its rows are free to be evicted once
+        no batch in the window needs them; the window refills (prefetching the newcomers)."""
+        entry = self._current
+        if entry is None:
+            raise RuntimeError("step_done() without a batch: call it once after each batch wrap() yields")
+        self._current = None
+        if self._window and self._window[0] is entry:
+            self._window.popleft()
+        for name, ts in self._tables.items():
+            rows = ts.table.index.find(entry.ids[name])
+            rows = rows[rows >= 0]
+            last_use, uses = ts.arrays()
+            last_use[rows] = self._step
+            uses[rows] += 1
+        self._step += 1
+        self.per_step.append(dict(self._step_stats))
+        self._fill_window()  # start the next fetches while the loader prepares the batch
+
+    # ------------------------------------------------------------------ end of training
+    def flush(self) -> int:
+        """Write every changed resident row back to the store (rows ``owner_fn`` assigns to
+        this replica) and wait until the writes are done. Returns rows written."""
+        written = 0
+        for ts in self._tables.values():
+            written += ts.backing.flush(ts.table, owner=self.owner_fn)
+        self._drain()
+        return written
+
+    def close(self) -> None:
+        """Flush, stop the worker and detach the stores from the tables (idempotent)."""
+        if self._worker is None and not self._tables:
+            return
+        self.flush()
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        for ts in self._tables.values():
+            ts.table.detach_store(flush=False)
+        self._tables = {}
+
+    def __enter__(self) -> "LookaheadCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def stats(self) -> Dict[str, Any]:
+        """Totals of the run so far (``window``: the current window), ``last_step`` (the
+        latest step's figures) and ``per_step`` (every step's)."""
+        out: Dict[str, Any] = {k: (int(v) if k != "stall_ms" else float(v)) for k, v in self._counts.items()}
+        out["window"] = len(self._window)
+        out["steps"] = self._step
+        out["policy"] = self.policy.name
+        out["budget_rows"] = self.config.budget_rows
+        out["resident_rows"] = {name: len(ts.table) for name, ts in self._tables.items()}
+        out["last_step"] = dict(self.per_step[-1]) if self.per_step else {}
+        out["per_step"] = [dict(s) for s in self.per_step]
+        return out

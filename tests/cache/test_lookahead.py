@@ -1,0 +1,203 @@
+"""LookaheadCache: the agreed API, its invariants (property tests) and its baselines."""
+import tempfile
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from gauss_plugins.cache import BudgetError, CacheConfig, LookaheadCache
+from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, SparseOptimizer
+from gauss_plugins.embedding.backing import pack_state
+from gauss_plugins.plugins import get_registry
+from gauss_plugins.stores.tierps import TierPS
+
+DIM = 4
+
+
+def _table(capacity, name="items"):
+    return DynamicEmbeddingTable(DynamicTableConfig(name=name, dim=DIM, optimizer="rowwise_adagrad",
+                                                    initial_capacity=min(16, capacity), max_capacity=capacity))
+
+
+def _store(path, ram_rows=8):
+    # A RAM tier of a few rows: most rows the cache evicts go to the disk tier.
+    return TierPS(dim=DIM, state_dim=1, path=path, ram_bytes=ram_rows * (4 * (DIM + 1) + 25))
+
+
+def _step(table, opt, ids):
+    target = torch.sin(ids.to(torch.float32))[:, None]  # rows move apart, each to its own target
+    loss = (table(ids) - target).pow(2).sum()
+    loss.backward()
+    opt.step()
+
+
+def _reference(batches):
+    table = _table(1 << 12)
+    opt = SparseOptimizer(table)
+    table.train()
+    for ids in batches:
+        _step(table, opt, ids)
+    return table
+
+
+class _Checked:
+    """Trains through the cache and checks, at every point it can see, that no row is used
+    while absent and that the budget holds (installs and evictions included)."""
+
+    def __init__(self, table, cache, budget):
+        self.table, self.cache, self.budget = table, cache, budget
+        self.max_len = 0
+        backing = table.backing
+        install = backing.install
+
+        def checked_install(t, ids, got):
+            rows = install(t, ids, got)
+            self.max_len = max(self.max_len, len(t))
+            assert len(t) <= budget, f"{len(t)} rows resident, budget {budget}"
+            return rows
+        backing.install = checked_install
+
+    def run(self, batches):
+        opt = SparseOptimizer(self.table)
+        self.table.train()
+        for ids in self.cache.wrap(batches):
+            assert bool((self.table.find(ids) >= 0).all()), "a row was used while absent"
+            assert len(self.table) <= self.budget
+            _step(self.table, opt, ids)
+            self.cache.step_done()
+            assert len(self.table) <= self.budget
+
+
+def _rows_everywhere(table, store, ids):
+    values, present = table.get(ids)
+    rows = table.find(ids)
+    state = torch.zeros(ids.numel(), 1)
+    if bool(present.any()):
+        state[present] = pack_state(table, rows[present])
+    if not bool(present.all()):
+        got = store.lookup(ids[~present])
+        assert bool(got.found.all()), "a trained row is neither resident nor in the store (lost on eviction)"
+        values[~present], state[~present] = got.values, got.state
+    return values, state
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_ids=st.integers(4, 60), batch=st.integers(1, 16), steps=st.integers(1, 14), window=st.integers(1, 5),
+       budget=st.integers(1, 40), policy=st.sampled_from(["lookahead", "lru", "lfu"]), prefetch=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_cache_invariants_and_equality_with_an_unbounded_table(num_ids, batch, steps, window, budget, policy,
+                                                               prefetch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, num_ids, (batch,), generator=gen) for _ in range(steps)]
+    biggest = max(torch.unique(b).numel() for b in batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _store(tmp)
+        table = _table(budget)
+        cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=budget, window=window, policy=policy,
+                                                                   prefetch=prefetch), ids_fn=lambda b: {"items": b})
+        checked = _Checked(table, cache, budget)
+        if biggest > budget:
+            with pytest.raises(BudgetError, match="budget_rows"):
+                checked.run(batches)
+            cache.close()
+            store.close()
+            return
+        checked.run(batches)
+        stats = cache.stats()
+        if policy == "lookahead":
+            assert stats["misses_at_use"] == 0
+        assert stats["steps"] == steps
+        cache.flush()
+        ref = _reference(batches)
+        seen = torch.unique(torch.cat(batches))
+        values, state = _rows_everywhere(table, store, seen)
+        torch.testing.assert_close(values, ref.get(seen)[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(state, pack_state(ref, ref.find(seen)), atol=1e-6, rtol=0)
+        cache.close()
+        store.close()
+
+
+def _zipf_batches(n_ids, n_batches, batch, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, n_ids + 1, dtype=torch.float64) ** 1.1
+    return [torch.multinomial(p, batch, replacement=True, generator=gen) for _ in range(n_batches)]
+
+
+def test_lookahead_prefetches_everything_and_beats_fetch_on_miss(tmp_path):
+    batches = _zipf_batches(2000, 40, 64)
+    out = {}
+    for policy in ("lookahead", "lru", "lfu"):
+        store = _store(str(tmp_path / policy), ram_rows=64)
+        table = _table(200)
+        with LookaheadCache({"items": table}, store, CacheConfig(budget_rows=200, window=6, policy=policy),
+                            ids_fn=lambda b: {"items": b}) as cache:
+            _Checked(table, cache, 200).run(batches)
+            out[policy] = cache.stats()
+        store.close()
+    la = out["lookahead"]
+    assert la["misses_at_use"] == 0 and la["prefetched_rows"] > 0 and la["prefetched_bytes"] == la["prefetched_rows"] * 4 * (DIM + 1)
+    assert la["hits_at_use"] == sum(torch.unique(b).numel() for b in batches)
+    assert la["evicted_rows"] > 0 and la["written_back_rows"] > 0
+    assert max(s["window"] for s in la["per_step"]) > 1
+    for baseline in ("lru", "lfu"):
+        assert out[baseline]["misses_at_use"] > 0 and out[baseline]["prefetched_rows"] == 0
+        assert all(s["window"] == 1 for s in out[baseline]["per_step"])
+    assert len(la["per_step"]) == 40 and set(la["per_step"][0]) >= {"hits_at_use", "stall_ms", "window"}
+
+
+def test_window_shrinks_when_the_budget_is_tight_and_grows_back(tmp_path):
+    # Batches of 10 distinct ids, budget 25: two batches fit, three do not.
+    small = [torch.arange(10 * i, 10 * i + 10) for i in range(6)]
+    tiny = [torch.tensor([0]) for _ in range(6)]
+    store = _store(str(tmp_path / "s"))
+    table = _table(25)
+    cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=25, window=4),
+                           ids_fn=lambda b: {"items": b})
+    _Checked(table, cache, 25).run(small + tiny)
+    windows = [s["window"] for s in cache.stats()["per_step"]]
+    assert windows[:4] == [2, 2, 2, 2] and windows[4] == 4, windows  # the tiny batches behind fit again
+    cache.close()
+    with pytest.raises(BudgetError):
+        c2 = LookaheadCache({"items": _table(25, "b")}, _store(str(tmp_path / "b")),
+                            CacheConfig(budget_rows=25, window=4, min_window=3), ids_fn=lambda b: {"items": b})
+        list(c2.wrap(small))
+
+
+def test_bad_arguments_leave_tables_untouched(tmp_path):
+    store = _store(str(tmp_path / "s"))
+    with pytest.raises(ValueError, match="max_capacity"):
+        LookaheadCache({"items": _table(10)}, store, CacheConfig(budget_rows=20), ids_fn=lambda b: b)
+    t = DynamicEmbeddingTable(DynamicTableConfig(name="c", dim=DIM, optimizer="rowwise_adagrad", admission="counting"))
+    with pytest.raises(ValueError, match="admission='always'"):
+        LookaheadCache({"c": t}, store, CacheConfig(budget_rows=20), ids_fn=lambda b: b)
+    assert t.backing is None
+    with pytest.raises(ValueError, match="no store"):
+        LookaheadCache({"items": _table(64)}, {"other": store}, CacheConfig(budget_rows=20), ids_fn=lambda b: b)
+    with pytest.raises(ValueError, match="budget_rows"):
+        CacheConfig(budget_rows=0)
+    with pytest.raises(ValueError, match="min_window"):
+        CacheConfig(budget_rows=4, window=2, min_window=3)
+    with pytest.raises(LookupError):
+        LookaheadCache({"items": _table(64)}, store, CacheConfig(budget_rows=20, policy="nope"), ids_fn=lambda b: b)
+    store.close()
+
+
+def test_policies_are_registered_components():
+    names = {c.name for c in get_registry().components("cache_policy")}
+    assert {"lookahead", "lru", "lfu"} <= names
+    assert get_registry().create("cache_policy", "lookahead").lookahead
+
+
+def test_owner_fn_limits_write_back(tmp_path):
+    store = _store(str(tmp_path / "s"))
+    table = _table(8)
+    batches = [torch.arange(8 * i, 8 * i + 8) for i in range(4)]
+    cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=8, window=1),
+                           ids_fn=lambda b: {"items": b}, exchange=lambda ids: ids,
+                           owner_fn=lambda ids: ids % 2 == 0)
+    _Checked(table, cache, 8).run(batches)
+    cache.flush()
+    got = store.lookup(torch.arange(32))
+    assert got.found.tolist() == [i % 2 == 0 for i in range(32)]  # odd rows are another replica's
+    cache.close()
+    store.close()
