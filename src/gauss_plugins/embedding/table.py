@@ -1024,13 +1024,15 @@ class DynamicEmbeddingTable(nn.Module):
         """Remove ``ids``; bool[N] whether each was present. Reported by :meth:`evicted_since`."""
         self._check_ids(ids, flat=True)
         uniq = torch.unique(ids)
-        rows = self._remove(uniq)
+        rows = self._remove(uniq, write_back=False)
         return torch.isin(ids, uniq[rows >= 0])
 
     @torch.no_grad()
     def evict(self, num: Optional[int] = None, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Evict and return ids: the given ``ids``, else the ``num`` lowest-scored rows, else
-        (no arguments) the rows the policy says have expired (TTL)."""
+        """Evict and return ids: the given ``ids``, else the ``num`` lowest-scored rows (on a
+        table above the policy's ``exact_below`` rows, the lowest of a random sample of
+        ``sample_factor * num`` rows: see :mod:`~gauss_plugins.embedding.policies`), else (no
+        arguments) every row the policy says has expired (TTL; a full scan)."""
         if ids is not None:
             self._check_ids(ids, flat=True)
             uniq = torch.unique(ids)
