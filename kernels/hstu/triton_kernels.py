@@ -652,7 +652,8 @@ def hstu_bwd_dkdv_kernel(
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
+                POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...those wholly below it and inside the sequence do not...
         full_lo = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
@@ -664,7 +665,8 @@ def hstu_bwd_dkdv_kernel(
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, False, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
+                POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, False, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...and the last, partial block is masked (past the length, rows are zeros or, with
         # descriptors, another sequence's rows)
@@ -674,8 +676,8 @@ def hstu_bwd_dkdv_kernel(
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL,
-                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU,
-                PRECISION, ACC, USE_TMA,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME,
+                POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
         pre_hi, lo, hi = _row_range(
@@ -689,7 +691,8 @@ def hstu_bwd_dkdv_kernel(
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
+                POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
@@ -698,7 +701,8 @@ def hstu_bwd_dkdv_kernel(
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
+                POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     dk = dk * (half_alpha * row_scale)
@@ -823,7 +827,8 @@ def hstu_bwd_dq_kernel(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, False,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
+                HAS_POS, HAS_TIME, False,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
@@ -831,7 +836,8 @@ def hstu_bwd_dq_kernel(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, True,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
+                HAS_POS, HAS_TIME, True,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
@@ -844,7 +850,8 @@ def hstu_bwd_dq_kernel(
                 dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
-                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, True,
+                seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
+                HAS_POS, HAS_TIME, True,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 

@@ -714,8 +714,9 @@ def _run_backward(impl: Any, name: str, grad_out, q, k, v, offsets, extra: _Tens
                            offsets.contiguous(), compute_drab=wanted[0], compute_dposition_bias=wanted[1],
                            compute_dtime_bias=wanted[2], **_keywords(options, extra))
     if not isinstance(result, tuple) or len(result) != 6:
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
         raise RuntimeError(f"attention backend {name!r}: backward must return (dq, dk, dv, drab, d_position_bias, "
-                           f"d_time_bias), got {type(result).__name__} of length {len(result) if isinstance(result, tuple) else '?'}")
+                           f"d_time_bias), got {got}")
     dq, dk, dv = result[:3]
     grads = []
     for want, grad, what, like in zip(wanted, result[3:], ("rab", "position_bias", "time_bias"), extra[1:4]):
