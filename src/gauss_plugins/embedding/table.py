@@ -308,6 +308,10 @@ class DynamicEmbeddingTable(nn.Module):
         self._anchor = torch.zeros((), requires_grad=True)
         # A StoreBacking (attach_store): evicted rows go to its store, re-admitted ids come back from it.
         self.backing = None
+        # Set by a caller that keeps the replicas of a multi-rank run identical (same rows
+        # cached, row gradients summed across ranks before the optimizer step: the Gauss
+        # strategy, the lookahead cache's data-parallel runs); else training refuses world size > 1.
+        self.synchronized_replicas = False
         if self.eviction is not None:
             self.eviction.bind(self)
             self.eviction.resize(cap + 1, self.device)
@@ -847,7 +851,7 @@ class DynamicEmbeddingTable(nn.Module):
     def _check_single_replica(self) -> None:
         """Refuse training lookups under a process group of several ranks (see
         :class:`ReplicatedTableError`); reading in eval mode stays allowed."""
-        if not self.training:
+        if not self.training or self.synchronized_replicas:
             return
         world = _world_size()
         if world > 1:
