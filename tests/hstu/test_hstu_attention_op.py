@@ -268,6 +268,20 @@ def test_empty_batches(offsets):
     assert q.grad.shape == (0, 2, 3)
 
 
+@pytest.mark.parametrize("offsets", [torch.tensor([0, 0, 0]), torch.tensor([0])], ids=["empty sequences", "no sequences"])
+@pytest.mark.parametrize("targets", [False, True], ids=["positions", "targets"])
+def test_empty_batches_with_tables(offsets, targets):
+    q = torch.zeros(0, 2, 3, requires_grad=True)
+    v = torch.zeros(0, 2, 4)
+    pos, time = torch.randn(7, requires_grad=True), torch.randn(5, requires_grad=True)
+    nt = torch.zeros(offsets.shape[0] - 1, dtype=torch.int64) if targets else None
+    out = hstu_attention(q, q, v, offsets, max_seq_len=4, num_targets=nt, position_bias=pos, time_bias=time,
+                         timestamps=torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0, 2, 4)
+    out.sum().backward()
+    assert torch.equal(pos.grad, torch.zeros(7)) and torch.equal(time.grad, torch.zeros(5))
+
+
 @pytest.mark.parametrize("mode", ["everything", "rab shared by heads", "seq_len normaliser", "not causal"])
 def test_custom_op_autograd_gradchecks(mode):
     """The op's registered autograd (what compile/export use), called directly in eager."""

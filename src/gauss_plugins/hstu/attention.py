@@ -352,8 +352,9 @@ def _relative_bias_indices(offsets: torch.Tensor, n: int, *, position_size: Opti
     position_index = time_index = None
     if position_size is not None:
         if num_targets is None and contextual_len == 0:
-            lengths, batch = lengths[:1].clamp(min=n), 1  # ids = positions, whatever the length
-        ids, _ = _position_ids(lengths, n, num_targets, contextual_len)
+            ids, batch = torch.arange(n, device=offsets.device).view(1, n), 1  # ids = positions
+        else:
+            ids, _ = _position_ids(lengths, n, num_targets, contextual_len)
         half = (position_size + 1) // 2
         position_index = (ids.view(batch, 1, n) - ids.view(batch, n, 1) + (half - 1)).clamp(0, position_size - 1)
     if num_buckets is not None:
