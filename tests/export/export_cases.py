@@ -1,0 +1,71 @@
+"""Small HSTU retrieval models and their M-FALCON reference scores for the export tests."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+
+from gauss_plugins.hstu.mfalcon import MFalcon
+from gauss_plugins.hstu.modules import HSTUConfig, PaddedHSTUEncoder
+from gauss_plugins.jagged import lengths_to_offsets
+from gauss_plugins.models.item_embeddings import StaticItemEmbeddings
+from gauss_plugins.models.retrieval import SequentialRetrievalModel, l2_normalize
+
+
+def tiny_model(num_items: int = 40, dim: int = 8, max_len: int = 12, num_blocks: int = 2, num_heads: int = 2,
+               num_time_buckets: int = 0, seed: int = 0) -> SequentialRetrievalModel:
+    torch.manual_seed(seed)
+    config = HSTUConfig(dim=dim, num_blocks=num_blocks, num_heads=num_heads, max_seq_len=max_len, dropout=0.2,
+                        num_time_buckets=num_time_buckets)
+    model = SequentialRetrievalModel(StaticItemEmbeddings(num_items, dim), PaddedHSTUEncoder(config), max_len=max_len,
+                                     num_items=num_items)
+    with torch.no_grad():  # trained-looking biases: non-zero tables, so a wrong index shows
+        for block in model.encoder.encoder.blocks:
+            for table in (block.relative_bias.position_weight, block.relative_bias.time_weight):
+                if table is not None:
+                    table.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def mfalcon_reference(model: SequentialRetrievalModel, histories: List[List[int]], candidates: List[List[int]],
+                      history_times: Optional[List[List[int]]] = None,
+                      candidate_times: Optional[List[List[int]]] = None) -> List[torch.Tensor]:
+    """Scores through the model's own jagged path: MFalcon.score on the encoder, the inputs
+    built as SequentialRetrievalModel.encode builds them."""
+    emb = model.item_embeddings
+    scale = math.sqrt(model.dim)
+    pos = model.pos_emb.weight
+    xh = torch.cat([emb(torch.tensor(h, dtype=torch.long)) * scale + pos[:len(h)] for h in histories])
+    xc = torch.cat([emb(torch.tensor(c, dtype=torch.long)) * scale + pos[len(h)] for h, c in zip(histories, candidates)])
+    ho = lengths_to_offsets(torch.tensor([len(h) for h in histories]))
+    co = lengths_to_offsets(torch.tensor([len(c) for c in candidates]))
+    ht = ct = None
+    if history_times is not None:
+        ht = torch.tensor([t for ts in history_times for t in ts], dtype=torch.long)
+        ct = torch.tensor([t for ts in candidate_times for t in ts], dtype=torch.long)
+    with torch.no_grad():
+        out = MFalcon(model.encoder.encoder, micro_batch_size=3).score(xh, ho, xc, co, ht, ct)
+        e = l2_normalize(emb(torch.tensor([i for c in candidates for i in c], dtype=torch.long)))
+        scores = (l2_normalize(out) * e).sum(-1)
+    return list(scores.split([len(c) for c in candidates]))
+
+
+def padded(model, histories, candidates, history_times=None, candidate_times=None):
+    """The program's padded inputs for the same requests."""
+    b = len(histories)
+    n = max(len(h) for h in histories)
+    m = max(len(c) for c in candidates)
+    ids_h = torch.zeros(b, n, dtype=torch.long)
+    ids_c = torch.ones(b, m, dtype=torch.long)
+    th = torch.zeros(b, n, dtype=torch.long)
+    tc = torch.zeros(b, m, dtype=torch.long)
+    for i, (h, c) in enumerate(zip(histories, candidates)):
+        ids_h[i, :len(h)] = torch.tensor(h)
+        ids_c[i, :len(c)] = torch.tensor(c)
+        if history_times is not None:
+            th[i, :len(h)] = torch.tensor(history_times[i])
+            tc[i, :len(c)] = torch.tensor(candidate_times[i])
+    with torch.no_grad():
+        args = (model.item_embeddings(ids_h), torch.tensor([len(h) for h in histories]), model.item_embeddings(ids_c))
+    return args + ((th, tc) if history_times is not None else ())
