@@ -38,6 +38,7 @@ DEFAULT_PLUGINS = (
     "gauss_plugins.stores.plugin",
     "gauss_plugins.data.plugin",
     "gauss_plugins.cache.plugin",
+    "gauss_plugins.export.plugin",
 )
 
 # kind -> the registration hook that provides it
