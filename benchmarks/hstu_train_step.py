@@ -229,8 +229,8 @@ def profile_table(steps: Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Ten
         averages = prof.key_averages()
         parts.append(f"=== {name} item table: {repeats} steps ===")
         if device.type == "cuda":
-            parts.append("--- top ops by total CUDA time ---")
-            parts.append(averages.table(sort_by="cuda_time_total", row_limit=rows))
+            parts.append("--- top ops by total CUDA (device) time ---")
+            parts.append(averages.table(sort_by="device_time_total", row_limit=rows))
         parts.append("--- top ops by self CPU time ---")
         parts.append(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
     return "\n".join(parts)
@@ -352,6 +352,7 @@ def main(argv=None) -> int:
     summary: Dict[str, Any] = {
         "device": device.type,
         "data": "ml-1m" if seq_file else "synthetic",
+        "table_backend": type(models["dynamic"][0].item_embeddings.table.index).__name__,
         "shape": f"batch {args.batch}, len {args.max_len}, dim {args.dim}, negatives {args.negatives}",
         "step_ms_dynamic": round(dyn["step_ms_median"], 3),
         "step_ms_static": round(sta["step_ms_median"], 3),
