@@ -69,3 +69,34 @@ def padded(model, histories, candidates, history_times=None, candidate_times=Non
     with torch.no_grad():
         args = (model.item_embeddings(ids_h), torch.tensor([len(h) for h in histories]), model.item_embeddings(ids_c))
     return args + ((th, tc) if history_times is not None else ())
+
+
+def tiny_config(num_time_buckets: int = 0, max_len: int = 12, dim: int = 8, item_embedding: str = "dynamic"):
+    from gauss_plugins.train.config import ExperimentConfig, with_overrides
+
+    return with_overrides(ExperimentConfig(name="tiny-hstu"), data__max_len=max_len, model__dim=dim,
+                          model__attention_dim=4, model__linear_dim=4, model__num_heads=2,
+                          model__num_time_buckets=num_time_buckets, model__item_embedding=item_embedding)
+
+
+def write_checkpoint(run_dir: str, config, num_items: int = 40, seen: int = 30, seed: int = 0):
+    """A checkpoint as `gauss train` writes it, of a model whose table has rows for items
+    1..seen (trained-looking: ids above ``seen`` were never inserted)."""
+    import os
+
+    from gauss_integrations.lightning.fit import save_checkpoint
+    from gauss_plugins.models.builder import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(config, num_items=num_items)
+    model.train()
+    model.item_embeddings(torch.arange(1, seen + 1))  # training inserts the rows it sees
+    with torch.no_grad():
+        for block in model.encoder.encoder.blocks:
+            for table in (block.relative_bias.position_weight, block.relative_bias.time_weight):
+                if table is not None:
+                    table.normal_(0.0, 0.5)
+    model.eval()
+    os.makedirs(run_dir, exist_ok=True)
+    save_checkpoint(os.path.join(run_dir, "model.safetensors"), model, config, {"mode": "test"})
+    return model
