@@ -295,11 +295,16 @@ def _time_index(query_times, key_times, inv_scale, num_buckets):
 
 @triton.jit
 def _add_table_bias(u, row_ids, col_ids, query_times, key_times, POS, TB, pos_center, inv_scale, num_buckets,
-                    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
+                    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, IN_RANGE: tl.constexpr):
     """u + bias / 2 (the kernels work with u = s / 2); tables are tiny and cached, so the
-    gathers cost little next to the tile's dots."""
+    gathers cost little next to the tile's dots. IN_RANGE: every row and column is inside
+    the sequence (unmasked blocks), so the position index needs no clamp."""
     if HAS_POS:
-        u += 0.5 * tl.load(POS + _position_index(row_ids, col_ids, pos_center)).to(tl.float32)
+        if IN_RANGE:
+            index = col_ids - row_ids + pos_center
+        else:
+            index = _position_index(row_ids, col_ids, pos_center)
+        u += 0.5 * tl.load(POS + index).to(tl.float32)
     if HAS_TIME:
         u += 0.5 * tl.load(TB + _time_index(query_times, key_times, inv_scale, num_buckets)).to(tl.float32)
     return u
@@ -378,7 +383,7 @@ def _fwd_block(
         key_times = tl.load(TS + tma_row + cols, mask=col_ok, other=0) if HAS_TIME else cols
         col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
         u = _add_table_bias(u, row_ids[:, None], col_ids[None, :], query_times[:, None], key_times[None, :],
-                            POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME)
+                            POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME, not APPLY_MASK)
     p = _silu_half(u, FAST_SILU)
     if APPLY_MASK:
         valid = _valid(
@@ -531,7 +536,7 @@ def _bwd_dkdv_block(
         query_times = _query_times(TS, tma_row, rows, seq_len, history_end)  # tma_row: the sequence's first row
     if HAS_POS or HAS_TIME:
         ut = _add_table_bias(ut, row_ids[None, :], col_ids[:, None], query_times[None, :], key_times[:, None],
-                             POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME)
+                             POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME, not APPLY_MASK)
     pt, g2t = _silu_and_grad_half(ut, FAST_SILU)
     if APPLY_MASK:
         valid = _valid(
@@ -750,7 +755,7 @@ def _bwd_dq_block(
         key_times = tl.load(TS + tma_row + cols, mask=col_ok, other=0) if HAS_TIME else cols
         col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
         u = _add_table_bias(u, row_ids[:, None], col_ids[None, :], query_times[:, None], key_times[None, :],
-                            POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME)
+                            POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME, not APPLY_MASK)
     _, g2 = _silu_and_grad_half(u, FAST_SILU)
     dp = tl.dot(do, vt, input_precision=PRECISION, out_dtype=ACC)
     ds = dp * g2  # twice the true ds: halved in the final scale
