@@ -47,6 +47,26 @@ def train_args(config: str, output_dir: str, *, dataset: Optional[str], data_pat
     return args
 
 
+def check_workers(j: str, config: str, nnodes_and_procs) -> None:
+    """Refuse several workers for a config that trains in one process.
+
+    ``gauss train`` joins torchrun's process group only through a data-parallel strategy
+    (``train.strategy`` in the config); without one every worker would train the whole model
+    alone and all of them would write the same output folder.
+    """
+    _, max_nnodes, nproc, _ = nnodes_and_procs(j)
+    workers = int(max_nnodes) * int(nproc)
+    if workers <= 1:
+        return
+    from gauss_plugins.train.config import load_config
+
+    strategy = getattr(load_config(config).train, "strategy", None)
+    if strategy in (None, "", "single"):
+        raise ValueError(f"-j {j} starts {workers} workers, but config {config!r} trains in one process (its train "
+                         "section sets no data-parallel `strategy`): every worker would train the whole model and "
+                         "write the same output folder. Use -j 1x1, or a config with `strategy: gauss`")
+
+
 def export_args(checkpoint: str, out: str, *, config: Optional[str], snapshot: Optional[str]) -> List[str]:
     """``gauss export`` arguments (the export itself runs the parity check and fails on drift)."""
     if not out.endswith(".pt2"):

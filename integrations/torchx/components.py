@@ -73,6 +73,7 @@ def train(
         max_retries: scheduler retries
         rdzv_port: rendezvous port on rank 0's host (multi-node only)
     """
+    _args.check_workers(j, config, _dist.parse_nnodes)
     args = _args.train_args(config, output_dir, dataset=dataset, data_path=data_path, max_epochs=max_epochs,
                             seed=seed, accelerator=accelerator, mode=mode, item_embedding=item_embedding)
     return _dist.ddp(*args, m="gauss_plugins.cli", image=image, name="gauss-train", h=h, cpu=cpu, gpu=gpu,
