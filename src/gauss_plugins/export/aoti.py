@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -285,7 +286,10 @@ def load_package(path: str) -> LoadedPackage:
     from torch._inductor import aoti_load_package
 
     try:
-        compiled = aoti_load_package(path)
+        with warnings.catch_warnings():
+            # torch warns about its own pytree API while reading the call spec: noise for a user
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            compiled = aoti_load_package(path)
     except Exception as exc:  # the loader raises RuntimeError (or worse) with a C++ message
         raise PackageError(f"{path} could not be loaded as an AOTInductor package ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); export it again with this torch "
