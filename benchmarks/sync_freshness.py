@@ -219,7 +219,7 @@ def run_level(server, table, opt, source, store, syncer, num_ids, rate, duration
     if not ready.wait(120):
         reader.kill()
         raise RuntimeError("the reader process did not poll Redis within 120 s")
-    pushed0, reports0 = syncer.rows_pushed, len(syncer.reports)
+    pushed0, reports0, pulls0 = syncer.rows_pushed, len(syncer.reports), len(source.pulls)
     w = Trainer(table, opt, source, num_ids, probes, rate, duration, seed)
     w.start()
     w.join()
@@ -238,6 +238,7 @@ def run_level(server, table, opt, source, store, syncer, num_ids, rate, duration
                      dtype=np.float64).reshape(-1, 2)
     samples = pairs[:, 1]
     reports = list(syncer.reports)[reports0:]
+    pulls = list(source.pulls)[pulls0:]  # this level's (training blocked while they held the lock)
     achieved = w.rows / max(w.elapsed, 1e-9)
 
     # Keeping up = a lag that does not grow: the second half of the run is not staler than
@@ -260,7 +261,7 @@ def run_level(server, table, opt, source, store, syncer, num_ids, rate, duration
         "pushes": len(reports),
         "mean_push_latency_s": float(np.mean([r["latency_s"] for r in reports])) if reports else None,
         "max_step_s": w.max_step_s,
-        "pull_lock_ms_p99": float(np.percentile([q["lock_s"] * 1e3 for q in source.pulls], 99)) if source.pulls else None,
+        "pull_lock_ms_p99": float(np.percentile([q["lock_s"] * 1e3 for q in pulls], 99)) if pulls else None,
     }
 
 

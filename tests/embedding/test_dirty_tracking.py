@@ -220,3 +220,17 @@ def test_automatic_expiry_sweeps_a_bounded_window(backend):
     drops = [a - b for a, b in zip(sizes, sizes[1:])]
     assert max(drops) <= 100 and len(t) == 1 and t.contains(torch.tensor([-1])).all()
     assert t.evicted_since(0).numel() == 1000
+
+
+def test_row_scratch_marks_stay_exact_across_token_wraparound():
+    from gauss_plugins.embedding.tracking import RowScratch, distinct_rows
+
+    scratch = RowScratch()
+    g = torch.Generator().manual_seed(3)
+    for _ in range(600):  # more calls than the 255 one-byte tokens
+        marked = torch.randint(0, 1000, (50,), generator=g)
+        probe = torch.randint(0, 1000, (200,), generator=g)
+        got = scratch.marked(probe, scratch.mark(marked, 1000))
+        assert torch.equal(got, torch.isin(probe, marked))
+    rows = torch.randint(0, 1000, (500,), generator=g)
+    assert torch.equal(distinct_rows(rows, scratch.get(1000, rows.device)).sort().values, torch.unique(rows))

@@ -40,31 +40,41 @@ _MAX_CHUNKS = 1 << 14
 
 
 class RowScratch:
-    """An int32 array with at least one slot per row, reused between calls and never
-    cleared: a user either writes the slots it reads before reading them (positions >= 0,
-    :func:`distinct_rows`) or marks slots with a fresh negative :meth:`token`, which no
-    stale slot can hold."""
+    """Per-row scratch arrays reused between calls and never cleared as a whole.
+
+    :meth:`get`: int32 slots, written before they are read (positions, :func:`distinct_rows`).
+    :meth:`mark` / :meth:`marked`: one byte a row for membership; each call marks with a
+    fresh value, so stale marks never match, and the bytes are cleared once every 255 calls
+    (a quarter of the int32 array's size: random marks stay in cache better).
+    """
 
     def __init__(self) -> None:
         self._buf: Optional[torch.Tensor] = None
-        self._token = -1
+        self._marks: Optional[torch.Tensor] = None
+        self._token = 0
 
     def get(self, num_rows: int, device: torch.device) -> torch.Tensor:
         if self._buf is None or self._buf.numel() < num_rows or self._buf.device != device:
-            self._buf = torch.zeros(num_rows, dtype=torch.int32, device=device)
-            self._token = -1
+            self._buf = torch.empty(num_rows, dtype=torch.int32, device=device)
         return self._buf
 
-    def token(self) -> int:
-        """A negative value no slot holds yet (after :meth:`get`)."""
-        self._token -= 1
-        if self._token < -(2**31) + 1:  # every value used once: start over on a cleared array
-            self._buf.zero_()
-            self._token = -2
+    def mark(self, rows: torch.Tensor, num_rows: int) -> int:
+        """Mark ``rows`` (values in ``[0, num_rows)``); returns the token :meth:`marked` tests."""
+        if self._marks is None or self._marks.numel() < num_rows or self._marks.device != rows.device:
+            self._marks = torch.zeros(num_rows, dtype=torch.uint8, device=rows.device)
+            self._token = 0
+        self._token += 1
+        if self._token > 255:  # every value used once: start over on cleared bytes
+            self._marks.zero_()
+            self._token = 1
+        self._marks.index_fill_(0, rows, self._token)
         return self._token
 
+    def marked(self, rows: torch.Tensor, token: int) -> torch.Tensor:
+        return self._marks.index_select(0, rows) == token
+
     def nbytes(self) -> int:
-        return 0 if self._buf is None else self._buf.numel() * 4
+        return sum(0 if b is None else b.numel() * b.element_size() for b in (self._buf, self._marks))
 
 
 # index_select / index_copy_ / index_fill_ rather than ``t[rows]`` indexing: on CPU the
@@ -211,10 +221,7 @@ def _unprotected(rows: torch.Tensor, protect: Optional[torch.Tensor], scratch: R
     """bool per row of ``rows``: not in ``protect`` (None when nothing is protected)."""
     if protect is None or protect.numel() == 0:
         return None
-    buf = scratch.get(num_rows, rows.device)
-    token = scratch.token()
-    buf.index_fill_(0, protect, token)
-    return buf.index_select(0, rows) != token
+    return ~scratch.marked(rows, scratch.mark(protect, num_rows))
 
 
 def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
