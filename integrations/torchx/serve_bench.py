@@ -39,28 +39,12 @@ def make_requests(ids: torch.Tensor, count: int, history: int, candidates: int, 
     return [(pick(history), pick(candidates)) for _ in range(count)]
 
 
-def score_requests(package, lookup, requests: Sequence[Request], batch_size: int) -> List[List[float]]:
-    """Scores of ``requests`` through the loaded package, batched as gauss-runner batches them
-    (groups of ``batch_size``; N = max(1, longest history), M = most candidates, zero rows
-    as padding, the most recent ``max_seq_len`` history ids)."""
-    out: List[List[float]] = []
-    dim, max_history = package.dim, package.max_history
-    for start in range(0, len(requests), batch_size):
-        group = requests[start:start + batch_size]
-        hists = [list(h)[len(h) - min(len(h), max_history):] for h, _ in group]
-        n = max([1] + [len(h) for h in hists])
-        m = max(len(c) for _, c in group)
-        history = torch.zeros(len(group), n, dim)
-        cands = torch.zeros(len(group), m, dim)
-        for b, (h, (_, c)) in enumerate(zip(hists, group)):
-            if h:
-                history[b, :len(h)] = lookup(torch.tensor(h, dtype=torch.int64))
-            cands[b, :len(c)] = lookup(torch.tensor(c, dtype=torch.int64))
-        lens = torch.tensor([len(h) for h in hists], dtype=torch.int64)
-        with torch.no_grad():
-            scores = package(history, lens, cands)
-        out += [scores[b, :len(c)].tolist() for b, (_, c) in enumerate(group)]
-    return out
+def score_requests(predictor, requests: Sequence[Request]) -> List[List[float]]:
+    """Scores of ``requests`` through the Python Predictor (the batching gauss-runner follows)."""
+    from gauss_plugins.export.predictor import Request as PredictorRequest
+
+    reqs = [PredictorRequest(tuple(h), tuple(c), i + 1) for i, (h, c) in enumerate(requests)]
+    return [s.tolist() for s in predictor.rank(reqs)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -84,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
 
     from gauss_plugins.export.aoti import PackageError, load_package
-    from gauss_plugins.export.snapshot import read_snapshot
+    from gauss_plugins.export.predictor import Predictor
+    from gauss_plugins.export.snapshot import Snapshot, read_snapshot
 
     try:
         package = load_package(args.package)
@@ -103,21 +88,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if snap.dim != package.dim:
             print(f"serve_bench: {args.snapshot} has dim {snap.dim}, the package {package.dim}", file=sys.stderr)
             return 2
-        ids, lookup = snap.ids, snap.lookup
     else:
         # Random rows of the package's dim: latency does not depend on the values.
-        table = torch.randn(4096, package.dim, generator=torch.Generator().manual_seed(0)) * 0.1
-        ids, lookup = torch.arange(4096), lambda i: table[i]
+        snap = Snapshot(torch.arange(4096), torch.randn(4096, package.dim, generator=torch.Generator().manual_seed(0))
+                        * 0.1, source="random rows")
 
     results: List[Dict[str, object]] = []
     max_diff: Optional[float] = None
     for b in sizes:
-        requests = make_requests(ids, b, history, args.candidates, seed=b)
-        score_requests(package, lookup, requests, b)  # warm-up (first-call allocations)
+        requests = make_requests(snap.ids, b, history, args.candidates, seed=b)
+        predictor = Predictor(package, snap, batch_size=b)
+        score_requests(predictor, requests)  # warm-up (first-call allocations)
         latencies = []
         for _ in range(args.iters):
             t0 = time.perf_counter()
-            score_requests(package, lookup, requests, b)
+            score_requests(predictor, requests)
             latencies.append(time.perf_counter() - t0)
         mean = statistics.fmean(latencies)
         row: Dict[str, object] = {
@@ -125,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "p50_ms": round(1e3 * _percentile(latencies, 0.5), 3), "p99_ms": round(1e3 * _percentile(latencies, 0.99), 3),
             "requests_per_s": round(b / mean, 1), "candidates_per_s": round(b * args.candidates / mean, 1)}
         if args.runner:
-            row.update(_runner_row(args, requests, b, package, lookup))
+            row.update(_runner_row(args, requests, b, predictor))
             diff = row["cpp_vs_python_max_abs_diff"]
             max_diff = diff if max_diff is None else max(max_diff, diff)
         results.append(row)
@@ -141,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _runner_row(args, requests: Sequence[Request], batch: int, package, lookup) -> Dict[str, object]:
+def _runner_row(args, requests: Sequence[Request], batch: int, predictor) -> Dict[str, object]:
     from gauss_plugins.export.runner import build_runner, format_requests, run_runner
 
     binary = build_runner(verbose=True)
@@ -155,7 +140,7 @@ def _runner_row(args, requests: Sequence[Request], batch: int, package, lookup) 
         got = run_runner(args.package, open(path).read(), snapshot=args.snapshot, batch_size=batch,
                          threads=args.threads or None, binary=binary)
         seconds = time.perf_counter() - t0
-    want = score_requests(package, lookup, requests, batch)
+    want = score_requests(predictor, requests)
     diff = max(abs(x - y) for g, w in zip(got[:len(requests)], want) for x, y in zip(g, w))
     return {"runner_requests_per_s": round(len(many) / seconds, 1), "cpp_vs_python_max_abs_diff": diff}
 

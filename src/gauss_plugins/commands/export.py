@@ -32,6 +32,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     rank.add_argument("--batch-size", type=int, default=256, help="users scored per call of the package (default 256)")
     rank.set_defaults(_run=run_rank)
 
+    build = subparsers.add_parser(
+        "build-runner",
+        help="build gauss-runner, the C++ server of .pt2 rankers (cmake + g++, libtorch of this torch)",
+        description="Compile gauss-runner (serves a .pt2 without Python; rows from a .gsnp snapshot or Redis) and "
+                    "print its path. Cached by source hash: a second call returns at once.",
+    )
+    build.add_argument("--build-dir", help="put the binary here instead of the cache folder")
+    build.add_argument("--force", action="store_true", help="rebuild even when an up-to-date binary exists")
+    build.set_defaults(_run=run_build_runner)
+
     p = subparsers.add_parser(
         "export",
         help="export a trained HSTU model to an AOTInductor .pt2 ranker (M-FALCON), parity-checked",
@@ -121,3 +131,14 @@ def run_rank(args: argparse.Namespace) -> int:
         return _fail("rank", exc)
     return 0
 
+
+def run_build_runner(args: argparse.Namespace) -> int:
+    from gauss_plugins.export.runner import RunnerBuildError, build_runner, runner_has_redis
+
+    try:
+        path = build_runner(args.build_dir, force=args.force, verbose=True)
+    except RunnerBuildError as exc:
+        return _fail("build-runner", exc)
+    redis = "with" if runner_has_redis(path) else "without (install libhiredis-dev and rebuild with --force)"
+    print(f"gauss-runner: {path} ({redis} the Redis embedding source)")
+    return 0

@@ -26,8 +26,8 @@ import tempfile
 import time
 from typing import List, Optional, Sequence, Tuple, Union
 
-__all__ = ["RunnerBuildError", "RunnerError", "build_runner", "find_runner", "format_requests", "run_runner",
-           "runner_has_redis"]
+__all__ = ["RunnerBuildError", "RunnerError", "build_runner", "build_skip_reason", "find_runner", "format_requests",
+           "run_runner", "runner_has_redis"]
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner")
 SOURCES = ("main.cpp", "CMakeLists.txt")
@@ -105,6 +105,15 @@ def find_runner(build_dir: Optional[str] = None) -> Optional[str]:
     return binary if _stamp_ok(binary) else None
 
 
+def build_skip_reason() -> Optional[str]:
+    """Why gauss-runner cannot be built here (None when cmake and a C++ compiler are present)."""
+    if shutil.which("cmake") is None:
+        return "cmake is not on PATH (apt-get install cmake, or pip install cmake)"
+    if _compiler() is None:
+        return "no C++ compiler on PATH (apt-get install g++, or set CXX)"
+    return None
+
+
 def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -148,8 +157,6 @@ def build_runner(build_dir: Optional[str] = None, *, force: bool = False, jobs: 
             if proc.returncode != 0:
                 raise RunnerBuildError(f"{what} gauss-runner failed (exit {proc.returncode}; command: "
                                        f"{' '.join(cmd)}):\n{_tail(proc.stdout + proc.stderr)}")
-            if verbose:
-                print(proc.stdout, end="", file=sys.stderr)
         built = os.path.join(tree, BINARY)
         if not os.path.isfile(built):
             raise RunnerBuildError(f"the build finished but produced no {BINARY} in {tree}")

@@ -9,8 +9,8 @@
 //
 // Requests, one per line:  <history ids> | <candidate ids>   (ids space-separated, int64)
 // Output, one line per request: the candidates' scores, space-separated, "%.9g".
-// Blank lines are skipped. The batching rules below are the Python Predictor's, so both
-// produce the same scores (gauss_plugins.export.predictor):
+// Blank lines and lines starting with '#' are skipped. The batching rules below are the
+// Python Predictor's (gauss_plugins.export.predictor, `gauss rank`), so both give the same scores:
 //   * consecutive requests are scored in groups of --batch-size;
 //   * N = max(1, longest history in the group), histories padded with zero rows, history_len
 //     = the true length; M = most candidates in the group, missing slots zero rows (their
@@ -283,7 +283,8 @@ std::vector<int64_t> parse_ids(const std::string& text, size_t line, const char*
 bool parse_request(const std::string& raw, size_t line, Request& req) {
   std::string text = raw;
   if (!text.empty() && text.back() == '\r') text.pop_back();
-  if (text.find_first_not_of(" \t") == std::string::npos) return false;
+  const size_t first = text.find_first_not_of(" \t");
+  if (first == std::string::npos || text[first] == '#') return false;  // blank or comment
   const size_t bar = text.find('|');
   if (bar == std::string::npos || text.find('|', bar + 1) != std::string::npos)
     throw RequestError("line " + std::to_string(line) +
@@ -413,14 +414,14 @@ const char* kUsage =
     "the candidates' scores, space-separated. Without --snapshot/--redis the package's\n"
     "embedding_source metadata is used (a relative snapshot path is taken relative to the package).\n"
     "  --state-dim K     Redis rows carry K optimizer-state floats after the row (default 0)\n"
-    "  --batch-size N    requests scored per forward (default 64)\n"
+    "  --batch-size N    requests scored per forward (default 256, as `gauss rank`)\n"
     "  --threads T       intra-op threads (default: torch's choice)\n"
     "  --print-metadata  print the package metadata as key=value lines and exit\n"
     "  --version         print the runner's format version and whether Redis support is built in\n";
 
 struct Options {
   std::string package, snapshot, redis, input;
-  int64_t state_dim = 0, batch_size = 64, threads = 0;
+  int64_t state_dim = 0, batch_size = 256, threads = 0;
   bool print_metadata = false;
 };
 
