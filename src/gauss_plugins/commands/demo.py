@@ -95,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"model": label, **{k: m[f"test/{k}"] for k in METRIC_KEYS}} for label, m in metrics.items()]
     print("\nTest metrics (leave-one-out, full-corpus ranking minus history; selected on validation NDCG@10):")
     print(format_table(rows, ["model", *METRIC_KEYS]))
-    print(f"\nwrote {out}/report.json, {out}/training_curves.png, {out}/test_metrics.png "
-          f"and per-model folders; total {time.time() - started:.0f} s")
+    from gauss_plugins.export.demo import export_and_rank
+
+    hstu_run = next(run for run in result["runs"] if run["model"] == "hstu")
+    export_and_rank(os.path.join(out, f"hstu-seed{hstu_run['seed']}"), os.path.join(out, "serving"),
+                    log=lambda m: print(m, flush=True))
+    print(f"\nwrote {out}/report.json, {out}/training_curves.png, {out}/test_metrics.png, "
+          f"{out}/serving/ (the .pt2 ranker and its snapshot) and per-model folders; "
+          f"total {time.time() - started:.0f} s")
     return 0
