@@ -141,6 +141,28 @@ def test_cached_path_runs_the_attention_op_with_the_num_targets_mask(monkeypatch
         assert offsets.diff().tolist() == [3 + 4, 7 + 1, 0 + 4, 3 + 1, 0 + 3]
 
 
+def test_rounds_split_into_passes_by_the_budget(monkeypatch):
+    encoder, h, ho, c, co, ht, ct = setup(seed=7)
+    whole = MFalcon(encoder, 2)
+    split = MFalcon(encoder, 2, pass_budget=1)  # every round its own pass
+    cache = whole.encode_history(h, ho, ht)
+    calls = []
+    attention = modules.hstu_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["num_targets"].tolist())
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "hstu_attention", spy)
+    got = split.score_cached(cache, c, co, ct)
+    # candidates (5, 1, 7, 0) in rounds of 2: four rounds, one pass each, per block
+    assert calls[::len(encoder.blocks)] == [[2, 1, 2], [2, 2], [1, 2], [1]]
+    torch.testing.assert_close(got, whole.score_cached(cache, c, co, ct), rtol=1e-12, atol=1e-13)
+    assert len(calls) == 4 * len(encoder.blocks) + len(encoder.blocks)  # then the whole: one pass
+    with pytest.raises(ValueError, match="pass_budget"):
+        MFalcon(encoder, 2, pass_budget=0)
+
+
 def test_float32_cached_close_to_uncached():
     encoder, h, ho, c, co, ht, ct = setup(seed=3)
     encoder = encoder.float()

@@ -18,11 +18,13 @@ the history's keys and values in every block are the same in every round.
 :meth:`MFalcon.encode_history` computes them once (:class:`HistoryCache`);
 :meth:`MFalcon.score_cached` then runs only the candidate rows through the blocks'
 projections, norms and output layers. Since rounds no longer depend on each other, it runs
-them all at once: every (user, round) pair with candidates is one sequence ``[cached
-history K/V ; that round's candidates' K/V]`` of a jagged batch, and each block's attention
-is one :func:`~gauss_plugins.hstu.attention.hstu_attention` call on it with ``num_targets``
-= the candidates of each pair, so on CUDA it is one launch of the fused kernel with the
-``num_targets`` mask (not a dense einsum), however many rounds there are. The history rows'
+many at once: every (user, round) pair with candidates is one sequence ``[cached history
+K/V ; that round's candidates' K/V]`` of a jagged batch, and each block's attention is one
+:func:`~gauss_plugins.hstu.attention.hstu_attention` call on it with ``num_targets`` = the
+candidates of each pair, so on CUDA it is one launch of the fused kernel with the
+``num_targets`` mask (not a dense einsum) for all the rounds of a pass. A pass holds as
+many rounds as ``pass_budget`` allows (sequences x ``max_seq_len^2``, what the dense
+reference backend materialises): usually all of them. The history rows'
 queries are zeros and their outputs are dropped; they still cost attention FLOPs (the op
 computes every row), so a round's attention costs what it costs uncached, and the history
 keys/values are repeated once per round (memory ``O(rounds * history)`` rows per block).
@@ -111,13 +113,19 @@ class MFalcon:
     candidate item embedding, or a ranking head).
     """
 
-    def __init__(self, encoder: HSTUEncoder, micro_batch_size: int = 64) -> None:
+    def __init__(self, encoder: HSTUEncoder, micro_batch_size: int = 64, pass_budget: int = 1 << 24) -> None:
         if not isinstance(encoder, HSTUEncoder):
             raise TypeError(f"M-FALCON needs an HSTUEncoder, got {type(encoder).__name__}")
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+        if not isinstance(pass_budget, int) or isinstance(pass_budget, bool) or pass_budget < 1:
+            raise ValueError(f"pass_budget must be a positive int, got {pass_budget!r}")
         self.encoder = encoder
         self.micro_batch_size = micro_batch_size
+        # score_cached groups rounds into passes of at most this many (sequences x
+        # max_seq_len^2) attention entries: what the dense reference backend materialises
+        # (the fused kernel needs far less), so CPU memory stays bounded however many rounds
+        self.pass_budget = pass_budget
 
     # ------------------------------------------------------------------ rounds
     def _round_counts(self, candidates: torch.Tensor, candidate_offsets: torch.Tensor,
@@ -203,8 +211,32 @@ class MFalcon:
         self._check(candidates, candidate_offsets, candidate_timestamps)
         if len(cache.keys) != len(self.encoder.blocks):
             raise ValueError(f"the cache holds {len(cache.keys)} blocks, the encoder has {len(self.encoder.blocks)}")
-        pairs = _AllRounds(cache.offsets, candidate_offsets,
-                           self._round_counts(candidates, candidate_offsets, cache.lengths), self.micro_batch_size)
+        in_rounds = self._round_counts(candidates, candidate_offsets, cache.lengths)
+        out = candidates.new_empty(candidates.shape)
+        for first, last in self._passes(in_rounds):
+            pairs = _AllRounds(cache.offsets, candidate_offsets, in_rounds[first:last], first,
+                               self.micro_batch_size)
+            out[pairs.candidate_rows] = self._score_pass(cache, candidates, candidate_timestamps, pairs)
+        return out
+
+    def _passes(self, in_rounds: torch.Tensor) -> List[Tuple[int, int]]:
+        """Consecutive groups ``[first, last)`` of rounds whose sequences fit the budget
+        (at least one round each)."""
+        per_pair = self.encoder.config.max_seq_len ** 2
+        pairs_per_round = (in_rounds > 0).sum(dim=1).tolist()
+        passes, first, used = [], 0, 0
+        for r, pairs in enumerate(pairs_per_round):
+            if r > first and used + pairs * per_pair > self.pass_budget:
+                passes.append((first, r))
+                first, used = r, 0
+            used += pairs * per_pair
+        if pairs_per_round:
+            passes.append((first, len(pairs_per_round)))
+        return passes
+
+    def _score_pass(self, cache: HistoryCache, candidates: torch.Tensor, candidate_timestamps: Optional[torch.Tensor],
+                    pairs: "_AllRounds") -> torch.Tensor:
+        """Encoder outputs of the candidate rows ``pairs.candidate_rows``."""
         layout = pairs.layout
         times = None
         if cache.timestamps is not None:
@@ -218,18 +250,17 @@ class MFalcon:
                                 layout.merge(values[pairs.history_rows], v), layout.offsets, times,
                                 layout.num_targets)
             x = block.combine(x, u, attn[layout.target_rows])
-        out = candidates.new_empty(candidates.shape)
-        out[pairs.candidate_rows] = self.encoder.finish(x)
-        return out
+        return self.encoder.finish(x)
 
 
 class _AllRounds:
-    """Every (user, round) pair that has candidates as one sequence ``[history ; round]``:
+    """Every (user, round) pair of some rounds that has candidates as one sequence
+    ``[history ; round]`` (``in_rounds`` ``[rounds, B]`` counts rounds from ``first_round``):
     which cached history rows and which candidate rows feed each pair, and the jagged layout
     of the whole batch (pairs ordered by round, then user)."""
 
     def __init__(self, history_offsets: torch.Tensor, candidate_offsets: torch.Tensor, in_rounds: torch.Tensor,
-                 micro_batch_size: int) -> None:
+                 first_round: int, micro_batch_size: int) -> None:
         pair_round, pair_user = torch.nonzero(in_rounds > 0, as_tuple=True)
         n_hist = (history_offsets[1:] - history_offsets[:-1])[pair_user]
         n_cand = in_rounds[pair_round, pair_user]
@@ -239,7 +270,7 @@ class _AllRounds:
         seq, pos = row_coordinates(hist_offsets, hist_total)
         self.history_rows = history_offsets[pair_user][seq] + pos
         seq, pos = row_coordinates(cand_offsets, cand_total)
-        self.candidate_rows = candidate_offsets[pair_user][seq] + pair_round[seq] * micro_batch_size + pos
+        self.candidate_rows = candidate_offsets[pair_user][seq] + (first_round + pair_round[seq]) * micro_batch_size + pos
         self.layout = _AppendLayout(hist_offsets, cand_offsets, hist_total, cand_total)
 
 
