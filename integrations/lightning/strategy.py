@@ -1,0 +1,733 @@
+"""``GaussStrategy``: Lightning data parallelism with dynamic embedding tables behind a
+lookahead cache ("logically replicated, physically partitioned").
+
+::
+
+    import gauss_integrations.lightning            # registers "gauss"
+    trainer = pl.Trainer(strategy="gauss", accelerator="cpu", devices=2)
+    trainer = pl.Trainer(strategy=GaussStrategy(budget_rows=20_000, window=8, store_dir="/data/tierps"))
+
+What the strategy does, through Lightning's own hooks (no patching):
+
+* **Dense parameters** train under DDP (the class *is* a ``DDPStrategy``: gloo on CPU, NCCL on GPU).
+* **Every** :class:`~gauss_plugins.embedding.table.DynamicEmbeddingTable` **of the module** is put
+  behind one :class:`~gauss_plugins.cache.LookaheadCache` (``setup``): the table is the fast tier,
+  holding at most ``budget_rows`` rows; a TierPS per table (one per rank) holds the rest with
+  their optimizer state. The training dataloader is wrapped (``process_dataloader``) so the
+  cache sees ``window`` batches ahead of the step that trains them; each step starts
+  (``on_train_batch_start``) only once every row its ids need is resident.
+* **Replicas** (world size W > 1). The cache's ``exchange`` all-gathers each batch's ids, so
+  every replica caches the rows of the *global* batch and makes the same fetch / evict
+  decisions. After backward, each table's row gradients are summed into one buffer over the
+  global batch's ids, all-reduced and divided by W (as DDP averages dense gradients), and the
+  strategy steps the sparse optimizer: every replica applies the same update, so W workers on
+  a global batch end with the rows and weights one worker gets on it (tests/strategy).
+  Write-back is partitioned: rank ``id % W`` owns a row, writes it back and keeps it in its
+  own TierPS partition. A row another rank owns is fetched through :class:`PartitionedStore`:
+  every replica reads the same ids in the same order (the caches agree), each answers for the
+  ids it owns and a sum-all-reduce on a gloo side group gives every replica every row.
+* **The dynamic tables' world-size guard** (``ReplicatedTableError``) is lifted only on the
+  tables the strategy manages, only while it trains them (``table.synchronized_replicas``).
+* **Evaluation** reads every row: validation and test first flush the cache and install the
+  stored rows in the table (removed again afterwards, unchanged); after ``fit`` the table holds
+  every trained row (``gather_on_end``), so checkpoints and exports see the whole table.
+* **Logging**: per step ``gauss/hits_at_use``, ``gauss/misses_at_use``, ``gauss/prefetched_rows``,
+  ``gauss/prefetched_bytes``, ``gauss/stall_ms`` and ``gauss/window`` go to the trainer's
+  loggers (every ``log_every_n_steps``, rank 0); :meth:`GaussStrategy.cache_stats` has the totals.
+* **WePS sync** (``sync_target``): each rank runs a :class:`~gauss_plugins.stores.syncer.Syncer`
+  from its TierPS partition (the rows it owns) to the serving store; the cache is flushed every
+  ``sync_every_n_steps`` steps so the partition stays that fresh.
+
+The module tells the strategy which ids a batch reads: ``gauss_cache_ids(batch) ->
+{table name: int64 ids}`` on the LightningModule (or ``ids_fn=``). Every id a training step
+looks up must be among them (a model that samples ids inside its step, like negatives, samples
+them ahead in ``gauss_prepare_batch(batch) -> batch``, which the strategy calls on each batch
+as it leaves the dataloader).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
+from pytorch_lightning.trainer.states import RunningStage, TrainerFn
+
+from gauss_plugins.cache import CacheConfig, LookaheadCache
+from gauss_plugins.embedding import DynamicEmbeddingTable, SparseOptimizer
+from gauss_plugins.embedding.backing import state_layout
+# The table's gradient record: the replicated update rewrites a table's recorded gradients
+# in the table's own layout, so SparseOptimizer.step applies them unchanged.
+from gauss_plugins.embedding.table import _GradRecord
+from gauss_plugins.stores.base import Lookup
+
+__all__ = ["GaussStrategy", "PartitionedStore", "reduce_row_gradients", "ELASTIC_ISSUE"]
+
+log = logging.getLogger(__name__)
+
+#: The issue that will fill in elastic replica recovery (``elastic=`` names it until then).
+ELASTIC_ISSUE = "elastic replica recovery"
+
+#: Name of the LookaheadCache's store worker thread: the only thread that reads a
+#: PartitionedStore while training (reads from elsewhere would pair collectives out of order).
+_CACHE_WORKER = "gauss-lookahead-cache"
+
+_LOGGED = ("hits_at_use", "misses_at_use", "prefetched_rows", "prefetched_bytes", "stall_ms", "window")
+
+
+# ---------------------------------------------------------------------------- stores
+class PartitionedStore:
+    """One rank's partition of a store sharded by ``id % world`` (its ``local`` store holds
+    the ids it owns), read collectively.
+
+    ``lookup(ids)`` must be called by every rank with the same ids in the same order (the
+    lookahead caches of the replicas guarantee it: they make the same decisions): each rank
+    answers for its own ids and a sum-all-reduce over ``group`` (gloo, CPU tensors) hands
+    every rank every row. ``put`` takes only owned ids (the cache's ``owner_fn`` filters its
+    write-backs) and ``delete`` removes the owned ones. While ``training_reads_only_on_worker``
+    is set, a lookup from another thread than the cache's worker is refused: it would be a
+    training lookup of an id the cache did not prefetch, and its collective would pair with
+    another rank's prefetch.
+    """
+
+    def __init__(self, local: Any, rank: int, world: int, group: Any) -> None:
+        if not (0 <= rank < world):
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        self.local, self.rank, self.world, self.group = local, int(rank), int(world), group
+        self.dim = int(local.dim)
+        self.state_dim = int(getattr(local, "state_dim", 0))
+        self.max_ram_rows = getattr(local, "max_ram_rows", None)
+        self.training_reads_only_on_worker = False
+        self._here = threading.local()
+
+    def owned(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.remainder(ids, self.world) == self.rank
+
+    def reading_here(self) -> "_ReadingHere":
+        """Allow lookups from the calling thread (evaluation's collective reads between steps)."""
+        return _ReadingHere(self._here)
+
+    def lookup(self, ids: Any) -> Lookup:
+        if (self.training_reads_only_on_worker and threading.current_thread().name != _CACHE_WORKER
+                and not getattr(self._here, "allowed", False)):
+            raise RuntimeError(
+                "a training step looked up ids the lookahead cache had not made resident, so their rows would "
+                "be read from the partitioned store outside the cache (a collective the other ranks do not make). "
+                "gauss_cache_ids(batch) (or GaussStrategy(ids_fn=...)) must return every id the training step "
+                "looks up, negatives included (sample them in gauss_prepare_batch)")
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        n, width = ids.numel(), self.dim + self.state_dim
+        buf = torch.zeros(n, width + 1, dtype=torch.float32)
+        mine = self.owned(ids)
+        if bool(mine.any()):
+            got = self.local.lookup(ids[mine])
+            part = torch.zeros(int(mine.sum()), width + 1)
+            part[:, : self.dim] = got.values.to(torch.float32)
+            if self.state_dim:
+                part[:, self.dim: width] = got.state.to(torch.float32)
+            part[:, width] = got.found.to(torch.float32)
+            buf[mine] = part
+        # One owner per id: the sum is that owner's row, exactly (x + 0 == x).
+        dist.all_reduce(buf, group=self.group)
+        state = buf[:, self.dim: width].contiguous() if self.state_dim else None
+        return Lookup(buf[:, : self.dim].contiguous(), state, buf[:, width] > 0.5)
+
+    def put(self, ids: Any, values: Any, state: Any = None) -> int:
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        if not bool(self.owned(ids).all()):
+            raise ValueError(f"rank {self.rank} of {self.world} was asked to store ids it does not own "
+                             f"(owner = id % {self.world}); filter writes with the owner function")
+        return self.local.put(ids, values, state)
+
+    def delete(self, ids: Any) -> int:
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        return self.local.delete(ids[self.owned(ids)])
+
+    def stored_ids(self) -> torch.Tensor:
+        """Every id of every partition, ascending (a collective)."""
+        return _all_gather_ids(_local_ids(self.local), self.group)
+
+    def close(self) -> None:
+        self.local.close()
+
+
+class _ReadingHere:
+    def __init__(self, here: threading.local) -> None:
+        self._here = here
+
+    def __enter__(self) -> None:
+        self._here.allowed = True
+
+    def __exit__(self, *exc: Any) -> None:
+        self._here.allowed = False
+
+
+def _local_ids(store: Any) -> torch.Tensor:
+    if hasattr(store, "stored_ids"):
+        return torch.as_tensor(store.stored_ids(), dtype=torch.int64).reshape(-1)
+    parts = [batch.ids for batch in store.export()]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+def _all_gather_ids(ids: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """The distinct ids of every rank (ascending); a collective. Variable lengths are padded."""
+    world = dist.get_world_size(group)
+    device = ids.device
+    size = torch.tensor([ids.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    counts = [int(s.item()) for s in sizes]
+    width = max(counts)
+    if width == 0:
+        return ids[:0]
+    padded = torch.zeros(width, dtype=torch.int64, device=device)
+    padded[: ids.numel()] = ids
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.unique(torch.cat([p[:c] for p, c in zip(parts, counts)]))
+
+
+# ---------------------------------------------------------------------------- gradients
+@torch.no_grad()
+def reduce_row_gradients(table: DynamicEmbeddingTable, ids: torch.Tensor, group: Any = None,
+                         world: Optional[int] = None) -> int:
+    """Replace the row gradients ``table`` recorded since its last optimizer step by their
+    average over the replicas of ``group`` (a collective).
+
+    ``ids``: the ascending distinct ids of the *global* batch, the same tensor on every rank
+    (the lookahead cache's ``batch_ids()``); every id the step looked up must be among them.
+    Each rank sums its recorded gradients per id into a ``[len(ids) + 1, dim]`` buffer (the
+    last slot: reads of the default row, which trains under ``default="unknown"``), the buffer
+    is all-reduced and divided by the world size (DDP averages the dense gradients the same
+    way), and the table is left with one record over ``ids``: the sparse optimizer then
+    applies the same update on every replica. Returns the ids reduced.
+    """
+    world = dist.get_world_size(group) if world is None else int(world)
+    ids = ids.to(table.device)
+    n = ids.numel()
+    buf = torch.zeros(n + 1, table.dim, dtype=torch.float32, device=table.device)
+    default = table.default_row
+    for rec in table._pending:
+        rows = rec.rows if rec.epoch == table._epoch else table.index.find(rec.ids, default=default)
+        src = rec.src
+        g = src if rec.src_idx.numel() == 0 and src.shape[0] == rows.numel() else src.index_select(0, rec.src_idx)
+        if rec.scale.numel():
+            g = g * rec.scale[:, None]
+        at_default = rows == default
+        slot = torch.searchsorted(ids, rec.ids).clamp(max=max(n - 1, 0))
+        known = (ids[slot] == rec.ids) if n else torch.zeros_like(at_default)
+        stray = ~at_default & ~known
+        if bool(stray.any()):
+            table.zero_grad()
+            raise RuntimeError(
+                f"table {table.name!r}: the step looked up ids the global batch's id list does not have "
+                f"(e.g. {torch.unique(rec.ids[stray])[:5].tolist()}); gauss_cache_ids(batch) must return every id "
+                f"the training step looks up")
+        slot = torch.where(at_default, torch.full_like(slot, n), slot)
+        buf.index_add_(0, slot, g)
+    dist.all_reduce(buf, group=group)
+    buf /= world
+    table.zero_grad()
+    # One record over the global ids, in the table's own record layout (identity src_idx, no
+    # scale): the optimizer step sums and applies it exactly like a lookup's record.
+    empty_i = torch.empty(0, dtype=torch.int64, device=table.device)
+    empty_f = torch.empty(0, dtype=torch.float32, device=table.device)
+    rows = table.index.find(ids, default=default)
+    records = [_GradRecord(ids, rows, buf[:n].contiguous(), empty_i, empty_f, table._epoch)]
+    if table.config.default != "zeros":
+        one = torch.tensor([default], dtype=torch.int64, device=table.device)
+        records.append(_GradRecord(one.clone(), one, buf[n:].contiguous(), empty_i, empty_f, table._epoch))
+    table._pending = records
+    return n
+
+
+# ---------------------------------------------------------------------------- the loader
+class _End:
+    pass
+
+
+_END = _End()
+
+
+class CachedTrainLoader:
+    """The training dataloader as Lightning sees it under :class:`GaussStrategy`.
+
+    Batches are pulled from the wrapped loader once and kept until both readers are past
+    them: Lightning (which fetches one batch ahead of the step) and the lookahead cache
+    (which looks ``window`` batches ahead). ``prepare`` (the module's
+    ``gauss_prepare_batch``) runs on each batch as it leaves the loader. Attributes other
+    than iteration and length (``sampler``, ``batch_sampler``, ``worker_init_fn``...) are
+    the wrapped loader's, so Lightning's sampler and seeding logic still reaches it.
+    """
+
+    _OWN = ("_loader", "_prepare", "_on_epoch", "_it", "_buf", "_base", "_pulled", "_trained", "_epoch")
+
+    def __init__(self, loader: Any, prepare: Optional[Callable[[Any], Any]], on_epoch: Callable[[], None]) -> None:
+        object.__setattr__(self, "_loader", loader)
+        object.__setattr__(self, "_prepare", prepare)
+        object.__setattr__(self, "_on_epoch", on_epoch)
+        object.__setattr__(self, "_it", None)
+        object.__setattr__(self, "_buf", deque())
+        object.__setattr__(self, "_base", 0)      # index of _buf[0]
+        object.__setattr__(self, "_pulled", 0)    # batches pulled from the loader this epoch
+        object.__setattr__(self, "_trained", 0)   # index of the next batch a step trains
+        object.__setattr__(self, "_epoch", 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_loader"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._loader, name, value)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._on_epoch()  # the strategy retires the cache's iteration of the last epoch
+        self._it = iter(self._loader)
+        self._buf = deque()
+        self._base = self._pulled = self._trained = 0
+        self._epoch += 1
+        return self._lightning_iter(self._epoch)
+
+    def _get(self, i: int) -> Any:
+        while self._pulled <= i:
+            if self._it is None:
+                return _END
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                return _END
+            if self._prepare is not None:
+                batch = self._prepare(batch)
+            self._buf.append(batch)
+            self._pulled += 1
+        return self._buf[i - self._base]
+
+    def _trim(self, keep_from: int) -> None:
+        while self._buf and self._base < keep_from:
+            self._buf.popleft()
+            self._base += 1
+
+    def _lightning_iter(self, epoch: int) -> Iterator[Any]:
+        i = 0
+        while epoch == self._epoch:
+            batch = self._get(i)
+            if batch is _END:
+                return
+            i += 1
+            yield batch
+
+    def cache_source(self) -> Iterator[Any]:
+        """What the cache iterates: the batches from the next one to train on."""
+        i, epoch = self._trained, self._epoch
+        while epoch == self._epoch:
+            batch = self._get(i)
+            if batch is _END:
+                return
+            i += 1
+            yield batch
+
+    def batch_to_train(self) -> Any:
+        return self._get(self._trained)
+
+    def trained_one(self) -> None:
+        self._trained += 1
+        self._trim(self._trained - 1)
+
+
+# ---------------------------------------------------------------------------- the strategy
+class GaussStrategy(DDPStrategy):
+    """DDP for dense parameters plus the lookahead cache, the replicated sparse update and
+    the partitioned write-back for the module's dynamic tables (module docstring).
+
+    Args:
+        budget_rows: most rows each table holds while training (its fast tier). None: the
+            table's ``max_capacity`` (in effect the whole table, still store-backed).
+        window: batches the cache looks ahead, the one being trained included.
+        policy: ``"lookahead"``, or a fetch-on-miss baseline ``"lru"`` / ``"lfu"``, or any
+            registered ``cache_policy``. ``prefetch``: read rows on the cache's worker thread.
+        min_window: the window never shrinks below this (a budget that cannot hold that many
+            batches' rows is an error).
+        store_dir: where each rank's TierPS partitions live (``<dir>/rank<r>/<table>``); None:
+            a temporary folder removed at teardown.
+        store_factory: ``(table, rank, world, path) -> store`` instead of a TierPS (e.g. one with
+            another RAM budget); the store must have the table's ``dim`` and state width.
+        store_ram_bytes: the RAM tier of each default TierPS.
+        ids_fn: ``batch -> {table name: ids}``; default: the module's ``gauss_cache_ids``.
+        sync_target: an ``EmbeddingStore`` (WePS, RedisWePS) or ``{table name: store}`` to sync
+            to; ``sync_interval_s`` and ``sync_every_n_steps`` (cache flushes feeding it).
+        gather_on_end: after fit, install every stored row in the tables (the whole trained table
+            in memory for evaluation, checkpoints and exports); False leaves them at the budget.
+        elastic: elastic replica recovery; not implemented yet (raises NotImplementedError).
+        **ddp_kwargs: everything :class:`~pytorch_lightning.strategies.DDPStrategy` takes
+            (``start_method``, ``process_group_backend``, ``find_unused_parameters``...).
+    """
+
+    strategy_name = "gauss"
+
+    def __init__(self, *, budget_rows: Optional[int] = None, window: int = 8, policy: Any = "lookahead",
+                 prefetch: bool = True, min_window: int = 1, store_dir: Optional[str] = None,
+                 store_factory: Optional[Callable[..., Any]] = None, store_ram_bytes: int = 256 << 20,
+                 ids_fn: Optional[Callable[[Any], Mapping[str, torch.Tensor]]] = None,
+                 sync_target: Any = None, sync_interval_s: float = 1.0, sync_every_n_steps: int = 100,
+                 gather_on_end: bool = True, elastic: Any = False, **ddp_kwargs: Any) -> None:
+        if elastic:
+            raise NotImplementedError(
+                f"GaussStrategy(elastic=...) is not implemented yet: replicas that join or leave a running job "
+                f"are the subject of the issue \"{ELASTIC_ISSUE}\". Run with a fixed number of workers "
+                f"(elastic=False) and resume from a checkpoint after a failure")
+        if budget_rows is not None and (isinstance(budget_rows, bool) or not isinstance(budget_rows, int)
+                                        or budget_rows < 1):
+            raise ValueError(f"budget_rows must be a positive int or None, got {budget_rows!r}")
+        # Checked now (not at setup, in every worker): the same checks as the cache's config.
+        CacheConfig(budget_rows=budget_rows or 1, window=window, policy=policy, prefetch=prefetch,
+                    min_window=min_window)
+        if not isinstance(sync_every_n_steps, int) or sync_every_n_steps < 1:
+            raise ValueError(f"sync_every_n_steps must be a positive int, got {sync_every_n_steps!r}")
+        if not sync_interval_s > 0:
+            raise ValueError(f"sync_interval_s must be positive, got {sync_interval_s!r}")
+        start = ddp_kwargs.get("start_method", "popen")
+        if start not in ("popen", "fork"):
+            raise ValueError(f"GaussStrategy(start_method={start!r}): a dynamic table's compiled index cannot be "
+                             f"pickled into spawned workers; use start_method='popen' (the default: Lightning "
+                             f"starts the script once per device) or launch with torchrun")
+        super().__init__(**ddp_kwargs)
+        self.budget_rows = budget_rows
+        self.window = int(window)
+        self.policy = policy
+        self.prefetch = bool(prefetch)
+        self.min_window = int(min_window)
+        self.store_dir = store_dir
+        self.store_factory = store_factory
+        self.store_ram_bytes = int(store_ram_bytes)
+        self.ids_fn = ids_fn
+        self.sync_target = sync_target
+        self.sync_interval_s = float(sync_interval_s)
+        self.sync_every_n_steps = int(sync_every_n_steps)
+        self.gather_on_end = bool(gather_on_end)
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        self.cache: Optional[LookaheadCache] = None
+        self.tables: Dict[str, DynamicEmbeddingTable] = {}
+        self.stores: Dict[str, Any] = {}
+        self.syncers: List[Any] = []
+        self.cache_history: List[Dict[str, float]] = []
+        self._sparse_opt: Optional[SparseOptimizer] = None
+        self._loader: Optional[CachedTrainLoader] = None
+        self._gen: Optional[Iterator[Any]] = None
+        self._in_step = False
+        self._tmpdir: Optional[str] = None
+        self._side_group: Any = None
+        self._guards: Dict[str, bool] = {}
+        self._eval_added: Dict[str, torch.Tensor] = {}
+        self._final_stats: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if "gauss" not in strategy_registry:
+            strategy_registry.register("gauss", cls, description="DDP with the lookahead embedding cache and "
+                                       "replicated dynamic tables")
+
+    # ------------------------------------------------------------------ setup / teardown
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # validate/test/predict read the tables as they are (eval reads are not guarded)
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError("GaussStrategy needs accumulate_grad_batches=1: the cache may evict a batch's rows "
+                             "once its step is done, which would drop gradients accumulated for a later step")
+        if not self.lightning_module.automatic_optimization:
+            raise ValueError("GaussStrategy drives the sparse update from the optimizer step of automatic "
+                             "optimization; set automatic_optimization=True on the module")
+        self._build_cache()
+
+    def _find_tables(self) -> Dict[str, DynamicEmbeddingTable]:
+        tables: Dict[str, DynamicEmbeddingTable] = {}
+        for m in self.lightning_module.modules():
+            if isinstance(m, DynamicEmbeddingTable) and all(m is not t for t in tables.values()):
+                if m.name in tables:
+                    raise ValueError(f"two dynamic tables are named {m.name!r}; GaussStrategy addresses tables "
+                                     f"by name (gauss_cache_ids returns ids per name): give them distinct names")
+                tables[m.name] = m
+        return tables
+
+    def _build_cache(self) -> None:
+        module = self.lightning_module
+        tables = self._find_tables()
+        if not tables:
+            raise ValueError("GaussStrategy found no DynamicEmbeddingTable in the LightningModule; use "
+                             "strategy='ddp' for a model without dynamic tables")
+        ids_fn = self.ids_fn or getattr(module, "gauss_cache_ids", None)
+        if ids_fn is None:
+            raise ValueError("GaussStrategy needs to know which ids a batch looks up: define "
+                             "gauss_cache_ids(self, batch) -> {table name: int64 ids} on the LightningModule "
+                             f"(tables: {sorted(tables)}) or pass GaussStrategy(ids_fn=...)")
+        rank, world = self.global_rank, self.world_size
+        budget = self.budget_rows or min(t.config.max_capacity for t in tables.values())
+        config = CacheConfig(budget_rows=budget, window=self.window, policy=self.policy, prefetch=self.prefetch,
+                             min_window=self.min_window)
+        if world > 1:
+            # Partition reads run on the cache's worker thread: their own gloo group keeps them
+            # apart from the training thread's collectives (and works beside NCCL).
+            self._side_group = dist.new_group(backend="gloo")
+        root = self.store_dir
+        if root is None:
+            self._tmpdir = root = tempfile.mkdtemp(prefix=f"gauss-strategy-rank{rank}-")
+        stores = {}
+        try:
+            for name, table in tables.items():
+                path = os.path.join(root, f"rank{rank}", name)
+                local = self._make_store(table, rank, world, path)
+                stores[name] = PartitionedStore(local, rank, world, self._side_group) if world > 1 else local
+            exchange = owner_fn = None
+            if world > 1:
+                def exchange(ids: torch.Tensor) -> torch.Tensor:
+                    return _all_gather_ids(ids)
+
+                def owner_fn(ids: torch.Tensor) -> torch.Tensor:
+                    return torch.remainder(ids, world) == rank
+            cache = LookaheadCache(tables, stores, config, ids_fn=ids_fn, exchange=exchange, owner_fn=owner_fn)
+        except BaseException:
+            for store in stores.values():
+                store.close()
+            self._remove_tmpdir()
+            raise
+        self.cache, self.tables, self.stores = cache, tables, stores
+        for name, table in tables.items():
+            self._guards[name] = table.synchronized_replicas
+            # The strategy combines the replicas' row gradients and caches the same rows on every
+            # replica: training these tables at world size > 1 is correct now, so lift their guard.
+            table.synchronized_replicas = True
+            if isinstance(stores[name], PartitionedStore):
+                stores[name].training_reads_only_on_worker = self.prefetch
+        self._sparse_opt = SparseOptimizer(list(tables.values()))
+        if self.sync_target is not None:
+            self._start_syncers()
+
+    def _make_store(self, table: DynamicEmbeddingTable, rank: int, world: int, path: str) -> Any:
+        if self.store_factory is not None:
+            return self.store_factory(table, rank, world, path)
+        from gauss_plugins.stores.tierps import TierPS
+
+        width = sum(w for _, _, w in state_layout(table))
+        return TierPS(dim=table.dim, path=path, state_dim=width, ram_bytes=self.store_ram_bytes)
+
+    def _start_syncers(self) -> None:
+        from gauss_plugins.stores.syncer import Syncer
+
+        targets = self.sync_target if isinstance(self.sync_target, Mapping) else \
+            {name: self.sync_target for name in self.tables}
+        for name in self.tables:
+            if name not in targets:
+                raise ValueError(f"sync_target has no store for table {name!r} (it has {sorted(targets)})")
+            store = self.stores[name]
+            source = store.local if isinstance(store, PartitionedStore) else store
+            # Each rank pushes its own partition: the rows it owns, as the cache writes them back.
+            self.syncers.append(Syncer(source, targets[name], interval_s=self.sync_interval_s))
+
+    def _remove_tmpdir(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def _close(self, flush: bool) -> None:
+        """End the run's cache: retire its iteration, write back, stop the syncers, detach and
+        close the stores, restore the tables' guards. ``flush=False`` (an exception): no step
+        is finished (that could start collectives other ranks never join); the cache still
+        writes back what it holds, and a failure there is logged, not raised over the first."""
+        if self.cache is not None:
+            cache, self.cache = self.cache, None
+            if flush:
+                if self._in_step:
+                    cache.step_done()
+                    self._in_step = False
+            if self._gen is not None:
+                self._gen.close()
+                self._gen = None
+            self._final_stats = cache.stats()
+            try:
+                cache.close()
+            except Exception:
+                if flush:
+                    raise
+                log.exception("GaussStrategy: writing back the cache's rows after an error failed")
+        for syncer in self.syncers:
+            syncer.close(final_push=flush)
+        self.syncers = []
+        for store in self.stores.values():
+            store.close()
+        self.stores = {}
+        for name, table in self.tables.items():
+            table.synchronized_replicas = self._guards.get(name, False)
+        self._guards = {}
+        self._remove_tmpdir()
+
+    def on_train_end(self) -> None:
+        if self.cache is not None:
+            self._retire_iteration()
+            self.cache.flush()
+            if self.gather_on_end:
+                self._install_stored_rows()
+            self._close(flush=True)
+        super().on_train_end()
+
+    def on_exception(self, exception: BaseException) -> None:
+        try:
+            self._close(flush=False)
+        finally:
+            super().on_exception(exception)
+
+    def teardown(self) -> None:
+        self._close(flush=True)
+        super().teardown()
+
+    # ------------------------------------------------------------------ the training data
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self.cache is None or trainer is None or trainer.state.stage != RunningStage.TRAINING:
+            return dataloader
+        prepare = getattr(self.lightning_module, "gauss_prepare_batch", None)
+        self._loader = CachedTrainLoader(dataloader, prepare, self._retire_iteration)
+        return self._loader
+
+    def _retire_iteration(self) -> None:
+        """Finish the step in flight (its rows become evictable) and end the cache's pass over
+        the loader: in-flight fetches are installed, batches it looked ahead at are dropped
+        from its window (the loader keeps them; the next step restarts the pass there)."""
+        if self.cache is None:
+            return
+        if self._in_step:
+            self._finish_step()
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.cache is None or self._loader is None:
+            return
+        if self._in_step:
+            self._finish_step()
+        if self._gen is None:
+            self._gen = self.cache.wrap(self._loader.cache_source())
+        try:
+            resident = next(self._gen)
+        except StopIteration:
+            raise RuntimeError("the lookahead cache ran out of batches before Lightning did; the training "
+                               "dataloader must yield the same batches on every pass") from None
+        if resident is not self._loader.batch_to_train():
+            raise RuntimeError("the lookahead cache and Lightning disagree on the next training batch")
+        self._loader.trained_one()
+        self._in_step = True
+
+    def _finish_step(self) -> None:
+        self.cache.step_done()
+        self._in_step = False
+        step = self.cache.per_step[-1] if self.cache.per_step else {}
+        self.cache_history.append({k: float(step.get(k, 0.0)) for k in _LOGGED})
+        trainer = self.lightning_module.trainer
+        n = len(self.cache_history)
+        if self.syncers and n % self.sync_every_n_steps == 0:
+            self.cache.flush()
+        if self.global_rank == 0 and trainer.loggers and (n - 1) % max(1, trainer.log_every_n_steps) == 0:
+            metrics = {f"gauss/{k}": v for k, v in self.cache_history[-1].items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=n - 1)
+
+    # ------------------------------------------------------------------ the sparse update
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        if self.cache is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def closure_then_reduce() -> Any:
+            out = closure()  # forward + backward: DDP has averaged the dense gradients
+            if self.world_size > 1:
+                ids = self.cache.batch_ids()
+                for name, table in self.tables.items():
+                    reduce_row_gradients(table, ids[name], world=self.world_size)
+            return out
+
+        out = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        # The module may step its own sparse optimizer afterwards: it finds nothing recorded.
+        self._sparse_opt.step()
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def _install_stored_rows(self) -> Dict[str, torch.Tensor]:
+        """Install every stored row that is not resident (collective reads under W > 1);
+        returns the ids added per table."""
+        added = {}
+        for name, table in self.tables.items():
+            store = self.stores[name]
+            if isinstance(store, PartitionedStore):
+                ids = store.stored_ids()
+            else:
+                ids = _local_ids(store)
+            ids = ids.to(table.device)
+            missing = ids[table.index.find(ids) < 0] if ids.numel() else ids
+            if missing.numel():
+                if isinstance(store, PartitionedStore):
+                    with store.reading_here():
+                        got = store.lookup(missing.cpu())
+                else:
+                    got = store.lookup(missing.cpu())
+                table.backing.install(table, missing, got)
+            added[name] = missing
+        return added
+
+    def _eval_start(self) -> None:
+        if self.cache is None or self._eval_added:
+            return
+        self._retire_iteration()
+        self.cache.flush()
+        self._eval_added = self._install_stored_rows()
+
+    def _eval_end(self) -> None:
+        if self.cache is None:
+            return
+        for name, ids in self._eval_added.items():
+            if ids.numel():
+                self.tables[name].evict(ids=ids)  # unchanged by evaluation: nothing is written back
+        self._eval_added = {}
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._eval_start()
+
+    def on_validation_end(self) -> None:
+        self._eval_end()
+        super().on_validation_end()
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._eval_start()
+
+    def on_test_end(self) -> None:
+        self._eval_end()
+        super().on_test_end()
+
+    # ------------------------------------------------------------------ reports
+    def cache_stats(self) -> Dict[str, Any]:
+        """The cache's totals (``LookaheadCache.stats()`` without the per-step list) of the run
+        in progress or, after fit, of the last run; ``{}`` before any."""
+        stats = self.cache.stats() if self.cache is not None else self._final_stats
+        if not stats:
+            return {}
+        return {k: v for k, v in stats.items() if k not in ("per_step", "last_step")}
+
+
+GaussStrategy.register_strategies(StrategyRegistry)
