@@ -19,7 +19,13 @@ are drawn from a snapshot of the model's item table, as serving does.
 ``parity_max_abs_diff``: the export's parity check (random inputs) and every call of (a),
 largest |eager - AOTI|. ``cpp_vs_python_max_abs_diff``: the C++ runner (when
 :func:`gauss_plugins.export.runner.find_runner` finds a build) against the Python predictor
-on the same requests and snapshot; null with the reason otherwise.
+on the same requests and snapshot; null with the reason otherwise (``--quick`` uses a
+runner that is already built; a full run builds it).
+
+``--threads N`` sets torch's intra-op threads for both paths (and the compiled kernels'
+OpenMP count, fixed at compile time). The committed record used ``--threads 1``: on the
+shared 2-core machines, two OpenMP threads competing with other processes made every
+figure swing by 10x between runs.
 """
 from __future__ import annotations
 
@@ -106,7 +112,15 @@ def mfalcon_compare(call, h, lens, c, per_candidate_repeats: int) -> Dict[str, f
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--candidates", type=int, default=32, help="candidates per user in part (a) (default 32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for eager and the compiled package (default: torch's default)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"serving: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        # before compiling: the compiled kernels take their OpenMP thread count from it
+        torch.set_num_threads(args.threads)
     repeats = {1: 30, 16: 10, 256: 3} if args.quick else {1: 100, 16: 30, 256: 8}
     per_candidate_calls = 64 if args.quick else 256
     torch.manual_seed(0)
@@ -200,14 +214,16 @@ def main(argv=None) -> int:
             # The runner prints %.9g: compare with the Python scores printed the same way.
             cpp_diff = max(abs(float("%.9g" % a) - b) for py, cc in zip(python_scores, cpp_scores)
                            for a, b in zip(py.tolist(), cc))
-    print_table(results)
+    print_table([r for r in results if r["part"] == "a"])
+    print()
+    print_table([r for r in results if r["part"] == "b"])
     summary.update({
         "aoti_speedup_vs_eager": round(min(speedups.values()), 3),
         "aoti_speedup_by_batch": {str(k): round(v, 3) for k, v in speedups.items()},
         "parity_max_abs_diff": parity,
         "mfalcon_speedup": round(mf["speedup"], 2),
         "cpp_vs_python_max_abs_diff": cpp_diff,
-        "export_s": round(export_total_s, 1), "compile_s": exported.compile_s,
+        "export_s": round(export_total_s, 1), "compile_s": exported.compile_s, "threads": torch.get_num_threads(),
     })
     if cpp_diff is None:
         summary["cpp_vs_python_skipped"] = cpp_reason
