@@ -228,3 +228,27 @@ def test_timed_package_needs_times():
     got = predictor.rank([Request((1, 2), (3, 4))], [[10, 20]], [[30, 30]])[0]
     ref = mfalcon_reference(model, [[1, 2]], [[3, 4]], [[10, 20]], [[30, 30]])[0]
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.redis
+def test_predictor_from_redis_weps():
+    from gauss_plugins.benchmarking import RedisServer, redis_skip_reason
+
+    reason = redis_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    redis_store = pytest.importorskip("gauss_integrations.redis.store")
+    model = tiny_model()
+    ids = torch.arange(1, 31)
+    with RedisServer() as server:
+        store = redis_store.RedisWePS(8, port=server.port, model="ranker", table="items")
+        with torch.no_grad():
+            store.put(ids, model.item_embeddings(ids))
+        reqs = [Request((1, 2, 3), (4, 5)), Request((), (6,))]
+        from_redis = Predictor(_eager_package(model), store).rank(reqs)
+        from_snap = Predictor(_eager_package(model), _snapshot(model, range(1, 31))).rank(reqs)
+        for a, b in zip(from_redis, from_snap):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with pytest.raises(UnknownItemError, match="item id 40 is not in RedisWePS"):
+            Predictor(_eager_package(model), store).rank([Request((1,), (40,))])
+        store.close()

@@ -187,6 +187,7 @@ def export_aoti(model_or_program: torch.nn.Module, out: str, *, model_version: s
     if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}")
     program = model_or_program if isinstance(model_or_program, RankerProgram) else build_ranker(model_or_program)
+    program.eval()  # dropout off: the served function is the deterministic one
     metadata = package_metadata(program, model_version, embedding_version, embedding_source)
     t0 = time.perf_counter()
     exported = export_ranker(program)
