@@ -174,13 +174,47 @@ def _seed(seed: int) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
 
 
+def _process_layout(config: ExperimentConfig):
+    """``(devices, num_nodes)``: torchrun's environment when it started this process
+    (Lightning's TorchElasticEnvironment then reads the ranks), else ``train.devices`` on one node."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+    if config.train.strategy == "gauss" and local and world:
+        return int(local), max(1, int(world) // int(local))
+    return config.train.devices, 1
+
+
+def _rank() -> int:
+    """This process's global rank: torchrun's RANK, the process group's, or Lightning's
+    launcher's LOCAL_RANK (one node), 0 for a single process."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _strategy(config: ExperimentConfig) -> Any:
+    if config.train.strategy != "gauss":
+        return "auto"
+    from gauss_integrations.lightning.strategy import GaussStrategy
+
+    return GaussStrategy(budget_rows=config.train.cache_budget_rows, window=config.train.cache_window,
+                         policy=config.train.cache_policy)
+
+
 def _trainer(config: ExperimentConfig, max_epochs: int, callbacks: List[pl.Callback], progress: bool,
              check_val_every_n_epoch: int = 1, validate: bool = True) -> pl.Trainer:
+    devices, num_nodes = _process_layout(config)
     return pl.Trainer(
         limit_val_batches=None if validate else 0,
         max_epochs=max_epochs,
         accelerator=config.train.accelerator,
-        devices=1,
+        strategy=_strategy(config),
+        devices=devices,
+        num_nodes=num_nodes,
+        # Several processes split the training batches (DistributedSampler); evaluation loaders
+        # opt out (SequenceDataModule), so every rank ranks every user and metrics agree.
+        use_distributed_sampler=devices * num_nodes > 1,
         logger=False,
         enable_checkpointing=False,   # pickle-free: see BestModelKeeper
         enable_progress_bar=progress,
@@ -200,6 +234,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=".*number of training batches.*smaller than the logging interval.*")
+    # Under several processes every rank evaluates every user (SequenceDataModule): the logged
+    # metrics are already the same everywhere, so Lightning's sync_dist advice does not apply.
+    warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\(.*sync_dist=True.*")
 
 
 def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = True,
@@ -221,9 +258,12 @@ def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = T
     config.check_data(seqs)  # e.g. HSTU's time bias on data without timestamps: refuse before any output
     os.makedirs(output_dir, exist_ok=True)  # only once the data loaded: bad input leaves no folder behind
     _seed(config.train.seed)
-    device = torch.device("cuda") if config.train.accelerator == "gpu" else torch.device("cpu")
+    # Under several processes each builds its table on its own GPU (a table is not moved with the module).
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if config.train.accelerator == "gpu" \
+        else torch.device("cpu")
     model = build_model(config, num_items=seqs.max_item_id, device=device)
-    module = RetrievalModule(model, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+    module = RetrievalModule(model, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay,
+                             shared_negatives=config.loss.shared_negatives)
     log(f"model: {config.model.arch}, dim {config.model.dim}, {config.model.num_blocks} blocks x "
         f"{config.model.num_heads} heads, item embeddings: {model.item_embeddings.kind}, "
         f"{sum(p.numel() for p in model.parameters())} dense-or-static parameters")
@@ -240,6 +280,8 @@ def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = T
         "wall_time_s": round(time.time() - t0, 1),
         "metrics": metrics,
     })
+    if _rank() != 0:  # replicas end with the same model and metrics: rank 0 writes them
+        return metrics
     save_checkpoint(os.path.join(output_dir, "model.safetensors"), model, config,
                     {"mode": config.train.mode, "selected_epoch": report.get("selected_epoch")})
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
@@ -271,6 +313,7 @@ def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: Retri
     t_fit = time.time()
     trainer.fit(module, datamodule=datamodule)
     fit_s = time.time() - t_fit
+    fit_cache_stats = trainer.strategy.cache_stats() if hasattr(trainer.strategy, "cache_stats") else None
     epochs_trained = int(trainer.current_epoch)
     if keeper.best_state is None:
         raise RuntimeError("training ended before any validation; lower train.eval_every or raise max_epochs")
@@ -286,9 +329,13 @@ def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: Retri
     report = {"mode": "epoch", "selected_epoch": keeper.best_epoch, "epochs_trained": epochs_trained,
               "monitor": config.train.monitor, "fit_s": round(fit_s, 1),
               "eval_users": len(split.test), "history": module.history, **timer.summary()}
-    plot_history({config.model.arch: module.history}, os.path.join(output_dir, "training_curve.png"),
-                 title=f"{config.name}: test HR@10 {test['test/hr@10']:.4f}, NDCG@10 {test['test/ndcg@10']:.4f} "
-                       f"(epoch {keeper.best_epoch})")
+    if hasattr(trainer.strategy, "cache_stats"):  # strategy gauss: the embedding cache's totals of the fit
+        report["cache"] = fit_cache_stats
+        report["world_size"] = trainer.world_size
+    if _rank() == 0:
+        plot_history({config.model.arch: module.history}, os.path.join(output_dir, "training_curve.png"),
+                     title=f"{config.name}: test HR@10 {test['test/hr@10']:.4f}, NDCG@10 {test['test/ndcg@10']:.4f} "
+                           f"(epoch {keeper.best_epoch})")
     return metrics, report
 
 
@@ -297,6 +344,7 @@ def _run_streaming_mode(config: ExperimentConfig, seqs: UserSequences, module: R
     windows = stream_windows(seqs, config.streaming.num_windows)
     max_len = config.data.max_len
     records: List[Dict[str, float]] = []
+    cache_stats: List[Dict[str, Any]] = []
     t_fit = time.time()
     for w in windows:
         if w.index >= 1 and len(w.eval_examples):
@@ -312,7 +360,10 @@ def _run_streaming_mode(config: ExperimentConfig, seqs: UserSequences, module: R
             if len(train_set):
                 dm = SequenceDataModule(train_set, None, None, config.train.batch_size, config.train.eval_batch_size,
                                         config.train.seed + w.index)
-                _trainer(config, config.streaming.epochs_per_window, [], progress, validate=False).fit(module, datamodule=dm)
+                trainer = _trainer(config, config.streaming.epochs_per_window, [], progress, validate=False)
+                trainer.fit(module, datamodule=dm)
+                if hasattr(trainer.strategy, "cache_stats"):
+                    cache_stats.append({"window": w.index, **trainer.strategy.cache_stats()})
     fit_s = time.time() - t_fit
     if len(records) < 2:
         raise RuntimeError("streaming needs at least two evaluated windows; use more data or more windows")
@@ -326,7 +377,10 @@ def _run_streaming_mode(config: ExperimentConfig, seqs: UserSequences, module: R
     report = {"mode": "streaming", "windows": records, "fit_s": round(fit_s, 1),
               "num_windows": config.streaming.num_windows, "epochs_per_window": config.streaming.epochs_per_window,
               "history": module.history}
-    plot_stream({config.model.arch: records}, os.path.join(output_dir, "stream_metrics.png"),
-                title=f"{config.name}: metrics per window (evaluated before training on it)")
+    if cache_stats:
+        report["cache"] = cache_stats
+    if _rank() == 0:
+        plot_stream({config.model.arch: records}, os.path.join(output_dir, "stream_metrics.png"),
+                    title=f"{config.name}: metrics per window (evaluated before training on it)")
     return metrics, report
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from gauss_plugins.models.metrics import DEFAULT_KS, RetrievalMetrics
 from gauss_plugins.train.batching import collate_eval, collate_train
@@ -28,9 +29,10 @@ class RetrievalModule(pl.LightningModule):
     """Training / evaluation steps around a retrieval model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-3, betas=(0.9, 0.98), weight_decay: float = 0.0,
-                 ks=DEFAULT_KS) -> None:
+                 ks=DEFAULT_KS, shared_negatives: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.shared_negatives = bool(shared_negatives)
         self.lr = float(lr)
         self.betas = tuple(betas)
         self.weight_decay = float(weight_decay)
@@ -52,8 +54,36 @@ class RetrievalModule(pl.LightningModule):
             self._optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         return self._optimizer
 
+    def _draw_negatives(self, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[R]`` ids shared by the batch (``shared_negatives``), else None: the model draws
+        one row per position itself."""
+        if not self.shared_negatives:
+            return None
+        return torch.randint(1, self.model.num_items + 1, (self.model.num_negatives,), device=targets.device)
+
+    # Under GaussStrategy (integrations/lightning/strategy.py): the embedding cache must know
+    # every item a step reads before the step, so negatives are drawn as the batch leaves the
+    # loader, and the batch's ids are its inputs, targets and negatives.
+    def gauss_prepare_batch(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        targets = batch["targets"]
+        negatives = self._draw_negatives(targets)
+        if negatives is None:
+            p = int((targets > 0).sum())
+            negatives = torch.randint(1, self.model.num_items + 1, (p, self.model.num_negatives))
+        batch["negatives"] = negatives
+        return batch
+
+    def gauss_cache_ids(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        table = getattr(self.model.item_embeddings, "table", None)
+        if table is None:
+            raise ValueError("the cache serves the dynamic item table; this model has static item embeddings")
+        ids = torch.cat([batch["ids"].reshape(-1), batch["targets"].reshape(-1), batch["negatives"].reshape(-1)])
+        return {table.name: ids[ids > 0]}  # 0 is padding: it never gets a row
+
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model.sampled_softmax_loss(batch["ids"], batch["lengths"], batch["targets"], batch["timestamps"])
+        negatives = batch["negatives"] if "negatives" in batch else self._draw_negatives(batch["targets"])
+        out = self.model.sampled_softmax_loss(batch["ids"], batch["lengths"], batch["targets"], batch["timestamps"],
+                                              negatives=negatives)
         loss = out["loss"]
         self._epoch_losses.append(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["ids"].shape[0])
@@ -153,9 +183,16 @@ class SequenceDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> Any:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_eval)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_set is None:
             raise RuntimeError("no test data in this DataModule")
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_eval)
+        return self._eval_loader(self.test_set)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        # Every rank of a multi-process run evaluates every user: a one-replica
+        # DistributedSampler keeps Lightning from splitting (and padding) the set, so the
+        # metrics are exact and the same on every rank (model selection and early stopping agree).
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate_eval)

@@ -434,6 +434,7 @@ class GaussStrategy(DDPStrategy):
         self._guards: Dict[str, bool] = {}
         self._eval_added: Dict[str, torch.Tensor] = {}
         self._final_stats: Optional[Dict[str, Any]] = None
+        self._max_resident: Dict[str, int] = {}
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -637,6 +638,8 @@ class GaussStrategy(DDPStrategy):
     def _finish_step(self) -> None:
         self.cache.step_done()
         self._in_step = False
+        for name, table in self.tables.items():  # evidence that the budget held (stats() shows the end)
+            self._max_resident[name] = max(self._max_resident.get(name, 0), len(table))
         step = self.cache.per_step[-1] if self.cache.per_step else {}
         self.cache_history.append({k: float(step.get(k, 0.0)) for k in _LOGGED})
         trainer = self.lightning_module.trainer
@@ -727,7 +730,9 @@ class GaussStrategy(DDPStrategy):
         stats = self.cache.stats() if self.cache is not None else self._final_stats
         if not stats:
             return {}
-        return {k: v for k, v in stats.items() if k not in ("per_step", "last_step")}
+        out = {k: v for k, v in stats.items() if k not in ("per_step", "last_step")}
+        out["max_resident_rows"] = dict(self._max_resident)  # over the steps; resident_rows is now
+        return out
 
 
 GaussStrategy.register_strategies(StrategyRegistry)

@@ -96,9 +96,13 @@ class SequentialRetrievalModel(nn.Module):
     # ------------------------------------------------------------------ training
     def sampled_softmax_loss(self, ids: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
                              timestamps: Optional[torch.Tensor] = None,
-                             generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                             generator: Optional[torch.Generator] = None,
+                             negatives: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Mean sampled-softmax loss over every valid position (``targets > 0``).
 
+        ``negatives``: ids drawn before the step instead of here, ``[P, R]`` (one row per valid
+        position, in order) or ``[R]`` (shared by every position of the batch), R =
+        ``num_negatives``: an embedding cache must know every id a step reads ahead of it.
         Returns ``{"loss": scalar, "num_targets": int tensor}``.
         """
         out = self.encode(ids, lengths, timestamps)
@@ -108,7 +112,13 @@ class SequentialRetrievalModel(nn.Module):
         p = pos_ids.shape[0]
         if p == 0:
             raise ValueError("batch has no target to predict (all sequences shorter than 2)")
-        neg_ids = torch.randint(1, self.num_items + 1, (p, self.num_negatives), device=ids.device, generator=generator)
+        if negatives is None:
+            neg_ids = torch.randint(1, self.num_items + 1, (p, self.num_negatives), device=ids.device, generator=generator)
+        elif negatives.shape in ((p, self.num_negatives), (self.num_negatives,)):
+            neg_ids = negatives.to(ids.device).expand(p, self.num_negatives)
+        else:
+            raise ValueError(f"negatives must have shape [{p}, {self.num_negatives}] (one row per valid position) or "
+                             f"[{self.num_negatives}] (shared), got {tuple(negatives.shape)}")
         pos_logits = (queries * self.item_vectors(pos_ids)).sum(-1, keepdim=True)
         # Look each distinct id up once (the table lookup is the expensive part), then pick
         # the negatives' logits either by gathering [P, R, D] vectors or, when the distinct

@@ -61,6 +61,9 @@ class ModelConfig:
 class LossConfig:
     num_negatives: int = 128
     temperature: float = 0.05
+    # One set of num_negatives ids for the whole batch instead of one per position: a batch
+    # then reads few rows beyond its own items (what lets an embedding cache hold less than the corpus).
+    shared_negatives: bool = False
 
 
 @dataclass
@@ -82,6 +85,13 @@ class TrainConfig:
     seed: int = 42
     accelerator: str = "cpu"          # cpu | gpu
     num_threads: Optional[int] = None # torch intra-op threads on CPU (None: torch's default)
+    # None or "single": one process. "gauss": GaussStrategy (DDP for dense weights, dynamic tables
+    # behind the lookahead embedding cache, replicated across `devices` processes).
+    strategy: Optional[str] = None
+    devices: int = 1                  # processes under strategy gauss (torchrun's environment overrides it)
+    cache_budget_rows: Optional[int] = None  # gauss: rows the item table holds while training (None: all)
+    cache_window: int = 8             # gauss: batches the cache looks ahead (the one trained included)
+    cache_policy: str = "lookahead"   # gauss: lookahead | lru | lfu (the fetch-on-miss baselines)
 
 
 @dataclass
@@ -137,6 +147,26 @@ class ExperimentConfig:
             (self.streaming.num_windows >= 3, f"streaming.num_windows must be >= 3 (train, validate, test), got "
                                               f"{self.streaming.num_windows}"),
             (self.streaming.epochs_per_window >= 1, "streaming.epochs_per_window must be >= 1"),
+            (self.train.strategy in (None, "single", "gauss"),
+             f"train.strategy must be 'gauss' or 'single' (or left out), got {self.train.strategy!r}"),
+            (_positive_int(self.train.devices), f"train.devices must be a whole number >= 1, got {self.train.devices!r}"),
+            (self.train.devices == 1 or self.train.strategy == "gauss",
+             f"train.devices = {self.train.devices} needs `strategy: gauss` in the train section (one process "
+             f"otherwise trains alone)"),
+            (self.train.cache_budget_rows is None or _positive_int(self.train.cache_budget_rows),
+             f"train.cache_budget_rows must be a whole number >= 1 or left out, got {self.train.cache_budget_rows!r}"),
+            (_positive_int(self.train.cache_window), f"train.cache_window must be a whole number >= 1, got "
+                                                     f"{self.train.cache_window!r}"),
+            (self.train.cache_policy in ("lookahead", "lru", "lfu"),
+             f"train.cache_policy must be lookahead, lru or lfu, got {self.train.cache_policy!r}"),
+            (self.train.strategy == "gauss" or (self.train.cache_budget_rows is None and self.train.cache_window == 8
+                                                and self.train.cache_policy == "lookahead"),
+             "train.cache_budget_rows / cache_window / cache_policy configure the cache of `strategy: gauss`; "
+             "set `strategy: gauss` in the train section or remove them"),
+            (self.train.strategy != "gauss" or self.model.item_embedding == "dynamic",
+             "train.strategy gauss caches the dynamic item table: set model.item_embedding to dynamic"),
+            (isinstance(self.loss.shared_negatives, bool),
+             f"loss.shared_negatives must be true or false, got {self.loss.shared_negatives!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -155,6 +185,10 @@ class ExperimentConfig:
                 "file keeps only the order). Set `num_time_buckets: 0` in the config's model section to train "
                 "with the position bias only, or use data with times (for ML-1M, the GroupLens folder with "
                 "ratings.dat)")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,

@@ -1,0 +1,62 @@
+"""The main job under `strategy: gauss`: the shipped config trains the retrieval model's
+dynamic item table through the lookahead cache with a budget below the item count."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("pytorch_lightning", reason="the lightning extra is not installed")
+
+from gauss_plugins.cli import main  # noqa: E402
+from gauss_plugins.serialization import load_tensors  # noqa: E402
+from gauss_plugins.train.config import load_config  # noqa: E402
+
+ITEMS = 300
+
+
+def _small(tmp_path, **train):
+    """The shipped ml-100k-hstu-gauss config on a small synthetic stream (300 items), with a
+    budget of 200 rows (below the item count) and a smaller model, for one epoch."""
+    cfg = load_config("ml-100k-hstu-gauss")
+    assert cfg.train.strategy == "gauss" and cfg.train.cache_budget_rows < 1682  # the shipped job: below ML-100K's items
+    with open(cfg_path := tmp_path / "gauss.yaml", "w") as f:
+        yaml.safe_dump({
+            "name": "gauss-small",
+            "data": {"dataset": "synthetic", "max_len": 20,
+                     "options": {"num_users": 120, "num_items": ITEMS, "mean_length": 25, "seed": 0}},
+            "model": {"arch": "hstu", "dim": 16, "num_blocks": 1, "attention_dim": 8, "linear_dim": 8,
+                      "num_time_buckets": 0},
+            "loss": {"num_negatives": 16, "shared_negatives": True},
+            "train": {"max_epochs": 1, "batch_size": 8, "eval_every": 1, "strategy": "gauss",
+                      "cache_budget_rows": 200, "cache_window": 4, **train},
+        }, f)
+    return str(cfg_path)
+
+
+def test_gauss_train_runs_the_main_job_through_the_cache(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--config", _small(tmp_path), "--output-dir", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/hr@10"] <= metrics["test/hr@200"] <= 1.0
+    report = json.loads((out / "report.json").read_text())
+    cache = report["cache"]
+    assert cache["policy"] == "lookahead" and cache["budget_rows"] == 200 < ITEMS
+    assert cache["misses_at_use"] == 0 and cache["hits_at_use"] > 0
+    assert cache["evicted_rows"] > 0 and cache["written_back_rows"] > 0   # rows went to TierPS and came back
+    assert 0 < cache["max_resident_rows"]["items"] <= 200                  # the budget held every step
+    # The checkpoint has the whole trained table (gathered back from the store after fit), more
+    # rows than the cache ever held.
+    tensors, _ = load_tensors(str(out / "model.safetensors"))
+    assert (tensors["model.item_embeddings.table.index.keys"] if "model.item_embeddings.table.index.keys" in tensors
+            else tensors["item_embeddings.table.index.keys"]).numel() > 200
+
+
+def test_shipped_gauss_config_is_valid_and_other_strategies_are_refused(tmp_path):
+    cfg = load_config("ml-100k-hstu-gauss")
+    assert cfg.loss.shared_negatives and cfg.train.cache_window == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {strategy: horovod}\n")
+    assert main(["train", "--config", str(bad), "--output-dir", str(tmp_path / "never")]) == 2
