@@ -298,3 +298,25 @@ def test_syncer_start_version_skips_what_the_target_holds():
     assert syncer.sync_now()
     assert syncer.reports[-1]["rows"] == 1 and len(weps) == 1
     syncer.close()
+
+
+def test_table_pull_redone_when_a_checkpoint_loads_during_the_copy(tmp_path):
+    """Rows written by a checkpoint load carry the file's stamps, which the stamp check
+    cannot tell from old ones: a pull that straddles a load redoes its work under the lock."""
+    from gauss_plugins.embedding import load_table, save_table
+    from gauss_plugins.embedding.table import DynamicEmbeddingTable, DynamicTableConfig
+    from gauss_plugins.stores.syncer import TableSource
+
+    cfg = DynamicTableConfig(name="items", dim=4)
+    other = DynamicEmbeddingTable(cfg)
+    other.set(torch.arange(10), torch.zeros(10, 4))
+    base = save_table(other, tmp_path / "full")
+    table = DynamicEmbeddingTable(cfg)
+    load_table(table, [tmp_path / "full"])
+    other.set(torch.tensor([3]), torch.full((1, 4), 5.0))
+    save_table(other, tmp_path / "inc", since_version=base)
+    table.set(torch.tensor([3, 4]), torch.ones(2, 4))  # table and file now disagree on id 3
+    source = TableSource(table, lock=_InterleavingLock(lambda: load_table(table, [tmp_path / "full", tmp_path / "inc"]),
+                                                       at=2))
+    batch = source.changes_since(base)
+    assert batch.ids.tolist() == [3] and torch.equal(batch.values, torch.full((1, 4), 5.0))

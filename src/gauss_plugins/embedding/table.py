@@ -1123,12 +1123,19 @@ class DynamicEmbeddingTable(nn.Module):
         :meth:`resolve_change_snapshot` after releasing it (see ``TableSource``). A version
         older than the change log reaches back is resolved here, by a scan."""
         version = int(version)
-        if version - self._stamp_base >= 0 and self._changes.covers(version):
-            return ChangeSnapshot(version, self._version, self._stamp_base, self.default_row,
-                                  self._changes.tail(version))
+        log = self._changes
+        if version - self._stamp_base >= 0 and log.covers(version):
+            return ChangeSnapshot(version, self._version, self._stamp_base, self.default_row, log.tail(version),
+                                  log=log, generation=log.generation)
         ids, rows = self._changed_rows(version, sort=False)
         return ChangeSnapshot(version, self._version, self._stamp_base, self.default_row, [], (ids, rows),
-                              self.last_changed_scan)
+                              self.last_changed_scan, log, log.generation)
+
+    def snapshot_is_current(self, snap: ChangeSnapshot) -> bool:
+        """Whether the stamps still mean what they meant when ``snap`` was taken: no
+        rebase of the stamps and no checkpoint load since (call it under the lock)."""
+        return (snap.stamp_base == self._stamp_base and snap.log is self._changes
+                and snap.generation == self._changes.generation)
 
     @torch.no_grad()
     def resolve_change_snapshot(self, snap: ChangeSnapshot, scratch: RowScratch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -1143,13 +1150,14 @@ class DynamicEmbeddingTable(nn.Module):
         return self._row_ids.index_select(0, rows), rows
 
     @torch.no_grad()
-    def rows_unchanged_since(self, ids: torch.Tensor, rows: torch.Tensor, version: int) -> torch.Tensor:
-        """bool per ``(id, row)``: the row still holds ``id`` and was not written after
-        ``version`` (its stamp says so), so values read from it since then are its values
-        at ``version``. Rows are stamped after every write of their values."""
+    def rows_unchanged_since(self, rows: torch.Tensor, version: int) -> torch.Tensor:
+        """bool per row: it holds a key and was not written after ``version`` (its stamp
+        says so), so values read from it since then are its values at ``version``. Rows are
+        stamped after every write of their values, and a row given to another id gets a new
+        stamp, except on a checkpoint load (:meth:`snapshot_is_current` tells)."""
         rel = int(version) - self._stamp_base
-        stamp = self._row_stamp.index_select(0, rows).to(torch.int64)
-        return (stamp >= 0) & (stamp <= rel) & (self._row_ids.index_select(0, rows) == ids)
+        stamp = self._row_stamp.index_select(0, rows)
+        return (stamp >= 0) & (stamp <= rel)
 
     @torch.no_grad()
     def changed_since(self, version: int, optimizer_state: bool = True,
@@ -1294,6 +1302,7 @@ class DynamicEmbeddingTable(nn.Module):
         self._row_stamp[rows] = stamp.clamp(0, _STAMP_LIMIT).to(torch.int32)
         if meta["kind"] != "full":  # rows keep their saved versions: match them by "newer than"
             self._changes.add(rows, int(meta["version"]), exact=False)
+            self._changes.generation += 1
         for k in self.opt_state:
             self.opt_state[k][rows] = tensors[f"opt.{k}"].to(dev, self.opt_state[k].dtype)
             self.opt_state[k][self.default_row] = tensors[f"default.opt.{k}"].to(dev, self.opt_state[k].dtype)

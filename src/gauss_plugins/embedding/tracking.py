@@ -103,6 +103,9 @@ class ChangeLog:
     def __init__(self, limit: int, since: int = 0) -> None:
         self.limit = int(limit)
         self.since = int(since)
+        # Bumped when rows are written with stamps from elsewhere (an incremental
+        # checkpoint): a reader's stamp check cannot see such writes, so it redoes its work.
+        self.generation = 0
         self._chunks: Deque[Tuple[int, torch.Tensor, bool, bool]] = deque()
         self._total = 0
 
@@ -197,6 +200,8 @@ class ChangeSnapshot:
     chunks: List[Tuple[int, torch.Tensor, bool, bool]]
     resolved: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     visited: int = 0
+    log: Optional["ChangeLog"] = None   # the table's log then, and its generation:
+    generation: int = 0                 # a checkpoint load since makes the snapshot stale
 
 
 def lowest_k(ids: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -207,12 +207,13 @@ class TableSource:
             values = self.table.weight.index_select(0, rows)  # in id order: no second copy
             with self.lock:
                 t_check, cpu_check = time.perf_counter(), time.thread_time()
-                if snap.stamp_base != self.table._stamp_base:
-                    # The stamps were rebased meanwhile (every ~2**30 versions): redo it locked.
+                if not self.table.snapshot_is_current(snap):
+                    # Stamps rebased (every ~2**30 versions) or a checkpoint loaded meanwhile:
+                    # redo it under the lock; rows written after `now` still go to the next pull.
                     snap = self.table.change_snapshot(version)
                     ids, rows = self._sorted(*self.table.resolve_change_snapshot(snap, self._scratch))
                     values = self.table.weight.index_select(0, rows)
-                same = self.table.rows_unchanged_since(ids, rows, now)
+                same = self.table.rows_unchanged_since(rows, now)
                 lock_s += time.perf_counter() - t_check
                 lock_cpu_s += time.thread_time() - cpu_check
             if not bool(same.all()):
