@@ -27,6 +27,6 @@ def test_export_and_rank_with_times(tmp_path):
     text = "\n".join(lines)
     assert "parity check" in text and "passed" in text and "(with event times)" in text
     assert out["parity_max_abs_diff"] <= 1e-5 and out["served_max_abs_diff"] <= 1e-5
-    assert len(out["held_out_ranks"]) == 3 and all(1 <= r <= 5 for r in out["held_out_ranks"])
+    assert len(out["held_out_ranks"]) == 3 and all(1 <= r <= 5 for r in out["held_out_ranks"] + out["retrieval_ranks"])
     meta = load_package(out["package"]).metadata
     assert meta["input_names"] == "history,history_len,candidates,history_time,candidate_time"
