@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/gauss build || echo "gauss build failed (see above): tables will use the torch index"
 	touch $(STAMP)
 
+# DEMO_ARGS: e.g. `make demo DEMO_ARGS="--strategy gauss"` (the lookahead embedding cache).
 demo: $(STAMP)
-	$(BIN)/gauss demo
+	$(BIN)/gauss demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -27,6 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--item-embedding", choices=("dynamic", "static"), default=None,
                    help="item embeddings (default: the dynamic table)")
+    p.add_argument("--strategy", choices=("single", "gauss"), default="single",
+                   help="gauss: train under GaussStrategy, the item table behind the lookahead embedding cache "
+                        "with a budget of 70%% of the items (settings of the shipped ml-100k-hstu-gauss config)")
     return p
 
 
@@ -67,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
             # The synthetic stream: 1000 users, 2000 items, ~60 events each (seconds per epoch).
             overrides.update(data__dataset="synthetic", data__path=None,
                              data__options={"num_users": 1000, "num_items": 2000, "mean_length": 60, "seed": 0})
+        if args.strategy == "gauss":
+            # As the shipped ml-100k-hstu-gauss config: a batch of 64 and one set of negatives per
+            # batch read few enough items that a budget below the item count holds a batch.
+            items = 1682 if use_movielens else overrides["data__options"]["num_items"]
+            overrides.update(train__strategy="gauss", train__batch_size=64, train__cache_budget_rows=int(0.7 * items),
+                             train__cache_window=4, loss__shared_negatives=True)
         configs[model] = with_overrides(cfg, **overrides)
     epochs = configs["hstu"].train.max_epochs
     print(f"gauss demo: HSTU vs SASRec on {source}.\n"

@@ -1,0 +1,181 @@
+"""Throughput of :class:`~gauss_integrations.lightning.strategy.GaussStrategy` with W CPU
+processes (gloo) against one, on the same global batches: the ``scaling_2_workers`` figure of
+``benchmarks/lookahead_cache.py``.
+
+::
+
+    from gauss_integrations.lightning.strategy_bench import scaling
+    scaling(rows=20_000, steps=40, budget_rows=2_000)
+    # {"batches_per_s_1": ..., "batches_per_s_2": ..., "scaling_2_workers": ..., "misses_at_use": 0, ...}
+
+    python -m gauss_integrations.lightning.strategy_bench --world 2 --out result.json   # one measurement
+
+Each measurement is a fresh ``python -m`` process tree (Lightning's launcher starts the module
+again for the other ranks), one torch thread per process, so W processes use W cores. The
+trace: a Zipf(1.05) stream over ``rows`` item ids (popularity not ordered by id), sequences
+of 64 positions, 32 sequences a global batch, each process ``32 / W`` of them (Lightning's
+DistributedSampler; W = 1 gets the same sampler, so both runs see the same global batches).
+The model: one lookup per position in a dim-64 item table (row-wise Adagrad) behind the
+lookahead cache, a two-layer MLP, a sampled softmax of the next item against 256 ids drawn
+from the batch's own items (drawn before the step, as the cache requires), AdamW on the MLP.
+A step is timed from one batch's start to the next on rank 0, after ``warmup`` steps; the
+gloo all-reduces of every step make the ranks move together.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+DIM = 64
+SEQ_LEN = 64
+GLOBAL_SEQS = 32
+NEGATIVES = 256
+
+__all__ = ["scaling", "measure"]
+
+
+def _trace(rows: int, steps: int, seed: int = 0) -> torch.Tensor:
+    """``[steps * GLOBAL_SEQS, SEQ_LEN + 1]`` item ids (1-based) of a Zipf(1.05) stream."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, rows + 1) ** 1.05
+    p /= p.sum()
+    perm = rng.permutation(rows)
+    seqs = perm[rng.choice(rows, size=(steps * GLOBAL_SEQS, SEQ_LEN + 1), p=p)] + 1
+    return torch.from_numpy(seqs).long()
+
+
+def _module(lr: float = 0.05):
+    import pytorch_lightning as pl
+
+    from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
+
+    class BenchModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.table = DynamicEmbeddingTable(DynamicTableConfig(
+                name="items", dim=DIM, initializer="normal", init_std=0.05,
+                optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
+            self.mlp = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
+            self.step_starts: List[float] = []
+
+        def gauss_prepare_batch(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
+            items = torch.unique(batch)
+            pick = torch.randint(0, items.numel(), (NEGATIVES,))
+            return {"ids": batch[:, :-1], "targets": batch[:, 1:], "negatives": items[pick]}
+
+        def gauss_cache_ids(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {"items": torch.cat([batch["ids"].reshape(-1), batch["targets"].reshape(-1), batch["negatives"]])}
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            self.step_starts.append(time.perf_counter())
+
+        def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            q = self.mlp(self.table(batch["ids"])).reshape(-1, DIM)
+            pos = (q * self.table(batch["targets"]).reshape(-1, DIM)).sum(-1, keepdim=True)
+            neg = q @ self.table(batch["negatives"]).T
+            logits = torch.cat([pos, neg], dim=1) / 0.1
+            return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.mlp.parameters(), lr=1e-3)
+
+    return BenchModule()
+
+
+def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, warmup: int, out: str,
+            store_dir: Optional[str] = None) -> None:
+    """One measurement in this process tree (rank 0 writes ``out``). Call it from a fresh
+    process: Lightning starts ``sys.argv`` again for ranks 1..W-1."""
+    import pytorch_lightning as pl
+
+    from gauss_integrations.lightning.strategy import GaussStrategy
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    if GLOBAL_SEQS % world:
+        raise ValueError(f"world must divide the global batch of {GLOBAL_SEQS} sequences, got {world}")
+    store_dir = store_dir or tempfile.mkdtemp(prefix=f"gauss-strategy-bench-w{world}-")
+    module = _module()
+    strategy = GaussStrategy(budget_rows=budget_rows, window=window, store_dir=store_dir, gather_on_end=False)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=world, strategy=strategy, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    data = torch.utils.data.DataLoader(_trace(rows, steps), batch_size=GLOBAL_SEQS // world, shuffle=False)
+    trainer.fit(module, data)
+    if trainer.global_rank == 0:
+        starts = module.step_starts
+        if len(starts) <= warmup + 1:
+            raise ValueError(f"{len(starts)} steps leave nothing to time after {warmup} warm-up steps")
+        timed = len(starts) - 1 - warmup
+        seconds = starts[-1] - starts[warmup]
+        stats = strategy.cache_stats()
+        result = {"world": world, "steps_timed": timed, "seconds": seconds, "batches_per_s": timed / seconds,
+                  "misses_at_use": stats.get("misses_at_use"), "stall_ms": stats.get("stall_ms"),
+                  "prefetched_rows": stats.get("prefetched_rows"), "budget_rows": budget_rows, "window": window}
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        os.replace(tmp, out)
+
+
+def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, window: int = 8, warmup: int = 5,
+            worlds=(1, 2), timeout_s: float = 600) -> Dict[str, Any]:
+    """Global batches per second with each world size in ``worlds`` (fresh processes each) and
+    ``scaling_2_workers`` = throughput at 2 over 1."""
+    out: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="gauss-strategy-bench-") as work:
+        for world in worlds:
+            path = os.path.join(work, f"w{world}.json")
+            env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+            for key in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
+                        "LOCAL_WORLD_SIZE"):
+                env.pop(key, None)  # a job of its own: Lightning picks a free port
+            cmd = [sys.executable, "-m", "gauss_integrations.lightning.strategy_bench", "--world", str(world),
+                   "--rows", str(rows), "--steps", str(steps), "--budget-rows", str(budget_rows), "--window",
+                   str(window), "--warmup", str(warmup), "--out", path,
+                   "--store-dir", os.path.join(work, f"store{world}")]
+            proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=timeout_s)
+            if proc.returncode != 0 or not os.path.exists(path):
+                raise RuntimeError(f"the {world}-process GaussStrategy run failed (exit {proc.returncode}):\n"
+                                   f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            with open(path) as f:
+                out[world] = json.load(f)
+    result: Dict[str, Any] = {f"batches_per_s_{w}": out[w]["batches_per_s"] for w in worlds}
+    result["misses_at_use"] = sum(int(out[w]["misses_at_use"] or 0) for w in worlds)
+    result["runs"] = [out[w] for w in worlds]
+    if 1 in out and 2 in out:
+        result["scaling_2_workers"] = out[2]["batches_per_s"] / out[1]["batches_per_s"]
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--budget-rows", type=int, default=2_000)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--store-dir", default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    measure(args.world, args.rows, args.steps, args.budget_rows, args.window, args.warmup, args.out, args.store_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
