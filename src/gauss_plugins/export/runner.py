@@ -9,7 +9,7 @@ The binary is cached under ``$GAUSS_PLUGINS_CACHE/runner`` (default
 ``$XDG_CACHE_HOME/gauss_plugins`` or ``~/.cache/gauss_plugins``) in a folder named by a hash
 of the sources, the torch version, the compiler and whether hiredis is present, so a new
 torch or a newly installed hiredis gives a new build and an unchanged setup none. A build
-takes about a minute on two cores; ``gauss export build-runner`` does it ahead of time.
+takes about a minute on two cores; ``gauss build-runner`` does it ahead of time.
 
 :func:`run_runner` feeds requests to the binary and parses its scores; it is what the tests
 and ``benchmarks/serving.py`` compare with the Python predictor.
@@ -24,10 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["RunnerBuildError", "RunnerError", "build_runner", "build_skip_reason", "find_runner", "format_requests",
-           "run_runner", "runner_has_redis"]
+           "run_runner", "run_runner_timed", "runner_has_redis"]
 
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner")
 SOURCES = ("main.cpp", "CMakeLists.txt")
@@ -197,11 +197,21 @@ def run_runner(package: str, requests: Union[str, Sequence[Request]], *, snapsho
     """Score ``requests`` (text in the request format, or ``(history, candidates)`` pairs)
     with gauss-runner; returns one list of scores per request. Raises :class:`RunnerError`
     with the runner's message when it fails."""
+    return run_runner_timed(package, requests, snapshot=snapshot, redis=redis, state_dim=state_dim,
+                            batch_size=batch_size, threads=threads, binary=binary, timeout=timeout)[0]
+
+
+def run_runner_timed(package: str, requests: Union[str, Sequence[Request]], *, snapshot: Optional[str] = None,
+                     redis: Optional[str] = None, state_dim: int = 0, batch_size: Optional[int] = None,
+                     threads: Optional[int] = None, binary: Optional[str] = None,
+                     timeout: float = 600) -> Tuple[List[List[float]], Dict[str, float]]:
+    """:func:`run_runner` plus the runner's own timing: ``{"load_s", "requests", "serve_s"}``
+    (serving time excludes loading the package, so it compares with an in-process predictor)."""
     binary = binary or find_runner()
     if binary is None:
-        raise RunnerBuildError("gauss-runner is not built: run `gauss export build-runner` (or "
+        raise RunnerBuildError("gauss-runner is not built: run `gauss build-runner` (or "
                                "gauss_plugins.export.runner.build_runner())")
-    cmd = [binary, "--package", os.fspath(package)]
+    cmd = [binary, "--package", os.fspath(package), "--timing"]
     if snapshot is not None:
         cmd += ["--snapshot", os.fspath(snapshot)]
     if redis is not None:
@@ -215,4 +225,8 @@ def run_runner(package: str, requests: Union[str, Sequence[Request]], *, snapsho
     if proc.returncode != 0:
         raise RunnerError(f"gauss-runner failed (exit {proc.returncode}): {proc.stderr.strip()}", proc.returncode,
                           proc.stderr)
-    return [[float(x) for x in line.split()] for line in proc.stdout.splitlines()]
+    timing: Dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        if line.startswith("gauss-runner timing:"):
+            timing = {k: float(v) for k, v in (part.split("=") for part in line.split(":", 1)[1].split())}
+    return [[float(x) for x in line.split()] for line in proc.stdout.splitlines()], timing

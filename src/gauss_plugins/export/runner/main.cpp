@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -407,7 +408,7 @@ constexpr bool kHasRedis = false;
 
 const char* kUsage =
     "usage: gauss-runner --package MODEL.pt2 [--snapshot ROWS.gsnp | --redis redis://HOST:PORT/PREFIX]\n"
-    "                    [--state-dim K] [--input FILE] [--batch-size N] [--threads T] [--print-metadata] [--version]\n"
+    "                    [--state-dim K] [--input FILE] [--batch-size N] [--threads T] [--timing] [--print-metadata] [--version]\n"
     "\n"
     "Ranks candidates with an exported gauss ranker, without Python. Requests, one per line on\n"
     "stdin (or --input): '<history item ids> | <candidate item ids>'. Prints one line per request:\n"
@@ -416,13 +417,14 @@ const char* kUsage =
     "  --state-dim K     Redis rows carry K optimizer-state floats after the row (default 0)\n"
     "  --batch-size N    requests scored per forward (default 256, as `gauss rank`)\n"
     "  --threads T       intra-op threads (default: torch's choice)\n"
+    "  --timing          print load and serving seconds to stderr at the end\n"
     "  --print-metadata  print the package metadata as key=value lines and exit\n"
     "  --version         print the runner's format version and whether Redis support is built in\n";
 
 struct Options {
   std::string package, snapshot, redis, input;
   int64_t state_dim = 0, batch_size = 256, threads = 0;
-  bool print_metadata = false;
+  bool print_metadata = false, timing = false;
 };
 
 int64_t parse_positive(const std::string& flag, const std::string& value, bool allow_zero) {
@@ -450,6 +452,7 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--batch-size") o.batch_size = parse_positive(a, value(), false);
     else if (a == "--threads") o.threads = parse_positive(a, value(), false);
     else if (a == "--print-metadata") o.print_metadata = true;
+    else if (a == "--timing") o.timing = true;
     else if (a == "--version") {
       // What a build can serve: build_runner() and the tests ask before using Redis.
       std::cout << "gauss-runner 1 redis=" << (kHasRedis ? "yes" : "no") << "\n";
@@ -497,7 +500,7 @@ std::unique_ptr<RowSource> open_source(const Options& o, const Ranker& ranker) {
     source = std::make_unique<RedisSource>(host, port, prefix, ranker.dim(), o.state_dim);
 #else
     throw SetupError("this gauss-runner was built without Redis support (hiredis was not found): install "
-                     "libhiredis-dev and rebuild with `gauss export build-runner --force`, or serve from a --snapshot");
+                     "libhiredis-dev and rebuild with `gauss build-runner --force`, or serve from a --snapshot");
 #endif
   }
   if (source->dim() != ranker.dim())
@@ -520,6 +523,8 @@ void print_scores(const std::vector<float>& scores) {
 int run(int argc, char** argv) {
   const Options o = parse_args(argc, argv);
   if (o.threads > 0) at::set_num_threads(int(o.threads));
+  using clock = std::chrono::steady_clock;
+  const auto started = clock::now();
   Ranker ranker(o.package);
   if (o.print_metadata) {
     std::map<std::string, std::string> sorted(ranker.metadata().begin(), ranker.metadata().end());
@@ -527,6 +532,8 @@ int run(int argc, char** argv) {
     return 0;
   }
   auto source = open_source(o, ranker);
+  const auto loaded = clock::now();
+  size_t served = 0;
 
   std::ifstream file;
   if (!o.input.empty()) {
@@ -541,6 +548,7 @@ int run(int argc, char** argv) {
     if (group.empty()) return;
     for (const auto& scores : ranker.score(group, *source)) print_scores(scores);
     std::fflush(stdout);
+    served += group.size();
     group.clear();
   };
   while (std::getline(in, text)) {
@@ -551,6 +559,13 @@ int run(int argc, char** argv) {
     if (int64_t(group.size()) == o.batch_size) flush();
   }
   flush();
+  if (o.timing) {
+    // Serving time apart from the one-off load (unzip + dlopen of the package), so callers
+    // can compare steady-state throughput with an in-process Python predictor.
+    const std::chrono::duration<double> load = loaded - started, serve = clock::now() - loaded;
+    std::fprintf(stderr, "gauss-runner timing: load_s=%.6f requests=%zu serve_s=%.6f\n", load.count(), served,
+                 serve.count());
+  }
   return 0;
 }
 
