@@ -671,17 +671,23 @@ class GaussStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ evaluation
     def _install_stored_rows(self) -> Dict[str, torch.Tensor]:
-        """Install every stored row that is not resident (collective reads under W > 1);
-        returns the ids added per table."""
+        """Make each table hold exactly the rows training has reached so far: install every
+        stored row that is not resident (collective reads under W > 1) and drop resident rows
+        the store does not have, i.e. rows fetched ahead for batches not trained yet, still
+        the initializer's (unchanged: dropping them writes nothing; they are fetched again
+        when their batch comes). After a flush every row a step updated is in the store, so
+        the table then reads as the same training without a cache would. Returns the ids
+        added per table."""
         added = {}
         for name, table in self.tables.items():
             store = self.stores[name]
-            if isinstance(store, PartitionedStore):
-                ids = store.stored_ids()
-            else:
-                ids = _local_ids(store)
-            ids = ids.to(table.device)
-            missing = ids[table.index.find(ids) < 0] if ids.numel() else ids
+            stored = store.stored_ids() if isinstance(store, PartitionedStore) else _local_ids(store)
+            stored = stored.to(table.device)
+            keys, _ = table.index.keys_and_rows()
+            untrained = keys[~torch.isin(keys, stored)]
+            if untrained.numel():
+                table.evict(ids=untrained)
+            missing = stored[table.index.find(stored) < 0] if stored.numel() else stored
             if missing.numel():
                 if isinstance(store, PartitionedStore):
                     with store.reading_here():

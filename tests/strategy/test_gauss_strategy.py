@@ -66,13 +66,18 @@ def test_bad_options_are_refused(kw):
 @pytest.mark.parametrize("policy", ["lookahead", "lru"])
 def test_cached_training_equals_plain_training(tmp_path, policy):
     """Budget 40 rows for ~107 ids: rows are evicted to TierPS and fetched back with their
-    Adam state, and the result is the plain in-memory run's, exactly."""
+    Adam state, and the result is the plain in-memory run's, exactly. Validation twice an
+    epoch (the cache's pass is cut mid-epoch and resumed) reads every row, as the plain run does."""
     ds = IdDataset()
+    val = loader(IdDataset(n=8, seed=1), 8)
     ref = _Plain()
-    _trainer("auto").fit(ref, loader(ds, 8))
+    _trainer("auto", val_check_interval=0.5).fit(ref, loader(ds, 8), val)
     model = TinyModule()
     strategy = GaussStrategy(budget_rows=40, window=3, policy=policy, store_dir=str(tmp_path))
-    _trainer(strategy, use_distributed_sampler=False).fit(model, loader(ds, 8))
+    _trainer(strategy, use_distributed_sampler=False, val_check_interval=0.5).fit(model, loader(ds, 8), val)
+    assert len(model.val_sums) == len(ref.val_sums) == 5  # the sanity check and two an epoch
+    for got, want in zip(model.val_sums, ref.val_sums):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     stats = strategy.cache_stats()
     assert stats["misses_at_use"] == (0 if policy == "lookahead" else stats["misses_at_use"])
     assert stats["evicted_rows"] > 0 and stats["written_back_rows"] > 0
@@ -83,6 +88,23 @@ def test_cached_training_equals_plain_training(tmp_path, policy):
     torch.testing.assert_close(model.dense.weight, ref.dense.weight, rtol=0, atol=1e-6)
     assert model.losses == pytest.approx(ref.losses, abs=1e-6)
     assert model.table.backing is None and not model.table.synchronized_replicas  # released after fit
+
+
+def test_syncs_trained_rows_to_a_serving_store(tmp_path):
+    """sync_target: the rank's TierPS partition is pushed to WePS by a Syncer; the cache is
+    flushed every sync_every_n_steps; after fit the serving store holds the trained rows."""
+    from gauss_plugins.stores import WePS
+
+    weps = WePS(dim=8)
+    model = TinyModule()
+    strategy = GaussStrategy(budget_rows=40, window=3, store_dir=str(tmp_path), sync_target=weps,
+                             sync_interval_s=0.05, sync_every_n_steps=3)
+    _trainer(strategy, use_distributed_sampler=False).fit(model, loader(IdDataset(), 8))
+    ids, rows = table_rows(model.table)
+    got = weps.lookup(ids)
+    assert bool(got.found.all())
+    torch.testing.assert_close(got.values, rows.float(), rtol=0, atol=1e-6)
+    assert not strategy.syncers  # stopped, after a final push
 
 
 def test_logs_cache_figures_per_step(tmp_path):
