@@ -67,13 +67,16 @@ def check_workers(j: str, config: str, nnodes_and_procs) -> None:
                          "write the same output folder. Use -j 1x1, or a config with `strategy: gauss`")
 
 
-def export_args(checkpoint: str, out: str, *, config: Optional[str], snapshot: Optional[str]) -> List[str]:
+def export_args(checkpoint: str, out: str, *, config: Optional[str], snapshot: Optional[str],
+                tolerance: float) -> List[str]:
     """``gauss export`` arguments (the export itself runs the parity check and fails on drift)."""
     if not out.endswith(".pt2"):
         raise ValueError(f"--out must name a .pt2 file, got {out!r}")
     if snapshot is not None and not snapshot.endswith(".gsnp"):
         raise ValueError(f"--snapshot must name a .gsnp file, got {snapshot!r}")
-    args = ["export", "--checkpoint", checkpoint, "--out", out]
+    if not tolerance >= 0:
+        raise ValueError(f"--tolerance must be >= 0, got {tolerance}")
+    args = ["export", "--checkpoint", checkpoint, "--out", out, "--tolerance", repr(float(tolerance))]
     if config is not None:
         args += ["--config", config]
     if snapshot is not None:

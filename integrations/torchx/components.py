@@ -85,6 +85,7 @@ def export(
     out: str,
     config: Optional[str] = None,
     snapshot: Optional[str] = None,
+    tolerance: float = 1e-5,
     image: str = torchx.IMAGE,
     cpu: int = 2,
     memMB: int = 8192,
@@ -101,13 +102,14 @@ def export(
         out: the .pt2 package to write
         config: the experiment config (default: the one stored in the checkpoint)
         snapshot: also freeze the item-embedding rows into this .gsnp snapshot
+        tolerance: largest |eager - compiled| score difference the parity check accepts
         image: image to run in (ignored by the local_cwd scheduler)
         cpu: cpus
         memMB: memory in MB
         h: a registered named resource (takes precedence over cpu, memMB)
         env: environment variables
     """
-    args = _args.export_args(checkpoint, out, config=config, snapshot=snapshot)
+    args = _args.export_args(checkpoint, out, config=config, snapshot=snapshot, tolerance=tolerance)
     return _args.python_app("gauss-export", "gauss_plugins.cli", args, image=image, cpu=cpu, memMB=memMB, h=h,
                             env=env)
 

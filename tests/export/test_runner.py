@@ -289,3 +289,32 @@ def test_redis_scores_equal_snapshot_scores(runner, toy, redis_rows):
         run_runner(toy["package"], REQUESTS, redis=url, state_dim=0, binary=runner)
     with pytest.raises(RunnerError, match="cannot connect to Redis at 127.0.0.1:1 .*start the server"):
         run_runner(toy["package"], REQUESTS, redis="redis://127.0.0.1:1/gauss:toy:items", binary=runner)
+
+
+def test_redis_with_password_from_the_environment(runner, toy, monkeypatch):
+    from gauss_plugins.benchmarking import RedisServer, redis_skip_reason
+
+    reason = redis_skip_reason()
+    if reason:
+        skip_unless_required(reason)
+    if not runner_has_redis(runner):
+        skip_unless_required("gauss-runner was built without hiredis (apt-get install libhiredis-dev)")
+    from gauss_integrations.redis.store import RedisWePS
+
+    with RedisServer(extra_args=("--requirepass", "s3cret")) as server:
+        store = RedisWePS(DIM, port=server.port, password="s3cret", prefix="gauss", model="toy", table="items")
+        try:
+            store.put(toy["ids"], toy["rows"])
+        finally:
+            store.close()
+        url = f"redis://127.0.0.1:{server.port}/gauss:toy:items"
+        monkeypatch.delenv("GAUSS_REDIS_PASSWORD", raising=False)
+        with pytest.raises(RunnerError, match="NOAUTH.*set GAUSS_REDIS_PASSWORD") as err:
+            run_runner(toy["package"], REQUESTS, redis=url, binary=runner)
+        assert err.value.returncode == 2
+        monkeypatch.setenv("GAUSS_REDIS_PASSWORD", "wrong")
+        with pytest.raises(RunnerError, match="AUTH failed .* check GAUSS_REDIS_PASSWORD"):
+            run_runner(toy["package"], REQUESTS, redis=url, binary=runner)
+        monkeypatch.setenv("GAUSS_REDIS_PASSWORD", "s3cret")
+        got = run_runner(toy["package"], REQUESTS, redis=url, binary=runner)
+    assert_close(got, python_scores(toy["compiled"], toy["ids"], toy["rows"], REQUESTS))

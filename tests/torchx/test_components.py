@@ -109,6 +109,7 @@ def test_serve_bench_component_times_python_and_cpp(chain):
     (["gauss.train", "--config", "tiny.yaml", "--output_dir", "r", "--max_epochs", "zero"],
      "--max_epochs must be an integer"),
     (["gauss.export", "--checkpoint", "run", "--out", "model.bin"], "--out must name a .pt2 file"),
+    (["gauss.export", "--checkpoint", "run", "--out", "m.pt2", "--tolerance", "-1"], "--tolerance must be >= 0"),
     (["gauss.serve_bench", "--package", "m.pt2", "--runner", "True"], "--runner True needs --snapshot"),
     (["gauss.serve_bench", "--package", "m.pt2", "--batch_sizes", "1,x"], "--batch_sizes must be comma-separated"),
 ])

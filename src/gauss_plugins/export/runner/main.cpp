@@ -175,6 +175,23 @@ class RedisSource : public RowSource {
                        "): start the server or pass the right --redis URL");
     }
     redisSetTimeout(ctx_, timeout);
+    // Credentials come from the environment, never from the URL: the URL may sit in the
+    // package metadata and in process listings.
+    const char* password = std::getenv("GAUSS_REDIS_PASSWORD");
+    const char* user = std::getenv("GAUSS_REDIS_USERNAME");
+    if (password != nullptr && *password != '\0') {
+      std::vector<const char*> argv = {"AUTH"};
+      if (user != nullptr && *user != '\0') argv.push_back(user);
+      argv.push_back(password);
+      std::vector<size_t> argl;
+      for (const char* a : argv) argl.push_back(std::strlen(a));
+      expect_ok(redisCommandArgv(ctx_, int(argv.size()), argv.data(), argl.data()), "AUTH",
+                "check GAUSS_REDIS_PASSWORD (and GAUSS_REDIS_USERNAME for an ACL user)");
+    }
+    // One round trip now, so a server that wants a password fails here with a hint, not at
+    // the first request.
+    expect_ok(redisCommand(ctx_, "PING"), "PING",
+              "set GAUSS_REDIS_PASSWORD (and GAUSS_REDIS_USERNAME for an ACL user) when the server requires AUTH");
   }
   ~RedisSource() override {
     if (ctx_) redisFree(ctx_);
@@ -225,6 +242,17 @@ class RedisSource : public RowSource {
   }
 
  private:
+  void expect_ok(void* raw, const char* what, const std::string& hint) {
+    auto* reply = static_cast<redisReply*>(raw);
+    if (reply == nullptr)
+      throw SetupError(std::string("Redis ") + what + " failed on " + describe() + " (" +
+                       (ctx_->err ? ctx_->errstr : "no reply") + ")");
+    std::unique_ptr<redisReply, void (*)(void*)> guard(reply, freeReplyObject);
+    if (reply->type == REDIS_REPLY_ERROR)
+      throw SetupError(std::string("Redis ") + what + " failed on " + describe() + ": " +
+                       std::string(reply->str, reply->len) + ": " + hint);
+  }
+
   std::string host_;
   int port_;
   std::string prefix_;
@@ -415,6 +443,7 @@ const char* kUsage =
     "the candidates' scores, space-separated. Without --snapshot/--redis the package's\n"
     "embedding_source metadata is used (a relative snapshot path is taken relative to the package).\n"
     "  --state-dim K     Redis rows carry K optimizer-state floats after the row (default 0)\n"
+    "                    (a password-protected Redis: GAUSS_REDIS_PASSWORD [, GAUSS_REDIS_USERNAME])\n"
     "  --batch-size N    requests scored per forward (default 256, as `gauss rank`)\n"
     "  --threads T       intra-op threads (default: torch's choice)\n"
     "  --timing          print load and serving seconds to stderr at the end\n"
