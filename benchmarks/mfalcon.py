@@ -18,6 +18,11 @@ The attention of a round costs the same FLOPs on both paths (the op computes eve
 history's projections, norms and output layers, one launch per round (rounds run
 together), and the history pass when it is reused.
 
+On the CPU (reference backend) the attention, which pads every sequence to
+``max_seq_len`` and builds its bias densely, is nearly all of the time, so the cache does
+not pay there (measured 2026-11-29 on the 2-core machine, one thread: 0.4-0.7x); what it
+saves is meant for the fused kernel on CUDA, where this benchmark has not run yet.
+
 Each row also records the largest difference between the two outputs (they compute the
 same function). Summary keys: ``cached_speedup_mb64`` (baseline time / cached time at the
 largest micro-batch), ``cache_reused_speedup_mb64`` (same, the history already cached),

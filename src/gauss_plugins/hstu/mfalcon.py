@@ -24,7 +24,7 @@ K/V ; that round's candidates' K/V]`` of a jagged batch, and each block's attent
 candidates of each pair, so on CUDA it is one launch of the fused kernel with the
 ``num_targets`` mask (not a dense einsum) for all the rounds of a pass. A pass holds as
 many rounds as ``pass_budget`` allows (sequences x ``max_seq_len^2``, what the dense
-reference backend materialises): usually all of them. The history rows'
+reference backend materialises). The history rows'
 queries are zeros and their outputs are dropped; they still cost attention FLOPs (the op
 computes every row), so a round's attention costs what it costs uncached, and the history
 keys/values are repeated once per round (memory ``O(rounds * history)`` rows per block).
@@ -113,7 +113,7 @@ class MFalcon:
     candidate item embedding, or a ranking head).
     """
 
-    def __init__(self, encoder: HSTUEncoder, micro_batch_size: int = 64, pass_budget: int = 1 << 24) -> None:
+    def __init__(self, encoder: HSTUEncoder, micro_batch_size: int = 64, pass_budget: int = 1 << 22) -> None:
         if not isinstance(encoder, HSTUEncoder):
             raise TypeError(f"M-FALCON needs an HSTUEncoder, got {type(encoder).__name__}")
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
@@ -124,7 +124,9 @@ class MFalcon:
         self.micro_batch_size = micro_batch_size
         # score_cached groups rounds into passes of at most this many (sequences x
         # max_seq_len^2) attention entries: what the dense reference backend materialises
-        # (the fused kernel needs far less), so CPU memory stays bounded however many rounds
+        # (the fused kernel needs far less), so memory stays bounded however many rounds.
+        # 4M: on the 2-core CPU machine a 16M pass ran ~2x slower per entry than 4M ones
+        # (B=32, N=264, reference backend, 2026-11-29); smaller passes pay per-call overhead.
         self.pass_budget = pass_budget
 
     # ------------------------------------------------------------------ rounds
