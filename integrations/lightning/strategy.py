@@ -516,13 +516,21 @@ class GaussStrategy(DDPStrategy):
                 stores[name].training_reads_only_on_worker = self.prefetch
         self._sparse_opt = SparseOptimizer(list(tables.values()))
         if self.sync_target is not None:
-            self._start_syncers()
+            try:
+                self._start_syncers()
+            except BaseException:
+                self._close(flush=False)
+                raise
 
     def _make_store(self, table: DynamicEmbeddingTable, rank: int, world: int, path: str) -> Any:
         if self.store_factory is not None:
             return self.store_factory(table, rank, world, path)
         from gauss_plugins.stores.tierps import TierPS
 
+        if os.path.isdir(path) and os.listdir(path):
+            # A TierPS reopens with its rows: a fresh table over an old partition would mix two runs.
+            raise ValueError(f"{path} already holds a TierPS (an earlier run's rows); GaussStrategy starts each fit "
+                             f"from the model's own table: remove the folder or give store_dir an empty one")
         width = sum(w for _, _, w in state_layout(table))
         return TierPS(dim=table.dim, path=path, state_dim=width, ram_bytes=self.store_ram_bytes)
 

@@ -128,6 +128,15 @@ def test_logs_cache_figures_per_step(tmp_path):
     assert sum(float(r["gauss/prefetched_rows"]) for r in logged) == strategy.cache_stats()["prefetched_rows"]
 
 
+def test_a_store_dir_with_an_earlier_run_is_refused(tmp_path):
+    _trainer(GaussStrategy(budget_rows=40, store_dir=str(tmp_path)), epochs=1,
+             use_distributed_sampler=False).fit(TinyModule(), loader(IdDataset(), 8))
+    model = TinyModule()
+    with pytest.raises(ValueError, match="earlier run"):
+        _trainer(GaussStrategy(budget_rows=40, store_dir=str(tmp_path)), epochs=1).fit(model, loader(IdDataset(), 8))
+    assert model.table.backing is None and not model.table.synchronized_replicas  # nothing left attached
+
+
 def test_module_without_ids_is_told_what_to_define(tmp_path):
     class NoIds(TinyModule):
         gauss_cache_ids = None
