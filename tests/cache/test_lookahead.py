@@ -157,10 +157,11 @@ def test_window_shrinks_when_the_budget_is_tight_and_grows_back(tmp_path):
     windows = [s["window"] for s in cache.stats()["per_step"]]
     assert windows[:4] == [2, 2, 2, 2] and windows[4] == 4, windows  # the tiny batches behind fit again
     cache.close()
-    with pytest.raises(BudgetError):
-        c2 = LookaheadCache({"items": _table(25, "b")}, _store(str(tmp_path / "b")),
-                            CacheConfig(budget_rows=25, window=4, min_window=3), ids_fn=lambda b: {"items": b})
+    c2 = LookaheadCache({"items": _table(25, "b")}, _store(str(tmp_path / "b")),
+                        CacheConfig(budget_rows=25, window=4, min_window=3), ids_fn=lambda b: {"items": b})
+    with pytest.raises(BudgetError, match="min_window"):
         list(c2.wrap(small))
+    c2.close()
 
 
 def test_bad_arguments_leave_tables_untouched(tmp_path):
@@ -171,6 +172,13 @@ def test_bad_arguments_leave_tables_untouched(tmp_path):
     with pytest.raises(ValueError, match="admission='always'"):
         LookaheadCache({"c": t}, store, CacheConfig(budget_rows=20), ids_fn=lambda b: b)
     assert t.backing is None
+    first, second = _table(64, "first"), _table(64, "second")
+    bad = TierPS(dim=DIM + 1, state_dim=1, path=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="do not fit"):
+        LookaheadCache({"first": first, "second": second}, {"first": store, "second": bad},
+                       CacheConfig(budget_rows=20), ids_fn=lambda b: b)
+    assert first.backing is None and second.backing is None  # the first one was detached again
+    bad.close()
     with pytest.raises(ValueError, match="no store"):
         LookaheadCache({"items": _table(64)}, {"other": store}, CacheConfig(budget_rows=20), ids_fn=lambda b: b)
     with pytest.raises(ValueError, match="budget_rows"):

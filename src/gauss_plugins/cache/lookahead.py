@@ -161,7 +161,6 @@ class _Entry:
     batch: Any
     ids: Dict[str, torch.Tensor]
     jobs: List[Any] = field(default_factory=list)   # (table name, ids, job) fetched for it
-    admitted: bool = False
 
 
 class _TableState:
@@ -231,10 +230,20 @@ class LookaheadCache:
         self.exchange = exchange
         self.owner_fn = owner_fn
         self.target_window = config.window if self.policy.lookahead else 1
-        self._worker: Optional[_Worker] = _Worker() if config.prefetch else None
         self._tables: Dict[str, _TableState] = {}
+        attached = []
+        try:
+            for name, table in tables.items():
+                if table.backing is None:
+                    table.attach_store(stores[name])  # checks that the store's rows fit the table
+                    attached.append(table)
+        except Exception:
+            for table in attached:  # leave every table as it was
+                table.detach_store(flush=False)
+            raise
+        self._worker: Optional[_Worker] = _Worker() if config.prefetch else None
         for name, table in tables.items():
-            backing = table.backing if table.backing is not None else table.attach_store(stores[name])
+            backing = table.backing
             backing.write = self._writer(backing)
             backing.drain = self._drain  # a syncer reading the store waits for queued writes
             self._tables[name] = _TableState(name, table, backing)
@@ -420,18 +429,23 @@ class LookaheadCache:
             if new.numel():
                 ts.inflight = torch.cat([ts.inflight, new])
                 entry.jobs.append((name, new, self._read(ts, new.cpu())))
-        entry.admitted = True
         self._window.append(entry)
         return True
 
     def _victims(self, ts: _TableState, entry: _Entry, k: int) -> Optional[torch.Tensor]:
         """The ``k`` resident ids of ``ts`` to evict (the policy's lowest scores among rows
         no batch of the window, ``entry`` included, needs); None if fewer are evictable."""
-        keys, rows = ts.table.index.keys_and_rows()
-        needed = torch.cat([e.ids[ts.name] for e in self._window] + [entry.ids[ts.name]])
+        table = ts.table
+        # Rows the window needs, marked through the hash index (no sort of the ids).
+        pinned = torch.zeros(table.weight.shape[0], dtype=torch.bool, device=table.device)
+        holders = list(self._window) + [entry]
         if self._current is not None and self._current not in self._window:
-            needed = torch.cat([needed, self._current.ids[ts.name]])
-        free = ~torch.isin(keys, needed)
+            holders.append(self._current)
+        for e in holders:
+            r = table.index.find(e.ids[ts.name])
+            pinned[r[r >= 0]] = True
+        keys, rows = table.index.keys_and_rows()
+        free = ~pinned.index_select(0, rows)
         keys, rows = keys[free], rows[free]
         if keys.numel() < k:
             return None
@@ -506,6 +520,14 @@ class LookaheadCache:
         self._step += 1
         self.per_step.append(dict(self._step_stats))
         self._fill_window()  # start the next fetches while the loader prepares the batch
+
+    def batch_ids(self) -> Dict[str, torch.Tensor]:
+        """The distinct ids per table (the global batch's, under ``exchange``: the same on
+        every replica, ascending) of the batch being trained: a data-parallel step looks
+        these up once and all-reduces their gradient."""
+        if self._current is None:
+            raise RuntimeError("batch_ids() is for the batch wrap() just yielded, before step_done()")
+        return dict(self._current.ids)
 
     # ------------------------------------------------------------------ end of training
     def flush(self) -> int:

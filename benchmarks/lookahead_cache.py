@@ -1,0 +1,516 @@
+"""The lookahead embedding cache against the whole table in memory, LRU / LFU caches and a
+store-only table: the same model and the same steps under each.
+
+Traces
+* ``zipf``: a synthetic stream of Zipf(1.05) item ids over ``--rows`` ids (100k; 20k with
+  ``--quick``): sequences of 64 positions, 32 a batch. At a 10% budget the stream has 10x
+  more ids than the cache holds.
+* ``ml100k``: MovieLens-100K (found through :func:`gauss_plugins.data.locate.locate_dataset`)
+  batched as training batches it (:class:`~gauss_plugins.train.batching.TrainExamples`, 200
+  positions, 128 users a batch, shuffled each epoch; 12 steps, 5 with ``--quick``). ML-100K has 1,682 items and one batch
+  reads most of them, so a 10% or 25% budget cannot hold one batch: the budget is raised to
+  the largest batch's distinct items and the JSON says so (``effective_budget_rows``). The
+  Zipf stream is where the budgets bind, and the summary comes from it.
+
+Model (one step, the main job's): one lookup of the batch's distinct items in the item
+table (dim 64, row-wise Adagrad), an HSTU encoder (2 blocks, one head, position bias) over
+the padded sequences, a sampled softmax of each next item against 256 of the batch's items,
+backward, Adam on the encoder, the sparse step.
+
+Variants
+(a) ``in_memory``: every row in the table (no store);
+(b) ``lookahead``: :class:`~gauss_plugins.cache.LookaheadCache`, window 8, budget 10% / 25% of rows;
+(c) ``lru`` and (d) ``lfu``: the same cache with the fetch-on-miss baseline policies, same budgets;
+(e) ``tierps_only``: every step fetches its rows from TierPS and writes them all back.
+Every store variant starts from the same cold store: :class:`~gauss_plugins.stores.tierps.TierPS`
+holding every row (initial values, zero optimizer state) on its disk tier, reopened with a
+RAM tier of 2% of the rows, so reads go through the disk tier's segment files (the OS page
+cache holds them: this is the disk tier's code path, not a cold SSD).
+
+Step time, two ways. ``step_ms``: wall time from batch to batch (the median of the
+round-robin runs); on a shared 2-core machine other tenants move it by tens of percent.
+``critical_path_ms``: the training thread's CPU time per step plus the time it waited for
+rows (``stall_ms``): what a step costs the training thread when the cache's worker has a
+core of its own. It leaves out the worker's CPU and any wait for the GIL, so it is the
+optimistic one; both are reported, the contract's keys use wall time.
+
+Summary keys (Zipf trace, 10% budget): ``misses_at_use`` (every lookahead run; must be 0),
+``step_time_ratio_vs_in_memory`` (target <= 1.1), ``speedup_vs_lru`` (target >= 1.5),
+``speedup_vs_lfu``, ``max_abs_diff_vs_in_memory`` (rows after training through the cache
+against the in-memory run), and ``scaling_2_workers``: global batches per second of two
+gloo processes (each half the global batch, ids exchanged by all_gather, row gradients
+all-reduced) over one process on the global batch, one torch thread per process. Each
+process has its own TierPS replica (a TierPS is one process's store), so write-back is not
+partitioned by owner there: this is this benchmark's own runner, not the Lightning strategy.
+
+A PNG beside the JSON plots the lookahead run at 10% (hits at use, stall ms, window per
+step) against the LRU run's stall.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from gauss_plugins.benchmarking import parser, print_table, write_report, write_skip
+
+DIM = 64
+STATE_DIM = 1            # row-wise Adagrad: one accumulator a row
+WINDOW = 8
+NEGATIVES = 256
+SEQ_LEN, SEQS_PER_BATCH = 64, 32
+NAME = "lookahead_cache"
+
+
+# ---------------------------------------------------------------- traces
+def zipf_trace(rows: int, steps: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, rows + 1) ** 1.05
+    p /= p.sum()
+    perm = rng.permutation(rows)  # popularity is not ordered by id
+    out = []
+    for _ in range(steps):
+        seq = perm[rng.choice(rows, size=(SEQS_PER_BATCH, SEQ_LEN + 1), p=p)] + 1
+        ids = torch.from_numpy(seq[:, :-1].copy()).long()
+        out.append({"ids": ids, "targets": torch.from_numpy(seq[:, 1:].copy()).long()})
+    return out
+
+
+def ml100k_trace(steps: int, seed: int = 0) -> Tuple[Optional[List[Dict[str, torch.Tensor]]], int, str]:
+    from gauss_plugins.data.loaders import load_movielens_100k
+    from gauss_plugins.data.locate import locate_dataset
+    from gauss_plugins.data.split import leave_one_out
+    from gauss_plugins.train.batching import TrainExamples, collate_train
+
+    found = locate_dataset("ml-100k")
+    if found.path is None:
+        return None, 0, found.reason
+    seqs = load_movielens_100k(found.path)
+    train = TrainExamples(leave_one_out(seqs).train, max_len=200)
+    rng = np.random.default_rng(seed)
+    out: List[Dict[str, torch.Tensor]] = []
+    while len(out) < steps:
+        order = rng.permutation(len(train))
+        for s in range(0, len(order), 128):
+            b = collate_train([train[int(i)] for i in order[s:s + 128]])
+            out.append({"ids": b["ids"], "targets": b["targets"]})
+            if len(out) == steps:
+                break
+    return out, int(seqs.max_item_id) + 1, found.path
+
+
+def batch_ids(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    both = torch.cat([batch["ids"].reshape(-1), batch["targets"].reshape(-1)])
+    return both[both > 0]
+
+
+# ---------------------------------------------------------------- model
+class Model(nn.Module):
+    """The main job's encoder: HSTU (2 blocks, one head, dim 64, position bias, no dropout:
+    every variant then computes the same thing)."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        from gauss_plugins.hstu import HSTUConfig
+        from gauss_plugins.hstu.modules import PaddedHSTUEncoder
+
+        torch.manual_seed(0)
+        self.encoder = PaddedHSTUEncoder(HSTUConfig(dim=DIM, num_blocks=2, num_heads=1, max_seq_len=max_len,
+                                                    dropout=0.0, num_time_buckets=0))
+
+
+def make_table(name: str, capacity: int):
+    from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
+
+    return DynamicEmbeddingTable(DynamicTableConfig(
+        name=name, dim=DIM, optimizer=OptimizerConfig("rowwise_adagrad", lr=0.05),
+        initial_capacity=min(capacity, 1 << 16), max_capacity=capacity))
+
+
+def train_step(model, table, dense_opt, sparse_opt, batch, reduce: Optional[Callable] = None,
+               uniq: Optional[torch.Tensor] = None) -> float:
+    """One step; ``uniq`` (the global batch's distinct ids) and ``reduce`` (an all-reduce
+    of a gradient) make it one replica's share of a data-parallel step."""
+    ids, targets = batch["ids"], batch["targets"]
+    valid = ids > 0                                  # right-padded sequences
+    mask = targets > 0
+    local = torch.cat([ids[valid], targets[mask]])
+    if uniq is None:
+        uniq = torch.unique(local)
+    emb = table(uniq)                                # the one lookup of the step
+    if reduce is not None:
+        emb.register_hook(lambda g: reduce(g))
+    pos = torch.searchsorted(uniq, local)
+    n_hist = int(valid.sum())
+    x = torch.zeros(*ids.shape, DIM).index_put((valid,), emb.index_select(0, pos[:n_hist]))
+    h = model.encoder(x, valid)[mask]
+    t = emb.index_select(0, pos[n_hist:])
+    gen = torch.Generator().manual_seed(int(targets.sum()) & 0xFFFF)
+    neg = emb.index_select(0, torch.randint(0, uniq.numel(), (NEGATIVES,), generator=gen))
+    logits = torch.cat([(h * t).sum(-1, keepdim=True), h @ neg.T], dim=1)
+    loss = nn.functional.cross_entropy(logits, torch.zeros(h.shape[0], dtype=torch.long), reduction="sum")
+    scale = 1.0 / max(1, int(mask.sum())) if reduce is None else 1.0 / batch["global_positions"]
+    (loss * scale).backward()
+    if reduce is not None:
+        for p in model.parameters():
+            if p.grad is not None:
+                reduce(p.grad)
+    dense_opt.step()
+    sparse_opt.step()
+    dense_opt.zero_grad()
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------- the cold store
+def build_cold_store(path: str, rows: int) -> None:
+    from gauss_plugins.embedding.initializers import initial_values
+    from gauss_plugins.stores.tierps import TierPS
+
+    t = make_table("items", 16)
+    store = TierPS(dim=DIM, state_dim=STATE_DIM, path=path, ram_bytes=64 << 20)
+    chunk = 100_000
+    for s in range(1, rows + 1, chunk):
+        ids = torch.arange(s, min(rows + 1, s + chunk))
+        vals = initial_values(t.config.initializer, ids, DIM, t.config.seed, t.config.init_min, t.config.init_max,
+                              t.config.init_std)
+        store.put(ids, vals, torch.zeros(ids.numel(), STATE_DIM))
+        store.flush()
+    store.close()
+
+
+def open_cold(image: str, path: str, rows: int):
+    from gauss_plugins.stores.tierps import TierPS
+
+    shutil.copytree(image, path)
+    ram_rows = max(256, rows // 50)
+    return TierPS(dim=DIM, state_dim=STATE_DIM, path=path, ram_bytes=ram_rows * (4 * (DIM + STATE_DIM) + 25))
+
+
+# ---------------------------------------------------------------- one variant
+def run_variant(kind: str, budget: int, trace, rows: int, image: str, work: str, warmup: int) -> Dict[str, Any]:
+    from gauss_plugins.cache import CacheConfig, LookaheadCache
+    from gauss_plugins.embedding import SparseOptimizer
+    from gauss_plugins.embedding.initializers import initial_values
+
+    model = Model(trace[0]["ids"].shape[1])
+    dense_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    store = cache = None
+    if kind == "in_memory":
+        table = make_table("items", rows + 1)
+        all_ids = torch.arange(1, rows + 1)
+        table.set(all_ids, initial_values(table.config.initializer, all_ids, DIM, table.config.seed,
+                                          table.config.init_min, table.config.init_max, table.config.init_std))
+        batches: Iterator = iter(trace)
+    else:
+        store_dir = tempfile.mkdtemp(dir=work)  # a fresh copy of the cold store for every run
+        store = open_cold(image, os.path.join(store_dir, "ps"), rows)
+        if kind == "tierps_only":
+            table = make_table("items", max(batch_ids(b).unique().numel() for b in trace))
+            table.attach_store(store)
+            batches = iter(trace)
+        else:
+            table = make_table("items", budget)
+            cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=budget, window=WINDOW, policy=kind),
+                                   ids_fn=lambda b: {"items": batch_ids(b)})
+            batches = cache.wrap(trace)
+    sparse_opt = SparseOptimizer(table)
+    table.train()
+    times: List[float] = []
+    cpu: List[float] = []  # the training thread's CPU time per step (no waits, no other tenants)
+    t_prev, c_prev = time.perf_counter(), time.thread_time()
+    for batch in batches:
+        train_step(model, table, dense_opt, sparse_opt, batch)
+        if cache is not None:
+            cache.step_done()
+        elif kind == "tierps_only":  # nothing stays in the fast tier
+            table.evict(ids=table.index.keys_and_rows()[0])
+        now = time.perf_counter()
+        times.append(now - t_prev)  # from batch to batch: waits for rows included
+        t_prev = now
+        c_now = time.thread_time()
+        cpu.append(c_now - c_prev)
+        c_prev = c_now
+    stats = cache.stats() if cache is not None else {}
+    # The rows after training, wherever they live, for the comparison with in_memory.
+    probe = torch.arange(1, rows + 1, max(1, rows // 5000))
+    if cache is not None:
+        cache.flush()
+    elif kind == "tierps_only":
+        pass  # every row was written back at its step
+    if store is not None:
+        values, present = table.get(probe)
+        got = store.lookup(probe[~present])
+        values[~present] = got.values
+    else:
+        values = table.get(probe)[0]
+    if cache is not None:
+        cache.close()
+    if store is not None:
+        store.close()
+        shutil.rmtree(store_dir, ignore_errors=True)
+    steady = times[warmup:] or times
+    stalls = [s["stall_ms"] / 1e3 for s in stats["per_step"]] if stats else [0.0] * len(cpu)
+    critical = [c + w for c, w in zip(cpu, stalls)][warmup:] or [c + w for c, w in zip(cpu, stalls)]
+    positions = sum(int((b["targets"] > 0).sum()) for b in trace[warmup:]) or 1
+    row = {"variant": kind, "budget_rows": budget if kind not in ("in_memory", "tierps_only") else None,
+           "step_ms": 1e3 * float(np.mean(steady)), "positions_per_s": positions / float(np.sum(steady)),
+           "critical_path_ms": 1e3 * float(np.mean(critical)),
+           "misses_at_use": stats.get("misses_at_use"), "hits_at_use": stats.get("hits_at_use"),
+           "prefetched_rows": stats.get("prefetched_rows"), "stall_ms": stats.get("stall_ms"),
+           "evicted_rows": stats.get("evicted_rows"), "written_back_rows": stats.get("written_back_rows"),
+           "mean_window": float(np.mean([s["window"] for s in stats["per_step"]])) if stats else None}
+    return {"row": row, "values": values, "per_step": stats.get("per_step", [])}
+
+
+def run_trace(name: str, trace, rows: int, fractions, work: str, warmup: int, reps: int,
+              budget_floor: int = 0) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    image = os.path.join(work, f"{name}-image")
+    build_cold_store(image, rows)
+    variants: List[Tuple[str, Optional[float], int]] = [("in_memory", None, 0)]
+    budgets = {}
+    for f in fractions:
+        budgets[f] = max(int(f * rows), budget_floor)
+        variants += [(k, f, budgets[f]) for k in ("lookahead", "lru", "lfu")]
+    variants.append(("tierps_only", None, 0))
+    results, detail = [], {}
+    step_ms: Dict[Tuple[str, Optional[float]], List[float]] = {}
+    critical_ms: Dict[Tuple[str, Optional[float]], List[float]] = {}
+    # Round robin over the variants, `reps` times: load from other jobs on the machine
+    # then hits every variant alike, and the median of each variant's runs is reported.
+    for rep in range(reps):
+        for kind, frac, budget in variants:
+            out = run_variant(kind, budget, trace, rows, image, work, warmup)
+            step_ms.setdefault((kind, frac), []).append(out["row"]["step_ms"])
+            critical_ms.setdefault((kind, frac), []).append(out["row"]["critical_path_ms"])
+            print(f"  {name} {kind} budget={budget or '-'} run {rep + 1}/{reps}: {out['row']['step_ms']:.1f} ms/step",
+                  flush=True)
+            if rep == 0:
+                out["row"]["trace"] = name
+                out["row"]["budget_fraction"] = frac
+                results.append(out["row"])
+                detail[(kind, frac)] = out
+    for key, out in detail.items():
+        runs = step_ms[key]
+        out["row"]["step_ms_runs"] = runs
+        out["row"]["step_ms"] = float(np.median(runs))
+        out["row"]["critical_path_ms_runs"] = critical_ms[key]
+        out["row"]["critical_path_ms"] = float(np.median(critical_ms[key]))
+        out["row"]["positions_per_s"] *= runs[0] / out["row"]["step_ms"]
+    ref = detail[("in_memory", None)]["values"]
+    for (kind, frac), out in detail.items():
+        out["row"]["max_abs_diff_vs_in_memory"] = float((out["values"] - ref).abs().max())
+    return results, {"detail": detail, "budgets": budgets}
+
+
+# ---------------------------------------------------------------- two workers (gloo)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_worker(rank: int, world: int, port: int, trace, rows: int, budget: int, image: str, work: str,
+               warmup: int, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from gauss_plugins.cache import CacheConfig, LookaheadCache
+    from gauss_plugins.embedding import SparseOptimizer
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        def local(batch):  # this rank's share of the global batch (rows of sequences)
+            n = batch["ids"].shape[0]
+            lo, hi = rank * n // world, (rank + 1) * n // world
+            return {"ids": batch["ids"][lo:hi], "targets": batch["targets"][lo:hi],
+                    "global_positions": int((batch["targets"] > 0).sum())}
+
+        def exchange(ids: torch.Tensor) -> torch.Tensor:
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+            dist.all_gather(sizes, torch.tensor([ids.numel()]))
+            width = int(max(s.item() for s in sizes))
+            padded = torch.full((width,), -1, dtype=torch.int64)
+            padded[: ids.numel()] = ids
+            parts = [torch.empty(width, dtype=torch.int64) for _ in range(world)]
+            dist.all_gather(parts, padded)
+            return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+        def reduce(g: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(g)
+            return g
+
+        model = Model(trace[0]["ids"].shape[1])
+        dense_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        store = open_cold(image, os.path.join(work, f"dp{world}-rank{rank}"), rows)
+        table = make_table("items", budget)
+        table.synchronized_replicas = world > 1
+        cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=budget, window=WINDOW),
+                               ids_fn=lambda b: {"items": batch_ids(b)}, exchange=exchange if world > 1 else None)
+        sparse_opt = SparseOptimizer(table)
+        table.train()
+        times, t_prev = [], None
+        for i, batch in enumerate(cache.wrap([local(b) for b in trace])):
+            if i == warmup:
+                dist.barrier()
+                t_prev = time.perf_counter()
+            uniq = cache.batch_ids()["items"] if world > 1 else None  # the global batch's ids, as cached
+            train_step(model, table, dense_opt, sparse_opt, batch, reduce=reduce if world > 1 else None, uniq=uniq)
+            cache.step_done()
+            if t_prev is not None and i >= warmup:
+                now = time.perf_counter()
+                times.append(now - t_prev)
+                t_prev = now
+        misses = cache.stats()["misses_at_use"]
+        cache.close()
+        store.close()
+        if rank == 0:
+            with open(out_path, "w") as f:
+                f.write(f"{sum(times)} {len(times)} {misses}\n")
+    finally:
+        dist.destroy_process_group()
+
+
+def scaling_2_workers(trace, rows: int, budget: int, image: str, work: str, warmup: int) -> Dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    out = {}
+    for world in (1, 2):
+        path = os.path.join(work, f"dp{world}.txt")
+        mp.spawn(_dp_worker, args=(world, _free_port(), trace, rows, budget, image, work, warmup, path),
+                 nprocs=world, join=True)
+        total, steps, misses = open(path).read().split()
+        out[world] = {"batches_per_s": int(steps) / float(total), "misses_at_use": int(misses)}
+    return {"batches_per_s_1": out[1]["batches_per_s"], "batches_per_s_2": out[2]["batches_per_s"],
+            "scaling_2_workers": out[2]["batches_per_s"] / out[1]["batches_per_s"],
+            "misses_at_use": out[1]["misses_at_use"] + out[2]["misses_at_use"]}
+
+
+# ---------------------------------------------------------------- plot
+def plot(per_step_la: List[Dict[str, float]], per_step_lru: List[Dict[str, float]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    steps = np.arange(len(per_step_la))
+    axes[0].plot(steps, [s["hits_at_use"] for s in per_step_la], label="lookahead hits at use")
+    axes[0].plot(steps, [s["misses_at_use"] for s in per_step_la], label="lookahead misses at use")
+    axes[0].plot(np.arange(len(per_step_lru)), [s["misses_at_use"] for s in per_step_lru], label="LRU misses", alpha=0.7)
+    axes[0].set_ylabel("rows")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(steps, [s["stall_ms"] for s in per_step_la], label="lookahead")
+    axes[1].plot(np.arange(len(per_step_lru)), [s["stall_ms"] for s in per_step_lru], label="LRU (fetch on miss)", alpha=0.7)
+    axes[1].set_ylabel("stall ms")
+    axes[1].legend(fontsize=8)
+    axes[2].step(steps, [s["window"] for s in per_step_la], where="post")
+    axes[2].set_ylabel("window (batches)")
+    axes[2].set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=None, help="ids in the Zipf stream (100k; 20k with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="Zipf steps per variant (60; 30 with --quick)")
+    p.add_argument("--reps", type=int, default=None, help="runs of each variant, round robin (3; 2 with --quick)")
+    p.add_argument("--no-ml100k", action="store_true", help="skip the ML-100K trace")
+    p.add_argument("--no-scaling", action="store_true", help="skip the two-process run")
+    args = p.parse_args(argv)
+    rows = args.rows or (20_000 if args.quick else 100_000)
+    steps = args.steps or (30 if args.quick else 60)
+    warmup = 3 if args.quick else 5
+    reps = args.reps or (2 if args.quick else 3)
+    # One torch thread, as in each process of the two-worker run: the worker thread of the
+    # cache and the training thread then share the machine's cores as they would per rank.
+    torch.set_num_threads(1)
+    work = tempfile.mkdtemp(prefix="gauss-lookahead-bench-")
+    try:
+        results: List[Dict[str, Any]] = []
+        zipf = zipf_trace(rows, steps)
+        print(f"zipf: {rows} ids, {steps} steps of {SEQS_PER_BATCH}x{SEQ_LEN} positions, "
+              f"{int(np.mean([batch_ids(b).unique().numel() for b in zipf]))} distinct ids a batch", flush=True)
+        res, info = run_trace("zipf", zipf, rows, (0.10, 0.25), work, warmup, reps)
+        results += res
+        d = info["detail"]
+        ms = {k: d[k]["row"]["step_ms"] for k in d}
+        cp = {k: d[k]["row"]["critical_path_ms"] for k in d}
+        summary: Dict[str, Any] = {
+            "misses_at_use": int(sum(r["misses_at_use"] for r in results if r["variant"] == "lookahead")),
+            "step_time_ratio_vs_in_memory": ms[("lookahead", 0.10)] / ms[("in_memory", None)],
+            "speedup_vs_lru": ms[("lru", 0.10)] / ms[("lookahead", 0.10)],
+            "speedup_vs_lfu": ms[("lfu", 0.10)] / ms[("lookahead", 0.10)],
+            "speedup_vs_tierps_only": ms[("tierps_only", None)] / ms[("lookahead", 0.10)],
+            "critical_path_ratio_vs_in_memory": cp[("lookahead", 0.10)] / cp[("in_memory", None)],
+            "critical_path_speedup_vs_lru": cp[("lru", 0.10)] / cp[("lookahead", 0.10)],
+            "critical_path_speedup_vs_lfu": cp[("lfu", 0.10)] / cp[("lookahead", 0.10)],
+            "stall_ms_per_step_lookahead": d[("lookahead", 0.10)]["row"]["stall_ms"] / steps,
+            "stall_ms_per_step_lru": d[("lru", 0.10)]["row"]["stall_ms"] / steps,
+            "max_abs_diff_vs_in_memory": max(r["max_abs_diff_vs_in_memory"] for r in results
+                                             if r["variant"] != "in_memory"),
+        }
+        if args.json:
+            plot(d[("lookahead", 0.10)]["per_step"], d[("lru", 0.10)]["per_step"],
+                 os.path.splitext(args.json)[0] + ".png",
+                 f"Zipf stream, {rows} ids, budget {info['budgets'][0.10]} rows (10%), window {WINDOW}")
+        if not args.no_ml100k:
+            # An HSTU step over 128 x 200 positions takes about 2 s on one CPU thread: few
+            # steps and one run of each variant (so this trace's ratios carry more noise).
+            ml_steps = 5 if args.quick else 12
+            trace, items, where = ml100k_trace(ml_steps)
+            if trace is None:
+                results.append({"trace": "ml100k", "skipped": where})
+                print(f"ml100k: skipped ({where})")
+            else:
+                need = max(batch_ids(b).unique().numel() for b in trace)
+                print(f"ml100k ({where}): {items - 1} items, {ml_steps} steps, one batch needs up to {need} rows",
+                      flush=True)
+                res, info_ml = run_trace("ml100k", trace, items - 1, (0.10, 0.25), work, 1, 1, budget_floor=need)
+                for r in res:
+                    r["effective_budget_rows"] = r["budget_rows"]
+                results += res
+                dm = info_ml["detail"]
+                summary["misses_at_use"] += int(sum(r["misses_at_use"] for r in res if r["variant"] == "lookahead"))
+                summary["ml100k_step_time_ratio_vs_in_memory"] = (dm[("lookahead", 0.10)]["row"]["step_ms"]
+                                                                  / dm[("in_memory", None)]["row"]["step_ms"])
+                summary["ml100k_speedup_vs_lru"] = (dm[("lru", 0.10)]["row"]["step_ms"]
+                                                    / dm[("lookahead", 0.10)]["row"]["step_ms"])
+        if not args.no_scaling:
+            sc = scaling_2_workers(zipf, rows, info["budgets"][0.10], os.path.join(work, "zipf-image"), work, warmup)
+            summary["scaling_2_workers"] = sc["scaling_2_workers"]
+            summary["misses_at_use"] += sc["misses_at_use"]
+            results.append({"trace": "zipf", "variant": "data_parallel_gloo", "budget_rows": info["budgets"][0.10],
+                            "batches_per_s_1_worker": sc["batches_per_s_1"],
+                            "batches_per_s_2_workers": sc["batches_per_s_2"],
+                            "runner": "this benchmark's own 2-process gloo run (exchange by all_gather, row "
+                                      "gradients all-reduced, a TierPS replica per process)"})
+        print_table([r for r in results if "step_ms" in r],
+                    ["trace", "variant", "budget_fraction", "budget_rows", "step_ms", "critical_path_ms",
+                     "misses_at_use", "stall_ms", "prefetched_rows", "mean_window", "max_abs_diff_vs_in_memory"])
+        summary["load_average_1m"] = os.getloadavg()[0]
+        write_report(NAME, results, summary, args.json,
+                     targets={"misses_at_use": "<= 0", "step_time_ratio_vs_in_memory": "<= 1.1",
+                              "speedup_vs_lru": ">= 1.5", "scaling_2_workers": ">= 1.9"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
