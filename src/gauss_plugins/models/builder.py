@@ -30,7 +30,8 @@ def build_encoder(model_cfg, max_len: int) -> nn.Module:
                                             dropout=model_cfg.dropout,
                                             relative_position_bias=model_cfg.relative_position_bias,
                                             num_time_buckets=model_cfg.num_time_buckets,
-                                            time_bucket_scale=float(model_cfg.time_bucket_scale)))
+                                            time_bucket_scale=float(model_cfg.time_bucket_scale),
+                                            output_norm=bool(model_cfg.output_norm)))
     raise ValueError(f"unknown model.arch {model_cfg.arch!r}; expected 'hstu' or 'sasrec'")
 
 

@@ -55,6 +55,9 @@ class ModelConfig:
     relative_position_bias: bool = True   # learned bias by relative position
     num_time_buckets: int = 128           # learned bias by log time gap, in this many buckets; 0 = off
     time_bucket_scale: float = 0.301      # bucket width in ln(seconds): floor(ln(|dt|) / scale)
+    # HSTU: a LayerNorm after the last block (before the L2 normalisation). The paper's research
+    # code has none; select on validation.
+    output_norm: bool = True
 
 
 @dataclass
@@ -126,6 +129,8 @@ class ExperimentConfig:
             (0.0 <= self.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.model.dropout}"),
             (isinstance(self.model.relative_position_bias, bool),
              f"model.relative_position_bias must be true or false, got {self.model.relative_position_bias!r}"),
+            (isinstance(self.model.output_norm, bool),
+             f"model.output_norm must be true or false, got {self.model.output_norm!r}"),
             (isinstance(self.model.num_time_buckets, int) and not isinstance(self.model.num_time_buckets, bool)
              and self.model.num_time_buckets >= 0,
              f"model.num_time_buckets must be a whole number >= 0 (0 turns the time bias off), got "
