@@ -193,6 +193,10 @@ def _rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def _silent(message: str) -> None:
+    pass
+
+
 def _strategy(config: ExperimentConfig) -> Any:
     if config.train.strategy != "gauss":
         return "auto"
@@ -247,6 +251,8 @@ def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = T
     demo shares one load between models).
     """
     config.validate()
+    if _rank() != 0:  # the other processes of a multi-process run say what rank 0 says
+        log = _silent
     _quiet_lightning()
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
