@@ -47,7 +47,7 @@ def test_candidates_do_not_see_each_other_and_padding_is_inert():
         base = program(h, lens, c)
         perm = torch.tensor([2, 0, 1])
         moved = program(h, lens, c[:, perm])            # candidates in another order
-        alone = program(h[:, :, :], lens, c[:, 1:2])     # one candidate alone
+        alone = program(h, lens, c[:, 1:2])               # one candidate alone
         h_noise = h.clone()
         h_noise[1, 1:] = torch.randn_like(h_noise[1, 1:])  # user 1's padding rows
         noisy = program(h_noise, lens, c)

@@ -138,7 +138,7 @@ class Predictor:
 
     def _rank_batch(self, batch: Sequence[Request], times) -> List[torch.Tensor]:
         keep = self.max_history
-        histories = [r.history[-keep:] if keep else () for r in batch]
+        histories = [r.history[-keep:] for r in batch]  # keep >= 2: a package never has max_seq_len 0
         b = len(batch)
         n = max(1, max(len(h) for h in histories))
         m = max(len(r.candidates) for r in batch)
