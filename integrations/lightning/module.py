@@ -33,6 +33,7 @@ class RetrievalModule(pl.LightningModule):
         super().__init__()
         self.model = model
         self.shared_negatives = bool(shared_negatives)
+        self._negatives_generator: Optional[torch.Generator] = None
         self.lr = float(lr)
         self.betas = tuple(betas)
         self.weight_decay = float(weight_decay)
@@ -65,12 +66,15 @@ class RetrievalModule(pl.LightningModule):
     # every item a step reads before the step, so negatives are drawn as the batch leaves the
     # loader, and the batch's ids are its inputs, targets and negatives.
     def gauss_prepare_batch(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        # A generator of their own: how far ahead the cache pulls batches (which depends on its
+        # budget) must not move the random stream dropout draws from during the steps.
+        if self._negatives_generator is None:
+            seed = (torch.initial_seed() + 1_000_003 * (1 + self.global_rank)) % (2 ** 63)
+            self._negatives_generator = torch.Generator().manual_seed(seed)
         targets = batch["targets"]
-        negatives = self._draw_negatives(targets)
-        if negatives is None:
-            p = int((targets > 0).sum())
-            negatives = torch.randint(1, self.model.num_items + 1, (p, self.model.num_negatives))
-        batch["negatives"] = negatives
+        size = (self.model.num_negatives,) if self.shared_negatives else \
+            (int((targets > 0).sum()), self.model.num_negatives)
+        batch["negatives"] = torch.randint(1, self.model.num_items + 1, size, generator=self._negatives_generator)
         return batch
 
     def gauss_cache_ids(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -398,6 +398,10 @@ class GaussStrategy(DDPStrategy):
             raise ValueError(f"sync_every_n_steps must be a positive int, got {sync_every_n_steps!r}")
         if not sync_interval_s > 0:
             raise ValueError(f"sync_interval_s must be positive, got {sync_interval_s!r}")
+        if not gather_on_end and store_dir is None and store_factory is None:
+            raise ValueError("gather_on_end=False leaves the trained rows beyond the budget in the store, and without "
+                             "store_dir (or store_factory) the store is a temporary folder removed after fit: pass "
+                             "store_dir to keep them, or keep gather_on_end=True")
         start = ddp_kwargs.get("start_method", "popen")
         if start not in ("popen", "fork"):
             raise ValueError(f"GaussStrategy(start_method={start!r}): a dynamic table's compiled index cannot be "

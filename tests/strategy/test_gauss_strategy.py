@@ -57,7 +57,7 @@ def test_elastic_names_its_issue():
 
 
 @pytest.mark.parametrize("kw", [dict(budget_rows=0), dict(window=0), dict(min_window=5, window=2),
-                                dict(sync_every_n_steps=0), dict(policy=3)])
+                                dict(sync_every_n_steps=0), dict(policy=3), dict(gather_on_end=False)])
 def test_bad_options_are_refused(kw):
     with pytest.raises((ValueError, TypeError)):
         GaussStrategy(**kw)
