@@ -369,7 +369,7 @@ def _run_streaming_mode(config: ExperimentConfig, seqs: UserSequences, module: R
                 trainer = _trainer(config, config.streaming.epochs_per_window, [], progress, validate=False)
                 trainer.fit(module, datamodule=dm)
                 if hasattr(trainer.strategy, "cache_stats"):
-                    cache_stats.append({"window": w.index, **trainer.strategy.cache_stats()})
+                    cache_stats.append({**trainer.strategy.cache_stats(), "stream_window": w.index})
     fit_s = time.time() - t_fit
     if len(records) < 2:
         raise RuntimeError("streaming needs at least two evaluated windows; use more data or more windows")
