@@ -110,3 +110,14 @@ def _item_rows(path):
     model = build_model(config_from_dict(json.loads(meta["config"])), num_items=int(meta["num_items"])).eval()
     load_model_tensors(model, tensors)
     return model.item_embeddings.table.lookup(torch.arange(1, ITEMS + 1)).detach()
+
+
+def test_streaming_mode_trains_each_window_through_a_cache(tmp_path):
+    out = tmp_path / "run"
+    cfg = _small(tmp_path)
+    assert main(["train", "--config", cfg, "--mode", "streaming", "--output-dir", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    windows = report["cache"]
+    assert [w["stream_window"] for w in windows] == list(range(report["num_windows"] - 1))
+    assert all(w["misses_at_use"] == 0 and w["max_resident_rows"]["items"] <= 200 for w in windows)
+    assert sum(w["evicted_rows"] for w in windows) > 0
