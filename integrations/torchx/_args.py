@@ -2,6 +2,7 @@
 would list every function as a component)."""
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
@@ -60,7 +61,14 @@ def check_workers(j: str, config: str, nnodes_and_procs) -> None:
         return
     from gauss_plugins.train.config import load_config
 
-    strategy = getattr(load_config(config).train, "strategy", None)
+    try:
+        train = load_config(config).train
+    except FileNotFoundError:
+        # A remote job may name a config that exists only in its image: nothing to check here.
+        print(f"gauss.train: config {config!r} is not readable here, so whether it trains data-parallel over "
+              f"{workers} workers (train.strategy: gauss) is not checked before submitting", file=sys.stderr)
+        return
+    strategy = getattr(train, "strategy", None)
     if strategy in (None, "", "single"):
         raise ValueError(f"-j {j} starts {workers} workers, but config {config!r} trains in one process (its train "
                          "section sets no data-parallel `strategy`): every worker would train the whole model and "

@@ -121,6 +121,20 @@ def test_bad_arguments_fail_before_anything_runs(tmp_path, args, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_several_workers_for_a_data_parallel_config(tmp_path):
+    # `strategy: gauss` trains one model over all workers: the ddp app starts them under torchrun.
+    (tmp_path / "dp.yaml").write_text(TINY.replace("train: {max_epochs: 1,", "train: {strategy: gauss, max_epochs: 1,"))
+    proc = torchx(tmp_path, "run", "-s", "local_cwd", "--dryrun", "gauss.train", "--config", "dp.yaml",
+                  "--output_dir", "r", "--j", "1x2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--nproc_per_node 2" in proc.stdout and "gauss_plugins.cli train" in proc.stdout
+    # A config only a remote image holds cannot be checked here: submitted, with a warning.
+    proc = torchx(tmp_path, "run", "-s", "local_cwd", "--dryrun", "gauss.train", "--config", "/image/only.yaml",
+                  "--output_dir", "r", "--j", "2x2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is not readable here" in proc.stderr
+
+
 def test_missing_torchx_extra_names_the_install(monkeypatch):
     from gauss_plugins._optional import MissingExtraError
 
