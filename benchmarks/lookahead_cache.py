@@ -39,9 +39,10 @@ Summary keys (Zipf trace, 10% budget): ``misses_at_use`` (every lookahead run; m
 ``speedup_vs_lfu``, ``max_abs_diff_vs_in_memory`` (rows after training through the cache
 against the in-memory run), and ``scaling_2_workers``: global batches per second of two
 gloo processes (each half the global batch, ids exchanged by all_gather, row gradients
-all-reduced) over one process on the global batch, one torch thread per process. Each
-process has its own TierPS replica (a TierPS is one process's store), so write-back is not
-partitioned by owner there: this is this benchmark's own runner, not the Lightning strategy.
+all-reduced) over one process on the global batch, one torch thread per process, measured
+through the Lightning ``GaussStrategy``'s runner (:mod:`gauss_integrations.lightning.strategy_bench`,
+owner-partitioned TierPS) when Lightning is installed, else by this script's own 2-process
+gloo run (a TierPS replica per process, no owner partitioning); the record names the runner.
 
 A PNG beside the JSON plots the lookahead run at 10% (hits at use, stall ms, window per
 step) against the LRU run's stall.
@@ -492,14 +493,24 @@ def main(argv=None) -> int:
                 summary["ml100k_speedup_vs_lru"] = (dm[("lru", 0.10)]["row"]["step_ms"]
                                                     / dm[("lookahead", 0.10)]["row"]["step_ms"])
         if not args.no_scaling:
-            sc = scaling_2_workers(zipf, rows, info["budgets"][0.10], os.path.join(work, "zipf-image"), work, warmup)
+            budget = info["budgets"][0.10]
+            try:  # the Lightning strategy's own data-parallel runner, when Lightning is installed
+                from gauss_integrations.lightning.strategy_bench import scaling as strategy_scaling
+            except ImportError as exc:
+                strategy_scaling, why = None, f"{type(exc).__name__}: {exc}"
+            if strategy_scaling is not None:
+                sc = strategy_scaling(rows=rows, steps=steps, budget_rows=budget, window=WINDOW, warmup=warmup)
+                runner = ("GaussStrategy (Lightning DDP, gloo, popen launcher; owner-partitioned TierPS): "
+                          "gauss_integrations.lightning.strategy_bench.scaling")
+            else:
+                sc = scaling_2_workers(zipf, rows, budget, os.path.join(work, "zipf-image"), work, warmup)
+                runner = (f"this benchmark's own 2-process gloo run (exchange by all_gather, row gradients "
+                          f"all-reduced, a TierPS replica per process); the strategy runner is unavailable ({why})")
             summary["scaling_2_workers"] = sc["scaling_2_workers"]
             summary["misses_at_use"] += sc["misses_at_use"]
-            results.append({"trace": "zipf", "variant": "data_parallel_gloo", "budget_rows": info["budgets"][0.10],
+            results.append({"trace": "zipf", "variant": "data_parallel_gloo", "budget_rows": budget,
                             "batches_per_s_1_worker": sc["batches_per_s_1"],
-                            "batches_per_s_2_workers": sc["batches_per_s_2"],
-                            "runner": "this benchmark's own 2-process gloo run (exchange by all_gather, row "
-                                      "gradients all-reduced, a TierPS replica per process)"})
+                            "batches_per_s_2_workers": sc["batches_per_s_2"], "runner": runner})
         print_table([r for r in results if "step_ms" in r],
                     ["trace", "variant", "budget_fraction", "budget_rows", "step_ms", "critical_path_ms",
                      "misses_at_use", "stall_ms", "prefetched_rows", "mean_window", "max_abs_diff_vs_in_memory"])
