@@ -194,6 +194,23 @@ def _all_gather_ids(ids: torch.Tensor, group: Any = None) -> torch.Tensor:
     return torch.unique(torch.cat([p[:c] for p, c in zip(parts, counts)]))
 
 
+def _exchange_batch_ids(ids: torch.Tensor, bound: int) -> torch.Tensor:
+    """The cache's ``exchange``: the distinct ids of every rank's batch, in one collective.
+    A rank's distinct ids are at most the global batch's, which must fit the cache budget,
+    so a ``bound + 1`` buffer (count first, then the ids) of fixed size needs no size round."""
+    n = ids.numel()
+    if n > bound:
+        raise RuntimeError(f"this rank's batch alone needs {n} rows of a table and budget_rows is {bound}; raise "
+                           f"budget_rows or use smaller batches")
+    buf = torch.empty(bound + 1, dtype=torch.int64, device=ids.device)
+    buf[0] = n
+    buf[1:n + 1] = ids
+    parts = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, buf)
+    counts = torch.stack([p[0] for p in parts]).tolist()  # one host sync for all ranks' counts
+    return torch.cat([p[1:c + 1] for p, c in zip(parts, counts)])
+
+
 # ---------------------------------------------------------------------------- gradients
 @torch.no_grad()
 def reduce_row_gradients(table: DynamicEmbeddingTable, ids: torch.Tensor, group: Any = None,
@@ -500,7 +517,7 @@ class GaussStrategy(DDPStrategy):
             exchange = owner_fn = None
             if world > 1:
                 def exchange(ids: torch.Tensor) -> torch.Tensor:
-                    return _all_gather_ids(ids)
+                    return _exchange_batch_ids(ids, budget)
 
                 def owner_fn(ids: torch.Tensor) -> torch.Tensor:
                     return torch.remainder(ids, world) == rank

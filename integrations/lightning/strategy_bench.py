@@ -96,7 +96,7 @@ def _module(lr: float = 0.05):
 
 
 def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, warmup: int, out: str,
-            store_dir: Optional[str] = None) -> None:
+            store_dir: Optional[str] = None, prefetch: bool = True) -> None:
     """One measurement in this process tree (rank 0 writes ``out``). Call it from a fresh
     process: Lightning starts ``sys.argv`` again for ranks 1..W-1."""
     import pytorch_lightning as pl
@@ -110,7 +110,8 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
         raise ValueError(f"world must divide the global batch of {GLOBAL_SEQS} sequences, got {world}")
     store_dir = store_dir or tempfile.mkdtemp(prefix=f"gauss-strategy-bench-w{world}-")
     module = _module()
-    strategy = GaussStrategy(budget_rows=budget_rows, window=window, store_dir=store_dir, gather_on_end=False)
+    strategy = GaussStrategy(budget_rows=budget_rows, window=window, store_dir=store_dir, gather_on_end=False,
+                             prefetch=prefetch)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=world, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0)
@@ -125,7 +126,8 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
         stats = strategy.cache_stats()
         result = {"world": world, "steps_timed": timed, "seconds": seconds, "batches_per_s": timed / seconds,
                   "misses_at_use": stats.get("misses_at_use"), "stall_ms": stats.get("stall_ms"),
-                  "prefetched_rows": stats.get("prefetched_rows"), "budget_rows": budget_rows, "window": window}
+                  "prefetched_rows": stats.get("prefetched_rows"), "budget_rows": budget_rows, "window": window,
+                  "prefetch": prefetch}
         tmp = out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f)
@@ -133,9 +135,10 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
 
 
 def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, window: int = 8, warmup: int = 5,
-            worlds=(1, 2), timeout_s: float = 600) -> Dict[str, Any]:
+            worlds=(1, 2), timeout_s: float = 600, prefetch: bool = True) -> Dict[str, Any]:
     """Global batches per second with each world size in ``worlds`` (fresh processes each) and
-    ``scaling_2_workers`` = throughput at 2 over 1."""
+    ``scaling_2_workers`` = throughput at 2 over 1. ``prefetch=False``: the cache reads rows
+    on the training thread (no worker thread competing for the cores)."""
     out: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gauss-strategy-bench-") as work:
         for world in worlds:
@@ -147,7 +150,7 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
             cmd = [sys.executable, "-m", "gauss_integrations.lightning.strategy_bench", "--world", str(world),
                    "--rows", str(rows), "--steps", str(steps), "--budget-rows", str(budget_rows), "--window",
                    str(window), "--warmup", str(warmup), "--out", path,
-                   "--store-dir", os.path.join(work, f"store{world}")]
+                   "--store-dir", os.path.join(work, f"store{world}")] + ([] if prefetch else ["--no-prefetch"])
             proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0 or not os.path.exists(path):
                 raise RuntimeError(f"the {world}-process GaussStrategy run failed (exit {proc.returncode}):\n"
@@ -171,9 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--store-dir", default=None)
+    p.add_argument("--no-prefetch", action="store_true", help="read rows on the training thread")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    measure(args.world, args.rows, args.steps, args.budget_rows, args.window, args.warmup, args.out, args.store_dir)
+    measure(args.world, args.rows, args.steps, args.budget_rows, args.window, args.warmup, args.out, args.store_dir,
+            prefetch=not args.no_prefetch)
     return 0
 
 
