@@ -157,7 +157,9 @@ def _without(argv: List[str], flags, options) -> List[str]:
 def _write_markdown(result: Dict[str, object], md_path: str, models: List[str]) -> None:
     from gauss_plugins.train.compare import markdown_table, timing_table
 
-    text = ("# MovieLens 1M, paper Table 4 settings\n\n" + markdown_table(result["summary"], "test") + "\n\n"
+    epochs = sorted({c["train"]["max_epochs"] for c in result.get("configs", {}).values()})
+    title = "paper Table 4 settings" if epochs == [101] else f"paper Table 4 settings but {epochs} epochs (not the paper's 101)"
+    text = (f"# MovieLens 1M, {title}\n\n" + markdown_table(result["summary"], "test") + "\n\n"
             "Paper (HR@10 / NDCG@10): SASRec .2853/.1603, HSTU .3097/.1720, HSTU-large .3294/.1893.\n\n"
             "## Time per model\n\n" + timing_table(result["summary"]) + "\n\n"
             f"Run: {result.get('how_run', '')}; wall time {result.get('this_invocation_wall_s')} s.\n")
