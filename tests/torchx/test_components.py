@@ -121,14 +121,21 @@ def test_bad_arguments_fail_before_anything_runs(tmp_path, args, message):
     assert not (tmp_path / "r").exists()
 
 
-def test_several_workers_for_a_data_parallel_config(tmp_path):
-    # `strategy: gauss` trains one model over all workers: the ddp app starts them under torchrun.
+def test_two_workers_train_one_data_parallel_model(tmp_path):
+    # `strategy: gauss` trains one model over all workers: the ddp app starts two under
+    # torchrun, they join one process group (gloo), and rank 0 alone writes the outputs.
     (tmp_path / "dp.yaml").write_text(TINY.replace("train: {max_epochs: 1,", "train: {strategy: gauss, max_epochs: 1,"))
-    proc = torchx(tmp_path, "run", "-s", "local_cwd", "--dryrun", "gauss.train", "--config", "dp.yaml",
-                  "--output_dir", "r", "--j", "1x2", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "--nproc_per_node 2" in proc.stdout and "gauss_plugins.cli train" in proc.stdout
-    # A config only a remote image holds cannot be checked here: submitted, with a warning.
+    proc = torchx(tmp_path, "run", "-s", "local_cwd", "gauss.train", "--config", "dp.yaml", "--output_dir", "r",
+                  "--j", "1x2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "SUCCEEDED" in out and "MEMBER: 2/2" in out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["config"]["train"]["strategy"] == "gauss"
+    assert out.count("wrote r/metrics.json") == 1  # one writer
+
+
+def test_config_only_in_a_remote_image_is_submitted_with_a_warning(tmp_path):
     proc = torchx(tmp_path, "run", "-s", "local_cwd", "--dryrun", "gauss.train", "--config", "/image/only.yaml",
                   "--output_dir", "r", "--j", "2x2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
