@@ -236,16 +236,16 @@ def profile_table(steps: Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Ten
     return "\n".join(parts)
 
 
-def profile_path(json_path: Optional[str], device: torch.device) -> str:
-    """Beside the JSON: ``hstu_train_step_h200.json`` -> ``hstu_train_step_profile_h200.txt``."""
-    if json_path:
-        folder, name = os.path.split(json_path)
-        root = os.path.splitext(name)[0]
-        if root.startswith("hstu_train_step"):
-            return os.path.join(folder, "hstu_train_step_profile" + root[len("hstu_train_step"):] + ".txt")
-        return os.path.join(folder, root + "_profile.txt")
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(here, "results", f"hstu_train_step_profile_{device.type}.txt")
+def profile_path(json_path: Optional[str]) -> Optional[str]:
+    """Beside the JSON: ``hstu_train_step_h200.json`` -> ``hstu_train_step_profile_h200.txt``
+    (None without a JSON path: a run that writes no record leaves no file behind)."""
+    if not json_path:
+        return None
+    folder, name = os.path.split(json_path)
+    root = os.path.splitext(name)[0]
+    if root.startswith("hstu_train_step"):
+        return os.path.join(folder, "hstu_train_step_profile" + root[len("hstu_train_step"):] + ".txt")
+    return os.path.join(folder, root + "_profile.txt")
 
 
 def write_text(path: str, text: str) -> None:
@@ -325,12 +325,13 @@ def main(argv=None) -> int:
         for kind in VARIANTS:
             eval_s[kind] = eval_pass_seconds(models[kind][0], users, args.max_len, 256, device)
 
-    prof_path = args.profile or profile_path(args.json, device)
-    text = profile_table(step_fns, batches, device, repeats=3 if args.quick else 10)
-    header = (f"hstu_train_step profile: device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-              f"torch {torch.__version__}, batch {args.batch}, len {args.max_len}, dim {args.dim}, "
-              f"negatives {args.negatives}, data {'ML-1M ' + SEQ_FILE if seq_file else 'synthetic'}\n")
-    write_text(prof_path, header + text + "\n")
+    prof_path = args.profile or profile_path(args.json)
+    if prof_path:
+        text = profile_table(step_fns, batches, device, repeats=3 if args.quick else 10)
+        header = (f"hstu_train_step profile: device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+                  f"torch {torch.__version__}, batch {args.batch}, len {args.max_len}, dim {args.dim}, "
+                  f"negatives {args.negatives}, data {'ML-1M ' + SEQ_FILE if seq_file else 'synthetic'}\n")
+        write_text(prof_path, header + text + "\n")
 
     steps_per_epoch = -(-len(seqs) // args.batch)
     results = []
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
             "train_epoch_s_estimate": pipelined[kind] * steps_per_epoch,
         })
     print_table(results)
-    print(f"profile table: {prof_path}")
+    print(f"profile table: {prof_path}" if prof_path else "profile table: not written (pass --json or --profile)")
     dyn, sta = results[0], results[1]
     summary: Dict[str, Any] = {
         "device": device.type,
