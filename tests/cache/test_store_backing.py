@@ -112,3 +112,25 @@ def test_syncer_reads_evicted_rows_from_the_store(tmp_path):
     full = source.changes_since(0, full=True)
     assert full.ids.tolist() == [0, 1, 2, 3, 4]
     store.close()
+
+
+@pytest.mark.parametrize("eval_unknown", ["default", "init"])
+def test_eval_reads_evicted_rows_from_the_store(tmp_path, eval_unknown):
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 200, (32,), generator=gen) for _ in range(20)]
+    unbounded = _table(initial_capacity=256, max_capacity=1024, eval_unknown=eval_unknown)
+    small = _table(initial_capacity=32, max_capacity=32, eviction="lru", eval_unknown=eval_unknown)
+    store = TierPS(dim=8, state_dim=1, path=str(tmp_path / "ps"), ram_bytes=10 * (4 * 9 + 25))
+    small.attach_store(store)
+    _train(unbounded, batches, 0.5)
+    _train(small, batches, 0.5)
+    unbounded.eval()
+    small.eval()
+    probe = torch.arange(-5, 210)        # trained ids, evicted ones among them, and never-seen ids
+    assert int((small.find(probe) < 0).sum()) > 150
+    torch.testing.assert_close(small(probe), unbounded(probe), atol=1e-6, rtol=0)
+    offsets = torch.arange(0, probe.numel() + 1, 5)
+    torch.testing.assert_close(small.lookup_pooled(probe, offsets, mode="mean"),
+                               unbounded.lookup_pooled(probe, offsets, mode="mean"), atol=1e-6, rtol=0)
+    assert len(small) <= 32              # eval read the store without inserting anything
+    store.close()

@@ -7,6 +7,7 @@ With one (``table.attach_store(store)``), the table is the fast tier of a two-ti
   columns) is written to the store if it changed since it came from there;
 * an id that a training lookup (re)admits gets its row and optimizer state back from the
   store instead of a fresh init;
+* an eval-mode lookup of an id without a row reads its stored row (without inserting it);
 * ``table.delete(ids)`` deletes the ids from the store too (a deleted row must not come back);
 * :meth:`StoreBacking.flush` writes every changed resident row (before a checkpoint of the
   store, or at the end of training).

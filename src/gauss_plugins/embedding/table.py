@@ -749,7 +749,7 @@ class DynamicEmbeddingTable(nn.Module):
         # Per-sample weights that need a gradient: the rows read must be kept for backward.
         weights_grad = psw is not None and psw.requires_grad and torch.is_grad_enabled()
         if not self.training:
-            if self.config.eval_unknown == "default" and not weights_grad:
+            if self.config.eval_unknown == "default" and not weights_grad and self.backing is None:
                 if fused is not None:
                     return fused.lookup_pool(self.index, ids, offsets, self.weight, psw, imode, self.default_row)[0]
                 return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
@@ -795,7 +795,7 @@ class DynamicEmbeddingTable(nn.Module):
         pos = torch.nonzero(rows == self.default_row).squeeze(1)
         if pos.numel() == 0:
             return out
-        delta = self._unknown_values(ids[pos]) - self.weight[self.default_row].to(torch.float32)
+        delta = self._absent_values(ids[pos]) - self.weight[self.default_row].to(torch.float32)
         bag = torch.searchsorted(offsets, pos, right=True) - 1
         if psw is not None:
             delta = delta * psw[pos].to(torch.float32)[:, None]
@@ -807,12 +807,33 @@ class DynamicEmbeddingTable(nn.Module):
     def _read_unknown(self, ids: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``values`` (gathered at ``rows``) with the ids that have no row read as
         ``config.eval_unknown`` says; raises :class:`UnknownIdError` before returning anything."""
-        if self.config.eval_unknown == "default":
+        if self.config.eval_unknown == "default" and self.backing is None:
             return values
         missing = rows == self.default_row
         if bool(missing.any()):
-            values[missing] = self._unknown_values(ids[missing])
+            values[missing] = self._absent_values(ids[missing])
         return values
+
+    def _absent_values(self, absent: torch.Tensor) -> torch.Tensor:
+        """float32[N, dim]: what ids without a row read in eval mode: with a backing store,
+        the stored row of those it holds (an evicted row is still trained, only elsewhere);
+        the rest as ``config.eval_unknown`` says."""
+        if self.backing is None:
+            return self._unknown_values(absent)
+        drain = getattr(self.backing, "drain", None)
+        if drain is not None:  # write-backs queued by an asynchronous writer land first
+            drain()
+        got = self.backing.store.lookup(absent.cpu())
+        found = got.found.to(self.device)
+        # Through the storage dtype: exactly what the row would hold once re-admitted.
+        out = got.values.to(self.device).to(self.dtype).to(torch.float32)
+        rest = ~found
+        if bool(rest.any()):
+            if self.config.eval_unknown == "default":
+                out[rest] = self.weight[self.default_row].to(torch.float32)
+            else:
+                out[rest] = self._unknown_values(absent[rest])
+        return out
 
     def _unknown_values(self, unknown: torch.Tensor) -> torch.Tensor:
         """float32[N, dim]: what the ids ``unknown`` (all without a row) read in eval mode
