@@ -1,4 +1,5 @@
-"""Small HSTU retrieval models and their M-FALCON reference scores for the export tests."""
+"""Small HSTU retrieval models and their reference scores for the export tests: the
+training/eval score (``model.query`` with ``score_corpus``) and M-FALCON's (``MFalcon.score``)."""
 from __future__ import annotations
 
 import math
@@ -14,10 +15,10 @@ from gauss_plugins.models.retrieval import SequentialRetrievalModel, l2_normaliz
 
 
 def tiny_model(num_items: int = 40, dim: int = 8, max_len: int = 12, num_blocks: int = 2, num_heads: int = 2,
-               num_time_buckets: int = 0, seed: int = 0) -> SequentialRetrievalModel:
+               num_time_buckets: int = 0, seed: int = 0, normalizer: str = "max_seq_len") -> SequentialRetrievalModel:
     torch.manual_seed(seed)
     config = HSTUConfig(dim=dim, num_blocks=num_blocks, num_heads=num_heads, max_seq_len=max_len, dropout=0.2,
-                        num_time_buckets=num_time_buckets)
+                        num_time_buckets=num_time_buckets, normalizer=normalizer)
     model = SequentialRetrievalModel(StaticItemEmbeddings(num_items, dim), PaddedHSTUEncoder(config), max_len=max_len,
                                      num_items=num_items)
     with torch.no_grad():  # trained-looking biases: non-zero tables, so a wrong index shows
@@ -26,6 +27,21 @@ def tiny_model(num_items: int = 40, dim: int = 8, max_len: int = 12, num_blocks:
                 if table is not None:
                     table.normal_(0.0, 0.5)
     return model.eval()
+
+
+def retrieval_reference(model: SequentialRetrievalModel, histories: List[List[int]], candidates: List[List[int]],
+                        history_times: Optional[List[List[int]]] = None) -> List[torch.Tensor]:
+    """Scores as training's evaluation computes them: ``model.query`` on the right-padded
+    history (its timestamps, when given) scored by ``model.score_corpus`` on the candidates'
+    ``item_vectors``, one request at a time."""
+    out = []
+    with torch.no_grad():
+        for i, (h, c) in enumerate(zip(histories, candidates)):
+            ids = torch.tensor([h or [0]], dtype=torch.long)
+            times = torch.tensor([history_times[i] or [0]], dtype=torch.long) if history_times is not None else None
+            query = model.query(ids, torch.tensor([len(h)]), times)
+            out.append(model.score_corpus(query, model.item_vectors(torch.tensor(c, dtype=torch.long)))[0])
+    return out
 
 
 def mfalcon_reference(model: SequentialRetrievalModel, histories: List[List[int]], candidates: List[List[int]],

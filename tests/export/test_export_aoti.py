@@ -1,6 +1,8 @@
 """The compiled package end to end: `gauss export` from a checkpoint (one compile shared by
-the module), metadata, `gauss rank`, corrupted packages, bad inputs at serving, and an
-export whose parity check fails."""
+the module; the default retrieval head), metadata, `gauss rank`, corrupted packages, bad
+inputs at serving, and an export whose parity check fails. Both heads are compiled and
+served by gauss-runner in test_runner_hstu.py; a trained model with a time bias through its
+retrieval package in test_export_retrieval.py."""
 from __future__ import annotations
 
 import io
@@ -56,7 +58,7 @@ def test_export_report_and_metadata(exported):
     assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] <= 1e-5
     meta = load_package(exported["package"]).metadata
     assert meta["gauss_format"] == "1" and meta["dim"] == "8" and meta["dtype"] == "float32"
-    assert meta["max_seq_len"] == "11" and meta["model_max_len"] == "12"
+    assert meta["head"] == "retrieval" and meta["max_seq_len"] == "12" and meta["model_max_len"] == "12"
     assert meta["input_names"] == "history,history_len,candidates" and meta["output_names"] == "scores"
     assert meta["embedding_source"] == "snapshot:" + os.path.abspath(exported["snapshot"])
     assert meta["embedding_version"].startswith("dynamic-table-v") and "tiny-hstu" in meta["model_version"]
@@ -72,7 +74,7 @@ def test_rank_cli_matches_the_eager_model(exported, capsys, monkeypatch):
     model = load_trained_model(exported["run"]).model
     program = build_ranker(model)
     for line, req in zip(lines, parse_requests(io.StringIO(REQUESTS))):
-        history = list(req.history[-11:])
+        history = list(req.history[-12:])
         args = padded(model, [history or [1]], [list(req.candidates)])
         if not history:
             args = (args[0], torch.zeros(1, dtype=torch.int64), args[2])
@@ -122,8 +124,8 @@ def test_compiled_package_refuses_bad_inputs(exported):
         package(h, lens.float(), c)
     with pytest.raises(ValueError, match=r"candidates must be \[B=2, M, 8\]"):
         package(h, lens, torch.zeros(2, 3, 9))
-    with pytest.raises(ValueError, match="N=12 must be in 1..11"):
-        package(torch.zeros(2, 12, 8), lens, c)
+    with pytest.raises(ValueError, match="N=13 must be in 1..12"):
+        package(torch.zeros(2, 13, 8), lens, c)
 
 
 def test_config_mismatch_fails_before_compiling(exported, tmp_path, capsys):

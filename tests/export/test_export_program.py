@@ -1,5 +1,7 @@
-"""The ranker program against the model's own M-FALCON path, checkpoint loading, and the
-Python predictor's batching and request handling (on the eager program: no compile)."""
+"""The ranker program against the model's own paths (the retrieval head against
+``model.query`` / ``score_corpus``, the M-FALCON head against ``MFalcon.score``), checkpoint
+loading, and the Python predictor's batching and request handling (on the eager program: no
+compile)."""
 from __future__ import annotations
 
 import io
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from export_cases import mfalcon_reference, padded, tiny_config, tiny_model, write_checkpoint  # noqa: E402
+from export_cases import (mfalcon_reference, padded, retrieval_reference, tiny_config, tiny_model,  # noqa: E402
+                          write_checkpoint)
 
 from gauss_plugins.export.aoti import LoadedPackage, package_metadata, parity_check, random_inputs  # noqa: E402
 from gauss_plugins.export.checkpoint import CheckpointMismatchError, item_rows, load_trained_model  # noqa: E402
@@ -26,7 +29,7 @@ CANDIDATES = [[3, 20, 21], [22, 23, 24, 25], [26], [5, 6]]
 @pytest.mark.parametrize("num_time_buckets", [0, 8])
 def test_program_equals_mfalcon_on_the_model(num_time_buckets):
     model = tiny_model(num_time_buckets=num_time_buckets)
-    program = build_ranker(model)
+    program = build_ranker(model, "mfalcon")
     ht = ct = None
     if num_time_buckets:
         ht = [[100, 200, 5000, 90000, 10 ** 6], [50], list(range(0, 11000, 1000)), []]
@@ -39,9 +42,42 @@ def test_program_equals_mfalcon_on_the_model(num_time_buckets):
         torch.testing.assert_close(got[i, :len(r)], r, rtol=0, atol=1e-6)
 
 
-def test_candidates_do_not_see_each_other_and_padding_is_inert():
-    model = tiny_model()
+@pytest.mark.parametrize("normalizer", ["max_seq_len", "seq_len"])
+@pytest.mark.parametrize("num_time_buckets", [0, 8])
+def test_retrieval_head_equals_the_training_score(num_time_buckets, normalizer):
+    """The default head is the score training and evaluation use: <model.query, item_vectors>."""
+    model = tiny_model(num_time_buckets=num_time_buckets, normalizer=normalizer)
     program = build_ranker(model)
+    assert program.head == "retrieval" and program.max_history == model.max_len
+    hs = HISTORIES[:3] + [list(range(21, 33)), []]  # the 4th: max_len items, a full eval history
+    cs = CANDIDATES[:3] + [[1, 2, 40], [5, 6]]
+    ht = ct = None
+    if num_time_buckets:
+        ht = [[10 ** 6 + 97 * j * j for j in range(len(h))] for h in hs]
+        ct = [[2 * 10 ** 6] * len(c) for c in cs]
+    ref = retrieval_reference(model, hs, cs, ht)
+    with torch.no_grad():
+        got = program(*padded(model, [h or [] for h in hs], cs, ht, ct))
+    for i, r in enumerate(ref):
+        torch.testing.assert_close(got[i, :len(r)], r, rtol=0, atol=1e-6)
+    assert bool((got[4] == 0).all())  # an empty history: the model's query is the zero vector
+    if num_time_buckets:  # the query sees the history's times, not the request's
+        with torch.no_grad():
+            later = program(*padded(model, hs, cs, ht, [[t + 10 ** 7 for t in c] for c in ct]))
+        torch.testing.assert_close(later, got, rtol=0, atol=0)
+
+
+def test_heads_score_differently():
+    model = tiny_model()
+    args = padded(model, HISTORIES[:2], CANDIDATES[:2])
+    with torch.no_grad():
+        assert not torch.allclose(build_ranker(model, "retrieval")(*args), build_ranker(model, "mfalcon")(*args))
+
+
+@pytest.mark.parametrize("head", ["retrieval", "mfalcon"])
+def test_candidates_do_not_see_each_other_and_padding_is_inert(head):
+    model = tiny_model()
+    program = build_ranker(model, head)
     h, lens, c = padded(model, HISTORIES[:2], CANDIDATES[:2])
     with torch.no_grad():
         base = program(h, lens, c)
@@ -71,8 +107,16 @@ def test_models_the_program_refuses():
         build_ranker(sasrec)
     seq_len = SequentialRetrievalModel(StaticItemEmbeddings(10, 8), PaddedHSTUEncoder(
         HSTUConfig(dim=8, max_seq_len=12, normalizer="seq_len", num_time_buckets=0)), 12, 10)
-    with pytest.raises(ExportError, match="normalizer"):
-        build_ranker(seq_len)
+    with pytest.raises(ExportError, match="mfalcon head: normalizer"):
+        build_ranker(seq_len, "mfalcon")
+    assert build_ranker(seq_len).head == "retrieval"  # the query divides by the history's own length
+    with pytest.raises(ExportError, match="unknown scoring head 'dot'"):
+        build_ranker(tiny_model(), "dot")
+    windowed = SequentialRetrievalModel(StaticItemEmbeddings(10, 8), PaddedHSTUEncoder(
+        HSTUConfig(dim=8, max_seq_len=12, max_attn_len=4, num_time_buckets=0)), 12, 10)
+    for head in ("retrieval", "mfalcon"):
+        with pytest.raises(ExportError, match=f"{head} head: contextual_len=0, max_attn_len=4"):
+            build_ranker(windowed, head)
     with pytest.raises(ExportError, match="SequentialRetrievalModel"):
         build_ranker(torch.nn.Linear(2, 2))
 
@@ -126,10 +170,10 @@ def test_checkpoint_with_tensors_of_another_model(tmp_path):
 
 
 # ---------------------------------------------------------------------- predictor
-def _eager_package(model) -> LoadedPackage:
+def _eager_package(model, head=None) -> LoadedPackage:
     """The predictor's view of a package, with the eager program standing in for the
     compiled one (the compiled one is tested in test_export_aoti.py)."""
-    program = build_ranker(model)
+    program = build_ranker(model, head)
     return LoadedPackage(program, package_metadata(program, "m", "e", ""), "eager.pt2")
 
 
@@ -139,27 +183,32 @@ def _snapshot(model, ids):
         return Snapshot(ids, model.item_embeddings(ids))
 
 
-def test_predictor_batches_like_single_requests():
+@pytest.mark.parametrize("head", ["retrieval", "mfalcon"])
+def test_predictor_batches_like_single_requests(head):
     model = tiny_model()
     snap = _snapshot(model, range(1, 41))
     reqs = [Request(tuple(h), tuple(c)) for h, c in zip(HISTORIES, CANDIDATES)]
-    one_batch = Predictor(_eager_package(model), snap, batch_size=16).rank(reqs)
-    singles = Predictor(_eager_package(model), snap, batch_size=1).rank(reqs)
+    one_batch = Predictor(_eager_package(model, head), snap, batch_size=16).rank(reqs)
+    singles = Predictor(_eager_package(model, head), snap, batch_size=1).rank(reqs)
     for a, b, c in zip(one_batch, singles, CANDIDATES):
         assert a.shape == (len(c),)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    ref = mfalcon_reference(model, HISTORIES[:3], CANDIDATES[:3])
+    reference = mfalcon_reference if head == "mfalcon" else retrieval_reference
+    ref = reference(model, HISTORIES[:3], CANDIDATES[:3])
     for a, r in zip(one_batch, ref):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
 
 
-def test_predictor_keeps_the_most_recent_history():
-    model = tiny_model()  # max_len 12: histories of up to 11 items
-    predictor = Predictor(_eager_package(model), _snapshot(model, range(1, 41)))
+@pytest.mark.parametrize("head, keep", [("retrieval", 12), ("mfalcon", 11)])
+def test_predictor_keeps_the_most_recent_history(head, keep):
+    model = tiny_model()  # max_len 12: the query reads 12 items; M-FALCON's candidates take the 12th slot
+    predictor = Predictor(_eager_package(model, head), _snapshot(model, range(1, 41)))
+    assert predictor.max_history == keep
     long = tuple(range(1, 31))
     got = predictor.rank([Request(long, (5, 6))])[0]
-    want = predictor.rank([Request(long[-11:], (5, 6))])[0]
+    want = predictor.rank([Request(long[-keep:], (5, 6))])[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, predictor.rank([Request(long[-keep + 1:], (5, 6))])[0])
 
 
 def test_serve_text_format_and_errors():
@@ -194,7 +243,7 @@ def test_package_input_checks():
              ((h, lens, c[:1]), ValueError, "candidates must be"),
              ((h, lens[:1], c), ValueError, "history_len must be"),
              ((h, lens + 20, c), ValueError, "history_len values"),
-             ((torch.zeros(2, 12, 8), lens, c), ValueError, "N=12 must be in 1..11"),
+             ((torch.zeros(2, 13, 8), lens, c), ValueError, "N=13 must be in 1..12"),
              ((h, lens), ValueError, "takes 3 inputs")]
     for args, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -220,7 +269,7 @@ def test_predictor_from_a_weps_store_and_dim_mismatch():
 
 def test_timed_package_needs_times():
     model = tiny_model(num_time_buckets=8)
-    predictor = Predictor(_eager_package(model), _snapshot(model, range(1, 41)))
+    predictor = Predictor(_eager_package(model, "mfalcon"), _snapshot(model, range(1, 41)))
     with pytest.raises(ValueError, match="time bias"):
         predictor.rank([Request((1, 2), (3,))])
     with pytest.raises(ValueError, match="text request format carries no times"):

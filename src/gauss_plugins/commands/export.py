@@ -5,7 +5,9 @@ serving it from text requests.
     gauss rank --package model.pt2 --snapshot rows.gsnp < requests.txt
 
 ``gauss export`` rebuilds the model from the checkpoint (its stored config; ``--config``
-must agree with it), exports the M-FALCON ranker program with the ``aoti`` export target,
+must agree with it), exports the ranker program with the ``aoti`` export target (``--head
+retrieval``, the default, scores as training and evaluation did: ``<query, item>``;
+``--head mfalcon`` appends the candidates as M-FALCON targets),
 runs the parity check (the export fails when eager and compiled differ by more than
 ``--tolerance``) and, with ``--snapshot``, freezes the item rows into a ``.gsnp`` file whose
 path goes into the package metadata. ``gauss rank`` reads ``<history ids> | <candidate ids>``
@@ -44,8 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "export",
-        help="export a trained HSTU model to an AOTInductor .pt2 ranker (M-FALCON), parity-checked",
-        description="Rebuild the model of a `gauss train` run, export its M-FALCON ranking program with "
+        help="export a trained HSTU model to an AOTInductor .pt2 ranker, parity-checked",
+        description="Rebuild the model of a `gauss train` run, export its ranking program (--head) with "
                     "torch.export + AOTInductor, check the compiled package against eager on random inputs, and "
                     "write it atomically. With --snapshot, also freeze the item embedding rows into a .gsnp file.",
     )
@@ -54,6 +56,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the package to write (must end in .pt2)")
     p.add_argument("--snapshot", help="also write the item rows to this .gsnp and name it in the package metadata")
     p.add_argument("--target", default="aoti", help="export target from the registry (default aoti)")
+    p.add_argument("--head", choices=("retrieval", "mfalcon"), default="retrieval",
+                   help="scoring head: retrieval = <L2norm(query at the last history position), L2norm(item)>, the "
+                        "score the model was trained and evaluated with (default); mfalcon = each candidate appended "
+                        "as an M-FALCON target, scored by its own output (for models trained target-aware)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest |eager - compiled| accepted (default 1e-5)")
     p.add_argument("--json", help="also write the export report (metadata, parity, timings) to this JSON file")
     return p
@@ -89,11 +95,12 @@ def run(args: argparse.Namespace) -> int:
             source = f"snapshot:{os.path.abspath(args.snapshot)}"
         row_std = float(rows.std()) if rows.numel() > 1 else 0.1
         result = export(trained.model, args.out, model_version=trained.version, embedding_version=embedding_version,
-                        embedding_source=source, tolerance=args.tolerance, row_std=row_std)
+                        embedding_source=source, tolerance=args.tolerance, row_std=row_std, head=args.head)
     except (ExportError, ParityError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         return _fail("export", exc)
     parity = result.parity
-    print(f"gauss export: wrote {result.path} (export {result.export_s:.1f} s, compile {result.compile_s:.1f} s)")
+    print(f"gauss export: wrote {result.path} ({result.metadata['head']} head, max history "
+          f"{result.metadata['max_seq_len']}; export {result.export_s:.1f} s, compile {result.compile_s:.1f} s)")
     print(f"  parity check: max |eager - compiled| = {parity.max_abs_diff:.3g} over {parity.trials} random batches "
           f"(tolerance {parity.tolerance:.3g}): {'passed' if parity.passed else 'FAILED'}")
     if args.snapshot:

@@ -11,8 +11,12 @@ with dynamic batch, history and candidate dimensions, compiles it with
 ``model_version``      free text naming the trained model (e.g. the checkpoint's run)
 ``embedding_version``  the version of the embedding rows the model was exported with
 ``dim``                the embedding dimension ``D``
+``head``               the scoring head: ``"retrieval"`` (the training/eval score
+                       ``<query, item>``) or ``"mfalcon"`` (target-aware); see
+                       :mod:`gauss_plugins.export.program`
 ``max_seq_len``        the longest history ``N`` the program accepts: the model's ``max_len``
-                       minus the one position the candidates occupy
+                       (retrieval head), or ``max_len - 1`` (M-FALCON: the candidates take
+                       the next position)
 ``model_max_len``      the model's ``max_len`` (training sequence length)
 ``embedding_source``   ``"snapshot:<file>"``, ``"redis://host:port/<prefix>"`` or ``""``
 ``dtype``              ``"float32"``
@@ -39,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from gauss_plugins.export.program import ExportError, RankerProgram, build_ranker, input_names
+from gauss_plugins.export.program import HEADS, ExportError, RankerProgram, build_ranker, input_names
 
 __all__ = ["DEFAULT_TOLERANCE", "ExportResult", "LoadedPackage", "PackageError", "ParityError", "ParityReport",
            "export_aoti", "export_ranker", "load_package", "parity_check", "random_inputs"]
@@ -168,15 +172,19 @@ def package_metadata(program: RankerProgram, model_version: str, embedding_versi
         raise ValueError(f"embedding_source must be '', 'snapshot:<file>' or 'redis://host:port/<prefix>', "
                          f"got {embedding_source!r}")
     return {"gauss_format": GAUSS_FORMAT, "model_version": model_version, "embedding_version": embedding_version,
-            "dim": str(program.dim), "max_seq_len": str(program.max_history), "model_max_len": str(program.max_len),
+            "head": program.head, "dim": str(program.dim), "max_seq_len": str(program.max_history), "model_max_len": str(program.max_len),
             "embedding_source": embedding_source, "dtype": "float32",
             "input_names": ",".join(input_names(program.timed)), "output_names": ",".join(OUTPUT_NAMES)}
 
 
 def export_aoti(model_or_program: torch.nn.Module, out: str, *, model_version: str = "",
                 embedding_version: str = "", embedding_source: str = "", tolerance: float = DEFAULT_TOLERANCE,
-                parity_trials: int = 4, seed: int = 0, row_std: float = 0.1) -> ExportResult:
+                parity_trials: int = 4, seed: int = 0, row_std: float = 0.1,
+                head: Optional[str] = None) -> ExportResult:
     """Export, compile, parity-check and atomically write the ``.pt2`` at ``out``.
+
+    ``head``: the scoring head of a model (``"retrieval"``, the default, or ``"mfalcon"``);
+    a :class:`RankerProgram` brings its own.
 
     Raises :class:`~gauss_plugins.export.program.ExportError` for a model that cannot be
     served this way and :class:`ParityError` when the compiled scores drift; in both cases
@@ -186,7 +194,15 @@ def export_aoti(model_or_program: torch.nn.Module, out: str, *, model_version: s
         raise ValueError(f"the package path must end in .pt2 (aoti_compile_and_package requires it), got {out!r}")
     if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}")
-    program = model_or_program if isinstance(model_or_program, RankerProgram) else build_ranker(model_or_program)
+    if head is not None and head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    if isinstance(model_or_program, RankerProgram):
+        program = model_or_program
+        if head is not None and head != program.head:
+            raise ValueError(f"head={head!r} but the program was built with head={program.head!r}: pass the model, "
+                             "or build the program with the head you want")
+    else:
+        program = build_ranker(model_or_program, head)
     program.eval()  # dropout off: the served function is the deterministic one
     metadata = package_metadata(program, model_version, embedding_version, embedding_source)
     t0 = time.perf_counter()
@@ -230,6 +246,8 @@ class LoadedPackage:
         self.dim = int(metadata["dim"])
         self.max_history = int(metadata["max_seq_len"])
         self.input_names = tuple(metadata["input_names"].split(","))
+        # Packages written before the head was recorded all scored with M-FALCON.
+        self.head = metadata.get("head", "mfalcon")
         self.timed = "history_time" in self.input_names
 
     def check_inputs(self, *args: torch.Tensor) -> None:
