@@ -30,7 +30,8 @@ What the strategy does, through Lightning's own hooks (no patching):
   tables the strategy manages, only while it trains them (``table.synchronized_replicas``).
 * **Evaluation** reads every row: validation and test first flush the cache and install the
   stored rows in the table (removed again afterwards, unchanged); after ``fit`` the table holds
-  every trained row (``gather_on_end``), so checkpoints and exports see the whole table.
+  every trained row (``gather_on_end``), so checkpoints and exports see the whole table; a
+  Lightning checkpoint taken during training (``lightning_module_state_dict``) has them too.
 * **Logging**: per step ``gauss/hits_at_use``, ``gauss/misses_at_use``, ``gauss/prefetched_rows``,
   ``gauss/prefetched_bytes``, ``gauss/stall_ms`` and ``gauss/window`` go to the trainer's
   loggers (every ``log_every_n_steps``, rank 0); :meth:`GaussStrategy.cache_stats` has the totals.
@@ -757,6 +758,26 @@ class GaussStrategy(DDPStrategy):
     def on_test_end(self) -> None:
         self._eval_end()
         super().on_test_end()
+
+    # ------------------------------------------------------------------ checkpoints
+    def lightning_module_state_dict(self) -> Dict[str, Any]:
+        """The module's state with every trained row in its tables (a Lightning checkpoint
+        taken while training must not hold only the rows the cache has resident). Called on
+        every rank (the reads of stored rows are collective); the rows are installed for the
+        copy and dropped again."""
+        if self.cache is None or self._eval_added:  # no cache, or evaluation installed them already
+            return super().lightning_module_state_dict()
+        self._retire_iteration()
+        self.cache.flush()
+        added = self._install_stored_rows()
+        try:
+            # Copies: the rows installed for it leave the tables again before the file is written.
+            return {k: v.clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in super().lightning_module_state_dict().items()}
+        finally:
+            for name, ids in added.items():
+                if ids.numel():
+                    self.tables[name].evict(ids=ids)
 
     # ------------------------------------------------------------------ reports
     def cache_stats(self) -> Dict[str, Any]:

@@ -24,8 +24,9 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def _trainer(strategy, devices=1, epochs=2, **kw):
+    kw.setdefault("enable_checkpointing", False)
     return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices, strategy=strategy, logger=kw.pop("logger", False),
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+                      enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
 class _Plain(TinyModule):
@@ -105,6 +106,26 @@ def test_syncs_trained_rows_to_a_serving_store(tmp_path):
     assert bool(got.found.all())
     torch.testing.assert_close(got.values, rows.float(), rtol=0, atol=1e-6)
     assert not strategy.syncers  # stopped, after a final push
+
+
+def test_lightning_checkpoints_hold_every_trained_row(tmp_path):
+    """Lightning's own checkpoint (ModelCheckpoint, on by default) taken during training has
+    the rows waiting in TierPS too, not only the cache's resident ones."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    model = TinyModule()
+    strategy = GaussStrategy(budget_rows=40, window=3, store_dir=str(tmp_path / "store"))
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _trainer(strategy, epochs=1, use_distributed_sampler=False, enable_checkpointing=True,
+             callbacks=[ckpt]).fit(model, loader(IdDataset(), 8))
+    assert strategy.cache_stats()["evicted_rows"] > 0
+    state = torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]
+    restored = TinyModule()
+    restored.load_state_dict(state)
+    ids, rows = table_rows(model.table)
+    ids_ckpt, rows_ckpt = table_rows(restored.table)
+    assert ids.numel() > 40 and torch.equal(ids, ids_ckpt)
+    torch.testing.assert_close(rows_ckpt, rows, rtol=0, atol=0)
 
 
 def test_logs_cache_figures_per_step(tmp_path):
