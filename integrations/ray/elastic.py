@@ -1,0 +1,722 @@
+"""Elastic data-parallel training on Ray: recovery from a live replica, scaling at step boundaries.
+
+::
+
+    from gauss_integrations.ray.elastic import ElasticTrainer, ElasticConfig
+    trainer = ElasticTrainer(make_model, make_optimizer, loss_fn, stream, ElasticConfig(num_workers=3))
+    trainer.start(); trainer.run(steps=100); trainer.scale(2); trainer.run(steps=50); trainer.shutdown()
+
+Processes: the driver (this object and a supervisor thread), one *coordinator* actor (named
+``config.name`` in namespace ``gauss-elastic``, so ``gauss elastic scale`` finds it) holding
+:class:`~gauss_plugins.elastic.protocol.ElasticState`, and ``num_workers`` *worker* actors, each
+a full replica (model + optimizer) in a ``torch.distributed`` group (gloo on CPU, NCCL on GPU).
+
+A step: each member asks the coordinator for leave to run the next step (the coordinator's
+answer is where step boundaries, pauses and regroups take effect), trains its slice of the
+stream (:func:`~gauss_plugins.elastic.protocol.sample_indices`), all-reduces the slice's sample
+indices and the gradients, applies the optimizer and reports the step.
+
+Recovery: a worker that dies (SIGKILL: its peers' collectives fail at once; the supervisor sees
+the actor die) or hangs (no heartbeat for ``dead_after_s``: the supervisor kills it) ends the
+generation. Survivors abandon the in-flight step, destroy their group, check in with the last
+step they finished, and the next generation forms among them on a new TCPStore (new port):
+its step0 is the highest step a survivor holds, and that survivor's weights and optimizer
+state are broadcast when the survivors differ (otherwise nothing moves). Meanwhile the
+supervisor starts a replacement, which registers when built and joins at the next step
+boundary, receiving the state by broadcast from a live peer. No checkpoint is read on this path.
+The sample guarantee is stated in :mod:`gauss_plugins.elastic`.
+
+Disaster checkpoints (``disaster_checkpoint_every``): rank 0 writes one after every N-th step
+(atomic, pickle-free, :mod:`gauss_plugins.elastic.state`). They serve only when every replica or
+the coordinator is lost: ``ElasticTrainer(...).start(from_checkpoint=path)``.
+"""
+from __future__ import annotations
+
+import os
+import signal as _signal
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, Optional
+
+import ray
+import torch
+
+from gauss_plugins.elastic.protocol import (NO_STATE, AllReplicasLostError, ElasticState, Generation,
+                                            desired_workers, sample_indices)
+from gauss_plugins.elastic.state import (broadcast_state, latest_disaster_checkpoint, load_disaster_checkpoint,
+                                         save_disaster_checkpoint)
+
+__all__ = ["ElasticConfig", "ElasticTrainer", "ElasticCoordinatorLost", "AllReplicasLostError", "NAMESPACE",
+           "get_coordinator"]
+
+NAMESPACE = "gauss-elastic"
+
+
+class ElasticCoordinatorLost(RuntimeError):
+    """The coordinator actor died: membership, step and data cursor are gone with it."""
+
+
+@dataclass
+class ElasticConfig:
+    """Launcher settings. Worker counts obey ``min_workers <= num_workers <= max_workers``.
+
+    ``backlog_samples_per_worker`` > 0 turns on the backlog policy: the target world follows
+    ``ceil(stream.backlog(cursor) / backlog_samples_per_worker)`` within ``[min, max]``.
+    """
+
+    num_workers: int = 3
+    min_workers: int = 1
+    max_workers: int = 8
+    backend: str = "gloo"
+    heartbeat_s: float = 0.5
+    dead_after_s: float = 2.0
+    disaster_checkpoint_every: int = 0
+    checkpoint_dir: Optional[str] = None
+    ray_temp_dir: Optional[str] = None
+    batch_size: int = 32
+    name: str = "gauss-elastic"
+    step_timeout_s: float = 60.0
+    backlog_samples_per_worker: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_workers <= self.num_workers <= self.max_workers:
+            raise ValueError(f"need 1 <= min_workers <= num_workers <= max_workers, got {self.min_workers}, "
+                             f"{self.num_workers}, {self.max_workers}")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (GPU), got {self.backend!r}")
+        if self.backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("backend='nccl' needs CUDA devices; use backend='gloo' on a CPU machine")
+        if self.heartbeat_s <= 0 or self.dead_after_s <= self.heartbeat_s:
+            raise ValueError(f"need 0 < heartbeat_s < dead_after_s, got {self.heartbeat_s}, {self.dead_after_s}")
+        if self.disaster_checkpoint_every < 0:
+            raise ValueError("disaster_checkpoint_every is a step count (0 = off)")
+        if self.disaster_checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("disaster_checkpoint_every needs checkpoint_dir (where the checkpoints go)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+# ------------------------------------------------------------------------------------------
+# coordinator actor
+# ------------------------------------------------------------------------------------------
+class _Coordinator:
+    """Wraps :class:`ElasticState` with a condition variable; runs threaded (blocking waits)."""
+
+    def __init__(self, batch_size: int, min_workers: int, target: int, dead_after_s: float) -> None:
+        self.s = ElasticState(batch_size=batch_size, min_workers=min_workers, target=target)
+        self.cv = threading.Condition()
+        self.dead_after_s = dead_after_s
+        self.heartbeats: Dict[str, float] = {}
+        self.pids: Dict[str, int] = {}
+        self.spawned_at: Dict[str, float] = {}
+        self.store_addr: Dict[int, tuple] = {}
+        self.recoveries: List[dict] = []
+        self.joins: List[dict] = []
+        self._open_recovery: Optional[dict] = None
+        self._open_joins: List[dict] = []
+        self.checkpoints: List[dict] = []
+        self.checkpoint_reads = 0
+        self.stopping = False
+        self.errors: List[str] = []
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # membership ------------------------------------------------------------------------------
+    def register(self, wid: str, pid: int, spawned_at: float) -> None:
+        with self.cv:
+            self.pids[wid], self.spawned_at[wid] = pid, spawned_at
+            self.heartbeats[wid] = time.time()
+            self.s.register(wid)
+            self.cv.notify_all()
+
+    def heartbeat(self, wid: str) -> None:
+        self.heartbeats[wid] = time.time()
+
+    def note_kill(self, wid: str, t: float) -> None:
+        with self.cv:
+            self._start_recovery(t)
+
+    def _start_recovery(self, t: float) -> None:
+        if self._open_recovery is None:
+            self._open_recovery = {"t": t, "killed_at": self.s.committed}
+
+    def mark_dead(self, wid: str, reason: str = "") -> None:
+        with self.cv:
+            if wid in self.s.dead:
+                return
+            was_member = self.s.gen is not None and wid in self.s.gen.members and wid not in self.s.released
+            if was_member:
+                self._start_recovery(time.time())
+            self.s.mark_dead(wid)
+            self.heartbeats.pop(wid, None)
+            if reason:
+                self.errors.append(f"{wid}: {reason}")
+            self._try_form()
+            self.cv.notify_all()
+
+    def report_failure(self, wid: str, gen: int, message: str) -> None:
+        with self.cv:
+            if self.s.gen is not None and gen == self.s.gen.gen:
+                self._start_recovery(time.time())
+                self.s.fail()
+            self.cv.notify_all()
+
+    def set_target(self, n: int) -> None:
+        with self.cv:
+            self.s.set_target(n)
+            self.cv.notify_all()
+
+    # stepping -----------------------------------------------------------------------------------
+    def set_stop(self, step: Optional[int]) -> None:
+        with self.cv:
+            self.s.stop_step = step
+            self.cv.notify_all()
+
+    def pause(self) -> int:
+        with self.cv:
+            stop = self.s.pause()
+            self.cv.notify_all()
+            return stop
+
+    def next_action(self, wid: str, gen: int, step: int, report: Optional[dict], timeout: float = 0.5) -> str:
+        deadline = time.time() + timeout
+        with self.cv:
+            if report is not None and report.get("checkpoint"):
+                self.checkpoints.append(report["checkpoint"])
+            rep = None if report is None else (report["indices"], report["loss"])
+            while True:
+                if self.stopping:
+                    return "stop"
+                before = self.s.committed
+                act = self.s.next_action(wid, gen, step, rep)
+                rep = None
+                if self.s.committed != before:
+                    self._on_commit()
+                    self.cv.notify_all()
+                left = deadline - time.time()
+                if act != "wait" or left <= 0:
+                    return act
+                self.cv.wait(left)
+
+    def _on_commit(self) -> None:
+        now = time.time()
+        g = self.s.gen
+        if g is None or self.s.committed <= g.step0:
+            return
+        if self._open_recovery is not None and self._open_recovery.get("gen_started", 10 ** 9) <= g.gen:
+            r = self._open_recovery
+            self.recoveries.append({"killed_at": r["killed_at"], "first_step_after_s": now - r["t"],
+                                    "steps_redone": r["steps_redone"], "generation": g.gen, "world": g.world})
+            self._open_recovery = None
+        for j in [j for j in self._open_joins if j["gen"] <= g.gen]:
+            self.joins.append({"worker": j["worker"], "join_s": now - j["spawned_at"], "generation": g.gen})
+            self._open_joins.remove(j)
+
+    # forming generations ----------------------------------------------------------------------
+    def _try_form(self) -> Optional[Generation]:
+        first = self.s.gen is None
+        try:
+            g = self.s.try_form()
+        except AllReplicasLostError:
+            self.cv.notify_all()
+            return None
+        if g is None:
+            return None
+        if self._open_recovery is not None and "gen_started" not in self._open_recovery:
+            self._open_recovery["gen_started"] = g.gen
+            self._open_recovery["steps_redone"] = max(0, self._open_recovery["killed_at"] - g.step0)
+        if not first:
+            for w in g.members:
+                if w in self.spawned_at and self.spawned_at[w] is not None and w not in \
+                        {j["worker"] for j in self.joins}:
+                    self._open_joins.append({"worker": w, "gen": g.gen, "spawned_at": self.spawned_at[w]})
+                    self.spawned_at[w] = None
+        else:
+            for w in g.members:
+                self.spawned_at[w] = None
+        return g
+
+    def checkin(self, wid: str, local_step: int, prev_gen: int, timeout: float = 1.0) -> dict:
+        deadline = time.time() + timeout
+        with self.cv:
+            if self.stopping:
+                return {"action": "stop"}
+            if wid in self.s.dead:
+                return {"action": "stop", "reason": "declared dead"}
+            formed = self._formed_for(wid, prev_gen)
+            if formed is not None:
+                return formed
+            self.s.checkin(wid, local_step)
+            if self._try_form() is not None:
+                self.cv.notify_all()
+            while True:
+                formed = self._formed_for(wid, prev_gen)
+                if formed is not None:
+                    return formed
+                if self.s.lost is not None:
+                    return {"action": "stop", "reason": self.s.lost}
+                left = deadline - time.time()
+                if left <= 0 or self.stopping:
+                    return {"action": "wait"}
+                self.cv.wait(left)
+
+    def _formed_for(self, wid: str, prev_gen: int) -> Optional[dict]:
+        g = self.s.gen
+        if g is None or g.gen <= prev_gen:
+            return None
+        if wid in g.members:
+            if self.checkpoint_reads_pending(g, wid):
+                self.checkpoint_reads += 1
+            return {"action": "join", "gen": g.to_dict(), "rank": g.members.index(wid)}
+        if wid in self.s.released:
+            return {"action": "stop", "reason": "scaled down"}
+        return None
+
+    @staticmethod
+    def checkpoint_reads_pending(g: Generation, wid: str) -> bool:
+        return g.restore_path is not None and g.members.index(wid) == g.source_rank
+
+    def publish_store(self, gen: int, host: str, port: int) -> None:
+        with self.cv:
+            self.store_addr[gen] = (host, port)
+            self.cv.notify_all()
+
+    def store_address(self, gen: int, timeout: float = 0.5) -> dict:
+        deadline = time.time() + timeout
+        with self.cv:
+            while True:
+                if gen in self.store_addr:
+                    host, port = self.store_addr[gen]
+                    return {"host": host, "port": port}
+                if self.s.gen is None or self.s.gen.gen != gen or self.s.broken or self.stopping:
+                    return {"abandon": True}
+                left = deadline - time.time()
+                if left <= 0:
+                    return {"wait": True}
+                self.cv.wait(left)
+
+    def set_restore(self, path: str, step: int, cursor: int) -> None:
+        with self.cv:
+            self.s.set_restore(path, step, cursor)
+
+    # supervision ------------------------------------------------------------------------------
+    def tick(self) -> dict:
+        now = time.time()
+        with self.cv:
+            hung = [w for w, t in self.heartbeats.items() if now - t > self.dead_after_s and w not in self.s.dead]
+            return {"target": self.s.target, "hung": hung, "lost": self.s.lost, "cursor": self.s.cursor,
+                    "released": sorted(self.s.released)}
+
+    def status(self) -> dict:
+        with self.cv:
+            out = self.s.summary()
+            g = self.s.gen
+            out.update({
+                "members": [] if g is None else [{"worker": w, "rank": i, "pid": self.pids.get(w)}
+                                                 for i, w in enumerate(g.members) if w not in self.s.dead],
+                "recoveries": list(self.recoveries), "joins": list(self.joins),
+                "losses": sorted(self.s.losses.items()), "lost": self.s.lost,
+                "disaster_checkpoints": list(self.checkpoints), "checkpoint_reads": self.checkpoint_reads,
+                "errors": list(self.errors), "stop_step": self.s.stop_step,
+            })
+            return out
+
+    def sample_ledger(self) -> Dict[int, int]:
+        with self.cv:
+            return dict(self.s.ledger)
+
+    def shutdown(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
+
+
+# ------------------------------------------------------------------------------------------
+# worker actor
+# ------------------------------------------------------------------------------------------
+class _Worker:
+    """One replica. ``serve()`` runs until the coordinator says stop; it returns normally only then."""
+
+    def __init__(self, wid: str, coordinator: str, make_model: Callable, make_optimizer: Callable,
+                 loss_fn: Callable, stream: Any, config: dict, spawned_at: float) -> None:
+        torch.set_num_threads(1)  # replicas share the machine's cores with each other
+        self.wid, self.cfg, self.spawned_at = wid, config, spawned_at
+        self.coord = ray.get_actor(coordinator, namespace=NAMESPACE)
+        self.device = torch.device("cuda", 0) if config["backend"] == "nccl" else torch.device("cpu")
+        self.model = make_model().to(self.device)
+        self.opt = make_optimizer(list(self.model.parameters()))
+        self.loss_fn, self.stream = loss_fn, stream
+        self.step = NO_STATE
+        self.gen = 0
+        self._stop_heartbeat = threading.Event()
+        threading.Thread(target=self._heartbeat, daemon=True, name="gauss-elastic-heartbeat").start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop_heartbeat.wait(self.cfg["heartbeat_s"]):
+            try:
+                self.coord.heartbeat.remote(self.wid)
+            except Exception:  # the coordinator is gone: serve() reports that, not this thread
+                return
+
+    def _call(self, ref):
+        return ray.get(ref, timeout=self.cfg["step_timeout_s"])
+
+    def serve(self) -> str:
+        import torch.distributed as dist
+
+        self._call(self.coord.register.remote(self.wid, os.getpid(), self.spawned_at))
+        while True:
+            answer = self._call(self.coord.checkin.remote(self.wid, self.step, self.gen))
+            if answer["action"] == "wait":
+                continue
+            if answer["action"] == "stop":
+                self._stop_heartbeat.set()
+                return answer.get("reason", "stopped")
+            g = Generation(**{**answer["gen"], "members": tuple(answer["gen"]["members"])})
+            rank = answer["rank"]
+            self.gen = g.gen
+            try:
+                if self._form_group(g, rank):
+                    self._sync(g, rank)
+                    self._train(g, rank)
+            except ray.exceptions.RayActorError:
+                raise
+            except Exception as exc:  # a collective failed: a peer died, hung or left
+                self.coord.report_failure.remote(self.wid, g.gen, f"{type(exc).__name__}: {exc}")
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+
+    def _form_group(self, g: Generation, rank: int) -> bool:
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=self.cfg["step_timeout_s"])
+        if rank == 0:
+            host = ray.util.get_node_ip_address()
+            store = dist.TCPStore(host, 0, g.world, is_master=True, wait_for_workers=False, timeout=timeout)
+            self.coord.publish_store.remote(g.gen, host, store.port)
+        else:
+            while True:
+                addr = self._call(self.coord.store_address.remote(g.gen))
+                if addr.get("abandon"):
+                    return False
+                if "port" in addr:
+                    break
+            store = dist.TCPStore(addr["host"], addr["port"], g.world, is_master=False, timeout=timeout)
+        self._store = store  # one store per generation: a new port, nothing left from the last group
+        dist.init_process_group(self.cfg["backend"], store=store, rank=rank, world_size=g.world, timeout=timeout)
+        return True
+
+    def _sync(self, g: Generation, rank: int) -> None:
+        if g.transfer:
+            if g.restore_path is not None and rank == g.source_rank:
+                load_disaster_checkpoint(g.restore_path, self.model, self.opt)
+            broadcast_state(self.model, self.opt, g.source_rank, self.device)
+        elif self.step != g.step0:
+            raise RuntimeError(f"{self.wid} holds step {self.step}, generation {g.gen} starts at {g.step0} "
+                               "without a transfer")
+        self.step = g.step0
+
+    def _train(self, g: Generation, rank: int) -> None:
+        report = None
+        while True:
+            act = self._call(self.coord.next_action.remote(self.wid, g.gen, self.step, report))
+            report = None
+            if act == "step":
+                report = self._one_step(g, rank, self.step + 1)
+            elif act in ("regroup", "stop"):
+                return
+
+    def _one_step(self, g: Generation, rank: int, step: int) -> dict:
+        import torch.distributed as dist
+
+        idx = sample_indices(g, step, rank)
+        batch = self.stream.batch(idx)
+        if isinstance(batch, (tuple, list)):
+            batch = type(batch)(b.to(self.device) if isinstance(b, torch.Tensor) else b for b in batch)
+        self.opt.zero_grad(set_to_none=False)
+        loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([t.reshape(-1) for t in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        all_idx = torch.zeros(g.world * g.batch_size, dtype=torch.int64, device=self.device)
+        all_idx[rank * g.batch_size:(rank + 1) * g.batch_size] = idx.to(self.device)
+        # The step's sample indices travel with it: a member that finishes the step knows
+        # exactly which samples every member trained, which is what the ledger records.
+        dist.all_reduce(all_idx)
+        dist.all_reduce(flat)
+        flat /= g.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+        self.opt.step()
+        self.step = step
+        report = {"indices": all_idx.cpu().tolist(), "loss": float(flat[-1])}
+        every = self.cfg["disaster_checkpoint_every"]
+        if every and rank == 0 and step % every == 0:
+            path = save_disaster_checkpoint(self.cfg["checkpoint_dir"], step, g.cursor_after(step), self.model,
+                                            self.opt)
+            report["checkpoint"] = {"step": step, "path": path}
+        return report
+
+
+_CoordinatorActor = ray.remote(_Coordinator)
+_WorkerActor = ray.remote(_Worker)
+
+
+def get_coordinator(name: str = "gauss-elastic"):
+    """The running coordinator actor ``name`` (Ray must be initialised); a clear error if none runs."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        raise RuntimeError(f"no elastic coordinator named {name!r} runs in namespace {NAMESPACE!r} of this Ray "
+                           "cluster: start an ElasticTrainer first (or pass the --name / --address it uses)") from None
+
+
+# ------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------
+class ElasticTrainer:
+    """Run data-parallel replicas on Ray with live recovery and scaling (see the module docstring).
+
+    ``stream.batch(indices: LongTensor) -> batch`` must be deterministic in the indices: a sample
+    is addressed by its global index, which is what lets abandoned steps be re-assigned exactly.
+    """
+
+    def __init__(self, make_model: Callable[[], torch.nn.Module], make_optimizer: Callable[[Any], Any],
+                 loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], stream: Any,
+                 config: Optional[ElasticConfig] = None) -> None:
+        if not hasattr(stream, "batch"):
+            raise TypeError("stream must have batch(indices: LongTensor) -> batch (samples by global index)")
+        self.make_model, self.make_optimizer, self.loss_fn, self.stream = make_model, make_optimizer, loss_fn, stream
+        self.config = config or ElasticConfig()
+        if self.config.backlog_samples_per_worker and not hasattr(stream, "backlog"):
+            raise TypeError("backlog_samples_per_worker needs a stream with backlog(cursor) -> int")
+        self._coord = None
+        self._coord_pid: Optional[int] = None
+        self._workers: Dict[str, Any] = {}
+        self._refs: Dict[Any, str] = {}
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._owns_ray = False
+        self._stop = threading.Event()
+        self._supervisor: Optional[threading.Thread] = None
+        self._failure: Optional[BaseException] = None
+
+    # lifecycle --------------------------------------------------------------------------------
+    def start(self, from_checkpoint: Optional[str] = None, timeout_s: float = 180.0) -> "ElasticTrainer":
+        """Start the coordinator and ``num_workers`` workers; return when the first group formed.
+
+        ``from_checkpoint``: a disaster checkpoint (:func:`latest_disaster_checkpoint`) the first
+        generation starts from, after all replicas or the coordinator were lost.
+        """
+        if self._coord is not None:
+            raise RuntimeError("this ElasticTrainer already started")
+        cfg = self.config
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            # Ray's socket paths must stay under 107 bytes: a short temp dir of our own.
+            temp = cfg.ray_temp_dir or tempfile.mkdtemp(prefix=f"gray-{os.getpid()}-", dir="/tmp")
+            ray.init(_temp_dir=temp, include_dashboard=False, log_to_driver=False)
+            self._owns_ray = True
+        try:
+            ray.get_actor(cfg.name, namespace=NAMESPACE)
+        except ValueError:
+            pass
+        else:
+            raise RuntimeError(f"an elastic coordinator named {cfg.name!r} already runs on this Ray cluster: "
+                               "shut that trainer down or give this one another ElasticConfig(name=...)")
+        restore = None
+        if from_checkpoint is not None:
+            restore = (from_checkpoint, *load_disaster_checkpoint(from_checkpoint))  # verifies the CRC now
+        self._coord = _CoordinatorActor.options(name=cfg.name, namespace=NAMESPACE, num_cpus=0,
+                                                max_concurrency=64).remote(
+            cfg.batch_size, cfg.min_workers, cfg.num_workers, cfg.dead_after_s)
+        self._coord_pid = ray.get(self._coord.pid.remote())
+        if restore is not None:
+            ray.get(self._coord.set_restore.remote(*restore))
+        for _ in range(cfg.num_workers):
+            self._spawn()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True, name="gauss-elastic-supervisor")
+        self._supervisor.start()
+        self._wait(lambda st: st["generation"] >= 1, timeout_s, "the first generation to form")
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the workers and the coordinator (and Ray, if this trainer started it)."""
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
+        if self._coord is not None:
+            try:
+                ray.get(self._coord.shutdown.remote(), timeout=5)
+                ray.wait(list(self._refs), num_returns=len(self._refs), timeout=10)
+            except Exception:  # already dead: nothing to ask it
+                pass
+        for actor in list(self._workers.values()):
+            ray.kill(actor)
+        if self._coord is not None:
+            ray.kill(self._coord)
+        self._workers.clear()
+        self._refs.clear()
+        self._coord = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    # training -----------------------------------------------------------------------------------
+    def run(self, steps: int, timeout_s: Optional[float] = None) -> dict:
+        """Train ``steps`` more committed steps; return the status."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        target = self.status()["step"] + steps
+        self._call(self._coord.set_stop.remote(target))
+        return self._wait(lambda st: st["step"] >= target, timeout_s, f"step {target}")
+
+    def run_until(self, predicate: Callable[[dict], bool], timeout_s: Optional[float] = None) -> dict:
+        """Train until ``predicate(status())`` holds, then stop at the next step boundary."""
+        self._call(self._coord.set_stop.remote(None))
+        try:
+            self._wait(predicate, timeout_s, "the run_until condition")
+        except TimeoutError:
+            self._call(self._coord.pause.remote())  # leave the workers waiting, not running away
+            raise
+        stop = self._call(self._coord.pause.remote())
+        return self._wait(lambda st: st["step"] >= stop, timeout_s, f"step {stop}")
+
+    def scale(self, n: int) -> None:
+        """Grow or shrink to ``n`` workers at the next step boundary (training must be running
+        for the boundary to come)."""
+        cfg = self.config
+        if not cfg.min_workers <= n <= cfg.max_workers:
+            raise ValueError(f"cannot scale to {n}: allowed {cfg.min_workers}..{cfg.max_workers} workers")
+        self._call(self._coord.set_target.remote(n))
+
+    def kill_worker(self, rank: int, signal: int = _signal.SIGKILL) -> int:
+        """Send ``signal`` to the process of the member at ``rank`` (local cluster); returns its pid."""
+        members = self.status()["members"]
+        match = [m for m in members if m["rank"] == rank]
+        if not match:
+            raise ValueError(f"no member at rank {rank}; members: {[m['rank'] for m in members]}")
+        self._call(self._coord.note_kill.remote(match[0]["worker"], time.time()))
+        os.kill(match[0]["pid"], signal)
+        return match[0]["pid"]
+
+    def status(self) -> dict:
+        return self._call(self._coord.status.remote())
+
+    def sample_ledger(self) -> Dict[int, int]:
+        """Global sample index -> how many committed steps trained it."""
+        return self._call(self._coord.sample_ledger.remote())
+
+    def worker_pids(self) -> Dict[int, int]:
+        return {m["rank"]: m["pid"] for m in self.status()["members"]}
+
+    def coordinator_pid(self) -> Optional[int]:
+        return self._coord_pid
+
+    # internals ----------------------------------------------------------------------------------
+    def _lost_message(self) -> str:
+        cfg = self.config
+        latest = latest_disaster_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        where = (f"the latest disaster checkpoint is {latest}: start a new ElasticTrainer with "
+                 f"start(from_checkpoint={latest!r})") if latest else \
+            "no disaster checkpoint exists (set disaster_checkpoint_every and checkpoint_dir to have one)"
+        return (f"the elastic coordinator {cfg.name!r} died: the job's membership, step and data cursor died with "
+                f"it and its workers stop; {where}")
+
+    def _call(self, ref, timeout: float = 60.0):
+        if self._coord is None:
+            raise RuntimeError("the ElasticTrainer is not running: call start() first")
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayActorError:
+            raise ElasticCoordinatorLost(self._lost_message()) from None
+
+    def _wait(self, predicate: Callable[[dict], bool], timeout_s: Optional[float], what: str) -> dict:
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            st = self.status()
+            if st["lost"]:
+                raise AllReplicasLostError(st["lost"])
+            if predicate(st):
+                return st
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError(f"gave up waiting for {what} after {timeout_s} s; status: "
+                                   f"{ {k: st[k] for k in ('step', 'workers', 'generation', 'errors')} }")
+            time.sleep(0.02)
+
+    def _spawn(self) -> None:
+        cfg = self.config
+        wid = f"w{self._next_id}"
+        self._next_id += 1
+        options: Dict[str, Any] = {"num_cpus": 0}
+        if cfg.backend == "nccl":
+            options["num_gpus"] = 1
+        actor = _WorkerActor.options(**options).remote(
+            wid, cfg.name, self.make_model, self.make_optimizer, self.loss_fn, self.stream, asdict(cfg), time.time())
+        with self._lock:
+            self._workers[wid] = actor
+            self._refs[actor.serve.remote()] = wid
+
+    def _supervise(self) -> None:
+        cfg = self.config
+        while not self._stop.wait(0.05):
+            try:
+                with self._lock:
+                    refs = list(self._refs)
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+                for ref in ready:
+                    wid = self._refs.pop(ref)
+                    actor = self._workers.pop(wid)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:
+                        if self._coord_alive():
+                            ray.get(self._coord.mark_dead.remote(wid, ""))
+                        else:
+                            raise ElasticCoordinatorLost(self._lost_message()) from exc
+                    except Exception as exc:  # the worker's own code raised: it cannot continue
+                        ray.kill(actor)
+                        ray.get(self._coord.mark_dead.remote(wid, f"{type(exc).__name__}: {exc}"))
+                    else:
+                        ray.kill(actor)  # stopped (scaled down): free its process
+                info = ray.get(self._coord.tick.remote(), timeout=30)
+                for wid in info["hung"]:
+                    actor = self._workers.get(wid)
+                    if actor is not None:
+                        ray.kill(actor)  # a hung process ends; its peers' collectives then fail
+                    ray.get(self._coord.mark_dead.remote(wid, "no heartbeat"))
+                if info["lost"]:
+                    continue
+                target = info["target"]
+                if cfg.backlog_samples_per_worker:
+                    want = desired_workers(self.stream.backlog(info["cursor"]), cfg.backlog_samples_per_worker,
+                                           cfg.min_workers, cfg.max_workers)
+                    if want != target:
+                        ray.get(self._coord.set_target.remote(want))
+                        target = want
+                for _ in range(target - len(self._workers)):
+                    self._spawn()
+            except ray.exceptions.RayActorError:
+                self._failure = ElasticCoordinatorLost(self._lost_message())
+                return
+            except ElasticCoordinatorLost as exc:
+                self._failure = exc
+                return
+
+    def _coord_alive(self) -> bool:
+        try:
+            ray.get(self._coord.pid.remote(), timeout=5)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False

@@ -1,0 +1,40 @@
+"""Elastic data-parallel training: recovery from a live replica, scaling at step boundaries.
+
+The framework-neutral half of elastic training (the Ray launcher is
+``gauss_integrations.ray.elastic``):
+
+* :mod:`.protocol` -- membership and generations, step boundaries, the data assignment
+  ``(step, generation, world) -> global sample indices`` and the coordinator's state machine;
+* :mod:`.state` -- the peer state-transfer message (dense weights + optimizer state) and the
+  disaster checkpoints written in the same format;
+* :mod:`.synthetic` -- a small model, loss and index-addressable stream for tests and benchmarks.
+
+**Guarantee (samples).** Every step trains a contiguous range of the stream, split across the
+members of the step's generation. A step's samples count as trained exactly when the step is
+*committed*: every member reported it done, or a member that survives into the next generation
+finished it (finishing means the step's all-reduce completed there, so every member's gradient
+of the step is in that member's weights, and the next generation takes its weights from the
+member with the highest finished step). A step whose all-reduce did not complete on any
+survivor is abandoned: its samples are not counted and the next generation re-assigns them,
+re-partitioned over its own world. Hence each sample below the cursor is trained exactly once,
+none is skipped, and the committed step counter never goes back.
+
+**Guarantee (state).** Survivors keep their weights; a joining or replacement worker receives
+the weights and optimizer state of a live peer by broadcast after the new group forms, and joins
+at a step boundary. Disaster checkpoints (every ``disaster_checkpoint_every`` steps) are only for
+losing every replica; the recovery path never reads them.
+
+**Embedding rows.** Rows kept in a TierPS live outside the trainers: an update the store
+acknowledged (``put`` returned) is in its RAM tier and log, so a trainer's death does not lose
+it. The elastic launcher itself trains dense replicas only; a step whose all-reduce was abandoned
+is re-run, so a sparse update applied by that step must be idempotent per step (keyed by step)
+or applied only after commit.
+"""
+from gauss_plugins.elastic.protocol import (AllReplicasLostError, ElasticState, Generation, desired_workers,
+                                            sample_indices)
+from gauss_plugins.elastic.state import (broadcast_state, latest_disaster_checkpoint, load_disaster_checkpoint,
+                                         pack_state, save_disaster_checkpoint, unpack_state)
+
+__all__ = ["AllReplicasLostError", "ElasticState", "Generation", "desired_workers", "sample_indices",
+           "broadcast_state", "latest_disaster_checkpoint", "load_disaster_checkpoint", "pack_state",
+           "save_disaster_checkpoint", "unpack_state"]

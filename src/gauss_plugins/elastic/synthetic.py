@@ -1,0 +1,76 @@
+"""Small, importable pieces for elastic training tests, examples and benchmarks.
+
+Ray workers unpickle callables by reference when their module is importable, so the model
+factory, optimizer factory, loss and stream that tests hand to the launcher live here rather
+than in test files (which Ray workers cannot import).
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["make_mlp", "make_adam", "mse_loss", "SlowLoss", "SyntheticRegressionStream"]
+
+
+def make_mlp(dim: int = 16, hidden: int = 32, depth: int = 2, seed: Optional[int] = None) -> nn.Module:
+    """An MLP ``dim -> hidden x depth -> 1``; ``seed`` fixes its initial weights."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers = []
+    width = dim
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+def make_adam(params: Iterable[torch.nn.Parameter], lr: float = 1e-2) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr)
+
+
+def mse_loss(model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.mse_loss(model(x).squeeze(-1), y)
+
+
+class SlowLoss:
+    """:func:`mse_loss` after a sleep of ``delay_s``: most of a step's time is then "mid-step",
+    where a test's kill lands."""
+
+    def __init__(self, delay_s: float = 0.02):
+        self.delay_s = delay_s
+
+    def __call__(self, model: nn.Module, batch):
+        time.sleep(self.delay_s)
+        return mse_loss(model, batch)
+
+
+class SyntheticRegressionStream:
+    """An unbounded stream addressable by global sample index: sample ``i`` is ``(x_i, y_i)`` with
+    ``x_i`` a function of ``(seed, i)`` only and ``y_i = <x_i, w> + 0.1 sin(i)`` for a fixed ``w``,
+    so any worker builds any sample, and a loss that falls means the replicas learn ``w``.
+
+    ``arrived`` (None: unbounded) is how many samples the stream holds so far; ``backlog(cursor)``
+    is what the scaling policy reads.
+    """
+
+    def __init__(self, dim: int = 16, seed: int = 0, arrived: Optional[int] = None):
+        self.dim, self.seed, self.arrived = dim, seed, arrived
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(dim, generator=g)
+        # Per-sample features from a counter-based mix: deterministic in (seed, i) and cheap.
+        self._freq = torch.rand(dim, generator=g) * 3.0 + 0.5
+        self._phase = torch.rand(dim, generator=g) * 6.283
+
+    def batch(self, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        i = indices.to(torch.float64).unsqueeze(1)
+        x = torch.sin(i * self._freq.double() * 0.7548776662 + self._phase.double() + i * i * 1e-7).float()
+        y = x @ self.w + 0.1 * torch.sin(indices.to(torch.float64)).float()
+        return x, y
+
+    def backlog(self, cursor: int) -> int:
+        return 0 if self.arrived is None else max(self.arrived - cursor, 0)
