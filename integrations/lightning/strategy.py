@@ -53,7 +53,7 @@ import shutil
 import tempfile
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig, SparseOptimizer
+from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
 
 DIM = 8
 

@@ -17,7 +17,7 @@ from strategy_testmodel import IdDataset, TinyModule, loader, table_rows  # noqa
 
 import gauss_integrations.lightning  # noqa: E402,F401  (registers the strategy)
 from gauss_integrations.lightning.strategy import ELASTIC_ISSUE, GaussStrategy  # noqa: E402
-from gauss_plugins.embedding import ReplicatedTableError, SparseOptimizer  # noqa: E402
+from gauss_plugins.embedding import SparseOptimizer  # noqa: E402
 from gauss_plugins.serialization import load_tensors  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
