@@ -246,6 +246,9 @@ class LookaheadCache:
             backing = table.backing
             backing.write = self._writer(backing)
             backing.drain = self._drain  # a syncer reading the store waits for queued writes
+            # Data parallel: the store may be partitioned across ranks (reads are collectives), so
+            # eval reads only the resident rows; the strategy makes the rows eval needs resident.
+            backing.eval_reads_store = exchange is None
             self._tables[name] = _TableState(name, table, backing)
         self._window: Deque[_Entry] = deque()    # admitted batches, the next one to train first
         self._waiting: Deque[_Entry] = deque()   # pulled from the loader, not yet admitted

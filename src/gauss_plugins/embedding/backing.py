@@ -7,7 +7,8 @@ With one (``table.attach_store(store)``), the table is the fast tier of a two-ti
   columns) is written to the store if it changed since it came from there;
 * an id that a training lookup (re)admits gets its row and optimizer state back from the
   store instead of a fresh init;
-* an eval-mode lookup of an id without a row reads its stored row (without inserting it);
+* an eval-mode lookup of an id without a row reads its stored row (without inserting it;
+  ``eval_reads_store = False`` reads the default row instead);
 * ``table.delete(ids)`` deletes the ids from the store too (a deleted row must not come back);
 * :meth:`StoreBacking.flush` writes every changed resident row (before a checkpoint of the
   store, or at the end of training).
@@ -94,6 +95,10 @@ class StoreBacking:
         self.write = write if write is not None else self._put
         #: whether rows straight from the initializer can be recreated from their ids
         self.deterministic_init = isinstance(table.config.initializer, str)
+        #: whether an eval-mode lookup reads ids without a row from the store (the lookahead
+        #: cache turns it off in data-parallel runs, where a read outside its worker may be a
+        #: collective the other ranks do not make)
+        self.eval_reads_store = True
         self._clean = torch.full((table.weight.shape[0],), -1, dtype=torch.int64, device=table.device)
         self.counters = {"restored_rows": 0, "initialized_rows": 0, "evicted_rows": 0, "written_back_rows": 0,
                          "deleted_rows": 0}

@@ -749,7 +749,7 @@ class DynamicEmbeddingTable(nn.Module):
         # Per-sample weights that need a gradient: the rows read must be kept for backward.
         weights_grad = psw is not None and psw.requires_grad and torch.is_grad_enabled()
         if not self.training:
-            if self.config.eval_unknown == "default" and not weights_grad and self.backing is None:
+            if self.config.eval_unknown == "default" and not weights_grad and not self._eval_reads_store:
                 if fused is not None:
                     return fused.lookup_pool(self.index, ids, offsets, self.weight, psw, imode, self.default_row)[0]
                 return self._pool(self.index.find(ids, default=self.default_row), offsets, imode, psw)
@@ -807,19 +807,24 @@ class DynamicEmbeddingTable(nn.Module):
     def _read_unknown(self, ids: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``values`` (gathered at ``rows``) with the ids that have no row read as
         ``config.eval_unknown`` says; raises :class:`UnknownIdError` before returning anything."""
-        if self.config.eval_unknown == "default" and self.backing is None:
+        if self.config.eval_unknown == "default" and not self._eval_reads_store:
             return values
         missing = rows == self.default_row
         if bool(missing.any()):
             values[missing] = self._absent_values(ids[missing])
         return values
 
+    @property
+    def _eval_reads_store(self) -> bool:
+        return self.backing is not None and self.backing.eval_reads_store
+
     def _absent_values(self, absent: torch.Tensor) -> torch.Tensor:
         """float32[N, dim]: what ids without a row read in eval mode: with a backing store,
         the stored row of those it holds (an evicted row is still trained, only elsewhere);
         the rest as ``config.eval_unknown`` says."""
-        if self.backing is None:
-            return self._unknown_values(absent)
+        if not self._eval_reads_store:
+            return self._unknown_values(absent) if self.config.eval_unknown != "default" else \
+                self.weight[self.default_row].to(torch.float32).expand(absent.numel(), self.dim).clone()
         drain = getattr(self.backing, "drain", None)
         if drain is not None:  # write-backs queued by an asynchronous writer land first
             drain()
