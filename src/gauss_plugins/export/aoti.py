@@ -172,7 +172,8 @@ def package_metadata(program: RankerProgram, model_version: str, embedding_versi
         raise ValueError(f"embedding_source must be '', 'snapshot:<file>' or 'redis://host:port/<prefix>', "
                          f"got {embedding_source!r}")
     return {"gauss_format": GAUSS_FORMAT, "model_version": model_version, "embedding_version": embedding_version,
-            "head": program.head, "dim": str(program.dim), "max_seq_len": str(program.max_history), "model_max_len": str(program.max_len),
+            "head": program.head, "dim": str(program.dim), "max_seq_len": str(program.max_history),
+            "model_max_len": str(program.max_len),
             "embedding_source": embedding_source, "dtype": "float32",
             "input_names": ",".join(input_names(program.timed)), "output_names": ",".join(OUTPUT_NAMES)}
 

@@ -23,7 +23,7 @@ def gauss_register_export_targets():
             kind="export_target",
             name="aoti",
             factory="gauss_plugins.export.aoti:export_aoti",
-            description="HSTU ranker (M-FALCON) as an AOTInductor .pt2 that serves without Python; "
+            description="HSTU ranker (retrieval or M-FALCON head) as an AOTInductor .pt2 that serves without Python; "
                         "parity-checked against eager",
             check=_cxx_available,
             priority=10,

@@ -148,7 +148,8 @@ class RankerProgram(nn.Module):
         L = self.max_len
         pos = torch.arange(n, device=history.device)
         valid = pos.unsqueeze(0) < lens.unsqueeze(1)                                   # [B, N]
-        xh = (history * math.sqrt(self.dim) + self.pos_emb.weight[:n].unsqueeze(0)) * valid.unsqueeze(-1).to(history.dtype)
+        xh = history * math.sqrt(self.dim) + self.pos_emb.weight[:n].unsqueeze(0)
+        xh = xh * valid.unsqueeze(-1).to(history.dtype)
         hh_mask = (pos.view(1, n, 1) >= pos.view(1, 1, n)) & valid.unsqueeze(1)       # [B, Nq, Nk]
         hh_pos = (pos.view(1, n) - pos.view(n, 1) + L - 1).clamp(0, 2 * L - 2)         # [Nq, Nk]
         hh_time = None
