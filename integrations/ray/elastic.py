@@ -105,8 +105,10 @@ class ElasticConfig:
 class _Coordinator:
     """Wraps :class:`ElasticState` with a condition variable; runs threaded (blocking waits)."""
 
-    def __init__(self, batch_size: int, min_workers: int, target: int, dead_after_s: float) -> None:
-        self.s = ElasticState(batch_size=batch_size, min_workers=min_workers, target=target)
+    def __init__(self, batch_size: int, min_workers: int, target: int, max_workers: int,
+                 dead_after_s: float) -> None:
+        self.s = ElasticState(batch_size=batch_size, min_workers=min_workers, target=target,
+                              max_workers=max_workers)
         self.cv = threading.Condition()
         self.dead_after_s = dead_after_s
         self.heartbeats: Dict[str, float] = {}
@@ -538,7 +540,7 @@ class ElasticTrainer:
             restore = (from_checkpoint, *load_disaster_checkpoint(from_checkpoint))  # verifies the CRC now
         self._coord = _CoordinatorActor.options(name=cfg.name, namespace=NAMESPACE, num_cpus=0,
                                                 max_concurrency=64).remote(
-            cfg.batch_size, cfg.min_workers, cfg.num_workers, cfg.dead_after_s)
+            cfg.batch_size, cfg.min_workers, cfg.num_workers, cfg.max_workers, cfg.dead_after_s)
         self._coord_pid = ray.get(self._coord.pid.remote())
         if restore is not None:
             ray.get(self._coord.set_restore.remote(*restore))

@@ -101,6 +101,7 @@ class ElasticState:
     batch_size: int
     min_workers: int = 1
     target: int = 1
+    max_workers: int = 1 << 30
     gen: Optional[Generation] = None
     committed: int = 0
     cursor: int = 0
@@ -142,8 +143,8 @@ class ElasticState:
             self.broken = True
 
     def set_target(self, n: int) -> None:
-        if n < self.min_workers:
-            raise ValueError(f"cannot scale to {n} workers: min_workers is {self.min_workers}")
+        if not self.min_workers <= n <= self.max_workers:
+            raise ValueError(f"cannot scale to {n} workers: the job allows {self.min_workers}..{self.max_workers}")
         self.target = n
         if self.gen is not None:
             live = [m for m in self.gen.members if m not in self.dead]
