@@ -1,15 +1,17 @@
 """gauss-runner on the real exported HSTU ranker: its scores equal Python's.
 
 One tiny HSTU retrieval model (``export_cases.tiny_model``, trained-looking bias tables) is
-exported with :func:`gauss_plugins.export.aoti.export_aoti` (parity check included), its
+exported with :func:`gauss_plugins.export.aoti.export_aoti` (parity check included) with
+each scoring head (``retrieval``, the default, and ``mfalcon``), its
 item rows frozen into a ``.gsnp`` snapshot and also written to Redis the way RedisWePS
 writes them. The C++ runner's scores must equal
 
 * the Python Predictor's (``gauss rank``) on the same batches (``<= 1e-6``), and
-* the model's own jagged M-FALCON path (``MFalcon.score``; ``<= 1e-5``: eager vs compiled),
+* for the ``mfalcon`` head, the model's own jagged M-FALCON path (``MFalcon.score``;
+  ``<= 1e-5``: eager vs compiled),
 
 for the snapshot source and for the Redis source. Slow: a runner build (cached) and one
-AOTInductor compile.
+AOTInductor compile per head.
 """
 from __future__ import annotations
 
@@ -48,19 +50,22 @@ def runner():
     return build_runner()
 
 
-@pytest.fixture(scope="module")
-def ranker(tmp_path_factory):
+@pytest.fixture(scope="module", params=["retrieval", "mfalcon"])
+def ranker(request, tmp_path_factory):
+    """The package of each scoring head (the runner serves either: same inputs, same output)."""
     from gauss_plugins.export.aoti import export_aoti, load_package
 
-    folder = tmp_path_factory.mktemp("hstu")
+    head = request.param
+    folder = tmp_path_factory.mktemp(f"hstu-{head}")
     model = export_cases.tiny_model(num_items=NUM_ITEMS, dim=DIM, max_len=MAX_LEN)
     ids = torch.arange(1, NUM_ITEMS + 1)
     with torch.no_grad():
         rows = model.item_embeddings(ids).contiguous()
     write_snapshot(folder / "items.gsnp", ids, rows)
     result = export_aoti(model, str(folder / "ranker.pt2"), model_version="tiny", embedding_version="1",
-                         embedding_source="snapshot:items.gsnp")
-    return {"model": model, "package": result.path, "loaded": load_package(result.path), "ids": ids, "rows": rows,
+                         embedding_source="snapshot:items.gsnp", head=head)
+    assert result.metadata["head"] == head
+    return {"head": head, "model": model, "package": result.path, "loaded": load_package(result.path), "ids": ids, "rows": rows,
             "snapshot": str(folder / "items.gsnp"), "parity": result.parity}
 
 
@@ -91,10 +96,12 @@ def max_diff(a, b):
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 64])
-def test_snapshot_scores_equal_python_and_mfalcon(runner, ranker, batch_size):
+def test_snapshot_scores_equal_predictor_and_mfalcon(runner, ranker, batch_size):
     reqs = requests()
     got = run_runner(ranker["package"], reqs, snapshot=ranker["snapshot"], batch_size=batch_size, binary=runner)
     assert max_diff(got, python_scores(ranker, reqs, batch_size)) <= 1e-6
+    if ranker["head"] != "mfalcon":
+        return
     # Against the model's own jagged M-FALCON path, for requests it takes unchanged (its
     # micro-batches of 3 candidates sit after the history inside max_len).
     fits = [i for i, (h, _) in enumerate(reqs) if 1 <= len(h) <= MAX_LEN - 3]
