@@ -20,9 +20,10 @@ Recovery time is measured from the SIGKILL to the first training step completed 
 (baselines: rank 0's step log, written after each step; ours: the trainer's recovery
 record). ``steps_redone`` is the number of steps completed before the kill that were trained
 again after it (the baselines redo the 10 steps since their checkpoint by design).
-Two state sizes: the small MLP (3x512) and a wide MLP whose dense weights + Adam state are
-about 2 GB per worker (gradients, another third, not counted); the large state runs fewer
-kills (each cycle trains 30 steps of a ~2 GB model on 2 shared cores).
+Two state sizes: the small MLP (3x512) and a wide MLP (10x2048) whose dense weights + Adam
+state are 0.45 GB per worker (gradients, another third, not counted) -- the issue asks for
+~2 GB, which this shared 2-core machine trains at ~11 s per step (see ``LARGE_NOTE``); the
+large state runs fewer kills.
 
 Summary keys (ours unless named ``baseline_``): ``recovery_s`` (small, median; target <= 1.0),
 ``recovery_s_large`` (target <= 1.5), ``baseline_restart_s`` / ``baseline_restart_s_large``
@@ -55,6 +56,10 @@ NAME = "elastic_recovery"
 WORKERS = 2
 CKPT_EVERY = 20
 KILL_OFFSET = 10
+LARGE_NOTE = ("large state is 0.45 GB (weights + Adam moments per worker), not the issue's ~2 GB: a probe at 1.8 GB "
+              "(hidden 4096, 10 layers) on this shared 2-core machine (load ~10) ran 11.4 s per training step, so each "
+              "kill cycle (20 steps to a checkpoint + 10) took ~6 min per system; that probe's one torchrun kill "
+              "recovered in 39.4 s with 10 steps redone")
 TARGETS = {"recovery_s": "<= 1.0", "recovery_s_large": "<= 1.5", "steps_redone": "<= 0", "join_s": "<= 30",
            "lost_samples": "<= 0", "duplicated_samples": "<= 0", "kills_tried": ">= 20",
            "kills_unrecovered": "<= 0"}
@@ -65,8 +70,10 @@ def state_config(size: str) -> Dict[str, Any]:
     if size == "small":
         cfg = {"hidden": 512, "layers": 3, "in_dim": 64, "batch": 64}
     else:
-        # 10 x 4096^2 + ... = ~168M floats: weights + 2 Adam moments = ~2.0 GB per worker.
-        cfg = {"hidden": 4096, "layers": 10, "in_dim": 64, "batch": 16}
+        # ~38M floats: weights + 2 Adam moments = 0.45 GB per worker. The issue asks for ~2 GB;
+        # on this 2-core machine a 1.8 GB state (hidden 4096) ran 11.4 s per step (load ~10),
+        # so one kill cycle (30 steps) took ~6 minutes per system: LARGE_NOTE says so in the record.
+        cfg = {"hidden": 2048, "layers": 10, "in_dim": 64, "batch": 16}
     h, n, d = cfg["hidden"], cfg["layers"], cfg["in_dim"]
     params = d * h + h + (n - 1) * (h * h + h) + h + 1
     cfg["params"] = params
@@ -319,6 +326,8 @@ def main(argv=None) -> int:
                     n = kills if size == "small" else args.kills_large
                     rows.append(ours_row(size, cfg, run_ours(cfg, n, args.timeout)))
                 r = rows[-1]
+                if size == "large":
+                    r["note"] = LARGE_NOTE
                 print(f"   kills {r['kills']}, unrecovered {r['unrecovered']}, recovery median "
                       f"{r['recovery_s_median']}, steps redone {r['steps_redone_max']}, error {r['error']}", flush=True)
     finally:
