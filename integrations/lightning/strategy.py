@@ -404,8 +404,10 @@ class GaussStrategy(DDPStrategy):
         if elastic:
             raise NotImplementedError(
                 f"GaussStrategy(elastic=...) is not implemented yet: replicas that join or leave a running job "
-                f"are the subject of the issue \"{ELASTIC_ISSUE}\". Run with a fixed number of workers "
-                f"(elastic=False) and resume from a checkpoint after a failure")
+                f"are the subject of the issue \"{ELASTIC_ISSUE}\". Lightning's fit loop cannot re-form its "
+                f"process group mid-fit yet; for recovery from a live replica and scaling today, train with "
+                f"gauss_integrations.ray.elastic.ElasticTrainer (model and optimizer factories, a loss function, "
+                f"an index-addressable stream), or run with elastic=False and resume from a checkpoint")
         if budget_rows is not None and (isinstance(budget_rows, bool) or not isinstance(budget_rows, int)
                                         or budget_rows < 1):
             raise ValueError(f"budget_rows must be a positive int or None, got {budget_rows!r}")
