@@ -49,7 +49,8 @@ from gauss_plugins.elastic.protocol import (NO_STATE, AllReplicasLostError, Elas
 from gauss_plugins.elastic.state import (broadcast_state, latest_disaster_checkpoint, load_disaster_checkpoint,
                                          save_disaster_checkpoint)
 
-__all__ = ["ElasticConfig", "ElasticTrainer", "ElasticCoordinatorLost", "AllReplicasLostError", "NAMESPACE",
+__all__ = ["ElasticConfig", "ElasticTrainer", "ElasticCoordinatorLost", "ElasticWorkerError", "AllReplicasLostError",
+           "NAMESPACE",
            "get_coordinator"]
 
 NAMESPACE = "gauss-elastic"
@@ -57,6 +58,11 @@ NAMESPACE = "gauss-elastic"
 
 class ElasticCoordinatorLost(RuntimeError):
     """The coordinator actor died: membership, step and data cursor are gone with it."""
+
+
+class ElasticWorkerError(RuntimeError):
+    """The user's model, loss or stream raised in a worker: a replacement would fail the same way,
+    so training stops instead of re-forming groups forever."""
 
 
 @dataclass
@@ -385,7 +391,7 @@ class _Worker:
                 if self._form_group(g, rank):
                     self._sync(g, rank)
                     self._train(g, rank)
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, ElasticWorkerError):
                 raise
             except Exception as exc:  # a collective failed: a peer died, hung or left
                 self.coord.report_failure.remote(self.wid, g.gen, f"{type(exc).__name__}: {exc}")
@@ -437,12 +443,16 @@ class _Worker:
         import torch.distributed as dist
 
         idx = sample_indices(g, step, rank)
-        batch = self.stream.batch(idx)
-        if isinstance(batch, (tuple, list)):
-            batch = type(batch)(b.to(self.device) if isinstance(b, torch.Tensor) else b for b in batch)
-        self.opt.zero_grad(set_to_none=False)
-        loss = self.loss_fn(self.model, batch)
-        loss.backward()
+        try:
+            batch = self.stream.batch(idx)
+            if isinstance(batch, (tuple, list)):
+                batch = type(batch)(b.to(self.device) if isinstance(b, torch.Tensor) else b for b in batch)
+            self.opt.zero_grad(set_to_none=False)
+            loss = self.loss_fn(self.model, batch)
+            loss.backward()
+        except Exception as exc:
+            raise ElasticWorkerError(f"step {step} on worker {self.wid} (rank {rank}) failed in the stream, model "
+                                     f"or loss: {type(exc).__name__}: {exc}") from exc
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([t.reshape(-1) for t in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
@@ -687,9 +697,14 @@ class ElasticTrainer:
                             ray.get(self._coord.mark_dead.remote(wid, ""))
                         else:
                             raise ElasticCoordinatorLost(self._lost_message()) from exc
-                    except Exception as exc:  # the worker's own code raised: it cannot continue
+                    except Exception as exc:  # the user's code raised in the worker: stop the job
                         ray.kill(actor)
                         ray.get(self._coord.mark_dead.remote(wid, f"{type(exc).__name__}: {exc}"))
+                        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                        self._failure = ElasticWorkerError(f"worker {wid} failed; fix the error and restart "
+                                                           f"(training is paused): {cause}")
+                        ray.get(self._coord.pause.remote())
+                        return
                     else:
                         ray.kill(actor)  # stopped (scaled down): free its process
                 info = ray.get(self._coord.tick.remote(), timeout=30)

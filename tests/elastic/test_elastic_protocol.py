@@ -147,3 +147,23 @@ def test_state_message_round_trip_and_disaster_checkpoint(tmp_path):
     open(latest, "wb").write(bytes(raw))
     with pytest.raises(ValueError, match="(?i)checksum|crc"):
         load_disaster_checkpoint(latest, fresh, fresh_opt)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(num_workers=0), "min_workers"), (dict(num_workers=9), "max_workers"),
+                                       (dict(backend="mpi"), "gloo"), (dict(heartbeat_s=3.0), "dead_after_s"),
+                                       (dict(disaster_checkpoint_every=5), "checkpoint_dir"),
+                                       (dict(batch_size=0), "batch_size")])
+def test_bad_elastic_config_is_refused(kw, match):
+    pytest.importorskip("ray")
+    from gauss_integrations.ray.elastic import ElasticConfig
+
+    with pytest.raises(ValueError, match=match):
+        ElasticConfig(**kw)
+
+
+def test_trainer_needs_an_index_addressable_stream():
+    pytest.importorskip("ray")
+    from gauss_integrations.ray.elastic import ElasticTrainer
+
+    with pytest.raises(TypeError, match="batch"):
+        ElasticTrainer(make_mlp, make_adam, mse_loss, [1, 2, 3])

@@ -156,3 +156,41 @@ def test_coordinator_killed_clear_error_then_disaster_checkpoint(ray_cluster, tm
         assert abs(st["losses"][0][1] - first_run[11]) < 1e-4 * max(1.0, first_run[11]), (st["losses"], first_run)
     finally:
         again.shutdown()
+
+
+def test_hung_worker_is_detected_by_heartbeat_and_replaced(ray_cluster):
+    trainer = _trainer(3, heartbeat_s=0.2, dead_after_s=1.5).start()
+    hung = {}
+
+    def stop_rank_2_then_wait(st):
+        if not hung and st["step"] >= 5:
+            hung["pid"] = trainer.kill_worker(2, signal.SIGSTOP)  # alive but silent: only heartbeats see it
+        return bool(hung) and len(st["recoveries"]) == 1 and st["workers"] == 3 and len(st["joins"]) == 1
+
+    try:
+        st = _steps_seen(trainer, stop_rank_2_then_wait)
+        assert st["recoveries"][0]["steps_redone"] == 0
+        assert st["recoveries"][0]["first_step_after_s"] < 20  # dead_after_s, a kill, a regroup
+        assert any("no heartbeat" in e for e in st["errors"])
+        _assert_exactly_once(trainer)
+    finally:
+        trainer.shutdown()
+        try:
+            os.kill(hung["pid"], signal.SIGKILL)  # never leave a stopped process behind
+        except (KeyError, ProcessLookupError):
+            pass
+
+
+def test_an_error_in_user_code_stops_training_with_it(ray_cluster):
+    from gauss_integrations.ray.elastic import ElasticConfig, ElasticTrainer, ElasticWorkerError
+    from gauss_plugins.elastic.synthetic import mse_loss
+
+    # the model takes 16 features, the stream makes 8: every step fails the same way on every worker
+    trainer = ElasticTrainer(make_mlp, make_adam, mse_loss, SyntheticRegressionStream(8),
+                             ElasticConfig(num_workers=2, batch_size=4)).start()
+    try:
+        with pytest.raises(ElasticWorkerError, match="stream, model or loss.*mat1 and mat2"):
+            trainer.run(steps=3, timeout_s=60)
+        assert trainer.status()["step"] == 0
+    finally:
+        trainer.shutdown()
