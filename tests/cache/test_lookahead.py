@@ -209,3 +209,20 @@ def test_owner_fn_limits_write_back(tmp_path):
     assert got.found.tolist() == [i % 2 == 0 for i in range(32)]  # odd rows are another replica's
     cache.close()
     store.close()
+
+
+def test_a_cache_dropped_without_close_stops_its_thread(tmp_path):
+    import gc
+    import threading
+
+    store = _store(str(tmp_path / "s"))
+    before = sum(t.name == "gauss-lookahead-cache" for t in threading.enumerate())
+    cache = LookaheadCache({"items": _table(16)}, store, CacheConfig(budget_rows=16), ids_fn=lambda b: {"items": b})
+    assert sum(t.name == "gauss-lookahead-cache" for t in threading.enumerate()) == before + 1
+    del cache
+    gc.collect()
+    for t in threading.enumerate():
+        if t.name == "gauss-lookahead-cache":
+            t.join(timeout=5)
+    assert sum(t.name == "gauss-lookahead-cache" for t in threading.enumerate()) == 0
+    store.close()

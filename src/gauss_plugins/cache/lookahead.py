@@ -49,6 +49,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional
@@ -149,8 +150,12 @@ class _Worker:
         if last is not None:
             last.wait()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Let the thread end after the jobs queued so far."""
         self._queue.put(None)
+
+    def close(self) -> None:
+        self.stop()
         self._thread.join()
 
 
@@ -242,6 +247,8 @@ class LookaheadCache:
                 table.detach_store(flush=False)
             raise
         self._worker: Optional[_Worker] = _Worker() if config.prefetch else None
+        # A cache dropped without close() still stops its thread (what was queued runs first).
+        self._stop_worker = weakref.finalize(self, self._worker.stop) if self._worker is not None else None
         for name, table in tables.items():
             backing = table.backing
             backing.write = self._writer(backing)
@@ -548,6 +555,7 @@ class LookaheadCache:
             return
         self.flush()
         if self._worker is not None:
+            self._stop_worker.detach()
             self._worker.close()
             self._worker = None
         for ts in self._tables.values():
