@@ -65,15 +65,15 @@ TARGETS = {"recovery_s": "<= 1.0", "recovery_s_large": "<= 1.5", "steps_redone":
            "kills_unrecovered": "<= 0"}
 
 
-def state_config(size: str) -> Dict[str, Any]:
+def state_config(size: str, large_hidden: int = 2048) -> Dict[str, Any]:
     """Model and batch settings for a state size; ``state_bytes`` = weights + Adam's 2 moments."""
     if size == "small":
         cfg = {"hidden": 512, "layers": 3, "in_dim": 64, "batch": 64}
     else:
-        # ~38M floats: weights + 2 Adam moments = 0.45 GB per worker. The issue asks for ~2 GB;
-        # on this 2-core machine a 1.8 GB state (hidden 4096) ran 11.4 s per step (load ~10),
-        # so one kill cycle (30 steps) took ~6 minutes per system: LARGE_NOTE says so in the record.
-        cfg = {"hidden": 2048, "layers": 10, "in_dim": 64, "batch": 16}
+        # 2048 (default): ~38M floats, weights + 2 Adam moments = 0.45 GB per worker. The issue
+        # asks for ~2 GB (4096: 1.8 GB); on this shared 2-core machine that ran 11.4 s per step
+        # at load ~10, ~6 minutes per kill cycle and system: LARGE_NOTE says so in the record.
+        cfg = {"hidden": large_hidden, "layers": 10, "in_dim": 64, "batch": 16}
     h, n, d = cfg["hidden"], cfg["layers"], cfg["in_dim"]
     params = d * h + h + (n - 1) * (h * h + h) + h + 1
     cfg["params"] = params
@@ -284,6 +284,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-kills", type=int, default=None, help="kills per baseline at the small state "
                    "(default 5; quick 1)")
     p.add_argument("--systems", default="torchrun,ray_train,ours", help="comma-separated subset to run")
+    p.add_argument("--sizes", default=None, help="comma-separated state sizes (default small,large; quick small)")
+    p.add_argument("--large-hidden", type=int, default=2048,
+                   help="width of the large MLP's 10 layers (4096: ~1.8 GB of weights + Adam state per worker)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per system and state")
     args = p.parse_args(argv)
     try:
@@ -293,7 +296,12 @@ def main(argv=None) -> int:
         return 0
     kills = args.kills if args.kills is not None else (3 if args.quick else 20)
     bkills = args.baseline_kills if args.baseline_kills is not None else (1 if args.quick else 5)
-    sizes = ["small"] if args.quick else ["small", "large"]
+    sizes = ([x.strip() for x in args.sizes.split(",") if x.strip()] if args.sizes
+             else ["small"] if args.quick else ["small", "large"])
+    if not sizes or set(sizes) - {"small", "large"}:
+        p.error(f"--sizes takes small and/or large, got {args.sizes!r}")
+    if args.large_hidden < 64:
+        p.error(f"--large-hidden must be >= 64, got {args.large_hidden}")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - {"torchrun", "ray_train", "ours"}
     if unknown:
@@ -310,7 +318,7 @@ def main(argv=None) -> int:
     try:
         ray.init(num_cpus=2 * WORKERS, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
         for size in sizes:
-            cfg = state_config(size)
+            cfg = state_config(size, args.large_hidden)
             n_base = bkills if size == "small" else args.kills_large
             for system in systems:
                 run_dir = os.path.join(work, f"{system}-{size}")
@@ -326,7 +334,7 @@ def main(argv=None) -> int:
                     n = kills if size == "small" else args.kills_large
                     rows.append(ours_row(size, cfg, run_ours(cfg, n, args.timeout)))
                 r = rows[-1]
-                if size == "large":
+                if size == "large" and args.large_hidden == 2048:
                     r["note"] = LARGE_NOTE
                 print(f"   kills {r['kills']}, unrecovered {r['unrecovered']}, recovery median "
                       f"{r['recovery_s_median']}, steps redone {r['steps_redone_max']}, error {r['error']}", flush=True)
