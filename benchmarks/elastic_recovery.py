@@ -122,7 +122,7 @@ def _free_port() -> int:
 
 
 def run_torchrun(cfg: Dict[str, Any], kills: int, run_dir: str, timeout_s: float) -> Dict[str, Any]:
-    steps = CKPT_EVERY * (kills + 1) + KILL_OFFSET + 2  # each kill costs 20 steps net; a few after the last
+    steps = CKPT_EVERY * kills + KILL_OFFSET + 3  # the last kill at step 20k + 10; 3 steps after it
     wcfg = {**cfg, "steps": steps, "ckpt_every": CKPT_EVERY, "kill_offset": KILL_OFFSET, "kills": kills,
             "run_dir": run_dir}
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
@@ -152,7 +152,7 @@ def run_ray_train(cfg: Dict[str, Any], kills: int, run_dir: str, timeout_s: floa
 
     from baseline_worker import ray_train_loop
 
-    steps = CKPT_EVERY * (kills + 1) + KILL_OFFSET + 2
+    steps = CKPT_EVERY * kills + KILL_OFFSET + 3
     wcfg = {**cfg, "steps": steps, "ckpt_every": CKPT_EVERY, "kill_offset": KILL_OFFSET, "kills": kills,
             "run_dir": run_dir}
     trainer = TorchTrainer(
