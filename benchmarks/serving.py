@@ -197,7 +197,7 @@ def main(argv=None) -> int:
 
     gpu_reason = cuda_skip_reason()
     if gpu_reason is None:
-        gpu_program = build_ranker(build_model().cuda())
+        gpu_program = build_ranker(build_model().cuda(), "mfalcon")
         hc, lc, cc = (t.cuda() for t in (h, lens, c))
 
         def gpu_call(*a):
