@@ -281,6 +281,7 @@ class _Coordinator:
                 self.checkpoint_reads += 1
             return {"action": "join", "gen": g.to_dict(), "rank": g.members.index(wid)}
         if wid in self.s.released:
+            self.heartbeats.pop(wid, None)  # it stops now: silence from it is not a hang
             return {"action": "stop", "reason": "scaled down"}
         return None
 

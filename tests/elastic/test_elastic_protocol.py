@@ -74,6 +74,7 @@ def test_boundary_regroup_for_a_joiner_and_scale_down():
     _form(s, "ab", {})
     s.stop_step = None
     assert s.next_action("a", 1, 0, None) == "step"  # "a" may run step 1; "b" has not asked yet
+    s.set_target(3)
     s.register("c")
     assert s.boundary == 1
     assert s.next_action("b", 1, 0, None) == "step"  # "b" must reach the boundary too
@@ -167,3 +168,14 @@ def test_trainer_needs_an_index_addressable_stream():
 
     with pytest.raises(TypeError, match="batch"):
         ElasticTrainer(make_mlp, make_adam, mse_loss, [1, 2, 3])
+
+
+def test_surplus_joiners_are_released_when_the_target_dropped():
+    s = ElasticState(batch_size=1, target=1, max_workers=4)
+    s.register("a")
+    _form(s, "a", {})
+    s.set_target(3)
+    s.register("b"), s.register("c")
+    s.set_target(2)  # the backlog shrank while "b" and "c" started
+    g = _form(s, "abc", {"a": 0})
+    assert g.members == ("a", "b") and s.released == {"c"}

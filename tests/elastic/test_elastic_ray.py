@@ -194,3 +194,25 @@ def test_an_error_in_user_code_stops_training_with_it(ray_cluster):
         assert trainer.status()["step"] == 0
     finally:
         trainer.shutdown()
+
+
+def test_backlog_policy_scales_up_then_down(ray_cluster, tmp_path):
+    from gauss_integrations.ray.elastic import ElasticConfig, ElasticTrainer
+
+    feed = tmp_path / "arrived"
+    feed.write_text("0")
+    config = ElasticConfig(num_workers=1, min_workers=1, max_workers=3, batch_size=8, backlog_samples_per_worker=1000,
+                           dead_after_s=10.0)
+    trainer = ElasticTrainer(make_mlp, make_adam, SlowLoss(0.02), SyntheticRegressionStream(16, arrived_file=str(feed)),
+                             config).start()
+    try:
+        trainer.run(steps=3)
+        feed.write_text(str(trainer.status()["cursor"] + 100_000))  # a burst far behind: max_workers (3)
+        st = _steps_seen(trainer, lambda s: s["workers"] == 3 and len(s["joins"]) == 2)
+        assert st["target"] == 3
+        feed.write_text("0")  # drained: back to min_workers
+        st = _steps_seen(trainer, lambda s: s["workers"] == 1 and s["target"] == 1 and s["step"] > st["step"] + 3)
+        assert st["errors"] == [] and st["recoveries"] == []
+        _assert_exactly_once(trainer)
+    finally:
+        trainer.shutdown()

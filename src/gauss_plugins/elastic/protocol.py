@@ -226,7 +226,9 @@ class ElasticState:
             return None  # the first generation starts with the requested world
         if len(stay) < self.min_workers:
             return None
-        stay = stay[:max(self.target, self.min_workers)] if self.gen is None else stay
+        # Never above the target: survivors come first in ``expected``, so surplus joiners (spawned
+        # for a target that has since dropped) are the ones released.
+        stay = stay[:max(self.target, self.min_workers)]
         steps = {w: self.checkins[w] for w in stay}
         top = max(steps.values())
         if top == NO_STATE and (self.committed > 0 and self.restore_path is None):

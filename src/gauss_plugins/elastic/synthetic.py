@@ -54,12 +54,14 @@ class SyntheticRegressionStream:
     ``x_i`` a function of ``(seed, i)`` only and ``y_i = <x_i, w> + 0.1 sin(i)`` for a fixed ``w``,
     so any worker builds any sample, and a loss that falls means the replicas learn ``w``.
 
-    ``arrived`` (None: unbounded) is how many samples the stream holds so far; ``backlog(cursor)``
-    is what the scaling policy reads.
+    ``arrived`` (None: unbounded) is how many samples the stream holds so far, or ``arrived_file``
+    names a file holding that count (an external feed's arrival counter, re-read on each call);
+    ``backlog(cursor)`` is what the scaling policy reads.
     """
 
-    def __init__(self, dim: int = 16, seed: int = 0, arrived: Optional[int] = None):
-        self.dim, self.seed, self.arrived = dim, seed, arrived
+    def __init__(self, dim: int = 16, seed: int = 0, arrived: Optional[int] = None,
+                 arrived_file: Optional[str] = None):
+        self.dim, self.seed, self.arrived, self.arrived_file = dim, seed, arrived, arrived_file
         g = torch.Generator().manual_seed(seed)
         self.w = torch.randn(dim, generator=g)
         # Per-sample features from a counter-based mix: deterministic in (seed, i) and cheap.
@@ -73,4 +75,8 @@ class SyntheticRegressionStream:
         return x, y
 
     def backlog(self, cursor: int) -> int:
-        return 0 if self.arrived is None else max(self.arrived - cursor, 0)
+        arrived = self.arrived
+        if self.arrived_file is not None:
+            with open(self.arrived_file) as f:
+                arrived = int(f.read().strip() or 0)
+        return 0 if arrived is None else max(arrived - cursor, 0)
