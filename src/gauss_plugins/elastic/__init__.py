@@ -24,11 +24,12 @@ the weights and optimizer state of a live peer by broadcast after the new group 
 at a step boundary. Disaster checkpoints (every ``disaster_checkpoint_every`` steps) are only for
 losing every replica; the recovery path never reads them.
 
-**Embedding rows.** Rows kept in a TierPS live outside the trainers: an update the store
-acknowledged (``put`` returned) is in its RAM tier and log, so a trainer's death does not lose
-it. The elastic launcher itself trains dense replicas only; a step whose all-reduce was abandoned
-is re-run, so a sparse update applied by that step must be idempotent per step (keyed by step)
-or applied only after commit.
+**Embedding rows.** Rows kept in a TierPS (e.g. the ``ShardedTierPS`` actors) live in the
+store's processes, not the trainers': an update the store acknowledged (``put`` returned) is held
+by the store, so a trainer's death cannot lose it (surviving the *store's* death is the store's
+own log guarantee). The launcher trains dense replicas and wires no table: a sparse update made
+inside a step that is later abandoned would be applied again when the step's samples are
+re-assigned, so such an update must be applied only after the step commits.
 """
 from gauss_plugins.elastic.protocol import (AllReplicasLostError, ElasticState, Generation, desired_workers,
                                             sample_indices)
