@@ -328,7 +328,8 @@ class _Coordinator:
                 "members": [] if g is None else [{"worker": w, "rank": i, "pid": self.pids.get(w)}
                                                  for i, w in enumerate(g.members) if w not in self.s.dead],
                 "recoveries": list(self.recoveries), "joins": list(self.joins),
-                "losses": sorted(self.s.losses.items()), "lost": self.s.lost,
+                # the newest 10,000 steps: status() is polled while training, it must stay small
+                "losses": sorted(self.s.losses.items())[-10_000:], "lost": self.s.lost,
                 "disaster_checkpoints": list(self.checkpoints), "checkpoint_reads": self.checkpoint_reads,
                 "errors": list(self.errors), "stop_step": self.s.stop_step,
             })
