@@ -5,65 +5,23 @@ loses its data: the syncer must notice the restart and push everything again.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 
 import pytest
+
+from gauss_plugins.benchmarking import RedisServer as _SharedRedisServer
 
 REDIS_SERVER = shutil.which("redis-server")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """One redis-server process bound to 127.0.0.1; :meth:`kill` (SIGKILL) and :meth:`start`."""
-
-    def __init__(self, workdir: str, port: int | None = None, extra_args: tuple = ()):
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.extra_args = tuple(extra_args)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 10.0) -> None:
-        assert self.proc is None, "already running"
-        os.makedirs(self.workdir, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.workdir, "--protected-mode", "yes", *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64)[:1] in (b"+", b"-"):  # -NOAUTH counts: the server is up
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no save -- the data is gone."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.proc = None
+class RedisServer(_SharedRedisServer):
+    """The project's private redis-server (:class:`gauss_plugins.benchmarking.RedisServer`:
+    loopback, free port, no persistence, :meth:`kill` is SIGKILL); clients time out after 5 s
+    so that a test against a stopped server fails instead of hanging."""
 
     def client(self, **kwargs):
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
+        kwargs.setdefault("socket_timeout", 5)
+        return super().client(**kwargs)
 
 
 @pytest.fixture
