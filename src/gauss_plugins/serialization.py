@@ -33,11 +33,11 @@ import sys
 import tempfile
 import warnings
 import zlib
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["save_tensors", "load_tensors", "read_metadata", "ChecksumError", "CHECKSUM_KEY"]
+__all__ = ["save_tensors", "load_tensors", "read_metadata", "write_atomic", "ChecksumError", "CHECKSUM_KEY"]
 
 CHECKSUM_KEY = "gauss.checksum"
 
@@ -124,17 +124,28 @@ def save_tensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optio
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
 
+    def chunks():
+        yield struct.pack("<Q", len(header_bytes))
+        yield header_bytes
+        for _, tensor in prepared:
+            if tensor.numel():
+                yield tensor.reshape(-1).view(torch.uint8).numpy().data
+
+    write_atomic(path, chunks())
+
+
+def write_atomic(path, chunks: Iterable) -> None:
+    """Write the byte chunks to ``path`` atomically: a temporary file beside it, fsync,
+    rename over ``path``, fsync of the folder. A failure leaves ``path`` as it was and no
+    temporary file behind."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            for _, tensor in prepared:
-                if tensor.numel():
-                    f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
 import torch
+
+from gauss_plugins.serialization import write_atomic
 
 __all__ = ["MAGIC", "Snapshot", "SnapshotError", "UnknownItemError", "read_snapshot", "write_snapshot"]
 
@@ -125,31 +126,7 @@ def write_snapshot(path: PathLike, ids: torch.Tensor, rows: torch.Tensor) -> Non
     row_bytes = rows.numpy().astype("<f4", copy=False).tobytes()
     crc = zlib.crc32(row_bytes, zlib.crc32(id_bytes, zlib.crc32(header)))
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in (header, id_bytes, row_bytes, _CRC.pack(crc)):
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable (best effort: some filesystems refuse a directory fsync)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    write_atomic(path, (header, id_bytes, row_bytes, _CRC.pack(crc)))
 
 
 def read_snapshot(path: PathLike) -> Snapshot:

@@ -19,20 +19,10 @@ METRIC_KEYS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
 def write_json(path: str, payload: Any) -> None:
     """Write ``payload`` as indented, strict JSON (NaN and infinities become ``null``);
     atomic (temp file in the same folder + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_strict(payload), f, indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from gauss_plugins.serialization import write_atomic
+
+    text = json.dumps(_strict(payload), indent=2, sort_keys=False, default=_jsonable, allow_nan=False) + "\n"
+    write_atomic(path, (text.encode("utf-8"),))
 
 
 def _jsonable(value: Any) -> Any:
