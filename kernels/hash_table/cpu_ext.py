@@ -54,11 +54,9 @@ class ExtensionBuildError(RuntimeError):
 
 
 def _cache_root() -> str:
-    root = os.environ.get("GAUSS_PLUGINS_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "gauss_plugins")
-    return os.path.join(root, "cpu_ext")
+    from gauss_plugins._cachedir import cache_root
+
+    return cache_root("cpu_ext")
 
 
 def _compiler() -> Optional[str]:

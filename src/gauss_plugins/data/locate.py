@@ -66,11 +66,9 @@ def _checkout_root() -> Optional[str]:
 
 def cache_data_dir() -> str:
     """``gauss_plugins/data`` in the user cache (the same cache root as the compiled kernels)."""
-    root = os.environ.get("GAUSS_PLUGINS_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "gauss_plugins")
-    return os.path.join(root, "data")
+    from gauss_plugins._cachedir import cache_root
+
+    return cache_root("data")
 
 
 def data_root() -> DataRoot:

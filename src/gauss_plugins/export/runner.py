@@ -51,11 +51,9 @@ class RunnerError(RuntimeError):
 
 
 def _cache_root() -> str:
-    root = os.environ.get("GAUSS_PLUGINS_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "gauss_plugins")
-    return os.path.join(root, "runner")
+    from gauss_plugins._cachedir import cache_root
+
+    return cache_root("runner")
 
 
 def _tool_version(cmd: Sequence[str]) -> str:
