@@ -22,8 +22,9 @@ record). ``steps_redone`` is the number of steps completed before the kill that 
 again after it (the baselines redo the 10 steps since their checkpoint by design).
 Two state sizes: the small MLP (3x512) and a wide MLP (10x2048) whose dense weights + Adam
 state are 0.45 GB per worker (gradients, another third, not counted) -- the issue asks for
-~2 GB, which this shared 2-core machine trains at ~11 s per step (see ``LARGE_NOTE``); the
-large state runs fewer kills.
+~2 GB, which this shared 2-core machine trains at 5-11 s per step (see ``LARGE_NOTE``); the
+large state runs fewer kills. ``--sizes large --large-hidden 4096`` measures the 1.8 GB state
+on its own (benchmarks/results/elastic_recovery_cpu_1.8gb.json: one kill per system).
 
 Summary keys (ours unless named ``baseline_``): ``recovery_s`` (small, median; target <= 1.0),
 ``recovery_s_large`` (target <= 1.5), ``baseline_restart_s`` / ``baseline_restart_s_large``
