@@ -215,8 +215,11 @@ def _run(world: int, tmp_path):
     out = tmp_path / f"w{world}"
     out.mkdir()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for key in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        env.pop(key, None)  # a fresh job: Lightning picks the port
+    # A fresh job: Lightning picks the port, and no seed left by an earlier in-process fit
+    # (seed_everything exports PL_GLOBAL_SEED, which reorders the DistributedSampler's batches).
+    for key in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
+                "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        env.pop(key, None)
     proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "tiny_fit.py"),
                            "--world", str(world), "--out", str(out)], env=env, cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=300)
