@@ -30,6 +30,19 @@ def gauss_register_embedding_stores():
 
 
 @hookimpl
+def gauss_register_elastic_launchers():
+    return [
+        Component(
+            kind="elastic_launcher",
+            name="ray",
+            factory="gauss_integrations.ray.elastic:get_coordinator",
+            description="elastic data-parallel replicas as Ray actors; `gauss elastic` finds the job's coordinator",
+            check=requires_modules("ray", extra="ray"),
+        ),
+    ]
+
+
+@hookimpl
 def gauss_register_trainers():
     return [
         Component(

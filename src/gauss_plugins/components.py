@@ -26,6 +26,7 @@ KINDS = (
     "sparse_optimizer",
     "dataset",
     "trainer",
+    "elastic_launcher",
 )
 
 

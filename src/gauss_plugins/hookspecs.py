@@ -106,6 +106,17 @@ def gauss_register_trainers() -> Optional[Sequence["Component"]]:
     """
 
 
+@hookspec
+def gauss_register_elastic_launchers() -> Optional[Sequence["Component"]]:
+    """Register elastic launchers (kind ``elastic_launcher``), e.g. the Ray integration's.
+
+    ``gauss elastic status|scale`` reaches a running job's coordinator through the registry:
+    a launcher's factory is ``get_coordinator(name) -> handle`` of the running job named
+    ``name`` (the handle has ``status()`` and ``set_target(n)`` as remote methods), raising a
+    clear error when none runs. Its availability check names the extra to install.
+    """
+
+
 # -------------------------------------------------------------------------
 # Setup: preparing this machine
 # -------------------------------------------------------------------------

@@ -53,6 +53,7 @@ _KIND_HOOKS = {
     "sparse_optimizer": "gauss_register_sparse_optimizers",
     "dataset": "gauss_register_datasets",
     "trainer": "gauss_register_trainers",
+    "elastic_launcher": "gauss_register_elastic_launchers",
 }
 assert set(_KIND_HOOKS) == set(KINDS)
 

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"gauss elastic {action}: no Ray cluster at {args.address!r} ({exc}). Run this where the "
                   "training job's Ray runs, or pass --address HOST:PORT", file=sys.stderr)
             return 2
-    from gauss_integrations.ray.elastic import get_coordinator
+    from gauss_plugins.plugins import get_registry
+
+    get_coordinator = get_registry().get("elastic_launcher", "ray").load()
 
     try:
         coord = get_coordinator(args.name)
