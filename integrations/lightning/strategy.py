@@ -69,12 +69,9 @@ from gauss_plugins.embedding.backing import state_layout
 from gauss_plugins.embedding.table import _GradRecord
 from gauss_plugins.stores.base import Lookup
 
-__all__ = ["GaussStrategy", "PartitionedStore", "reduce_row_gradients", "ELASTIC_ISSUE"]
+__all__ = ["GaussStrategy", "PartitionedStore", "reduce_row_gradients"]
 
 log = logging.getLogger(__name__)
-
-#: The issue that will fill in elastic replica recovery (``elastic=`` names it until then).
-ELASTIC_ISSUE = "elastic replica recovery"
 
 #: Name of the LookaheadCache's store worker thread: the only thread that reads a
 #: PartitionedStore while training (reads from elsewhere would pair collectives out of order).
@@ -388,7 +385,8 @@ class GaussStrategy(DDPStrategy):
             to; ``sync_interval_s`` and ``sync_every_n_steps`` (cache flushes feeding it).
         gather_on_end: after fit, install every stored row in the tables (the whole trained table
             in memory for evaluation, checkpoints and exports); False leaves them at the budget.
-        elastic: elastic replica recovery; not implemented yet (raises NotImplementedError).
+        elastic: ``True`` or a ``gauss_integrations.ray.elastic.ElasticConfig``: ``fit`` runs on
+            elastic Ray replicas that survive a worker's death (``gauss_integrations.lightning.elastic``).
         **ddp_kwargs: everything :class:`~pytorch_lightning.strategies.DDPStrategy` takes
             (``start_method``, ``process_group_backend``, ``find_unused_parameters``...).
     """
@@ -401,13 +399,13 @@ class GaussStrategy(DDPStrategy):
                  ids_fn: Optional[Callable[[Any], Mapping[str, torch.Tensor]]] = None,
                  sync_target: Any = None, sync_interval_s: float = 1.0, sync_every_n_steps: int = 100,
                  gather_on_end: bool = True, elastic: Any = False, **ddp_kwargs: Any) -> None:
+        # elastic: fit runs as an elastic Ray job through this strategy's launcher
+        # (gauss_integrations.lightning.elastic); checked now, not at fit.
+        self._elastic = None
         if elastic:
-            raise NotImplementedError(
-                f"GaussStrategy(elastic=...) is not implemented yet: replicas that join or leave a running job "
-                f"are the subject of the issue \"{ELASTIC_ISSUE}\". Lightning's fit loop cannot re-form its "
-                f"process group mid-fit yet; for recovery from a live replica and scaling today, train with "
-                f"gauss_integrations.ray.elastic.ElasticTrainer (model and optimizer factories, a loss function, "
-                f"an index-addressable stream), or run with elastic=False and resume from a checkpoint")
+            from gauss_integrations.lightning.elastic import elastic_config
+
+            self._elastic = elastic_config(elastic)
         if budget_rows is not None and (isinstance(budget_rows, bool) or not isinstance(budget_rows, int)
                                         or budget_rows < 1):
             raise ValueError(f"budget_rows must be a positive int or None, got {budget_rows!r}")
@@ -465,6 +463,14 @@ class GaussStrategy(DDPStrategy):
         if "gauss" not in strategy_registry:
             strategy_registry.register("gauss", cls, description="DDP with the lookahead embedding cache and "
                                        "replicated dynamic tables")
+
+    def _configure_launcher(self) -> None:
+        if self._elastic is not None:
+            from gauss_integrations.lightning.elastic import ElasticLauncher
+
+            self._launcher = ElasticLauncher(self, self._elastic)
+            return
+        super()._configure_launcher()
 
     # ------------------------------------------------------------------ setup / teardown
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -524,7 +530,10 @@ class GaussStrategy(DDPStrategy):
 
                 def owner_fn(ids: torch.Tensor) -> torch.Tensor:
                     return torch.remainder(ids, world) == rank
-            cache = LookaheadCache(tables, stores, config, ids_fn=ids_fn, exchange=exchange, owner_fn=owner_fn)
+            # A PartitionedStore's owner answers each read from its worker queue, after its own
+            # queued write-backs: the cache need not drain them before every exchange.
+            cache = LookaheadCache(tables, stores, config, ids_fn=ids_fn, exchange=exchange, owner_fn=owner_fn,
+                                   owner_serves_reads=world > 1)
         except BaseException:
             for store in stores.values():
                 store.close()

@@ -47,7 +47,7 @@ import torch
 from gauss_plugins.elastic.protocol import (NO_STATE, AllReplicasLostError, ElasticState, Generation,
                                             desired_workers, sample_indices)
 from gauss_plugins.elastic.state import (broadcast_state, latest_disaster_checkpoint, load_disaster_checkpoint,
-                                         save_disaster_checkpoint)
+                                         pack_state, save_disaster_checkpoint, unpack_state)
 
 __all__ = ["ElasticConfig", "ElasticTrainer", "ElasticCoordinatorLost", "ElasticWorkerError", "AllReplicasLostError",
            "NAMESPACE",
@@ -358,7 +358,10 @@ class _Worker:
         self.coord = ray.get_actor(coordinator, namespace=NAMESPACE)
         self.device = torch.device("cuda", 0) if config["backend"] == "nccl" else torch.device("cpu")
         self.model = make_model().to(self.device)
-        self.opt = make_optimizer(list(self.model.parameters()))
+        # A factory that builds the optimizer from the whole model (a LightningModule's
+        # configure_optimizers) says so; the default takes the parameter list.
+        self.opt = make_optimizer(self.model) if getattr(make_optimizer, "takes_model", False) else \
+            make_optimizer(list(self.model.parameters()))
         self.loss_fn, self.stream = loss_fn, stream
         self.step = NO_STATE
         self.gen = 0
@@ -374,6 +377,13 @@ class _Worker:
 
     def _call(self, ref):
         return ray.get(ref, timeout=self.cfg["step_timeout_s"])
+
+    def state(self) -> tuple:
+        """``(step, spec, tensors)`` of this replica (:func:`pack_state`). Runs beside ``serve()``
+        (the actor has two threads): ask only while training is paused, as
+        :meth:`ElasticTrainer.fetch_state` does, so no step changes the state while it is copied."""
+        spec, tensors = pack_state(self.model, self.opt)
+        return self.step, spec, [t.detach().cpu().clone() for t in tensors]
 
     def serve(self) -> str:
         import torch.distributed as dist
@@ -470,7 +480,13 @@ class _Worker:
             n = p.numel()
             p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
-        self.opt.step()
+        # A loss object may own the update (a LightningModule's optimizer_step hook, which also
+        # steps what the optimizer does not hold); the default is the optimizer's step.
+        apply_step = getattr(self.loss_fn, "apply_step", None)
+        if apply_step is not None:
+            apply_step(self.model, self.opt, step)
+        else:
+            self.opt.step()
         self.step = step
         report = {"indices": all_idx.cpu().tolist(), "loss": float(flat[-1])}
         every = self.cfg["disaster_checkpoint_every"]
@@ -630,6 +646,24 @@ class ElasticTrainer:
         """Global sample index -> how many committed steps trained it."""
         return self._call(self._coord.sample_ledger.remote())
 
+    def fetch_state(self, model: torch.nn.Module, optimizer: Any) -> int:
+        """Load the trained weights and optimizer state of the live member at rank 0 into
+        ``model`` and ``optimizer`` (the driver's copies, same structure); returns its step.
+        Call between runs (after :meth:`run` / :meth:`run_until` returned): training is paused
+        then, so the replica's state is a committed step's."""
+        st = self.status()
+        if st["stop_step"] is None or st["step"] < st["stop_step"]:
+            raise RuntimeError("fetch_state needs training paused: call it after run() or run_until() returned")
+        members = [m for m in st["members"] if m["rank"] == 0]
+        if not members or members[0]["worker"] not in self._workers:
+            raise RuntimeError(f"no live member at rank 0 to fetch the state from (members: {st['members']})")
+        step, spec, tensors = ray.get(self._workers[members[0]["worker"]].state.remote(), timeout=600)
+        if step != st["step"]:
+            raise RuntimeError(f"rank 0 holds step {step}, the job committed {st['step']}: fetch again once "
+                               "the group settled")
+        unpack_state(spec, tensors, model, optimizer)
+        return step
+
     def worker_pids(self) -> Dict[int, int]:
         return {m["rank"]: m["pid"] for m in self.status()["members"]}
 
@@ -673,7 +707,8 @@ class ElasticTrainer:
         cfg = self.config
         wid = f"w{self._next_id}"
         self._next_id += 1
-        options: Dict[str, Any] = {"num_cpus": 0}
+        # Two threads: serve() in one, state() (fetch_state, while paused) in the other.
+        options: Dict[str, Any] = {"num_cpus": 0, "max_concurrency": 2}
         if cfg.backend == "nccl":
             options["num_gpus"] = 1
         actor = _WorkerActor.options(**options).remote(
