@@ -530,10 +530,7 @@ class GaussStrategy(DDPStrategy):
 
                 def owner_fn(ids: torch.Tensor) -> torch.Tensor:
                     return torch.remainder(ids, world) == rank
-            # A PartitionedStore's owner answers each read from its worker queue, after its own
-            # queued write-backs: the cache need not drain them before every exchange.
-            cache = LookaheadCache(tables, stores, config, ids_fn=ids_fn, exchange=exchange, owner_fn=owner_fn,
-                                   owner_serves_reads=world > 1)
+            cache = LookaheadCache(tables, stores, config, ids_fn=ids_fn, exchange=exchange, owner_fn=owner_fn)
         except BaseException:
             for store in stores.values():
                 store.close()
