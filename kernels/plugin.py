@@ -5,6 +5,7 @@ why a kernel cannot run here (triton missing, no CUDA device, no C++ compiler).
 """
 from __future__ import annotations
 
+import os
 import shutil
 
 from gauss_plugins.components import Availability, AVAILABLE, Component, all_of, requires_cuda, requires_modules
@@ -26,6 +27,13 @@ def _on_cpu(**context) -> bool:
     return device is None or str(device) == "cpu" or str(device).startswith("cpu")
 
 
+def _nvcc() -> Availability:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if shutil.which("nvcc") or os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return AVAILABLE
+    return Availability(False, "no nvcc (the CUDA toolkit) to build the kernels: install it or set CUDA_HOME")
+
+
 def _cxx_compiler() -> Availability:
     if shutil.which("c++") or shutil.which("g++"):
         return AVAILABLE
@@ -43,6 +51,18 @@ def gauss_register_attention_backends():
             check=all_of(_triton, requires_cuda),
             supports=_on_cuda,
             priority=100,
+        ),
+        Component(
+            kind="attention_backend",
+            name="cuda",
+            factory="gauss_kernels.hstu.cuda_attention:hstu_attention_cuda",
+            description="HSTU attention in CUDA C++ for sm_90 (bf16/fp16, D 64/128, causal + targets, position "
+                        "bias); other calls run on triton",
+            # triton: the calls these kernels do not take run there
+            check=all_of(_triton, requires_cuda, _nvcc),
+            supports=_on_cuda,
+            # below triton until it measures faster (benchmarks/hstu_attention.py); by name: backend="cuda"
+            priority=90,
         ),
     ]
 
@@ -75,4 +95,9 @@ def gauss_register_table_backends():
 def gauss_build_extensions():
     from gauss_kernels.hash_table import cpu_ext
 
-    return [cpu_ext.build()]
+    results = [cpu_ext.build()]
+    if requires_cuda() and _nvcc():
+        from gauss_kernels.hstu import cuda_attention
+
+        results.append(cuda_attention.build())
+    return results
