@@ -48,6 +48,9 @@ class HSTUConfig:
     (:func:`~gauss_plugins.hstu.attention.attention_mask`). ``relative_position_bias=False``
     turns the position bias off; ``num_time_buckets = 0`` the time bias (then no timestamps
     are needed); ``time_bucket_scale`` is the width of a bucket in ``ln`` seconds.
+    ``layer_norm_affine=False`` makes every LayerNorm of the encoder a plain normalisation
+    without a learned scale and shift, as the paper's research block (``F.layer_norm`` with no
+    weight); the default keeps the learned affine of earlier versions.
     ``backend`` names the attention backend (``"auto"`` picks by device).
     """
 
@@ -68,6 +71,7 @@ class HSTUConfig:
     num_time_buckets: int = 128
     time_bucket_scale: float = 0.301
     layer_norm_eps: float = 1e-6
+    layer_norm_affine: bool = True
     output_norm: bool = True
     backend: str = "auto"
     # filled in by __post_init__ when d_qk / d_v are None
@@ -98,6 +102,8 @@ class HSTUConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"HSTUConfig.{name} must be a non-negative int, got {value!r}")
+        if not isinstance(self.layer_norm_affine, bool):
+            raise ValueError(f"HSTUConfig.layer_norm_affine must be True or False, got {self.layer_norm_affine!r}")
         if not isinstance(self.relative_position_bias, bool):
             raise ValueError("HSTUConfig.relative_position_bias must be True or False, got "
                              f"{self.relative_position_bias!r}")
@@ -178,13 +184,14 @@ class HSTUBlock(nn.Module):
         self.config = config
         d_qk, d_v = config.head_dims
         h = config.num_heads
-        self.input_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        affine = config.layer_norm_affine
+        self.input_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps, elementwise_affine=affine)
         self.uvqk = nn.Linear(config.dim, h * (2 * d_v + 2 * d_qk), bias=False)
         nn.init.normal_(self.uvqk.weight, 0.0, 0.02)
         self.relative_bias = RelativeAttentionBias(
             config.max_seq_len, position=config.relative_position_bias,
             num_time_buckets=config.num_time_buckets, time_bucket_scale=config.time_bucket_scale)
-        self.attention_norm = nn.LayerNorm(h * d_v, eps=config.layer_norm_eps)
+        self.attention_norm = nn.LayerNorm(h * d_v, eps=config.layer_norm_eps, elementwise_affine=affine)
         self.output = nn.Linear(h * d_v, config.dim)
         nn.init.xavier_uniform_(self.output.weight)
         nn.init.zeros_(self.output.bias)
@@ -239,7 +246,8 @@ class HSTUEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.blocks = nn.ModuleList(HSTUBlock(config) for _ in range(config.num_blocks))
-        self.output_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if config.output_norm else None
+        self.output_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps,
+                                        elementwise_affine=config.layer_norm_affine) if config.output_norm else None
 
     def check_inputs(self, x: torch.Tensor, offsets: torch.Tensor, timestamps: Optional[torch.Tensor]) -> None:
         """Shape checks that read no data (lengths are checked by the attention)."""

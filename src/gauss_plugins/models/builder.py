@@ -31,7 +31,8 @@ def build_encoder(model_cfg, max_len: int) -> nn.Module:
                                             relative_position_bias=model_cfg.relative_position_bias,
                                             num_time_buckets=model_cfg.num_time_buckets,
                                             time_bucket_scale=float(model_cfg.time_bucket_scale),
-                                            output_norm=bool(model_cfg.output_norm)))
+                                            output_norm=bool(model_cfg.output_norm),
+                                            layer_norm_affine=bool(model_cfg.layer_norm_affine)))
     raise ValueError(f"unknown model.arch {model_cfg.arch!r}; expected 'hstu' or 'sasrec'")
 
 
@@ -43,4 +44,5 @@ def build_model(config, num_items: int, device: Optional[torch.device] = None) -
     encoder = build_encoder(config.model, config.data.max_len)
     return SequentialRetrievalModel(items, encoder, max_len=config.data.max_len, num_items=num_items,
                                     dropout=config.model.dropout, temperature=config.loss.temperature,
-                                    num_negatives=config.loss.num_negatives)
+                                    num_negatives=config.loss.num_negatives,
+                                    position_init=config.model.position_init)

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gauss_plugins.models.item_embeddings import ItemEmbeddings
+from gauss_plugins.models.item_embeddings import ItemEmbeddings, truncated_normal_
 
-__all__ = ["SequentialRetrievalModel"]
+__all__ = ["POSITION_INITS", "SequentialRetrievalModel"]
 
 L2_EPS = 1e-6  # the paper's l2_norm_eps
+POSITION_INITS = ("normal", "truncated_normal", "xavier_normal")
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -38,16 +39,25 @@ class SequentialRetrievalModel(nn.Module):
 
     ``encoder(x [B, N, D], valid [B, N], timestamps [B, N] or None) -> [B, N, D]``.
     ``num_items`` is the largest item id of the corpus: negatives are drawn from ``1..num_items``
-    and retrieval scores those ids.
+    and retrieval scores those ids. ``position_init`` (one of :data:`POSITION_INITS`) initialises
+    the position embedding: ``"normal"`` is N(0, 1/D) (``nn.init.trunc_normal_``, whose +-2
+    absolute cut never acts at this std: the behaviour of earlier versions, kept as the default);
+    ``"truncated_normal"`` is that normal cut at 2 std, the paper code's input preprocessor (and
+    so its SASRec); ``"xavier_normal"`` is what the paper code's HSTU overwrites it with
+    (``HSTU.reset_params`` re-initialises every parameter outside the blocks and the item table,
+    std ``sqrt(2 / (rows + D))``; its table has ``max_len + 11`` rows, this one ``max_len``).
     """
 
     def __init__(self, item_embeddings: ItemEmbeddings, encoder: nn.Module, max_len: int, num_items: int,
-                 dropout: float = 0.2, temperature: float = 0.05, num_negatives: int = 128) -> None:
+                 dropout: float = 0.2, temperature: float = 0.05, num_negatives: int = 128,
+                 position_init: str = "normal") -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if num_negatives < 1:
             raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        if position_init not in POSITION_INITS:
+            raise ValueError(f"position_init must be one of {POSITION_INITS}, got {position_init!r}")
         self.item_embeddings = item_embeddings
         self.encoder = encoder
         self.dim = item_embeddings.dim
@@ -56,7 +66,13 @@ class SequentialRetrievalModel(nn.Module):
         self.temperature = float(temperature)
         self.num_negatives = int(num_negatives)
         self.pos_emb = nn.Embedding(self.max_len, self.dim)
-        nn.init.trunc_normal_(self.pos_emb.weight, std=math.sqrt(1.0 / self.dim))
+        std = math.sqrt(1.0 / self.dim)
+        if position_init == "xavier_normal":
+            nn.init.xavier_normal_(self.pos_emb.weight)
+        elif position_init == "truncated_normal":
+            truncated_normal_(self.pos_emb.weight, std=std)
+        else:
+            nn.init.trunc_normal_(self.pos_emb.weight, std=std)
         self.input_dropout = nn.Dropout(dropout)
 
     # ------------------------------------------------------------------ encoding

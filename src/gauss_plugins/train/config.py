@@ -58,6 +58,15 @@ class ModelConfig:
     # HSTU: a LayerNorm after the last block (before the L2 normalisation). The paper's research
     # code has none; select on validation.
     output_norm: bool = True
+    # HSTU: learned scale and shift in the encoder's LayerNorms. The paper's research block
+    # normalises without them (F.layer_norm with no weight): false there.
+    layer_norm_affine: bool = True
+    # Initialisation of the learned absolute position embedding of the input: "normal" =
+    # N(0, 1/dim) (earlier versions), "truncated_normal" = the same cut at 2 std (the paper code's
+    # SASRec), "xavier_normal" = Xavier normal over the [max_len, dim] table (what the paper code's
+    # HSTU ends with: its reset_params re-initialises every parameter outside the blocks and the
+    # item table).
+    position_init: str = "normal"
 
 
 @dataclass
@@ -115,6 +124,8 @@ class ExperimentConfig:
 
     def validate(self) -> "ExperimentConfig":
         """Raise ``ValueError`` naming the first bad setting."""
+        from gauss_plugins.models.retrieval import POSITION_INITS
+
         checks = [
             (self.model.arch in ("hstu", "sasrec"), f"model.arch must be 'hstu' or 'sasrec', got {self.model.arch!r}"),
             (self.model.item_embedding in ("dynamic", "static"),
@@ -131,6 +142,10 @@ class ExperimentConfig:
              f"model.relative_position_bias must be true or false, got {self.model.relative_position_bias!r}"),
             (isinstance(self.model.output_norm, bool),
              f"model.output_norm must be true or false, got {self.model.output_norm!r}"),
+            (isinstance(self.model.layer_norm_affine, bool),
+             f"model.layer_norm_affine must be true or false, got {self.model.layer_norm_affine!r}"),
+            (self.model.position_init in POSITION_INITS,
+             f"model.position_init must be one of {', '.join(POSITION_INITS)}, got {self.model.position_init!r}"),
             (isinstance(self.model.num_time_buckets, int) and not isinstance(self.model.num_time_buckets, bool)
              and self.model.num_time_buckets >= 0,
              f"model.num_time_buckets must be a whole number >= 0 (0 turns the time bias off), got "
