@@ -23,6 +23,13 @@ the gather does). ``rab_diag_off`` times the per-pair-atomic reduction of the po
 gradient instead of the per-diagonal one. On CPU, ``--quick`` also measures the reference
 (``backend="torch"``) backward with the tables against the dense-rab path at (128, 200, 1, 64).
 
+The ``cuda`` backend (CUDA C++ kernels for sm_90, issue 14) runs beside ``triton`` in the
+same run on the same inputs: ``cuda_*`` columns (graph and eager timings, accuracy, the
+position-bias case at N in BIAS_NS) and ``cuda_vs_triton_fwd`` / ``cuda_vs_triton_fwdbwd``
+(triton time / cuda time, CUDA-graph timings; > 1: cuda is faster) at N=4096, N=2048 and the
+small shape. Where the cuda backend cannot run (not sm_90, no nvcc), its keys are None and
+``cuda_skipped`` says why.
+
 ``--configs 4096,200`` runs only the configs of those N; ``--tune-top K`` autotunes over the
 first K candidates of each kernel only (both to fit a short device lease; recorded in the
 JSON). ``--plot-only JSON --plot PNG`` redraws the plot from a saved record.
@@ -44,6 +51,7 @@ from gauss_plugins.benchmarking import parser, print_table, write_report
 CONFIGS = [(32, 1024, 4, 128), (16, 2048, 4, 128), (8, 4096, 4, 128), (64, 512, 2, 64), (128, 200, 1, 64)]
 BIAS_NS = (4096, 200)
 TARGETS = {"rab_cost_ratio": "<= 1.15"}  # configs that also run the relative-bias cases
+# (the cuda targets, CUDA_TARGETS, are added below)
 NUM_TIME_BUCKETS = 128  # the paper's setting
 QUICK_CONFIGS = [(4, 64, 2, 32), (2, 128, 1, 32)]
 
@@ -165,6 +173,68 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.float() - ref.float()).norm() / ref.float().norm())
 
 
+# ---------------------------------------------------------------- the cuda backend (issue 14)
+_cuda_skipped: Optional[str] = None
+
+
+def cuda_backend():
+    """The ``cuda`` backend when its kernels run here (bf16, D=128, causal on this GPU), else
+    None with the reason kept in ``_cuda_skipped``."""
+    global _cuda_skipped
+    try:
+        from gauss_kernels.hstu.cuda_attention import hstu_attention_cuda
+    except ImportError as exc:
+        _cuda_skipped = f"gauss_kernels.hstu.cuda_attention: {exc}"
+        return None
+    backend = hstu_attention_cuda()
+    x = torch.zeros(1, 1, 128, dtype=torch.bfloat16, device="cuda")
+    _cuda_skipped = backend.unsupported_reason(x, x, x)
+    return None if _cuda_skipped else backend
+
+
+def bench_cuda(backend, q, k, v, offsets, lengths, go, opts, flops: float, seed: int) -> Dict[str, Any]:
+    """Timings of the cuda backend on one config's inputs (and, at N in BIAS_NS, with the
+    position table, its gradient included)."""
+    row: Dict[str, Any] = {}
+    cases = {"": dict(opts)}
+    grads = dict(compute_drab=False, compute_dposition_bias=True, compute_dtime_bias=False)
+    if opts["max_seq_len"] in BIAS_NS:
+        cases["rab_"] = dict(opts, position_bias=bias_tables(lengths, opts["max_seq_len"], q.device.type,
+                                                             seed)["position_bias"])
+    for prefix, o in cases.items():
+        def fwd(o=o):
+            return backend.forward(q, k, v, offsets, **o)
+
+        def fwdbwd(o=o):
+            out = backend.forward(q, k, v, offsets, **o)
+            return out, backend.backward(go, q, k, v, offsets, **grads, **o)
+
+        fwdbwd()  # builds the extension (once) outside the timings
+        torch.cuda.synchronize()
+        for name, fn, fl in (("fwd", fwd, flops), ("fwdbwd", fwdbwd, 3.5 * flops)):
+            if not prefix:
+                t_eager = time_eager(fn)
+                row[f"cuda_{name}_eager_ms"] = t_eager * 1e3
+                row[f"cuda_{name}_eager_tflops"] = fl / t_eager / 1e12
+            t_graph = time_graph(fn)
+            row[f"cuda_{prefix}{name}_graph_ms"] = t_graph * 1e3
+            row[f"cuda_{prefix}{name}_graph_tflops"] = fl / t_graph / 1e12
+        if prefix:
+            from gauss_plugins.hstu.attention import hstu_attention_reference, hstu_attention_reference_backward
+
+            out = fwd()
+            got = backend.backward(go, q, k, v, offsets, **grads, **o)
+            qf, kf, vf = q.float(), k.float(), v.float()
+            ref = hstu_attention_reference(qf, kf, vf, offsets, **o)
+            want = hstu_attention_reference_backward(go.float(), qf, kf, vf, offsets, **grads, **o)
+            row[f"cuda_{prefix}out_rel_err"] = rel_err(out, ref)
+            for label, i in (("dq", 0), ("dk", 1), ("dv", 2), ("dpos", 4)):
+                row[f"cuda_{prefix}{label}_rel_err"] = rel_err(got[i], want[i])
+            del ref, want
+            torch.cuda.empty_cache()
+    return row
+
+
 # ---------------------------------------------------------------- one config
 def bench_config(B: int, N: int, H: int, D: int, seed: int, device: str = "cuda") -> Dict[str, Any]:
     from gauss_kernels.hstu.triton_attention import hstu_attention_triton
@@ -197,6 +267,9 @@ def bench_config(B: int, N: int, H: int, D: int, seed: int, device: str = "cuda"
 
     if N in BIAS_NS:
         row.update(bench_bias(backend, q, k, v, offsets, lengths, go, opts, flops, seed))
+    cuda = cuda_backend()
+    if cuda is not None:
+        row.update(bench_cuda(cuda, q, k, v, offsets, lengths, go, opts, flops, seed))
 
     # baseline: padded bf16 torch, autograd backward
     base = PaddedTorchAttention(lengths, offsets, N, alpha)
@@ -233,6 +306,13 @@ def bench_config(B: int, N: int, H: int, D: int, seed: int, device: str = "cuda"
     for name, x, r in (("out", out, ref), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
         row[f"{name}_rel_err"] = rel_err(x, r)
         row[f"{name}_finite"] = bool(torch.isfinite(x).all())
+    if cuda is not None:
+        out = torch.full_like(v, float("nan"))
+        out.copy_(cuda.forward(q, k, v, offsets, **opts))
+        dq, dk, dv = cuda.backward(go, q, k, v, offsets, compute_drab=False, **opts)[:3]
+        for name, x, r in (("out", out, ref), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+            row[f"cuda_{name}_rel_err"] = rel_err(x, r)
+            row[f"cuda_{name}_finite"] = bool(torch.isfinite(x).all())
     del ref, rdq, rdk, rdv
     torch.cuda.empty_cache()
     return row
@@ -363,11 +443,18 @@ def eager_small_us(seed: int) -> Dict[str, float]:
     lengths, offsets, q, k, v = make_inputs(B, N, H, D, "cuda", torch.bfloat16, seed)
     opts = dict(max_seq_len=N, alpha=1.0 / math.sqrt(D))
     backend = hstu_attention_triton()
+    result = {}
     with torch.no_grad():
-        public = host_call_us(lambda: hstu_attention(q, k, v, offsets, **opts))
-        direct = host_call_us(lambda: backend.forward(q, k, v, offsets, causal=True, **opts))
-        kernel = time_graph(lambda: backend.forward(q, k, v, offsets, causal=True, **opts), repeats=50)
-    return {"public_api_us": public, "backend_us": direct, "kernel_graph_us": kernel * 1e6}
+        result["public_api_us"] = host_call_us(lambda: hstu_attention(q, k, v, offsets, **opts))
+        result["backend_us"] = host_call_us(lambda: backend.forward(q, k, v, offsets, causal=True, **opts))
+        result["kernel_graph_us"] = 1e6 * time_graph(lambda: backend.forward(q, k, v, offsets, causal=True, **opts),
+                                                     repeats=50)
+        cuda = cuda_backend()
+        if cuda is not None:
+            result["cuda_backend_us"] = host_call_us(lambda: cuda.forward(q, k, v, offsets, causal=True, **opts))
+            result["cuda_kernel_graph_us"] = 1e6 * time_graph(
+                lambda: cuda.forward(q, k, v, offsets, causal=True, **opts), repeats=50)
+    return result
 
 
 # ---------------------------------------------------------------- CPU quick mode
@@ -451,6 +538,58 @@ def plot(record: Dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+CUDA_SUMMARY_KEYS = ("cuda_fwd_tflops_n4096", "cuda_fwdbwd_tflops_n4096", "cuda_fwd_tflops_n2048",
+                     "cuda_fwdbwd_tflops_n2048", "cuda_vs_triton_fwd", "cuda_vs_triton_fwdbwd",
+                     "cuda_vs_triton_fwd_n2048", "cuda_vs_triton_fwdbwd_n2048", "cuda_vs_triton_fwd_small",
+                     "cuda_vs_triton_fwdbwd_small", "cuda_eager_fwd_us_small_backend", "cuda_kernel_fwd_us_small",
+                     "cuda_dq_rel_err_n4096", "cuda_max_rel_err", "cuda_fwd_tflops_n4096_rab",
+                     "cuda_fwdbwd_tflops_n4096_rab", "cuda_rab_cost_ratio", "cuda_max_rel_err_rab")
+CUDA_TARGETS = {"cuda_fwd_tflops_n4096": ">= 600", "cuda_fwd_tflops_n2048": ">= 600",
+                "cuda_fwdbwd_tflops_n4096": ">= 420", "cuda_fwdbwd_tflops_n2048": ">= 420",
+                "cuda_vs_triton_fwd": ">= 1.3", "cuda_vs_triton_fwdbwd": ">= 1.3",
+                "cuda_vs_triton_fwd_small": ">= 1.0", "cuda_vs_triton_fwdbwd_small": ">= 1.0",
+                "cuda_max_rel_err": "<= 0.004"}
+
+
+def cuda_summary(rows: List[Dict[str, Any]], small: Dict[str, float]) -> Dict[str, Any]:
+    """The ``cuda_*`` summary keys (None where not measured; ``cuda_skipped`` says why)."""
+    by_n = {r["N"]: r for r in rows if "N" in r}
+
+    def get(n: int, key: str) -> Optional[float]:
+        return by_n.get(n, {}).get(key)
+
+    def speedup(n: int, part: str) -> Optional[float]:
+        ours, cuda = get(n, f"ours_{part}_graph_ms"), get(n, f"cuda_{part}_graph_ms")
+        return None if ours is None or cuda is None else ours / cuda
+
+    errors = [r[f"cuda_{n}_rel_err"] for r in rows for n in ("out", "dq", "dk", "dv") if f"cuda_{n}_rel_err" in r]
+    rab_errors = [v for r in rows for key, v in r.items() if key.startswith("cuda_rab_") and key.endswith("_rel_err")]
+    rab_ms, plain_ms = get(4096, "cuda_rab_fwdbwd_graph_ms"), get(4096, "cuda_fwdbwd_graph_ms")
+    summary = {
+        "cuda_fwd_tflops_n4096": get(4096, "cuda_fwd_graph_tflops"),
+        "cuda_fwdbwd_tflops_n4096": get(4096, "cuda_fwdbwd_graph_tflops"),
+        "cuda_fwd_tflops_n2048": get(2048, "cuda_fwd_graph_tflops"),
+        "cuda_fwdbwd_tflops_n2048": get(2048, "cuda_fwdbwd_graph_tflops"),
+        "cuda_vs_triton_fwd": speedup(4096, "fwd"),
+        "cuda_vs_triton_fwdbwd": speedup(4096, "fwdbwd"),
+        "cuda_vs_triton_fwd_n2048": speedup(2048, "fwd"),
+        "cuda_vs_triton_fwdbwd_n2048": speedup(2048, "fwdbwd"),
+        "cuda_vs_triton_fwd_small": speedup(200, "fwd"),
+        "cuda_vs_triton_fwdbwd_small": speedup(200, "fwdbwd"),
+        "cuda_eager_fwd_us_small_backend": small.get("cuda_backend_us"),
+        "cuda_kernel_fwd_us_small": small.get("cuda_kernel_graph_us"),
+        "cuda_dq_rel_err_n4096": get(4096, "cuda_dq_rel_err"),
+        "cuda_max_rel_err": max(errors) if errors else None,
+        "cuda_fwd_tflops_n4096_rab": get(4096, "cuda_rab_fwd_graph_tflops"),
+        "cuda_fwdbwd_tflops_n4096_rab": get(4096, "cuda_rab_fwdbwd_graph_tflops"),
+        "cuda_rab_cost_ratio": None if rab_ms is None or plain_ms is None else rab_ms / plain_ms,
+        "cuda_max_rel_err_rab": max(rab_errors) if rab_errors else None,
+    }
+    if _cuda_skipped:
+        summary["cuda_skipped"] = _cuda_skipped
+    return summary
+
+
 # ---------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = parser(__doc__.splitlines()[0])
@@ -483,7 +622,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         summary["ref_bwd_ms_small_tables"] = bias_row["ref_bwd_tables_ms"]
         summary["ref_bwd_ms_small_dense_rab"] = bias_row["ref_bwd_dense_rab_ms"]
         summary["mode"] = "quick (CPU reference only)"
-        return write_report("hstu_attention", rows, summary, args.json, targets=TARGETS)
+        summary.update({k: None for k in CUDA_SUMMARY_KEYS})
+        summary["cuda_skipped"] = "no CUDA device (quick CPU mode)"
+        return write_report("hstu_attention", rows, summary, args.json, targets={**TARGETS, **CUDA_TARGETS})
 
     from gauss_kernels.hstu import triton_attention as ta
 
@@ -540,15 +681,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "configs": [list(c) for c in CONFIGS if wanted is None or c[1] in wanted],
         "tune_top": args.tune_top,
     }
+    summary.update(cuda_summary(rows, small))
     rows.append({"tuned_configs": {"/".join(map(str, k)): list(v) for k, v in _tuned.items()},
                  "skipped_configs": {"/".join(map(str, k[0])) + " " + str(tuple(k[1])): why
                                      for k, why in _tune_failures.items()}})
     print_table(rows[:-1], columns)
+    if any("cuda_fwd_graph_tflops" in r for r in rows[:-1]):
+        print_table(rows[:-1], ["B", "N", "H", "D", "ours_fwd_graph_tflops", "cuda_fwd_graph_tflops",
+                                "ours_fwdbwd_graph_tflops", "cuda_fwdbwd_graph_tflops", "cuda_rab_fwd_graph_tflops",
+                                "cuda_rab_fwdbwd_graph_tflops", "cuda_out_rel_err", "cuda_dq_rel_err",
+                                "cuda_dk_rel_err", "cuda_dv_rel_err", "cuda_rab_dpos_rel_err"])
     bias_rows = [r for r in rows[:-1] if "rab_fwdbwd_graph_ms" in r]
     print_table(bias_rows, ["B", "N", "H", "D", "ours_fwdbwd_graph_ms", "rab_fwdbwd_graph_ms", "rabt_fwdbwd_graph_ms",
                             "rab_diag_off_fwdbwd_graph_ms", "dense_rab_fwdbwd_eager_ms", "rab_fwd_graph_tflops",
                             "rab_fwdbwd_graph_tflops", "rab_dpos_rel_err", "rabt_dtime_rel_err"])
-    record = write_report("hstu_attention", rows, summary, args.json, targets=TARGETS)
+    record = write_report("hstu_attention", rows, summary, args.json, targets={**TARGETS, **CUDA_TARGETS})
     if args.plot:
         try:
             plot(record, args.plot)
