@@ -43,7 +43,7 @@ _HEADERS = ("hstu_api.h", "hstu_common.cuh")
 # (sm_90) only, and the backend declines other GPUs (a kernel image missing for the device
 # would fail at launch instead).
 _ARCH = "9.0"
-_CUDA_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+_CUDA_FLAGS = ["-O3", "-lineinfo"]  # torch adds its C++ standard
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 _SUPPORTED_DIMS = (64, 128)
 
