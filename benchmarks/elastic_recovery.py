@@ -201,7 +201,7 @@ def run_ours(cfg: Dict[str, Any], kills: int, timeout_s: float) -> Dict[str, Any
     # The baselines' model (same layer sizes: make_mlp builds dim -> hidden x depth -> 1),
     # optimizer, learning rate and per-worker batch.
     trainer = ElasticTrainer(partial(make_mlp, dim=cfg["in_dim"], hidden=cfg["hidden"], depth=cfg["layers"], seed=0),
-                             partial(make_adam, lr=1e-4), mse_loss, SyntheticRegressionStream(dim=cfg["in_dim"], seed=0),
+                             partial(make_adam, lr=1e-4, fused=cfg["adam"] == "fused"), mse_loss, SyntheticRegressionStream(dim=cfg["in_dim"], seed=0),
                              ElasticConfig(num_workers=WORKERS, min_workers=1, max_workers=WORKERS + 1,
                                            backend="gloo", batch_size=cfg["batch"] // WORKERS))
     t0 = time.time()
@@ -210,8 +210,11 @@ def run_ours(cfg: Dict[str, Any], kills: int, timeout_s: float) -> Dict[str, Any
     try:
         trainer.start(timeout_s=timeout_s)
         st = trainer.run(steps=5, timeout_s=timeout_s)  # warm: the first steps build gloo buffers
+        # The normal step time, beside which recovery is read (recovery ends with a whole step).
+        clean_steps, t_clean = 3 if cfg["hidden"] > 1024 else 20, time.time()
+        st = trainer.run(steps=clean_steps, timeout_s=timeout_s)
+        step_s_clean = (time.time() - t_clean) / clean_steps
         joins0 = len(st["joins"])
-        step_t0, step0 = time.time(), st["step"]
 
         def next_kill(st: Dict[str, Any]) -> bool:
             # Kill i once recovery i-1 and the replacement's join are done and 3 more steps ran.
@@ -244,8 +247,7 @@ def run_ours(cfg: Dict[str, Any], kills: int, timeout_s: float) -> Dict[str, Any
     return {"kills": kill_log, "recoveries": recs, "joins": joins, "error": error, "wall_s": time.time() - t0,
             "lost_samples": lost, "duplicated_samples": duplicated, "samples_trained": cursor,
             "final_step": st.get("step"), "checkpoint_reads": st.get("checkpoint_reads"),
-            "step_s": ((time.time() - step_t0) / max(1, st["step"] - step0)) if "step_t0" in locals() and st.get("step")
-            else None}
+            "step_s": step_s_clean if "step_s_clean" in locals() else None}
 
 
 # -------------------------------------------------------------------------------- driver
@@ -253,10 +255,17 @@ def _median(xs: List[float]) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
+def model_name(cfg: Dict[str, Any]) -> str:
+    return (f"MLP {cfg['in_dim']}->{cfg['hidden']}x{cfg['layers']}->1 ({cfg['params'] / 1e6:.1f}M params), "
+            f"global batch {cfg['batch']}, Adam({'fused=True' if cfg['adam'] == 'fused' else 'per-tensor loop'}), "
+            f"{WORKERS} gloo workers")
+
+
 def baseline_row(system: str, size: str, cfg: Dict[str, Any], out: Dict[str, Any]) -> Dict[str, Any]:
     ok = [k for k in out["kills"] if k["recovered"]]
     times = [k["recovery_s"] for k in ok]
-    return {"system": system, "state": size, "state_gb": cfg["state_bytes"] / 1e9, "kills": len(out["kills"]),
+    return {"system": system, "state": size, "state_gb": cfg["state_bytes"] / 1e9, "model": model_name(cfg),
+            "kills": len(out["kills"]),
             "unrecovered": len(out["kills"]) - len(ok), "recovery_s_median": _median(times),
             "recovery_s_max": max(times) if times else None,
             "steps_redone_max": max((k["steps_redone"] for k in ok), default=None), "join_s_median": None,
@@ -268,6 +277,7 @@ def ours_row(size: str, cfg: Dict[str, Any], out: Dict[str, Any]) -> Dict[str, A
     recs, joins = out["recoveries"], out["joins"]
     times = [r["first_step_after_s"] for r in recs]
     return {"system": "ours (Ray replicas)", "state": size, "state_gb": cfg["state_bytes"] / 1e9,
+            "model": model_name(cfg),
             "kills": len(out["kills"]), "unrecovered": len(out["kills"]) - len(recs),
             "recovery_s_median": _median(times), "recovery_s_max": max(times) if times else None,
             "steps_redone_max": max((r["steps_redone"] for r in recs), default=None),
@@ -289,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--large-hidden", type=int, default=2048,
                    help="width of the large MLP's 10 layers (4096: ~1.8 GB of weights + Adam state per worker)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per system and state")
+    p.add_argument("--adam", choices=("fused", "plain"), default="fused",
+                   help="every system's optimizer: Adam(fused=True) (default) or the per-tensor loop")
     args = p.parse_args(argv)
     try:
         import ray
@@ -319,7 +331,7 @@ def main(argv=None) -> int:
     try:
         ray.init(num_cpus=2 * WORKERS, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
         for size in sizes:
-            cfg = state_config(size, args.large_hidden)
+            cfg = {**state_config(size, args.large_hidden), "adam": args.adam}
             n_base = bkills if size == "small" else args.kills_large
             for system in systems:
                 run_dir = os.path.join(work, f"{system}-{size}")
@@ -368,6 +380,10 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {
         "recovery_s": pick(ours, "small", "recovery_s_median"),
         "recovery_s_large": pick(ours, "large", "recovery_s_median"),
+        # a recovery ends with one whole training step: read it beside the normal step time
+        "step_s": pick(ours, "small", "step_s"),
+        "step_s_large": pick(ours, "large", "step_s"),
+        "state_gb_large": pick(ours, "large", "state_gb"),
         "baseline_restart_s": best_baseline("small"),
         "baseline_restart_s_large": best_baseline("large"),
         "steps_redone": max((k["steps_redone"] for k in all_recs), default=None),

@@ -70,7 +70,7 @@ def train(cfg: Dict[str, Any], rank: int, world: int,
     """The loop both baselines run; ``save``/``load`` are the system's checkpoint path."""
     torch.set_num_threads(1)  # 2 workers on a 2-core machine
     model = build_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=cfg.get("adam") == "fused" or None)
     start = 0
     state = load()
     if state is not None:
