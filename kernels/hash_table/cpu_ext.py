@@ -297,6 +297,9 @@ class CpuFusedKernels:
     def select_victims(self, index, stamp, scores, protect, limit, k):
         return self._ops.select_victims(index.slots, stamp, scores, protect, int(limit), int(k))
 
+    def sample_victims(self, stamp, scores, row_ids, protect, rng_state, limit, k, m):
+        return self._ops.sample_victims(stamp, scores, row_ids, protect, rng_state, int(limit), int(k), int(m))
+
     def pool_rows(self, weight, rows, offsets, per_sample_weights, mode, stamp=None, stamp_value=0,
                   policy_array=None, policy_mode=0, policy_value=0, skip_row=-1):
         return self._ops.pool_rows(weight, rows, offsets, per_sample_weights, int(mode), stamp, int(stamp_value),

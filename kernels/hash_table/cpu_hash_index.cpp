@@ -253,6 +253,13 @@ at::Tensor op_remove(at::Tensor& slots, const at::Tensor& keys_in, at::Tensor& m
   const int64_t* r = rows.data_ptr<int64_t>();
   int32_t* fb = free_buf.data_ptr<int32_t>();
   for (int64_t i = 0; i < N; ++i) {
+    // Removal is sequential (entries shift back); fetching the home slots ahead hides most
+    // of each probe's cache miss (a 10M-row index is ~160 MB).
+    if (i + kPrefetch < N) {  // the home slot's line and the next (clusters run on)
+      const Slot* h = &s[home_slot(k[i + kPrefetch], n)];
+      __builtin_prefetch(h, 1);
+      __builtin_prefetch(reinterpret_cast<const char*>(h) + 64, 1);
+    }
     if (r[i] < 0) continue;
     const int64_t p = probe(s, n, k[i]);
     if (p < 0) continue;  // a repeat, removed earlier in this call
@@ -415,6 +422,109 @@ std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, co
   if (take < static_cast<int64_t>(ties.size())) std::nth_element(ties.begin(), ties.begin() + take, ties.end());
   victims.insert(victims.end(), ties.begin(), ties.begin() + take);
   std::sort(victims.begin(), victims.end());
+  int64_t* ko = keys_out.data_ptr<int64_t>();
+  int64_t* ro = rows_out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i) {
+    ko[i] = victims[i].first;
+    ro[i] = victims[i].second;
+  }
+  return {keys_out, rows_out};
+}
+
+// Sampled (approximate) victim selection, bounded by the sample and never by the table:
+// draw about m rows uniformly from [0, limit), in runs of 8 (a splitmix64 stream;
+// rng_state[0] is the stream position and advances by the runs drawn, so a seeded table
+// evicts the same rows run after run), keep
+// each row once if it holds a key (stamp[row] >= 0) and is not in `protect` (rows < 0 in
+// it are ignored), and return the k of lowest (score, row) among them, score = scores[row]
+// (or stamp[row] when scores is absent: LRU). Returns (keys ascending, their rows); fewer
+// than k when the sample has fewer candidates (the caller then selects exactly).
+// The sample's reads of stamp, scores and row_ids are random and prefetched ahead.
+std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, const c10::optional<at::Tensor>& scores,
+                                                     const at::Tensor& row_ids, const at::Tensor& protect_in,
+                                                     at::Tensor& rng_state, int64_t limit, int64_t k, int64_t m) {
+  TORCH_CHECK(stamp.dtype() == at::kInt && stamp.is_contiguous() && limit >= 1 && limit <= stamp.numel() &&
+                  limit < (int64_t(1) << 31), "stamp must be contiguous int32 covering rows [0, limit)");
+  TORCH_CHECK(row_ids.dtype() == at::kLong && row_ids.is_contiguous() && row_ids.numel() >= limit,
+              "row_ids must be contiguous int64 covering rows [0, limit)");
+  TORCH_CHECK(rng_state.dtype() == at::kLong && rng_state.numel() == 1 && rng_state.is_contiguous(),
+              "rng_state must be one int64");
+  TORCH_CHECK(k >= 0 && m >= 0, "k and m must be >= 0");
+  const int32_t* st = stamp.data_ptr<int32_t>();
+  const int32_t* sc = st;
+  if (scores.has_value() && scores->defined()) {
+    TORCH_CHECK(scores->dtype() == at::kInt && scores->is_contiguous() && scores->numel() >= limit,
+                "scores must be contiguous int32 covering rows [0, limit)");
+    sc = scores->data_ptr<int32_t>();
+  }
+  const int64_t* ids = row_ids.data_ptr<int64_t>();
+  const at::Tensor protect = protect_in.contiguous().to(at::kLong);
+  const int64_t* pr = protect.data_ptr<int64_t>();
+  const int64_t P = protect.numel();
+
+  // Membership (protected, or drawn before) is one bit a row in a bitmap kept per thread
+  // between calls (1.25 MB for 10M rows: cache-resident, unlike the stamps); each call clears
+  // exactly the bits it set, so it is never cleared (or allocated) whole.
+  thread_local std::vector<uint64_t> bits;
+  if (static_cast<int64_t>(bits.size()) * 64 < limit) bits.assign((limit + 63) / 64, 0);
+  uint64_t* b = bits.data();
+  std::vector<int32_t> marked;  // rows whose bit this call set
+  marked.reserve(P + m + 8);
+  // Sets row r's bit; false when it was set already.
+  auto add = [&](int64_t r) {
+    uint64_t& w = b[r >> 6];
+    const uint64_t bit = uint64_t(1) << (r & 63);
+    if (w & bit) return false;
+    w |= bit;
+    marked.push_back(static_cast<int32_t>(r));
+    return true;
+  };
+  for (int64_t i = 0; i < P; ++i)
+    if (pr[i] >= 0 && pr[i] < limit) add(pr[i]);
+
+  // Rows are drawn in aligned runs of kRun (the run's start is uniform over the runs that
+  // cover [0, limit); rows past limit are skipped): every row is equally likely to be drawn,
+  // and a run's stamps (and scores) share one cache line, so the sample costs m / kRun
+  // random reads instead of m. Rows of a run may have related scores (rows inserted
+  // together); the victims are still the lowest of the sample.
+  constexpr int64_t kRun = 8;
+  const int64_t runs = (m + kRun - 1) / kRun;
+  const uint64_t blocks = static_cast<uint64_t>((limit + kRun - 1) / kRun);
+  std::vector<int32_t> start(runs);
+  uint64_t pos = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
+  for (int64_t i = 0; i < runs; ++i) {
+    const uint64_t x = fmix64((pos + static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ULL);
+    start[i] = static_cast<int32_t>(((x >> 32) * blocks) >> 32) * kRun;
+  }
+  rng_state.data_ptr<int64_t>()[0] = static_cast<int64_t>(pos + static_cast<uint64_t>(runs));
+
+  // (score + 2^31) << 32 | row: one integer orders by score, then row.
+  std::vector<uint64_t> cand;
+  cand.reserve(runs * kRun);
+  constexpr int64_t kAhead = 16;
+  for (int64_t i = 0; i < runs; ++i) {
+    if (i + kAhead < runs) {
+      __builtin_prefetch(&st[start[i + kAhead]]);
+      if (sc != st) __builtin_prefetch(&sc[start[i + kAhead]]);
+    }
+    const int64_t end = std::min<int64_t>(start[i] + kRun, limit);
+    for (int64_t r = start[i]; r < end; ++r) {
+      if (st[r] < 0 || !add(r)) continue;
+      const uint64_t score = static_cast<uint64_t>(static_cast<int64_t>(sc[r]) + (int64_t(1) << 31));
+      cand.push_back(score << 32 | static_cast<uint64_t>(r));
+    }
+  }
+  for (const int32_t r : marked) b[r >> 6] = 0;  // other bits of the word were clear before the call too
+  k = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
+  if (k < static_cast<int64_t>(cand.size())) std::nth_element(cand.begin(), cand.begin() + k, cand.end());
+  std::vector<std::pair<int64_t, int64_t>> victims(k);
+  for (int64_t i = 0; i < k; ++i) {
+    if (i + kAhead < k) __builtin_prefetch(&ids[cand[i + kAhead] & 0xFFFFFFFFULL]);
+    const int64_t r = static_cast<int64_t>(cand[i] & 0xFFFFFFFFULL);
+    victims[i] = {ids[r], r};
+  }
+  std::sort(victims.begin(), victims.end());
+  at::Tensor keys_out = at::empty({k}, at::kLong), rows_out = at::empty({k}, at::kLong);
   int64_t* ko = keys_out.data_ptr<int64_t>();
   int64_t* ro = rows_out.data_ptr<int64_t>();
   for (int64_t i = 0; i < k; ++i) {
@@ -942,6 +1052,7 @@ TORCH_LIBRARY(gauss_hash, m) {
   m.def("keys_and_rows(Tensor slots, int size) -> (Tensor, Tensor)", &op_keys_and_rows);
   m.def("place(Tensor(a!) slots, Tensor keys, Tensor rows) -> ()", &op_place);
   m.def("select_victims(Tensor slots, Tensor stamp, Tensor scores, Tensor protect, int limit, int k) -> (Tensor, Tensor)", &op_select_victims);
+  m.def("sample_victims(Tensor stamp, Tensor? scores, Tensor row_ids, Tensor protect, Tensor(a!) rng_state, int limit, int k, int m) -> (Tensor, Tensor)", &op_sample_victims);
   m.def("lookup_pool(Tensor slots, Tensor ids, Tensor offsets, Tensor weight, Tensor? psw, int mode, int dflt) -> (Tensor, Tensor)", &op_lookup_pool);
   m.def("pool_rows(Tensor weight, Tensor rows, Tensor offsets, Tensor? psw, int mode, Tensor(a!)? stamp, int stamp_val, Tensor(b!)? pol, int pol_mode, int pol_val, int skip_row) -> Tensor", &op_pool_rows);
   m.def("bag_index(Tensor offsets) -> Tensor", &op_bag_index);

@@ -258,8 +258,9 @@ class _InterleavingLock:
 
 def test_table_pull_copies_outside_the_lock_and_drops_rows_written_meanwhile():
     """A pull lists the changed rows under the lock, copies them without it, and drops the
-    rows training wrote (or evicted) in between: the next pull brings their new values or
-    their tombstones, so serving never holds a value newer than the version it names."""
+    rows training wrote in between: the next pull brings their new values, so serving never
+    holds a value newer than the version it names. A row deleted in between held the value
+    copied at that version: it is sent, and its tombstone comes with the next pull."""
     from gauss_plugins.embedding.table import DynamicEmbeddingTable, DynamicTableConfig
     from gauss_plugins.stores.syncer import TableSource
 
@@ -274,9 +275,9 @@ def test_table_pull_copies_outside_the_lock_and_drops_rows_written_meanwhile():
     source = TableSource(table, lock=_InterleavingLock(training_step, at=2))
     table.set(torch.tensor([5, 6, 7, 8]), torch.ones(4, 4))
     first = source.changes_since(v0)
-    assert first.ids.tolist() == [8] and torch.equal(first.values, torch.ones(1, 4))
+    assert first.ids.tolist() == [7, 8] and torch.equal(first.values, torch.ones(2, 4))
     assert first.deleted.tolist() == []
-    assert source.pulls[-1]["rows"] == 1 and source.pulls[-1]["lock_s"] >= 0
+    assert source.pulls[-1]["rows"] == 2 and source.pulls[-1]["lock_s"] >= 0
     second = source.changes_since(first.version)
     assert second.ids.tolist() == [5, 6] and torch.equal(second.values, torch.full((2, 4), 9.0))
     assert second.deleted.tolist() == [7]

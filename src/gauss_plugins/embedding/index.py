@@ -155,6 +155,16 @@ class FusedKernels(Protocol):
         rows ``< limit`` with ``stamp[row] >= 0`` (int32; -1 marks rows without a key) that
         are not in ``protect``."""
 
+    def sample_victims(self, stamp: torch.Tensor, scores: Optional[torch.Tensor], row_ids: torch.Tensor,
+                       protect: torch.Tensor, rng_state: torch.Tensor, limit: int, k: int, m: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Optional (the table checks with ``getattr``): sampled victim selection in one call.
+        Draws ``m`` rows uniformly from ``[0, limit)`` (``rng_state``, int64[1], is the
+        stream position and advances by ``m``), keeps each once if ``stamp[row] >= 0`` and
+        it is not in ``protect`` (negative entries ignored), and returns (keys ascending,
+        rows) of the ``k`` lowest (``scores[row]``, row) among them (``stamp`` when
+        ``scores`` is None); fewer than ``k`` when the sample holds fewer candidates."""
+
     def pool_rows(self, weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
                   per_sample_weights: Optional[torch.Tensor], mode: int, stamp: Optional[torch.Tensor] = None,
                   stamp_value: int = 0, policy_array: Optional[torch.Tensor] = None, policy_mode: int = 0,

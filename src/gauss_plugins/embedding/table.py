@@ -295,6 +295,7 @@ class DynamicEmbeddingTable(nn.Module):
         self._changes = ChangeLog(self._change_log_limit(cap))
         self._scratch = RowScratch()
         self._evict_rng: Optional[torch.Generator] = None
+        self._evict_stream: Optional[torch.Tensor] = None
         self._expire_hand = 0         # where automatic expiry's sweep resumes
         self.last_changed_scan = 0    # entries the last changed_since visited (log entries or rows)
         self._stamp_base = 0
@@ -445,15 +446,23 @@ class DynamicEmbeddingTable(nn.Module):
             self._stamp_base += shift
         return self._version
 
-    def _stamp(self, rows: torch.Tensor, version: int, distinct: bool = True) -> None:
+    def _stamp(self, rows: torch.Tensor, version: int, distinct: bool = True,
+               ids: Optional[torch.Tensor] = None) -> None:
         self._row_stamp[rows] = version - self._stamp_base
-        self._changes.add(rows, version, distinct=distinct)
+        self._changes.add(rows, version, distinct=distinct, ids=ids)
 
     @staticmethod
     def _change_log_limit(capacity: int) -> int:
         # Room for about a full table's worth of row changes (8 B each): a consumer that
         # falls further behind gets one full scan, which is exact anyway.
         return max(capacity, 1 << 20)
+
+    def _eviction_stream(self) -> torch.Tensor:
+        """int64[1]: the position in the compiled sampler's random stream (seeded by the
+        table's seed, so a run's victims repeat run after run)."""
+        if self._evict_stream is None:
+            self._evict_stream = torch.tensor([(self.config.seed ^ 0xE71C7) << 32], dtype=torch.int64)
+        return self._evict_stream
 
     def _eviction_rng(self) -> torch.Generator:
         if self._evict_rng is None:
@@ -516,13 +525,16 @@ class DynamicEmbeddingTable(nn.Module):
         self._remove(victims)
 
     def _select_victims(self, k: int, protect: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Ids (ascending) of the ``k`` lowest-scored live rows not in ``protect`` (ties by id);
-        on a large table, of a random sample of ``eviction.sample_factor * k`` rows
+        """Ids (ascending) of the ``k`` lowest-scored live rows not in ``protect`` (rows; -1
+        entries ignored; ties by id); on a large table, of a random sample of
+        ``eviction.sample_factor * k`` rows
         (:func:`~gauss_plugins.embedding.tracking.sampled_victims`)."""
         if self.eviction is not None and k > 0:
             sampled = sampled_victims(self, k, protect)
             if sampled is not None:
                 return sampled
+        if protect is not None:
+            protect = protect[protect >= 0]
         fused = self.index.fused
         array = self.eviction.score_array() if self.eviction is not None else None
         if fused is not None and array is not None and k > 0:
@@ -585,7 +597,7 @@ class DynamicEmbeddingTable(nn.Module):
         if self.eviction is not None:
             self.eviction.on_insert(rows, self._clock())
         self._row_ids[rows] = ids
-        self._stamp(rows, version)
+        self._stamp(rows, version, ids=ids)  # an insertion: the log keeps the ids too
 
     def _rows_for_training(self, ids: torch.Tensor, stamp: bool = True,
                            valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -613,7 +625,8 @@ class DynamicEmbeddingTable(nn.Module):
             admitted = cand[admit]
             got = None
             if admitted.numel():
-                self._ensure_room(admitted.numel(), protect=lambda: rows[rows >= 0])
+                # The batch's rows stay; its absent ids (-1) are skipped by the selection.
+                self._ensure_room(admitted.numel(), protect=lambda: rows)
                 try:
                     new_rows, _ = self.index.insert(admitted)
                 except IndexFullError as exc:  # _ensure_room made room: this is a bug, say so
@@ -1029,7 +1042,7 @@ class DynamicEmbeddingTable(nn.Module):
         missing = rows < 0
         version = self._bump()
         if bool(missing.any()):
-            self._ensure_room(int(missing.sum()), protect=lambda: rows[rows >= 0])
+            self._ensure_room(int(missing.sum()), protect=lambda: rows)
             new_rows, _ = self.index.insert(ids[missing])
             self._init_rows(new_rows, ids[missing], version)
             rows[missing] = new_rows
@@ -1143,19 +1156,84 @@ class DynamicEmbeddingTable(nn.Module):
         return ids, rows.index_select(0, order)
 
     @torch.no_grad()
-    def change_snapshot(self, version: int) -> ChangeSnapshot:
+    def change_snapshot(self, version: int, deletions: bool = False) -> ChangeSnapshot:
         """What changed after ``version``, taken in O(log chunks) -- call it under the lock
         that guards training -- and resolved into ids and rows by
         :meth:`resolve_change_snapshot` after releasing it (see ``TableSource``). A version
-        older than the change log reaches back is resolved here, by a scan."""
+        older than the change log reaches back is resolved here, by a scan.
+
+        ``deletions``: also what :meth:`evicted_since` ``(version)`` would return now, for
+        :meth:`resolve_deleted` to work out after the lock is released (raises the same
+        ValueError when the table no longer remembers evictions that old)."""
         version = int(version)
+        if deletions and version < self._tombstones_since:
+            self.evicted_since(version)  # raises, with what to do
         log = self._changes
         if version - self._stamp_base >= 0 and log.covers(version):
-            return ChangeSnapshot(version, self._version, self._stamp_base, self.default_row, log.tail(version),
+            snap = ChangeSnapshot(version, self._version, self._stamp_base, self.default_row, log.tail(version),
                                   log=log, generation=log.generation)
+            if deletions:
+                snap.tombstones = self._tombstones_after(version)
+                snap.inserted = log.inserted_after(version)
+            return snap
         ids, rows = self._changed_rows(version, sort=False)
-        return ChangeSnapshot(version, self._version, self._stamp_base, self.default_row, [], (ids, rows),
+        snap = ChangeSnapshot(version, self._version, self._stamp_base, self.default_row, [], (ids, rows),
                               self.last_changed_scan, log, log.generation)
+        if deletions:
+            snap.deleted = self.evicted_since(version)
+        return snap
+
+    def _tombstones_after(self, version: int) -> List[Tuple[int, torch.Tensor]]:
+        """``(version, ids)`` of the tombstone chunks after ``version``, newest first, in
+        O(chunks returned) (versions only grow along the list)."""
+        out = []
+        for i in range(len(self._tombstone_versions) - 1, -1, -1):
+            if self._tombstone_versions[i] <= version:
+                break
+            out.append((self._tombstone_versions[i], self._tombstone_ids[i]))
+        return out
+
+    @torch.no_grad()
+    def resolve_deleted(self, snap: ChangeSnapshot) -> torch.Tensor:
+        """The ids (ascending, distinct) evicted or deleted after ``snap.version`` that were
+        not live at ``snap.now``: what :meth:`evicted_since` returned when a
+        ``change_snapshot(version, deletions=True)`` was taken, worked out without the hash
+        index, so safe while training runs on. An id evicted in that window was live again
+        at ``now`` exactly when an insertion gave it a row after its last eviction there
+        (only insertions make an id live, and the log keeps their ids)."""
+        if snap.deleted is not None:
+            return snap.deleted
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        if not snap.tombstones:
+            return empty
+        gone = torch.cat([t for _, t in snap.tombstones])
+        if not snap.inserted:
+            return torch.unique(gone)
+        back = torch.cat([t for _, t in snap.inserted])
+        # Each event (id, version, is a tombstone), ordered by id then version: an id's last
+        # event decides. An id cannot be evicted and inserted at one version (eviction only
+        # takes live rows, insertion only absent ids), so the order within a version is moot.
+        ids = torch.cat([gone, back])
+        version = torch.cat([torch.full((t.numel(),), v, dtype=torch.int64, device=self.device)
+                             for v, t in [*snap.tombstones, *snap.inserted]])
+        tomb = torch.zeros(ids.numel(), dtype=torch.bool, device=self.device)
+        tomb[: gone.numel()] = True
+        order = torch.argsort(version, stable=True)
+        ids, tomb = ids.index_select(0, order), tomb.index_select(0, order)
+        order = torch.argsort(ids, stable=True)
+        ids, tomb = ids.index_select(0, order), tomb.index_select(0, order)
+        last = torch.ones_like(tomb)
+        last[:-1] = ids[1:] != ids[:-1]
+        return ids[last & tomb]
+
+    def rows_written_after(self, version: int) -> Optional[List[torch.Tensor]]:
+        """The change-log row chunks written after ``version`` (O(chunks); call it under the
+        training lock), or None when the log no longer reaches back that far. A reader that
+        copied rows without the lock drops the rows in them: those were (re)written since
+        ``version``, possibly while it copied."""
+        if not self._changes.covers(version):
+            return None
+        return [chunk[1] for chunk in self._changes.tail(version)]
 
     def snapshot_is_current(self, snap: ChangeSnapshot) -> bool:
         """Whether the stamps still mean what they meant when ``snap`` was taken: no
@@ -1327,7 +1405,7 @@ class DynamicEmbeddingTable(nn.Module):
         stamp = tensors["stamp"].to(dev) - self._stamp_base
         self._row_stamp[rows] = stamp.clamp(0, _STAMP_LIMIT).to(torch.int32)
         if meta["kind"] != "full":  # rows keep their saved versions: match them by "newer than"
-            self._changes.add(rows, int(meta["version"]), exact=False)
+            self._changes.add(rows, int(meta["version"]), exact=False, ids=ids)
             self._changes.generation += 1
         for k in self.opt_state:
             self.opt_state[k][rows] = tensors[f"opt.{k}"].to(dev, self.opt_state[k].dtype)

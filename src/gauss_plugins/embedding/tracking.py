@@ -107,23 +107,31 @@ class ChangeLog:
         # checkpoint): a reader's stamp check cannot see such writes, so it redoes its work.
         self.generation = 0
         self._chunks: Deque[Tuple[int, torch.Tensor, bool, bool]] = deque()
+        # The ids each insertion gave a row, beside its chunk: with the tombstones they say
+        # which evicted ids were live again at a version, without the hash index (a reader
+        # works out its deletions after releasing the lock).
+        self._inserted: Deque[Tuple[int, torch.Tensor]] = deque()
         self._total = 0
 
     def __len__(self) -> int:
         return self._total
 
     def nbytes(self) -> int:
-        return sum(c[1].numel() * c[1].element_size() for c in self._chunks)
+        return (sum(c[1].numel() * c[1].element_size() for c in self._chunks)
+                + sum(c[1].numel() * c[1].element_size() for c in self._inserted))
 
     def reset(self, since: int) -> None:
         """Forget everything; queries before ``since`` need a full scan from now on."""
         self._chunks.clear()
+        self._inserted.clear()
         self._total = 0
         self.since = int(since)
 
-    def add(self, rows: torch.Tensor, version: int, exact: bool = True, distinct: bool = True) -> None:
+    def add(self, rows: torch.Tensor, version: int, exact: bool = True, distinct: bool = True,
+            ids: Optional[torch.Tensor] = None) -> None:
         """Record that ``rows`` were stamped with ``version`` (the tensor is kept, not copied:
-        callers never modify it afterwards)."""
+        callers never modify it afterwards); ``ids``: the rows were just given to these ids
+        (an insertion), kept likewise."""
         n = rows.numel()
         if n == 0:
             return
@@ -132,14 +140,28 @@ class ChangeLog:
             # the query" instead, which stays correct for any later label.
             version, exact = self._chunks[-1][0], False
         self._chunks.append((int(version), rows.reshape(-1), bool(exact), bool(distinct)))
+        if ids is not None:
+            self._inserted.append((int(version), ids.reshape(-1)))
         self._total += n
         while len(self._chunks) > 1 and (self._total > self.limit or len(self._chunks) > _MAX_CHUNKS):
             old_version, old_rows, _, _ = self._chunks.popleft()
             self._total -= old_rows.numel()
             self.since = max(self.since, old_version)
+        while self._inserted and self._inserted[0][0] <= self.since:
+            self._inserted.popleft()
 
     def covers(self, version: int) -> bool:
         return int(version) >= self.since
+
+    def inserted_after(self, version: int) -> List[Tuple[int, torch.Tensor]]:
+        """``(version, ids)`` of the insertions after ``version``, newest first: O(chunks).
+        Complete when :meth:`covers` ``(version)``."""
+        out = []
+        for chunk in reversed(self._inserted):
+            if chunk[0] <= version:
+                break
+            out.append(chunk)
+        return out
 
     def tail(self, version: int) -> List[Tuple[int, torch.Tensor, bool, bool]]:
         """The chunks newer than ``version``, newest first: O(chunks), no tensor work. A
@@ -202,6 +224,11 @@ class ChangeSnapshot:
     visited: int = 0
     log: Optional["ChangeLog"] = None   # the table's log then, and its generation:
     generation: int = 0                 # a checkpoint load since makes the snapshot stale
+    # With ``deletions``: the tombstone chunks and insertions after ``version`` (resolved
+    # into ids later), or the ``deleted`` ids themselves when the log does not reach back.
+    tombstones: Optional[List[Tuple[int, torch.Tensor]]] = None
+    inserted: Optional[List[Tuple[int, torch.Tensor]]] = None
+    deleted: Optional[torch.Tensor] = None
 
 
 def lowest_k(ids: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -232,7 +259,12 @@ def _unprotected(rows: torch.Tensor, protect: Optional[torch.Tensor], scratch: R
 def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Ids (ascending) of ``k`` victims: the lowest-scored of ``sample_factor * k`` random
     rows, or None when the exact selection should run instead (small table, a round that
-    would sample most of it, or too few live unprotected rows in the sample).
+    would sample most of it, or too few live unprotected rows in the sample). ``protect``:
+    rows that must stay (entries < 0 are ignored).
+
+    With a backend that offers ``sample_victims`` (the C++ index) and a policy whose score
+    is an int32 array, the whole round is one compiled call (its own random stream, ties by
+    row); otherwise the torch steps below.
 
     Every step is a gather or a filter over the sample (no sort of it): rows are drawn with
     replacement and the rare repeats are dropped among the chosen ones; ties in score are
@@ -244,6 +276,16 @@ def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[to
         return None
     capacity = table.capacity
     m = k * factor
+    array = policy.score_array()
+    fused = getattr(table.index.fused, "sample_victims", None)
+    if fused is not None and array is not None and array.dtype == torch.int32:
+        # One compiled pass: draw, filter (keyless, protected, repeated), score, select.
+        guard = protect if protect is not None else torch.empty(0, dtype=torch.int64, device=table.device)
+        ids, _ = fused(table._row_stamp, None if array is table._row_stamp else array, table._row_ids, guard,
+                       table._eviction_stream(), capacity, k, m)
+        return ids if ids.numel() == k else None
+    if protect is not None:
+        protect = protect[protect >= 0]
     rows = torch.randint(0, capacity, (m,), generator=table._eviction_rng(), device=table.device, dtype=torch.int64)
     stamps = table._row_stamp.index_select(0, rows)
     keep = stamps >= 0  # rows with a key
@@ -253,7 +295,6 @@ def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[to
     rows = rows[keep]
     if rows.numel() < k:
         return None
-    array = policy.score_array()
     if array is table._row_stamp:
         scores = stamps[keep]  # LRU: the stamps just read are the scores
     elif array is not None:

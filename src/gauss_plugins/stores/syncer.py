@@ -125,9 +125,12 @@ class TableSource:
     half-applied. The version is read before the rows, so a row updated during a pull is
     pushed again by the next one.
 
-    A pull holds the lock twice, briefly: to list the rows changed since the last pull
-    (O(changed), from the table's change log, not a scan) and, after copying their values
-    without the lock, to drop the rows training wrote meanwhile (the next pull has them).
+    A pull holds the lock twice, for O(change-log chunks) each, never per row: to take
+    references to the change-log and tombstone chunks since the last pull, and, after
+    resolving them into ids, deletions and copied values without the lock, to take the
+    chunks written meanwhile, whose rows it then drops (the next pull has them). Only a
+    full image (first pull, resync) and the rare redo after a stamp rebase or a checkpoint
+    load copy rows under the lock.
     :attr:`pulls` keeps the recent pulls' ``lock_s`` (time training was blocked; wall
     clock) and ``lock_cpu_s`` (the CPU time of that, which other jobs on the machine do not
     inflate), ``wait_s`` (waiting for the lock), ``total_s``, ``rows`` and ``visited``
@@ -171,54 +174,59 @@ class TableSource:
 
     def changes_since(self, version: int, consumer: Optional[str] = None, full: bool = False) -> ChangeBatch:
         t0 = time.perf_counter()
+        snap = None
         with self.lock:
             t_locked, cpu_locked = time.perf_counter(), time.thread_time()
             now = self.version
-            deleted = None
             if not full:
                 try:
-                    deleted = self.table.evicted_since(version)
+                    # O(log chunks): references to what changed, resolved after the release
+                    snap = self.table.change_snapshot(version, deletions=True)
                 except ValueError:  # tombstones that old were dropped: only a full image is exact
                     full = True
             if full:
-                # changed_since of a version before every stamp returns every live row. A
-                # full image is copied under the lock: a row missing from it would read as
+                # A full image is copied under the lock: a row missing from it would read as
                 # deleted (rare: a first pull or a resync).
-                ids, values, _ = self.table.changed_since(-(1 << 62), optimizer_state=False, sort=False)
-                visited = int(self.table.last_changed_scan)
-            else:
-                snap = self.table.change_snapshot(version)  # O(log chunks): the rows come later
-            if consumer is not None:
-                self._consumers[consumer] = max(int(version), self._consumers.get(consumer, 0))
-                self.table.trim_tombstones(min(self._consumers.values()))
-            self._pulled_at[now] = time.time()
-            for v in [v for v in self._pulled_at if v < version]:
-                del self._pulled_at[v]
+                ids, values, deleted, visited, full = self._read_locked(version, True)
+            self._note_pull(consumer, version, now)
             lock_s = time.perf_counter() - t_locked
             lock_cpu_s = time.thread_time() - cpu_locked
         in_order = False
-        if not full:
-            # Finding the rows and copying them (the bulk of a pull) runs while training goes
-            # on; then, briefly under the lock again, the rows written (or evicted) meanwhile
-            # are dropped: their stamps are newer than `now`, so the next pull brings them (or
-            # their tombstones). Growth swaps the tensors but keeps row numbers.
+        if snap is not None:
+            # Finding the rows, the deletions and copying the values (the bulk of a pull) runs
+            # while training goes on. Then, briefly under the lock again, the pull takes the
+            # change-log chunks written since `now` (references, O(chunks)) and afterwards drops
+            # the rows they name: those were written meanwhile, perhaps during the copy, and the
+            # next pull brings them. Every write of a row's values or of the id it holds is
+            # logged, so the rows kept hold their values and ids at `now`. Growth swaps the
+            # tensors but keeps row numbers.
             ids, rows = self._sorted(*self.table.resolve_change_snapshot(snap, self._scratch))
+            deleted = self.table.resolve_deleted(snap)
             visited = snap.visited
             values = self.table.weight.index_select(0, rows)  # in id order: no second copy
+            same = later = None
+            in_order = True
             with self.lock:
                 t_check, cpu_check = time.perf_counter(), time.thread_time()
-                if not self.table.snapshot_is_current(snap):
+                if self.table.snapshot_is_current(snap):
+                    later = self.table.rows_written_after(now)
+                    if later is None:  # the log no longer reaches back to `now`: check each row
+                        same = self.table.rows_unchanged_since(rows, now)
+                    num_rows = int(self.table.row_stamps.numel())
+                else:
                     # Stamps rebased (every ~2**30 versions) or a checkpoint loaded meanwhile:
-                    # redo it under the lock; rows written after `now` still go to the next pull.
-                    snap = self.table.change_snapshot(version)
-                    ids, rows = self._sorted(*self.table.resolve_change_snapshot(snap, self._scratch))
-                    values = self.table.weight.index_select(0, rows)
-                same = self.table.rows_unchanged_since(rows, now)
+                    # read everything again, under the lock, at the version now.
+                    now = self.version
+                    ids, values, deleted, visited, full = self._read_locked(version, False)
+                    self._note_pull(consumer, version, now)
+                    in_order = False
                 lock_s += time.perf_counter() - t_check
                 lock_cpu_s += time.thread_time() - cpu_check
-            if not bool(same.all()):
+            if later:
+                written = later[0] if len(later) == 1 else torch.cat(later)
+                same = ~self._scratch.marked(rows, self._scratch.mark(written, num_rows))
+            if same is not None and not bool(same.all()):
                 ids, values = ids[same], values[same]
-            in_order = True
         backing = getattr(self.table, "backing", None)
         if backing is not None:
             ids, values, deleted = self._with_store_rows(backing, ids, values, deleted, full)
@@ -231,6 +239,31 @@ class TableSource:
         empty = torch.empty(0, dtype=torch.int64)
         return ChangeBatch(ids.to("cpu"), values.to("cpu", torch.float32), None,
                            empty if deleted is None else deleted.to("cpu"), now, full=full)
+
+    def _read_locked(self, version: int, full: bool):
+        """(ids, values, deleted, visited, full) read entirely under the lock (the caller
+        holds it): a full image, or the changes after ``version`` (a full image when the
+        table no longer remembers evictions that old)."""
+        deleted = None
+        if not full:
+            try:
+                deleted = self.table.evicted_since(version)
+            except ValueError:
+                full = True
+        # changed_since of a version before every stamp returns every live row
+        ids, values, _ = self.table.changed_since(-(1 << 62) if full else version, optimizer_state=False,
+                                                  sort=False)
+        return ids, values, deleted, int(self.table.last_changed_scan), full
+
+    def _note_pull(self, consumer: Optional[str], version: int, now: int) -> None:
+        """Under the lock: the consumer's position (tombstones every consumer read are
+        trimmed) and the pull's time, for freshness."""
+        if consumer is not None:
+            self._consumers[consumer] = max(int(version), self._consumers.get(consumer, 0))
+            self.table.trim_tombstones(min(self._consumers.values()))
+        self._pulled_at[now] = time.time()
+        for v in [v for v in self._pulled_at if v < version]:
+            del self._pulled_at[v]
 
     @staticmethod
     def _sorted(ids: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
