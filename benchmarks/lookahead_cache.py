@@ -128,12 +128,12 @@ class Model(nn.Module):
                                                     dropout=0.0, num_time_buckets=0))
 
 
-def make_table(name: str, capacity: int):
+def make_table(name: str, capacity: int, device: str = "cpu"):
     from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
 
     return DynamicEmbeddingTable(DynamicTableConfig(
         name=name, dim=DIM, optimizer=OptimizerConfig("rowwise_adagrad", lr=0.05),
-        initial_capacity=min(capacity, 1 << 16), max_capacity=capacity))
+        initial_capacity=min(capacity, 1 << 16), max_capacity=capacity, device=device))
 
 
 def train_step(model, table, dense_opt, sparse_opt, batch, reduce: Optional[Callable] = None,
@@ -151,13 +151,14 @@ def train_step(model, table, dense_opt, sparse_opt, batch, reduce: Optional[Call
         emb.register_hook(lambda g: reduce(g))
     pos = torch.searchsorted(uniq, local)
     n_hist = int(valid.sum())
-    x = torch.zeros(*ids.shape, DIM).index_put((valid,), emb.index_select(0, pos[:n_hist]))
+    x = torch.zeros(*ids.shape, DIM, device=emb.device).index_put((valid,), emb.index_select(0, pos[:n_hist]))
     h = model.encoder(x, valid)[mask]
     t = emb.index_select(0, pos[n_hist:])
-    gen = torch.Generator().manual_seed(int(targets.sum()) & 0xFFFF)
-    neg = emb.index_select(0, torch.randint(0, uniq.numel(), (NEGATIVES,), generator=gen))
+    gen = torch.Generator().manual_seed(int(targets.sum()) & 0xFFFF)  # on the CPU: the same draws on any device
+    neg = emb.index_select(0, torch.randint(0, uniq.numel(), (NEGATIVES,), generator=gen).to(emb.device))
     logits = torch.cat([(h * t).sum(-1, keepdim=True), h @ neg.T], dim=1)
-    loss = nn.functional.cross_entropy(logits, torch.zeros(h.shape[0], dtype=torch.long), reduction="sum")
+    loss = nn.functional.cross_entropy(logits, torch.zeros(h.shape[0], dtype=torch.long, device=logits.device),
+                                       reduction="sum")
     scale = 1.0 / max(1, int(mask.sum())) if reduce is None else 1.0 / batch["global_positions"]
     (loss * scale).backward()
     if reduce is not None:
@@ -187,38 +188,65 @@ def build_cold_store(path: str, rows: int) -> None:
     store.close()
 
 
-def open_cold(image: str, path: str, rows: int):
+def open_cold(image: str, path: str, rows: int, drop_page_cache: bool = False):
     from gauss_plugins.stores.tierps import TierPS
 
     shutil.copytree(image, path)
     ram_rows = max(256, rows // 50)
-    return TierPS(dim=DIM, state_dim=STATE_DIM, path=path, ram_bytes=ram_rows * (4 * (DIM + STATE_DIM) + 25))
+    store = TierPS(dim=DIM, state_dim=STATE_DIM, path=path, ram_bytes=ram_rows * (4 * (DIM + STATE_DIM) + 25))
+    if drop_page_cache:  # after the open: replaying the log on open reads every segment
+        drop_cached_pages(path)
+    return store
+
+
+def page_cache_skip_reason() -> Optional[str]:
+    if not hasattr(os, "posix_fadvise"):
+        return "os.posix_fadvise is not available on this platform: the page cache cannot be dropped per file"
+    return None
+
+
+def drop_cached_pages(path: str) -> int:
+    """Write the files under ``path`` to disk and ask the kernel to drop their cached pages
+    (POSIX_FADV_DONTNEED), so the next reads of them go to the device: a cold disk tier for
+    every variant alike. Returns the bytes dropped."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages are not dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return total
 
 
 # ---------------------------------------------------------------- one variant
-def run_variant(kind: str, budget: int, trace, rows: int, image: str, work: str, warmup: int) -> Dict[str, Any]:
+def run_variant(kind: str, budget: int, trace, rows: int, image: str, work: str, warmup: int,
+                device: str = "cpu", cold: bool = False) -> Dict[str, Any]:
     from gauss_plugins.cache import CacheConfig, LookaheadCache
     from gauss_plugins.embedding import SparseOptimizer
     from gauss_plugins.embedding.initializers import initial_values
 
-    model = Model(trace[0]["ids"].shape[1])
+    model = Model(trace[0]["ids"].shape[1]).to(device)
     dense_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     store = cache = None
     if kind == "in_memory":
-        table = make_table("items", rows + 1)
-        all_ids = torch.arange(1, rows + 1)
+        table = make_table("items", rows + 1, device)
+        all_ids = torch.arange(1, rows + 1, device=device)
         table.set(all_ids, initial_values(table.config.initializer, all_ids, DIM, table.config.seed,
                                           table.config.init_min, table.config.init_max, table.config.init_std))
         batches: Iterator = iter(trace)
     else:
         store_dir = tempfile.mkdtemp(dir=work)  # a fresh copy of the cold store for every run
-        store = open_cold(image, os.path.join(store_dir, "ps"), rows)
+        store = open_cold(image, os.path.join(store_dir, "ps"), rows, drop_page_cache=cold)
         if kind == "tierps_only":
-            table = make_table("items", max(batch_ids(b).unique().numel() for b in trace))
+            table = make_table("items", max(batch_ids(b).unique().numel() for b in trace), device)
             table.attach_store(store)
             batches = iter(trace)
         else:
-            table = make_table("items", budget)
+            table = make_table("items", budget, device)
             cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=budget, window=WINDOW, policy=kind),
                                    ids_fn=lambda b: {"items": batch_ids(b)})
             batches = cache.wrap(trace)
@@ -228,7 +256,7 @@ def run_variant(kind: str, budget: int, trace, rows: int, image: str, work: str,
     cpu: List[float] = []  # the training thread's CPU time per step (no waits, no other tenants)
     t_prev, c_prev = time.perf_counter(), time.thread_time()
     for batch in batches:
-        train_step(model, table, dense_opt, sparse_opt, batch)
+        train_step(model, table, dense_opt, sparse_opt, batch)  # float(loss): the step is done on any device
         if cache is not None:
             cache.step_done()
         elif kind == "tierps_only":  # nothing stays in the fast tier
@@ -241,15 +269,15 @@ def run_variant(kind: str, budget: int, trace, rows: int, image: str, work: str,
         c_prev = c_now
     stats = cache.stats() if cache is not None else {}
     # The rows after training, wherever they live, for the comparison with in_memory.
-    probe = torch.arange(1, rows + 1, max(1, rows // 5000))
+    probe = torch.arange(1, rows + 1, max(1, rows // 5000), device=device)
     if cache is not None:
         cache.flush()
     elif kind == "tierps_only":
         pass  # every row was written back at its step
     if store is not None:
         values, present = table.get(probe)
-        got = store.lookup(probe[~present])
-        values[~present] = got.values
+        got = store.lookup(probe[~present].cpu())
+        values[~present] = got.values.to(values.device)
     else:
         values = table.get(probe)[0]
     if cache is not None:
@@ -268,18 +296,22 @@ def run_variant(kind: str, budget: int, trace, rows: int, image: str, work: str,
            "prefetched_rows": stats.get("prefetched_rows"), "stall_ms": stats.get("stall_ms"),
            "evicted_rows": stats.get("evicted_rows"), "written_back_rows": stats.get("written_back_rows"),
            "mean_window": float(np.mean([s["window"] for s in stats["per_step"]])) if stats else None}
-    return {"row": row, "values": values, "per_step": stats.get("per_step", [])}
+    return {"row": row, "values": values.cpu(), "per_step": stats.get("per_step", [])}
 
 
 def run_trace(name: str, trace, rows: int, fractions, work: str, warmup: int, reps: int,
-              budget_floor: int = 0) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+              budget_floor: int = 0, device: str = "cpu", cold: bool = False,
+              kinds=("lookahead", "lru", "lfu")) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Every variant on ``trace``, ``reps`` times round robin. ``cold``: each store variant's
+    TierPS files leave the page cache before its run (the same cold start for all)."""
+    trace = [{k: v.to(device) for k, v in b.items()} for b in trace]
     image = os.path.join(work, f"{name}-image")
     build_cold_store(image, rows)
     variants: List[Tuple[str, Optional[float], int]] = [("in_memory", None, 0)]
     budgets = {}
     for f in fractions:
         budgets[f] = max(int(f * rows), budget_floor)
-        variants += [(k, f, budgets[f]) for k in ("lookahead", "lru", "lfu")]
+        variants += [(k, f, budgets[f]) for k in kinds]
     variants.append(("tierps_only", None, 0))
     results, detail = [], {}
     step_ms: Dict[Tuple[str, Optional[float]], List[float]] = {}
@@ -288,7 +320,7 @@ def run_trace(name: str, trace, rows: int, fractions, work: str, warmup: int, re
     # then hits every variant alike, and the median of each variant's runs is reported.
     for rep in range(reps):
         for kind, frac, budget in variants:
-            out = run_variant(kind, budget, trace, rows, image, work, warmup)
+            out = run_variant(kind, budget, trace, rows, image, work, warmup, device=device, cold=cold)
             step_ms.setdefault((kind, frac), []).append(out["row"]["step_ms"])
             critical_ms.setdefault((kind, frac), []).append(out["row"]["critical_path_ms"])
             print(f"  {name} {kind} budget={budget or '-'} run {rep + 1}/{reps}: {out['row']['step_ms']:.1f} ms/step",
@@ -426,14 +458,52 @@ def plot(per_step_la: List[Dict[str, float]], per_step_lru: List[Dict[str, float
 
 
 # ---------------------------------------------------------------- main
+PARTS = ("zipf", "cold", "ml100k", "scaling")
+
+
+def _parts(spec: Optional[str]) -> List[str]:
+    if not spec:
+        return list(PARTS)
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise SystemExit(f"--only takes a comma-separated list of {', '.join(PARTS)}; got {spec!r}")
+    return parts
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=None, help="ids in the Zipf stream (100k; 20k with --quick)")
     p.add_argument("--steps", type=int, default=None, help="Zipf steps per variant (60; 30 with --quick)")
     p.add_argument("--reps", type=int, default=None, help="runs of each variant, round robin (3; 2 with --quick)")
+    p.add_argument("--only", default=None, metavar="PARTS",
+                   help=f"run only these parts (comma-separated: {', '.join(PARTS)}); default all. "
+                        f"'--only scaling' re-measures scaling_2_workers alone")
+    p.add_argument("--scaling-models", default="hstu,mlp",
+                   help="models of the two-process run (comma-separated: hstu, mlp); the first one gives "
+                        "scaling_2_workers, the others scaling_2_workers_<model>")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: tables (the fast tier) and the model on the GPU, TierPS on the host, prefetch "
+                        "copies on a side CUDA stream")
     p.add_argument("--no-ml100k", action="store_true", help="skip the ML-100K trace")
     p.add_argument("--no-scaling", action="store_true", help="skip the two-process run")
     args = p.parse_args(argv)
+    parts = _parts(args.only)
+    if args.no_ml100k and "ml100k" in parts:
+        parts.remove("ml100k")
+    if args.no_scaling and "scaling" in parts:
+        parts.remove("scaling")
+    device = args.device
+    if device == "cuda":
+        from gauss_plugins.benchmarking import cuda_skip_reason
+
+        why = cuda_skip_reason()
+        if why is not None:
+            write_skip(NAME, why, args.json)
+            return 0
+    scaling_models = [m.strip() for m in args.scaling_models.split(",") if m.strip()]
+    if not scaling_models or any(m not in ("hstu", "mlp") for m in scaling_models):
+        raise SystemExit(f"--scaling-models takes hstu and/or mlp, got {args.scaling_models!r}")
     rows = args.rows or (20_000 if args.quick else 100_000)
     steps = args.steps or (30 if args.quick else 60)
     warmup = 3 if args.quick else 5
@@ -442,35 +512,68 @@ def main(argv=None) -> int:
     # cache and the training thread then share the machine's cores as they would per rank.
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="gauss-lookahead-bench-")
+    budget_10 = int(0.10 * rows)
+    summary: Dict[str, Any] = {"device": device, "parts": parts, "load_average_1m_start": os.getloadavg()[0]}
+    results: List[Dict[str, Any]] = []
     try:
-        results: List[Dict[str, Any]] = []
         zipf = zipf_trace(rows, steps)
-        print(f"zipf: {rows} ids, {steps} steps of {SEQS_PER_BATCH}x{SEQ_LEN} positions, "
-              f"{int(np.mean([batch_ids(b).unique().numel() for b in zipf]))} distinct ids a batch", flush=True)
-        res, info = run_trace("zipf", zipf, rows, (0.10, 0.25), work, warmup, reps)
-        results += res
-        d = info["detail"]
-        ms = {k: d[k]["row"]["step_ms"] for k in d}
-        cp = {k: d[k]["row"]["critical_path_ms"] for k in d}
-        summary: Dict[str, Any] = {
-            "misses_at_use": int(sum(r["misses_at_use"] for r in results if r["variant"] == "lookahead")),
-            "step_time_ratio_vs_in_memory": ms[("lookahead", 0.10)] / ms[("in_memory", None)],
-            "speedup_vs_lru": ms[("lru", 0.10)] / ms[("lookahead", 0.10)],
-            "speedup_vs_lfu": ms[("lfu", 0.10)] / ms[("lookahead", 0.10)],
-            "speedup_vs_tierps_only": ms[("tierps_only", None)] / ms[("lookahead", 0.10)],
-            "critical_path_ratio_vs_in_memory": cp[("lookahead", 0.10)] / cp[("in_memory", None)],
-            "critical_path_speedup_vs_lru": cp[("lru", 0.10)] / cp[("lookahead", 0.10)],
-            "critical_path_speedup_vs_lfu": cp[("lfu", 0.10)] / cp[("lookahead", 0.10)],
-            "stall_ms_per_step_lookahead": d[("lookahead", 0.10)]["row"]["stall_ms"] / steps,
-            "stall_ms_per_step_lru": d[("lru", 0.10)]["row"]["stall_ms"] / steps,
-            "max_abs_diff_vs_in_memory": max(r["max_abs_diff_vs_in_memory"] for r in results
-                                             if r["variant"] != "in_memory"),
-        }
-        if args.json:
-            plot(d[("lookahead", 0.10)]["per_step"], d[("lru", 0.10)]["per_step"],
-                 os.path.splitext(args.json)[0] + ".png",
-                 f"Zipf stream, {rows} ids, budget {info['budgets'][0.10]} rows (10%), window {WINDOW}")
-        if not args.no_ml100k:
+        if "zipf" in parts or "cold" in parts:
+            print(f"zipf: {rows} ids, {steps} steps of {SEQS_PER_BATCH}x{SEQ_LEN} positions, "
+                  f"{int(np.mean([batch_ids(b).unique().numel() for b in zipf]))} distinct ids a batch "
+                  f"(device {device})", flush=True)
+        if "zipf" in parts:
+            res, info = run_trace("zipf", zipf, rows, (0.10, 0.25), work, warmup, reps, device=device)
+            results += res
+            d = info["detail"]
+            ms = {k: d[k]["row"]["step_ms"] for k in d}
+            cp = {k: d[k]["row"]["critical_path_ms"] for k in d}
+            summary.update({
+                "misses_at_use": int(sum(r["misses_at_use"] for r in res if r["variant"] == "lookahead")),
+                "step_time_ratio_vs_in_memory": ms[("lookahead", 0.10)] / ms[("in_memory", None)],
+                "speedup_vs_lru": ms[("lru", 0.10)] / ms[("lookahead", 0.10)],
+                "speedup_vs_lfu": ms[("lfu", 0.10)] / ms[("lookahead", 0.10)],
+                "speedup_vs_tierps_only": ms[("tierps_only", None)] / ms[("lookahead", 0.10)],
+                "critical_path_ratio_vs_in_memory": cp[("lookahead", 0.10)] / cp[("in_memory", None)],
+                "critical_path_speedup_vs_lru": cp[("lru", 0.10)] / cp[("lookahead", 0.10)],
+                "critical_path_speedup_vs_lfu": cp[("lfu", 0.10)] / cp[("lookahead", 0.10)],
+                "stall_ms_per_step_lookahead": d[("lookahead", 0.10)]["row"]["stall_ms"] / steps,
+                "stall_ms_per_step_lru": d[("lru", 0.10)]["row"]["stall_ms"] / steps,
+                "max_abs_diff_vs_in_memory": max(r["max_abs_diff_vs_in_memory"] for r in res
+                                                 if r["variant"] != "in_memory"),
+            })
+            if args.json:
+                plot(d[("lookahead", 0.10)]["per_step"], d[("lru", 0.10)]["per_step"],
+                     os.path.splitext(args.json)[0] + ".png",
+                     f"Zipf stream, {rows} ids, budget {info['budgets'][0.10]} rows (10%), window {WINDOW}, {device}")
+        if "cold" in parts:
+            why = page_cache_skip_reason()
+            if why is not None:
+                results.append({"trace": "zipf_cold", "skipped": why})
+                print(f"zipf_cold: skipped ({why})")
+            else:
+                # The same stream with TierPS's segment files dropped from the page cache before
+                # each store variant's run: a miss then reads the device, as on a cold SSD.
+                res, info_c = run_trace("zipf_cold", zipf, rows, (0.10,), work, warmup, reps, device=device,
+                                        cold=True)
+                results += res
+                dc = info_c["detail"]
+                msc = {k: dc[k]["row"]["step_ms"] for k in dc}
+                summary["misses_at_use"] = summary.get("misses_at_use", 0) + int(
+                    sum(r["misses_at_use"] for r in res if r["variant"] == "lookahead"))
+                summary.update({
+                    "cold_speedup_vs_lru": msc[("lru", 0.10)] / msc[("lookahead", 0.10)],
+                    "cold_speedup_vs_lfu": msc[("lfu", 0.10)] / msc[("lookahead", 0.10)],
+                    "cold_speedup_vs_tierps_only": msc[("tierps_only", None)] / msc[("lookahead", 0.10)],
+                    "cold_step_time_ratio_vs_in_memory": msc[("lookahead", 0.10)] / msc[("in_memory", None)],
+                    "cold_stall_ms_per_step_lookahead": dc[("lookahead", 0.10)]["row"]["stall_ms"] / steps,
+                    "cold_stall_ms_per_step_lru": dc[("lru", 0.10)]["row"]["stall_ms"] / steps,
+                })
+                if args.json:
+                    plot(dc[("lookahead", 0.10)]["per_step"], dc[("lru", 0.10)]["per_step"],
+                         os.path.splitext(args.json)[0] + "_cold.png",
+                         f"Zipf stream, cold page cache, {rows} ids, budget {info_c['budgets'][0.10]} rows (10%), "
+                         f"window {WINDOW}, {device}")
+        if "ml100k" in parts:
             # An HSTU step over 128 x 200 positions takes about 2 s on one CPU thread: few
             # steps and one run of each variant (so this trace's ratios carry more noise).
             ml_steps = 5 if args.quick else 12
@@ -482,38 +585,30 @@ def main(argv=None) -> int:
                 need = max(batch_ids(b).unique().numel() for b in trace)
                 print(f"ml100k ({where}): {items - 1} items, {ml_steps} steps, one batch needs up to {need} rows",
                       flush=True)
-                res, info_ml = run_trace("ml100k", trace, items - 1, (0.10, 0.25), work, 1, 1, budget_floor=need)
+                res, info_ml = run_trace("ml100k", trace, items - 1, (0.10, 0.25), work, 1, 1, budget_floor=need,
+                                         device=device)
                 for r in res:
                     r["effective_budget_rows"] = r["budget_rows"]
                 results += res
                 dm = info_ml["detail"]
-                summary["misses_at_use"] += int(sum(r["misses_at_use"] for r in res if r["variant"] == "lookahead"))
+                summary["misses_at_use"] = summary.get("misses_at_use", 0) + int(
+                    sum(r["misses_at_use"] for r in res if r["variant"] == "lookahead"))
                 summary["ml100k_step_time_ratio_vs_in_memory"] = (dm[("lookahead", 0.10)]["row"]["step_ms"]
                                                                   / dm[("in_memory", None)]["row"]["step_ms"])
                 summary["ml100k_speedup_vs_lru"] = (dm[("lru", 0.10)]["row"]["step_ms"]
                                                     / dm[("lookahead", 0.10)]["row"]["step_ms"])
-        if not args.no_scaling:
-            budget = info["budgets"][0.10]
-            try:  # the Lightning strategy's own data-parallel runner, when Lightning is installed
-                from gauss_integrations.lightning.strategy_bench import scaling as strategy_scaling
-            except ImportError as exc:
-                strategy_scaling, why = None, f"{type(exc).__name__}: {exc}"
-            if strategy_scaling is not None:
-                sc = strategy_scaling(rows=rows, steps=steps, budget_rows=budget, window=WINDOW, warmup=warmup)
-                runner = ("GaussStrategy (Lightning DDP, gloo, popen launcher; owner-partitioned TierPS): "
-                          "gauss_integrations.lightning.strategy_bench.scaling")
-            else:
-                sc = scaling_2_workers(zipf, rows, budget, os.path.join(work, "zipf-image"), work, warmup)
-                runner = (f"this benchmark's own 2-process gloo run (exchange by all_gather, row gradients "
-                          f"all-reduced, a TierPS replica per process); the strategy runner is unavailable ({why})")
-            summary["scaling_2_workers"] = sc["scaling_2_workers"]
-            summary["misses_at_use"] += sc["misses_at_use"]
-            results.append({"trace": "zipf", "variant": "data_parallel_gloo", "budget_rows": budget,
-                            "batches_per_s_1_worker": sc["batches_per_s_1"],
-                            "batches_per_s_2_workers": sc["batches_per_s_2"], "runner": runner})
+        if "scaling" in parts:
+            sc = run_scaling(zipf, rows, steps, budget_10, warmup, work, device, scaling_models, results)
+            summary["misses_at_use"] = summary.get("misses_at_use", 0) + sc.pop("scaling_misses_at_use", 0)
+            summary.update(sc)
         print_table([r for r in results if "step_ms" in r],
                     ["trace", "variant", "budget_fraction", "budget_rows", "step_ms", "critical_path_ms",
                      "misses_at_use", "stall_ms", "prefetched_rows", "mean_window", "max_abs_diff_vs_in_memory"])
+        scaling_rows = [r for r in results if r.get("variant") == "data_parallel"]
+        if scaling_rows:
+            print_table(scaling_rows, ["model", "devices", "batches_per_s_1_worker", "batches_per_s_2_workers",
+                                       "scaling_2_workers", "cpu_ms_per_step_1", "cpu_ms_per_step_2",
+                                       "load_average_1m"])
         summary["load_average_1m"] = os.getloadavg()[0]
         write_report(NAME, results, summary, args.json,
                      targets={"misses_at_use": "<= 0", "step_time_ratio_vs_in_memory": "<= 1.1",
@@ -521,6 +616,55 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str, device: str,
+                models: List[str], results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """``scaling_2_workers`` for each model (the first is the summary's key), appending a
+    record per model to ``results``. On CUDA it needs two GPUs (NCCL does not put two ranks
+    on one device): with fewer, the record says so."""
+    out: Dict[str, Any] = {}
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        why = f"needs 2 GPUs for 2 NCCL ranks; this machine has {torch.cuda.device_count()}"
+        results.append({"trace": "zipf", "variant": "data_parallel", "skipped": why})
+        print(f"scaling: skipped ({why})")
+        out["scaling_2_workers_skipped"] = why
+        return out
+    try:  # the Lightning strategy's own data-parallel runner, when Lightning is installed
+        from gauss_integrations.lightning.strategy_bench import scaling as strategy_scaling
+    except ImportError as exc:
+        strategy_scaling, why = None, f"{type(exc).__name__}: {exc}"
+    for i, model in enumerate(models):
+        key = "scaling_2_workers" if i == 0 else f"scaling_2_workers_{model}"
+        if strategy_scaling is not None:
+            sc = strategy_scaling(rows=rows, steps=steps, budget_rows=budget, window=WINDOW, warmup=warmup,
+                                  model=model, accelerator="gpu" if device == "cuda" else "cpu")
+            runner = ("GaussStrategy (Lightning DDP, gloo/NCCL, popen launcher; owner-partitioned TierPS): "
+                      "gauss_integrations.lightning.strategy_bench.scaling")
+            cpu1 = sc["runs"][0]["cpu_ms_per_step_per_rank"]
+            cpu2 = sc["runs"][1]["cpu_ms_per_step_per_rank"]
+        elif model == "hstu" and device == "cpu":
+            image = os.path.join(work, "zipf-image")
+            if not os.path.isdir(image):  # the zipf part did not run: build the same cold store
+                build_cold_store(image, rows)
+            sc = scaling_2_workers(zipf, rows, budget, image, work, warmup)
+            runner = (f"this benchmark's own 2-process gloo run (exchange by all_gather, row gradients "
+                      f"all-reduced, a TierPS replica per process); the strategy runner is unavailable ({why})")
+            cpu1 = cpu2 = None
+        else:
+            results.append({"trace": "zipf", "variant": "data_parallel", "model": model,
+                            "skipped": f"the strategy runner is unavailable ({why})"})
+            continue
+        out[key] = sc["scaling_2_workers"]
+        out[key + "_load_average_1m"] = os.getloadavg()[0]
+        out["scaling_misses_at_use"] = out.get("scaling_misses_at_use", 0) + sc["misses_at_use"]
+        results.append({"trace": "zipf", "variant": "data_parallel", "model": model, "budget_rows": budget,
+                        "devices": device, "batches_per_s_1_worker": sc["batches_per_s_1"],
+                        "batches_per_s_2_workers": sc["batches_per_s_2"], "scaling_2_workers": sc["scaling_2_workers"],
+                        "scaling_2_workers_wall": sc.get("scaling_2_workers_wall"),
+                        "cpu_ms_per_step_1": cpu1, "cpu_ms_per_step_2": cpu2,
+                        "load_average_1m": os.getloadavg()[0], "runner": runner, "runs": sc.get("runs")})
+    return out
 
 
 if __name__ == "__main__":

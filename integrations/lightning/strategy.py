@@ -501,6 +501,15 @@ class GaussStrategy(DDPStrategy):
         if not tables:
             raise ValueError("GaussStrategy found no DynamicEmbeddingTable in the LightningModule; use "
                              "strategy='ddp' for a model without dynamic tables")
+        # A table keeps its tensors outside nn.Module's parameters and buffers, so moving the
+        # module to the rank's device leaves it where it was made: the batch's ids would meet
+        # it on another device in the first lookup. Say so now, with the fix.
+        root = self.root_device
+        for name, table in tables.items():
+            if table.device.type != root.type or (root.type == "cuda" and table.device.index != root.index):
+                raise ValueError(f"table {name!r} is on {table.device} but this rank trains on {root}: create the "
+                                 f"table in the LightningModule's configure_model() with "
+                                 f"device=self.trainer.strategy.root_device (each rank then has it on its own GPU)")
         ids_fn = self.ids_fn or getattr(module, "gauss_cache_ids", None)
         if ids_fn is None:
             raise ValueError("GaussStrategy needs to know which ids a batch looks up: define "
@@ -530,7 +539,10 @@ class GaussStrategy(DDPStrategy):
 
                 def owner_fn(ids: torch.Tensor) -> torch.Tensor:
                     return torch.remainder(ids, world) == rank
-            cache = LookaheadCache(tables, stores, config, ids_fn=ids_fn, exchange=exchange, owner_fn=owner_fn)
+            # A PartitionedStore's owner answers each read from its worker queue, after its own
+            # queued write-backs: the cache need not drain them before every exchange.
+            cache = LookaheadCache(tables, stores, config, ids_fn=ids_fn, exchange=exchange, owner_fn=owner_fn,
+                                   owner_serves_reads=world > 1)
         except BaseException:
             for store in stores.values():
                 store.close()

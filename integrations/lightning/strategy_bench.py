@@ -16,10 +16,16 @@ trace: a Zipf(1.05) stream over ``rows`` item ids (popularity not ordered by id)
 of 64 positions, 32 sequences a global batch, each process ``32 / W`` of them (Lightning's
 DistributedSampler; W = 1 gets the same sampler, so both runs see the same global batches).
 The model: one lookup per position in a dim-64 item table (row-wise Adagrad) behind the
-lookahead cache, a two-layer MLP, a sampled softmax of the next item against 256 ids drawn
-from the batch's own items (drawn before the step, as the cache requires), AdamW on the MLP.
-A step is timed from one batch's start to the next on rank 0, after ``warmup`` steps; the
-gloo all-reduces of every step make the ranks move together.
+lookahead cache, then (``model="hstu"`` only) the main job's HSTU encoder (2 blocks, one head),
+a two-layer MLP, a sampled softmax of the next item against 256 ids drawn from the batch's own
+items (drawn before the step, as the cache requires), AdamW on the dense weights. With the MLP
+alone the cache's bookkeeping, which every replica repeats for the global batch, is about half
+of a one-process step, which caps what two processes can gain; the HSTU step is mostly compute.
+A step is timed from one batch's start to the next on every rank, after ``warmup`` steps; the
+gloo all-reduces of every step make the ranks move together, so the slowest rank's median step
+sets the throughput. Each rank also records its process CPU time per step (the cache's
+worker thread included): with one process the worker has the second core to itself, with
+two it shares the cores with the other rank.
 """
 from __future__ import annotations
 
@@ -56,7 +62,10 @@ def _trace(rows: int, steps: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(seqs).long()
 
 
-def _module(lr: float = 0.05):
+MODELS = ("mlp", "hstu")
+
+
+def _module(lr: float = 0.05, model: str = "mlp"):
     import pytorch_lightning as pl
 
     from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
@@ -65,11 +74,23 @@ def _module(lr: float = 0.05):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.table = DynamicEmbeddingTable(DynamicTableConfig(
-                name="items", dim=DIM, initializer="normal", init_std=0.05,
-                optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
+            self.table = None  # made in configure_model, on the rank's device
             self.mlp = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
+            self.encoder = None
+            if model == "hstu":  # the main job's encoder (what benchmarks/lookahead_cache.py trains)
+                from gauss_plugins.hstu import HSTUConfig
+                from gauss_plugins.hstu.modules import PaddedHSTUEncoder
+
+                self.encoder = PaddedHSTUEncoder(HSTUConfig(dim=DIM, num_blocks=2, num_heads=1, max_seq_len=SEQ_LEN,
+                                                            dropout=0.0, num_time_buckets=0))
             self.step_starts: List[float] = []
+            self.cpu_starts: List[float] = []
+
+        def configure_model(self) -> None:
+            if self.table is None:  # a table is not moved with the module: make it where the rank trains
+                self.table = DynamicEmbeddingTable(DynamicTableConfig(
+                    name="items", dim=DIM, initializer="normal", init_std=0.05, device=self.trainer.strategy.root_device,
+                    optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
 
         def gauss_prepare_batch(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
             items = torch.unique(batch)
@@ -81,22 +102,27 @@ def _module(lr: float = 0.05):
 
         def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
             self.step_starts.append(time.perf_counter())
+            self.cpu_starts.append(time.process_time())  # the whole process: the cache's worker too
 
         def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            q = self.mlp(self.table(batch["ids"])).reshape(-1, DIM)
+            x = self.table(batch["ids"])
+            if self.encoder is not None:
+                x = self.encoder(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+            q = self.mlp(x).reshape(-1, DIM)
             pos = (q * self.table(batch["targets"]).reshape(-1, DIM)).sum(-1, keepdim=True)
             neg = q @ self.table(batch["negatives"]).T
             logits = torch.cat([pos, neg], dim=1) / 0.1
             return -torch.log_softmax(logits, dim=1)[:, 0].mean()
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.mlp.parameters(), lr=1e-3)
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)  # the tables train through the sparse optimizer
 
     return BenchModule()
 
 
 def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, warmup: int, out: str,
-            store_dir: Optional[str] = None, prefetch: bool = True) -> None:
+            store_dir: Optional[str] = None, prefetch: bool = True, model: str = "mlp",
+            accelerator: str = "cpu") -> None:
     """One measurement in this process tree (rank 0 writes ``out``). Call it from a fresh
     process: Lightning starts ``sys.argv`` again for ranks 1..W-1."""
     import pytorch_lightning as pl
@@ -106,39 +132,50 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     torch.set_num_threads(1)
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if GLOBAL_SEQS % world:
         raise ValueError(f"world must divide the global batch of {GLOBAL_SEQS} sequences, got {world}")
     store_dir = store_dir or tempfile.mkdtemp(prefix=f"gauss-strategy-bench-w{world}-")
-    module = _module()
+    module = _module(model=model)
     strategy = GaussStrategy(budget_rows=budget_rows, window=window, store_dir=store_dir, gather_on_end=False,
                              prefetch=prefetch)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=world, strategy=strategy, logger=False,
+    trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=world, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0)
     data = torch.utils.data.DataLoader(_trace(rows, steps), batch_size=GLOBAL_SEQS // world, shuffle=False)
     trainer.fit(module, data)
-    if trainer.global_rank == 0:
-        starts = module.step_starts
-        if len(starts) <= warmup + 1:
-            raise ValueError(f"{len(starts)} steps leave nothing to time after {warmup} warm-up steps")
-        timed = len(starts) - 1 - warmup
-        seconds = starts[-1] - starts[warmup]
-        stats = strategy.cache_stats()
-        result = {"world": world, "steps_timed": timed, "seconds": seconds, "batches_per_s": timed / seconds,
-                  "misses_at_use": stats.get("misses_at_use"), "stall_ms": stats.get("stall_ms"),
-                  "prefetched_rows": stats.get("prefetched_rows"), "budget_rows": budget_rows, "window": window,
-                  "prefetch": prefetch}
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f)
-        os.replace(tmp, out)
+    # Every rank reports its own step times and CPU time: throughput is set by the slowest
+    # rank (the collectives make them move together), and CPU seconds per step show whether
+    # a rank computed or waited.
+    starts, cpu = module.step_starts, module.cpu_starts
+    if len(starts) <= warmup + 1:
+        raise ValueError(f"{len(starts)} steps leave nothing to time after {warmup} warm-up steps")
+    steps_ms = [1e3 * (b - a) for a, b in zip(starts[warmup:-1], starts[warmup + 1:])]
+    stats = strategy.cache_stats()
+    result = {"world": world, "rank": trainer.global_rank, "steps_timed": len(steps_ms),
+              "seconds": starts[-1] - starts[warmup], "step_ms_median": float(np.median(steps_ms)),
+              "step_ms_mean": float(np.mean(steps_ms)), "cpu_seconds": cpu[-1] - cpu[warmup],
+              "cpu_ms_per_step": 1e3 * (cpu[-1] - cpu[warmup]) / len(steps_ms),
+              "misses_at_use": stats.get("misses_at_use"), "stall_ms": stats.get("stall_ms"),
+              "prefetched_rows": stats.get("prefetched_rows"), "budget_rows": budget_rows, "window": window,
+              "prefetch": prefetch, "model": model, "accelerator": accelerator}
+    path = out if trainer.global_rank == 0 else f"{out}.rank{trainer.global_rank}"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
 
 
 def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, window: int = 8, warmup: int = 5,
-            worlds=(1, 2), timeout_s: float = 600, prefetch: bool = True) -> Dict[str, Any]:
+            worlds=(1, 2), timeout_s: float = 600, prefetch: bool = True, model: str = "mlp",
+            accelerator: str = "cpu") -> Dict[str, Any]:
     """Global batches per second with each world size in ``worlds`` (fresh processes each) and
-    ``scaling_2_workers`` = throughput at 2 over 1. ``prefetch=False``: the cache reads rows
-    on the training thread (no worker thread competing for the cores)."""
+    ``scaling_2_workers`` = throughput at 2 over 1. Throughput is one over the slowest rank's
+    median step time (``_wall``: steps over the timed span, bursts of other tenants included);
+    each run records every rank's step times, CPU ms per step (its cache worker included) and
+    the load average. ``prefetch=False``: the cache reads rows on the training thread (no
+    worker thread competing for the cores)."""
     out: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gauss-strategy-bench-") as work:
         for world in worlds:
@@ -150,18 +187,30 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
             cmd = [sys.executable, "-m", "gauss_integrations.lightning.strategy_bench", "--world", str(world),
                    "--rows", str(rows), "--steps", str(steps), "--budget-rows", str(budget_rows), "--window",
                    str(window), "--warmup", str(warmup), "--out", path,
-                   "--store-dir", os.path.join(work, f"store{world}")] + ([] if prefetch else ["--no-prefetch"])
+                   "--store-dir", os.path.join(work, f"store{world}"), "--model", model,
+                   "--accelerator", accelerator] + \
+                ([] if prefetch else ["--no-prefetch"])
             proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0 or not os.path.exists(path):
                 raise RuntimeError(f"the {world}-process GaussStrategy run failed (exit {proc.returncode}):\n"
                                    f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            with open(path) as f:
-                out[world] = json.load(f)
+            ranks = []
+            for rank in range(world):
+                with open(path if rank == 0 else f"{path}.rank{rank}") as f:
+                    ranks.append(json.load(f))
+            # The slowest rank sets the pace; the median step is robust to other tenants' bursts.
+            slowest = max(r["step_ms_median"] for r in ranks)
+            out[world] = {"world": world, "batches_per_s": 1e3 / slowest, "step_ms_median": slowest,
+                          "batches_per_s_wall": min(r["steps_timed"] / r["seconds"] for r in ranks),
+                          "cpu_ms_per_step_per_rank": [r["cpu_ms_per_step"] for r in ranks],
+                          "misses_at_use": sum(int(r["misses_at_use"] or 0) for r in ranks),
+                          "load_average_1m": os.getloadavg()[0], "ranks": ranks}
     result: Dict[str, Any] = {f"batches_per_s_{w}": out[w]["batches_per_s"] for w in worlds}
-    result["misses_at_use"] = sum(int(out[w]["misses_at_use"] or 0) for w in worlds)
+    result["misses_at_use"] = sum(out[w]["misses_at_use"] for w in worlds)
     result["runs"] = [out[w] for w in worlds]
     if 1 in out and 2 in out:
         result["scaling_2_workers"] = out[2]["batches_per_s"] / out[1]["batches_per_s"]
+        result["scaling_2_workers_wall"] = out[2]["batches_per_s_wall"] / out[1]["batches_per_s_wall"]
     return result
 
 
@@ -175,10 +224,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--store-dir", default=None)
     p.add_argument("--no-prefetch", action="store_true", help="read rows on the training thread")
+    p.add_argument("--model", choices=MODELS, default="mlp",
+                   help="mlp: a two-layer MLP per position (light: the cache's work is a large share of a step); "
+                        "hstu: the main job's HSTU encoder (2 blocks) before it")
+    p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: one GPU per process, NCCL (the fast tier in GPU memory)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     measure(args.world, args.rows, args.steps, args.budget_rows, args.window, args.warmup, args.out, args.store_dir,
-            prefetch=not args.no_prefetch)
+            prefetch=not args.no_prefetch, model=args.model, accelerator=args.accelerator)
     return 0
 
 

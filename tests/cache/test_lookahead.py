@@ -226,3 +226,57 @@ def test_a_cache_dropped_without_close_stops_its_thread(tmp_path):
             t.join(timeout=5)
     assert sum(t.name == "gauss-lookahead-cache" for t in threading.enumerate()) == 0
     store.close()
+
+
+class _GatedStore:
+    """A store whose writes wait for ``gate``: a write-back still queued on the worker."""
+
+    def __init__(self, store):
+        import threading
+
+        self.inner, self.gate = store, threading.Event()
+        self.dim, self.state_dim = store.dim, store.state_dim
+
+    def put(self, ids, values, state=None):
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self.inner.put(ids, values, state)
+
+    def lookup(self, ids):
+        return self.inner.lookup(ids)
+
+    def delete(self, ids):
+        return self.inner.delete(ids)
+
+
+@pytest.mark.parametrize("owner_serves_reads", [False, True])
+def test_drain_before_exchange_only_for_a_store_other_replicas_read(tmp_path, owner_serves_reads):
+    import threading
+
+    store = _GatedStore(_store(str(tmp_path / "s"), ram_rows=64))
+    table = _table(16)
+    batches = [torch.arange(8 * i, 8 * i + 8) for i in range(4)] + [torch.arange(0, 8)]
+    cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=16, window=2),
+                           ids_fn=lambda b: {"items": b}, exchange=lambda ids: ids,
+                           owner_fn=lambda ids: torch.ones_like(ids, dtype=torch.bool),
+                           owner_serves_reads=owner_serves_reads)
+    opt = SparseOptimizer(table)
+    table.train()
+    it = cache.wrap(batches)
+    _step(table, opt, next(it))
+    _step(table, opt, next(it))   # admitting batch 2 evicted batch 0's rows: their write waits at the gate
+    done = threading.Thread(target=cache.step_done)  # pulls batch 3 (the exchange) and admits it
+    done.start()
+    done.join(timeout=1.0)
+    # A shared store must drain the write first; a store whose owner serves the reads need not.
+    assert done.is_alive() == (not owner_serves_reads)
+    store.gate.set()
+    done.join(timeout=30)
+    for ids in it:
+        _step(table, opt, ids)
+    cache.close()
+    ref = _reference(batches)
+    got = store.inner.lookup(torch.arange(32))
+    assert got.found.all()
+    # Batch 4 re-reads batch 0's ids after their write-back: it saw the written rows.
+    assert torch.allclose(got.values, ref.get(torch.arange(32))[0], atol=1e-6)
+    store.inner.close()

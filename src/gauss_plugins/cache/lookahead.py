@@ -39,7 +39,12 @@ says which changed rows this rank writes back (each row by exactly one replica).
 must receive the same updates on every replica (gradients combined across replicas). Each
 replica drains its queued write-backs before calling ``exchange`` for the next batch, so
 once the collective returns, every row any replica evicted is in the store before anyone
-fetches it again: use ``owner_fn`` only together with a collective ``exchange``.
+fetches it again: use ``owner_fn`` only together with a collective ``exchange``. A store
+whose reads the *owner* answers from its own worker queue (``owner_serves_reads=True``: the
+strategy's ``PartitionedStore``, where a read is a collective in which each replica serves
+the ids it owns) needs no drain: the owner queued the write of a row before the read of it,
+and its worker runs them in that order, so the training thread does not wait for the worker
+(the drain cost a data-parallel step several ms of waiting for the previous reads' collectives).
 
 One thread trains: ``wrap`` / ``step_done`` / ``flush`` must be called from the training
 thread; only the store reads and writes run on the worker.
@@ -201,7 +206,8 @@ class LookaheadCache:
 
     def __init__(self, tables: Mapping[str, Any], store: Any, config: CacheConfig, ids_fn: IdsFn, *,
                  exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 owner_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+                 owner_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 owner_serves_reads: bool = False) -> None:
         from gauss_plugins.embedding.policies import AlwaysAdmit
         from gauss_plugins.embedding.table import DynamicEmbeddingTable
 
@@ -234,6 +240,9 @@ class LookaheadCache:
         self.ids_fn = ids_fn
         self.exchange = exchange
         self.owner_fn = owner_fn
+        # Drain before each exchange only where another replica could read a row from the
+        # store before its owner's queued write of it lands (a shared store with owner_fn).
+        self._drain_before_exchange = owner_fn is not None and not owner_serves_reads
         self.target_window = config.window if self.policy.lookahead else 1
         self._tables: Dict[str, _TableState] = {}
         attached = []
@@ -378,7 +387,7 @@ class LookaheadCache:
             self._exhausted = True
             return None
         raw = self.ids_fn(batch)
-        if self.exchange is not None:
+        if self.exchange is not None and self._drain_before_exchange:
             # Every replica's queued write-backs land before the exchange (a collective)
             # returns anywhere, so a fetch issued after it sees rows another replica owns
             # and evicted: the only evictions before this batch's fetches are before this point.
