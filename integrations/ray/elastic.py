@@ -54,10 +54,17 @@ __all__ = ["ElasticConfig", "ElasticTrainer", "ElasticCoordinatorLost", "Elastic
            "get_coordinator"]
 
 NAMESPACE = "gauss-elastic"
+#: A step's forward/backward running longer than this asks the coordinator whether to go on.
+WATCH_AFTER_S = 0.2
 
 
 class ElasticCoordinatorLost(RuntimeError):
     """The coordinator actor died: membership, step and data cursor are gone with it."""
+
+
+class _StepAbandoned(RuntimeError):
+    """The coordinator closed the generation while this member computed a step (a peer died):
+    the rest of the step's forward and backward would be thrown away, so they are skipped."""
 
 
 class ElasticWorkerError(RuntimeError):
@@ -129,6 +136,7 @@ class _Coordinator:
         self.checkpoint_reads = 0
         self.stopping = False
         self.errors: List[str] = []
+        self.failures: List[dict] = []
 
     def pid(self) -> int:
         return os.getpid()
@@ -168,6 +176,8 @@ class _Coordinator:
 
     def report_failure(self, wid: str, gen: int, message: str) -> None:
         with self.cv:
+            self.failures.append({"worker": wid, "generation": gen, "reason": message[:300]})
+            del self.failures[:-100]  # status() carries them: keep the newest
             if self.s.gen is not None and gen == self.s.gen.gen:
                 self._start_recovery(time.time())
                 self.s.fail()
@@ -337,6 +347,8 @@ class _Coordinator:
                 "losses": sorted(self.s.losses.items())[-10_000:], "lost": self.s.lost,
                 "disaster_checkpoints": list(self.checkpoints), "checkpoint_reads": self.checkpoint_reads,
                 "errors": list(self.errors), "stop_step": self.s.stop_step,
+                # why members left a generation (a failed collective, an abandoned step): newest 100
+                "failures": list(self.failures),
             })
             return out
 
@@ -374,6 +386,16 @@ class _Worker:
         self._flat_grads: List[torch.Tensor] = []
         self._stop_heartbeat = threading.Event()
         threading.Thread(target=self._heartbeat, daemon=True, name="gauss-elastic-heartbeat").start()
+        # A step whose generation ends (a peer died) is abandoned wherever its forward or backward
+        # is: every module checks the flag before its forward, every parameter after its gradient.
+        self._abandon = threading.Event()
+        self._step_gen, self._step_started = 0, 0.0
+        for module in self.model.modules():
+            module.register_forward_pre_hook(self._check_abandon)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._check_abandon)
+        threading.Thread(target=self._watch_generation, daemon=True, name="gauss-elastic-watch").start()
 
     def _heartbeat(self) -> None:
         while not self._stop_heartbeat.wait(self.cfg["heartbeat_s"]):
@@ -381,6 +403,26 @@ class _Worker:
                 self.coord.heartbeat.remote(self.wid)
             except Exception:  # the coordinator is gone: serve() reports that, not this thread
                 return
+
+    def _check_abandon(self, *_: Any) -> None:
+        if self._abandon.is_set():
+            raise _StepAbandoned(f"generation {self._step_gen} ended while {self.wid} computed a step")
+
+    def _watch_generation(self) -> None:
+        """While a step's forward/backward runs longer than ``WATCH_AFTER_S``, ask the coordinator
+        every 50 ms whether its generation still stands. Without this a survivor notices a dead
+        peer only at the step's all-reduce, after computing a gradient it must throw away (at a
+        1.8 GB state, most of a second). Short steps never ask: the all-reduce comes soon."""
+        while not self._stop_heartbeat.wait(0.05):
+            gen = self._step_gen
+            if not gen or time.time() - self._step_started < WATCH_AFTER_S:
+                continue
+            try:
+                still = ray.get(self.coord.generation_open.remote(gen), timeout=5)
+            except Exception:  # the coordinator is gone: serve() reports that, not this thread
+                return
+            if not still and self._step_gen == gen:
+                self._abandon.set()
 
     def _call(self, ref):
         return ray.get(ref, timeout=self.cfg["step_timeout_s"])
@@ -518,11 +560,18 @@ class _Worker:
                 batch = type(batch)(b.to(self.device) if isinstance(b, torch.Tensor) else b for b in batch)
             for flat in flats:
                 flat.zero_()
+            self._abandon.clear()
+            self._step_gen, self._step_started = g.gen, time.time()
             loss = self.loss_fn(self.model, batch)
             loss.backward()
+        except _StepAbandoned:
+            raise  # serve() reports it like a failed collective: the group re-forms
         except Exception as exc:
             raise ElasticWorkerError(f"step {step} on worker {self.wid} (rank {rank}) failed in the stream, model "
                                      f"or loss: {type(exc).__name__}: {exc}") from exc
+        finally:
+            # From the all-reduce on the step may be committed through this member: never abandon it then.
+            self._step_gen = 0
         flats = self._grad_buffers()  # re-binds any grad the loss replaced (the buffers stay)
         all_idx = torch.zeros(g.world * g.batch_size, dtype=torch.int64, device=self.device)
         all_idx[rank * g.batch_size:(rank + 1) * g.batch_size] = idx.to(self.device)

@@ -216,3 +216,29 @@ def test_backlog_policy_scales_up_then_down(ray_cluster, tmp_path):
         _assert_exactly_once(trainer)
     finally:
         trainer.shutdown()
+
+
+def test_a_survivor_abandons_the_in_flight_step_mid_forward(ray_cluster):
+    from gauss_integrations.ray.elastic import ElasticConfig, ElasticTrainer
+    from gauss_plugins.elastic.synthetic import make_slow_mlp, mse_loss
+
+    # A step is a 1 s forward (10 pauses of 0.1 s): the kill lands 0.3 s into one.
+    trainer = ElasticTrainer(make_slow_mlp, make_adam, mse_loss, SyntheticRegressionStream(16),
+                             ElasticConfig(num_workers=2, min_workers=1, max_workers=2, batch_size=4)).start()
+    killed = {}
+
+    def kill_mid_forward(st):
+        if not killed and st["step"] >= 2:
+            time.sleep(0.3)
+            killed["pid"] = trainer.kill_worker(1)
+        return bool(killed) and len(st["recoveries"]) == 1 and st["step"] >= 4
+
+    try:
+        st = _steps_seen(trainer, kill_mid_forward, timeout_s=120)
+        # The survivor stopped its forward when the coordinator learnt of the death, instead of
+        # finishing the step's forward and backward to fail at the all-reduce.
+        assert any("_StepAbandoned" in f["reason"] for f in st["failures"]), st["failures"]
+        assert st["recoveries"][0]["steps_redone"] == 0
+        _assert_exactly_once(trainer)
+    finally:
+        trainer.shutdown()

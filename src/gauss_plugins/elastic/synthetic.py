@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["make_mlp", "make_adam", "mse_loss", "SlowLoss", "SyntheticRegressionStream"]
+__all__ = ["make_mlp", "make_slow_mlp", "Pause", "make_adam", "mse_loss", "SlowLoss", "SyntheticRegressionStream"]
 
 
 def make_mlp(dim: int = 16, hidden: int = 32, depth: int = 2, seed: Optional[int] = None) -> nn.Module:
@@ -26,6 +26,25 @@ def make_mlp(dim: int = 16, hidden: int = 32, depth: int = 2, seed: Optional[int
         width = hidden
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
+
+
+class Pause(nn.Module):
+    """Identity after a sleep of ``delay_s``: a model built with these spends its step in its
+    forward, between modules (where a test's kill lands mid-forward)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return x
+
+
+def make_slow_mlp(dim: int = 16, hidden: int = 32, pauses: int = 10, delay_s: float = 0.1) -> nn.Module:
+    """:func:`make_mlp` (seeded) behind ``pauses`` :class:`Pause` modules: a forward of about
+    ``pauses * delay_s`` seconds."""
+    return nn.Sequential(*[Pause(delay_s) for _ in range(pauses)], make_mlp(dim, hidden, seed=0))
 
 
 def make_adam(params: Iterable[torch.nn.Parameter], lr: float = 1e-2, fused: bool = False) -> torch.optim.Optimizer:
