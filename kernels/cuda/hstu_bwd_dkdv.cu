@@ -15,9 +15,9 @@
 namespace gauss_hstu {
 namespace {
 
-template <typename T, int D, int NW, int BN, bool POS>
+template <typename T, int D, int NW, int MT, int BN, bool POS>
 __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dkdv_kernel(const Params p) {
-  constexpr int BM = 16 * NW;
+  constexpr int BM = 16 * MT * NW;
   constexpr int THREADS = NW * kWarpSize;
   constexpr int kWindow = BM + BN;  // > the number of position entries one tile touches
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -26,6 +26,7 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dkdv_kernel(const Par
   T* q_s = v_s + BM * D;  // [2][BN * D]
   T* do_s = q_s + 2 * BN * D;
   float* dpos_s = reinterpret_cast<float*>(do_s + 2 * BN * D);
+  PositionWindow window{dpos_s + kWindow, 0};  // kWindow floats
 
   // heaviest first: the earliest keys are seen by the most queries
   const int n0 = blockIdx.x * BM;
@@ -60,15 +61,13 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dkdv_kernel(const Par
     for (int e = threadIdx.x; e < kWindow; e += THREADS) dpos_s[e] = 0.f;
   }
 
-  float dk[D / 8][4];
-  float dv[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-  }
+  float dk[MT][D / 8][4];
+  float dv[MT][D / 8][4];
+  zero(dk);
+  zero(dv);
 
-  const int row_a = n0 + warp * 16 + g;  // this thread's two keys: row_a, row_a + 8
+  const int warp_row0 = warp * 16 * MT;
+  const int row_a = n0 + warp_row0 + g;  // this thread's keys: row_a + 16 m + {0, 8}
   for (int t = first_tile; t < num_tiles; ++t) {
     const int stage = (t - first_tile) & 1;
     if (t + 1 < num_tiles) {
@@ -79,49 +78,50 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dkdv_kernel(const Par
     } else {
       cp_async_wait<0>();
     }
+    if (POS) window.load<THREADS>(p, t * BN, BN, n0, BM, seq);
     __syncthreads();
     const T* qt = q_s + stage * BN * D;
     const T* dot = do_s + stage * BN * D;
-    float s[BN / 8][4];
-    float dp[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-    }
-    mma_abt<T, D, BN>(s, k_s, warp * 16, qt);
-    mma_abt<T, D, BN>(dp, v_s, warp * 16, dot);
+    float s[MT][BN / 8][4];
+    float dp[MT][BN / 8][4];
+    zero(s);
+    zero(dp);
+    mma_abt<T, D, BN, MT>(s, k_s, warp_row0, qt);
+    mma_abt<T, D, BN, MT>(dp, v_s, warp_row0, dot);
 
     const int c0 = t * BN;
     const bool masked = !tile_unmasked(c0, BN, n0, BM, seq);
     // smallest position entry this tile can touch (see the file comment)
-    const int base = min(n0, seq.last) - min(c0 + BN - 1, seq.last) + p.pos_center;
+    const int base = PositionWindow::first(c0, BN, n0, seq, p.pos_center);
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
+    for (int m = 0; m < MT; ++m) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = row_a + (e >> 1) * 8;
-        const int i = c0 + nt * 8 + 2 * t4 + (e & 1);
-        float u = s[nt][e] * half_alpha;
-        if (POS) u += 0.5f * __ldg(p.position_bias + position_index(i, j, seq, p.pos_center));
-        const float th = tanh_approx(u);
-        float silu = u + u * th;
-        float ds = dp[nt][e] * (1.f + th) * (1.f + (u - u * th));
-        if (masked && !valid(i, j, seq)) {
-          silu = 0.f;
-          ds = 0.f;
-        } else if (pos_grad) {
-          atomicAdd(dpos_s + (min(j, seq.last) - min(i, seq.last) + p.pos_center - base), ds);
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = row_a + m * 16 + (e >> 1) * 8;
+          const int i = c0 + nt * 8 + 2 * t4 + (e & 1);
+          float u = s[m][nt][e] * half_alpha;
+          if (POS) u += 0.5f * window.entries[window.offset(i, j, seq, p.pos_center)];
+          const float th = tanh_approx(u);
+          float silu = u + u * th;
+          float ds = dp[m][nt][e] * (1.f + th) * (1.f + (u - u * th));
+          if (masked && !valid(i, j, seq)) {
+            silu = 0.f;
+            ds = 0.f;
+          } else if (pos_grad) {
+            atomicAdd(dpos_s + (min(j, seq.last) - min(i, seq.last) + p.pos_center - base), ds);
+          }
+          s[m][nt][e] = silu;
+          dp[m][nt][e] = ds;
         }
-        s[nt][e] = silu;
-        dp[nt][e] = ds;
       }
     }
-    uint32_t pf[BN / 16][4];
-    pack_a<T, BN>(pf, s);
-    mma_pb<T, D, BN>(dv, pf, dot);
-    pack_a<T, BN>(pf, dp);
-    mma_pb<T, D, BN>(dk, pf, qt);
+    uint32_t pf[MT][BN / 16][4];
+    pack_a<T, BN, MT>(pf, s);
+    mma_pb<T, D, BN, MT>(dv, pf, dot);
+    pack_a<T, BN, MT>(pf, dp);
+    mma_pb<T, D, BN, MT>(dk, pf, qt);
     __syncthreads();  // the next loads overwrite this stage; the tile's dS sums are complete
     if (pos_grad) {
       float* row = p.dposition_rows + static_cast<int64_t>(bh) * p.pos_table_size;
@@ -141,25 +141,28 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dkdv_kernel(const Par
   T* dk_out = static_cast<T*>(p.dk) + h * D;
   T* dv_out = static_cast<T*>(p.dv) + h * D;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int j = row_a + half * 8;
-    if (j >= seq.n) continue;
-    const int64_t offset = (seq.start + j) * static_cast<int64_t>(stride_t);
+  for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk_out + offset + dt * 8 + 2 * t4) =
-          TypeTraits<T>::pack(dk[dt][2 * half] * dk_factor, dk[dt][2 * half + 1] * dk_factor);
-      *reinterpret_cast<uint32_t*>(dv_out + offset + dt * 8 + 2 * t4) =
-          TypeTraits<T>::pack(dv[dt][2 * half] * seq.scale, dv[dt][2 * half + 1] * seq.scale);
+    for (int half = 0; half < 2; ++half) {
+      const int j = row_a + m * 16 + half * 8;
+      if (j >= seq.n) continue;
+      const int64_t offset = (seq.start + j) * static_cast<int64_t>(stride_t);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(dk_out + offset + dt * 8 + 2 * t4) =
+            TypeTraits<T>::pack(dk[m][dt][2 * half] * dk_factor, dk[m][dt][2 * half + 1] * dk_factor);
+        *reinterpret_cast<uint32_t*>(dv_out + offset + dt * 8 + 2 * t4) =
+            TypeTraits<T>::pack(dv[m][dt][2 * half] * seq.scale, dv[m][dt][2 * half + 1] * seq.scale);
+      }
     }
   }
 }
 
-template <typename T, int D, int NW, int BN, bool POS>
+template <typename T, int D, int NW, int MT, int BN, bool POS>
 cudaError_t launch(const Params& p) {
-  constexpr int BM = 16 * NW;
-  const size_t smem = (2 * BM * D + 4 * BN * D) * sizeof(T) + (BM + BN) * sizeof(float);
-  auto kernel = hstu_bwd_dkdv_kernel<T, D, NW, BN, POS>;
+  constexpr int BM = 16 * MT * NW;
+  const size_t smem = (2 * BM * D + 4 * BN * D) * sizeof(T) + 2 * (BM + BN) * sizeof(float);
+  auto kernel = hstu_bwd_dkdv_kernel<T, D, NW, MT, BN, POS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.max_seq_len + BM - 1) / BM, p.B * p.H);
@@ -168,18 +171,25 @@ cudaError_t launch(const Params& p) {
 }
 
 template <typename T, int D>
-cudaError_t dispatch_pos(const Params& p) {
-  // two fp32 accumulators of 16 x D per warp (dK, dV): 32-query tiles at D = 128 keep the
-  // score tiles small enough not to spill
-  constexpr int BN = D == 128 ? 32 : 64;
-  return p.position_bias != nullptr ? launch<T, D, 4, BN, true>(p) : launch<T, D, 4, BN, false>(p);
+cudaError_t dispatch_len(const Params& p) {
+  const bool pos = p.position_bias != nullptr;
+  // registers: two fp32 accumulators of 16 MT x D per warp (dK, dV) plus the S and dP tiles.
+  // At D = 128, 16 keys per warp and 32-query tiles; at D = 64 without the bias, 32 keys per
+  // warp on long sequences (each Q / dO fragment then feeds two products; with the bias's
+  // index arithmetic that would spill).
+  if constexpr (D == 128) {
+    return pos ? launch<T, D, 4, 1, 32, true>(p) : launch<T, D, 4, 1, 32, false>(p);
+  } else {
+    if (pos) return launch<T, D, 4, 1, 64, true>(p);
+    return p.max_seq_len <= kShortSeqLen ? launch<T, D, 4, 1, 64, false>(p) : launch<T, D, 4, 2, 32, false>(p);
+  }
 }
 
 template <typename T>
 cudaError_t dispatch_d(const Params& p) {
   switch (p.D) {
-    case 64: return dispatch_pos<T, 64>(p);
-    case 128: return dispatch_pos<T, 128>(p);
+    case 64: return dispatch_len<T, 64>(p);
+    case 128: return dispatch_len<T, 128>(p);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -10,15 +10,16 @@
 namespace gauss_hstu {
 namespace {
 
-template <typename T, int D, int NW, int BN, bool POS>
+template <typename T, int D, int NW, int MT, int BN, bool POS>
 __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dq_kernel(const Params p) {
-  constexpr int BM = 16 * NW;
+  constexpr int BM = 16 * MT * NW;
   constexpr int THREADS = NW * kWarpSize;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* do_s = q_s + BM * D;
   T* k_s = do_s + BM * D;  // [2][BN * D]
   T* v_s = k_s + 2 * BN * D;
+  PositionWindow window{reinterpret_cast<float*>(v_s + 2 * BN * D), 0};  // BM + BN floats
 
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest first
   const int bh = blockIdx.y;
@@ -48,11 +49,11 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dq_kernel(const Param
   load_tile<T, BN, D, THREADS>(v_s, v, seq.start, 0, seq.n, stride_t);
   cp_async_commit();
 
-  float acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float acc[MT][D / 8][4];
+  zero(acc);
 
-  const int row_a = m0 + warp * 16 + g;
+  const int warp_row0 = warp * 16 * MT;
+  const int row_a = m0 + warp_row0 + g;  // this thread's queries: row_a + 16 m + {0, 8}
   for (int t = 0; t < num_tiles; ++t) {
     const int stage = t & 1;
     if (t + 1 < num_tiles) {
@@ -63,60 +64,64 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dq_kernel(const Param
     } else {
       cp_async_wait<0>();
     }
+    if (POS) window.load<THREADS>(p, m0, BM, t * BN, BN, seq);
     __syncthreads();
     const T* kt = k_s + stage * BN * D;
-    float s[BN / 8][4];
-    float dp[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-      dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-    }
-    mma_abt<T, D, BN>(s, q_s, warp * 16, kt);
-    mma_abt<T, D, BN>(dp, do_s, warp * 16, v_s + stage * BN * D);
+    float s[MT][BN / 8][4];
+    float dp[MT][BN / 8][4];
+    zero(s);
+    zero(dp);
+    mma_abt<T, D, BN, MT>(s, q_s, warp_row0, kt);
+    mma_abt<T, D, BN, MT>(dp, do_s, warp_row0, v_s + stage * BN * D);
 
     const int c0 = t * BN;
     const bool masked = !tile_unmasked(m0, BM, c0, BN, seq);
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
+    for (int m = 0; m < MT; ++m) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = row_a + (e >> 1) * 8;
-        const int j = c0 + nt * 8 + 2 * t4 + (e & 1);
-        float u = s[nt][e] * half_alpha;
-        if (POS) u += 0.5f * __ldg(p.position_bias + position_index(i, j, seq, p.pos_center));
-        const float th = tanh_approx(u);
-        float ds = dp[nt][e] * (1.f + th) * (1.f + (u - u * th));
-        if (masked && !valid(i, j, seq)) ds = 0.f;
-        s[nt][e] = ds;
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = row_a + m * 16 + (e >> 1) * 8;
+          const int j = c0 + nt * 8 + 2 * t4 + (e & 1);
+          float u = s[m][nt][e] * half_alpha;
+          if (POS) u += 0.5f * window.entries[window.offset(i, j, seq, p.pos_center)];
+          const float th = tanh_approx(u);
+          float ds = dp[m][nt][e] * (1.f + th) * (1.f + (u - u * th));
+          if (masked && !valid(i, j, seq)) ds = 0.f;
+          s[m][nt][e] = ds;
+        }
       }
     }
-    uint32_t pf[BN / 16][4];
-    pack_a<T, BN>(pf, s);
-    mma_pb<T, D, BN>(acc, pf, kt);
+    uint32_t pf[MT][BN / 16][4];
+    pack_a<T, BN, MT>(pf, s);
+    mma_pb<T, D, BN, MT>(acc, pf, kt);
     __syncthreads();
   }
 
   const float factor = 0.5f * p.alpha * seq.scale;
   T* dq = static_cast<T*>(p.dq) + h * D;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = row_a + half * 8;
-    if (i >= seq.n) continue;
-    T* row = dq + (seq.start + i) * static_cast<int64_t>(stride_t);
+  for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(row + dt * 8 + 2 * t4) =
-          TypeTraits<T>::pack(acc[dt][2 * half] * factor, acc[dt][2 * half + 1] * factor);
+    for (int half = 0; half < 2; ++half) {
+      const int i = row_a + m * 16 + half * 8;
+      if (i >= seq.n) continue;
+      T* row = dq + (seq.start + i) * static_cast<int64_t>(stride_t);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(row + dt * 8 + 2 * t4) =
+            TypeTraits<T>::pack(acc[m][dt][2 * half] * factor, acc[m][dt][2 * half + 1] * factor);
+      }
     }
   }
 }
 
-template <typename T, int D, int NW, int BN, bool POS>
+template <typename T, int D, int NW, int MT, int BN, bool POS>
 cudaError_t launch(const Params& p) {
-  constexpr int BM = 16 * NW;
-  const size_t smem = (2 * BM * D + 4 * BN * D) * sizeof(T);
-  auto kernel = hstu_bwd_dq_kernel<T, D, NW, BN, POS>;
+  constexpr int BM = 16 * MT * NW;
+  const size_t smem = (2 * BM * D + 4 * BN * D) * sizeof(T) + (POS ? (BM + BN) * sizeof(float) : 0);
+  auto kernel = hstu_bwd_dq_kernel<T, D, NW, MT, BN, POS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.max_seq_len + BM - 1) / BM, p.B * p.H);
@@ -125,17 +130,23 @@ cudaError_t launch(const Params& p) {
 }
 
 template <typename T, int D>
-cudaError_t dispatch_pos(const Params& p) {
-  // at D = 128 with the bias, 64-key tiles spill (255 registers): 32-key tiles do not
-  constexpr int kBiasBN = D == 128 ? 32 : 64;
-  return p.position_bias != nullptr ? launch<T, D, 4, kBiasBN, true>(p) : launch<T, D, 4, 64, false>(p);
+cudaError_t dispatch_len(const Params& p) {
+  const bool pos = p.position_bias != nullptr;
+  // registers: dQ (16 MT x D fp32) plus the S and dP tiles (16 MT x BN each) per warp. At
+  // D = 128 only 16 rows per warp fit, and 32-key tiles with the bias.
+  if constexpr (D == 128) {
+    return pos ? launch<T, D, 4, 1, 32, true>(p) : launch<T, D, 4, 1, 64, false>(p);
+  } else {
+    if (p.max_seq_len <= kShortSeqLen) return pos ? launch<T, D, 4, 1, 64, true>(p) : launch<T, D, 4, 1, 64, false>(p);
+    return pos ? launch<T, D, 4, 2, 32, true>(p) : launch<T, D, 4, 2, 32, false>(p);
+  }
 }
 
 template <typename T>
 cudaError_t dispatch_d(const Params& p) {
   switch (p.D) {
-    case 64: return dispatch_pos<T, 64>(p);
-    case 128: return dispatch_pos<T, 128>(p);
+    case 64: return dispatch_len<T, 64>(p);
+    case 128: return dispatch_len<T, 128>(p);
     default: return cudaErrorInvalidValue;
   }
 }

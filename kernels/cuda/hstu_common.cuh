@@ -3,11 +3,11 @@
 // fragments, mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate), the mask and the
 // position-bias index. See hstu_api.h for the semantics.
 //
-// Every kernel has the same shape: a CTA of NW warps owns BM = 16 * NW "rows" (queries in
-// the forward and dQ kernels, keys in dK/dV), each warp 16 of them, and loops over tiles
+// Every kernel has the same shape: a CTA of NW warps owns BM = 16 * MT * NW "rows" (queries
+// in the forward and dQ kernels, keys in dK/dV), each warp 16 * MT of them, and loops over tiles
 // of BN "columns" (keys, or queries for dK/dV) streamed through a two-stage cp.async
-// pipeline. S = A B^T takes A (16 x D per warp) and B (BN x D) from shared memory; the
-// product P B (P the warp's 16 x BN scores in registers) takes B transposed by ldmatrix.
+// pipeline. S = A B^T takes A (16 MT x D per warp) and B (BN x D) from shared memory; the
+// product P B (P the warp's 16 MT x BN scores in registers) takes B transposed by ldmatrix.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +21,8 @@
 namespace gauss_hstu {
 
 constexpr int kWarpSize = 32;
+// max_seq_len up to which the kernels use 16 rows per warp (more, smaller CTAs)
+constexpr int kShortSeqLen = 256;
 
 template <typename T>
 struct TypeTraits;
@@ -116,55 +118,38 @@ __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t seq_st
   }
 }
 
-// acc[BN / 8][4] += A[warp rows, :D] * B[:BN, :D]^T, A and B swizzled tiles in shared memory
-template <typename T, int D, int BN>
-__device__ __forceinline__ void mma_abt(float (*acc)[4], const T* a_tile, int a_row0, const T* b_tile) {
+// acc[m][BN / 8][4] += A[rows a_row0 + 16 m .., :D] * B[:BN, :D]^T for the warp's MT row
+// tiles of 16; A and B swizzled tiles in shared memory. Each B fragment feeds MT products:
+// at MT = 1 every warp re-reads the whole B tile per 16 rows, and shared-memory bandwidth,
+// not the tensor cores, bounds the kernel.
+template <typename T, int D, int BN, int MT>
+__device__ __forceinline__ void mma_abt(float (&acc)[MT][BN / 8][4], const T* a_tile, int a_row0, const T* b_tile) {
   const int lane = threadIdx.x % kWarpSize;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4(a, a_tile + swizzle<D>(a_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      ldmatrix_x4(a[m], a_tile + swizzle<D>(a_row0 + m * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    }
 #pragma unroll
     for (int np = 0; np < BN / 16; ++np) {
       uint32_t b[4];
       ldmatrix_x4(b, b_tile + swizzle<D>(np * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
-      mma16816<T>(acc[2 * np], a, b[0], b[1]);
-      mma16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma16816<T>(acc[m][2 * np], a[m], b[0], b[1]);
+        mma16816<T>(acc[m][2 * np + 1], a[m], b[2], b[3]);
+      }
     }
   }
 }
 
-// Same with the A fragments already in registers (a[D / 16][4])
-template <typename T, int D, int BN>
-__device__ __forceinline__ void mma_abt_regs(float (*acc)[4], const uint32_t (*a)[4], const T* b_tile) {
-  const int lane = threadIdx.x % kWarpSize;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-    for (int np = 0; np < BN / 16; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4(b, b_tile + swizzle<D>(np * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
-      mma16816<T>(acc[2 * np], a[kk], b[0], b[1]);
-      mma16816<T>(acc[2 * np + 1], a[kk], b[2], b[3]);
-    }
-  }
-}
-
-// A fragments of the warp's 16 rows of a swizzled tile (a[D / 16][4])
-template <int D>
-__device__ __forceinline__ void load_a_frags(uint32_t (*a)[4], const void* tile_v, int a_row0) {
-  const auto* tile = static_cast<const uint16_t*>(tile_v);
-  const int lane = threadIdx.x % kWarpSize;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(a[kk], tile + swizzle<D>(a_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-  }
-}
-
-// acc[D / 8][4] += P[16, BN] * B[BN, D]: P packed as A fragments p[BN / 16][4], B a swizzled
-// tile read transposed
-template <typename T, int D, int BN>
-__device__ __forceinline__ void mma_pb(float (*acc)[4], const uint32_t (*p)[4], const T* b_tile) {
+// acc[m][D / 8][4] += P_m[16, BN] * B[BN, D]: P packed as A fragments p[m][BN / 16][4], B a
+// swizzled tile read transposed
+template <typename T, int D, int BN, int MT>
+__device__ __forceinline__ void mma_pb(float (&acc)[MT][D / 8][4], const uint32_t (&p)[MT][BN / 16][4],
+                                       const T* b_tile) {
   const int lane = threadIdx.x % kWarpSize;
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk) {
@@ -172,21 +157,36 @@ __device__ __forceinline__ void mma_pb(float (*acc)[4], const uint32_t (*p)[4], 
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, b_tile + swizzle<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
-      mma16816<T>(acc[2 * dp], p[kk], b[0], b[1]);
-      mma16816<T>(acc[2 * dp + 1], p[kk], b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma16816<T>(acc[m][2 * dp], p[m][kk], b[0], b[1]);
+        mma16816<T>(acc[m][2 * dp + 1], p[m][kk], b[2], b[3]);
+      }
     }
   }
 }
 
-// C fragments of a 16 x BN fp32 tile -> A fragments (input dtype) for the next product
-template <typename T, int BN>
-__device__ __forceinline__ void pack_a(uint32_t (*p)[4], const float (*s)[4]) {
+// C fragments of MT 16 x BN fp32 tiles -> A fragments (input dtype) for the next product
+template <typename T, int BN, int MT>
+__device__ __forceinline__ void pack_a(uint32_t (&p)[MT][BN / 16][4], const float (&s)[MT][BN / 8][4]) {
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    p[kk][0] = TypeTraits<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-    p[kk][1] = TypeTraits<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-    p[kk][2] = TypeTraits<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    p[kk][3] = TypeTraits<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      p[m][kk][0] = TypeTraits<T>::pack(s[m][2 * kk][0], s[m][2 * kk][1]);
+      p[m][kk][1] = TypeTraits<T>::pack(s[m][2 * kk][2], s[m][2 * kk][3]);
+      p[m][kk][2] = TypeTraits<T>::pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+      p[m][kk][3] = TypeTraits<T>::pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+    }
+  }
+}
+
+template <int MT, int N>
+__device__ __forceinline__ void zero(float (&x)[MT][N][4]) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[m][i][0] = x[m][i][1] = x[m][i][2] = x[m][i][3] = 0.f;
   }
 }
 
@@ -215,12 +215,33 @@ __device__ __forceinline__ bool valid(int i, int j, const Sequence& s) {
   return i < s.n && j < s.n && (i == j || ri > cj);
 }
 
-// Index of (query i, key j) in the position table; clamped for pairs past the sequence
-// (masked, but their load must stay inside the table)
-__device__ __forceinline__ int position_index(int i, int j, const Sequence& s, int pos_center) {
-  const int index = min(j, s.last) - min(i, s.last) + pos_center;
-  return min(max(index, 0), 2 * pos_center);
-}
+// The position-bias entries one tile can use, staged in shared memory. A (query i, key j)
+// pair reads entry id(j) - id(i) + pos_center; for queries [q0, q0 + qn) and keys
+// [k0, k0 + kn) those lie in [base, base + qn + kn - 1) (ids are clamped positions), so each
+// tile loads qn + kn - 1 entries once instead of gathering one per pair from global memory.
+// Entries outside the table (only pairs past the sequence, masked, can reach them) read 0.
+struct PositionWindow {
+  float* entries;  // shared memory, >= qn + kn floats
+  int base;
+
+  __device__ __forceinline__ static int first(int q0, int qn, int k0, const Sequence& s, int pos_center) {
+    return min(k0, s.last) - min(q0 + qn - 1, s.last) + pos_center;
+  }
+
+  // every thread of the CTA; visible after the next __syncthreads
+  template <int THREADS>
+  __device__ __forceinline__ void load(const Params& p, int q0, int qn, int k0, int kn, const Sequence& s) {
+    base = first(q0, qn, k0, s, p.pos_center);
+    for (int e = threadIdx.x; e < qn + kn - 1; e += THREADS) {
+      const int index = base + e;
+      entries[e] = index >= 0 && index < p.pos_table_size ? __ldg(p.position_bias + index) : 0.f;
+    }
+  }
+
+  __device__ __forceinline__ int offset(int i, int j, const Sequence& s, int pos_center) const {
+    return min(j, s.last) - min(i, s.last) + pos_center - base;
+  }
+};
 
 // Is every pair of (queries [q0, q0 + QN), keys [k0, k0 + KN)) valid by causality alone
 // (no masking needed)? Keys all strictly before the queries, everything inside the

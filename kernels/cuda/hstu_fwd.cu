@@ -1,8 +1,8 @@
 // HSTU attention forward (see hstu_api.h for the formula, hstu_common.cuh for the tiling).
 //
 // One CTA per (block of BM queries, sequence, head), launched heaviest first (the longest
-// causal rows), so the tail of the grid is short programs. The warp's query fragments stay
-// in registers; K and V tiles stream through a two-stage cp.async pipeline. Scores work
+// causal rows), so the tail of the grid is short programs. Each warp owns 16 * MT queries;
+// K and V tiles stream through a two-stage cp.async pipeline. Scores work
 // with u = s / 2: silu(s) = u (1 + tanh(u)), one tanh.approx and two FMAs per score, as in
 // the Triton backend; 1 / normaliser is applied once to the accumulator at the end.
 #include "hstu_common.cuh"
@@ -10,14 +10,22 @@
 namespace gauss_hstu {
 namespace {
 
-template <typename T, int D, int NW, int BN, bool POS>
+// keys per tile at 32 queries per warp: the fp32 output (32 x D) and scores (32 x BN) of a
+// warp must fit in registers without spilling (checked by ptxas -v in test_cuda_compile.py)
+template <int D>
+struct FwdTile {
+  static constexpr int kLongBN = D == 128 ? 32 : 64;
+};
+
+template <typename T, int D, int NW, int MT, int BN, bool POS>
 __global__ void __launch_bounds__(NW * kWarpSize) hstu_fwd_kernel(const Params p) {
-  constexpr int BM = 16 * NW;
+  constexpr int BM = 16 * MT * NW;
   constexpr int THREADS = NW * kWarpSize;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s = q_s + BM * D;  // [2][BN * D]
   T* v_s = k_s + 2 * BN * D;
+  PositionWindow window{reinterpret_cast<float*>(v_s + 2 * BN * D), 0};  // BM + BN floats
 
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest first
   const int bh = blockIdx.y;
@@ -45,12 +53,11 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_fwd_kernel(const Params p
   load_tile<T, BN, D, THREADS>(v_s, v, seq.start, 0, seq.n, stride_t);
   cp_async_commit();
 
-  float acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  uint32_t qf[D / 16][4];
+  float acc[MT][D / 8][4];
+  zero(acc);
 
-  const int row_a = m0 + warp * 16 + g;  // this thread's two query rows: row_a, row_a + 8
+  const int warp_row0 = warp * 16 * MT;               // the warp's first query in the block
+  const int row_a = m0 + warp_row0 + g;               // this thread's queries: row_a + 16 m + {0, 8}
   for (int t = 0; t < num_tiles; ++t) {
     const int stage = t & 1;
     if (t + 1 < num_tiles) {
@@ -61,54 +68,60 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_fwd_kernel(const Params p
     } else {
       cp_async_wait<0>();
     }
+    // the previous tile's readers passed the __syncthreads that ended it
+    if (POS) window.load<THREADS>(p, m0, BM, t * BN, BN, seq);
     __syncthreads();
-    if (t == 0) load_a_frags<D>(qf, q_s, warp * 16);
 
-    float s[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    mma_abt_regs<T, D, BN>(s, qf, k_s + stage * BN * D);
+    float s[MT][BN / 8][4];
+    zero(s);
+    mma_abt<T, D, BN, MT>(s, q_s, warp_row0, k_s + stage * BN * D);
 
     const int c0 = t * BN;
     const bool masked = !tile_unmasked(m0, BM, c0, BN, seq);
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
+    for (int m = 0; m < MT; ++m) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = row_a + (e >> 1) * 8;
-        const int j = c0 + nt * 8 + 2 * t4 + (e & 1);
-        float u = s[nt][e] * half_alpha;
-        if (POS) u += 0.5f * __ldg(p.position_bias + position_index(i, j, seq, p.pos_center));
-        float silu = u + u * tanh_approx(u);
-        if (masked && !valid(i, j, seq)) silu = 0.f;
-        s[nt][e] = silu;
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = row_a + m * 16 + (e >> 1) * 8;
+          const int j = c0 + nt * 8 + 2 * t4 + (e & 1);
+          float u = s[m][nt][e] * half_alpha;
+          if (POS) u += 0.5f * window.entries[window.offset(i, j, seq, p.pos_center)];
+          float silu = u + u * tanh_approx(u);
+          if (masked && !valid(i, j, seq)) silu = 0.f;
+          s[m][nt][e] = silu;
+        }
       }
     }
-    uint32_t pf[BN / 16][4];
-    pack_a<T, BN>(pf, s);
-    mma_pb<T, D, BN>(acc, pf, v_s + stage * BN * D);
+    uint32_t pf[MT][BN / 16][4];
+    pack_a<T, BN, MT>(pf, s);
+    mma_pb<T, D, BN, MT>(acc, pf, v_s + stage * BN * D);
     __syncthreads();  // the next iteration's loads overwrite this stage
   }
 
   T* out = static_cast<T*>(p.out) + h * D;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = row_a + half * 8;
-    if (i >= seq.n) continue;
-    T* row = out + (seq.start + i) * static_cast<int64_t>(stride_t);
+  for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(row + dt * 8 + 2 * t4) =
-          TypeTraits<T>::pack(acc[dt][2 * half] * seq.scale, acc[dt][2 * half + 1] * seq.scale);
+    for (int half = 0; half < 2; ++half) {
+      const int i = row_a + m * 16 + half * 8;
+      if (i >= seq.n) continue;
+      T* row = out + (seq.start + i) * static_cast<int64_t>(stride_t);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(row + dt * 8 + 2 * t4) =
+            TypeTraits<T>::pack(acc[m][dt][2 * half] * seq.scale, acc[m][dt][2 * half + 1] * seq.scale);
+      }
     }
   }
 }
 
-template <typename T, int D, int NW, int BN, bool POS>
+template <typename T, int D, int NW, int MT, int BN, bool POS>
 cudaError_t launch(const Params& p) {
-  constexpr int BM = 16 * NW;
-  const size_t smem = (BM * D + 4 * BN * D) * sizeof(T);
-  auto kernel = hstu_fwd_kernel<T, D, NW, BN, POS>;
+  constexpr int BM = 16 * MT * NW;
+  const size_t smem = (BM * D + 4 * BN * D) * sizeof(T) + (POS ? (BM + BN) * sizeof(float) : 0);
+  auto kernel = hstu_fwd_kernel<T, D, NW, MT, BN, POS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.max_seq_len + BM - 1) / BM, p.B * p.H);
@@ -117,17 +130,26 @@ cudaError_t launch(const Params& p) {
 }
 
 template <typename T, int D>
-cudaError_t dispatch_pos(const Params& p) {
-  // 4 warps x 64 keys: the accumulators of a 16 x 128 output and a 16 x 64 score tile
-  // per warp fit in registers without spilling
-  return p.position_bias != nullptr ? launch<T, D, 4, 64, true>(p) : launch<T, D, 4, 64, false>(p);
+cudaError_t dispatch_len(const Params& p) {
+  const bool pos = p.position_bias != nullptr;
+  // Short sequences (the training shape, N ~ 200): 16 queries per warp, for twice as many
+  // CTAs to fill the GPU.
+  if (p.max_seq_len <= kShortSeqLen) return pos ? launch<T, D, 4, 1, 64, true>(p) : launch<T, D, 4, 1, 64, false>(p);
+  // Long ones: 32 queries per warp (each K/V fragment feeds two products), except at D = 128
+  // with the bias, whose index arithmetic would then spill registers.
+  if constexpr (D == 128) {
+    if (pos) return launch<T, D, 4, 1, 64, true>(p);
+    return launch<T, D, 4, 2, FwdTile<D>::kLongBN, false>(p);
+  } else {
+    return pos ? launch<T, D, 4, 2, FwdTile<D>::kLongBN, true>(p) : launch<T, D, 4, 2, FwdTile<D>::kLongBN, false>(p);
+  }
 }
 
 template <typename T>
 cudaError_t dispatch_d(const Params& p) {
   switch (p.D) {
-    case 64: return dispatch_pos<T, 64>(p);
-    case 128: return dispatch_pos<T, 128>(p);
+    case 64: return dispatch_len<T, 64>(p);
+    case 128: return dispatch_len<T, 128>(p);
     default: return cudaErrorInvalidValue;
   }
 }
