@@ -95,6 +95,23 @@ def test_dynamic_tables_are_refused_before_any_worker_starts():
     assert not ray.is_initialized()
 
 
+def test_what_an_elastic_fit_cannot_honour_is_refused_before_any_worker_starts():
+    from gauss_integrations.lightning.elastic import _single_optimizer
+
+    module, data = _job()
+    with pytest.raises(ValueError, match="accumulate_grad_batches=1"):
+        _trainer(GaussStrategy(elastic=True), max_epochs=1, accumulate_grad_batches=2).fit(module, datamodule=data)
+    with pytest.raises(ValueError, match="ckpt_path"):
+        _trainer(GaussStrategy(elastic=True), max_epochs=1).fit(module, datamodule=data, ckpt_path="last.ckpt")
+    assert not ray.is_initialized()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    assert _single_optimizer([opt]) is opt and _single_optimizer({"optimizer": opt}) is opt
+    with pytest.raises(ValueError, match="LR schedulers"):
+        _single_optimizer({"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1)})
+    with pytest.raises(ValueError, match="exactly one optimizer"):
+        _single_optimizer([opt, opt])
+
+
 @pytest.mark.slow
 def test_fit_survives_a_sigkill_mid_step_with_every_sample_once():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas cannot import tests/

@@ -19,6 +19,12 @@ survivor is abandoned: its samples are not counted and the next generation re-as
 re-partitioned over its own world. Hence each sample below the cursor is trained exactly once,
 none is skipped, and the committed step counter never goes back.
 
+A survivor learns of a dead peer either at the step's all-reduce (which fails at once on a
+SIGKILL) or, when its forward/backward runs longer than 0.2 s, from the coordinator mid-step: it
+then abandons the step between two modules' forwards or two parameters' gradients instead of
+finishing a gradient nobody will use. A member that dies while a new group forms ends that
+group as soon as the coordinator knows (not after ``step_timeout_s``).
+
 **Guarantee (state).** Survivors keep their weights; a joining or replacement worker receives
 the weights and optimizer state of a live peer by broadcast after the new group forms, and joins
 at a step boundary. Disaster checkpoints (every ``disaster_checkpoint_every`` steps) are only for
@@ -30,6 +36,10 @@ by the store, so a trainer's death cannot lose it (surviving the *store's* death
 own log guarantee). The launcher trains dense replicas and wires no table: a sparse update made
 inside a step that is later abandoned would be applied again when the step's samples are
 re-assigned, so such an update must be applied only after the step commits.
+
+**Lightning.** ``GaussStrategy(elastic=True)`` runs ``Trainer.fit`` as such a job through the
+strategy's launcher (``gauss_integrations.lightning.elastic``): same guarantees, dense modules
+only (a module with dynamic tables is refused for the reason above).
 """
 from gauss_plugins.elastic.protocol import (AllReplicasLostError, ElasticState, Generation, desired_workers,
                                             sample_indices)
