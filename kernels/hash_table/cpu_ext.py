@@ -300,6 +300,13 @@ class CpuFusedKernels:
     def sample_victims(self, stamp, scores, row_ids, protect, rng_state, limit, k, m):
         return self._ops.sample_victims(stamp, scores, row_ids, protect, rng_state, int(limit), int(k), int(m))
 
+    def gather_changed(self, chunks, chunk_rel, exact, version_rel, stamp, row_ids, weight, default_row):
+        return self._ops.gather_changed(chunks, [int(c) for c in chunk_rel], [int(bool(e)) for e in exact],
+                                        int(version_rel), stamp, row_ids, weight, int(default_row))
+
+    def rows_not_in(self, rows, chunks, num_rows):
+        return self._ops.rows_not_in(rows, chunks, int(num_rows))
+
     def pool_rows(self, weight, rows, offsets, per_sample_weights, mode, stamp=None, stamp_value=0,
                   policy_array=None, policy_mode=0, policy_value=0, skip_row=-1):
         return self._ops.pool_rows(weight, rows, offsets, per_sample_weights, int(mode), stamp, int(stamp_value),

@@ -431,6 +431,135 @@ std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, co
   return {keys_out, rows_out};
 }
 
+// ------------------------------------------------------------------ change tracking
+// A per-thread bitmap of row numbers, all clear between calls: each user clears exactly
+// the words it set (so it is never cleared or allocated whole). Its buffers are kept per
+// thread too: a fresh multi-MB vector per call costs its page faults every call.
+struct RowBitsBuffers {
+  std::vector<uint64_t> bits;
+  std::vector<int32_t> set_rows;
+  bool busy = false;
+};
+
+struct RowBits {
+  RowBitsBuffers& buf;
+  uint64_t* b;
+  explicit RowBits(int64_t num_rows) : buf(buffers()) {
+    TORCH_CHECK(!buf.busy, "RowBits is not reentrant");
+    if (static_cast<int64_t>(buf.bits.size()) * 64 < num_rows) buf.bits.assign((num_rows + 63) / 64, 0);
+    buf.set_rows.clear();
+    buf.busy = true;
+    b = buf.bits.data();
+  }
+  static RowBitsBuffers& buffers() {
+    thread_local RowBitsBuffers one;
+    return one;
+  }
+  // Sets row r's bit; false when it was set already.
+  bool add(int64_t r) {
+    uint64_t& w = b[r >> 6];
+    const uint64_t bit = uint64_t(1) << (r & 63);
+    if (w & bit) return false;
+    w |= bit;
+    buf.set_rows.push_back(static_cast<int32_t>(r));
+    return true;
+  }
+  bool has(int64_t r) const { return (b[r >> 6] >> (r & 63)) & 1; }
+  ~RowBits() {
+    for (const int32_t r : buf.set_rows) b[r >> 6] = 0;  // words hold only this user's bits
+    buf.busy = false;
+  }
+};
+
+// The rows of change-log chunks whose latest change the stamps place in them, each once,
+// with their ids and values: a sync pull's work after it released the training lock, in
+// one call. Chunk c keeps row r when stamp[r] == chunk_rel[c] (an exact chunk) or
+// stamp[r] > version_rel (not exact); default_row is never kept. Returns (ids ascending,
+// rows, values [n, D] in weight's dtype, entries visited). Stamps, ids and values may be
+// written meanwhile: the caller drops the rows written since (rows_not_in).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> op_gather_changed(
+    at::TensorList chunks, at::IntArrayRef chunk_rel, at::IntArrayRef exact, int64_t version_rel,
+    const at::Tensor& stamp, const at::Tensor& row_ids, const at::Tensor& weight, int64_t default_row) {
+  TORCH_CHECK(static_cast<int64_t>(chunks.size()) == static_cast<int64_t>(chunk_rel.size()) &&
+                  chunk_rel.size() == exact.size(), "chunks, chunk_rel and exact must have one entry per chunk");
+  TORCH_CHECK(stamp.dtype() == at::kInt && stamp.is_contiguous() && row_ids.dtype() == at::kLong &&
+                  row_ids.is_contiguous() && row_ids.numel() >= stamp.numel(),
+              "stamp must be contiguous int32 and row_ids contiguous int64 over the same rows");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(0) >= stamp.numel(),
+              "weight must be a contiguous [rows, D] tensor covering the stamps");
+  const int64_t num_rows = stamp.numel();
+  for (const auto& c : chunks)
+    TORCH_CHECK(c.dtype() == at::kLong && c.dim() == 1 && c.is_contiguous(), "chunks must be 1-D contiguous int64");
+  const int32_t* st = stamp.data_ptr<int32_t>();
+  const int64_t* rid = row_ids.data_ptr<int64_t>();
+  RowBits bits(num_rows);
+  thread_local std::vector<std::pair<int64_t, int64_t>> found;  // (id, row)
+  found.clear();
+  int64_t visited = 0;
+  constexpr int64_t kAhead = 16;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const int64_t* r = chunks[c].data_ptr<int64_t>();
+    const int64_t n = chunks[c].numel();
+    visited += n;
+    const bool ex = exact[c] != 0;
+    const int64_t want = chunk_rel[c];
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        const int64_t a = r[i + kAhead];
+        if (a >= 0 && a < num_rows) {
+          __builtin_prefetch(&st[a]);
+          __builtin_prefetch(&rid[a]);
+        }
+      }
+      const int64_t row = r[i];
+      TORCH_CHECK(row >= 0 && row < num_rows, "gather_changed: chunk row ", row, " outside [0, ", num_rows, ")");
+      const int64_t sv = st[row];
+      if (row == default_row || !(ex ? sv == want : sv > version_rel) || !bits.add(row)) continue;
+      found.emplace_back(rid[row], row);
+    }
+  }
+  std::sort(found.begin(), found.end());
+  const int64_t n = static_cast<int64_t>(found.size());
+  const int64_t D = weight.size(1);
+  at::Tensor ids = at::empty({n}, at::kLong), rows = at::empty({n}, at::kLong);
+  at::Tensor values = at::empty({n, D}, weight.options());
+  int64_t* io = ids.data_ptr<int64_t>();
+  int64_t* ro = rows.data_ptr<int64_t>();
+  const int64_t row_bytes = D * static_cast<int64_t>(weight.element_size());
+  const char* w = static_cast<const char*>(weight.data_ptr());
+  char* v = static_cast<char*>(values.data_ptr());
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) prefetch_row(w + found[i + kAhead].second * row_bytes, row_bytes);
+    io[i] = found[i].first;
+    ro[i] = found[i].second;
+    std::memcpy(v + i * row_bytes, w + found[i].second * row_bytes, row_bytes);
+  }
+  return {ids, rows, values, visited};
+}
+
+// bool per entry of rows: it is in none of `chunks` (row numbers < num_rows).
+at::Tensor op_rows_not_in(const at::Tensor& rows_in, at::TensorList chunks, int64_t num_rows) {
+  const at::Tensor rows = rows_in.contiguous();
+  TORCH_CHECK(rows.dtype() == at::kLong && rows.dim() == 1, "rows must be 1-D int64");
+  RowBits bits(num_rows);
+  for (const auto& c : chunks) {
+    TORCH_CHECK(c.dtype() == at::kLong && c.dim() == 1 && c.is_contiguous(), "chunks must be 1-D contiguous int64");
+    const int64_t* r = c.data_ptr<int64_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      TORCH_CHECK(r[i] >= 0 && r[i] < num_rows, "rows_not_in: chunk row ", r[i], " outside [0, ", num_rows, ")");
+      bits.add(r[i]);
+    }
+  }
+  at::Tensor keep = at::empty({rows.numel()}, rows.options().dtype(at::kBool));
+  const int64_t* r = rows.data_ptr<int64_t>();
+  bool* k = keep.data_ptr<bool>();
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < num_rows, "rows_not_in: row ", r[i], " outside [0, ", num_rows, ")");
+    k[i] = !bits.has(r[i]);
+  }
+  return keep;
+}
+
 // Sampled (approximate) victim selection, bounded by the sample and never by the table:
 // draw about m rows uniformly from [0, limit), in runs of 8 (a splitmix64 stream;
 // rng_state[0] is the stream position and advances by the runs drawn, so a seeded table
@@ -462,23 +591,10 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
   const int64_t* pr = protect.data_ptr<int64_t>();
   const int64_t P = protect.numel();
 
-  // Membership (protected, or drawn before) is one bit a row in a bitmap kept per thread
-  // between calls (1.25 MB for 10M rows: cache-resident, unlike the stamps); each call clears
-  // exactly the bits it set, so it is never cleared (or allocated) whole.
-  thread_local std::vector<uint64_t> bits;
-  if (static_cast<int64_t>(bits.size()) * 64 < limit) bits.assign((limit + 63) / 64, 0);
-  uint64_t* b = bits.data();
-  std::vector<int32_t> marked;  // rows whose bit this call set
-  marked.reserve(P + m + 8);
-  // Sets row r's bit; false when it was set already.
-  auto add = [&](int64_t r) {
-    uint64_t& w = b[r >> 6];
-    const uint64_t bit = uint64_t(1) << (r & 63);
-    if (w & bit) return false;
-    w |= bit;
-    marked.push_back(static_cast<int32_t>(r));
-    return true;
-  };
+  // Membership (protected, or drawn before): one bit a row, cache-resident (1.25 MB for
+  // 10M rows), unlike the stamps.
+  RowBits bits(limit);
+  auto add = [&](int64_t r) { return bits.add(r); };
   for (int64_t i = 0; i < P; ++i)
     if (pr[i] >= 0 && pr[i] < limit) add(pr[i]);
 
@@ -490,7 +606,10 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
   constexpr int64_t kRun = 8;
   const int64_t runs = (m + kRun - 1) / kRun;
   const uint64_t blocks = static_cast<uint64_t>((limit + kRun - 1) / kRun);
-  std::vector<int32_t> start(runs);
+  thread_local std::vector<int32_t> start;
+  thread_local std::vector<uint64_t> cand;
+  thread_local std::vector<std::pair<int64_t, int64_t>> victims;
+  start.resize(runs);
   uint64_t pos = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
   for (int64_t i = 0; i < runs; ++i) {
     const uint64_t x = fmix64((pos + static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ULL);
@@ -499,7 +618,7 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
   rng_state.data_ptr<int64_t>()[0] = static_cast<int64_t>(pos + static_cast<uint64_t>(runs));
 
   // (score + 2^31) << 32 | row: one integer orders by score, then row.
-  std::vector<uint64_t> cand;
+  cand.clear();
   cand.reserve(runs * kRun);
   constexpr int64_t kAhead = 16;
   for (int64_t i = 0; i < runs; ++i) {
@@ -514,16 +633,15 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
       cand.push_back(score << 32 | static_cast<uint64_t>(r));
     }
   }
-  for (const int32_t r : marked) b[r >> 6] = 0;  // other bits of the word were clear before the call too
   k = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
   if (k < static_cast<int64_t>(cand.size())) std::nth_element(cand.begin(), cand.begin() + k, cand.end());
-  std::vector<std::pair<int64_t, int64_t>> victims(k);
+  victims.resize(k);
   for (int64_t i = 0; i < k; ++i) {
     if (i + kAhead < k) __builtin_prefetch(&ids[cand[i + kAhead] & 0xFFFFFFFFULL]);
     const int64_t r = static_cast<int64_t>(cand[i] & 0xFFFFFFFFULL);
     victims[i] = {ids[r], r};
   }
-  std::sort(victims.begin(), victims.end());
+  std::sort(victims.begin(), victims.begin() + k);
   at::Tensor keys_out = at::empty({k}, at::kLong), rows_out = at::empty({k}, at::kLong);
   int64_t* ko = keys_out.data_ptr<int64_t>();
   int64_t* ro = rows_out.data_ptr<int64_t>();
@@ -1053,6 +1171,8 @@ TORCH_LIBRARY(gauss_hash, m) {
   m.def("place(Tensor(a!) slots, Tensor keys, Tensor rows) -> ()", &op_place);
   m.def("select_victims(Tensor slots, Tensor stamp, Tensor scores, Tensor protect, int limit, int k) -> (Tensor, Tensor)", &op_select_victims);
   m.def("sample_victims(Tensor stamp, Tensor? scores, Tensor row_ids, Tensor protect, Tensor(a!) rng_state, int limit, int k, int m) -> (Tensor, Tensor)", &op_sample_victims);
+  m.def("gather_changed(Tensor[] chunks, int[] chunk_rel, int[] exact, int version_rel, Tensor stamp, Tensor row_ids, Tensor weight, int default_row) -> (Tensor, Tensor, Tensor, int)", &op_gather_changed);
+  m.def("rows_not_in(Tensor rows, Tensor[] chunks, int num_rows) -> Tensor", &op_rows_not_in);
   m.def("lookup_pool(Tensor slots, Tensor ids, Tensor offsets, Tensor weight, Tensor? psw, int mode, int dflt) -> (Tensor, Tensor)", &op_lookup_pool);
   m.def("pool_rows(Tensor weight, Tensor rows, Tensor offsets, Tensor? psw, int mode, Tensor(a!)? stamp, int stamp_val, Tensor(b!)? pol, int pol_mode, int pol_val, int skip_row) -> Tensor", &op_pool_rows);
   m.def("bag_index(Tensor offsets) -> Tensor", &op_bag_index);

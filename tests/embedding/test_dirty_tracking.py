@@ -234,3 +234,118 @@ def test_row_scratch_marks_stay_exact_across_token_wraparound():
         assert torch.equal(got, torch.isin(probe, marked))
     rows = torch.randint(0, 1000, (500,), generator=g)
     assert torch.equal(distinct_rows(rows, scratch.get(1000, rows.device)).sort().values, torch.unique(rows))
+
+
+# --------------------------------------------------------------------------- compiled paths
+def _cpu_ops():
+    from gauss_kernels.hash_table import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip(f"cpu_ext unavailable: {cpu_ext.unavailable_reason()}")
+    return cpu_ext.load_ops()
+
+
+def _fmix64(h):
+    m = (1 << 64) - 1
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & m
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & m
+    return h ^ (h >> 33)
+
+
+def _sample_reference(stamp, scores, row_ids, protect, pos, limit, k, m):
+    """sample_victims in Python: the same stream, runs of 8 rows, the k lowest (score, row)."""
+    runs, blocks = (m + 7) // 8, (limit + 7) // 8
+    seen = {int(r) for r in protect.tolist() if 0 <= r < limit}
+    cand = []
+    for i in range(runs):
+        x = _fmix64(((pos + i + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+        start = (((x >> 32) * blocks) >> 32) * 8
+        for r in range(start, min(start + 8, limit)):
+            if stamp[r] < 0 or r in seen:
+                continue
+            seen.add(r)
+            cand.append((int(scores[r]), r))
+    chosen = sorted(cand)[:k]
+    return sorted((int(row_ids[r]), r) for _, r in chosen), pos + runs
+
+
+def test_compiled_sampled_victims_match_the_reference_and_refuse_bad_input():
+    ops = _cpu_ops()
+    g = torch.Generator().manual_seed(5)
+    limit = 1003  # not a multiple of the run length: the last run is cut at the limit
+    stamp = torch.randint(-1, 50, (limit + 1,), generator=g, dtype=torch.int32)  # -1: no key
+    lfu = torch.randint(0, 30, (limit + 1,), generator=g, dtype=torch.int32)
+    row_ids = torch.randperm(10 * limit, generator=g)[: limit + 1] - 5 * limit
+    protect = torch.cat([torch.randint(0, limit, (200,), generator=g), torch.tensor([-1, -1])])
+    for scores in (None, lfu):
+        state = torch.tensor([12345], dtype=torch.int64)
+        for k, m in ((40, 320), (5, 37), (0, 16), (500, 4000)):
+            want, pos = _sample_reference(stamp, stamp if scores is None else scores, row_ids, protect,
+                                          int(state), limit, k, m)
+            ids, rows = ops.sample_victims(stamp, scores, row_ids, protect, state, limit, k, m)
+            assert list(zip(ids.tolist(), rows.tolist())) == want
+            assert int(state) == pos  # the stream moved on by the runs drawn
+    # bad input: a clear error, and the stream position and the stamps are unchanged
+    state = torch.tensor([7], dtype=torch.int64)
+    before = stamp.clone()
+    for bad in (dict(stamp=stamp.to(torch.int64)), dict(limit=limit + 5), dict(k=-1),
+                dict(scores=lfu.to(torch.float32)), dict(row_ids=row_ids[:10])):
+        args = dict(stamp=stamp, scores=None, row_ids=row_ids, protect=protect, rng_state=state, limit=limit,
+                    k=4, m=32)
+        args.update(bad)
+        with pytest.raises(RuntimeError):
+            ops.sample_victims(*args.values())
+        assert int(state) == 7 and torch.equal(stamp, before)
+
+
+def test_pull_helpers_agree_with_the_torch_paths():
+    """gather_changed / rows_not_in (C++) give what the torch resolve gives, and a snapshot's
+    deletions resolved without the index equal evicted_since at the snapshot."""
+    ops = _cpu_ops()
+    g = torch.Generator().manual_seed(1)
+    t = make("cpu_ext", initial_capacity=300, max_capacity=300, eviction="lru", evict_fraction=0.0)
+    opt = SparseOptimizer(t)
+    marks = [t.version]
+    for step in range(40):
+        ids = torch.randint(0, 600, (60,), generator=g)
+        if step % 9 == 4:
+            t.delete(ids[:7])
+        else:
+            train_step(t, opt, ids)  # a full table: evictions, and evicted ids coming back
+        marks.append(t.version)
+    for v in marks:
+        snap = t.change_snapshot(v, deletions=True)
+        assert snap.resolved is None and snap.deleted is None  # the log reaches back: no work yet
+        ids, rows, values = t.gather_change_snapshot(snap, t._scratch)
+        want_ids, want_rows = t.resolve_change_snapshot(snap, t._scratch)
+        order = want_ids.argsort()
+        assert torch.equal(ids, want_ids[order]) and torch.equal(rows, want_rows[order])
+        assert torch.equal(values, t.weight[rows]) and ids.tolist() == by_scan(t, v)
+        assert torch.equal(t.resolve_deleted(snap), t.evicted_since(v))
+        later = t.rows_written_after(v)
+        keep = ops.rows_not_in(rows, later, t.row_stamps.numel()) if later else torch.ones_like(rows, dtype=torch.bool)
+        written = torch.cat(later) if later else rows[:0]
+        assert torch.equal(keep, ~torch.isin(rows, written))
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.rows_not_in(torch.tensor([0]), [torch.tensor([10**6])], 10)
+
+
+def test_deletions_resolved_after_the_lock_are_those_at_the_snapshot(backend):
+    """Evictions and re-insertions after a snapshot do not change what it resolves to."""
+    t = make(backend, initial_capacity=64, max_capacity=64, eviction="lru", evict_fraction=0.0)
+    opt = SparseOptimizer(t)
+    train_step(t, opt, torch.arange(64))
+    v0 = t.version
+    train_step(t, opt, torch.arange(100, 110))       # evicts 10 of 0..63
+    t.delete(torch.tensor([100]))
+    gone = t.evicted_since(v0)
+    snap = t.change_snapshot(v0, deletions=True)
+    train_step(t, opt, gone[:3])                     # three come back after the snapshot
+    train_step(t, opt, torch.tensor([100]))
+    assert torch.equal(t.resolve_deleted(snap), gone)
+    assert not torch.equal(t.evicted_since(v0), gone)
+    with pytest.raises(ValueError, match="resync fully"):
+        t.trim_tombstones(t.version)
+        t.change_snapshot(v0, deletions=True)

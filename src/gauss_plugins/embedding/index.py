@@ -165,6 +165,17 @@ class FusedKernels(Protocol):
         rows) of the ``k`` lowest (``scores[row]``, row) among them (``stamp`` when
         ``scores`` is None); fewer than ``k`` when the sample holds fewer candidates."""
 
+    def gather_changed(self, chunks: List[torch.Tensor], chunk_rel: List[int], exact: List[bool], version_rel: int,
+                       stamp: torch.Tensor, row_ids: torch.Tensor, weight: torch.Tensor, default_row: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Optional: a sync pull's resolve in one call. Keeps row ``r`` of chunk ``c`` when
+        ``stamp[r] == chunk_rel[c]`` (exact chunk) or ``stamp[r] > version_rel``, each row
+        once, never ``default_row``; returns (ids ascending, rows, ``weight`` rows, entries
+        visited)."""
+
+    def rows_not_in(self, rows: torch.Tensor, chunks: List[torch.Tensor], num_rows: int) -> torch.Tensor:
+        """Optional: bool per entry of ``rows``: in none of ``chunks`` (rows < ``num_rows``)."""
+
     def pool_rows(self, weight: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
                   per_sample_weights: Optional[torch.Tensor], mode: int, stamp: Optional[torch.Tensor] = None,
                   stamp_value: int = 0, policy_array: Optional[torch.Tensor] = None, policy_mode: int = 0,

@@ -1254,6 +1254,36 @@ class DynamicEmbeddingTable(nn.Module):
         return self._row_ids.index_select(0, rows), rows
 
     @torch.no_grad()
+    def gather_change_snapshot(self, snap: ChangeSnapshot,
+                               scratch: RowScratch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids ascending, rows, values in the storage dtype) of ``snap``: what
+        :meth:`resolve_change_snapshot` finds, sorted, with the rows copied. With the C++
+        index, one call (no lock needed, as there); rows written since the snapshot must be
+        dropped by the caller (:meth:`rows_written_after`, :meth:`rows_not_in`)."""
+        gather = getattr(self.index.fused, "gather_changed", None)
+        if snap.resolved is None and gather is not None:
+            base = snap.stamp_base
+            ids, rows, values, snap.visited = gather(
+                [c[1] for c in snap.chunks], [c[0] - base for c in snap.chunks], [c[2] for c in snap.chunks],
+                snap.version - base, self._row_stamp, self._row_ids, self.weight, snap.default_row)
+            return ids, rows, values
+        ids, rows = self.resolve_change_snapshot(snap, scratch)
+        ids, order = ids.sort()
+        rows = rows.index_select(0, order)
+        return ids, rows, self.weight.index_select(0, rows)
+
+    @torch.no_grad()
+    def rows_not_in(self, rows: torch.Tensor, chunks: List[torch.Tensor], scratch: RowScratch) -> torch.Tensor:
+        """bool per entry of ``rows``: in none of ``chunks`` (as :meth:`rows_written_after`
+        returns them; call it with the lock released)."""
+        num_rows = max(int(self._row_stamp.numel()), 1)
+        fused = getattr(self.index.fused, "rows_not_in", None)
+        if fused is not None:
+            return fused(rows, chunks, num_rows)
+        written = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return ~scratch.marked(rows, scratch.mark(written, num_rows))
+
+    @torch.no_grad()
     def rows_unchanged_since(self, rows: torch.Tensor, version: int) -> torch.Tensor:
         """bool per row: it holds a key and was not written after ``version`` (its stamp
         says so), so values read from it since then are its values at ``version``. Rows are

@@ -200,10 +200,9 @@ class TableSource:
             # next pull brings them. Every write of a row's values or of the id it holds is
             # logged, so the rows kept hold their values and ids at `now`. Growth swaps the
             # tensors but keeps row numbers.
-            ids, rows = self._sorted(*self.table.resolve_change_snapshot(snap, self._scratch))
+            ids, rows, values = self.table.gather_change_snapshot(snap, self._scratch)  # in id order
             deleted = self.table.resolve_deleted(snap)
             visited = snap.visited
-            values = self.table.weight.index_select(0, rows)  # in id order: no second copy
             same = later = None
             in_order = True
             with self.lock:
@@ -212,7 +211,6 @@ class TableSource:
                     later = self.table.rows_written_after(now)
                     if later is None:  # the log no longer reaches back to `now`: check each row
                         same = self.table.rows_unchanged_since(rows, now)
-                    num_rows = int(self.table.row_stamps.numel())
                 else:
                     # Stamps rebased (every ~2**30 versions) or a checkpoint loaded meanwhile:
                     # read everything again, under the lock, at the version now.
@@ -222,9 +220,8 @@ class TableSource:
                     in_order = False
                 lock_s += time.perf_counter() - t_check
                 lock_cpu_s += time.thread_time() - cpu_check
-            if later:
-                written = later[0] if len(later) == 1 else torch.cat(later)
-                same = ~self._scratch.marked(rows, self._scratch.mark(written, num_rows))
+            if later:  # row numbers only grow: the rows read are covered by the stamps now
+                same = self.table.rows_not_in(rows, later, self._scratch)
             if same is not None and not bool(same.all()):
                 ids, values = ids[same], values[same]
         backing = getattr(self.table, "backing", None)
@@ -264,11 +261,6 @@ class TableSource:
         self._pulled_at[now] = time.time()
         for v in [v for v in self._pulled_at if v < version]:
             del self._pulled_at[v]
-
-    @staticmethod
-    def _sorted(ids: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids, order = ids.sort()
-        return ids, rows.index_select(0, order)
 
     @staticmethod
     def _with_store_rows(backing: Any, ids: torch.Tensor, values: torch.Tensor, deleted: Optional[torch.Tensor],
