@@ -37,15 +37,29 @@ optimistic one; both are reported, the contract's keys use wall time.
 Summary keys (Zipf trace, 10% budget): ``misses_at_use`` (every lookahead run; must be 0),
 ``step_time_ratio_vs_in_memory`` (target <= 1.1), ``speedup_vs_lru`` (target >= 1.5),
 ``speedup_vs_lfu``, ``max_abs_diff_vs_in_memory`` (rows after training through the cache
-against the in-memory run), and ``scaling_2_workers``: global batches per second of two
-gloo processes (each half the global batch, ids exchanged by all_gather, row gradients
-all-reduced) over one process on the global batch, one torch thread per process, measured
-through the Lightning ``GaussStrategy``'s runner (:mod:`gauss_integrations.lightning.strategy_bench`,
-owner-partitioned TierPS) when Lightning is installed, else by this script's own 2-process
-gloo run (a TierPS replica per process, no owner partitioning); the record names the runner.
+against the in-memory run). ``cold_*``: the same stream with a cold disk tier (each store
+variant's TierPS segment files dropped from the page cache, POSIX_FADV_DONTNEED, after the
+store opens and before the run: every variant starts equally cold; pages a run touches stay
+cached for the rest of it).
+
+``scaling_2_workers``: sequences a second of two processes over one, through the Lightning
+``GaussStrategy``'s runner (:mod:`gauss_integrations.lightning.strategy_bench`: gloo,
+owner-partitioned TierPS, ids exchanged by all_gather, row gradients all-reduced, one torch
+thread per process, the slowest rank's median step, every rank's CPU ms per step recorded),
+at the 25% budget. The headline key is the main job's model (HSTU) with a fixed per-worker
+batch (weak scaling: each process trains 32 sequences a step); the record also has
+``scaling_2_workers_<model>_<batching>`` for the light MLP model and for a fixed global batch
+of 32 split across the processes (strong scaling). Without Lightning, this script's own
+2-process gloo run measures the HSTU fixed-global-batch figure; the record names the runner.
+
+Parts (``--only zipf,cold,ml100k,scaling``; default all): ``--only scaling --quick`` re-measures
+the scaling figures alone in a few minutes. ``--device cuda``: the tables (the fast tier) and
+the model on the GPU, TierPS on the host, the prefetch's host-to-device copies on a side CUDA
+stream; a machine without CUDA writes ``{"skipped": ...}`` and exits 0; two-process scaling
+on CUDA needs two GPUs (one NCCL rank a device).
 
 A PNG beside the JSON plots the lookahead run at 10% (hits at use, stall ms, window per
-step) against the LRU run's stall.
+step) against the LRU run's stall (``<json>.png``; the cold trace: ``<json>_cold.png``).
 """
 from __future__ import annotations
 
@@ -512,7 +526,6 @@ def main(argv=None) -> int:
     # cache and the training thread then share the machine's cores as they would per rank.
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="gauss-lookahead-bench-")
-    budget_10 = int(0.10 * rows)
     summary: Dict[str, Any] = {"device": device, "parts": parts, "load_average_1m_start": os.getloadavg()[0]}
     results: List[Dict[str, Any]] = []
     try:
@@ -598,7 +611,9 @@ def main(argv=None) -> int:
                 summary["ml100k_speedup_vs_lru"] = (dm[("lru", 0.10)]["row"]["step_ms"]
                                                     / dm[("lookahead", 0.10)]["row"]["step_ms"])
         if "scaling" in parts:
-            sc = run_scaling(zipf, rows, steps, budget_10, warmup, work, device, scaling_models, results)
+            # The 25% budget: a per-worker-batch step of two processes caches the rows of a
+            # global batch twice the size (both runs get the same budget).
+            sc = run_scaling(zipf, rows, steps, int(0.25 * rows), warmup, work, device, scaling_models, results)
             summary["misses_at_use"] = summary.get("misses_at_use", 0) + sc.pop("scaling_misses_at_use", 0)
             summary.update(sc)
         print_table([r for r in results if "step_ms" in r],
@@ -606,7 +621,7 @@ def main(argv=None) -> int:
                      "misses_at_use", "stall_ms", "prefetched_rows", "mean_window", "max_abs_diff_vs_in_memory"])
         scaling_rows = [r for r in results if r.get("variant") == "data_parallel"]
         if scaling_rows:
-            print_table(scaling_rows, ["model", "devices", "batches_per_s_1_worker", "batches_per_s_2_workers",
+            print_table(scaling_rows, ["model", "batching", "batches_per_s_1_worker", "batches_per_s_2_workers",
                                        "scaling_2_workers", "cpu_ms_per_step_1", "cpu_ms_per_step_2",
                                        "load_average_1m"])
         summary["load_average_1m"] = os.getloadavg()[0]
@@ -618,11 +633,18 @@ def main(argv=None) -> int:
     return 0
 
 
+SCALING_MODES = (("per_worker_batch", True), ("global_batch", False))
+
+
 def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str, device: str,
                 models: List[str], results: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """``scaling_2_workers`` for each model (the first is the summary's key), appending a
-    record per model to ``results``. On CUDA it needs two GPUs (NCCL does not put two ranks
-    on one device): with fewer, the record says so."""
+    """Two processes against one, for each model and two batchings (a record each in
+    ``results``): ``per_worker_batch`` (weak scaling: each process trains 32 sequences a step,
+    the usual data-parallel throughput figure) and ``global_batch`` (strong scaling: the 32
+    sequences of a step split across the processes). Summary keys: ``scaling_2_workers`` is the
+    first model's per-worker-batch figure; the others are ``scaling_2_workers_<model>_<batching>``.
+    Throughput is sequences a second, from the slowest rank's median step. On CUDA it needs two
+    GPUs (NCCL does not put two ranks on one device): with fewer, the record says so."""
     out: Dict[str, Any] = {}
     if device == "cuda" and torch.cuda.device_count() < 2:
         why = f"needs 2 GPUs for 2 NCCL ranks; this machine has {torch.cuda.device_count()}"
@@ -635,35 +657,40 @@ def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str
     except ImportError as exc:
         strategy_scaling, why = None, f"{type(exc).__name__}: {exc}"
     for i, model in enumerate(models):
-        key = "scaling_2_workers" if i == 0 else f"scaling_2_workers_{model}"
-        if strategy_scaling is not None:
-            sc = strategy_scaling(rows=rows, steps=steps, budget_rows=budget, window=WINDOW, warmup=warmup,
-                                  model=model, accelerator="gpu" if device == "cuda" else "cpu")
-            runner = ("GaussStrategy (Lightning DDP, gloo/NCCL, popen launcher; owner-partitioned TierPS): "
-                      "gauss_integrations.lightning.strategy_bench.scaling")
-            cpu1 = sc["runs"][0]["cpu_ms_per_step_per_rank"]
-            cpu2 = sc["runs"][1]["cpu_ms_per_step_per_rank"]
-        elif model == "hstu" and device == "cpu":
-            image = os.path.join(work, "zipf-image")
-            if not os.path.isdir(image):  # the zipf part did not run: build the same cold store
-                build_cold_store(image, rows)
-            sc = scaling_2_workers(zipf, rows, budget, image, work, warmup)
-            runner = (f"this benchmark's own 2-process gloo run (exchange by all_gather, row gradients "
-                      f"all-reduced, a TierPS replica per process); the strategy runner is unavailable ({why})")
-            cpu1 = cpu2 = None
-        else:
-            results.append({"trace": "zipf", "variant": "data_parallel", "model": model,
-                            "skipped": f"the strategy runner is unavailable ({why})"})
-            continue
-        out[key] = sc["scaling_2_workers"]
-        out[key + "_load_average_1m"] = os.getloadavg()[0]
-        out["scaling_misses_at_use"] = out.get("scaling_misses_at_use", 0) + sc["misses_at_use"]
-        results.append({"trace": "zipf", "variant": "data_parallel", "model": model, "budget_rows": budget,
-                        "devices": device, "batches_per_s_1_worker": sc["batches_per_s_1"],
-                        "batches_per_s_2_workers": sc["batches_per_s_2"], "scaling_2_workers": sc["scaling_2_workers"],
-                        "scaling_2_workers_wall": sc.get("scaling_2_workers_wall"),
-                        "cpu_ms_per_step_1": cpu1, "cpu_ms_per_step_2": cpu2,
-                        "load_average_1m": os.getloadavg()[0], "runner": runner, "runs": sc.get("runs")})
+        for batching, per_worker in SCALING_MODES:
+            key = "scaling_2_workers" if (i, per_worker) == (0, True) else f"scaling_2_workers_{model}_{batching}"
+            if strategy_scaling is not None:
+                sc = strategy_scaling(rows=rows, steps=steps, budget_rows=budget, window=WINDOW, warmup=warmup,
+                                      model=model, accelerator="gpu" if device == "cuda" else "cpu",
+                                      per_worker_batch=per_worker)
+                runner = ("GaussStrategy (Lightning DDP, gloo/NCCL, popen launcher; owner-partitioned TierPS): "
+                          "gauss_integrations.lightning.strategy_bench.scaling")
+                cpu1 = sc["runs"][0]["cpu_ms_per_step_per_rank"]
+                cpu2 = sc["runs"][1]["cpu_ms_per_step_per_rank"]
+            elif model == "hstu" and device == "cpu" and not per_worker:
+                image = os.path.join(work, "zipf-image")
+                if not os.path.isdir(image):  # the zipf part did not run: build the same cold store
+                    build_cold_store(image, rows)
+                sc = scaling_2_workers(zipf, rows, budget, image, work, warmup)
+                runner = (f"this benchmark's own 2-process gloo run (exchange by all_gather, row gradients "
+                          f"all-reduced, a TierPS replica per process); the strategy runner is unavailable ({why})")
+                cpu1 = cpu2 = None
+            else:
+                results.append({"trace": "zipf", "variant": "data_parallel", "model": model, "batching": batching,
+                                "skipped": f"the strategy runner is unavailable ({why})"})
+                continue
+            out[key] = sc["scaling_2_workers"]
+            out["scaling_misses_at_use"] = out.get("scaling_misses_at_use", 0) + sc["misses_at_use"]
+            load = os.getloadavg()[0]
+            print(f"  scaling {model} {batching}: {sc['scaling_2_workers']:.3f} (load {load:.1f})", flush=True)
+            results.append({"trace": "zipf", "variant": "data_parallel", "model": model, "batching": batching,
+                            "budget_rows": budget, "devices": device,
+                            "batches_per_s_1_worker": sc["batches_per_s_1"],
+                            "batches_per_s_2_workers": sc["batches_per_s_2"],
+                            "scaling_2_workers": sc["scaling_2_workers"],
+                            "scaling_2_workers_wall": sc.get("scaling_2_workers_wall"),
+                            "cpu_ms_per_step_1": cpu1, "cpu_ms_per_step_2": cpu2,
+                            "load_average_1m": load, "runner": runner, "runs": sc.get("runs")})
     return out
 
 

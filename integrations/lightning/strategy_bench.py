@@ -1,6 +1,6 @@
 """Throughput of :class:`~gauss_integrations.lightning.strategy.GaussStrategy` with W CPU
-processes (gloo) against one, on the same global batches: the ``scaling_2_workers`` figure of
-``benchmarks/lookahead_cache.py``.
+processes (gloo; NCCL with ``accelerator="gpu"``) against one: the ``scaling_2_workers`` figures
+of ``benchmarks/lookahead_cache.py``.
 
 ::
 
@@ -14,7 +14,10 @@ Each measurement is a fresh ``python -m`` process tree (Lightning's launcher sta
 again for the other ranks), one torch thread per process, so W processes use W cores. The
 trace: a Zipf(1.05) stream over ``rows`` item ids (popularity not ordered by id), sequences
 of 64 positions, 32 sequences a global batch, each process ``32 / W`` of them (Lightning's
-DistributedSampler; W = 1 gets the same sampler, so both runs see the same global batches).
+DistributedSampler; W = 1 gets the same sampler, so both runs see the same global batches):
+strong scaling. ``per_worker_batch=True`` is weak scaling, the usual data-parallel throughput
+figure: each process trains 32 sequences a step, so the global batch is ``32 W``; throughput
+is sequences a second either way.
 The model: one lookup per position in a dim-64 item table (row-wise Adagrad) behind the
 lookahead cache, then (``model="hstu"`` only) the main job's HSTU encoder (2 blocks, one head),
 a two-layer MLP, a sampled softmax of the next item against 256 ids drawn from the batch's own
@@ -89,8 +92,8 @@ def _module(lr: float = 0.05, model: str = "mlp"):
         def configure_model(self) -> None:
             if self.table is None:  # a table is not moved with the module: make it where the rank trains
                 self.table = DynamicEmbeddingTable(DynamicTableConfig(
-                    name="items", dim=DIM, initializer="normal", init_std=0.05, device=self.trainer.strategy.root_device,
-                    optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
+                    name="items", dim=DIM, initializer="normal", init_std=0.05,
+                    device=self.trainer.strategy.root_device, optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
 
         def gauss_prepare_batch(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
             items = torch.unique(batch)
@@ -122,7 +125,7 @@ def _module(lr: float = 0.05, model: str = "mlp"):
 
 def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, warmup: int, out: str,
             store_dir: Optional[str] = None, prefetch: bool = True, model: str = "mlp",
-            accelerator: str = "cpu") -> None:
+            accelerator: str = "cpu", per_worker_batch: bool = False) -> None:
     """One measurement in this process tree (rank 0 writes ``out``). Call it from a fresh
     process: Lightning starts ``sys.argv`` again for ranks 1..W-1."""
     import pytorch_lightning as pl
@@ -143,7 +146,12 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
     trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=world, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0)
-    data = torch.utils.data.DataLoader(_trace(rows, steps), batch_size=GLOBAL_SEQS // world, shuffle=False)
+    # Fixed global batch (strong scaling): each of W processes trains GLOBAL_SEQS / W sequences a
+    # step. per_worker_batch (weak scaling, the usual data-parallel throughput figure): each
+    # trains GLOBAL_SEQS, the global batch is W times larger and the stream W times longer.
+    local = GLOBAL_SEQS if per_worker_batch else GLOBAL_SEQS // world
+    data = torch.utils.data.DataLoader(_trace(rows, steps * (world if per_worker_batch else 1)), batch_size=local,
+                                       shuffle=False)
     trainer.fit(module, data)
     # Every rank reports its own step times and CPU time: throughput is set by the slowest
     # rank (the collectives make them move together), and CPU seconds per step show whether
@@ -159,7 +167,8 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
               "cpu_ms_per_step": 1e3 * (cpu[-1] - cpu[warmup]) / len(steps_ms),
               "misses_at_use": stats.get("misses_at_use"), "stall_ms": stats.get("stall_ms"),
               "prefetched_rows": stats.get("prefetched_rows"), "budget_rows": budget_rows, "window": window,
-              "prefetch": prefetch, "model": model, "accelerator": accelerator}
+              "prefetch": prefetch, "model": model, "accelerator": accelerator,
+              "global_batch_seqs": local * world, "per_worker_batch": per_worker_batch}
     path = out if trainer.global_rank == 0 else f"{out}.rank{trainer.global_rank}"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -169,7 +178,7 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
 
 def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, window: int = 8, warmup: int = 5,
             worlds=(1, 2), timeout_s: float = 600, prefetch: bool = True, model: str = "mlp",
-            accelerator: str = "cpu") -> Dict[str, Any]:
+            accelerator: str = "cpu", per_worker_batch: bool = False) -> Dict[str, Any]:
     """Global batches per second with each world size in ``worlds`` (fresh processes each) and
     ``scaling_2_workers`` = throughput at 2 over 1. Throughput is one over the slowest rank's
     median step time (``_wall``: steps over the timed span, bursts of other tenants included);
@@ -189,7 +198,7 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
                    str(window), "--warmup", str(warmup), "--out", path,
                    "--store-dir", os.path.join(work, f"store{world}"), "--model", model,
                    "--accelerator", accelerator] + \
-                ([] if prefetch else ["--no-prefetch"])
+                ([] if prefetch else ["--no-prefetch"]) + (["--per-worker-batch"] if per_worker_batch else [])
             proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0 or not os.path.exists(path):
                 raise RuntimeError(f"the {world}-process GaussStrategy run failed (exit {proc.returncode}):\n"
@@ -200,7 +209,9 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
                     ranks.append(json.load(f))
             # The slowest rank sets the pace; the median step is robust to other tenants' bursts.
             slowest = max(r["step_ms_median"] for r in ranks)
+            seqs = ranks[0]["global_batch_seqs"]
             out[world] = {"world": world, "batches_per_s": 1e3 / slowest, "step_ms_median": slowest,
+                          "global_batch_seqs": seqs, "sequences_per_s": seqs * 1e3 / slowest,
                           "batches_per_s_wall": min(r["steps_timed"] / r["seconds"] for r in ranks),
                           "cpu_ms_per_step_per_rank": [r["cpu_ms_per_step"] for r in ranks],
                           "misses_at_use": sum(int(r["misses_at_use"] or 0) for r in ranks),
@@ -209,8 +220,11 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
     result["misses_at_use"] = sum(out[w]["misses_at_use"] for w in worlds)
     result["runs"] = [out[w] for w in worlds]
     if 1 in out and 2 in out:
-        result["scaling_2_workers"] = out[2]["batches_per_s"] / out[1]["batches_per_s"]
-        result["scaling_2_workers_wall"] = out[2]["batches_per_s_wall"] / out[1]["batches_per_s_wall"]
+        # Throughput in sequences a second: with a fixed global batch that is batches a second.
+        result["scaling_2_workers"] = out[2]["sequences_per_s"] / out[1]["sequences_per_s"]
+        result["scaling_2_workers_wall"] = (out[2]["batches_per_s_wall"] * out[2]["global_batch_seqs"]
+                                            / (out[1]["batches_per_s_wall"] * out[1]["global_batch_seqs"]))
+    result["per_worker_batch"] = per_worker_batch
     return result
 
 
@@ -229,10 +243,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "hstu: the main job's HSTU encoder (2 blocks) before it")
     p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: one GPU per process, NCCL (the fast tier in GPU memory)")
+    p.add_argument("--per-worker-batch", action="store_true",
+                   help=f"each process trains {GLOBAL_SEQS} sequences a step (weak scaling); default: the global "
+                        f"batch of {GLOBAL_SEQS} is split across the processes (strong scaling)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     measure(args.world, args.rows, args.steps, args.budget_rows, args.window, args.warmup, args.out, args.store_dir,
-            prefetch=not args.no_prefetch, model=args.model, accelerator=args.accelerator)
+            prefetch=not args.no_prefetch, model=args.model, accelerator=args.accelerator,
+            per_worker_batch=args.per_worker_batch)
     return 0
 
 

@@ -335,6 +335,20 @@ class LookaheadCache:
             return job
         return self._worker.submit(fetch)
 
+    @staticmethod
+    def _arrived(ts: _TableState, job: Any) -> Any:
+        """The rows a read job fetched, usable on the training thread's current stream."""
+        got, event = job.wait()
+        if event is not None:  # the side stream's copy must finish before the rows are used
+            main = torch.cuda.current_stream(ts.table.device)
+            main.wait_event(event)
+            for t in (got.values, got.state, got.found):
+                if t is not None:
+                    # Allocated on the side stream: without this the allocator could hand the
+                    # memory to a later copy there while the main stream still reads it.
+                    t.record_stream(main)
+        return got
+
     # ------------------------------------------------------------------ the iterator
     def wrap(self, batches: Iterable[Any]) -> Iterator[Any]:
         """Yield the batches of ``batches`` in order, each once every row it needs is
@@ -369,9 +383,7 @@ class LookaheadCache:
         for entry in pending:
             for name, ids, job in entry.jobs:
                 ts = self._tables[name]
-                got, event = job.wait()
-                if event is not None:
-                    event.synchronize()
+                got = self._arrived(ts, job)
                 ts.backing.install(ts.table, ids, got)
                 ts.inflight = ts.inflight[~torch.isin(ts.inflight, ids)]
             entry.jobs = []
@@ -482,13 +494,7 @@ class LookaheadCache:
         fetched = 0
         for name, ids, job in entry.jobs:
             ts = self._tables[name]
-            got, event = job.wait()
-            if event is not None:  # the side stream's copy must finish before the rows are used
-                main = torch.cuda.current_stream(ts.table.device)
-                main.wait_event(event)
-                for t in (got.values, got.state, got.found):
-                    if t is not None:
-                        t.record_stream(main)  # allocated on the side stream, freed after main's use
+            got = self._arrived(ts, job)
             rows = ts.backing.install(ts.table, ids, got)
             last_use, uses = ts.arrays()
             last_use[rows] = self._step
