@@ -51,6 +51,9 @@ batch (weak scaling: each process trains 32 sequences a step); the record also h
 ``scaling_2_workers_<model>_<batching>`` for the light MLP model and for a fixed global batch
 of 32 split across the processes (strong scaling). Without Lightning, this script's own
 2-process gloo run measures the HSTU fixed-global-batch figure; the record names the runner.
+Each figure has its control beside it (``..._ddp_control``): the same dense model and batches
+under plain DDP with no table and no cache (fixed features of the ids), measured in the same
+run: the scaling this model, batch size and machine allow at all.
 
 Parts (``--only zipf,cold,ml100k,scaling``; default all): ``--only scaling --quick`` re-measures
 the scaling figures alone in a few minutes. ``--device cuda``: the tables (the fast tier) and
@@ -622,7 +625,8 @@ def main(argv=None) -> int:
         scaling_rows = [r for r in results if r.get("variant") == "data_parallel"]
         if scaling_rows:
             print_table(scaling_rows, ["model", "batching", "batches_per_s_1_worker", "batches_per_s_2_workers",
-                                       "scaling_2_workers", "cpu_ms_per_step_1", "cpu_ms_per_step_2",
+                                       "scaling_2_workers", "scaling_2_workers_ddp_control", "cpu_ms_per_step_1",
+                                       "cpu_ms_per_step_2",
                                        "load_average_1m"])
         summary["load_average_1m"] = os.getloadavg()[0]
         write_report(NAME, results, summary, args.json,
@@ -681,8 +685,18 @@ def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str
                 continue
             out[key] = sc["scaling_2_workers"]
             out["scaling_misses_at_use"] = out.get("scaling_misses_at_use", 0) + sc["misses_at_use"]
+            control = None
+            if strategy_scaling is not None:
+                # The ceiling: the same dense model and batches under plain DDP, without table or
+                # cache (fixed features of the ids), on this machine now.
+                ctl = strategy_scaling(rows=rows, steps=steps, budget_rows=budget, window=WINDOW, warmup=warmup,
+                                       model=model, accelerator="gpu" if device == "cuda" else "cpu",
+                                       per_worker_batch=per_worker, cache=False)
+                control = ctl["scaling_2_workers"]
+                out[key + "_ddp_control"] = control
             load = os.getloadavg()[0]
-            print(f"  scaling {model} {batching}: {sc['scaling_2_workers']:.3f} (load {load:.1f})", flush=True)
+            print(f"  scaling {model} {batching}: {sc['scaling_2_workers']:.3f}, plain DDP without the cache "
+                  f"{control if control is None else round(control, 3)} (load {load:.1f})", flush=True)
             results.append({"trace": "zipf", "variant": "data_parallel", "model": model, "batching": batching,
                             "budget_rows": budget, "devices": device,
                             "batches_per_s_1_worker": sc["batches_per_s_1"],
@@ -690,6 +704,7 @@ def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str
                             "scaling_2_workers": sc["scaling_2_workers"],
                             "scaling_2_workers_wall": sc.get("scaling_2_workers_wall"),
                             "cpu_ms_per_step_1": cpu1, "cpu_ms_per_step_2": cpu2,
+                            "scaling_2_workers_ddp_control": control,
                             "load_average_1m": load, "runner": runner, "runs": sc.get("runs")})
     return out
 

@@ -68,7 +68,7 @@ def _trace(rows: int, steps: int, seed: int = 0) -> torch.Tensor:
 MODELS = ("mlp", "hstu")
 
 
-def _module(lr: float = 0.05, model: str = "mlp"):
+def _module(lr: float = 0.05, model: str = "mlp", cache: bool = True):
     import pytorch_lightning as pl
 
     from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
@@ -78,6 +78,10 @@ def _module(lr: float = 0.05, model: str = "mlp"):
             super().__init__()
             torch.manual_seed(0)
             self.table = None  # made in configure_model, on the rank's device
+            # The no-cache control replaces the table by fixed features of the ids (no
+            # parameters): the same dense model and loss under plain DDP, the ceiling of
+            # data-parallel scaling for this model, batch and machine.
+            self.register_buffer("freqs", torch.linspace(0.001, 1.0, DIM), persistent=False)
             self.mlp = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
             self.encoder = None
             if model == "hstu":  # the main job's encoder (what benchmarks/lookahead_cache.py trains)
@@ -90,14 +94,14 @@ def _module(lr: float = 0.05, model: str = "mlp"):
             self.cpu_starts: List[float] = []
 
         def configure_model(self) -> None:
-            if self.table is None:  # a table is not moved with the module: make it where the rank trains
+            if cache and self.table is None:  # a table is not moved with the module: make it where the rank trains
                 self.table = DynamicEmbeddingTable(DynamicTableConfig(
                     name="items", dim=DIM, initializer="normal", init_std=0.05,
                     device=self.trainer.strategy.root_device, optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
 
         def gauss_prepare_batch(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
             items = torch.unique(batch)
-            pick = torch.randint(0, items.numel(), (NEGATIVES,))
+            pick = torch.randint(0, items.numel(), (NEGATIVES,)).to(items.device)
             return {"ids": batch[:, :-1], "targets": batch[:, 1:], "negatives": items[pick]}
 
         def gauss_cache_ids(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -107,13 +111,20 @@ def _module(lr: float = 0.05, model: str = "mlp"):
             self.step_starts.append(time.perf_counter())
             self.cpu_starts.append(time.process_time())  # the whole process: the cache's worker too
 
-        def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            x = self.table(batch["ids"])
+        def rows(self, ids: torch.Tensor) -> torch.Tensor:
+            if self.table is not None:
+                return self.table(ids)
+            return torch.sin(ids.unsqueeze(-1).to(torch.float32) * self.freqs)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if not isinstance(batch, dict):  # plain DDP (the control) does not call gauss_prepare_batch
+                batch = self.gauss_prepare_batch(batch)
+            x = self.rows(batch["ids"])
             if self.encoder is not None:
                 x = self.encoder(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
             q = self.mlp(x).reshape(-1, DIM)
-            pos = (q * self.table(batch["targets"]).reshape(-1, DIM)).sum(-1, keepdim=True)
-            neg = q @ self.table(batch["negatives"]).T
+            pos = (q * self.rows(batch["targets"]).reshape(-1, DIM)).sum(-1, keepdim=True)
+            neg = q @ self.rows(batch["negatives"]).T
             logits = torch.cat([pos, neg], dim=1) / 0.1
             return -torch.log_softmax(logits, dim=1)[:, 0].mean()
 
@@ -125,7 +136,7 @@ def _module(lr: float = 0.05, model: str = "mlp"):
 
 def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, warmup: int, out: str,
             store_dir: Optional[str] = None, prefetch: bool = True, model: str = "mlp",
-            accelerator: str = "cpu", per_worker_batch: bool = False) -> None:
+            accelerator: str = "cpu", per_worker_batch: bool = False, cache: bool = True) -> None:
     """One measurement in this process tree (rank 0 writes ``out``). Call it from a fresh
     process: Lightning starts ``sys.argv`` again for ranks 1..W-1."""
     import pytorch_lightning as pl
@@ -140,9 +151,14 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
     if GLOBAL_SEQS % world:
         raise ValueError(f"world must divide the global batch of {GLOBAL_SEQS} sequences, got {world}")
     store_dir = store_dir or tempfile.mkdtemp(prefix=f"gauss-strategy-bench-w{world}-")
-    module = _module(model=model)
-    strategy = GaussStrategy(budget_rows=budget_rows, window=window, store_dir=store_dir, gather_on_end=False,
-                             prefetch=prefetch)
+    module = _module(model=model, cache=cache)
+    if cache:
+        strategy = GaussStrategy(budget_rows=budget_rows, window=window, store_dir=store_dir, gather_on_end=False,
+                                 prefetch=prefetch)
+    else:
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = DDPStrategy(start_method="popen")
     trainer = pl.Trainer(max_epochs=1, accelerator=accelerator, devices=world, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0)
@@ -160,7 +176,7 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
     if len(starts) <= warmup + 1:
         raise ValueError(f"{len(starts)} steps leave nothing to time after {warmup} warm-up steps")
     steps_ms = [1e3 * (b - a) for a, b in zip(starts[warmup:-1], starts[warmup + 1:])]
-    stats = strategy.cache_stats()
+    stats = strategy.cache_stats() if cache else {}
     result = {"world": world, "rank": trainer.global_rank, "steps_timed": len(steps_ms),
               "seconds": starts[-1] - starts[warmup], "step_ms_median": float(np.median(steps_ms)),
               "step_ms_mean": float(np.mean(steps_ms)), "cpu_seconds": cpu[-1] - cpu[warmup],
@@ -168,7 +184,7 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
               "misses_at_use": stats.get("misses_at_use"), "stall_ms": stats.get("stall_ms"),
               "prefetched_rows": stats.get("prefetched_rows"), "budget_rows": budget_rows, "window": window,
               "prefetch": prefetch, "model": model, "accelerator": accelerator,
-              "global_batch_seqs": local * world, "per_worker_batch": per_worker_batch}
+              "global_batch_seqs": local * world, "per_worker_batch": per_worker_batch, "cache": cache}
     path = out if trainer.global_rank == 0 else f"{out}.rank{trainer.global_rank}"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -178,7 +194,7 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
 
 def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, window: int = 8, warmup: int = 5,
             worlds=(1, 2), timeout_s: float = 600, prefetch: bool = True, model: str = "mlp",
-            accelerator: str = "cpu", per_worker_batch: bool = False) -> Dict[str, Any]:
+            accelerator: str = "cpu", per_worker_batch: bool = False, cache: bool = True) -> Dict[str, Any]:
     """Global batches per second with each world size in ``worlds`` (fresh processes each) and
     ``scaling_2_workers`` = throughput at 2 over 1. Throughput is one over the slowest rank's
     median step time (``_wall``: steps over the timed span, bursts of other tenants included);
@@ -198,7 +214,8 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
                    str(window), "--warmup", str(warmup), "--out", path,
                    "--store-dir", os.path.join(work, f"store{world}"), "--model", model,
                    "--accelerator", accelerator] + \
-                ([] if prefetch else ["--no-prefetch"]) + (["--per-worker-batch"] if per_worker_batch else [])
+                ([] if prefetch else ["--no-prefetch"]) + (["--per-worker-batch"] if per_worker_batch else []) + \
+                ([] if cache else ["--no-cache"])
             proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0 or not os.path.exists(path):
                 raise RuntimeError(f"the {world}-process GaussStrategy run failed (exit {proc.returncode}):\n"
@@ -225,6 +242,7 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
         result["scaling_2_workers_wall"] = (out[2]["batches_per_s_wall"] * out[2]["global_batch_seqs"]
                                             / (out[1]["batches_per_s_wall"] * out[1]["global_batch_seqs"]))
     result["per_worker_batch"] = per_worker_batch
+    result["cache"] = cache
     return result
 
 
@@ -246,11 +264,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--per-worker-batch", action="store_true",
                    help=f"each process trains {GLOBAL_SEQS} sequences a step (weak scaling); default: the global "
                         f"batch of {GLOBAL_SEQS} is split across the processes (strong scaling)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="the control: fixed features of the ids instead of the table, plain DDP, no cache")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     measure(args.world, args.rows, args.steps, args.budget_rows, args.window, args.warmup, args.out, args.store_dir,
             prefetch=not args.no_prefetch, model=args.model, accelerator=args.accelerator,
-            per_worker_batch=args.per_worker_batch)
+            per_worker_batch=args.per_worker_batch, cache=not args.no_cache)
     return 0
 
 

@@ -35,3 +35,16 @@ def test_unknown_model_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="model must be one of"):
         measure(1, rows=100, steps=2, budget_rows=100, window=2, warmup=0, out=str(tmp_path / "x.json"), model="rnn")
+
+
+@pytest.mark.slow
+def test_control_runs_plain_ddp_without_table_or_cache():
+    from gauss_integrations.lightning.strategy_bench import scaling
+
+    result = scaling(rows=3_000, steps=8, budget_rows=1_500, window=4, warmup=2, cache=False, per_worker_batch=True)
+    assert result["cache"] is False and result["per_worker_batch"] is True
+    for run in result["runs"]:
+        assert all(r["cache"] is False and r["global_batch_seqs"] == 32 * run["world"] for r in run["ranks"])
+        assert run["sequences_per_s"] == pytest.approx(run["batches_per_s"] * 32 * run["world"])
+    assert result["scaling_2_workers"] == pytest.approx(result["runs"][1]["sequences_per_s"]
+                                                        / result["runs"][0]["sequences_per_s"])
