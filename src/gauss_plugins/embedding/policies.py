@@ -29,7 +29,9 @@ Cost per round is bounded on large tables (every policy takes these options):
   uniformly at random (from a generator seeded by the table's seed) and evicts the ``k``
   lowest of them. The victims are then the table's lowest ``~1/sample_factor`` quantile by
   score, not exactly its ``k`` lowest; a round costs O(k), whatever the table size.
-  ``sample_factor=0`` always selects exactly (a full scan: O(table) per round).
+  ``sample_factor=0`` always selects exactly (a full scan: O(table) per round). With the
+  compiled (C++) index the sample is drawn in aligned runs of 8 consecutive rows (every row
+  equally likely, one cache line per run) by a stream of its own, ties go to the smaller row.
   Smaller tables, and rounds that would sample most of the table, select exactly.
   ``evict_fraction`` still adds its headroom to ``k``: set it to 0 for the smallest,
   steadiest rounds (each training step then frees what its new ids need).

@@ -16,11 +16,19 @@ so neither may look at every row.
   the sample. The cost is O(k) whatever the table size; the victims are the lowest
   ``~1/sample_factor`` quantile of the table's scores rather than its exact bottom ``k``.
   Small tables (``live <= exact_below``) and rounds that would sample most of the table
-  keep the exact selection. Sampling was chosen over incremental buckets or a clock because
+  keep the exact selection. With the C++ index the round is one compiled call: rows are
+  drawn in aligned runs of 8 (each row still equally likely; one cache line of stamps per
+  run, so ~1/8 the random reads), and membership (protected rows, repeats) is one bit a
+  row in a per-thread, cache-resident bitmap. Sampling was chosen over incremental buckets or a clock because
   it needs no per-row state beyond what the policies already keep, works unchanged for
   custom scores (``ScoreEviction``), and its error is easy to state and to test.
 * :func:`distinct_rows` -- de-duplication in O(n) through a scratch array with a slot per
   row (no sort).
+* A sync pull (``TableSource``) holds the training lock only to take references: the log's
+  chunks and the tombstone chunks after its version, then the chunks written meanwhile.
+  Everything per row (which rows, their ids and values, which evicted ids were live again
+  at the pull's version, dropping rows written meanwhile) runs after the release, from the
+  log's row chunks and the ids it keeps for insertions.
 """
 from __future__ import annotations
 
