@@ -28,9 +28,10 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dkdv_kernel(const Par
   float* dpos_s = reinterpret_cast<float*>(do_s + 2 * BN * D);
   PositionWindow window{dpos_s + kWindow, 0};  // kWindow floats
 
-  // heaviest first: the earliest keys are seen by the most queries
-  const int n0 = blockIdx.x * BM;
-  const int bh = blockIdx.y;
+  // grid (B * H, key blocks), x fastest: every (sequence, head)'s first (heaviest, causal:
+  // seen by the most queries) block starts before any lighter one
+  const int n0 = blockIdx.y * BM;
+  const int bh = blockIdx.x;
   const int b = bh / p.H;
   const int h = bh % p.H;
   const Sequence seq = sequence(p, b);
@@ -165,7 +166,8 @@ cudaError_t launch(const Params& p) {
   auto kernel = hstu_bwd_dkdv_kernel<T, D, NW, MT, BN, POS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.max_seq_len + BM - 1) / BM, p.B * p.H);
+  const dim3 grid(p.B * p.H, (p.max_seq_len + BM - 1) / BM);
+  if (grid.y > 65535) return cudaErrorInvalidConfiguration;  // max_seq_len above ~4M tokens
   kernel<<<grid, NW * kWarpSize, smem, p.stream>>>(p);
   return cudaGetLastError();
 }

@@ -21,8 +21,10 @@ __global__ void __launch_bounds__(NW * kWarpSize) hstu_bwd_dq_kernel(const Param
   T* v_s = k_s + 2 * BN * D;
   PositionWindow window{reinterpret_cast<float*>(v_s + 2 * BN * D), 0};  // BM + BN floats
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest first
-  const int bh = blockIdx.y;
+  // grid (B * H, query blocks): the hardware starts CTAs in order of x fastest, so every
+  // (sequence, head)'s last (heaviest, causal) block starts before any lighter one
+  const int m_block = gridDim.y - 1 - blockIdx.y;
+  const int bh = blockIdx.x;
   const int b = bh / p.H;
   const int h = bh % p.H;
   const Sequence seq = sequence(p, b);
@@ -124,7 +126,8 @@ cudaError_t launch(const Params& p) {
   auto kernel = hstu_bwd_dq_kernel<T, D, NW, MT, BN, POS>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.max_seq_len + BM - 1) / BM, p.B * p.H);
+  const dim3 grid(p.B * p.H, (p.max_seq_len + BM - 1) / BM);
+  if (grid.y > 65535) return cudaErrorInvalidConfiguration;  // max_seq_len above ~4M tokens
   kernel<<<grid, NW * kWarpSize, smem, p.stream>>>(p);
   return cudaGetLastError();
 }
