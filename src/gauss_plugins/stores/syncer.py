@@ -289,7 +289,8 @@ class TableSource:
 
 class _Pending:
     """Changes not yet acknowledged by the target, one entry per id (latest wins): ``ids``
-    (sorted), ``rows`` ``[n, width]`` and ``tomb`` (True: the id was deleted). Past the
+    (each once; sorted except that a cycle's tombstones may follow its rows), ``rows``
+    ``[n, width]`` and ``tomb`` (True: the id was deleted). Past the
     memory budget everything moves to a DiskTier, where a row carries one extra column
     (1.0 marks a tombstone).
     """
@@ -333,9 +334,19 @@ class _Pending:
         if include_state and batch.state is not None:
             vals = torch.cat([vals, batch.state], dim=1)
         ids = batch.ids
-        if self.ids.numel() == 0 and d.numel() == 0 and (n <= 1 or bool((ids[1:] > ids[:-1]).all())):
-            # The usual cycle: nothing pending and the source gave sorted distinct ids.
-            self.ids, self.rows, self.tomb = ids, vals.contiguous(), torch.zeros(n, dtype=torch.bool)
+
+        def distinct_sorted(t: torch.Tensor) -> bool:
+            return t.numel() <= 1 or bool((t[1:] > t[:-1]).all())
+
+        if self.ids.numel() == 0 and distinct_sorted(ids) and distinct_sorted(d):
+            # The usual cycle: nothing pending, the source gave sorted distinct ids and
+            # deletions (disjoint from them since the isin above): no sort, no row copy.
+            if d.numel() == 0:
+                self.ids, self.rows, self.tomb = ids, vals.contiguous(), torch.zeros(n, dtype=torch.bool)
+            else:
+                self.ids = torch.cat([ids, d])
+                self.rows = torch.cat([vals, torch.zeros(d.numel(), self.width, dtype=vals.dtype)])
+                self.tomb = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(d.numel(), dtype=torch.bool)])
         else:
             ids = torch.cat([self.ids, ids, d])
             rows = torch.cat([self.rows, vals, torch.zeros(d.numel(), self.width)])
