@@ -102,6 +102,11 @@ def summarize(folder: str) -> int:
         rows += benchmark_rows(folder, name)
     print(f"\n==== benchmark summary ({folder}) ====")
     print_table(rows, ["benchmark", "s", "key", "value", "target", "status"])
+    # `make bench` must stay within 15 minutes on a CPU machine: show where the time went
+    times = {r["benchmark"]: r["s"] for r in rows if r.get("benchmark") and r.get("s") is not None}
+    if times:
+        slowest = ", ".join(f"{n} {s}s" for n, s in sorted(times.items(), key=lambda kv: -kv[1])[:3])
+        print(f"total {sum(times.values())} s over {len(times)} benchmarks (slowest: {slowest})")
     failed = [r["benchmark"] for r in rows if str(r.get("status")).startswith("FAILED")]
     skipped = [r["benchmark"] for r in rows if str(r.get("status")).startswith("skipped")]
     print(f"\n{len(names)} benchmarks: {len(names) - len(failed) - len(skipped)} ran, {len(skipped)} skipped, "
