@@ -164,7 +164,15 @@ class StoreBacking:
         table._ensure_room(ids.numel(), protect=lambda: ids[:0])
         version = table._bump()
         rows, _ = table.index.insert(ids)
-        table._init_rows(rows, ids, version)
+        # Rows the store holds take its values directly: computing the initializer's values
+        # for them (to overwrite them) was most of an install's time.
+        held = got.found.to(table.device)
+        if bool(held.all()):
+            table._init_rows(rows, ids, version, values=got.values.to(table.device))
+        else:
+            table._init_rows(rows[~held], ids[~held], version)
+            if bool(held.any()):
+                table._init_rows(rows[held], ids[held], version, values=got.values.to(table.device)[held])
         found = self.fill(table, ids, rows, got)
         self._clean_rows(table)[rows if self.deterministic_init else rows[found]] = version
         n_found = int(found.sum())

@@ -583,10 +583,13 @@ class DynamicEmbeddingTable(nn.Module):
             self._tombstones_since = self._tombstone_versions.pop(0)
 
     # ------------------------------------------------------------------ rows
-    def _init_rows(self, rows: torch.Tensor, ids: torch.Tensor, version: int) -> None:
+    def _init_rows(self, rows: torch.Tensor, ids: torch.Tensor, version: int,
+                   values: Optional[torch.Tensor] = None) -> None:
         cfg = self.config
         fused = self.index.fused
-        if fused is not None and cfg.initializer == "uniform":
+        if values is not None:  # the caller has the rows (a store's copy): no initializer to compute
+            self.weight[rows] = values.to(self.dtype)
+        elif fused is not None and cfg.initializer == "uniform":
             fused.init_uniform(self.weight, rows, ids, cfg.seed, cfg.init_min, cfg.init_max)
         else:
             values = initial_values(cfg.initializer, ids, self.dim, cfg.seed, cfg.init_min, cfg.init_max, cfg.init_std)
