@@ -270,6 +270,9 @@ class LookaheadCache:
         self._waiting: Deque[_Entry] = deque()   # pulled from the loader, not yet admitted
         self._source: Optional[Iterator[Any]] = None
         self._exhausted = False
+        # The next batch did not fit and nothing has been freed since: admitting it again
+        # would fail the same way (and choosing victims costs a pass over the resident rows).
+        self._blocked = False
         self._current: Optional[_Entry] = None   # the batch being trained (yielded, step not done)
         self._step = 0
         self._counts = {k: 0.0 for k in _STAT_KEYS}
@@ -356,7 +359,7 @@ class LookaheadCache:
         you do not)."""
         if self._source is not None and not self._exhausted:
             raise RuntimeError("this LookaheadCache is already wrapping an iterator; finish it first")
-        self._source, self._exhausted = iter(batches), False
+        self._source, self._exhausted, self._blocked = iter(batches), False, False
         try:
             while True:
                 if self._current is not None:
@@ -418,6 +421,8 @@ class LookaheadCache:
         return _Entry(batch, ids)
 
     def _fill_window(self) -> None:
+        if self._blocked:
+            return
         while len(self._window) < self.target_window:
             entry = self._pull()
             if entry is None:
@@ -426,6 +431,7 @@ class LookaheadCache:
                 self._waiting.appendleft(entry)  # waits outside the window: the window shrank
                 if len(self._window) < self.config.min_window:
                     raise BudgetError(self._budget_message(entry))
+                self._blocked = True  # until a finished step frees its rows
                 return
 
     def _budget_message(self, entry: _Entry) -> str:
@@ -544,6 +550,7 @@ class LookaheadCache:
             uses[rows] += 1
         self._step += 1
         self.per_step.append(dict(self._step_stats))
+        self._blocked = False  # the finished batch's rows may be evicted now
         self._fill_window()  # start the next fetches while the loader prepares the batch
 
     def batch_ids(self) -> Dict[str, torch.Tensor]:
