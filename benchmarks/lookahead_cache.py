@@ -496,9 +496,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, metavar="PARTS",
                    help=f"run only these parts (comma-separated: {', '.join(PARTS)}); default all. "
                         f"'--only scaling' re-measures scaling_2_workers alone")
-    p.add_argument("--scaling-models", default="hstu,mlp",
-                   help="models of the two-process run (comma-separated: hstu, mlp); the first one gives "
-                        "scaling_2_workers, the others scaling_2_workers_<model>")
+    p.add_argument("--scaling-models", default=None,
+                   help="models of the two-process run (comma-separated: hstu, mlp; default hstu,mlp, with "
+                        "--quick hstu); the first one gives scaling_2_workers")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: tables (the fast tier) and the model on the GPU, TierPS on the host, prefetch "
                         "copies on a side CUDA stream")
@@ -518,9 +518,10 @@ def main(argv=None) -> int:
         if why is not None:
             write_skip(NAME, why, args.json)
             return 0
-    scaling_models = [m.strip() for m in args.scaling_models.split(",") if m.strip()]
+    spec = args.scaling_models or ("hstu" if args.quick else "hstu,mlp")
+    scaling_models = [m.strip() for m in spec.split(",") if m.strip()]
     if not scaling_models or any(m not in ("hstu", "mlp") for m in scaling_models):
-        raise SystemExit(f"--scaling-models takes hstu and/or mlp, got {args.scaling_models!r}")
+        raise SystemExit(f"--scaling-models takes hstu and/or mlp, got {spec!r}")
     rows = args.rows or (20_000 if args.quick else 100_000)
     steps = args.steps or (30 if args.quick else 60)
     warmup = 3 if args.quick else 5
