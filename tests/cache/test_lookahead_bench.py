@@ -1,0 +1,45 @@
+"""Helpers of benchmarks/lookahead_cache.py: the part selection and the cold-start drop."""
+import importlib.util
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "lookahead_cache.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("lookahead_cache_bench", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_only_selects_parts_and_refuses_unknown_ones(bench):
+    assert bench._parts(None) == list(bench.PARTS)
+    assert bench._parts("scaling") == ["scaling"]
+    assert bench._parts("cold, zipf") == ["cold", "zipf"]
+    with pytest.raises(SystemExit, match="--only takes"):
+        bench._parts("scaling,gpu")
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_dropping_cached_pages_keeps_the_files(bench, tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 10_000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"y" * 5_000)
+    assert bench.drop_cached_pages(str(tmp_path)) == 15_000
+    assert (tmp_path / "a").read_bytes() == b"x" * 10_000 and (tmp_path / "sub" / "b").read_bytes() == b"y" * 5_000
+
+
+def test_a_cold_store_opens_with_its_rows(bench, tmp_path):
+    import torch
+
+    image = str(tmp_path / "image")
+    bench.build_cold_store(image, 500)
+    store = bench.open_cold(image, str(tmp_path / "copy"), 500, drop_page_cache=True)
+    try:
+        got = store.lookup(torch.tensor([1, 250, 500, 501]))
+        assert got.found.tolist() == [True, True, True, False]
+    finally:
+        store.close()
