@@ -261,6 +261,7 @@ class LookaheadCache:
         for name, table in tables.items():
             backing = table.backing
             backing.write = self._writer(backing)
+            backing.owner = owner_fn  # evictions copy only the rows this replica writes back
             backing.drain = self._drain  # a syncer reading the store waits for queued writes
             # Data parallel: the store may be partitioned across ranks (reads are collectives), so
             # eval reads only the resident rows; the strategy makes the rows eval needs resident.

@@ -99,6 +99,9 @@ class StoreBacking:
         #: cache turns it off in data-parallel runs, where a read outside its worker may be a
         #: collective the other ranks do not make)
         self.eval_reads_store = True
+        #: ``ids -> bool`` of the rows this replica writes back (data parallel: each row's owner
+        #: writes it); an evicted row another replica owns is not even copied. None: all rows.
+        self.owner: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self._clean = torch.full((table.weight.shape[0],), -1, dtype=torch.int64, device=table.device)
         self.counters = {"restored_rows": 0, "initialized_rows": 0, "evicted_rows": 0, "written_back_rows": 0,
                          "deleted_rows": 0}
@@ -201,6 +204,8 @@ class StoreBacking:
             return
         self.counters["evicted_rows"] += ids.numel()
         dirty = self.dirty(table, rows)
+        if self.owner is not None:
+            dirty &= self.owner(ids).to(dirty.device, torch.bool)
         if bool(dirty.any()):
             self.write_rows(table, ids[dirty], rows[dirty])
         self._clean_rows(table)[rows] = -1  # the row number is free: whoever gets it next is unknown
