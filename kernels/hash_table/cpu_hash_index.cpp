@@ -26,6 +26,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -245,27 +246,43 @@ at::Tensor op_remove(at::Tensor& slots, const at::Tensor& keys_in, at::Tensor& m
   const int64_t N = keys.numel();
   int64_t* m = meta.data_ptr<int64_t>();
   TORCH_CHECK(free_buf.dtype() == at::kInt && free_buf.numel() >= m[kFreeCount] + N, "free_buf too small");
-  // Rows before any removal: a key repeated in the call reports its row at every position.
-  at::Tensor rows = op_find(slots, keys, -1);
+  at::Tensor rows = at::empty({N}, keys.options());
   Slot* s = slots_of(slots);
   const int64_t n = num_slots_of(slots);
   const int64_t* k = keys.data_ptr<int64_t>();
-  const int64_t* r = rows.data_ptr<int64_t>();
+  int64_t* r = rows.data_ptr<int64_t>();
   int32_t* fb = free_buf.data_ptr<int32_t>();
+  bool missed = false;
+  // One pass (no find first): each key's row is read where the probe finds it, then the
+  // entry is erased. Removal is sequential (entries shift back); fetching the home slots
+  // ahead hides most of each probe's cache miss (a 10M-row index is ~160 MB).
   for (int64_t i = 0; i < N; ++i) {
-    // Removal is sequential (entries shift back); fetching the home slots ahead hides most
-    // of each probe's cache miss (a 10M-row index is ~160 MB).
     if (i + kPrefetch < N) {  // the home slot's line and the next (clusters run on)
       const Slot* h = &s[home_slot(k[i + kPrefetch], n)];
       __builtin_prefetch(h, 1);
       __builtin_prefetch(reinterpret_cast<const char*>(h) + 64, 1);
     }
-    if (r[i] < 0) continue;
     const int64_t p = probe(s, n, k[i]);
-    if (p < 0) continue;  // a repeat, removed earlier in this call
+    if (p < 0) {  // absent, or a repeat removed earlier in this call
+      r[i] = -1;
+      missed = true;
+      continue;
+    }
+    r[i] = s[p].row;
     erase_at(s, n, p);
     fb[m[kFreeCount]++] = static_cast<int32_t>(r[i]);
     --m[kSize];
+  }
+  if (missed && N > 1) {  // a key repeated in the call reports its row at every position
+    std::unordered_map<int64_t, int64_t> removed;
+    for (int64_t i = 0; i < N; ++i)
+      if (r[i] >= 0) removed.emplace(k[i], r[i]);
+    if (!removed.empty())
+      for (int64_t i = 0; i < N; ++i)
+        if (r[i] < 0) {
+          const auto it = removed.find(k[i]);
+          if (it != removed.end()) r[i] = it->second;
+        }
   }
   return rows;
 }
