@@ -211,6 +211,7 @@ def main() -> None:
         "sync_pull_total_ms_p99": pct(total_ms, 99),
         "sync_pull_cpu_ms_p99": pct(pull_cpu_ms, 99),
         "eviction_cpu_ms_p99": pct(ev_cpu, 99),
+        "eviction_cpu_ms_p50": pct(ev_cpu, 50),
         "eviction_ms_p50": pct(ev, 50),
         "load_average_1m_before": load_before,
         "load_average_1m_after": os.getloadavg()[0],
