@@ -4,6 +4,7 @@ every sample trained exactly once and a falling loss."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -146,6 +147,7 @@ def test_fit_survives_a_sigkill_mid_step_with_every_sample_once():
             time.sleep(0.02)
     finally:
         fitting.join(timeout=300)
+        shutil.rmtree(strategy._elastic.ray_temp_dir, ignore_errors=True)
     if failure:
         raise failure[0]
     assert killed, "fit ended before the kill"
