@@ -82,10 +82,14 @@ def test_rank_cli_matches_the_eager_model(exported, capsys, monkeypatch):
             want = program(*args)[0]
         got = torch.tensor([float(x) for x in line.split()])
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    # the same through the Python API prints the same text
+    # the same through the Python API: its text parses to the same scores. Not compared as
+    # text: the API ranks all requests in one batch, the CLI in batches of 2, and a batch's
+    # size may move the last printed digit (different matmul blocking).
     predictor = Predictor(exported["package"], read_snapshot(exported["snapshot"]))
     first = predictor.rank(list(parse_requests(io.StringIO(REQUESTS))))[0]
-    assert lines[0] == format_scores(first.tolist())
+    api = torch.tensor([float(x) for x in format_scores(first.tolist()).split()])
+    cli_first = torch.tensor([float(x) for x in lines[0].split()])
+    torch.testing.assert_close(cli_first, api, rtol=0, atol=1e-6)
 
 
 def test_rank_cli_errors(exported, capsys, monkeypatch):
