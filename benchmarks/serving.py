@@ -1,7 +1,8 @@
 """Serving an HSTU ranker: eager vs AOTInductor .pt2, M-FALCON vs one pass per candidate, the retrieval head.
 
 The model: an ML-1M-size HSTU retrieval model, randomly initialised (3706 items, dim 50,
-2 blocks x 1 head, d_qk = d_v = 25, position bias, no time bias, as configs/ml-1m-hstu),
+2 blocks x 1 head, d_qk = d_v = 25, position bias, no time bias: configs/ml-1m-hstu before
+session 3 set the paper code's d_qk = d_v = 50; kept at 25 so the committed records compare),
 with ``max_len`` 201 so that a history of 200 items fits beside the candidates' slot. Rows
 are drawn from a snapshot of the model's item table, as serving does.
 
