@@ -510,7 +510,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> op_gather_changed(
   const int32_t* st = stamp.data_ptr<int32_t>();
   const int64_t* rid = row_ids.data_ptr<int64_t>();
   RowBits bits(num_rows);
-  thread_local std::vector<std::pair<int64_t, int64_t>> found;  // (id, row)
+  thread_local std::vector<std::pair<int64_t, int64_t>> found_tl;
+  std::vector<std::pair<int64_t, int64_t>>& found = found_tl;  // (id, row); bound once, as above
   found.clear();
   int64_t visited = 0;
   constexpr int64_t kAhead = 16;
@@ -623,9 +624,14 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
   constexpr int64_t kRun = 8;
   const int64_t runs = (m + kRun - 1) / kRun;
   const uint64_t blocks = static_cast<uint64_t>((limit + kRun - 1) / kRun);
-  thread_local std::vector<int32_t> start;
-  thread_local std::vector<uint64_t> cand;
-  thread_local std::vector<std::pair<int64_t, int64_t>> victims;
+  // Buffers kept per thread (no page faults on fresh memory each call), bound once: every
+  // use of a thread_local with a constructor would go through its TLS wrapper.
+  thread_local std::vector<int32_t> start_tl;
+  thread_local std::vector<uint64_t> cand_tl;
+  thread_local std::vector<std::pair<int64_t, int64_t>> victims_tl;
+  std::vector<int32_t>& start = start_tl;
+  std::vector<uint64_t>& cand = cand_tl;
+  std::vector<std::pair<int64_t, int64_t>>& victims = victims_tl;
   start.resize(runs);
   uint64_t pos = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
   for (int64_t i = 0; i < runs; ++i) {
