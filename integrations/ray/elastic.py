@@ -46,6 +46,7 @@ import torch
 
 from gauss_plugins.elastic.protocol import (NO_STATE, AllReplicasLostError, ElasticState, Generation,
                                             desired_workers, sample_indices)
+from gauss_plugins.elastic.rows import RowCommitLog, check_table, gather_ids, install_ids, tables_of
 from gauss_plugins.elastic.state import (broadcast_state, latest_disaster_checkpoint, load_disaster_checkpoint,
                                          pack_state, save_disaster_checkpoint, unpack_state)
 
@@ -134,6 +135,8 @@ class _Coordinator:
         self._open_joins: List[dict] = []
         self.checkpoints: List[dict] = []
         self.checkpoint_reads = 0
+        #: rank 0's newest store acknowledgement of table rows: {"step", "rows"}
+        self.rows_acked: Optional[dict] = None
         self.stopping = False
         self.errors: List[str] = []
         self.failures: List[dict] = []
@@ -205,6 +208,8 @@ class _Coordinator:
         with self.cv:
             if report is not None and report.get("checkpoint"):
                 self.checkpoints.append(report["checkpoint"])
+            if report is not None and report.get("rows_acked"):
+                self.rows_acked = report["rows_acked"]
             rep = None if report is None else (report["indices"], report["loss"])
             while True:
                 if self.stopping:
@@ -349,6 +354,7 @@ class _Coordinator:
                 "errors": list(self.errors), "stop_step": self.s.stop_step,
                 # why members left a generation (a failed collective, an abandoned step): newest 100
                 "failures": list(self.failures),
+                "rows_acked": self.rows_acked,
             })
             return out
 
@@ -369,7 +375,8 @@ class _Worker:
     """One replica. ``serve()`` runs until the coordinator says stop; it returns normally only then."""
 
     def __init__(self, wid: str, coordinator: str, make_model: Callable, make_optimizer: Callable,
-                 loss_fn: Callable, stream: Any, config: dict, spawned_at: float) -> None:
+                 loss_fn: Callable, stream: Any, config: dict, spawned_at: float,
+                 stores: Optional[Dict[str, Any]] = None, table_ids: Optional[Callable] = None) -> None:
         torch.set_num_threads(1)  # replicas share the machine's cores with each other
         self.wid, self.cfg, self.spawned_at = wid, config, spawned_at
         self.coord = ray.get_actor(coordinator, namespace=NAMESPACE)
@@ -380,6 +387,7 @@ class _Worker:
         self.opt = make_optimizer(self.model) if getattr(make_optimizer, "takes_model", False) else \
             make_optimizer(list(self.model.parameters()))
         self.loss_fn, self.stream = loss_fn, stream
+        self._init_tables(stores or {}, table_ids)
         self.step = NO_STATE
         self.gen = 0
         self._grad_views: Optional[List[tuple]] = None
@@ -396,6 +404,31 @@ class _Worker:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._check_abandon)
         threading.Thread(target=self._watch_generation, daemon=True, name="gauss-elastic-watch").start()
+
+    def _init_tables(self, stores: Dict[str, Any], table_ids: Optional[Callable]) -> None:
+        """Back each dynamic table by its shared store (:mod:`gauss_plugins.elastic.rows`)."""
+        self.tables = tables_of(self.model)
+        self.table_ids = table_ids
+        self.rowlog: Optional[RowCommitLog] = None
+        if not self.tables:
+            return
+        missing = sorted(set(self.tables) - set(stores))
+        if missing or table_ids is None:
+            raise ValueError(f"the model has dynamic tables {sorted(self.tables)}: pass ElasticTrainer(stores={{name: "
+                             f"store}}, table_ids=fn) with a shared store for each (missing: {missing}) and "
+                             "table_ids(batch) -> {name: ids the step looks up}")
+        for name, table in self.tables.items():
+            check_table(table)
+            if table.backing is None:
+                table.attach_store(stores[name])
+            # Every replica applies the group-averaged row update (below), so they stay identical.
+            table.synchronized_replicas = True
+        from gauss_plugins.embedding import SparseOptimizer
+        from gauss_integrations.lightning.strategy import reduce_row_gradients
+
+        self._reduce_rows = reduce_row_gradients
+        self.sparse_opt = SparseOptimizer(list(self.tables.values()))
+        self.rowlog = RowCommitLog(self.tables)
 
     def _heartbeat(self) -> None:
         while not self._stop_heartbeat.wait(self.cfg["heartbeat_s"]):
@@ -434,6 +467,14 @@ class _Worker:
         spec, tensors = pack_state(self.model, self.opt)
         return self.step, spec, [t.detach().cpu().clone() for t in tensors]
 
+    def write_rows(self) -> dict:
+        """Write the snapshots rank 0 still holds (the paused step's rows). Like :meth:`state`, ask
+        only while training is paused: the paused step is committed then."""
+        if self.rowlog is None:
+            return {"step": self.step, "written": 0, "acked_step": 0}
+        written = self.rowlog.write_pending()
+        return {"step": self.step, "written": written, "acked_step": self.rowlog.acked_step}
+
     def serve(self) -> str:
         import torch.distributed as dist
 
@@ -457,6 +498,8 @@ class _Worker:
             except Exception as exc:  # a collective failed: a peer died, hung or left
                 self.coord.report_failure.remote(self.wid, g.gen, f"{type(exc).__name__}: {exc}")
             finally:
+                if self.rowlog is not None:
+                    self.rowlog.discard()  # a snapshot of this group is never written by the next
                 if dist.is_initialized():
                     dist.destroy_process_group()
 
@@ -510,6 +553,14 @@ class _Worker:
             raise RuntimeError(f"{self.wid} holds step {self.step}, generation {g.gen} starts at {g.step0} "
                                "without a transfer")
         self.step = g.step0
+        if self.rowlog is not None:
+            for table in self.tables.values():
+                table.zero_grad()
+                table.backing.reset(table)  # rows may have come by broadcast: none is known clean
+            if rank == 0:
+                # The group starts from step0, which a member finished (committed): its rows go to
+                # the store now, so rows whose snapshot died with the last rank 0 are not lost.
+                self.rowlog.write_all(g.step0)
 
     def _train(self, g: Generation, rank: int) -> None:
         report = None
@@ -585,6 +636,9 @@ class _Worker:
             for flat in flats:
                 dist.all_reduce(flat)
                 flat.div_(g.world)
+        acked = None
+        if self.rowlog is not None:
+            acked = self._row_step(g, rank, step, batch)
         # A loss object may own the update (a LightningModule's optimizer_step hook, which also
         # steps what the optimizer does not hold); the default is the optimizer's step.
         apply_step = getattr(self.loss_fn, "apply_step", None)
@@ -592,14 +646,39 @@ class _Worker:
             apply_step(self.model, self.opt, step)
         else:
             self.opt.step()
+        if self.rowlog is not None:
+            self.sparse_opt.step()
+            if rank == 0:
+                self.rowlog.applied(step, self._step_ids)
         self.step = step
         report = {"indices": all_idx.cpu().tolist(), "loss": float(losses.mean())}
+        if acked is not None:
+            report["rows_acked"] = acked
         every = self.cfg["disaster_checkpoint_every"]
         if every and rank == 0 and step % every == 0:
             path = save_disaster_checkpoint(self.cfg["checkpoint_dir"], step, g.cursor_after(step), self.model,
                                             self.opt)
             report["checkpoint"] = {"step": step, "path": path}
         return report
+
+
+    def _row_step(self, g: Generation, rank: int, step: int, batch: Any) -> Optional[dict]:
+        """Average the row gradients over the group for the global batch's ids; on rank 0, write
+        the previous step's rows first: this step's all-reduce completed, so every member
+        finished it (the write-after-next-commit rule). Returns the acknowledgement, if any."""
+        acked = None
+        if rank == 0 and self.rowlog.pending:
+            written = self.rowlog.committed_through(step - 1)
+            acked = {"step": self.rowlog.acked_step, "rows": written}
+        local = self.table_ids(batch)
+        self._step_ids = {}
+        for name in sorted(self.tables):  # the same order of collectives on every rank
+            table = self.tables[name]
+            ids = gather_ids(local.get(name, torch.empty(0, dtype=torch.int64)), g.world, table.device)
+            install_ids(table, ids)
+            self._reduce_rows(table, ids, world=g.world)
+            self._step_ids[name] = ids
+        return acked
 
 
 _CoordinatorActor = ray.remote(_Coordinator)
@@ -627,10 +706,14 @@ class ElasticTrainer:
 
     def __init__(self, make_model: Callable[[], torch.nn.Module], make_optimizer: Callable[[Any], Any],
                  loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], stream: Any,
-                 config: Optional[ElasticConfig] = None) -> None:
+                 config: Optional[ElasticConfig] = None, stores: Optional[Dict[str, Any]] = None,
+                 table_ids: Optional[Callable[[Any], Dict[str, torch.Tensor]]] = None) -> None:
         if not hasattr(stream, "batch"):
             raise TypeError("stream must have batch(indices: LongTensor) -> batch (samples by global index)")
         self.make_model, self.make_optimizer, self.loss_fn, self.stream = make_model, make_optimizer, loss_fn, stream
+        # Dynamic tables: name -> the store every replica's table of that name is backed by (it
+        # must outlive the workers: a ShardedTierPS), and table_ids(batch) -> {name: ids looked up}.
+        self.stores, self.table_ids = dict(stores or {}), table_ids
         self.config = config or ElasticConfig()
         if self.config.backlog_samples_per_worker and not hasattr(stream, "backlog"):
             raise TypeError("backlog_samples_per_worker needs a stream with backlog(cursor) -> int")
@@ -769,6 +852,17 @@ class ElasticTrainer:
         unpack_state(spec, tensors, model, optimizer)
         return step
 
+    def write_rows(self) -> dict:
+        """Have rank 0 write the rows of the paused (committed) step to the stores; returns
+        ``{"step", "written", "acked_step"}``. Call between runs, like :meth:`fetch_state`."""
+        st = self.status()
+        if st["stop_step"] is None or st["step"] < st["stop_step"]:
+            raise RuntimeError("write_rows needs training paused: call it after run() or run_until() returned")
+        members = [m for m in st["members"] if m["rank"] == 0]
+        if not members or members[0]["worker"] not in self._workers:
+            raise RuntimeError(f"no live member at rank 0 to write the rows (members: {st['members']})")
+        return ray.get(self._workers[members[0]["worker"]].write_rows.remote(), timeout=600)
+
     def worker_pids(self) -> Dict[int, int]:
         return {m["rank"]: m["pid"] for m in self.status()["members"]}
 
@@ -817,7 +911,8 @@ class ElasticTrainer:
         if cfg.backend == "nccl":
             options["num_gpus"] = 1
         actor = _WorkerActor.options(**options).remote(
-            wid, cfg.name, self.make_model, self.make_optimizer, self.loss_fn, self.stream, asdict(cfg), time.time())
+            wid, cfg.name, self.make_model, self.make_optimizer, self.loss_fn, self.stream, asdict(cfg), time.time(),
+            self.stores, self.table_ids)
         with self._lock:
             self._workers[wid] = actor
             self._refs[actor.serve.remote()] = wid

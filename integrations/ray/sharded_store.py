@@ -129,6 +129,17 @@ class ShardedTierPS(EmbeddingStore):
         self._consumers: Dict[str, int] = {}
         self._closed = False
 
+    # A copy sent to another Ray process (an elastic worker) writes to the same shard actors;
+    # it keeps its own version clock, so run a Syncer only on the copy that does the writing.
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # ------------------------------------------------------------------ routing
     def shard_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Shard index of each id."""

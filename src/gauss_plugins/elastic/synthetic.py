@@ -12,7 +12,8 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["make_mlp", "make_slow_mlp", "Pause", "make_adam", "mse_loss", "SlowLoss", "SyntheticRegressionStream"]
+__all__ = ["make_mlp", "make_slow_mlp", "Pause", "make_adam", "mse_loss", "SlowLoss", "SyntheticRegressionStream",
+           "TableRegressionModel", "table_mse_loss", "table_batch_ids", "SyntheticIdStream"]
 
 
 def make_mlp(dim: int = 16, hidden: int = 32, depth: int = 2, seed: Optional[int] = None) -> nn.Module:
@@ -101,3 +102,48 @@ class SyntheticRegressionStream:
             with open(self.arrived_file) as f:
                 arrived = int(f.read().strip() or 0)
         return 0 if arrived is None else max(arrived - cursor, 0)
+
+
+class TableRegressionModel(nn.Module):
+    """A dynamic table (``rowwise_adagrad``, its state in the row) and a linear head: the
+    prediction of a sample is ``head(sum of its ids' rows)``. For the elastic row tests."""
+
+    def __init__(self, dim: int = 8, lr: float = 0.2, seed: int = 0) -> None:
+        super().__init__()
+        from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
+
+        self.table = DynamicEmbeddingTable(DynamicTableConfig(
+            name="items", dim=dim, seed=seed, initial_capacity=256,
+            optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
+        g = torch.Generator().manual_seed(seed)  # every replica starts with the same head
+        self.head = nn.Linear(dim, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(1, dim, generator=g) * 0.3)
+            self.head.bias.zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.table(ids).sum(1)).squeeze(1)
+
+
+def table_mse_loss(model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    ids, y = batch
+    return torch.nn.functional.mse_loss(model(ids), y)
+
+
+def table_batch_ids(batch: Tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """The ids a :class:`TableRegressionModel` step looks up, by table name."""
+    return {"items": batch[0].reshape(-1)}
+
+
+class SyntheticIdStream:
+    """Sample ``i``: ``ids_per_sample`` ids drawn from ``num_ids`` by a hash of ``(seed, i)``, and
+    a target that is a fixed per-id score summed over them, so the rows can learn it."""
+
+    def __init__(self, num_ids: int = 64, ids_per_sample: int = 3, seed: int = 0) -> None:
+        self.num_ids, self.k, self.seed = num_ids, ids_per_sample, seed
+        self.score = torch.randn(num_ids, generator=torch.Generator().manual_seed(seed))
+
+    def batch(self, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        i = indices.to(torch.int64).unsqueeze(1) * self.k + torch.arange(self.k)
+        ids = (i * 2654435761 + self.seed * 97 + 12345) % self.num_ids
+        return ids, self.score[ids].sum(1)
