@@ -46,6 +46,7 @@ import torch
 
 from gauss_plugins.elastic.protocol import (NO_STATE, AllReplicasLostError, ElasticState, Generation,
                                             desired_workers, sample_indices)
+from gauss_plugins.embedding.backing import pack_state as pack_table_state
 from gauss_plugins.elastic.rows import RowCommitLog, check_table, gather_ids, install_ids, tables_of
 from gauss_plugins.elastic.state import (broadcast_state, latest_disaster_checkpoint, load_disaster_checkpoint,
                                          pack_state, save_disaster_checkpoint, unpack_state)
@@ -467,6 +468,33 @@ class _Worker:
         spec, tensors = pack_state(self.model, self.opt)
         return self.step, spec, [t.detach().cpu().clone() for t in tensors]
 
+    def content_digest(self) -> tuple:
+        """``(step, sha256)`` of what this replica has learned: the dense state and each table's
+        rows and optimizer state by ascending id (row numbers and stamps differ between replicas
+        that admitted ids in another order, so they are left out). Ask only while paused."""
+        import hashlib
+
+        h = hashlib.sha256()
+        table_prefixes = tuple(f"{n}." for n, m in self.model.named_modules() if m in self.tables.values() and n)
+        for name, t in sorted(self.model.state_dict().items()):
+            if not table_prefixes or not name.startswith(table_prefixes):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        for name in sorted(self.tables):
+            table = self.tables[name]
+            ids = table.index.keys_and_rows()[0].sort().values
+            rows = table.find(ids)
+            h.update(ids.cpu().numpy().tobytes())
+            h.update(table.weight.index_select(0, rows).float().cpu().numpy().tobytes())
+            state = pack_table_state(table, rows)
+            if state is not None:
+                h.update(state.numpy().tobytes())
+        for group in self.opt.state_dict()["state"].values():
+            for key, value in sorted(group.items()):
+                if isinstance(value, torch.Tensor):
+                    h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return self.step, h.hexdigest()
+
     def write_rows(self) -> dict:
         """Write the snapshots rank 0 still holds (the paused step's rows). Like :meth:`state`, ask
         only while training is paused: the paused step is committed then."""
@@ -862,6 +890,16 @@ class ElasticTrainer:
         if not members or members[0]["worker"] not in self._workers:
             raise RuntimeError(f"no live member at rank 0 to write the rows (members: {st['members']})")
         return ray.get(self._workers[members[0]["worker"]].write_rows.remote(), timeout=600)
+
+    def replica_digests(self) -> Dict[int, tuple]:
+        """rank -> ``(step, sha256 of the learned content)`` of every live member (equal digests:
+        the replicas agree). Call between runs, like :meth:`fetch_state`."""
+        st = self.status()
+        if st["stop_step"] is None or st["step"] < st["stop_step"]:
+            raise RuntimeError("replica_digests needs training paused: call it after run() or run_until() returned")
+        members = [m for m in st["members"] if m["worker"] in self._workers]
+        refs = [self._workers[m["worker"]].content_digest.remote() for m in members]
+        return {m["rank"]: d for m, d in zip(members, ray.get(refs, timeout=600))}
 
     def worker_pids(self) -> Dict[int, int]:
         return {m["rank"]: m["pid"] for m in self.status()["members"]}
