@@ -26,6 +26,12 @@ supervisor starts a replacement, which registers when built and joins at the nex
 boundary, receiving the state by broadcast from a live peer. No checkpoint is read on this path.
 The sample guarantee is stated in :mod:`gauss_plugins.elastic`.
 
+Dynamic tables (``stores={name: store}``, ``table_ids=fn``; :mod:`gauss_plugins.elastic.rows`):
+each replica's table is backed by the one shared store; a step also gathers the global batch's ids,
+inserts the ones a replica lacks, averages the row gradients over the group and applies the same
+sparse update everywhere; rank 0 writes step s's rows after step s+1's all-reduce (the store's
+``put`` returning is the acknowledgement), and a new group's rank 0 writes its start state.
+
 Disaster checkpoints (``disaster_checkpoint_every``): rank 0 writes one after every N-th step
 (atomic, pickle-free, :mod:`gauss_plugins.elastic.state`). They serve only when every replica or
 the coordinator is lost: ``ElasticTrainer(...).start(from_checkpoint=path)``.

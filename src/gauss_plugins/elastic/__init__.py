@@ -5,6 +5,7 @@ The framework-neutral half of elastic training (the Ray launcher is
 
 * :mod:`.protocol` -- membership and generations, step boundaries, the data assignment
   ``(step, generation, world) -> global sample indices`` and the coordinator's state machine;
+* :mod:`.rows` -- dynamic-table rows: the write-after-next-commit rule and the replicated update;
 * :mod:`.state` -- the peer state-transfer message (dense weights + optimizer state) and the
   disaster checkpoints written in the same format;
 * :mod:`.synthetic` -- a small model, loss and index-addressable stream for tests and benchmarks.
@@ -30,16 +31,21 @@ the weights and optimizer state of a live peer by broadcast after the new group 
 at a step boundary. Disaster checkpoints (every ``disaster_checkpoint_every`` steps) are only for
 losing every replica; the recovery path never reads them.
 
-**Embedding rows.** Rows kept in a TierPS (e.g. the ``ShardedTierPS`` actors) live in the
-store's processes, not the trainers': an update the store acknowledged (``put`` returned) is held
-by the store, so a trainer's death cannot lose it (surviving the *store's* death is the store's
-own log guarantee). The launcher trains dense replicas and wires no table: a sparse update made
-inside a step that is later abandoned would be applied again when the step's samples are
-re-assigned, so such an update must be applied only after the step commits.
+**Embedding rows** (:mod:`.rows`). Every replica holds the whole of each dynamic table and applies
+the same sparse update (row gradients averaged over the group for the global batch's ids); each
+table is backed by ONE store shared by the job (``ElasticTrainer(stores={name: ShardedTierPS},
+table_ids=fn)``), which lives in its own processes and outlives the trainers. Rank 0 snapshots the
+rows step ``s`` changed and writes them to the store only after step ``s + 1``'s all-reduce
+completed (every member finished ``s``: it is committed, so no write belongs to an abandoned step).
+A row update is *acknowledged* when the store's ``put`` of it returned; a trainer's death (SIGKILL
+included) never loses an acknowledged update, and the store only ever holds committed steps' rows.
+The newest committed step's rows are written when the next group forms (its rank 0 writes every
+resident row of the step the group starts from) or by ``ElasticTrainer.write_rows()`` while paused.
+Tables need ``admission="always"``, no eviction and ``default="zeros"`` (others are refused).
 
 **Lightning.** ``GaussStrategy(elastic=True)`` runs ``Trainer.fit`` as such a job through the
 strategy's launcher (``gauss_integrations.lightning.elastic``): same guarantees, dense modules
-only (a module with dynamic tables is refused for the reason above).
+only (a module with dynamic tables is refused there: the Lightning path does not wire stores yet).
 """
 from gauss_plugins.elastic.protocol import (AllReplicasLostError, ElasticState, Generation, desired_workers,
                                             sample_indices)
