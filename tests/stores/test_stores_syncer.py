@@ -284,6 +284,53 @@ def test_table_pull_copies_outside_the_lock_and_drops_rows_written_meanwhile():
     assert source.changes_since(second.version).num_rows == 0
 
 
+class _EveryCopyLock(_InterleavingLock):
+    """Runs ``between()`` before every second acquisition: a training step lands in every
+    pull's copy window (training that never pauses)."""
+
+    def __enter__(self):
+        self.count += 1
+        if self.count % 2 == 0:
+            self.between()
+        self._lock.acquire()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu_ext"])
+def test_a_row_written_during_every_copy_still_reaches_serving(backend):
+    """A hot row written during every pull's copy is dropped by that pull (its value moved
+    past the pull's version), so the next pull copies it under its first lock hold, exact at
+    that pull's version: it reaches serving one pull late, never never. Before, every pull
+    dropped it again."""
+    from gauss_plugins.embedding.table import DynamicEmbeddingTable, DynamicTableConfig
+    from gauss_plugins.stores.syncer import TableSource
+
+    table = DynamicEmbeddingTable(DynamicTableConfig(name="items", dim=4, backend=backend))
+    table.set(torch.arange(10), torch.zeros(10, 4))
+    step = [0]
+
+    def training_step():
+        step[0] += 1
+        table.set(torch.tensor([3]), torch.full((1, 4), float(step[0])))
+
+    source = TableSource(table, lock=_EveryCopyLock(training_step, at=0))
+    version, seen = 0, []
+    for _ in range(4):
+        batch = source.changes_since(version)
+        # every batch is exact at the version it names: row 3 held step[0] - 1 then
+        if 3 in batch.ids.tolist():
+            value = batch.values[batch.ids.tolist().index(3)]
+            seen.append(float(value[0]))
+        assert batch.version <= table.version
+        version = batch.version
+    # pull 1 dropped row 3 (written during its copy); pulls 2-4 carry it at their versions
+    assert len(seen) == 3
+    assert seen == sorted(seen) and seen[-1] >= 2.0
+    # and with training paused the last value arrives
+    plain = TableSource(table)
+    final = plain.changes_since(version)
+    assert final.ids.tolist() == [3] and float(final.values[0, 0]) == float(step[0])
+
+
 def test_syncer_start_version_skips_what_the_target_holds():
     from gauss_plugins.embedding.table import DynamicEmbeddingTable, DynamicTableConfig
     from gauss_plugins.stores.syncer import TableSource

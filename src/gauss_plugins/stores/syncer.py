@@ -111,6 +111,9 @@ def load_dense(dense_url: str, manifest: Optional[Mapping[str, Any]] = None) -> 
     return tensors, manifest
 
 
+_EMPTY_IDS = torch.empty(0, dtype=torch.int64)
+
+
 class TableSource:
     """A :class:`~gauss_plugins.embedding.table.DynamicEmbeddingTable` as a syncer source.
 
@@ -128,9 +131,12 @@ class TableSource:
     A pull holds the lock twice, for O(change-log chunks) each, never per row: to take
     references to the change-log and tombstone chunks since the last pull, and, after
     resolving them into ids, deletions and copied values without the lock, to take the
-    chunks written meanwhile, whose rows it then drops (the next pull has them). Only a
-    full image (first pull, resync) and the rare redo after a stamp rebase or a checkpoint
-    load copy rows under the lock.
+    chunks written meanwhile, whose rows it then drops (the next pull has them). The one
+    per-row cost under the lock: the next pull copies the rows its predecessor dropped in its
+    first hold (O(rows training wrote during one copy window)), since a hot row written
+    during every copy would otherwise never reach serving. Only a full image (first pull,
+    resync) and the rare redo after a stamp rebase or a checkpoint load copy all rows under
+    the lock.
     :attr:`pulls` keeps the recent pulls' ``lock_s`` (time training was blocked; wall
     clock) and ``lock_cpu_s`` (the CPU time of that, which other jobs on the machine do not
     inflate), ``wait_s`` (waiting for the lock), ``total_s``, ``rows`` and ``visited``
@@ -150,6 +156,11 @@ class TableSource:
         from gauss_plugins.embedding.tracking import RowScratch
 
         self._scratch = RowScratch()  # the pull's own: eviction in training uses the table's
+        # consumer -> (the version its last pull named, the ids that pull dropped as written
+        # during its copy). The next pull from that version copies them under its first lock
+        # hold: a row that training writes during every copy window (a hot row while training
+        # never pauses) would otherwise be dropped by every pull and never reach serving.
+        self._dropped: Dict[Optional[str], Tuple[int, torch.Tensor]] = {}
         # Changes after the attach happened after it: that time bounds the first push's
         # freshness from above (a run with a single push still reports a number).
         self._pulled_at: Dict[int, float] = {self.version: time.time()}
@@ -178,12 +189,15 @@ class TableSource:
         with self.lock:
             t_locked, cpu_locked = time.perf_counter(), time.thread_time()
             now = self.version
+            carried = None
             if not full:
                 try:
                     # O(log chunks): references to what changed, resolved after the release
                     snap = self.table.change_snapshot(version, deletions=True)
                 except ValueError:  # tombstones that old were dropped: only a full image is exact
                     full = True
+                else:
+                    carried = self._carried_locked(consumer, version)
             if full:
                 # A full image is copied under the lock: a row missing from it would read as
                 # deleted (rare: a first pull or a resync).
@@ -222,8 +236,18 @@ class TableSource:
                 lock_cpu_s += time.thread_time() - cpu_check
             if later:  # row numbers only grow: the rows read are covered by the stamps now
                 same = self.table.rows_not_in(rows, later, self._scratch)
+            dropped = None
             if same is not None and not bool(same.all()):
+                dropped = ids[~same]
                 ids, values = ids[same], values[same]
+            if in_order:  # the pull names `now`: the next one from `now` copies these at its start
+                self._dropped[consumer] = (now, dropped if dropped is not None else _EMPTY_IDS)
+            if carried is not None and in_order and carried[0].numel():
+                extra = ~torch.isin(carried[0], ids)  # each id once; both copies are at `now`
+                if bool(extra.any()):
+                    ids = torch.cat([ids, carried[0][extra]])
+                    values = torch.cat([values, carried[1][extra].to(values.dtype)])
+                    in_order = False
         backing = getattr(self.table, "backing", None)
         if backing is not None:
             ids, values, deleted = self._with_store_rows(backing, ids, values, deleted, full)
@@ -236,6 +260,19 @@ class TableSource:
         empty = torch.empty(0, dtype=torch.int64)
         return ChangeBatch(ids.to("cpu"), values.to("cpu", torch.float32), None,
                            empty if deleted is None else deleted.to("cpu"), now, full=full)
+
+    def _carried_locked(self, consumer: Optional[str], version: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Under the lock, at the pull's version: (ids, values) of the rows the consumer's
+        previous pull dropped, when this pull continues from it. They were written after that
+        pull's version, so this pull's change list holds them too; copied here they are exact
+        at this version whatever training writes during this pull's copy. O(rows dropped
+        last time): the rows training wrote during one copy window. Ids evicted meanwhile
+        are skipped (their tombstones come with the deletions)."""
+        last = self._dropped.pop(consumer, None)
+        if last is None or last[0] != int(version) or last[1].numel() == 0:
+            return None
+        values, present = self.table.get(last[1])
+        return last[1][present], values[present]
 
     def _read_locked(self, version: int, full: bool):
         """(ids, values, deleted, visited, full) read entirely under the lock (the caller
