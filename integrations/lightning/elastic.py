@@ -36,12 +36,23 @@ sample ledger summary. ``validate`` / ``test`` / ``predict`` run in the driver o
 **Not run inside an elastic fit** (refused with a message, or stated here): validation loops,
 callbacks and loggers of the driver's trainer (the replicas log nothing), LR schedulers,
 gradient accumulation, manual optimisation, ``ckpt_path`` (resume from a disaster checkpoint
-with ``ElasticConfig(checkpoint_dir=...)`` instead), and dynamic embedding tables (each replica
-would update its own copy of the rows; the replicated row update lives in the DDP path).
+with ``ElasticConfig(checkpoint_dir=...)`` instead).
+
+**Dynamic embedding tables** train as in :mod:`gauss_plugins.elastic.rows`: each table is backed
+by one ``ShardedTierPS`` of the job (under the strategy's ``store_dir``, else a temporary folder),
+the ids a step looks up come from the strategy's ``ids_fn`` or the module's ``gauss_cache_ids``,
+every replica applies the group-averaged row update, and rank 0 writes step s's rows after step
+s+1's all-reduce (acknowledged when the store's ``put`` returned). After fit the driver's module
+holds the whole trained tables (they travel with its state). The lookahead cache (``budget_rows``)
+and ``sync_target`` are not used in an elastic fit: every replica holds every row.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from typing import Any, Callable, Dict, Optional
@@ -52,6 +63,7 @@ from pytorch_lightning.trainer.states import TrainerFn, TrainerStatus
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from gauss_plugins._optional import require
+from gauss_plugins.elastic.rows import check_table
 
 __all__ = ["ElasticLauncher", "LoaderStream", "LightningStep", "elastic_config"]
 
@@ -103,6 +115,36 @@ class LoaderStream:
         return self.collate_fn([self.dataset[int(p)] for p in self.positions(indices)])
 
 
+def _rebuild_table(config_json: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str], training: bool) -> Any:
+    from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig
+
+    table = DynamicEmbeddingTable(DynamicTableConfig.from_json(config_json))
+    table.import_state(tensors, meta)
+    return table.train(training)
+
+
+def _table_pickler():
+    import ray.cloudpickle as cloudpickle
+
+    from gauss_plugins.embedding import DynamicEmbeddingTable
+
+    class TablePickler(cloudpickle.Pickler):
+        """A dynamic table holds its compiled hash index, which does not pickle: it travels as
+        its config and its exported rows (the checkpoint format) and is rebuilt in the replica."""
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, DynamicEmbeddingTable):
+                tensors, meta = obj.export_state()
+                return _rebuild_table, (obj.config.to_json(), tensors, meta, obj.training)
+            return super().reducer_override(obj)
+
+    return TablePickler
+
+
+def _TablePickler(buf: Any) -> Any:
+    return _table_pickler()(buf)
+
+
 class _ModuleFactory:
     """Builds a replica's module from the driver's module, serialised once (without its trainer):
     replacements started later get the same initial module, not a later state of the driver's."""
@@ -113,7 +155,9 @@ class _ModuleFactory:
         attached = module._trainer
         module._trainer = None  # the Trainer (loops, loggers) stays in the driver
         try:
-            self.blob = cloudpickle.dumps(module)
+            buf = io.BytesIO()
+            _TablePickler(buf).dump(module)
+            self.blob = buf.getvalue()
         finally:
             module._trainer = attached
 
@@ -121,6 +165,23 @@ class _ModuleFactory:
         import ray.cloudpickle as cloudpickle
 
         return cloudpickle.loads(self.blob)  # our own driver's bytes, through Ray's own channel
+
+
+class _ModuleIds:
+    """``batch -> {table: ids}`` through the module's ``gauss_cache_ids``, called on a copy of the
+    module built in the replica (a bound method would carry the driver's module, tables and all)."""
+
+    def __init__(self, factory: _ModuleFactory) -> None:
+        self.factory = factory
+        self._module: Any = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"factory": self.factory, "_module": None}
+
+    def __call__(self, batch: Any) -> Dict[str, torch.Tensor]:
+        if self._module is None:
+            self._module = self.factory()
+        return self._module.gauss_cache_ids(batch)
 
 
 def _single_optimizer(configured: Any) -> torch.optim.Optimizer:
@@ -204,12 +265,18 @@ class ElasticLauncher(_Launcher):
 
         if isinstance(train_dataloaders, pl.LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
-        self._refuse_unsupported(trainer, model, ckpt_path)
+        self._refuse_unsupported(trainer, model, ckpt_path, self.strategy)
         loader = self._train_loader(model, train_dataloaders, datamodule)
         stream = _stream_of(loader)
         config = dataclasses.replace(self.config, batch_size=int(loader.batch_size))
         optimizer = _single_optimizer(model.configure_optimizers())  # the driver's copy receives the state
-        job = ElasticTrainer(_ModuleFactory(model), _make_optimizer, LightningStep(), stream, config)
+        factory = _ModuleFactory(model)
+        stores = _TableStores(model, self.strategy) if _tables_of(model) else None
+        table_ids = None
+        if stores is not None:
+            table_ids = getattr(self.strategy, "ids_fn", None) or _ModuleIds(factory)
+        job = ElasticTrainer(factory, _make_optimizer, LightningStep(), stream, config,
+                             stores=stores, table_ids=table_ids)
         started = time.perf_counter()
         self.elastic = job
         try:
@@ -227,6 +294,8 @@ class ElasticLauncher(_Launcher):
                            "lost": sum(1 for i in range(st["cursor"]) if i not in ledger),
                            "duplicated": sum(1 for c in counts if c > 1)}
         finally:
+            if stores is not None:
+                stores.close()  # the trained rows are in the driver's module (fetch_state) by now
             job.shutdown()
             self.elastic = None
         # What Lightning's loop would leave: the step count and a finished state.
@@ -237,7 +306,7 @@ class ElasticLauncher(_Launcher):
         trainer.training = False
 
     @staticmethod
-    def _refuse_unsupported(trainer: Any, model: Any, ckpt_path: Any) -> None:
+    def _refuse_unsupported(trainer: Any, model: Any, ckpt_path: Any, strategy: Any = None) -> None:
         from gauss_plugins.embedding import DynamicEmbeddingTable
 
         if ckpt_path is not None:
@@ -249,12 +318,13 @@ class ElasticLauncher(_Launcher):
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("GaussStrategy(elastic=True) steps every batch: set accumulate_grad_batches=1 (raise "
                              "the per-worker batch_size or the number of workers instead)")
-        tables = [name for name, m in model.named_modules() if isinstance(m, DynamicEmbeddingTable)]
-        if tables:
-            raise ValueError(f"GaussStrategy(elastic=True) trains dense replicas; the module has dynamic embedding "
-                             f"tables {tables} whose rows each replica would update on its own. Train it with "
-                             f"elastic=False (the replicated row update), or use static item embeddings "
-                             f"(model.item_embedding: static)")
+        tables = [m for m in model.modules() if isinstance(m, DynamicEmbeddingTable)]
+        for table in tables:
+            check_table(table)
+        if tables and getattr(strategy, "ids_fn", None) is None and not hasattr(model, "gauss_cache_ids"):
+            raise ValueError(f"the module has dynamic embedding tables {[t.name for t in tables]}: give it "
+                             "gauss_cache_ids(batch) -> {table name: ids} (or GaussStrategy(ids_fn=...)) so the "
+                             "replicas can average each step's row gradients over the group")
 
     @staticmethod
     def _train_loader(model: Any, loaders: Any, datamodule: Any) -> DataLoader:
@@ -272,6 +342,41 @@ class ElasticLauncher(_Launcher):
             raise ValueError("GaussStrategy(elastic=True) needs a DataLoader with batch_size (not a batch_sampler): "
                              "the coordinator assigns batch_size samples per worker per step")
         return loaders
+
+
+def _tables_of(model: Any) -> Dict[str, Any]:
+    from gauss_plugins.elastic.rows import tables_of
+
+    return tables_of(model)
+
+
+class _TableStores:
+    """Makes one ShardedTierPS per dynamic table once Ray runs (the ElasticTrainer calls it in
+    ``start``); :meth:`close` ends them (and removes a temporary folder)."""
+
+    def __init__(self, model: Any, strategy: Any) -> None:
+        from gauss_plugins.embedding.backing import state_layout
+
+        self.layout = {name: (t.dim, sum(w for _, _, w in state_layout(t))) for name, t in _tables_of(model).items()}
+        base = getattr(strategy, "store_dir", None)
+        self.temp = base is None
+        self.base = tempfile.mkdtemp(prefix="gauss-elastic-rows-") if base is None else os.path.join(base, "elastic")
+        self.stores: Dict[str, Any] = {}
+
+    def __call__(self) -> Dict[str, Any]:
+        from gauss_integrations.ray.sharded_store import ShardedTierPS
+
+        for name, (dim, width) in self.layout.items():
+            self.stores[name] = ShardedTierPS(dim, os.path.join(self.base, name), num_shards=1, state_dim=width,
+                                              actor_options={"num_cpus": 0})
+        return dict(self.stores)
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+        if self.temp:
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
 def _stream_of(loader: DataLoader) -> LoaderStream:

@@ -45,7 +45,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import ray
 import torch
@@ -740,14 +740,16 @@ class ElasticTrainer:
 
     def __init__(self, make_model: Callable[[], torch.nn.Module], make_optimizer: Callable[[Any], Any],
                  loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], stream: Any,
-                 config: Optional[ElasticConfig] = None, stores: Optional[Dict[str, Any]] = None,
+                 config: Optional[ElasticConfig] = None,
+                 stores: Union[Dict[str, Any], Callable[[], Dict[str, Any]], None] = None,
                  table_ids: Optional[Callable[[Any], Dict[str, torch.Tensor]]] = None) -> None:
         if not hasattr(stream, "batch"):
             raise TypeError("stream must have batch(indices: LongTensor) -> batch (samples by global index)")
         self.make_model, self.make_optimizer, self.loss_fn, self.stream = make_model, make_optimizer, loss_fn, stream
         # Dynamic tables: name -> the store every replica's table of that name is backed by (it
-        # must outlive the workers: a ShardedTierPS), and table_ids(batch) -> {name: ids looked up}.
-        self.stores, self.table_ids = dict(stores or {}), table_ids
+        # must outlive the workers: a ShardedTierPS), or a function making that dict once Ray runs
+        # (start() may be what starts Ray); table_ids(batch) -> {name: ids the step looks up}.
+        self.stores, self.table_ids = stores if callable(stores) else dict(stores or {}), table_ids
         self.config = config or ElasticConfig()
         if self.config.backlog_samples_per_worker and not hasattr(stream, "backlog"):
             raise TypeError("backlog_samples_per_worker needs a stream with backlog(cursor) -> int")
@@ -785,6 +787,8 @@ class ElasticTrainer:
         else:
             raise RuntimeError(f"an elastic coordinator named {cfg.name!r} already runs on this Ray cluster: "
                                "shut that trainer down or give this one another ElasticConfig(name=...)")
+        if callable(self.stores):
+            self.stores = dict(self.stores())
         restore = None
         if from_checkpoint is not None:
             restore = (from_checkpoint, *load_disaster_checkpoint(from_checkpoint))  # verifies the CRC now

@@ -23,6 +23,9 @@ from gauss_integrations.lightning import GaussStrategy, RetrievalModule, Sequenc
 from gauss_integrations.lightning.elastic import ElasticLauncher, LoaderStream  # noqa: E402
 from gauss_integrations.ray.elastic import ElasticConfig  # noqa: E402
 from gauss_plugins.data.split import leave_one_out  # noqa: E402
+from gauss_plugins.elastic.synthetic import (SyntheticIdStream, TableRegressionModel, table_batch_ids,  # noqa: E402
+                                             table_mse_loss)
+from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig  # noqa: E402
 from gauss_plugins.data.synthetic import synthetic_event_stream  # noqa: E402
 from gauss_plugins.models import build_model  # noqa: E402
 from gauss_plugins.train.batching import HeldOutExamples, TrainExamples, collate_train  # noqa: E402
@@ -88,12 +91,80 @@ def test_loader_stream_is_an_epoch_permutation_per_index_block():
         LoaderStream([], collate_train, shuffle=False, seed=0)
 
 
-def test_dynamic_tables_are_refused_before_any_worker_starts():
-    module, data = _job(item_embedding="dynamic")
+class TableModule(pl.LightningModule):
+    """A dynamic table and a linear head (gauss_plugins.elastic.synthetic) as a LightningModule."""
+
+    def __init__(self, **table_options):
+        super().__init__()
+        self.net = TableRegressionModel()
+        if table_options:  # a table the elastic path must refuse
+            self.net.table = DynamicEmbeddingTable(DynamicTableConfig(name="items", dim=8, **table_options))
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.03)  # most of a step is "mid-step", where the test's kill lands
+        return table_mse_loss(self.net, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=1e-2)
+
+    def gauss_cache_ids(self, batch):
+        return table_batch_ids(batch)
+
+
+def _id_loader(n=240):
+    stream = SyntheticIdStream(num_ids=64)
+    ids, y = stream.batch(torch.arange(n))
+    return torch.utils.data.DataLoader(list(zip(ids, y)), batch_size=8, shuffle=True,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def test_dynamic_tables_replicas_could_disagree_on_are_refused_before_any_worker_starts():
     trainer = _trainer(GaussStrategy(elastic=True), max_epochs=1)
-    with pytest.raises(ValueError, match="dynamic embedding tables"):
-        trainer.fit(module, datamodule=data)
+    with pytest.raises(ValueError, match="eviction"):
+        trainer.fit(TableModule(eviction="lru"), _id_loader())
     assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_fit_trains_a_dynamic_table_through_a_sigkill():
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas cannot import tests/
+    module, loader = TableModule(), _id_loader()
+    strategy = GaussStrategy(elastic=_config())
+    trainer = _trainer(strategy, max_epochs=6)
+    launcher, failure, killed = strategy.launcher, [], {}
+
+    def fit():
+        try:
+            trainer.fit(module, loader)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            failure.append(exc)
+
+    fitting = threading.Thread(target=fit)
+    fitting.start()
+    try:
+        while fitting.is_alive():
+            job = launcher.elastic
+            try:
+                st = job.status() if job is not None else None
+            except Exception:  # the job is shutting down between the check and the call
+                st = None
+            if st is not None and not killed and st["generation"] >= 1 and (st["rows_acked"] or {}).get("step", 0) >= 5:
+                killed["pid"] = job.kill_worker(0, signal.SIGKILL)  # rank 0: the one that writes rows
+            time.sleep(0.02)
+    finally:
+        fitting.join(timeout=300)
+        shutil.rmtree(strategy._elastic.ray_temp_dir, ignore_errors=True)
+    if failure:
+        raise failure[0]
+    assert killed, "fit ended before the kill"
+    res = launcher.result
+    st = res["status"]
+    assert res["lost"] == 0 and res["duplicated"] == 0 and st["cursor"] >= 6 * 240
+    assert len(st["recoveries"]) == 1 and st["rows_acked"]["step"] >= st["step"] - 1
+    losses = [loss for _, loss in st["losses"]]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    # The driver's module holds the whole trained table: every id of the data has its row.
+    assert bool(module.net.table.contains(torch.arange(64)).all())
 
 
 def test_what_an_elastic_fit_cannot_honour_is_refused_before_any_worker_starts():
