@@ -358,13 +358,17 @@ class _TableStores:
         from gauss_plugins.embedding.backing import state_layout
 
         self.layout = {name: (t.dim, sum(w for _, _, w in state_layout(t))) for name, t in _tables_of(model).items()}
-        base = getattr(strategy, "store_dir", None)
-        self.temp = base is None
-        self.base = tempfile.mkdtemp(prefix="gauss-elastic-rows-") if base is None else os.path.join(base, "elastic")
+        self.store_dir = getattr(strategy, "store_dir", None)
+        self.temp = self.store_dir is None
+        self.base: Optional[str] = None
         self.stores: Dict[str, Any] = {}
 
     def __call__(self) -> Dict[str, Any]:
         from gauss_integrations.ray.sharded_store import ShardedTierPS
+
+        # Made here, not in __init__: nothing is left behind when fit fails before the job starts.
+        self.base = tempfile.mkdtemp(prefix="gauss-elastic-rows-") if self.temp else \
+            os.path.join(self.store_dir, "elastic")
 
         for name, (dim, width) in self.layout.items():
             self.stores[name] = ShardedTierPS(dim, os.path.join(self.base, name), num_shards=1, state_dim=width,
@@ -375,7 +379,7 @@ class _TableStores:
         for store in self.stores.values():
             store.close()
         self.stores.clear()
-        if self.temp:
+        if self.temp and self.base is not None:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
