@@ -44,8 +44,7 @@ resident row of the step the group starts from) or by ``ElasticTrainer.write_row
 Tables need ``admission="always"``, no eviction and ``default="zeros"`` (others are refused).
 
 **Lightning.** ``GaussStrategy(elastic=True)`` runs ``Trainer.fit`` as such a job through the
-strategy's launcher (``gauss_integrations.lightning.elastic``): same guarantees, dense modules
-only (a module with dynamic tables is refused there: the Lightning path does not wire stores yet).
+strategy's launcher (``gauss_integrations.lightning.elastic``): same guarantees; a module's dynamic tables get one ShardedTierPS each for the job.
 """
 from gauss_plugins.elastic.protocol import (AllReplicasLostError, ElasticState, Generation, desired_workers,
                                             sample_indices)
