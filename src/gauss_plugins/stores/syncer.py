@@ -132,9 +132,9 @@ class TableSource:
     references to the change-log and tombstone chunks since the last pull, and, after
     resolving them into ids, deletions and copied values without the lock, to take the
     chunks written meanwhile, whose rows it then drops (the next pull has them). The one
-    per-row cost under the lock: the next pull copies the rows its predecessor dropped in its
-    first hold (O(rows training wrote during one copy window)), since a hot row written
-    during every copy would otherwise never reach serving. Only a full image (first pull,
+    per-row cost under the lock: rows dropped by two pulls in a row (written during every
+    copy: hot rows) are copied by the next pull in its first hold, exact at its version,
+    since they would otherwise never reach serving; O(such rows). Only a full image (first pull,
     resync) and the rare redo after a stamp rebase or a checkpoint load copy all rows under
     the lock.
     :attr:`pulls` keeps the recent pulls' ``lock_s`` (time training was blocked; wall
@@ -156,11 +156,14 @@ class TableSource:
         from gauss_plugins.embedding.tracking import RowScratch
 
         self._scratch = RowScratch()  # the pull's own: eviction in training uses the table's
-        # consumer -> (the version its last pull named, the ids that pull dropped as written
-        # during its copy). The next pull from that version copies them under its first lock
-        # hold: a row that training writes during every copy window (a hot row while training
-        # never pauses) would otherwise be dropped by every pull and never reach serving.
+        # consumer -> (the version its last pull named, the ids that pull and the one before it
+        # both dropped as written during their copies). The next pull from that version copies
+        # them under its first lock hold: a row that training writes during every copy window
+        # (a hot row while training never pauses) would otherwise be dropped by every pull and
+        # never reach serving. Only rows dropped twice in a row: they are few (the hot ones),
+        # so the lock hold stays short.
         self._dropped: Dict[Optional[str], Tuple[int, torch.Tensor]] = {}
+        self._dropped_once: Dict[Optional[str], Tuple[int, torch.Tensor]] = {}  # every id the last pull dropped
         # Changes after the attach happened after it: that time bounds the first push's
         # freshness from above (a run with a single push still reports a number).
         self._pulled_at: Dict[int, float] = {self.version: time.time()}
@@ -240,8 +243,17 @@ class TableSource:
             if same is not None and not bool(same.all()):
                 dropped = ids[~same]
                 ids, values = ids[same], values[same]
-            if in_order:  # the pull names `now`: the next one from `now` copies these at its start
-                self._dropped[consumer] = (now, dropped if dropped is not None else _EMPTY_IDS)
+            if in_order:
+                # The pull names `now`. Ids it dropped that the previous pull dropped too are
+                # written during every copy (hot rows): the next pull from `now` copies them at
+                # its start. Ids dropped once come with the next pull's own copy.
+                dropped = dropped if dropped is not None else _EMPTY_IDS
+                before = self._dropped_once.pop(consumer, None)
+                starving = _EMPTY_IDS
+                if before is not None and before[0] == int(version) and dropped.numel() and before[1].numel():
+                    starving = dropped[torch.isin(dropped, before[1])]
+                self._dropped_once[consumer] = (now, dropped)
+                self._dropped[consumer] = (now, starving)
             if carried is not None and in_order and carried[0].numel():
                 extra = ~torch.isin(carried[0], ids)  # each id once; both copies are at `now`
                 if bool(extra.any()):
@@ -263,11 +275,11 @@ class TableSource:
 
     def _carried_locked(self, consumer: Optional[str], version: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Under the lock, at the pull's version: (ids, values) of the rows the consumer's
-        previous pull dropped, when this pull continues from it. They were written after that
-        pull's version, so this pull's change list holds them too; copied here they are exact
-        at this version whatever training writes during this pull's copy. O(rows dropped
-        last time): the rows training wrote during one copy window. Ids evicted meanwhile
-        are skipped (their tombstones come with the deletions)."""
+        previous two pulls both dropped, when this pull continues from the previous one. They
+        were written after that pull's version, so this pull's change list holds them too;
+        copied here they are exact at this version whatever training writes during this
+        pull's copy. Ids evicted meanwhile are skipped (their tombstones come with the
+        deletions)."""
         last = self._dropped.pop(consumer, None)
         if last is None or last[0] != int(version) or last[1].numel() == 0:
             return None
