@@ -71,6 +71,14 @@ def _config(**kw):
                          ray_temp_dir=tempfile.mkdtemp(prefix="ray_e12", dir="/tmp"), **kw)
 
 
+
+def _status(job):
+    """The elastic job's status, or None while it starts or shuts down."""
+    try:
+        return job.status() if job is not None else None
+    except Exception:  # the job is shutting down between the check and the call
+        return None
+
 def test_elastic_option_builds_the_ray_launcher_and_refuses_nonsense():
     strategy = GaussStrategy(elastic=True)
     trainer = _trainer(strategy, max_epochs=1)
@@ -144,10 +152,7 @@ def test_fit_trains_a_dynamic_table_through_a_sigkill():
     try:
         while fitting.is_alive():
             job = launcher.elastic
-            try:
-                st = job.status() if job is not None else None
-            except Exception:  # the job is shutting down between the check and the call
-                st = None
+            st = _status(job)
             if st is not None and not killed and st["generation"] >= 1 and (st["rows_acked"] or {}).get("step", 0) >= 5:
                 killed["pid"] = job.kill_worker(0, signal.SIGKILL)  # rank 0: the one that writes rows
             time.sleep(0.02)
@@ -206,10 +211,7 @@ def test_fit_survives_a_sigkill_mid_step_with_every_sample_once():
     try:
         while fitting.is_alive():
             job = launcher.elastic
-            try:
-                st = job.status() if job is not None else None
-            except Exception:  # the job is shutting down between the check and the call
-                st = None
+            st = _status(job)
             if st is not None and st["generation"] >= 1:
                 seen.append(st["step"])
                 if not killed and st["step"] >= 3:
