@@ -66,8 +66,9 @@ TARGETS = {"recovery_s": "<= 1.0", "recovery_s_large": "<= 1.5", "steps_redone":
            "kills_unrecovered": "<= 0"}
 
 
-def state_config(size: str, large_hidden: int = 4096) -> Dict[str, Any]:
-    """Model and batch settings for a state size; ``state_bytes`` = weights + Adam's 2 moments."""
+def state_config(size: str, large_hidden: int = 4096, adam: str = "fused") -> Dict[str, Any]:
+    """Model and batch settings for a state size; ``state_bytes`` = weights + Adam's 2 moments;
+    ``adam``: "fused" (one kernel for all tensors, every system's default here) or "plain"."""
     if size == "small":
         cfg = {"hidden": 512, "layers": 3, "in_dim": 64, "batch": 64}
     else:
@@ -77,6 +78,7 @@ def state_config(size: str, large_hidden: int = 4096) -> Dict[str, Any]:
     params = d * h + h + (n - 1) * (h * h + h) + h + 1
     cfg["params"] = params
     cfg["state_bytes"] = params * 4 * 3
+    cfg["adam"] = adam
     return cfg
 
 
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
     try:
         ray.init(num_cpus=2 * WORKERS, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
         for size in sizes:
-            cfg = {**state_config(size, args.large_hidden), "adam": args.adam}
+            cfg = state_config(size, args.large_hidden, args.adam)
             n_base = bkills if size == "small" else args.kills_large
             for system in systems:
                 run_dir = os.path.join(work, f"{system}-{size}")
