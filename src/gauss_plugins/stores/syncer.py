@@ -156,14 +156,13 @@ class TableSource:
         from gauss_plugins.embedding.tracking import RowScratch
 
         self._scratch = RowScratch()  # the pull's own: eviction in training uses the table's
-        # consumer -> (the version its last pull named, the ids that pull and the one before it
-        # both dropped as written during their copies). The next pull from that version copies
-        # them under its first lock hold: a row that training writes during every copy window
-        # (a hot row while training never pauses) would otherwise be dropped by every pull and
-        # never reach serving. Only rows dropped twice in a row: they are few (the hot ones),
-        # so the lock hold stays short.
-        self._dropped: Dict[Optional[str], Tuple[int, torch.Tensor]] = {}
-        self._dropped_once: Dict[Optional[str], Tuple[int, torch.Tensor]] = {}  # every id the last pull dropped
+        # consumer -> (the version its last pull named, the ids that pull dropped as written
+        # during its copy, those of them the pull before it dropped too). The next pull from
+        # that version copies the latter under its first lock hold: a row that training writes
+        # during every copy window (a hot row while training never pauses) would otherwise be
+        # dropped by every pull and never reach serving. Only rows dropped twice in a row: they
+        # are few (the hot ones), so the lock hold stays short.
+        self._dropped: Dict[Optional[str], Tuple[int, torch.Tensor, torch.Tensor]] = {}
         # Changes after the attach happened after it: that time bounds the first push's
         # freshness from above (a run with a single push still reports a number).
         self._pulled_at: Dict[int, float] = {self.version: time.time()}
@@ -192,7 +191,7 @@ class TableSource:
         with self.lock:
             t_locked, cpu_locked = time.perf_counter(), time.thread_time()
             now = self.version
-            carried = None
+            last = carried = None
             if not full:
                 try:
                     # O(log chunks): references to what changed, resolved after the release
@@ -200,7 +199,10 @@ class TableSource:
                 except ValueError:  # tombstones that old were dropped: only a full image is exact
                     full = True
                 else:
-                    carried = self._carried_locked(consumer, version)
+                    last = self._dropped.pop(consumer, None)
+                    if last is not None and last[0] != int(version):
+                        last = None  # another pull came between: its drops are not ours
+                    carried = self._carried_locked(last)
             if full:
                 # A full image is copied under the lock: a row missing from it would read as
                 # deleted (rare: a first pull or a resync).
@@ -248,12 +250,10 @@ class TableSource:
                 # written during every copy (hot rows): the next pull from `now` copies them at
                 # its start. Ids dropped once come with the next pull's own copy.
                 dropped = dropped if dropped is not None else _EMPTY_IDS
-                before = self._dropped_once.pop(consumer, None)
                 starving = _EMPTY_IDS
-                if before is not None and before[0] == int(version) and dropped.numel() and before[1].numel():
-                    starving = dropped[torch.isin(dropped, before[1])]
-                self._dropped_once[consumer] = (now, dropped)
-                self._dropped[consumer] = (now, starving)
+                if last is not None and dropped.numel() and last[1].numel():
+                    starving = dropped[torch.isin(dropped, last[1])]
+                self._dropped[consumer] = (now, dropped, starving)
             if carried is not None and in_order and carried[0].numel():
                 extra = ~torch.isin(carried[0], ids)  # each id once; both copies are at `now`
                 if bool(extra.any()):
@@ -273,18 +273,18 @@ class TableSource:
         return ChangeBatch(ids.to("cpu"), values.to("cpu", torch.float32), None,
                            empty if deleted is None else deleted.to("cpu"), now, full=full)
 
-    def _carried_locked(self, consumer: Optional[str], version: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def _carried_locked(self, last: Optional[Tuple[int, torch.Tensor, torch.Tensor]]
+                        ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Under the lock, at the pull's version: (ids, values) of the rows the consumer's
-        previous two pulls both dropped, when this pull continues from the previous one. They
-        were written after that pull's version, so this pull's change list holds them too;
-        copied here they are exact at this version whatever training writes during this
-        pull's copy. Ids evicted meanwhile are skipped (their tombstones come with the
-        deletions)."""
-        last = self._dropped.pop(consumer, None)
-        if last is None or last[0] != int(version) or last[1].numel() == 0:
+        previous two pulls both dropped (``last``: the previous pull's entry of
+        :attr:`_dropped`, when this pull continues from it). They were written after that
+        pull's version, so this pull's change list holds them too; copied here they are
+        exact at this version whatever training writes during this pull's copy. Ids evicted
+        meanwhile are skipped (their tombstones come with the deletions)."""
+        if last is None or last[2].numel() == 0:
             return None
-        values, present = self.table.get(last[1])
-        return last[1][present], values[present]
+        values, present = self.table.get(last[2])
+        return last[2][present], values[present]
 
     def _read_locked(self, version: int, full: bool):
         """(ids, values, deleted, visited, full) read entirely under the lock (the caller
