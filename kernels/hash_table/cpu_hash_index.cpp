@@ -332,6 +332,20 @@ void op_place(at::Tensor& slots, const at::Tensor& keys_in, const at::Tensor& ro
 // The threshold score comes from a histogram (or nth_element for wide score ranges) over a
 // sequential scan of the rows; one scan of the slots then yields the keys. Ties at the
 // threshold go to the smallest keys. Returns (keys, rows) of the victims, keys ascending.
+// (keys, rows) of the first k (key, row) pairs, sorted by key: how the victim selections
+// return their picks.
+std::tuple<at::Tensor, at::Tensor> keys_and_rows_by_key(std::vector<std::pair<int64_t, int64_t>>& pairs, int64_t k) {
+  std::sort(pairs.begin(), pairs.begin() + k);
+  at::Tensor keys_out = at::empty({k}, at::kLong), rows_out = at::empty({k}, at::kLong);
+  int64_t* ko = keys_out.data_ptr<int64_t>();
+  int64_t* ro = rows_out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i) {
+    ko[i] = pairs[i].first;
+    ro[i] = pairs[i].second;
+  }
+  return {keys_out, rows_out};
+}
+
 std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, const at::Tensor& stamp,
                                                      const at::Tensor& scores, const at::Tensor& protect_in,
                                                      int64_t limit, int64_t k) {
@@ -367,8 +381,7 @@ std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, co
     hi = std::max(hi, h);
   });
   k = std::min(k, live);
-  at::Tensor keys_out = at::empty({k}, at::kLong), rows_out = at::empty({k}, at::kLong);
-  if (k <= 0) return {keys_out, rows_out};
+  if (k <= 0) return {at::empty({0}, at::kLong), at::empty({0}, at::kLong)};
   // pass 2: the threshold t (the k-th smallest score); `below` candidates score < t
   int32_t t;
   int64_t below = 0;
@@ -438,14 +451,7 @@ std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, co
               "select_victims: rows and slots disagree (stamp must be -1 exactly for rows without a key)");
   if (take < static_cast<int64_t>(ties.size())) std::nth_element(ties.begin(), ties.begin() + take, ties.end());
   victims.insert(victims.end(), ties.begin(), ties.begin() + take);
-  std::sort(victims.begin(), victims.end());
-  int64_t* ko = keys_out.data_ptr<int64_t>();
-  int64_t* ro = rows_out.data_ptr<int64_t>();
-  for (int64_t i = 0; i < k; ++i) {
-    ko[i] = victims[i].first;
-    ro[i] = victims[i].second;
-  }
-  return {keys_out, rows_out};
+  return keys_and_rows_by_key(victims, k);
 }
 
 // ------------------------------------------------------------------ change tracking
@@ -664,15 +670,7 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
     const int64_t r = static_cast<int64_t>(cand[i] & 0xFFFFFFFFULL);
     victims[i] = {ids[r], r};
   }
-  std::sort(victims.begin(), victims.begin() + k);
-  at::Tensor keys_out = at::empty({k}, at::kLong), rows_out = at::empty({k}, at::kLong);
-  int64_t* ko = keys_out.data_ptr<int64_t>();
-  int64_t* ro = rows_out.data_ptr<int64_t>();
-  for (int64_t i = 0; i < k; ++i) {
-    ko[i] = victims[i].first;
-    ro[i] = victims[i].second;
-  }
-  return {keys_out, rows_out};
+  return keys_and_rows_by_key(victims, k);
 }
 
 // ------------------------------------------------------------------ lookup + pooling
