@@ -79,6 +79,32 @@ def _status(job):
     except Exception:  # the job is shutting down between the check and the call
         return None
 
+
+def _fit_while_watching(strategy, trainer, watch, *args, **kwargs):
+    """``trainer.fit(*args, **kwargs)`` in a thread; ``watch(job, status)`` every 20 ms while
+    it runs (status None while the job starts or stops). The fit's error is re-raised here;
+    the job's Ray temp dir is removed either way."""
+    failure = []
+
+    def fit():
+        try:
+            trainer.fit(*args, **kwargs)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            failure.append(exc)
+
+    fitting = threading.Thread(target=fit)
+    fitting.start()
+    try:
+        while fitting.is_alive():
+            job = strategy.launcher.elastic
+            watch(job, _status(job))
+            time.sleep(0.02)
+    finally:
+        fitting.join(timeout=300)
+        shutil.rmtree(strategy._elastic.ray_temp_dir, ignore_errors=True)
+    if failure:
+        raise failure[0]
+
 def test_elastic_option_builds_the_ray_launcher_and_refuses_nonsense():
     strategy = GaussStrategy(elastic=True)
     trainer = _trainer(strategy, max_epochs=1)
@@ -139,28 +165,13 @@ def test_fit_trains_a_dynamic_table_through_a_sigkill():
     module, loader = TableModule(), _id_loader()
     strategy = GaussStrategy(elastic=_config())
     trainer = _trainer(strategy, max_epochs=6)
-    launcher, failure, killed = strategy.launcher, [], {}
+    launcher, killed = strategy.launcher, {}
 
-    def fit():
-        try:
-            trainer.fit(module, loader)
-        except BaseException as exc:  # re-raised below, in the test's thread
-            failure.append(exc)
+    def watch(job, st):
+        if st is not None and not killed and st["generation"] >= 1 and (st["rows_acked"] or {}).get("step", 0) >= 5:
+            killed["pid"] = job.kill_worker(0, signal.SIGKILL)  # rank 0: the one that writes rows
 
-    fitting = threading.Thread(target=fit)
-    fitting.start()
-    try:
-        while fitting.is_alive():
-            job = launcher.elastic
-            st = _status(job)
-            if st is not None and not killed and st["generation"] >= 1 and (st["rows_acked"] or {}).get("step", 0) >= 5:
-                killed["pid"] = job.kill_worker(0, signal.SIGKILL)  # rank 0: the one that writes rows
-            time.sleep(0.02)
-    finally:
-        fitting.join(timeout=300)
-        shutil.rmtree(strategy._elastic.ray_temp_dir, ignore_errors=True)
-    if failure:
-        raise failure[0]
+    _fit_while_watching(strategy, trainer, watch, module, loader)
     assert killed, "fit ended before the kill"
     res = launcher.result
     st = res["status"]
@@ -197,32 +208,16 @@ def test_fit_survives_a_sigkill_mid_step_with_every_sample_once():
     strategy = GaussStrategy(elastic=_config())
     trainer = _trainer(strategy, max_epochs=EPOCHS)
     launcher = strategy.launcher
-    failure = []
-
-    def fit():
-        try:
-            trainer.fit(module, datamodule=data)
-        except BaseException as exc:  # re-raised below, in the test's thread
-            failure.append(exc)
-
-    fitting = threading.Thread(target=fit)
-    fitting.start()
     seen, killed = [], {}
-    try:
-        while fitting.is_alive():
-            job = launcher.elastic
-            st = _status(job)
-            if st is not None and st["generation"] >= 1:
-                seen.append(st["step"])
-                if not killed and st["step"] >= 3:
-                    killed["step"] = st["step"]
-                    killed["pid"] = job.kill_worker(1, signal.SIGKILL)
-            time.sleep(0.02)
-    finally:
-        fitting.join(timeout=300)
-        shutil.rmtree(strategy._elastic.ray_temp_dir, ignore_errors=True)
-    if failure:
-        raise failure[0]
+
+    def watch(job, st):
+        if st is not None and st["generation"] >= 1:
+            seen.append(st["step"])
+            if not killed and st["step"] >= 3:
+                killed["step"] = st["step"]
+                killed["pid"] = job.kill_worker(1, signal.SIGKILL)
+
+    _fit_while_watching(strategy, trainer, watch, module, datamodule=data)
     assert killed, "fit ended before the kill"
     assert seen == sorted(seen), f"the step counter went back: {seen}"
     with pytest.raises(ProcessLookupError):
