@@ -273,6 +273,20 @@ def baseline_row(system: str, size: str, cfg: Dict[str, Any], out: Dict[str, Any
             "error": out.get("error") or (None if out.get("rc", 0) == 0 else f"torchrun exit {out['rc']}")}
 
 
+def timeline_median(recs: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Median seconds from the kill to each recovery event: the coordinator's (``declared_dead``,
+    ``failure_reported``, ``generation_formed``, ...) and the new group's members' (``member.left``,
+    ``member.group_formed``, ``member.backward_done``, ...), over the kills that recorded it."""
+    per_event: Dict[str, List[float]] = {}
+    for r in recs:
+        for name, t in r.get("timeline", {}).items():
+            per_event.setdefault(name, []).append(t)
+        for events in r.get("worker_timelines", {}).values():
+            for name, t in events.items():
+                per_event.setdefault(f"member.{name}", []).append(t)
+    return dict(sorted(((k, statistics.median(v)) for k, v in per_event.items()), key=lambda kv: kv[1]))
+
+
 def ours_row(size: str, cfg: Dict[str, Any], out: Dict[str, Any]) -> Dict[str, Any]:
     recs, joins = out["recoveries"], out["joins"]
     times = [r["first_step_after_s"] for r in recs]
@@ -283,7 +297,8 @@ def ours_row(size: str, cfg: Dict[str, Any], out: Dict[str, Any]) -> Dict[str, A
             "steps_redone_max": max((r["steps_redone"] for r in recs), default=None),
             "join_s_median": _median([j["join_s"] for j in joins]), "step_s": out["step_s"],
             "finished": out["error"] is None, "per_kill": [{**k, **r} for k, r in zip(out["kills"], recs)],
-            "joins": joins, "lost_samples": out["lost_samples"], "duplicated_samples": out["duplicated_samples"],
+            "joins": joins, "timeline_median": timeline_median(recs),
+            "lost_samples": out["lost_samples"], "duplicated_samples": out["duplicated_samples"],
             "samples_trained": out["samples_trained"], "checkpoint_reads": out["checkpoint_reads"],
             "error": out["error"]}
 
@@ -357,6 +372,11 @@ def main(argv=None) -> int:
 
     print_table(rows, ["system", "state", "state_gb", "kills", "unrecovered", "recovery_s_median", "recovery_s_max",
                        "steps_redone_max", "join_s_median", "step_s"])
+    for r in rows:
+        if r.get("timeline_median"):
+            print(f"recovery timeline, {r['state']} state (median s after the SIGKILL):")
+            print_table([{"event": k, "s_after_kill": v} for k, v in r["timeline_median"].items()],
+                        ["event", "s_after_kill"])
     summary = summarize(rows)
     summary["load_avg_before"], summary["load_avg_after"] = load_before[0], os.getloadavg()[0]
     write_report(NAME, rows, summary, args.json, targets=TARGETS)

@@ -168,7 +168,13 @@ class _Coordinator:
 
     def _start_recovery(self, t: float) -> None:
         if self._open_recovery is None:
-            self._open_recovery = {"t": t, "killed_at": self.s.committed}
+            self._open_recovery = {"t": t, "killed_at": self.s.committed, "events": {}, "workers": {}}
+
+    def _event(self, name: str) -> None:
+        """Timeline of the open recovery: seconds from the kill (or the first sign of a loss) to
+        the first time ``name`` happened here; :meth:`_on_commit` files it with the recovery."""
+        if self._open_recovery is not None:
+            self._open_recovery["events"].setdefault(name, time.time() - self._open_recovery["t"])
 
     def mark_dead(self, wid: str, reason: str = "") -> None:
         with self.cv:
@@ -177,6 +183,7 @@ class _Coordinator:
             was_member = self.s.gen is not None and wid in self.s.gen.members and wid not in self.s.released
             if was_member:
                 self._start_recovery(time.time())
+                self._event("declared_dead")
             self.s.mark_dead(wid)
             self.heartbeats.pop(wid, None)
             if reason:
@@ -190,6 +197,7 @@ class _Coordinator:
             del self.failures[:-100]  # status() carries them: keep the newest
             if self.s.gen is not None and gen == self.s.gen.gen:
                 self._start_recovery(time.time())
+                self._event("failure_reported")
                 self.s.fail()
             self.cv.notify_all()
 
@@ -217,6 +225,11 @@ class _Coordinator:
                 self.checkpoints.append(report["checkpoint"])
             if report is not None and report.get("rows_acked"):
                 self.rows_acked = report["rows_acked"]
+            r = self._open_recovery
+            if report is not None and report.get("timeline") and r is not None and r.get("gen_started", 10 ** 9) <= gen:
+                # The member's own clock (one host here): when it left the old group, formed the
+                # new one, synced and went through the first step's phases.
+                r["workers"][wid] = {k: v - r["t"] for k, v in report["timeline"].items()}
             rep = None if report is None else (report["indices"], report["loss"])
             while True:
                 if self.stopping:
@@ -224,6 +237,8 @@ class _Coordinator:
                 before = self.s.committed
                 act = self.s.next_action(wid, gen, step, rep)
                 rep = None
+                if act == "step" and r is not None and r.get("gen_started", 10 ** 9) <= gen:
+                    self._event("first_step_granted")
                 if self.s.committed != before:
                     self._on_commit()
                     self.cv.notify_all()
@@ -239,8 +254,10 @@ class _Coordinator:
             return
         if self._open_recovery is not None and self._open_recovery.get("gen_started", 10 ** 9) <= g.gen:
             r = self._open_recovery
+            self._event("first_step_committed")
             self.recoveries.append({"killed_at": r["killed_at"], "first_step_after_s": now - r["t"],
-                                    "steps_redone": r["steps_redone"], "generation": g.gen, "world": g.world})
+                                    "steps_redone": r["steps_redone"], "generation": g.gen, "world": g.world,
+                                    "timeline": dict(r["events"]), "worker_timelines": dict(r["workers"])})
             self._open_recovery = None
         for j in [j for j in self._open_joins if j["gen"] <= g.gen]:
             self.joins.append({"worker": j["worker"], "join_s": now - j["spawned_at"], "generation": g.gen})
@@ -259,6 +276,7 @@ class _Coordinator:
         if self._open_recovery is not None and "gen_started" not in self._open_recovery:
             self._open_recovery["gen_started"] = g.gen
             self._open_recovery["steps_redone"] = max(0, self._open_recovery["killed_at"] - g.step0)
+            self._event("generation_formed")
         if not first:
             for w in g.members:
                 if w in self.spawned_at and self.spawned_at[w] is not None and w not in \
@@ -313,6 +331,7 @@ class _Coordinator:
 
     def publish_store(self, gen: int, host: str, port: int) -> None:
         with self.cv:
+            self._event("store_published")
             self.store_addr[gen] = (host, port)
             self.cv.notify_all()
 
@@ -397,6 +416,9 @@ class _Worker:
         self._init_tables(stores or {}, table_ids)
         self.step = NO_STATE
         self.gen = 0
+        #: event -> wall time, from leaving a group to the next group's first step; sent with that
+        #: step's report (the coordinator files it with a recovery: where its seconds went)
+        self._timeline: Dict[str, float] = {}
         self._grad_views: Optional[List[tuple]] = None
         self._flat_grads: List[torch.Tensor] = []
         self._stop_heartbeat = threading.Event()
@@ -523,6 +545,7 @@ class _Worker:
             g = Generation(**{**answer["gen"], "members": tuple(answer["gen"]["members"])})
             rank = answer["rank"]
             self.gen = g.gen
+            self._timeline["joined"] = time.time()
             try:
                 if self._form_group(g, rank):
                     self._sync(g, rank)
@@ -530,12 +553,14 @@ class _Worker:
             except (ray.exceptions.RayActorError, ElasticWorkerError):
                 raise
             except Exception as exc:  # a collective failed: a peer died, hung or left
+                self._timeline = {"left": time.time()}
                 self.coord.report_failure.remote(self.wid, g.gen, f"{type(exc).__name__}: {exc}")
             finally:
                 if self.rowlog is not None:
                     self.rowlog.discard()  # a snapshot of this group is never written by the next
                 if dist.is_initialized():
                     dist.destroy_process_group()
+                self._timeline["group_destroyed"] = time.time()
 
     def _form_group(self, g: Generation, rank: int) -> bool:
         import torch.distributed as dist
@@ -554,9 +579,11 @@ class _Worker:
                     break
             store = dist.TCPStore(addr["host"], addr["port"], g.world, is_master=False, timeout=timeout)
         self._store = store  # one store per generation: a new port, nothing left from the last group
+        self._timeline["store"] = time.time()
         if not self._all_reached_store(store, g):
             return False
         dist.init_process_group(self.cfg["backend"], store=store, rank=rank, world_size=g.world, timeout=timeout)
+        self._timeline["group_formed"] = time.time()
         return True
 
     def _all_reached_store(self, store: Any, g: Generation) -> bool:
@@ -595,6 +622,7 @@ class _Worker:
                 # The group starts from step0, which a member finished (committed): its rows go to
                 # the store now, so rows whose snapshot died with the last rank 0 are not lost.
                 self.rowlog.write_all(g.step0)
+        self._timeline["synced"] = time.time()
 
     def _train(self, g: Generation, rank: int) -> None:
         report = None
@@ -638,6 +666,9 @@ class _Worker:
         import torch.distributed as dist
 
         idx = sample_indices(g, step, rank)
+        first = step == g.step0 + 1  # the generation's first step: its phases go in the timeline
+        if first:
+            self._timeline["step_started"] = time.time()
         flats = self._grad_buffers()
         try:
             batch = self.stream.batch(idx)
@@ -658,6 +689,8 @@ class _Worker:
             # From the all-reduce on the step may be committed through this member: never abandon it then.
             self._step_gen = 0
         flats = self._grad_buffers()  # re-binds any grad the loss replaced (the buffers stay)
+        if first:
+            self._timeline["backward_done"] = time.time()
         all_idx = torch.zeros(g.world * g.batch_size, dtype=torch.int64, device=self.device)
         all_idx[rank * g.batch_size:(rank + 1) * g.batch_size] = idx.to(self.device)
         losses = torch.zeros(g.world, dtype=torch.float64, device=self.device)
@@ -670,6 +703,8 @@ class _Worker:
             for flat in flats:
                 dist.all_reduce(flat)
                 flat.div_(g.world)
+        if first:
+            self._timeline["all_reduce_done"] = time.time()
         acked = None
         if self.rowlog is not None:
             acked = self._row_step(g, rank, step, batch)
@@ -686,6 +721,9 @@ class _Worker:
                 self.rowlog.applied(step, self._step_ids)
         self.step = step
         report = {"indices": all_idx.cpu().tolist(), "loss": float(losses.mean())}
+        if first:
+            self._timeline["optimizer_done"] = time.time()
+            report["timeline"], self._timeline = self._timeline, {}
         if acked is not None:
             report["rows_acked"] = acked
         every = self.cfg["disaster_checkpoint_every"]
