@@ -53,6 +53,7 @@ import torch
 from gauss_plugins.elastic.protocol import (NO_STATE, AllReplicasLostError, ElasticState, Generation,
                                             desired_workers, sample_indices)
 from gauss_plugins.embedding.backing import pack_state as pack_table_state
+from gauss_plugins.elastic.liveness import PeerLinks
 from gauss_plugins.elastic.rows import RowCommitLog, check_table, gather_ids, install_ids, tables_of
 from gauss_plugins.elastic.state import (broadcast_state, latest_disaster_checkpoint, load_disaster_checkpoint,
                                          pack_state, save_disaster_checkpoint, unpack_state)
@@ -188,6 +189,29 @@ class _Coordinator:
             self.heartbeats.pop(wid, None)
             if reason:
                 self.errors.append(f"{wid}: {reason}")
+            self._try_form()
+            self.cv.notify_all()
+
+    def peer_lost(self, wid: str, gen: int, lost_rank: int, why: str) -> None:
+        """Member ``wid`` of generation ``gen`` saw the link to rank ``lost_rank`` end without a
+        goodbye (:mod:`gauss_plugins.elastic.liveness`): that process is gone. Declaring it dead
+        now lets the next group form without waiting for Ray to notice the dead actor. Should the
+        process still live after all, it is told to stop at its next check-in and is replaced;
+        nothing it did after its last committed step counts, so the sample guarantee holds."""
+        with self.cv:
+            g = self.s.gen
+            if g is None or g.gen != gen or wid not in g.members or wid in self.s.dead \
+                    or not 0 <= lost_rank < g.world:
+                return  # a stale report: that generation already ended
+            lost = g.members[lost_rank]
+            if lost in self.s.dead:
+                return
+            self.failures.append({"worker": wid, "generation": gen, "reason": f"peer {lost} lost: {why}"[:300]})
+            del self.failures[:-100]
+            self._start_recovery(time.time())
+            self._event("peer_lost_reported")
+            self.s.mark_dead(lost)
+            self.heartbeats.pop(lost, None)
             self._try_form()
             self.cv.notify_all()
 
@@ -426,6 +450,8 @@ class _Worker:
         # A step whose generation ends (a peer died) is abandoned wherever its forward or backward
         # is: every module checks the flag before its forward, every parameter after its gradient.
         self._abandon = threading.Event()
+        self._lost_gen = 0  # the generation in which a peer link saw a peer die
+        self._links: Optional[PeerLinks] = None
         self._step_gen, self._step_started = 0, 0.0
         for module in self.model.modules():
             module.register_forward_pre_hook(self._check_abandon)
@@ -465,6 +491,17 @@ class _Worker:
                 self.coord.heartbeat.remote(self.wid)
             except Exception:  # the coordinator is gone: serve() reports that, not this thread
                 return
+
+    def _on_peer_lost(self, gen: int, rank: int, why: str) -> None:
+        """A peer link ended without a goodbye: abandon this generation's step now (a step of
+        another generation is left alone) and tell the coordinator, which declares the peer dead."""
+        self._lost_gen = gen
+        if self._step_gen == gen:
+            self._abandon.set()
+        try:
+            self.coord.peer_lost.remote(self.wid, gen, rank, why)
+        except Exception:  # the coordinator is gone: serve() reports that, not this thread
+            pass
 
     def _check_abandon(self, *_: Any) -> None:
         if self._abandon.is_set():
@@ -558,6 +595,9 @@ class _Worker:
             finally:
                 if self.rowlog is not None:
                     self.rowlog.discard()  # a snapshot of this group is never written by the next
+                if self._links is not None:
+                    self._links.close()  # with a goodbye: the peers must not take this member for dead
+                    self._links = None
                 if dist.is_initialized():
                     dist.destroy_process_group()
                 self._timeline["group_destroyed"] = time.time()
@@ -580,9 +620,17 @@ class _Worker:
             store = dist.TCPStore(addr["host"], addr["port"], g.world, is_master=False, timeout=timeout)
         self._store = store  # one store per generation: a new port, nothing left from the last group
         self._timeline["store"] = time.time()
+        links = None
+        if g.world > 1:
+            # Published before arriving: once every member arrived, every address is there.
+            links = self._links = PeerLinks.listen(ray.util.get_node_ip_address())
+            store.set(f"gauss/link/{rank}", links.address)
         if not self._all_reached_store(store, g):
             return False
         dist.init_process_group(self.cfg["backend"], store=store, rank=rank, world_size=g.world, timeout=timeout)
+        if links is not None:
+            addresses = {r: store.get(f"gauss/link/{r}").decode() for r in range(rank)}
+            links.connect(rank, addresses, lambda peer, why, gen=g.gen: self._on_peer_lost(gen, peer, why))
         self._timeline["group_formed"] = time.time()
         return True
 
@@ -678,6 +726,8 @@ class _Worker:
                 flat.zero_()
             self._abandon.clear()
             self._step_gen, self._step_started = g.gen, time.time()
+            if self._lost_gen == g.gen:  # a peer died before this step began
+                self._abandon.set()
             loss = self.loss_fn(self.model, batch)
             loss.backward()
         except _StepAbandoned:
@@ -1032,10 +1082,12 @@ class ElasticTrainer:
                         ray.kill(actor)  # stopped (scaled down): free its process
                 info = ray.get(self._coord.tick.remote(), timeout=30)
                 for wid in info["hung"]:
+                    # Declared dead (with the reason) before the kill: the kill closes its peer
+                    # links, and a peer's report of that must not be the only record.
+                    ray.get(self._coord.mark_dead.remote(wid, "no heartbeat"))
                     actor = self._workers.get(wid)
                     if actor is not None:
                         ray.kill(actor)  # a hung process ends; its peers' collectives then fail
-                    ray.get(self._coord.mark_dead.remote(wid, "no heartbeat"))
                 if info["lost"]:
                     continue
                 target = info["target"]
