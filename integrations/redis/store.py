@@ -9,10 +9,12 @@ deleted key, so a lookup of an unknown or deleted id returns the configured defa
 stale row; a value of the wrong length (another writer, another dim) is an error, not data.
 
 Speed: a push of n rows is one pipelined burst of ``MSET`` commands of ``chunk_size`` rows.
-Because every key and value has a fixed width, the RESP bytes of a chunk are laid out with
-numpy in one vectorised pass and written straight to a pooled redis-py connection -- per-row
-Python work (building a dict, redis-py's per-argument encoder) would otherwise cost more
-than Redis itself. Reads are pipelined ``MGET`` s. With ``ttl_s`` each chunk's ``MSET`` is
+Because every key and value has a fixed width, the RESP bytes of the whole push are laid out
+with numpy in a few vectorised passes and written straight to a pooled redis-py connection
+with one blocking ``sendmsg`` -- per-row Python work (building a dict, redis-py's
+per-argument encoder) would otherwise cost more than Redis itself, and a write that returns
+to Python after every partial send waits for the GIL each time a training loop in another
+thread holds it (see :func:`_send_blocking`). Reads are pipelined ``MGET`` s. With ``ttl_s`` each chunk's ``MSET`` is
 followed by a server-side script that sets the expiry of its keys (one reply per chunk).
 
 A ``redis.cluster.RedisCluster`` client is accepted: keys then hash to different slots, so
@@ -22,6 +24,9 @@ reads through ``mget_nonatomic``. Connection, password and TLS options are passe
 """
 from __future__ import annotations
 
+import os
+import socket
+import struct
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -77,16 +82,16 @@ def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
-def _resp(head: Sequence[bytes], fields: Sequence[np.ndarray], tail: Sequence[bytes] = ()) -> List[Any]:
-    """The RESP encoding of ``head + interleaved fixed-width fields + tail`` as buffers.
+def _records(fields: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n, record width]`` uint8: row r's fields as consecutive RESP bulk strings.
 
-    ``fields`` are ``[n, w_i]`` uint8 arrays; row r contributes ``fields[0][r], fields[1][r],
-    ...`` as consecutive bulk strings. Built with numpy: a template record of the constant
-    bytes is broadcast, the variable bytes are copied in by column.
+    ``fields`` are ``[n, w_i]`` uint8 arrays. A template record of the constant bytes is
+    broadcast, then the variable bytes are copied in by column: a few vectorised passes over
+    the whole push. Each large numpy copy hands the GIL over and must take it back, which
+    costs up to the switch interval (5 ms) while a training loop runs Python in another
+    thread: so the whole push is laid out at once, never chunk by chunk.
     """
     n = fields[0].shape[0]
-    argc = len(head) + n * len(fields) + len(tail)
-    parts: List[bytes] = [b"*%d\r\n" % argc] + [_bulk(h) for h in head]
     template = bytearray()
     slots = []
     for f in fields:
@@ -97,7 +102,68 @@ def _resp(head: Sequence[bytes], fields: Sequence[np.ndarray], tail: Sequence[by
     rec[:] = np.frombuffer(bytes(template), dtype=np.uint8)
     for off, f in slots:
         rec[:, off:off + f.shape[1]] = f
-    return [b"".join(parts), memoryview(rec).cast("B"), b"".join(_bulk(t) for t in tail)]
+    return rec
+
+
+def _command(head: Sequence[bytes], records: np.ndarray, fields_per_record: int,
+             tail: Sequence[bytes] = ()) -> List[Any]:
+    """The RESP encoding of ``head + records + tail`` as buffers (``records``: rows of
+    :func:`_records`, each holding ``fields_per_record`` arguments); no copy of the records."""
+    argc = len(head) + records.shape[0] * fields_per_record + len(tail)
+    parts = [b"*%d\r\n" % argc + b"".join(_bulk(h) for h in head), memoryview(records).cast("B")]
+    if tail:
+        parts.append(b"".join(_bulk(t) for t in tail))
+    return parts
+
+
+# Buffers per sendmsg: the system's IOV_MAX (Linux: 1024), else the 16 POSIX guarantees.
+try:
+    _IOV_MAX = min(1024, max(16, os.sysconf("SC_IOV_MAX")))
+except (ValueError, OSError, AttributeError):
+    _IOV_MAX = 16
+
+
+def _send_blocking(sock: socket.socket, buffers: List[Any]) -> None:
+    """Write every buffer to ``sock`` in as few system calls -- and GIL hand-overs -- as possible.
+
+    Why not ``sendall``: a socket with a Python-level timeout (redis-py's ``socket_timeout``)
+    is non-blocking underneath, so ``sendall`` of a push (~100 MB for 300k rows) returns to
+    Python after every partial write, each time the server has drained a little of the send
+    buffer, and must take the GIL back. With a training loop running Python in another
+    thread each hand-over waits up to the switch interval (5 ms): a 330k-row push took 1.6 s
+    beside a training loop against 0.5 s alone. So the socket is made blocking for the
+    write, the kernel's own send timeout (``SO_SNDTIMEO``) standing in for the socket's Python
+    timeout so that a hung server still fails the push, and one ``sendmsg`` moves everything.
+    A write that made no progress within that timeout raises :class:`socket.timeout`; the caller
+    drops the connection on any error (its state is unknown then).
+    """
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(None)
+        if timeout:
+            sec = int(timeout)
+            usec = max(int((timeout - sec) * 1e6), 0 if sec else 1)  # 0 s 0 us would mean "never"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", sec, usec))
+        i = 0
+        while i < len(views):
+            try:
+                sent = sock.sendmsg(views[i:i + _IOV_MAX])
+            except BlockingIOError:  # SO_SNDTIMEO expired with nothing written
+                raise socket.timeout(f"no progress writing to Redis within {timeout}s") from None
+            while sent:  # a partial write (a timeout or a signal after some progress): go on
+                if sent >= len(views[i]):
+                    sent -= len(views[i])
+                    i += 1
+                else:
+                    views[i] = views[i][sent:]
+                    sent = 0
+    finally:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 0, 0))
+            sock.settimeout(timeout)
+        except OSError:  # a broken socket: the caller disconnects it anyway
+            pass
 
 
 class RedisWePS(EmbeddingStore):
@@ -165,8 +231,20 @@ class RedisWePS(EmbeddingStore):
         except TypeError:  # redis-py 5.x wants a command name (unused by the pool)
             conn = pool.get_connection("MSET")
         try:
-            for cmd in commands:
-                conn.send_packed_command(cmd, check_health=False)
+            sock = getattr(conn, "_sock", None)
+            if sock is None:
+                conn.connect()
+                sock = getattr(conn, "_sock", None)
+            if type(sock) is socket.socket:  # plain TCP or unix socket (TLS sockets have no sendmsg)
+                try:
+                    _send_blocking(sock, [b for cmd in commands for b in cmd])
+                except socket.timeout:
+                    raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
+                except OSError as exc:
+                    raise redis.exceptions.ConnectionError(f"Error while writing to socket: {exc}") from None
+            else:
+                for cmd in commands:
+                    conn.send_packed_command(cmd, check_health=False)
             replies = []
             for _ in commands:
                 replies.append(conn.read_response())
@@ -204,12 +282,15 @@ class RedisWePS(EmbeddingStore):
                 pipe.set(keys[i].tobytes(), packed[i].tobytes(), px=self.ttl_ms)
             pipe.execute()
         else:
+            rows = _records([keys, packed])
+            expire = _records([keys]) if self.ttl_ms is not None else None
             commands = []
             for start in range(0, n, self.chunk_size):
-                k = keys[start:start + self.chunk_size]
-                commands.append(_resp([b"MSET"], [k, packed[start:start + self.chunk_size]]))
-                if self.ttl_ms is not None:
-                    commands.append(_resp([b"EVAL", _EXPIRE_SCRIPT, b"%d" % k.shape[0]], [k], [b"%d" % self.ttl_ms]))
+                part = rows[start:start + self.chunk_size]
+                commands.append(_command([b"MSET"], part, 2))
+                if expire is not None:
+                    commands.append(_command([b"EVAL", _EXPIRE_SCRIPT, b"%d" % part.shape[0]],
+                                             expire[start:start + self.chunk_size], 1, [b"%d" % self.ttl_ms]))
             self._run_packed(commands)
         self._counters["rows_written"] += n
         self._counters["bytes_written"] += int(packed.nbytes + keys.nbytes)
@@ -230,7 +311,8 @@ class RedisWePS(EmbeddingStore):
                 pipe.delete(keys[i].tobytes())
             pipe.execute()
         else:
-            self._run_packed([_resp([b"DEL"], [keys[s:s + self.chunk_size]])
+            rec = _records([keys])
+            self._run_packed([_command([b"DEL"], rec[s:s + self.chunk_size], 1)
                               for s in range(0, keys.shape[0], self.chunk_size)])
         self._counters["rows_deleted"] += int(ids.numel())
 
@@ -252,7 +334,8 @@ class RedisWePS(EmbeddingStore):
         n = keys.shape[0]
         if self.is_cluster:
             return list(self.client.mget_nonatomic([keys[i].tobytes() for i in range(n)]))
-        replies = self._run_packed([_resp([b"MGET"], [keys[s:s + self.chunk_size]])
+        rec = _records([keys])
+        replies = self._run_packed([_command([b"MGET"], rec[s:s + self.chunk_size], 1)
                                     for s in range(0, n, self.chunk_size)])
         out: List[Optional[bytes]] = []
         for r in replies:

@@ -78,6 +78,61 @@ def test_bad_input_changes_nothing(redis_server):
         store.get(torch.tensor([5]))
 
 
+def _send_timeout(sock) -> tuple:
+    import socket
+    import struct
+
+    return struct.unpack("@ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.calcsize("@ll")))
+
+
+def test_large_push_goes_out_in_one_write_and_restores_the_socket(redis_server, monkeypatch):
+    """A push far larger than the socket buffers: every chunk's command leaves in one blocking
+    write (no return to Python per partial send, which waits for the GIL when training runs
+    Python in another thread), every row lands, and the connection keeps its timeout."""
+    import gauss_integrations.redis.store as store_module
+
+    writes = []
+    real = store_module._send_blocking
+    monkeypatch.setattr(store_module, "_send_blocking", lambda sock, bufs: (writes.append(len(bufs)), real(sock, bufs)))
+    store = RedisWePS(64, port=redis_server.port, chunk_size=1000, ttl_s=60, socket_timeout=3.0)
+    ids = torch.arange(-30_000, 30_000) * 7919  # 15 MB of rows, 60 MSET + 60 EVAL commands
+    vals = torch.randn(ids.numel(), 64)
+    store.put(ids, vals)
+    assert writes == [60 * 2 + 60 * 3]  # MSET: head + records; EVAL: head + records + tail
+    assert torch.equal(store.get(ids), vals)  # (the MGETs: one more write)
+    conn = store.client.connection_pool.get_connection()
+    try:
+        assert conn._sock.gettimeout() == 3.0
+        assert _send_timeout(conn._sock) == (0, 0)
+    finally:
+        store.client.connection_pool.release(conn)
+    assert 0 < redis_server.client().pttl(row_keys(store.key_prefix, ids[-1:]).tobytes()) <= 60_000
+
+
+def test_write_to_a_frozen_server_times_out_and_the_store_recovers(redis_server):
+    """redis-server SIGSTOPped during a write larger than the kernel buffers: the blocking
+    write gives up after the socket timeout (a TimeoutError, not a hang), the half-written
+    connection is dropped, and after SIGCONT the store works again."""
+    import os
+    import signal
+
+    store = RedisWePS(64, port=redis_server.port, socket_timeout=1.0)
+    store.put(torch.tensor([1]), torch.ones(1, 64))  # a pooled connection exists
+    # 56 MB of commands, more than both sockets' buffers hold; the chunks before the stall
+    # may land (a failed push is retried whole by the syncer), so these ids stay apart
+    ids = torch.arange(10, 200_010)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            store.put(ids, torch.zeros(ids.numel(), 64))
+        assert time.monotonic() - t0 < 20
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    store.put(torch.tensor([2, 3]), torch.full((2, 64), 5.0))
+    assert torch.equal(store.get(torch.tensor([1, 2, 3])), torch.cat([torch.ones(1, 64), torch.full((2, 64), 5.0)]))
+
+
 def test_password_passed_through(make_redis_server):
     server = make_redis_server("--requirepass", "s3cret")
     with pytest.raises(redis.exceptions.AuthenticationError):
