@@ -76,6 +76,12 @@ class _StepAbandoned(RuntimeError):
     the rest of the step's forward and backward would be thrown away, so they are skipped."""
 
 
+class _CollectivesAborted(RuntimeError):
+    """NCCL: this member aborted its communicator because the generation ended (a peer died) while
+    it waited on a collective. What the aborted collectives left in their buffers is garbage, so
+    the step (or transfer) they belonged to is dropped before anything reads them."""
+
+
 class ElasticWorkerError(RuntimeError):
     """The user's model, loss or stream raised in a worker: a replacement would fail the same way,
     so training stops instead of re-forming groups forever."""
@@ -164,18 +170,32 @@ class _Coordinator:
         self.heartbeats[wid] = time.time()
 
     def note_kill(self, wid: str, t: float) -> None:
+        """The driver signalled ``wid`` at ``t`` (its clock, the same host): the recovery is timed
+        from then, also when a peer or Ray reported the death before this note arrived."""
         with self.cv:
-            self._start_recovery(t)
+            r = self._open_recovery
+            if r is not None:
+                r["t"] = min(r["t"], t)
+            elif wid in self.s.dead and self.recoveries and self.recoveries[-1]["started"] > t:
+                # That recovery already ended (faster than this note): re-time it from the kill.
+                rec, shift = self.recoveries[-1], self.recoveries[-1]["started"] - t
+                rec["started"] = t
+                rec["first_step_after_s"] += shift
+                rec["timeline"] = {k: v + shift for k, v in rec["timeline"].items()}
+                rec["worker_timelines"] = {w: {k: v + shift for k, v in ev.items()}
+                                           for w, ev in rec["worker_timelines"].items()}
+            else:
+                self._start_recovery(t)
 
     def _start_recovery(self, t: float) -> None:
         if self._open_recovery is None:
             self._open_recovery = {"t": t, "killed_at": self.s.committed, "events": {}, "workers": {}}
 
     def _event(self, name: str) -> None:
-        """Timeline of the open recovery: seconds from the kill (or the first sign of a loss) to
-        the first time ``name`` happened here; :meth:`_on_commit` files it with the recovery."""
+        """Timeline of the open recovery: when ``name`` first happened here; :meth:`_on_commit`
+        files it with the recovery as seconds after the kill (or the first sign of the loss)."""
         if self._open_recovery is not None:
-            self._open_recovery["events"].setdefault(name, time.time() - self._open_recovery["t"])
+            self._open_recovery["events"].setdefault(name, time.time())
 
     def mark_dead(self, wid: str, reason: str = "") -> None:
         with self.cv:
@@ -253,7 +273,7 @@ class _Coordinator:
             if report is not None and report.get("timeline") and r is not None and r.get("gen_started", 10 ** 9) <= gen:
                 # The member's own clock (one host here): when it left the old group, formed the
                 # new one, synced and went through the first step's phases.
-                r["workers"][wid] = {k: v - r["t"] for k, v in report["timeline"].items()}
+                r["workers"][wid] = dict(report["timeline"])
             rep = None if report is None else (report["indices"], report["loss"])
             while True:
                 if self.stopping:
@@ -279,9 +299,12 @@ class _Coordinator:
         if self._open_recovery is not None and self._open_recovery.get("gen_started", 10 ** 9) <= g.gen:
             r = self._open_recovery
             self._event("first_step_committed")
-            self.recoveries.append({"killed_at": r["killed_at"], "first_step_after_s": now - r["t"],
+            t0 = r["t"]
+            self.recoveries.append({"killed_at": r["killed_at"], "first_step_after_s": now - t0,
                                     "steps_redone": r["steps_redone"], "generation": g.gen, "world": g.world,
-                                    "timeline": dict(r["events"]), "worker_timelines": dict(r["workers"])})
+                                    "started": t0, "timeline": {k: v - t0 for k, v in r["events"].items()},
+                                    "worker_timelines": {w: {k: v - t0 for k, v in ev.items()}
+                                                         for w, ev in r["workers"].items()}})
             self._open_recovery = None
         for j in [j for j in self._open_joins if j["gen"] <= g.gen]:
             self.joins.append({"worker": j["worker"], "join_s": now - j["spawned_at"], "generation": g.gen})
@@ -431,6 +454,25 @@ class _Worker:
         self.wid, self.cfg, self.spawned_at = wid, config, spawned_at
         self.coord = ray.get_actor(coordinator, namespace=NAMESPACE)
         self.device = torch.device("cuda", 0) if config["backend"] == "nccl" else torch.device("cpu")
+        # NCCL: the live group (None under gloo, whose collectives fail by themselves when a peer
+        # dies), its generation, since when the main thread waits on its collectives (0: not now),
+        # and the generation whose collectives this member aborted, with why.
+        self._pg: Any = None
+        self._comm_gen, self._comm_since = 0, 0.0
+        self._aborted_gen, self._abort_why = 0, ""
+        self._abort_lock = threading.Lock()
+        if self.device.type == "cuda":
+            # Ray narrows CUDA_VISIBLE_DEVICES to the one GPU it gave this actor (num_gpus=1): it is cuda:0 here.
+            if torch.cuda.device_count() < 1:
+                raise RuntimeError(f"worker {wid} has no CUDA device (CUDA_VISIBLE_DEVICES="
+                                   f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): backend='nccl' needs a Ray "
+                                   "cluster with a GPU per worker (ray.init(num_gpus=...))")
+            torch.cuda.set_device(self.device)
+            # A dead peer makes an NCCL collective hang, not fail; this worker aborts the communicator
+            # itself when the generation ends (_abort_collectives). The watchdog must not act on its own:
+            # its default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3) ends the whole process on a communicator
+            # error or timeout, the survivor with the dead. Read when the process group is built.
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
         self.model = make_model().to(self.device)
         # A factory that builds the optimizer from the whole model (a LightningModule's
         # configure_optimizers) says so; the default takes the parameter list.
@@ -474,6 +516,10 @@ class _Worker:
                              "table_ids(batch) -> {name: ids the step looks up}")
         for name, table in self.tables.items():
             check_table(table)
+            if self.device.type == "cuda" and table.device.type != "cuda":
+                raise ValueError(f"dynamic table {name!r} is on {table.device}, but backend='nccl' runs the row "
+                                 "collectives over NCCL, which moves CUDA tensors only: build the table with "
+                                 "DynamicTableConfig(device='cuda')")
             if table.backing is None:
                 table.attach_store(stores[name])
             # Every replica applies the group-averaged row update (below), so they stay identical.
@@ -502,6 +548,7 @@ class _Worker:
             self.coord.peer_lost.remote(self.wid, gen, rank, why)
         except Exception:  # the coordinator is gone: serve() reports that, not this thread
             pass
+        self._abort_collectives(gen, f"peer rank {rank} lost: {why}")  # after the report: it is the slower
 
     def _check_abandon(self, *_: Any) -> None:
         if self._abandon.is_set():
@@ -513,6 +560,8 @@ class _Worker:
         peer only at the step's all-reduce, after computing a gradient it must throw away (at a
         1.8 GB state, most of a second). Short steps never ask: the all-reduce comes soon."""
         while not self._stop_heartbeat.wait(0.05):
+            if self._pg is not None and not self._watch_collectives():
+                return
             gen = self._step_gen
             if not gen or time.time() - self._step_started < WATCH_AFTER_S:
                 continue
@@ -522,6 +571,61 @@ class _Worker:
                 return
             if not still and self._step_gen == gen:
                 self._abandon.set()
+
+    def _watch_collectives(self) -> bool:
+        """NCCL: while the main thread has waited on collectives for over ``WATCH_AFTER_S``, ask the
+        coordinator whether their generation still stands, and abort them when it does not (a peer
+        died: they would wait forever) or when the wait passed ``step_timeout_s`` (gloo's own
+        timeout). Returns False when the coordinator is gone."""
+        gen, since = self._comm_gen, self._comm_since
+        if not gen or not since or time.time() - since < WATCH_AFTER_S:
+            return True
+        if time.time() - since > self.cfg["step_timeout_s"]:
+            self._abort_collectives(gen, f"collectives waited over step_timeout_s={self.cfg['step_timeout_s']} s")
+            return True
+        try:
+            still = ray.get(self.coord.generation_open.remote(gen), timeout=5)
+        except Exception:  # the coordinator is gone: serve() reports that, not this thread
+            return False
+        if not still:
+            self._abort_collectives(gen, "the coordinator closed the generation")
+        return True
+
+    def _abort_collectives(self, gen: int, why: str) -> None:
+        """NCCL: abort the communicator of generation ``gen`` (from a watching thread): the kernels
+        of its hung collectives exit and the main thread's wait returns, to find
+        :attr:`_aborted_gen` set (before the abort, so it is seen) and drop what it waited for."""
+        with self._abort_lock:
+            if self._pg is None or self._comm_gen != gen or self._aborted_gen == gen:
+                return
+            self._aborted_gen, self._abort_why = gen, why
+            self._pg.abort()
+
+    def _collectives_done(self, g: Generation, more: bool = False) -> None:
+        """NCCL: wait on the host until the collectives queued so far ran (an NCCL call returns once
+        queued), then raise :class:`_CollectivesAborted` if they were aborted meanwhile: nothing
+        may read their results, write rows on their strength or report the step then. ``more``:
+        further collectives follow (the watch goes on). Under gloo the collectives already ran and
+        cannot have been aborted: nothing to do."""
+        if self._pg is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+            self._comm_since = time.time() if more else 0.0
+            if self._aborted_gen == g.gen:
+                raise _CollectivesAborted(f"generation {g.gen}: {self.wid} aborted its NCCL collectives "
+                                          f"({self._abort_why}); their results are dropped")
+
+    def _destroy_group(self) -> None:
+        import torch.distributed as dist
+
+        with self._abort_lock:
+            nccl, self._pg, self._comm_gen, self._comm_since = self._pg is not None, None, 0, 0.0
+        if nccl:
+            # A group that ended on a dead peer may hold collectives that never finish, and
+            # destroy_process_group finalizes the communicator, which waits for them: abort instead
+            # (also after an orderly end: it frees the same resources).
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
 
     def _call(self, ref):
         return ray.get(ref, timeout=self.cfg["step_timeout_s"])
@@ -599,7 +703,7 @@ class _Worker:
                     self._links.close()  # with a goodbye: the peers must not take this member for dead
                     self._links = None
                 if dist.is_initialized():
-                    dist.destroy_process_group()
+                    self._destroy_group()
                 self._timeline["group_destroyed"] = time.time()
 
     def _form_group(self, g: Generation, rank: int) -> bool:
@@ -627,7 +731,15 @@ class _Worker:
             store.set(f"gauss/link/{rank}", links.address)
         if not self._all_reached_store(store, g):
             return False
-        dist.init_process_group(self.cfg["backend"], store=store, rank=rank, world_size=g.world, timeout=timeout)
+        if self.device.type == "cuda":
+            # device_id: the NCCL communicator is built now, while every member is known to be here,
+            # not inside the first collective (where a member lost meanwhile could not be aborted).
+            dist.init_process_group("nccl", store=store, rank=rank, world_size=g.world, timeout=timeout,
+                                    device_id=self.device)
+            with self._abort_lock:
+                self._pg, self._comm_gen, self._comm_since = dist.group.WORLD, g.gen, 0.0
+        else:
+            dist.init_process_group(self.cfg["backend"], store=store, rank=rank, world_size=g.world, timeout=timeout)
         if links is not None:
             addresses = {r: store.get(f"gauss/link/{r}").decode() for r in range(rank)}
             links.connect(rank, addresses, lambda peer, why, gen=g.gen: self._on_peer_lost(gen, peer, why))
@@ -657,7 +769,14 @@ class _Worker:
         if g.transfer:
             if g.restore_path is not None and rank == g.source_rank:
                 load_disaster_checkpoint(g.restore_path, self.model, self.opt)
+            if self._pg is not None:
+                if rank != g.source_rank:
+                    # An aborted NCCL broadcast leaves garbage that may already be loaded: until the
+                    # transfer is known good this replica holds no state a later group may trust.
+                    self.step = NO_STATE
+                self._comm_since = time.time()
             broadcast_state(self.model, self.opt, g.source_rank, self.device)
+            self._collectives_done(g)
         elif self.step != g.step0:
             raise RuntimeError(f"{self.wid} holds step {self.step}, generation {g.gen} starts at {g.step0} "
                                "without a transfer")
@@ -739,6 +858,8 @@ class _Worker:
             # From the all-reduce on the step may be committed through this member: never abandon it then.
             self._step_gen = 0
         flats = self._grad_buffers()  # re-binds any grad the loss replaced (the buffers stay)
+        if self._pg is not None:
+            self._comm_since = time.time()
         if first:
             self._timeline["backward_done"] = time.time()
         all_idx = torch.zeros(g.world * g.batch_size, dtype=torch.int64, device=self.device)
@@ -753,11 +874,17 @@ class _Worker:
             for flat in flats:
                 dist.all_reduce(flat)
                 flat.div_(g.world)
+        # NCCL: before the optimizer reads the gradients, and before rank 0 writes the last
+        # step's rows on the strength of this all-reduce, it must have run, and not been aborted.
+        self._collectives_done(g)
         if first:
             self._timeline["all_reduce_done"] = time.time()
         acked = None
         if self.rowlog is not None:
+            if self._pg is not None:
+                self._comm_since = time.time()
             acked = self._row_step(g, rank, step, batch)
+            self._collectives_done(g)
         # A loss object may own the update (a LightningModule's optimizer_step hook, which also
         # steps what the optimizer does not hold); the default is the optimizer's step.
         apply_step = getattr(self.loss_fn, "apply_step", None)
@@ -797,6 +924,7 @@ class _Worker:
         for name in sorted(self.tables):  # the same order of collectives on every rank
             table = self.tables[name]
             ids = gather_ids(local.get(name, torch.empty(0, dtype=torch.int64)), g.world, table.device)
+            self._collectives_done(g, more=True)  # NCCL: an aborted gather's ids would put garbage rows in the table
             install_ids(table, ids)
             self._reduce_rows(table, ids, world=g.world)
             self._step_ids[name] = ids
@@ -949,8 +1077,11 @@ class ElasticTrainer:
         match = [m for m in members if m["rank"] == rank]
         if not match:
             raise ValueError(f"no member at rank {rank}; members: {[m['rank'] for m in members]}")
-        self._call(self._coord.note_kill.remote(match[0]["worker"], time.time()))
+        # The clock starts at the signal itself; the note follows it (a note sent first would
+        # count its own round trip as recovery time).
+        t = time.time()
         os.kill(match[0]["pid"], signal)
+        self._call(self._coord.note_kill.remote(match[0]["worker"], t))
         return match[0]["pid"]
 
     def status(self) -> dict:
