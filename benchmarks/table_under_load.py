@@ -81,11 +81,12 @@ class CountingTarget:
         self.deleted += int(batch.deleted.numel())
 
 
-def build_table(rows: int):
+def build_table(rows: int, preselect: bool = True):
     from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
 
     cfg = DynamicTableConfig(name="under_load", dim=DIM, initial_capacity=rows, max_capacity=rows, eviction="lru",
-                             evict_fraction=0.0, optimizer=OptimizerConfig("rowwise_adagrad", lr=0.05))
+                             eviction_options={"preselect": preselect}, evict_fraction=0.0,
+                             optimizer=OptimizerConfig("rowwise_adagrad", lr=0.05))
     return DynamicEmbeddingTable(cfg)
 
 
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=None, help="table capacity (default 10M; 500k with --quick)")
     p.add_argument("--steps", type=int, default=None, help="steps under load (default 300; 60 with --quick)")
     p.add_argument("--baseline-steps", type=int, default=None, help="steps of the baseline (default 60; 20 quick)")
+    p.add_argument("--no-preselect", action="store_true",
+                   help="select victims inside the step (eviction option preselect=False), for comparison")
     args = p.parse_args()
     rows = args.rows or (500_000 if args.quick else 10_000_000)
     steps = args.steps or (60 if args.quick else 300)
@@ -114,7 +117,7 @@ def main() -> None:
     from gauss_plugins.embedding import SparseOptimizer
     from gauss_plugins.stores.syncer import Syncer, TableSource
 
-    table = build_table(rows)
+    table = build_table(rows, preselect=not args.no_preselect)
     n_new = int(BATCH * NEW_FRACTION)
     prefill = rows - base_steps * n_new  # the baseline's new ids fill the table exactly
     if prefill < BATCH:
@@ -196,6 +199,9 @@ def main() -> None:
                                "log_entries_visited_p50"])
     print_table(results[3:], ["case", "count", "ms_p50", "ms_p99", "cpu_ms_p99", "rows_per_step"])
     stats = syncer.stats()
+    pre = table._victim_preselector
+    # the pre-selections' own work, on the background thread (not in eviction_ms: it overlaps the step)
+    bg_ms = list(pre.background_cpu_ms)[-len(ev):] if pre is not None and ev else []
     summary = {
         "p99_over_p50_step_time": pct(loaded, 99) / pct(loaded, 50),
         "sync_pull_ms_p99": pct(pull_ms, 99),
@@ -213,6 +219,11 @@ def main() -> None:
         "eviction_cpu_ms_p99": pct(ev_cpu, 99),
         "eviction_cpu_ms_p50": pct(ev_cpu, 50),
         "eviction_ms_p50": pct(ev, 50),
+        "eviction_preselect": not args.no_preselect,
+        "eviction_rounds_preselected": pre.rounds_preselected if pre is not None else 0,
+        "eviction_rounds_synchronous": len(evict_ms) - (pre.rounds_preselected if pre is not None else 0),
+        "eviction_background_cpu_ms_p50": pct(bg_ms, 50),
+        "eviction_background_cpu_ms_p99": pct(bg_ms, 99),
         "load_average_1m_before": load_before,
         "load_average_1m_after": os.getloadavg()[0],
         "sync_pull_rows_p50": pct(pull_rows, 50),

@@ -584,33 +584,32 @@ at::Tensor op_rows_not_in(const at::Tensor& rows_in, at::TensorList chunks, int6
   return keep;
 }
 
-// Sampled (approximate) victim selection, bounded by the sample and never by the table:
-// draw about m rows uniformly from [0, limit), in runs of 8 (a splitmix64 stream;
-// rng_state[0] is the stream position and advances by the runs drawn, so a seeded table
-// evicts the same rows run after run), keep
-// each row once if it holds a key (stamp[row] >= 0) and is not in `protect` (rows < 0 in
-// it are ignored), and return the k of lowest (score, row) among them, score = scores[row]
-// (or stamp[row] when scores is absent: LRU). Returns (keys ascending, their rows); fewer
-// than k when the sample has fewer candidates (the caller then selects exactly).
-// The sample's reads of stamp, scores and row_ids are random and prefetched ahead.
-std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, const c10::optional<at::Tensor>& scores,
-                                                     const at::Tensor& row_ids, const at::Tensor& protect_in,
-                                                     at::Tensor& rng_state, int64_t limit, int64_t k, int64_t m) {
+// A relaxed atomic read: a pre-selection on a background thread reads stamps and scores
+// while the training thread writes them (see op_sample_candidates); on x86 and ARM this is
+// the plain load, but it keeps the race defined.
+inline int32_t load_relaxed(const int32_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+
+void check_sample_args(const at::Tensor& stamp, const c10::optional<at::Tensor>& scores, const at::Tensor& rng_state,
+                       int64_t limit, int64_t k, int64_t m) {
   TORCH_CHECK(stamp.dtype() == at::kInt && stamp.is_contiguous() && limit >= 1 && limit <= stamp.numel() &&
                   limit < (int64_t(1) << 31), "stamp must be contiguous int32 covering rows [0, limit)");
-  TORCH_CHECK(row_ids.dtype() == at::kLong && row_ids.is_contiguous() && row_ids.numel() >= limit,
-              "row_ids must be contiguous int64 covering rows [0, limit)");
   TORCH_CHECK(rng_state.dtype() == at::kLong && rng_state.numel() == 1 && rng_state.is_contiguous(),
               "rng_state must be one int64");
   TORCH_CHECK(k >= 0 && m >= 0, "k and m must be >= 0");
-  const int32_t* st = stamp.data_ptr<int32_t>();
-  const int32_t* sc = st;
-  if (scores.has_value() && scores->defined()) {
+  if (scores.has_value() && scores->defined())
     TORCH_CHECK(scores->dtype() == at::kInt && scores->is_contiguous() && scores->numel() >= limit,
                 "scores must be contiguous int32 covering rows [0, limit)");
-    sc = scores->data_ptr<int32_t>();
-  }
-  const int64_t* ids = row_ids.data_ptr<int64_t>();
+}
+
+// The sample shared by op_sample_victims and op_sample_candidates: draw about m rows
+// uniformly from [0, limit), in runs of 8 (a splitmix64 stream; rng_state[0] is the stream
+// position and advances by the runs drawn, so a seeded table evicts the same rows run after
+// run), keep each row once if it holds a key (stamp[row] >= 0) and is not in `protect`
+// (rows < 0 in it are ignored), and leave the k of lowest (score, row) first in `cand`
+// (unordered), packed as (score + 2^31) << 32 | row. Returns that k (fewer when the sample
+// has fewer candidates). The sample's reads of stamp and scores are random and prefetched.
+int64_t sample_lowest(const int32_t* st, const int32_t* sc, const at::Tensor& protect_in, at::Tensor& rng_state,
+                      int64_t limit, int64_t k, int64_t m, std::vector<uint64_t>& cand) {
   const at::Tensor protect = protect_in.contiguous().to(at::kLong);
   const int64_t* pr = protect.data_ptr<int64_t>();
   const int64_t P = protect.numel();
@@ -618,9 +617,8 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
   // Membership (protected, or drawn before): one bit a row, cache-resident (1.25 MB for
   // 10M rows), unlike the stamps.
   RowBits bits(limit);
-  auto add = [&](int64_t r) { return bits.add(r); };
   for (int64_t i = 0; i < P; ++i)
-    if (pr[i] >= 0 && pr[i] < limit) add(pr[i]);
+    if (pr[i] >= 0 && pr[i] < limit) bits.add(pr[i]);
 
   // Rows are drawn in aligned runs of kRun (the run's start is uniform over the runs that
   // cover [0, limit); rows past limit are skipped): every row is equally likely to be drawn,
@@ -633,11 +631,7 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
   // Buffers kept per thread (no page faults on fresh memory each call), bound once: every
   // use of a thread_local with a constructor would go through its TLS wrapper.
   thread_local std::vector<int32_t> start_tl;
-  thread_local std::vector<uint64_t> cand_tl;
-  thread_local std::vector<std::pair<int64_t, int64_t>> victims_tl;
   std::vector<int32_t>& start = start_tl;
-  std::vector<uint64_t>& cand = cand_tl;
-  std::vector<std::pair<int64_t, int64_t>>& victims = victims_tl;
   start.resize(runs);
   uint64_t pos = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
   for (int64_t i = 0; i < runs; ++i) {
@@ -646,7 +640,6 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
   }
   rng_state.data_ptr<int64_t>()[0] = static_cast<int64_t>(pos + static_cast<uint64_t>(runs));
 
-  // (score + 2^31) << 32 | row: one integer orders by score, then row.
   cand.clear();
   cand.reserve(runs * kRun);
   constexpr int64_t kAhead = 16;
@@ -657,20 +650,160 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
     }
     const int64_t end = std::min<int64_t>(start[i] + kRun, limit);
     for (int64_t r = start[i]; r < end; ++r) {
-      if (st[r] < 0 || !add(r)) continue;
-      const uint64_t score = static_cast<uint64_t>(static_cast<int64_t>(sc[r]) + (int64_t(1) << 31));
+      const int32_t s = load_relaxed(&st[r]);
+      if (s < 0 || !bits.add(r)) continue;
+      const int32_t v = (sc == st) ? s : load_relaxed(&sc[r]);
+      const uint64_t score = static_cast<uint64_t>(static_cast<int64_t>(v) + (int64_t(1) << 31));
       cand.push_back(score << 32 | static_cast<uint64_t>(r));
     }
   }
   k = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
   if (k < static_cast<int64_t>(cand.size())) std::nth_element(cand.begin(), cand.begin() + k, cand.end());
+  return k;
+}
+
+// Sampled (approximate) victim selection, bounded by the sample and never by the table:
+// the k of lowest (score, row) of sample_lowest's sample, score = scores[row] (or
+// stamp[row] when scores is absent: LRU). Returns (keys ascending, their rows); fewer than
+// k when the sample has fewer candidates (the caller then selects exactly).
+std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, const c10::optional<at::Tensor>& scores,
+                                                     const at::Tensor& row_ids, const at::Tensor& protect,
+                                                     at::Tensor& rng_state, int64_t limit, int64_t k, int64_t m) {
+  check_sample_args(stamp, scores, rng_state, limit, k, m);
+  TORCH_CHECK(row_ids.dtype() == at::kLong && row_ids.is_contiguous() && row_ids.numel() >= limit,
+              "row_ids must be contiguous int64 covering rows [0, limit)");
+  const int32_t* st = stamp.data_ptr<int32_t>();
+  const int32_t* sc = (scores.has_value() && scores->defined()) ? scores->data_ptr<int32_t>() : st;
+  const int64_t* ids = row_ids.data_ptr<int64_t>();
+  thread_local std::vector<uint64_t> cand_tl;
+  thread_local std::vector<std::pair<int64_t, int64_t>> victims_tl;
+  std::vector<uint64_t>& cand = cand_tl;
+  std::vector<std::pair<int64_t, int64_t>>& victims = victims_tl;
+  k = sample_lowest(st, sc, protect, rng_state, limit, k, m, cand);
   victims.resize(k);
+  constexpr int64_t kAhead = 16;
   for (int64_t i = 0; i < k; ++i) {
     if (i + kAhead < k) __builtin_prefetch(&ids[cand[i + kAhead] & 0xFFFFFFFFULL]);
     const int64_t r = static_cast<int64_t>(cand[i] & 0xFFFFFFFFULL);
     victims[i] = {ids[r], r};
   }
   return keys_and_rows_by_key(victims, k);
+}
+
+// Victim pre-selection, part 1 (runs on a background thread while training runs): the
+// same sample as op_sample_victims without a protect set (the batch that will need the
+// room is not known yet), returning the k candidates of lowest (score, row) in that order
+// with what they read: (rows int64, stamps int32, scores int32; scores == stamps when
+// `scores` is absent). It only reads the table (relaxed loads; rng_state is the caller's
+// own stream), so it may run while the training thread writes stamps and scores: a row
+// written meanwhile is either seen at its new stamp or rejected by op_take_victims.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> op_sample_candidates(const at::Tensor& stamp,
+                                                                    const c10::optional<at::Tensor>& scores,
+                                                                    at::Tensor& rng_state, int64_t limit, int64_t k,
+                                                                    int64_t m) {
+  check_sample_args(stamp, scores, rng_state, limit, k, m);
+  const int32_t* st = stamp.data_ptr<int32_t>();
+  const int32_t* sc = (scores.has_value() && scores->defined()) ? scores->data_ptr<int32_t>() : st;
+  thread_local std::vector<uint64_t> cand_tl;
+  std::vector<uint64_t>& cand = cand_tl;
+  k = sample_lowest(st, sc, at::empty({0}, at::kLong), rng_state, limit, k, m, cand);
+  std::sort(cand.begin(), cand.begin() + k);  // by (score, row): take_victims keeps the first valid ones
+  at::Tensor rows = at::empty({k}, at::kLong), stamps = at::empty({k}, at::kInt), vals = at::empty({k}, at::kInt);
+  int64_t* ro = rows.data_ptr<int64_t>();
+  int32_t* so = stamps.data_ptr<int32_t>();
+  int32_t* vo = vals.data_ptr<int32_t>();
+  for (int64_t i = 0; i < k; ++i) {
+    ro[i] = static_cast<int64_t>(cand[i] & 0xFFFFFFFFULL);
+    vo[i] = static_cast<int32_t>(static_cast<int64_t>(cand[i] >> 32) - (int64_t(1) << 31));
+    // LRU: the score is the stamp just read. Otherwise the stamp is read again here; a row
+    // written between the two reads fails op_take_victims' score check.
+    so[i] = (sc == st) ? vo[i] : load_relaxed(&st[ro[i]]);
+  }
+  return {rows, stamps, vals};
+}
+
+// Victim pre-selection, part 2 (on the training thread, at the eviction round): the first
+// k candidates (in the given order) that are still what op_sample_candidates saw: a row is
+// taken iff stamp[row] == stamps[i] (the row was not written, removed or re-inserted since:
+// every such change moves its stamp to a newer version or to -1), scores[row] == vals[i]
+// (when scores is given: a policy that counts reads without a new stamp) and it is not in
+// `protect` (rows of the batch that needs the room; < 0 ignored) nor taken already.
+// Returns (keys ascending, rows); fewer than k when too few candidates are still valid.
+// Reads only: bad input raises before anything is returned.
+std::tuple<at::Tensor, at::Tensor> op_take_victims(const at::Tensor& stamp, const c10::optional<at::Tensor>& scores,
+                                                   const at::Tensor& row_ids, const at::Tensor& cand_rows,
+                                                   const at::Tensor& cand_stamps, const at::Tensor& cand_scores,
+                                                   const at::Tensor& protect_in, int64_t k) {
+  TORCH_CHECK(stamp.dtype() == at::kInt && stamp.is_contiguous() && stamp.numel() < (int64_t(1) << 31),
+              "stamp must be contiguous int32");
+  const int64_t limit = stamp.numel();
+  TORCH_CHECK(row_ids.dtype() == at::kLong && row_ids.is_contiguous() && row_ids.numel() >= limit,
+              "row_ids must be contiguous int64 covering every row of stamp");
+  const int32_t* st = stamp.data_ptr<int32_t>();
+  const int64_t* ids = row_ids.data_ptr<int64_t>();
+  const int32_t* sc = nullptr;
+  if (scores.has_value() && scores->defined()) {
+    TORCH_CHECK(scores->dtype() == at::kInt && scores->is_contiguous() && scores->numel() >= limit,
+                "scores must be contiguous int32 covering every row of stamp");
+    sc = scores->data_ptr<int32_t>();
+  }
+  TORCH_CHECK(cand_rows.dtype() == at::kLong && cand_stamps.dtype() == at::kInt && cand_scores.dtype() == at::kInt,
+              "candidates must be (rows int64, stamps int32, scores int32) as sample_candidates returns them");
+  const int64_t C = cand_rows.numel();
+  TORCH_CHECK(cand_stamps.numel() == C && cand_scores.numel() == C, "candidate rows, stamps and scores differ in length");
+  TORCH_CHECK(k >= 0, "k must be >= 0");
+  const at::Tensor cr = cand_rows.contiguous(), cs = cand_stamps.contiguous(), cv = cand_scores.contiguous();
+  const int64_t* crow = cr.data_ptr<int64_t>();
+  const int32_t* cst = cs.data_ptr<int32_t>();
+  const int32_t* csc = cv.data_ptr<int32_t>();
+  for (int64_t i = 0; i < C; ++i)
+    TORCH_CHECK(crow[i] >= 0 && crow[i] < limit, "candidate row ", crow[i], " is outside the table's ", limit, " rows");
+  const at::Tensor protect = protect_in.contiguous().to(at::kLong);
+  const int64_t* pr = protect.data_ptr<int64_t>();
+  // The candidates' rows in a small open-addressing set (a few thousand rows: 4 slots a
+  // candidate, L1/L2-resident), which the batch's rows (65,536 at a training step) are
+  // looked up in. A bitmap over all rows would be set once per batch row and read at
+  // random over MBs: measured ~4x slower at 10M rows.
+  int64_t cap = 64;
+  while (cap < 4 * C) cap <<= 1;
+  const int64_t mask = cap - 1;
+  thread_local std::vector<int32_t> set_tl;
+  thread_local std::vector<char> state_tl;  // per candidate: 0 free, 1 a repeat, 2 protected
+  std::vector<int32_t>& set = set_tl;
+  std::vector<char>& state = state_tl;
+  set.assign(cap, -1);
+  state.assign(C, 0);
+  auto slot_of = [&](int64_t r) { return static_cast<int64_t>((static_cast<uint64_t>(r) * 0x9E3779B97F4A7C15ULL) >> 40) & mask; };
+  for (int64_t i = 0; i < C; ++i) {  // the set holds candidate indices; a repeated row keeps its first
+    int64_t h = slot_of(crow[i]);
+    while (set[h] >= 0 && crow[set[h]] != crow[i]) h = (h + 1) & mask;
+    if (set[h] >= 0) state[i] = 1;
+    else set[h] = static_cast<int32_t>(i);
+  }
+  for (int64_t j = 0; j < protect.numel(); ++j) {
+    const int64_t p = pr[j];
+    if (p < 0) continue;
+    for (int64_t h = slot_of(p); set[h] >= 0; h = (h + 1) & mask)
+      if (crow[set[h]] == p) {
+        state[set[h]] = 2;
+        break;
+      }
+  }
+  thread_local std::vector<std::pair<int64_t, int64_t>> victims_tl;
+  std::vector<std::pair<int64_t, int64_t>>& victims = victims_tl;
+  victims.clear();
+  constexpr int64_t kAhead = 16;
+  for (int64_t i = 0; i < C && static_cast<int64_t>(victims.size()) < k; ++i) {
+    if (i + kAhead < C) {
+      __builtin_prefetch(&st[crow[i + kAhead]]);
+      __builtin_prefetch(&ids[crow[i + kAhead]]);
+      if (sc != nullptr) __builtin_prefetch(&sc[crow[i + kAhead]]);
+    }
+    const int64_t r = crow[i];
+    if (state[i] != 0 || st[r] != cst[i] || cst[i] < 0 || (sc != nullptr && sc[r] != csc[i])) continue;
+    victims.emplace_back(ids[r], r);
+  }
+  return keys_and_rows_by_key(victims, static_cast<int64_t>(victims.size()));
 }
 
 // ------------------------------------------------------------------ lookup + pooling
@@ -1192,6 +1325,8 @@ TORCH_LIBRARY(gauss_hash, m) {
   m.def("place(Tensor(a!) slots, Tensor keys, Tensor rows) -> ()", &op_place);
   m.def("select_victims(Tensor slots, Tensor stamp, Tensor scores, Tensor protect, int limit, int k) -> (Tensor, Tensor)", &op_select_victims);
   m.def("sample_victims(Tensor stamp, Tensor? scores, Tensor row_ids, Tensor protect, Tensor(a!) rng_state, int limit, int k, int m) -> (Tensor, Tensor)", &op_sample_victims);
+  m.def("sample_candidates(Tensor stamp, Tensor? scores, Tensor(a!) rng_state, int limit, int k, int m) -> (Tensor, Tensor, Tensor)", &op_sample_candidates);
+  m.def("take_victims(Tensor stamp, Tensor? scores, Tensor row_ids, Tensor cand_rows, Tensor cand_stamps, Tensor cand_scores, Tensor protect, int k) -> (Tensor, Tensor)", &op_take_victims);
   m.def("gather_changed(Tensor[] chunks, int[] chunk_rel, int[] exact, int version_rel, Tensor stamp, Tensor row_ids, Tensor weight, int default_row) -> (Tensor, Tensor, Tensor, int)", &op_gather_changed);
   m.def("rows_not_in(Tensor rows, Tensor[] chunks, int num_rows) -> Tensor", &op_rows_not_in);
   m.def("lookup_pool(Tensor slots, Tensor ids, Tensor offsets, Tensor weight, Tensor? psw, int mode, int dflt) -> (Tensor, Tensor)", &op_lookup_pool);

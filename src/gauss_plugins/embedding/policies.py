@@ -35,6 +35,13 @@ Cost per round is bounded on large tables (every policy takes these options):
   Smaller tables, and rounds that would sample most of the table, select exactly.
   ``evict_fraction`` still adds its headroom to ``k``: set it to 0 for the smallest,
   steadiest rounds (each training step then frees what its new ids need).
+* ``preselect`` (default False): with the compiled index, draw the next round's sample on
+  a background thread while training runs, and at the round keep the candidates whose
+  stamp and score have not changed since and that the batch does not use
+  (:class:`~gauss_plugins.embedding.tracking.VictimPreselector`). The training thread then
+  pays only that check and the removal. Same sample size and order as without it, but the
+  victims depend on how far training got while the sample was drawn: not repeatable run to
+  run (without it, a seeded table evicts the same rows every run).
 * ``expire_scan_rows`` (default 65,536): automatic expiry (``auto_evict_every``) checks the
   next this many rows of a sweep over the table, so an expired row goes within
   ``capacity / expire_scan_rows`` rounds. ``table.evict()`` with no arguments still
@@ -207,12 +214,16 @@ class EvictionPolicy:
     #: whether :meth:`on_access` does anything (the table skips recording reads otherwise)
     records_reads: bool = True
 
-    def __init__(self, sample_factor: int = 8, exact_below: int = 1 << 16, expire_scan_rows: int = 1 << 16) -> None:
+    def __init__(self, sample_factor: int = 8, exact_below: int = 1 << 16, expire_scan_rows: int = 1 << 16,
+                 preselect: bool = False) -> None:
         for name, value, low in (("sample_factor", sample_factor, 0), ("exact_below", exact_below, 0),
                                  ("expire_scan_rows", expire_scan_rows, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"eviction option {name} must be an int >= {low}, got {value!r}")
+        if not isinstance(preselect, bool):
+            raise ValueError(f"eviction option preselect must be True or False, got {preselect!r}")
         self.sample_factor, self.exact_below, self.expire_scan_rows = sample_factor, exact_below, expire_scan_rows
+        self.preselect = preselect
         self.rows: Dict[str, torch.Tensor] = {}
 
     def bind(self, table) -> None:
@@ -271,7 +282,7 @@ class EvictionPolicy:
 
     def options(self) -> Dict[str, object]:
         return {"sample_factor": self.sample_factor, "exact_below": self.exact_below,
-                "expire_scan_rows": self.expire_scan_rows}
+                "expire_scan_rows": self.expire_scan_rows, "preselect": self.preselect}
 
 
 def _stamp(step: int) -> int:

@@ -57,8 +57,8 @@ from gauss_plugins.embedding.initializers import Initializer, initial_values
 from gauss_plugins.embedding.memory import alloc
 from gauss_plugins.embedding.sparse_rules import OptimizerConfig, SparseRule, make_rule
 from gauss_plugins.embedding.policies import AdmissionPolicy, AlwaysAdmit, Clock, EvictionPolicy
-from gauss_plugins.embedding.tracking import (ChangeLog, ChangeSnapshot, RowScratch, expire_window, lowest_k,
-                                              sampled_victims)
+from gauss_plugins.embedding.tracking import (ChangeLog, ChangeSnapshot, RowScratch, VictimPreselector, expire_window,
+                                              lowest_k, sampled_victims)
 
 __all__ = ["DynamicTableConfig", "DynamicEmbeddingTable", "TableFullError", "UnknownIdError", "ReplicatedTableError"]
 
@@ -296,6 +296,7 @@ class DynamicEmbeddingTable(nn.Module):
         self._scratch = RowScratch()
         self._evict_rng: Optional[torch.Generator] = None
         self._evict_stream: Optional[torch.Tensor] = None
+        self._victim_preselector: Optional[VictimPreselector] = None  # eviction option preselect
         self._expire_hand = 0         # where automatic expiry's sweep resumes
         self.last_changed_scan = 0    # entries the last changed_since visited (log entries or rows)
         self._stamp_base = 0
@@ -515,14 +516,22 @@ class DynamicEmbeddingTable(nn.Module):
                 f"(DynamicTableConfig.eviction='lru', 'lfu' or 'ttl'), or admit fewer ids "
                 f"(DynamicTableConfig.admission='counting').")
         need = n_new - free
-        headroom = int(cfg.evict_fraction * self.capacity)
-        victims = self._select_victims(need + headroom, protect())
+        k = need + int(cfg.evict_fraction * self.capacity)
+        protected = protect()
+        preselector = self._victim_preselector
+        victims = preselector.take(self, k, protected) if preselector is not None else None
+        if victims is None:
+            victims = self._select_victims(k, protected)
         if victims.numel() < need:
             raise TableFullError(
                 f"dynamic table {self.name!r}: a single batch brings {n_new} new ids but only "
                 f"{free + victims.numel()} rows can be freed (capacity {self.capacity}); raise "
                 f"DynamicTableConfig.max_capacity or use smaller batches")
         self._remove(victims)
+        if getattr(self.eviction, "preselect", False):  # draw the next round's sample while training runs
+            if preselector is None:
+                preselector = self._victim_preselector = VictimPreselector(self.config.seed)
+            preselector.prepare(self, k)
 
     def _select_victims(self, k: int, protect: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Ids (ascending) of the ``k`` lowest-scored live rows not in ``protect`` (rows; -1

@@ -22,6 +22,9 @@ so neither may look at every row.
   row in a per-thread, cache-resident bitmap. Sampling was chosen over incremental buckets or a clock because
   it needs no per-row state beyond what the policies already keep, works unchanged for
   custom scores (``ScoreEviction``), and its error is easy to state and to test.
+* :class:`VictimPreselector` -- (eviction option ``preselect``) the next round's sample
+  drawn on a background thread while training runs, checked at the round (a candidate is
+  kept iff its stamp and score are unchanged and the batch does not use it).
 * :func:`distinct_rows` -- de-duplication in O(n) through a scratch array with a slot per
   row (no sort).
 * A sync pull (``TableSource``) holds the training lock only to take references: the log's
@@ -32,7 +35,11 @@ so neither may look at every row.
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Deque, List, Optional, Tuple
 
@@ -41,7 +48,8 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from gauss_plugins.embedding.table import DynamicEmbeddingTable
 
-__all__ = ["ChangeLog", "ChangeSnapshot", "RowScratch", "distinct_rows", "lowest_k", "sampled_victims", "expire_window"]
+__all__ = ["ChangeLog", "ChangeSnapshot", "RowScratch", "distinct_rows", "lowest_k", "sampled_victims", "expire_window",
+           "VictimPreselector"]
 
 # Fewer, larger chunks keep the Python loop of a query short; past this many the oldest go.
 _MAX_CHUNKS = 1 << 14
@@ -318,6 +326,134 @@ def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[to
     if chosen.numel() < k:
         return None
     return table._row_ids.index_select(0, chosen).sort().values
+
+
+def _preselect_backend(table: "DynamicEmbeddingTable", k: int):
+    """(fused ops, the policy's int32 score array) when a round of ``k`` victims may use
+    pre-selected candidates: the policy asks for it, the round would be sampled (as in
+    :func:`sampled_victims`) and the index has the compiled ops; else None."""
+    policy = table.eviction
+    if policy is None or not getattr(policy, "preselect", False) or k <= 0:
+        return None
+    factor = int(policy.sample_factor)
+    live = len(table)
+    if factor <= 0 or live <= policy.exact_below or k * factor >= live:
+        return None
+    fused = table.index.fused
+    array = policy.score_array()
+    if getattr(fused, "sample_candidates", None) is None or array is None or array.dtype != torch.int32:
+        return None
+    return fused, array
+
+
+_worker_lock = threading.Lock()
+_worker: Optional[Tuple[int, ThreadPoolExecutor]] = None  # (pid, executor): a forked child makes its own
+
+
+def _background_worker() -> ThreadPoolExecutor:
+    """The one thread (per process, shared by all tables) that draws pre-selections. Its
+    jobs take milliseconds; ``concurrent.futures`` joins it at interpreter exit."""
+    global _worker
+    with _worker_lock:
+        if _worker is None or _worker[0] != os.getpid():
+            _worker = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="gauss-evict-preselect"))
+        return _worker[1]
+
+
+def _draw_candidates(sample, stamp, scores, stream, limit: int, k: int, m: int):
+    c0 = time.thread_time()
+    out = sample(stamp, scores, stream, limit, k, m)
+    return out, time.thread_time() - c0
+
+
+class VictimPreselector:
+    """The next eviction round's sample, drawn on a background thread while training runs
+    (eviction option ``preselect``), and checked at the round that uses it.
+
+    Why: at 10M rows a sampled round is memory-latency bound (random reads of stamps over
+    the table) and runs inside a training step; drawn beforehand, the step pays only the
+    check and the removal. After each round, :meth:`prepare` starts the next round's sample
+    (``sample_factor * k`` rows, as :func:`sampled_victims` draws, nothing protected, a
+    random stream of its own) keeping its ``k + k/4 + 64`` lowest candidates in (score,
+    row) order. :meth:`take` (the next round) waits for it if it still runs (at most what a
+    synchronous selection costs) and keeps, in that order, the first ``k`` candidates whose
+    stamp (and score) are what the sample read and that the batch needing the room does not
+    use. Too few left, or a table that changed shape meanwhile: the caller selects
+    synchronously, exactly as without this option.
+
+    Locking (none is taken, by construction):
+
+    * The training thread is the table's only writer, as before (callers serialise table
+      operations, e.g. under the syncer's lock). Only it calls :meth:`prepare` and
+      :meth:`take`, so a table has at most one job in flight.
+    * The job only reads the stamp and score arrays (relaxed atomic loads in C++, with the
+      GIL released) and writes only its own stream tensor and its results.
+    * A stale read cannot evict a row on old evidence: a row's stamp moves to a newer
+      version whenever it is written, removed (-1) or inserted again, so a candidate whose
+      stamp and score still match was not touched since the sample read them.
+    * Arrays replaced meanwhile (growth, stamp rebase, checkpoint load): the job keeps the
+      old tensors alive, and :meth:`take` drops a sample drawn from arrays that are no
+      longer the table's or under another stamp base.
+
+    Stopping: the worker thread is shared and joined by ``concurrent.futures`` at exit;
+    :meth:`close` waits for this table's job. Copies and pickles start empty.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self._seed = seed
+        self._stream = torch.tensor([(seed ^ 0x5E1EC7) << 32], dtype=torch.int64)
+        self._pending = None  # (future, stamp tensor, score tensor, stamp base)
+        self.rounds_preselected = 0   # rounds served by a pre-selection
+        self.rounds_synchronous = 0   # rounds that had one but fell back to a synchronous selection
+        self.background_cpu_ms: Deque[float] = deque(maxlen=4096)  # CPU time of each job (its own thread)
+
+    def __reduce__(self):
+        return VictimPreselector, (self._seed,)
+
+    def prepare(self, table: "DynamicEmbeddingTable", k: int) -> None:
+        """Start drawing the candidates for a next round of ``k`` victims (if it may use them)."""
+        self.close()
+        backend = _preselect_backend(table, k)
+        if backend is None:
+            return
+        fused, array = backend
+        stamp = table._row_stamp
+        scores = None if array is stamp else array
+        k_pool = k + k // 4 + 64
+        future = _background_worker().submit(_draw_candidates, fused.sample_candidates, stamp, scores, self._stream,
+                                             table.capacity, k_pool, k * int(table.eviction.sample_factor))
+        self._pending = (future, stamp, array, table._stamp_base)
+
+    def take(self, table: "DynamicEmbeddingTable", k: int, protect: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Ids (ascending) of ``k`` victims from the pending sample, none of them in
+        ``protect`` (rows; entries < 0 ignored); None when there is none or too few of its
+        candidates are still valid (the caller then selects synchronously)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        future, stamp, array, base = pending
+        (rows, stamps, scores), cpu_s = future.result()  # a failed job is a bug: raise it here
+        self.background_cpu_ms.append(cpu_s * 1e3)
+        backend = _preselect_backend(table, k)
+        if (backend is None or stamp is not table._row_stamp or backend[1] is not array or base != table._stamp_base
+                or rows.numel() < k):
+            self.rounds_synchronous += 1
+            return None
+        fused, _ = backend
+        guard = protect if protect is not None else torch.empty(0, dtype=torch.int64)
+        ids, _ = fused.take_victims(stamp, None if array is stamp else array, table._row_ids, rows, stamps, scores,
+                                    guard, k)
+        if ids.numel() < k:
+            self.rounds_synchronous += 1
+            return None
+        self.rounds_preselected += 1
+        return ids
+
+    def close(self) -> None:
+        """Wait for and drop the pending job (if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[0].result()
 
 
 def expire_window(table: "DynamicEmbeddingTable", protect: Optional[torch.Tensor]) -> torch.Tensor:
