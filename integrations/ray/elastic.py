@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import signal as _signal
+import sys
 import tempfile
 import threading
 import time
@@ -623,7 +624,15 @@ class _Worker:
             # A group that ended on a dead peer may hold collectives that never finish, and
             # destroy_process_group finalizes the communicator, which waits for them: abort instead
             # (also after an orderly end: it frees the same resources).
-            dist.distributed_c10d._abort_process_group()
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception as exc:
+                # This process's NCCL state is unknown now. Leave as a dead worker does (the supervisor
+                # replaces it from a live peer) rather than raise, which would stop the job as if the
+                # user's code had failed.
+                print(f"gauss-elastic {self.wid}: tearing down the NCCL group failed ({type(exc).__name__}: "
+                      f"{exc}); this worker exits and is replaced", file=sys.stderr, flush=True)
+                os._exit(1)
         else:
             dist.destroy_process_group()
 
