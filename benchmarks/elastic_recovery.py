@@ -203,7 +203,8 @@ def run_ours(cfg: Dict[str, Any], kills: int, timeout_s: float) -> Dict[str, Any
     trainer = ElasticTrainer(partial(make_mlp, dim=cfg["in_dim"], hidden=cfg["hidden"], depth=cfg["layers"], seed=0),
                              partial(make_adam, lr=1e-4, fused=cfg["adam"] == "fused"), mse_loss, SyntheticRegressionStream(dim=cfg["in_dim"], seed=0),
                              ElasticConfig(num_workers=WORKERS, min_workers=1, max_workers=WORKERS + 1,
-                                           backend="gloo", batch_size=cfg["batch"] // WORKERS))
+                                           backend="gloo", batch_size=cfg["batch"] // WORKERS,
+                                           huge_pages=cfg["huge_pages"]))
     t0 = time.time()
     error = None
     kill_log: List[Dict[str, Any]] = []
@@ -258,7 +259,7 @@ def _median(xs: List[float]) -> Optional[float]:
 def model_name(cfg: Dict[str, Any]) -> str:
     return (f"MLP {cfg['in_dim']}->{cfg['hidden']}x{cfg['layers']}->1 ({cfg['params'] / 1e6:.1f}M params), "
             f"global batch {cfg['batch']}, Adam({'fused=True' if cfg['adam'] == 'fused' else 'per-tensor loop'}), "
-            f"{WORKERS} gloo workers")
+            f"{WORKERS} gloo workers, huge pages {'on' if cfg.get('huge_pages') else 'off'}")
 
 
 def baseline_row(system: str, size: str, cfg: Dict[str, Any], out: Dict[str, Any]) -> Dict[str, Any]:
@@ -316,6 +317,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per system and state")
     p.add_argument("--adam", choices=("fused", "plain"), default="fused",
                    help="every system's optimizer: Adam(fused=True) (default) or the per-tensor loop")
+    p.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                   help="every system's workers allocate tensors >= 2 MB on transparent huge pages "
+                        "(THP_MEM_ALLOC_ENABLE=1; ours: ElasticConfig(huge_pages=True), its default)")
     args = p.parse_args(argv)
     try:
         import ray
@@ -337,6 +341,9 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["OMP_NUM_THREADS"] = "1"
+    # Every system's workers inherit this (torchrun's through its env, Ray's through the raylet
+    # that ray.init starts below), so the comparison is like for like.
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if args.huge_pages == "on" else "0"
     # Ray Train's workers import the loop from benchmarks/elastic_workers (they inherit this env).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [WORKERS_DIR, os.environ.get("PYTHONPATH")]))
     work = tempfile.mkdtemp(prefix=f"gauss-elastic-bench-{os.getpid()}-")
@@ -347,6 +354,7 @@ def main(argv=None) -> int:
         ray.init(num_cpus=2 * WORKERS, _temp_dir=ray_tmp, include_dashboard=False, log_to_driver=False)
         for size in sizes:
             cfg = state_config(size, args.large_hidden, args.adam)
+            cfg["huge_pages"] = args.huge_pages == "on"
             n_base = bkills if size == "small" else args.kills_large
             for system in systems:
                 run_dir = os.path.join(work, f"{system}-{size}")

@@ -94,6 +94,13 @@ class ElasticConfig:
 
     ``backlog_samples_per_worker`` > 0 turns on the backlog policy: the target world follows
     ``ceil(stream.backlog(cursor) / backlog_samples_per_worker)`` within ``[min, max]``.
+
+    ``huge_pages`` (default on) puts the workers' CPU tensors of 2 MB and more on transparent huge
+    pages (PyTorch's ``THP_MEM_ALLOC_ENABLE=1``; the kernel must allow ``madvise``). Why: a
+    SIGKILLed process's sockets close only after the kernel freed its memory, ~0.2 s per GB on
+    4 KB pages; on huge pages a 2.4 GB replica is gone in ~0.07 s, so its peers see it die that
+    much sooner (and steps take fewer page faults). It goes into each worker actor's environment
+    (a Ray ``runtime_env``), since the allocator reads it once, at start.
     """
 
     num_workers: int = 3
@@ -109,6 +116,7 @@ class ElasticConfig:
     name: str = "gauss-elastic"
     step_timeout_s: float = 60.0
     backlog_samples_per_worker: int = 0
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_workers <= self.num_workers <= self.max_workers:
@@ -1186,6 +1194,8 @@ class ElasticTrainer:
         options: Dict[str, Any] = {"num_cpus": 0, "max_concurrency": 2}
         if cfg.backend == "nccl":
             options["num_gpus"] = 1
+        if cfg.huge_pages:  # read once, when torch's CPU allocator starts: it must be in the process's env
+            options["runtime_env"] = {"env_vars": {"THP_MEM_ALLOC_ENABLE": "1"}}
         actor = _WorkerActor.options(**options).remote(
             wid, cfg.name, self.make_model, self.make_optimizer, self.loss_fn, self.stream, asdict(cfg), time.time(),
             self.stores, self.table_ids)
