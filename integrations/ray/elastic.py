@@ -26,6 +26,19 @@ supervisor starts a replacement, which registers when built and joins at the nex
 boundary, receiving the state by broadcast from a live peer. No checkpoint is read on this path.
 The sample guarantee is stated in :mod:`gauss_plugins.elastic`.
 
+NCCL (``backend="nccl"``, one GPU per worker through Ray's ``num_gpus=1``, so ``cuda:0`` in the
+actor): a dead peer's collectives hang instead of failing. A member aborts its communicator
+(``ProcessGroup.abort()``, from another thread) when a peer link ends or, while it has waited on
+collectives for over ``WATCH_AFTER_S``, when the coordinator says the generation closed (or the
+wait passed ``step_timeout_s``); the torch watchdog is told to stay out of it
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``: its default would end the survivor's process). An NCCL
+call returns once queued, so after the gradient all-reduce (before the optimizer reads it and
+before rank 0 writes rows on its strength), after an id gather and after a state transfer the
+member waits for the collectives on the host and drops their results if they were aborted; a
+member that received an aborted transfer holds no trusted state (it needs a transfer next
+time). Groups are built eagerly (``device_id``) and torn down by abort. Dynamic tables must then
+live on the GPU (``DynamicTableConfig(device="cuda")``): their row collectives run over NCCL too.
+
 Dynamic tables (``stores={name: store}``, ``table_ids=fn``; :mod:`gauss_plugins.elastic.rows`):
 each replica's table is backed by the one shared store; a step also gathers the global batch's ids,
 inserts the ones a replica lacks, averages the row gradients over the group and applies the same
