@@ -621,7 +621,11 @@ class _Worker:
             if self._pg is None or self._comm_gen != gen or self._aborted_gen == gen:
                 return
             self._aborted_gen, self._abort_why = gen, why
-            self._pg.abort()
+            try:
+                self._pg.abort()
+            except Exception as exc:  # called from a watching thread: say so where the logs go
+                print(f"gauss-elastic {self.wid}: aborting generation {gen}'s NCCL group failed "
+                      f"({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
 
     def _collectives_done(self, g: Generation, more: bool = False) -> None:
         """NCCL: wait on the host until the collectives queued so far ran (an NCCL call returns once
