@@ -16,8 +16,9 @@ answer is where step boundaries, pauses and regroups take effect), trains its sl
 stream (:func:`~gauss_plugins.elastic.protocol.sample_indices`), all-reduces the slice's sample
 indices and the gradients, applies the optimizer and reports the step.
 
-Recovery: a worker that dies (SIGKILL: its peers' collectives fail at once; the supervisor sees
-the actor die) or hangs (no heartbeat for ``dead_after_s``: the supervisor kills it) ends the
+Recovery: a worker that dies (SIGKILL: its peer links close, and a peer declares it dead to the
+coordinator within milliseconds; its peers' collectives fail at once; the supervisor sees the
+actor die) or hangs (no heartbeat for ``dead_after_s``: the supervisor kills it) ends the
 generation. Survivors abandon the in-flight step, destroy their group, check in with the last
 step they finished, and the next generation forms among them on a new TCPStore (new port):
 its step0 is the highest step a survivor holds, and that survivor's weights and optimizer

@@ -6,6 +6,7 @@ The framework-neutral half of elastic training (the Ray launcher is
 * :mod:`.protocol` -- membership and generations, step boundaries, the data assignment
   ``(step, generation, world) -> global sample indices`` and the coordinator's state machine;
 * :mod:`.rows` -- dynamic-table rows: the write-after-next-commit rule and the replicated update;
+* :mod:`.liveness` -- peer links: a member's death seen by its peers within milliseconds;
 * :mod:`.state` -- the peer state-transfer message (dense weights + optimizer state) and the
   disaster checkpoints written in the same format;
 * :mod:`.synthetic` -- a small model, loss and index-addressable stream for tests and benchmarks.
@@ -20,11 +21,14 @@ survivor is abandoned: its samples are not counted and the next generation re-as
 re-partitioned over its own world. Hence each sample below the cursor is trained exactly once,
 none is skipped, and the committed step counter never goes back.
 
-A survivor learns of a dead peer either at the step's all-reduce (which fails at once on a
-SIGKILL) or, when its forward/backward runs longer than 0.2 s, from the coordinator mid-step: it
-then abandons the step between two modules' forwards or two parameters' gradients instead of
-finishing a gradient nobody will use. A member that dies while a new group forms ends that
-group as soon as the coordinator knows (not after ``step_timeout_s``).
+A survivor learns of a dead peer over the generation's peer links (:mod:`.liveness`: a link
+that ends without the peer's goodbye means its process is gone; the survivor tells the
+coordinator, which declares the peer dead without waiting for the launcher to notice), at the
+step's all-reduce (which fails at once on a SIGKILL), or, when its forward/backward runs longer
+than 0.2 s, from the coordinator mid-step. It then abandons the step between two modules'
+forwards or two parameters' gradients instead of finishing a gradient nobody will use. A member
+that dies while a new group forms ends that group as soon as the coordinator knows (not after
+``step_timeout_s``).
 
 **Guarantee (state).** Survivors keep their weights; a joining or replacement worker receives
 the weights and optimizer state of a live peer by broadcast after the new group forms, and joins
