@@ -184,6 +184,48 @@ def test_pulls_go_on_while_a_push_is_in_flight_and_no_row_goes_back_in_time(tmp_
     ps.close()
 
 
+class ScriptedSource:
+    """A source whose next pull returns the batch the test queued (``full`` images included)."""
+
+    dim = 2
+
+    def __init__(self):
+        self.version = 0
+        self.next: list = []
+
+    def queue(self, ids, version, full=False, deleted=()):
+        ids = torch.tensor(ids, dtype=torch.int64)
+        self.next.append(ChangeBatch(ids, torch.full((ids.numel(), 2), float(version)), None,
+                                     torch.tensor(deleted, dtype=torch.int64), version, full=full))
+        self.version = version
+
+    def changes_since(self, version):
+        if not self.next:
+            return ChangeBatch(torch.empty(0, dtype=torch.int64), torch.empty(0, 2), None,
+                               torch.empty(0, dtype=torch.int64), self.version)
+        return self.next.pop(0)
+
+
+def test_full_image_during_a_push_in_flight_deletes_that_push_s_rows_the_source_lacks():
+    """A full image (the source's log no longer reaches back) pulled while a push is in flight:
+    rows of that push missing from the image were deleted since, so they become tombstones
+    that land after the push -- serving must not keep them."""
+    source, weps = ScriptedSource(), GatedWePS(2)
+    source.queue([1, 2, 3], 1, full=True)
+    syncer = Syncer(source, weps, interval_s=0.02)
+    _wait(lambda: weps.version == 1, "the first push landed")
+    weps.gate.clear()
+    weps.entered.clear()
+    source.queue([4], 2)
+    assert weps.entered.wait(10), "no push started"
+    source.queue([1, 2, 3], 3, full=True)  # 4 was deleted; Redis does not hold it yet
+    _wait(lambda: syncer.stats()["pulled_version"] == 3, "the full image was pulled")
+    weps.gate.set()
+    _wait(lambda: weps.version == 3 and syncer.stats()["pending_rows"] == 0, "serving caught up")
+    syncer.close()
+    assert sorted(weps.stored_ids().tolist()) == [1, 2, 3]
+
+
 def test_dense_manifest_binds_versions(tmp_path):
     ps = TierPS(2, str(tmp_path / "ps"))
     weps = WePS(2, retain=10)
