@@ -4,7 +4,9 @@ What runs (CPU, one torch thread for training, so the numbers are per core):
 
 * a ``DynamicEmbeddingTable`` of ``--rows`` rows (10M; 500k with ``--quick``), dim 64, fp32,
   row-wise Adagrad, LRU eviction (sampled, ``evict_fraction=0``: each step frees what its
-  new ids need), filled with ``table.set`` before timing;
+  new ids need; ``preselect=True``: each round's sample is drawn on a background thread
+  during the previous step and checked at the round; ``--no-preselect`` draws it inside
+  the step, as before), filled with ``table.set`` before timing;
 * training steps of 65,536 ids in bags of 16 (pooled lookup, backward, optimizer step,
   all under the syncer's lock, as a trainer must hold it): 10% of the ids are never seen
   before, the rest follow a Zipf(1.1) law over recency (recent ids are hot, like new items);
@@ -20,8 +22,10 @@ Summary keys: ``p99_over_p50_step_time`` (under load; target <= 2.0), ``sync_pul
 (the time a pull blocks training: it holds the training lock twice, each time only to take
 references to change-log and tombstone chunks; the rows, deletions and values are worked
 out between the two holds; target <= 5; ``sync_pull_total_ms_p99`` is the whole pull, copy
-and sort included), ``eviction_ms_p99`` (the eviction work of a step that evicts: victim
-selection and removal; target <= 5), with the baseline's step times and the rows each pull
+and sort included), ``eviction_ms_p99`` (the eviction work of a step that evicts, on the training
+thread: victim selection, or the check of the pre-selected candidates and any wait for them,
+and removal; target <= 5; the pre-selection's own CPU time on its thread is
+``eviction_background_cpu_ms_*``), with the baseline's step times and the rows each pull
 returned beside them. Two shared cores: other jobs on the machine move the tails, so the JSON also
 has the load average and the CPU time of the pulls' locked parts and of eviction
 (``*_cpu_ms_p99``: what the work costs, without the waits for a core).
@@ -222,6 +226,7 @@ def main() -> None:
         "eviction_preselect": not args.no_preselect,
         "eviction_rounds_preselected": pre.rounds_preselected if pre is not None else 0,
         "eviction_rounds_synchronous": len(evict_ms) - (pre.rounds_preselected if pre is not None else 0),
+        "eviction_rounds_waited_for_preselection": pre.rounds_waited if pre is not None else 0,
         "eviction_background_cpu_ms_p50": pct(bg_ms, 50),
         "eviction_background_cpu_ms_p99": pct(bg_ms, 99),
         "load_average_1m_before": load_before,

@@ -405,6 +405,7 @@ class VictimPreselector:
         self._pending = None  # (future, stamp tensor, score tensor, stamp base)
         self.rounds_preselected = 0   # rounds served by a pre-selection
         self.rounds_synchronous = 0   # rounds that had one but fell back to a synchronous selection
+        self.rounds_waited = 0        # rounds whose sample was still being drawn (the round waited for it)
         self.background_cpu_ms: Deque[float] = deque(maxlen=4096)  # CPU time of each job (its own thread)
 
     def __reduce__(self):
@@ -432,6 +433,7 @@ class VictimPreselector:
         if pending is None:
             return None
         future, stamp, array, base = pending
+        self.rounds_waited += not future.done()
         (rows, stamps, scores), cpu_s = future.result()  # a failed job is a bug: raise it here
         self.background_cpu_ms.append(cpu_s * 1e3)
         backend = _preselect_backend(table, k)
