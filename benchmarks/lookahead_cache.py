@@ -44,9 +44,11 @@ cached for the rest of it).
 
 ``scaling_2_workers``: sequences a second of two processes over one, through the Lightning
 ``GaussStrategy``'s runner (:mod:`gauss_integrations.lightning.strategy_bench`: gloo,
-owner-partitioned TierPS, ids exchanged by all_gather, row gradients all-reduced, one torch
-thread per process, the slowest rank's median step, every rank's CPU ms per step recorded),
-at the 25% budget. The headline key is the main job's model (HSTU) with a fixed per-worker
+partitioned caches: each process caches only the rows it owns, ids exchanged by all_gather,
+borrowed rows and their gradients by all-to-all; one torch thread per process, the slowest
+rank's median step, every rank's CPU ms per step recorded), at the 25% budget. The headline
+figure also has ``scaling_2_workers_replicated`` beside it: the earlier design (every process
+caches the global batch's rows, row gradients all-reduced), against the same one-process run. The headline key is the main job's model (HSTU) with a fixed per-worker
 batch (weak scaling: each process trains 32 sequences a step); the record also has
 ``scaling_2_workers_<model>_<batching>`` for the light MLP model and for a fixed global batch
 of 32 split across the processes (strong scaling). Without Lightning, this script's own
@@ -60,6 +62,10 @@ the scaling figures alone in a few minutes. ``--device cuda``: the tables (the f
 the model on the GPU, TierPS on the host, the prefetch's host-to-device copies on a side CUDA
 stream; a machine without CUDA writes ``{"skipped": ...}`` and exits 0; two-process scaling
 on CUDA needs two GPUs (one NCCL rank a device).
+
+The JSON is written after every part (and every scaling figure) with ``"complete": false`` in
+its summary, so a run cut by a time limit still leaves what it finished; the last write has
+the whole record (``"complete": true``).
 
 A PNG beside the JSON plots the lookahead run at 10% (hits at use, stall ms, window per
 step) against the LRU run's stall (``<json>.png``; the cold trace: ``<json>_cold.png``).
@@ -78,7 +84,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gauss_plugins.benchmarking import parser, print_table, write_report, write_skip
+from gauss_plugins.benchmarking import machine_info, parser, print_table, write_report, write_skip
 
 DIM = 64
 STATE_DIM = 1            # row-wise Adagrad: one accumulator a row
@@ -488,6 +494,15 @@ def _parts(spec: Optional[str]) -> List[str]:
     return parts
 
 
+def write_partial(json_path: Optional[str], results: List[Dict[str, Any]], summary: Dict[str, Any]) -> None:
+    """The record so far (atomic), so a run cut by a time limit still leaves its finished parts."""
+    if json_path:
+        from gauss_plugins.train.report import write_json
+
+        write_json(json_path, {"benchmark": NAME, "machine": machine_info(), "results": results,
+                               "summary": dict(summary, complete=False)})
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=None, help="ids in the Zipf stream (100k; 20k with --quick)")
@@ -562,6 +577,7 @@ def main(argv=None) -> int:
                 plot(d[("lookahead", 0.10)]["per_step"], d[("lru", 0.10)]["per_step"],
                      os.path.splitext(args.json)[0] + ".png",
                      f"Zipf stream, {rows} ids, budget {info['budgets'][0.10]} rows (10%), window {WINDOW}, {device}")
+            write_partial(args.json, results, summary)
         if "cold" in parts:
             why = page_cache_skip_reason()
             if why is not None:
@@ -590,6 +606,7 @@ def main(argv=None) -> int:
                          os.path.splitext(args.json)[0] + "_cold.png",
                          f"Zipf stream, cold page cache, {rows} ids, budget {info_c['budgets'][0.10]} rows (10%), "
                          f"window {WINDOW}, {device}")
+            write_partial(args.json, results, summary)
         if "ml100k" in parts:
             # An HSTU step over 128 x 200 positions takes about 2 s on one CPU thread: few
             # steps and one run of each variant (so this trace's ratios carry more noise).
@@ -614,10 +631,12 @@ def main(argv=None) -> int:
                                                                   / dm[("in_memory", None)]["row"]["step_ms"])
                 summary["ml100k_speedup_vs_lru"] = (dm[("lru", 0.10)]["row"]["step_ms"]
                                                     / dm[("lookahead", 0.10)]["row"]["step_ms"])
+            write_partial(args.json, results, summary)
         if "scaling" in parts:
             # The 25% budget: a per-worker-batch step of two processes caches the rows of a
             # global batch twice the size (both runs get the same budget).
-            sc = run_scaling(zipf, rows, steps, int(0.25 * rows), warmup, work, device, scaling_models, results)
+            sc = run_scaling(zipf, rows, steps, int(0.25 * rows), warmup, work, device, scaling_models, results,
+                             lambda done: write_partial(args.json, results, dict(summary, **done)))
             summary["misses_at_use"] = summary.get("misses_at_use", 0) + sc.pop("scaling_misses_at_use", 0)
             summary.update(sc)
         print_table([r for r in results if "step_ms" in r],
@@ -626,10 +645,12 @@ def main(argv=None) -> int:
         scaling_rows = [r for r in results if r.get("variant") == "data_parallel"]
         if scaling_rows:
             print_table(scaling_rows, ["model", "batching", "batches_per_s_1_worker", "batches_per_s_2_workers",
-                                       "scaling_2_workers", "scaling_2_workers_ddp_control", "cpu_ms_per_step_1",
-                                       "cpu_ms_per_step_2",
+                                       "scaling_2_workers", "scaling_2_workers_replicated",
+                                       "scaling_2_workers_ddp_control", "cpu_ms_per_step_1",
+                                       "cpu_ms_per_step_2", "cpu_ms_per_step_2_replicated",
                                        "load_average_1m"])
         summary["load_average_1m"] = os.getloadavg()[0]
+        summary["complete"] = True
         write_report(NAME, results, summary, args.json,
                      targets={"misses_at_use": "<= 0", "step_time_ratio_vs_in_memory": "<= 1.1",
                               "speedup_vs_lru": ">= 1.5", "scaling_2_workers": ">= 1.9"})
@@ -642,14 +663,16 @@ SCALING_MODES = (("per_worker_batch", True), ("global_batch", False))
 
 
 def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str, device: str,
-                models: List[str], results: List[Dict[str, Any]]) -> Dict[str, Any]:
+                models: List[str], results: List[Dict[str, Any]],
+                on_figure: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Two processes against one, for each model and two batchings (a record each in
     ``results``): ``per_worker_batch`` (weak scaling: each process trains 32 sequences a step,
     the usual data-parallel throughput figure) and ``global_batch`` (strong scaling: the 32
     sequences of a step split across the processes). Summary keys: ``scaling_2_workers`` is the
     first model's per-worker-batch figure; the others are ``scaling_2_workers_<model>_<batching>``.
     Throughput is sequences a second, from the slowest rank's median step. On CUDA it needs two
-    GPUs (NCCL does not put two ranks on one device): with fewer, the record says so."""
+    GPUs (NCCL does not put two ranks on one device): with fewer, the record says so.
+    ``on_figure(keys so far)`` runs after each figure (the caller writes the partial record)."""
     out: Dict[str, Any] = {}
     if device == "cuda" and torch.cuda.device_count() < 2:
         why = f"needs 2 GPUs for 2 NCCL ranks; this machine has {torch.cuda.device_count()}"
@@ -668,10 +691,24 @@ def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str
                 sc = strategy_scaling(rows=rows, steps=steps, budget_rows=budget, window=WINDOW, warmup=warmup,
                                       model=model, accelerator="gpu" if device == "cuda" else "cpu",
                                       per_worker_batch=per_worker)
-                runner = ("GaussStrategy (Lightning DDP, gloo/NCCL, popen launcher; owner-partitioned TierPS): "
-                          "gauss_integrations.lightning.strategy_bench.scaling")
+                runner = ("GaussStrategy (Lightning DDP, gloo/NCCL, popen launcher; partitioned caches, rows "
+                          "and row gradients by all-to-all): gauss_integrations.lightning.strategy_bench.scaling")
                 cpu1 = sc["runs"][0]["cpu_ms_per_step_per_rank"]
                 cpu2 = sc["runs"][1]["cpu_ms_per_step_per_rank"]
+                replicated = None
+                if key == "scaling_2_workers":
+                    # Before/after in one run: the replicated caches' two processes against the
+                    # same one-process run (world 1 is the same in both designs).
+                    rep = strategy_scaling(rows=rows, steps=steps, budget_rows=budget, window=WINDOW,
+                                           warmup=warmup, model=model,
+                                           accelerator="gpu" if device == "cuda" else "cpu",
+                                           per_worker_batch=per_worker, worlds=(2,), partitioned=False)
+                    replicated = {"scaling_2_workers": rep["runs"][0]["sequences_per_s"]
+                                  / sc["runs"][0]["sequences_per_s"],
+                                  "cpu_ms_per_step_2": rep["runs"][0]["cpu_ms_per_step_per_rank"],
+                                  "misses_at_use": rep["misses_at_use"], "run": rep["runs"][0]}
+                    out[key + "_replicated"] = replicated["scaling_2_workers"]
+                    out["scaling_misses_at_use"] = out.get("scaling_misses_at_use", 0) + rep["misses_at_use"]
             elif model == "hstu" and device == "cpu" and not per_worker:
                 image = os.path.join(work, "zipf-image")
                 if not os.path.isdir(image):  # the zipf part did not run: build the same cold store
@@ -679,7 +716,8 @@ def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str
                 sc = scaling_2_workers(zipf, rows, budget, image, work, warmup)
                 runner = (f"this benchmark's own 2-process gloo run (exchange by all_gather, row gradients "
                           f"all-reduced, a TierPS replica per process); the strategy runner is unavailable ({why})")
-                cpu1 = cpu2 = None
+                cpu1 = cpu2 = replicated = None
+                replicated = None
             else:
                 results.append({"trace": "zipf", "variant": "data_parallel", "model": model, "batching": batching,
                                 "skipped": f"the strategy runner is unavailable ({why})"})
@@ -696,7 +734,9 @@ def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str
                 control = ctl["scaling_2_workers"]
                 out[key + "_ddp_control"] = control
             load = os.getloadavg()[0]
-            print(f"  scaling {model} {batching}: {sc['scaling_2_workers']:.3f}, plain DDP without the cache "
+            before = "" if replicated is None else \
+                f", replicated caches {replicated['scaling_2_workers']:.3f}"
+            print(f"  scaling {model} {batching}: {sc['scaling_2_workers']:.3f}{before}, plain DDP without the cache "
                   f"{control if control is None else round(control, 3)} (load {load:.1f})", flush=True)
             results.append({"trace": "zipf", "variant": "data_parallel", "model": model, "batching": batching,
                             "budget_rows": budget, "devices": device,
@@ -706,7 +746,14 @@ def run_scaling(zipf, rows: int, steps: int, budget: int, warmup: int, work: str
                             "scaling_2_workers_wall": sc.get("scaling_2_workers_wall"),
                             "cpu_ms_per_step_1": cpu1, "cpu_ms_per_step_2": cpu2,
                             "scaling_2_workers_ddp_control": control,
+                            "scaling_2_workers_replicated": None if replicated is None else
+                            replicated["scaling_2_workers"],
+                            "cpu_ms_per_step_2_replicated": None if replicated is None else
+                            replicated["cpu_ms_per_step_2"],
+                            "replicated_run": None if replicated is None else replicated["run"],
                             "load_average_1m": load, "runner": runner, "runs": sc.get("runs")})
+            if on_figure is not None:
+                on_figure(out)
     return out
 
 

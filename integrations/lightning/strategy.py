@@ -16,16 +16,23 @@ What the strategy does, through Lightning's own hooks (no patching):
   their optimizer state. The training dataloader is wrapped (``process_dataloader``) so the
   cache sees ``window`` batches ahead of the step that trains them; each step starts
   (``on_train_batch_start``) only once every row its ids need is resident.
-* **Replicas** (world size W > 1). The cache's ``exchange`` all-gathers each batch's ids, so
-  every replica caches the rows of the *global* batch and makes the same fetch / evict
-  decisions. After backward, each table's row gradients are summed into one buffer over the
-  global batch's ids, all-reduced and divided by W (as DDP averages dense gradients), and the
-  strategy steps the sparse optimizer: every replica applies the same update, so W workers on
-  a global batch end with the rows and weights one worker gets on it (tests/strategy).
-  Write-back is partitioned: rank ``id % W`` owns a row, writes it back and keeps it in its
-  own TierPS partition. A row another rank owns is fetched through :class:`PartitionedStore`:
-  every replica reads the same ids in the same order (the caches agree), each answers for the
-  ids it owns and a sum-all-reduce on a gloo side group gives every replica every row.
+* **Replicas** (world size W > 1): "logically replicated, physically partitioned". Rank
+  ``id % W`` owns a row: it alone caches it, updates it, writes it back and keeps it in its own
+  TierPS partition. The cache's ``exchange`` all-gathers each batch's ids (one collective, a
+  window ahead) and each replica's cache admits, prefetches, evicts and installs only the ids
+  of the global batch it owns, from its own partition (no collective on the worker): the
+  cache's work is split across the replicas, not repeated by each. Before a step, one
+  all-to-all hands each rank the current rows of its own batch that other ranks own
+  (:func:`borrow_rows`; installed for the step, dropped after it); after backward, each rank
+  sums its row gradients per id and a second all-to-all sends the sums of borrowed ids to their
+  owners (:func:`push_row_gradients`), which divide by W (as DDP averages dense gradients) and
+  step the sparse optimizer on the rows they own: W workers on a global batch end with the rows
+  and weights one worker gets on it (tests/strategy). ``partitioned=False`` keeps the earlier
+  design: every replica caches the global batch's rows, the row gradients are all-reduced
+  (:func:`reduce_row_gradients`) and rows another rank owns are read through
+  :class:`PartitionedStore` (every replica reads the same ids, each answers for its own, a
+  sum-all-reduce on a gloo side group). Evaluation and checkpoints read the stored rows through
+  :class:`PartitionedStore` in both modes.
 * **The dynamic tables' world-size guard** (``ReplicatedTableError``) is lifted only on the
   tables the strategy manages, only while it trains them (``table.synchronized_replicas``).
 * **Evaluation** reads every row: validation and test first flush the cache and install the
@@ -69,7 +76,8 @@ from gauss_plugins.embedding.backing import state_layout
 from gauss_plugins.embedding.table import _GradRecord
 from gauss_plugins.stores.base import Lookup
 
-__all__ = ["GaussStrategy", "PartitionedStore", "reduce_row_gradients"]
+__all__ = ["GaussStrategy", "PartitionedStore", "OwnedPartition", "reduce_row_gradients", "borrow_rows",
+           "push_row_gradients", "return_borrowed_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +164,40 @@ class PartitionedStore:
         self.local.close()
 
 
+class OwnedPartition:
+    """The lookahead cache's store under a partitioned :class:`GaussStrategy`: this rank's
+    partition (``local``), read and written only for ids it owns, without any collective
+    (each replica caches only its own rows). ``partitioned`` is the rank's
+    :class:`PartitionedStore` over the same partition: its guard refuses reads from other
+    threads than the cache's worker while training (a step that looked up an id the cache did
+    not prefetch would otherwise read a row this partition may not own)."""
+
+    def __init__(self, partitioned: "PartitionedStore") -> None:
+        self.partitioned, self.local = partitioned, partitioned.local
+        self.dim, self.state_dim = partitioned.dim, partitioned.state_dim
+        self.max_ram_rows = partitioned.max_ram_rows
+
+    def lookup(self, ids: Any) -> Lookup:
+        p = self.partitioned
+        if (p.training_reads_only_on_worker and threading.current_thread().name != _CACHE_WORKER
+                and not getattr(p._here, "allowed", False)):
+            raise RuntimeError(
+                "a training step looked up ids the lookahead cache had not made resident (rows this rank may not own). "
+                "gauss_cache_ids(batch) (or GaussStrategy(ids_fn=...)) must return every id the training step "
+                "looks up, negatives included (sample them in gauss_prepare_batch)")
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        if not bool(p.owned(ids).all()):
+            raise ValueError(f"rank {p.rank} of {p.world} was asked to read ids it does not own from its partition "
+                             f"(owner = id % {p.world}): a partitioned cache reads only owned rows")
+        return self.local.lookup(ids)
+
+    def put(self, ids: Any, values: Any, state: Any = None) -> int:
+        return self.partitioned.put(ids, values, state)
+
+    def delete(self, ids: Any) -> int:
+        return self.partitioned.delete(ids)
+
+
 class _ReadingHere:
     def __init__(self, here: threading.local) -> None:
         self._here = here
@@ -193,9 +235,15 @@ def _all_gather_ids(ids: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 
 def _exchange_batch_ids(ids: torch.Tensor, bound: int) -> torch.Tensor:
-    """The cache's ``exchange``: the distinct ids of every rank's batch, in one collective.
-    A rank's distinct ids are at most the global batch's, which must fit the cache budget,
-    so a ``bound + 1`` buffer (count first, then the ids) of fixed size needs no size round."""
+    """The cache's ``exchange`` (replicated caches): the ids of every rank's batch, concatenated."""
+    return torch.cat(_exchange_batch_id_parts(ids, bound))
+
+
+def _exchange_batch_id_parts(ids: torch.Tensor, bound: int) -> List[torch.Tensor]:
+    """The cache's ``exchange`` (partitioned caches): the distinct ids of every rank's batch,
+    one tensor per rank in rank order, in one collective. A rank's distinct ids must fit the
+    cache budget, so a ``bound + 1`` buffer (count first, then the ids) of fixed size needs
+    no size round."""
     n = ids.numel()
     if n > bound:
         raise RuntimeError(f"this rank's batch alone needs {n} rows of a table and budget_rows is {bound}; raise "
@@ -206,7 +254,7 @@ def _exchange_batch_ids(ids: torch.Tensor, bound: int) -> torch.Tensor:
     parts = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, buf)
     counts = torch.stack([p[0] for p in parts]).tolist()  # one host sync for all ranks' counts
-    return torch.cat([p[1:c + 1] for p, c in zip(parts, counts)])
+    return [p[1:c + 1] for p, c in zip(parts, counts)]
 
 
 # ---------------------------------------------------------------------------- gradients
@@ -226,6 +274,19 @@ def reduce_row_gradients(table: DynamicEmbeddingTable, ids: torch.Tensor, group:
     """
     world = dist.get_world_size(group) if world is None else int(world)
     ids = ids.to(table.device)
+    n = ids.numel()
+    buf = _sum_recorded(table, ids)
+    dist.all_reduce(buf, group=group)
+    buf /= world
+    _replace_records(table, ids, buf)
+    return n
+
+
+@torch.no_grad()
+def _sum_recorded(table: DynamicEmbeddingTable, ids: torch.Tensor) -> torch.Tensor:
+    """``[len(ids) + 1, dim]`` float32: the gradients ``table`` recorded since its last step,
+    summed per id of ``ids`` (ascending, distinct), the last slot for reads of the default
+    row. A recorded id that is not in ``ids`` drops the step's gradients and raises."""
     n = ids.numel()
     buf = torch.zeros(n + 1, table.dim, dtype=torch.float32, device=table.device)
     default = table.default_row
@@ -247,10 +308,16 @@ def reduce_row_gradients(table: DynamicEmbeddingTable, ids: torch.Tensor, group:
                 f"the training step looks up")
         slot = torch.where(at_default, torch.full_like(slot, n), slot)
         buf.index_add_(0, slot, g)
-    dist.all_reduce(buf, group=group)
-    buf /= world
+    return buf
+
+
+def _replace_records(table: DynamicEmbeddingTable, ids: torch.Tensor, buf: torch.Tensor) -> None:
+    """Leave ``table`` with one gradient record: ``buf[:n]`` for ``ids`` (ascending, resident)
+    and ``buf[n]`` for the default row."""
+    n = ids.numel()
+    default = table.default_row
     table.zero_grad()
-    # One record over the global ids, in the table's own record layout (identity src_idx, no
+    # One record over the ids, in the table's own record layout (identity src_idx, no
     # scale): the optimizer step sums and applies it exactly like a lookup's record.
     empty_i = torch.empty(0, dtype=torch.int64, device=table.device)
     empty_f = torch.empty(0, dtype=torch.float32, device=table.device)
@@ -260,7 +327,98 @@ def reduce_row_gradients(table: DynamicEmbeddingTable, ids: torch.Tensor, group:
         one = torch.tensor([default], dtype=torch.int64, device=table.device)
         records.append(_GradRecord(one.clone(), one, buf[n:].contiguous(), empty_i, empty_f, table._epoch))
     table._pending = records
-    return n
+
+
+# ---------------------------------------------------------------------------- partitioned rows
+def _owner_split(parts: List[torch.Tensor], rank: int, world: int):
+    """From every rank's distinct ids of a batch: what this rank sends (per destination, the
+    ids of that rank's batch it owns) and receives (per source, the ids of its own batch that
+    rank owns), both in rank order; nothing to or from itself. Every rank computes the same
+    lists from the same exchanged ids, so no request round is needed."""
+    mine = parts[rank]
+    owner_of_mine = torch.remainder(mine, world)
+    send = [parts[s][torch.remainder(parts[s], world) == rank] if s != rank else mine[:0] for s in range(world)]
+    recv = [mine[owner_of_mine == s] if s != rank else mine[:0] for s in range(world)]
+    return send, recv
+
+
+def _all_to_all(rows: torch.Tensor, send_counts: List[int], recv_counts: List[int]) -> torch.Tensor:
+    out = rows.new_empty((sum(recv_counts),) + tuple(rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts)
+    return out
+
+
+@torch.no_grad()
+def borrow_rows(table: DynamicEmbeddingTable, parts: List[torch.Tensor], rank: int, world: int) -> torch.Tensor:
+    """Partitioned caches: before a step, every rank sends the rows it owns that the other
+    ranks' batches need (their current values: its own last update included) and installs the
+    rows its batch needs from the other owners as *borrowed* rows (one all-to-all on the
+    table's device). Returns the borrowed ids; :func:`return_borrowed_rows` removes them after
+    the sparse step. ``parts``: every rank's distinct ids of the batch (the cache's
+    ``batch_parts()``)."""
+    send, recv = _owner_split(parts, rank, world)
+    out_ids = torch.cat(send)
+    rows = table.index.find(out_ids)
+    if bool((rows < 0).any()):
+        # The owner caches every owned id of the global batch before the step: a gap is a bug.
+        raise RuntimeError(f"table {table.name!r}: rank {rank} owns ids another rank's batch needs but does not hold "
+                           f"them ({out_ids[rows < 0][:5].tolist()}): the partitioned cache missed at use")
+    values = table.weight.index_select(0, rows).to(torch.float32)
+    got = _all_to_all(values, [t.numel() for t in send], [t.numel() for t in recv])
+    borrowed = torch.cat(recv)
+    if borrowed.numel():
+        room = table.config.max_capacity - len(table)
+        if borrowed.numel() > room:
+            raise RuntimeError(f"table {table.name!r} holds {len(table)} rows and this step borrows {borrowed.numel()} "
+                               f"rows other ranks own, over max_capacity {table.config.max_capacity}: raise the "
+                               f"table's max_capacity to budget_rows + one rank's distinct ids a batch, or lower "
+                               f"budget_rows")
+        found = torch.ones(borrowed.numel(), dtype=torch.bool, device=table.device)
+        table.backing.install(table, borrowed, Lookup(got, None, found))
+    return borrowed
+
+
+@torch.no_grad()
+def return_borrowed_rows(table: DynamicEmbeddingTable, borrowed: torch.Tensor) -> None:
+    """Drop the borrowed rows of a step (another rank owns them and applied the update to its
+    copy; the eviction writes nothing back, the cache's owner filter skips them)."""
+    if borrowed.numel():
+        table.evict(ids=borrowed)
+
+
+@torch.no_grad()
+def push_row_gradients(table: DynamicEmbeddingTable, parts: List[torch.Tensor], owned: torch.Tensor, rank: int,
+                       world: int) -> int:
+    """Partitioned caches: replace the row gradients ``table`` recorded this step by, for the
+    ids this rank owns, their average over the replicas (a collective). Each rank sums its
+    recorded gradients per id of its own batch (``parts[rank]``), sends the sums of ids other
+    ranks own to their owners (one all-to-all) and adds what it receives for its own ids;
+    ``owned``: this rank's ids of the global batch (the cache's ``batch_ids()``). The sparse
+    optimizer then updates only owned rows: W workers apply, between them, exactly the update
+    one worker on the global batch applies. Returns the ids updated here."""
+    mine = parts[rank].to(table.device)
+    owned = owned.to(table.device)
+    n = mine.numel()
+    buf = _sum_recorded(table, mine)
+    send, recv = _owner_split(parts, rank, world)
+    owner_of_mine = torch.remainder(mine, world)
+    # recv[s] (ids of this batch rank s owns) are in ascending order; so are the rows picked here.
+    out = torch.cat([buf[:n][owner_of_mine == s] if s != rank else buf[:0] for s in range(world)])
+    got = _all_to_all(out, [t.numel() for t in recv], [t.numel() for t in send])
+    acc = torch.zeros(owned.numel() + 1, table.dim, dtype=torch.float32, device=table.device)
+    here = owner_of_mine == rank
+    acc.index_add_(0, torch.searchsorted(owned, mine[here]), buf[:n][here])
+    incoming = torch.cat(send)
+    if incoming.numel():
+        acc.index_add_(0, torch.searchsorted(owned, incoming), got)
+    acc[-1] = buf[n]
+    if table.config.default != "zeros":  # the shared default row trains on every replica
+        default = acc[-1:].clone()
+        dist.all_reduce(default)
+        acc[-1:] = default
+    acc /= world
+    _replace_records(table, owned, acc)
+    return int(owned.numel())
 
 
 # ---------------------------------------------------------------------------- the loader
@@ -385,6 +543,11 @@ class GaussStrategy(DDPStrategy):
             to; ``sync_interval_s`` and ``sync_every_n_steps`` (cache flushes feeding it).
         gather_on_end: after fit, install every stored row in the tables (the whole trained table
             in memory for evaluation, checkpoints and exports); False leaves them at the budget.
+        partitioned: with W > 1 replicas, each caches only the rows it owns (``id % W``) of the
+            global batch and the step borrows the others' rows and returns their gradients by
+            all-to-all (the cache's work is split across the replicas); False: every replica
+            caches the global batch's rows and all-reduces their gradients (the work is repeated
+            on each). Both give the same rows and weights.
         elastic: ``True`` or a ``gauss_integrations.ray.elastic.ElasticConfig``: ``fit`` runs on
             elastic Ray replicas that survive a worker's death (``gauss_integrations.lightning.elastic``).
         **ddp_kwargs: everything :class:`~pytorch_lightning.strategies.DDPStrategy` takes
@@ -398,7 +561,8 @@ class GaussStrategy(DDPStrategy):
                  store_factory: Optional[Callable[..., Any]] = None, store_ram_bytes: int = 256 << 20,
                  ids_fn: Optional[Callable[[Any], Mapping[str, torch.Tensor]]] = None,
                  sync_target: Any = None, sync_interval_s: float = 1.0, sync_every_n_steps: int = 100,
-                 gather_on_end: bool = True, elastic: Any = False, **ddp_kwargs: Any) -> None:
+                 gather_on_end: bool = True, partitioned: bool = True, elastic: Any = False,
+                 **ddp_kwargs: Any) -> None:
         # elastic: fit runs as an elastic Ray job through this strategy's launcher
         # (gauss_integrations.lightning.elastic); checked now, not at fit.
         self._elastic = None
@@ -439,6 +603,7 @@ class GaussStrategy(DDPStrategy):
         self.sync_interval_s = float(sync_interval_s)
         self.sync_every_n_steps = int(sync_every_n_steps)
         self.gather_on_end = bool(gather_on_end)
+        self.partitioned = bool(partitioned)
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -457,6 +622,7 @@ class GaussStrategy(DDPStrategy):
         self._eval_added: Dict[str, torch.Tensor] = {}
         self._final_stats: Optional[Dict[str, Any]] = None
         self._max_resident: Dict[str, int] = {}
+        self._borrowed: Dict[str, torch.Tensor] = {}  # rows of the step in flight that other ranks own
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -533,16 +699,20 @@ class GaussStrategy(DDPStrategy):
                 local = self._make_store(table, rank, world, path)
                 stores[name] = PartitionedStore(local, rank, world, self._side_group) if world > 1 else local
             exchange = owner_fn = None
+            partitioned = self.partitioned and world > 1
+            cache_stores = {n: OwnedPartition(st) for n, st in stores.items()} if partitioned else stores
             if world > 1:
-                def exchange(ids: torch.Tensor) -> torch.Tensor:
+                def exchange(ids: torch.Tensor) -> Any:
+                    if partitioned:  # each rank's ids: the step borrows rows by them
+                        return _exchange_batch_id_parts(ids, budget)
                     return _exchange_batch_ids(ids, budget)
 
                 def owner_fn(ids: torch.Tensor) -> torch.Tensor:
                     return torch.remainder(ids, world) == rank
             # A PartitionedStore's owner answers each read from its worker queue, after its own
             # queued write-backs: the cache need not drain them before every exchange.
-            cache = LookaheadCache(tables, stores, config, ids_fn=ids_fn, exchange=exchange, owner_fn=owner_fn,
-                                   owner_serves_reads=world > 1)
+            cache = LookaheadCache(tables, cache_stores, config, ids_fn=ids_fn, exchange=exchange,
+                                   owner_fn=owner_fn, owner_serves_reads=world > 1, owned_only=partitioned)
         except BaseException:
             for store in stores.values():
                 store.close()
@@ -600,6 +770,7 @@ class GaussStrategy(DDPStrategy):
         is finished (that could start collectives other ranks never join); the cache still
         writes back what it holds, and a failure there is logged, not raised over the first."""
         if self.cache is not None:
+            self._return_borrowed()
             cache, self.cache = self.cache, None
             if flush:
                 if self._in_step:
@@ -684,8 +855,18 @@ class GaussStrategy(DDPStrategy):
             raise RuntimeError("the lookahead cache and Lightning disagree on the next training batch")
         self._loader.trained_one()
         self._in_step = True
+        if self.cache.owned_only:
+            parts = self.cache.batch_parts()
+            for name, table in self.tables.items():
+                self._borrowed[name] = borrow_rows(table, parts[name], self.global_rank, self.world_size)
+
+    def _return_borrowed(self) -> None:
+        for name, ids in self._borrowed.items():
+            return_borrowed_rows(self.tables[name], ids)
+        self._borrowed = {}
 
     def _finish_step(self) -> None:
+        self._return_borrowed()  # a step that skipped its optimizer step still gives them back
         self.cache.step_done()
         self._in_step = False
         for name, table in self.tables.items():  # evidence that the budget held (stats() shows the end)
@@ -710,13 +891,19 @@ class GaussStrategy(DDPStrategy):
             out = closure()  # forward + backward: DDP has averaged the dense gradients
             if self.world_size > 1:
                 ids = self.cache.batch_ids()
-                for name, table in self.tables.items():
-                    reduce_row_gradients(table, ids[name], world=self.world_size)
+                if self.cache.owned_only:  # each owner gets its rows' gradients and updates them
+                    parts = self.cache.batch_parts()
+                    for name, table in self.tables.items():
+                        push_row_gradients(table, parts[name], ids[name], self.global_rank, self.world_size)
+                else:
+                    for name, table in self.tables.items():
+                        reduce_row_gradients(table, ids[name], world=self.world_size)
             return out
 
         out = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
         # The module may step its own sparse optimizer afterwards: it finds nothing recorded.
         self._sparse_opt.step()
+        self._return_borrowed()  # updated by their owners; the next step borrows them fresh
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -737,13 +924,18 @@ class GaussStrategy(DDPStrategy):
             untrained = keys[~torch.isin(keys, stored)]
             if untrained.numel():
                 table.evict(ids=untrained)
-            missing = stored[table.index.find(stored) < 0] if stored.numel() else stored
+            absent = table.index.find(stored) < 0 if stored.numel() else stored.bool()
+            missing = stored[absent]
+            if isinstance(store, PartitionedStore):
+                # A collective read takes the same ids on every rank: a partitioned cache holds
+                # other rows on each, so all ranks read every stored id and keep the absent ones.
+                with store.reading_here():
+                    got = store.lookup(stored.cpu())
+                mask = absent.cpu()
+                got = Lookup(got.values[mask], got.state[mask] if got.state is not None else None, got.found[mask])
+            elif missing.numel():
+                got = store.lookup(missing.cpu())
             if missing.numel():
-                if isinstance(store, PartitionedStore):
-                    with store.reading_here():
-                        got = store.lookup(missing.cpu())
-                else:
-                    got = store.lookup(missing.cpu())
                 table.backing.install(table, missing, got)
             added[name] = missing
         return added

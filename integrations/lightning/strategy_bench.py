@@ -136,7 +136,8 @@ def _module(lr: float = 0.05, model: str = "mlp", cache: bool = True):
 
 def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, warmup: int, out: str,
             store_dir: Optional[str] = None, prefetch: bool = True, model: str = "mlp",
-            accelerator: str = "cpu", per_worker_batch: bool = False, cache: bool = True) -> None:
+            accelerator: str = "cpu", per_worker_batch: bool = False, cache: bool = True,
+            partitioned: bool = True) -> None:
     """One measurement in this process tree (rank 0 writes ``out``). Call it from a fresh
     process: Lightning starts ``sys.argv`` again for ranks 1..W-1."""
     import pytorch_lightning as pl
@@ -154,7 +155,7 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
     module = _module(model=model, cache=cache)
     if cache:
         strategy = GaussStrategy(budget_rows=budget_rows, window=window, store_dir=store_dir, gather_on_end=False,
-                                 prefetch=prefetch)
+                                 prefetch=prefetch, partitioned=partitioned)
     else:
         from pytorch_lightning.strategies import DDPStrategy
 
@@ -184,7 +185,8 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
               "misses_at_use": stats.get("misses_at_use"), "stall_ms": stats.get("stall_ms"),
               "prefetched_rows": stats.get("prefetched_rows"), "budget_rows": budget_rows, "window": window,
               "prefetch": prefetch, "model": model, "accelerator": accelerator,
-              "global_batch_seqs": local * world, "per_worker_batch": per_worker_batch, "cache": cache}
+              "global_batch_seqs": local * world, "per_worker_batch": per_worker_batch, "cache": cache,
+              "partitioned": partitioned}
     path = out if trainer.global_rank == 0 else f"{out}.rank{trainer.global_rank}"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -194,13 +196,15 @@ def measure(world: int, rows: int, steps: int, budget_rows: int, window: int, wa
 
 def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, window: int = 8, warmup: int = 5,
             worlds=(1, 2), timeout_s: float = 600, prefetch: bool = True, model: str = "mlp",
-            accelerator: str = "cpu", per_worker_batch: bool = False, cache: bool = True) -> Dict[str, Any]:
+            accelerator: str = "cpu", per_worker_batch: bool = False, cache: bool = True,
+            partitioned: bool = True) -> Dict[str, Any]:
     """Global batches per second with each world size in ``worlds`` (fresh processes each) and
     ``scaling_2_workers`` = throughput at 2 over 1. Throughput is one over the slowest rank's
     median step time (``_wall``: steps over the timed span, bursts of other tenants included);
     each run records every rank's step times, CPU ms per step (its cache worker included) and
     the load average. ``prefetch=False``: the cache reads rows on the training thread (no
-    worker thread competing for the cores)."""
+    worker thread competing for the cores). ``partitioned=False``: every replica caches the global
+    batch's rows (GaussStrategy(partitioned=False), the design before the partitioned caches)."""
     out: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gauss-strategy-bench-") as work:
         for world in worlds:
@@ -215,7 +219,7 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
                    "--store-dir", os.path.join(work, f"store{world}"), "--model", model,
                    "--accelerator", accelerator] + \
                 ([] if prefetch else ["--no-prefetch"]) + (["--per-worker-batch"] if per_worker_batch else []) + \
-                ([] if cache else ["--no-cache"])
+                ([] if cache else ["--no-cache"]) + ([] if partitioned else ["--replicated"])
             proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0 or not os.path.exists(path):
                 raise RuntimeError(f"the {world}-process GaussStrategy run failed (exit {proc.returncode}):\n"
@@ -243,6 +247,7 @@ def scaling(rows: int = 20_000, steps: int = 40, budget_rows: int = 2_000, windo
                                             / (out[1]["batches_per_s_wall"] * out[1]["global_batch_seqs"]))
     result["per_worker_batch"] = per_worker_batch
     result["cache"] = cache
+    result["partitioned"] = partitioned
     return result
 
 
@@ -266,11 +271,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         f"batch of {GLOBAL_SEQS} is split across the processes (strong scaling)")
     p.add_argument("--no-cache", action="store_true",
                    help="the control: fixed features of the ids instead of the table, plain DDP, no cache")
+    p.add_argument("--replicated", action="store_true",
+                   help="every replica caches the global batch's rows (default: each caches the rows it owns)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     measure(args.world, args.rows, args.steps, args.budget_rows, args.window, args.warmup, args.out, args.store_dir,
             prefetch=not args.no_prefetch, model=args.model, accelerator=args.accelerator,
-            per_worker_batch=args.per_worker_batch, cache=not args.no_cache)
+            per_worker_batch=args.per_worker_batch, cache=not args.no_cache, partitioned=not args.replicated)
     return 0
 
 

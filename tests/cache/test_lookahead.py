@@ -280,3 +280,79 @@ def test_drain_before_exchange_only_for_a_store_other_replicas_read(tmp_path, ow
     # Batch 4 re-reads batch 0's ids after their write-back: it saw the written rows.
     assert torch.allclose(got.values, ref.get(torch.arange(32))[0], atol=1e-6)
     store.inner.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_ids=st.integers(4, 60), batch=st.integers(1, 12), steps=st.integers(1, 12), window=st.integers(1, 5),
+       budget=st.integers(1, 30), prefetch=st.booleans(), seed=st.integers(0, 2**16))
+def test_partitioned_replicas_cache_only_owned_rows_in_lockstep(num_ids, batch, steps, window, budget, prefetch,
+                                                                seed):
+    """Two replicas with ``owned_only`` caches, simulated in one process: each replica's batch is
+    one half of every global batch, ``exchange`` hands each the two halves' ids (as a strategy's
+    all-gather would). Each replica holds only rows it owns, every owned id of the global batch
+    is resident at use, the budget holds, both make the same number of exchanges (a collective)
+    at every step even when one's window shrinks and the other's does not, and the rows they
+    train (each its own ids' gradients of the whole global batch) equal one unbounded table
+    trained on the global batches."""
+    gen = torch.Generator().manual_seed(seed)
+    halves = [[torch.randint(0, num_ids, (batch,), generator=gen) for _ in range(2)] for _ in range(steps)]
+    owned = [lambda ids, r=r: ids % 2 == r for r in range(2)]
+    budget = max([budget] + [int(owned[r](torch.unique(torch.cat(h))).sum()) for h in halves for r in range(2)])
+    calls = [0, 0]
+
+    def exchange_for(rank):
+        def exchange(ids):
+            k = calls[rank]
+            calls[rank] += 1
+            assert torch.equal(ids, torch.unique(halves[k][rank])), "a replica exchanged another batch's ids"
+            return [torch.unique(h) for h in halves[k]]
+        return exchange
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = [_store(f"{tmp}/r{r}") for r in range(2)]
+        tables = [_table(budget) for _ in range(2)]
+        caches = [LookaheadCache({"items": tables[r]}, stores[r], CacheConfig(budget_rows=budget, window=window,
+                                                                               prefetch=prefetch),
+                                 ids_fn=lambda b: {"items": b}, exchange=exchange_for(r), owner_fn=owned[r],
+                                 owned_only=True) for r in range(2)]
+        opts = [SparseOptimizer(t) for t in tables]
+        gens = [caches[r].wrap([h[r] for h in halves]) for r in range(2)]
+        for k in range(steps):
+            got = [next(g) for g in gens]
+            assert calls[0] == calls[1], "the replicas made different numbers of exchanges (collectives)"
+            whole = torch.cat(halves[k])
+            for r in range(2):
+                assert torch.equal(got[r], halves[k][r])
+                keys, _ = tables[r].index.keys_and_rows()
+                assert bool(owned[r](keys).all()), "a replica holds a row it does not own"
+                assert len(tables[r]) <= budget
+                mine = whole[owned[r](whole)]
+                assert bool((tables[r].find(mine) >= 0).all()), "an owned row was used while absent"
+                assert torch.equal(caches[r].batch_ids()["items"], torch.unique(mine))
+                if mine.numel():
+                    tables[r].train()
+                    _step(tables[r], opts[r], mine)
+                caches[r].step_done()
+        for g in gens:
+            assert next(g, None) is None
+        assert all(c.stats()["misses_at_use"] == 0 for c in caches)
+        ref = _reference([torch.cat(h) for h in halves])
+        for r in range(2):
+            caches[r].flush()
+            seen = torch.unique(torch.cat([torch.cat(h) for h in halves]))
+            seen = seen[owned[r](seen)]
+            values, state = _rows_everywhere(tables[r], stores[r], seen)
+            torch.testing.assert_close(values, ref.get(seen)[0], atol=1e-6, rtol=0)
+            torch.testing.assert_close(state, pack_state(ref, ref.find(seen)), atol=1e-6, rtol=0)
+            caches[r].close()
+            stores[r].close()
+
+
+def test_owned_only_needs_exchange_and_owner(tmp_path):
+    store = _store(str(tmp_path / "s"))
+    table = _table(8)
+    with pytest.raises(ValueError, match="owned_only"):
+        LookaheadCache({"items": table}, store, CacheConfig(budget_rows=8), ids_fn=lambda b: {"items": b},
+                       exchange=lambda ids: [ids], owned_only=True)
+    assert table.backing is None  # refused before anything was attached
+    store.close()

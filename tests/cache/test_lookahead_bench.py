@@ -43,3 +43,16 @@ def test_a_cold_store_opens_with_its_rows(bench, tmp_path):
         assert got.found.tolist() == [True, True, True, False]
     finally:
         store.close()
+
+
+def test_partial_record_marks_itself_incomplete(bench, tmp_path):
+    """A run cut by a time limit leaves the parts it finished, marked incomplete."""
+    import json
+
+    path = str(tmp_path / "r.json")
+    bench.write_partial(path, [{"trace": "zipf", "variant": "lookahead"}], {"misses_at_use": 0})
+    with open(path) as f:
+        got = json.load(f)
+    assert got["summary"] == {"misses_at_use": 0, "complete": False}
+    assert got["results"] == [{"trace": "zipf", "variant": "lookahead"}] and "machine" in got
+    bench.write_partial(None, [], {})  # no --json: nothing written, no error

@@ -60,7 +60,11 @@ class TinyModule(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.dense.parameters(), lr=self.lr)
 
-    def on_train_end(self) -> None:
+    def dump(self) -> None:
+        """Write this rank's table (every row it holds) and dense weights to ``dump_dir``.
+        Called after fit, once the strategy has installed every trained row (gather_on_end):
+        the rows a rank caches while training are its own choice (a partitioned cache holds
+        only the rows it owns), the trained table is not."""
         if self.dump_dir is not None:  # every rank's final state, to compare replicas
             from gauss_plugins.serialization import save_tensors
 

@@ -208,12 +208,12 @@ def test_reducing_with_a_missing_id_is_refused_and_drops_the_step():
 
 
 # ---------------------------------------------------------------------------- two replicas
-def _run(world: int, tmp_path):
+def _run(world: int, tmp_path, *extra: str):
     """tiny_fit.py under Lightning's popen launcher (it starts the script again for rank 1):
     dynamic tables cannot be pickled into ddp_spawn workers."""
     import subprocess
 
-    out = tmp_path / f"w{world}"
+    out = tmp_path / (f"w{world}" + "".join(extra))
     out.mkdir()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     # A fresh job: Lightning picks the port, and no seed left by an earlier in-process fit
@@ -222,19 +222,23 @@ def _run(world: int, tmp_path):
                 "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "tiny_fit.py"),
-                           "--world", str(world), "--out", str(out)], env=env, cwd=str(tmp_path),
+                           "--world", str(world), "--out", str(out), *extra], env=env, cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [load_tensors(str(out / f"rank{r}.safetensors"))[0] for r in range(world)]
 
 
 @pytest.mark.slow
-def test_two_gloo_replicas_equal_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["partitioned", "replicated"])
+def test_two_gloo_replicas_equal_one_process(tmp_path, mode):
     """2 processes, each half of every global batch (Lightning's DistributedSampler), against
-    1 process on the whole global batches: same rows (with a 40-row budget, so rows travel
-    through the partitioned TierPS of the other rank) and same dense weights, within 1e-5."""
+    1 process on the whole global batches: the same trained table (every row, gathered after
+    fit) and the same dense weights, within 1e-5. A 40-row budget makes rows travel through
+    the TierPS partitions. ``partitioned``: each replica caches only the rows it owns, borrows
+    the rest of its batch's rows from their owner and sends their gradients back (all-to-all);
+    ``replicated``: each caches the global batch's rows and all-reduces their gradients."""
     (one,) = _run(1, tmp_path)
-    r0, r1 = _run(2, tmp_path)
+    r0, r1 = _run(2, tmp_path, *(["--replicated"] if mode == "replicated" else []))
     for other in (r0, r1):
         assert torch.equal(one["ids"], other["ids"])
         torch.testing.assert_close(other["rows"], one["rows"], rtol=0, atol=1e-5)

@@ -46,6 +46,15 @@ the ids it owns) needs no drain: the owner queued the write of a row before the 
 and its worker runs them in that order, so the training thread does not wait for the worker
 (the drain cost a data-parallel step several ms of waiting for the previous reads' collectives).
 
+Physically partitioned (``owned_only=True``, with ``exchange`` and ``owner_fn``): each replica
+caches only the rows of the global batch's ids that it owns, so the admission, eviction,
+prefetch and install work is split across the replicas instead of repeated by each, and its
+store is its own partition (reads and write-backs of owned rows only, in order on its
+worker: no drain). ``exchange`` then returns each rank's distinct ids of the batch as a list
+(rank order); :meth:`batch_parts` hands them to the training step, which borrows the rows of
+its own batch that other replicas own and sends their gradients back (the strategy does this
+by all-to-all; see ``gauss_integrations.lightning.strategy``).
+
 One thread trains: ``wrap`` / ``step_done`` / ``flush`` must be called from the training
 thread; only the store reads and writes run on the worker.
 """
@@ -171,6 +180,7 @@ class _Entry:
     batch: Any
     ids: Dict[str, torch.Tensor]
     jobs: List[Any] = field(default_factory=list)   # (table name, ids, job) fetched for it
+    parts: Dict[str, List[torch.Tensor]] = field(default_factory=dict)  # each rank's ids (list exchange)
 
 
 class _TableState:
@@ -207,7 +217,7 @@ class LookaheadCache:
     def __init__(self, tables: Mapping[str, Any], store: Any, config: CacheConfig, ids_fn: IdsFn, *,
                  exchange: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  owner_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 owner_serves_reads: bool = False) -> None:
+                 owner_serves_reads: bool = False, owned_only: bool = False) -> None:
         from gauss_plugins.embedding.policies import AlwaysAdmit
         from gauss_plugins.embedding.table import DynamicEmbeddingTable
 
@@ -217,6 +227,9 @@ class LookaheadCache:
             raise ValueError("tables must be a non-empty mapping of name -> DynamicEmbeddingTable")
         if not callable(ids_fn):
             raise TypeError("ids_fn must be a callable batch -> {table name: ids tensor}")
+        if owned_only and (exchange is None or owner_fn is None):
+            raise ValueError("owned_only=True caches only the rows this replica owns of the global batch: it needs "
+                             "both exchange (the ids of every replica's batch) and owner_fn")
         stores = dict(store) if isinstance(store, Mapping) else {name: store for name in tables}
         # Check everything before attaching anything: a bad argument leaves the tables as they were.
         for name, table in tables.items():
@@ -242,7 +255,9 @@ class LookaheadCache:
         self.owner_fn = owner_fn
         # Drain before each exchange only where another replica could read a row from the
         # store before its owner's queued write of it lands (a shared store with owner_fn).
-        self._drain_before_exchange = owner_fn is not None and not owner_serves_reads
+        # owned_only: a replica reads and writes only its own rows, in order on its own worker.
+        self._drain_before_exchange = owner_fn is not None and not owner_serves_reads and not owned_only
+        self.owned_only = bool(owned_only)
         self.target_window = config.window if self.policy.lookahead else 1
         self._tables: Dict[str, _TableState] = {}
         attached = []
@@ -395,6 +410,10 @@ class LookaheadCache:
     def _pull(self) -> Optional[_Entry]:
         if self._waiting:
             return self._waiting.popleft()
+        return self._pull_new()
+
+    def _pull_new(self) -> Optional[_Entry]:
+        """The next batch from the loader with its ids (exchanged: a collective under a strategy)."""
         if self._exhausted or self._source is None:
             return None
         try:
@@ -408,20 +427,39 @@ class LookaheadCache:
             # returns anywhere, so a fetch issued after it sees rows another replica owns
             # and evicted: the only evictions before this batch's fetches are before this point.
             self._drain()
-        ids = {}
+        ids, parts = {}, {}
         for name, ts in self._tables.items():
             if name not in raw:
                 raise KeyError(f"ids_fn returned no ids for table {name!r} (it returned {sorted(raw)})")
             t = raw[name]
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
                 raise TypeError(f"ids_fn()[{name!r}] must be an int64 tensor, got {getattr(t, 'dtype', type(t))}")
-            u = torch.unique(t.reshape(-1).to(ts.table.device))
-            if self.exchange is not None:  # every replica caches the global batch's rows
-                u = torch.unique(self.exchange(u).to(ts.table.device))
+            device = ts.table.device
+            u = torch.unique(t.reshape(-1).to(device))
+            if self.exchange is not None:  # the global batch's ids
+                got = self.exchange(u)
+                if isinstance(got, (list, tuple)):  # each rank's ids: the step needs them to borrow rows
+                    parts[name] = [p.to(device) for p in got]
+                    got = torch.cat(parts[name])
+                u = torch.unique(got.to(device))
+                if self.owned_only:  # this replica caches only its own rows of the global batch
+                    u = u[self.owner_fn(u).to(device, torch.bool)]
             ids[name] = u
-        return _Entry(batch, ids)
+        if self.owned_only and len(parts) != len(self._tables):
+            raise TypeError("owned_only=True needs exchange(ids) to return every rank's ids as a list (rank order)")
+        return _Entry(batch, ids, parts=parts)
 
     def _fill_window(self) -> None:
+        if self.owned_only:
+            # Each replica admits its own rows, so one replica's window may shrink while
+            # another's does not; the exchange of ids is a collective every replica must make
+            # the same number of times. So batches are pulled (and their ids exchanged) on a
+            # schedule that does not depend on admission: always ``target_window`` ahead.
+            while len(self._window) + len(self._waiting) < self.target_window:
+                entry = self._pull_new()
+                if entry is None:
+                    break
+                self._waiting.append(entry)
         if self._blocked:
             return
         while len(self._window) < self.target_window:
@@ -556,11 +594,21 @@ class LookaheadCache:
 
     def batch_ids(self) -> Dict[str, torch.Tensor]:
         """The distinct ids per table (the global batch's, under ``exchange``: the same on
-        every replica, ascending) of the batch being trained: a data-parallel step looks
-        these up once and all-reduces their gradient."""
+        every replica, ascending; under ``owned_only`` only those this replica owns) of the
+        batch being trained: a data-parallel step looks these up once and combines their
+        gradient across the replicas."""
         if self._current is None:
             raise RuntimeError("batch_ids() is for the batch wrap() just yielded, before step_done()")
         return dict(self._current.ids)
+
+    def batch_parts(self) -> Dict[str, List[torch.Tensor]]:
+        """Per table, every rank's distinct ids (ascending) of the batch being trained, in rank
+        order: what ``exchange`` returned when it returns a list (``owned_only``)."""
+        if self._current is None:
+            raise RuntimeError("batch_parts() is for the batch wrap() just yielded, before step_done()")
+        if not self._current.parts:
+            raise RuntimeError("batch_parts() needs an exchange that returns every rank's ids as a list")
+        return {name: list(p) for name, p in self._current.parts.items()}
 
     # ------------------------------------------------------------------ end of training
     def flush(self) -> int:
