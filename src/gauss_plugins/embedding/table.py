@@ -569,9 +569,10 @@ class DynamicEmbeddingTable(nn.Module):
             self.backing.on_remove(self, ids, write_back)
         rows = self.index.remove(ids)
         freed = rows >= 0
-        gone = ids[freed]
+        # An eviction's victims are all live: skip the two masked copies (~0.1 ms a round).
+        gone, freed_rows = (ids, rows) if bool(freed.all()) else (ids[freed], rows[freed])
         if gone.numel():
-            self._row_stamp.index_fill_(0, rows[freed], -1)
+            self._row_stamp.index_fill_(0, freed_rows, -1)
             version = self._bump()
             self._tombstone_ids.append(gone.clone())
             self._tombstone_versions.append(version)
