@@ -75,9 +75,13 @@ def test_gauss_strategy_trains_on_one_gpu():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two NCCL ranks need two GPUs")
-def test_gauss_strategy_two_gpus_nccl():
+@pytest.mark.parametrize("partitioned", [True, False])
+def test_gauss_strategy_two_gpus_nccl(partitioned):
+    """Both designs on NCCL: partitioned caches (rows and gradients by all-to-all on the GPU)
+    and replicated ones (row gradients all-reduced)."""
     pytest.importorskip("pytorch_lightning", reason="the lightning extra is not installed")
     from gauss_integrations.lightning.strategy_bench import scaling
 
-    result = scaling(rows=3_000, steps=12, budget_rows=1_500, window=4, warmup=2, accelerator="gpu")
+    result = scaling(rows=3_000, steps=12, budget_rows=1_500, window=4, warmup=2, accelerator="gpu",
+                     partitioned=partitioned)
     assert result["misses_at_use"] == 0 and result["scaling_2_workers"] > 0
