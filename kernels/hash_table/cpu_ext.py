@@ -300,11 +300,12 @@ class CpuFusedKernels:
     def sample_victims(self, stamp, scores, row_ids, protect, rng_state, limit, k, m):
         return self._ops.sample_victims(stamp, scores, row_ids, protect, rng_state, int(limit), int(k), int(m))
 
-    def sample_candidates(self, stamp, scores, rng_state, limit, k, m):
-        return self._ops.sample_candidates(stamp, scores, rng_state, int(limit), int(k), int(m))
+    def sample_candidates(self, stamp, scores, row_ids, rng_state, limit, k, m):
+        return self._ops.sample_candidates(stamp, scores, row_ids, rng_state, int(limit), int(k), int(m))
 
-    def take_victims(self, stamp, scores, row_ids, cand_rows, cand_stamps, cand_scores, protect, k):
-        return self._ops.take_victims(stamp, scores, row_ids, cand_rows, cand_stamps, cand_scores, protect, int(k))
+    def take_victims(self, stamp, scores, row_ids, cand_rows, cand_stamps, cand_scores, cand_by_key, protect, k):
+        return self._ops.take_victims(stamp, scores, row_ids, cand_rows, cand_stamps, cand_scores, cand_by_key,
+                                      protect, int(k))
 
     def gather_changed(self, chunks, chunk_rel, exact, version_rel, stamp, row_ids, weight, default_row):
         return self._ops.gather_changed(chunks, [int(c) for c in chunk_rel], [int(bool(e)) for e in exact],

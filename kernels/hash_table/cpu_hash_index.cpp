@@ -694,14 +694,18 @@ std::tuple<at::Tensor, at::Tensor> op_sample_victims(const at::Tensor& stamp, co
 // same sample as op_sample_victims without a protect set (the batch that will need the
 // room is not known yet), returning the k candidates of lowest (score, row) in that order
 // with what they read: (rows int64, stamps int32, scores int32; scores == stamps when
-// `scores` is absent). It only reads the table (relaxed loads; rng_state is the caller's
-// own stream), so it may run while the training thread writes stamps and scores: a row
-// written meanwhile is either seen at its new stamp or rejected by op_take_victims.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> op_sample_candidates(const at::Tensor& stamp,
-                                                                    const c10::optional<at::Tensor>& scores,
-                                                                    at::Tensor& rng_state, int64_t limit, int64_t k,
-                                                                    int64_t m) {
+// `scores` is absent), and by_key (int64): the candidates' positions ordered by (id, row),
+// so that op_take_victims returns its victims by key without sorting them on the training
+// thread (~0.35 ms for 6,554). It only reads the table (relaxed loads; rng_state is the
+// caller's own stream), so it may run while the training thread writes stamps, scores and
+// ids: a row written meanwhile is either seen at its new stamp or rejected by op_take_victims.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> op_sample_candidates(
+    const at::Tensor& stamp, const c10::optional<at::Tensor>& scores, const at::Tensor& row_ids,
+    at::Tensor& rng_state, int64_t limit, int64_t k, int64_t m) {
   check_sample_args(stamp, scores, rng_state, limit, k, m);
+  TORCH_CHECK(row_ids.dtype() == at::kLong && row_ids.is_contiguous() && row_ids.numel() >= limit,
+              "row_ids must be contiguous int64 covering rows [0, limit)");
+  const int64_t* ids = row_ids.data_ptr<int64_t>();
   const int32_t* st = stamp.data_ptr<int32_t>();
   const int32_t* sc = (scores.has_value() && scores->defined()) ? scores->data_ptr<int32_t>() : st;
   thread_local std::vector<uint64_t> cand_tl;
@@ -719,11 +723,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> op_sample_candidates(const at::Te
     // written between the two reads fails op_take_victims' score check.
     so[i] = (sc == st) ? vo[i] : load_relaxed(&st[ro[i]]);
   }
-  return {rows, stamps, vals};
+  thread_local std::vector<std::pair<int64_t, int64_t>> keyed_tl;  // (id, row) -> position
+  std::vector<std::pair<int64_t, int64_t>>& keyed = keyed_tl;
+  keyed.resize(k);
+  thread_local std::vector<int64_t> pos_of_tl;
+  std::vector<int64_t>& pos_of = pos_of_tl;
+  pos_of.resize(k);
+  for (int64_t i = 0; i < k; ++i) keyed[i] = {__atomic_load_n(&ids[ro[i]], __ATOMIC_RELAXED), i};
+  std::sort(keyed.begin(), keyed.end());
+  at::Tensor by_key = at::empty({k}, at::kLong);
+  int64_t* bk = by_key.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i) bk[i] = keyed[i].second;
+  return {rows, stamps, vals, by_key};
 }
 
 // Victim pre-selection, part 2 (on the training thread, at the eviction round): the first
-// k candidates (in the given order) that are still what op_sample_candidates saw: a row is
+// k candidates (in score order) that are still what op_sample_candidates saw: a row is
 // taken iff stamp[row] == stamps[i] (the row was not written, removed or re-inserted since:
 // every such change moves its stamp to a newer version or to -1), scores[row] == vals[i]
 // (when scores is given: a policy that counts reads without a new stamp) and it is not in
@@ -733,7 +748,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> op_sample_candidates(const at::Te
 std::tuple<at::Tensor, at::Tensor> op_take_victims(const at::Tensor& stamp, const c10::optional<at::Tensor>& scores,
                                                    const at::Tensor& row_ids, const at::Tensor& cand_rows,
                                                    const at::Tensor& cand_stamps, const at::Tensor& cand_scores,
-                                                   const at::Tensor& protect_in, int64_t k) {
+                                                   const at::Tensor& cand_by_key, const at::Tensor& protect_in,
+                                                   int64_t k) {
   TORCH_CHECK(stamp.dtype() == at::kInt && stamp.is_contiguous() && stamp.numel() < (int64_t(1) << 31),
               "stamp must be contiguous int32");
   const int64_t limit = stamp.numel();
@@ -750,14 +766,26 @@ std::tuple<at::Tensor, at::Tensor> op_take_victims(const at::Tensor& stamp, cons
   TORCH_CHECK(cand_rows.dtype() == at::kLong && cand_stamps.dtype() == at::kInt && cand_scores.dtype() == at::kInt,
               "candidates must be (rows int64, stamps int32, scores int32) as sample_candidates returns them");
   const int64_t C = cand_rows.numel();
-  TORCH_CHECK(cand_stamps.numel() == C && cand_scores.numel() == C, "candidate rows, stamps and scores differ in length");
+  TORCH_CHECK(cand_stamps.numel() == C && cand_scores.numel() == C && cand_by_key.numel() == C,
+              "candidate rows, stamps, scores and by_key differ in length");
+  TORCH_CHECK(cand_by_key.dtype() == at::kLong, "cand_by_key must be int64 (as sample_candidates returns it)");
   TORCH_CHECK(k >= 0, "k must be >= 0");
   const at::Tensor cr = cand_rows.contiguous(), cs = cand_stamps.contiguous(), cv = cand_scores.contiguous();
+  const at::Tensor cb = cand_by_key.contiguous();
   const int64_t* crow = cr.data_ptr<int64_t>();
   const int32_t* cst = cs.data_ptr<int32_t>();
   const int32_t* csc = cv.data_ptr<int32_t>();
+  const int64_t* cbk = cb.data_ptr<int64_t>();
   for (int64_t i = 0; i < C; ++i)
     TORCH_CHECK(crow[i] >= 0 && crow[i] < limit, "candidate row ", crow[i], " is outside the table's ", limit, " rows");
+  thread_local std::vector<char> chosen_tl;  // per candidate: a permutation check, then "taken"
+  std::vector<char>& chosen = chosen_tl;
+  chosen.assign(C, 0);
+  for (int64_t j = 0; j < C; ++j) {
+    TORCH_CHECK(cbk[j] >= 0 && cbk[j] < C && !chosen[cbk[j]], "cand_by_key must be a permutation of the candidates");
+    chosen[cbk[j]] = 1;
+  }
+  std::fill(chosen.begin(), chosen.end(), 0);
   const at::Tensor protect = protect_in.contiguous().to(at::kLong);
   const int64_t* pr = protect.data_ptr<int64_t>();
   // The candidates' rows in a small open-addressing set (a few thousand rows: 4 slots a
@@ -789,21 +817,42 @@ std::tuple<at::Tensor, at::Tensor> op_take_victims(const at::Tensor& stamp, cons
         break;
       }
   }
-  thread_local std::vector<std::pair<int64_t, int64_t>> victims_tl;
-  std::vector<std::pair<int64_t, int64_t>>& victims = victims_tl;
-  victims.clear();
+  int64_t taken = 0;
   constexpr int64_t kAhead = 16;
-  for (int64_t i = 0; i < C && static_cast<int64_t>(victims.size()) < k; ++i) {
+  for (int64_t i = 0; i < C && taken < k; ++i) {
     if (i + kAhead < C) {
       __builtin_prefetch(&st[crow[i + kAhead]]);
-      __builtin_prefetch(&ids[crow[i + kAhead]]);
       if (sc != nullptr) __builtin_prefetch(&sc[crow[i + kAhead]]);
     }
     const int64_t r = crow[i];
     if (state[i] != 0 || st[r] != cst[i] || cst[i] < 0 || (sc != nullptr && sc[r] != csc[i])) continue;
-    victims.emplace_back(ids[r], r);
+    chosen[i] = 1;
+    ++taken;
   }
-  return keys_and_rows_by_key(victims, static_cast<int64_t>(victims.size()));
+  // Emit the taken ones in by_key order: a valid candidate's id is the one the order was
+  // computed from (a new id comes with a new stamp), so they come out ascending; the
+  // check below keeps that promise whatever the input.
+  thread_local std::vector<std::pair<int64_t, int64_t>> victims_tl;
+  std::vector<std::pair<int64_t, int64_t>>& victims = victims_tl;
+  victims.clear();
+  bool ascending = true;
+  for (int64_t j = 0; j < C; ++j) {
+    const int64_t i = cbk[j];
+    if (!chosen[i]) continue;
+    const int64_t key = ids[crow[i]];
+    if (!victims.empty() && key < victims.back().first) ascending = false;
+    victims.emplace_back(key, crow[i]);
+  }
+  if (!ascending) std::sort(victims.begin(), victims.end());
+  const int64_t n_out = static_cast<int64_t>(victims.size());
+  at::Tensor keys_out = at::empty({n_out}, at::kLong), rows_out = at::empty({n_out}, at::kLong);
+  int64_t* ko = keys_out.data_ptr<int64_t>();
+  int64_t* ro = rows_out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_out; ++i) {
+    ko[i] = victims[i].first;
+    ro[i] = victims[i].second;
+  }
+  return {keys_out, rows_out};
 }
 
 // ------------------------------------------------------------------ lookup + pooling
@@ -1325,8 +1374,8 @@ TORCH_LIBRARY(gauss_hash, m) {
   m.def("place(Tensor(a!) slots, Tensor keys, Tensor rows) -> ()", &op_place);
   m.def("select_victims(Tensor slots, Tensor stamp, Tensor scores, Tensor protect, int limit, int k) -> (Tensor, Tensor)", &op_select_victims);
   m.def("sample_victims(Tensor stamp, Tensor? scores, Tensor row_ids, Tensor protect, Tensor(a!) rng_state, int limit, int k, int m) -> (Tensor, Tensor)", &op_sample_victims);
-  m.def("sample_candidates(Tensor stamp, Tensor? scores, Tensor(a!) rng_state, int limit, int k, int m) -> (Tensor, Tensor, Tensor)", &op_sample_candidates);
-  m.def("take_victims(Tensor stamp, Tensor? scores, Tensor row_ids, Tensor cand_rows, Tensor cand_stamps, Tensor cand_scores, Tensor protect, int k) -> (Tensor, Tensor)", &op_take_victims);
+  m.def("sample_candidates(Tensor stamp, Tensor? scores, Tensor row_ids, Tensor(a!) rng_state, int limit, int k, int m) -> (Tensor, Tensor, Tensor, Tensor)", &op_sample_candidates);
+  m.def("take_victims(Tensor stamp, Tensor? scores, Tensor row_ids, Tensor cand_rows, Tensor cand_stamps, Tensor cand_scores, Tensor cand_by_key, Tensor protect, int k) -> (Tensor, Tensor)", &op_take_victims);
   m.def("gather_changed(Tensor[] chunks, int[] chunk_rel, int[] exact, int version_rel, Tensor stamp, Tensor row_ids, Tensor weight, int default_row) -> (Tensor, Tensor, Tensor, int)", &op_gather_changed);
   m.def("rows_not_in(Tensor rows, Tensor[] chunks, int num_rows) -> Tensor", &op_rows_not_in);
   m.def("lookup_pool(Tensor slots, Tensor ids, Tensor offsets, Tensor weight, Tensor? psw, int mode, int dflt) -> (Tensor, Tensor)", &op_lookup_pool);

@@ -72,9 +72,10 @@ def test_compiled_candidates_and_take_match_the_references(lfu):
     k, m = 60, 480
     # The candidates are sample_victims' sample (same stream) with nothing protected, in (score, row) order.
     s1, s2 = torch.tensor([99], dtype=torch.int64), torch.tensor([99], dtype=torch.int64)
-    rows, stamps, vals = ops.sample_candidates(stamp, scores, s1, limit, k, m)
+    rows, stamps, vals, by_key = ops.sample_candidates(stamp, scores, row_ids, s1, limit, k, m)
     ids_ref, rows_ref = ops.sample_victims(stamp, scores, row_ids, empty, s2, limit, k, m)
     assert int(s1) == int(s2) and rows.numel() == k
+    assert torch.equal(row_ids[rows][by_key], row_ids[rows].sort().values)  # by_key: the candidates by id
     assert sorted(rows.tolist()) == sorted(rows_ref.tolist())
     score_of = stamp if scores is None else scores
     assert torch.equal(vals, score_of[rows]) and torch.equal(stamps, stamp[rows])
@@ -91,15 +92,15 @@ def test_compiled_candidates_and_take_match_the_references(lfu):
         scores2[rows[5::9]] += 1
     protect = torch.cat([rows[1::5], torch.tensor([-1, limit])])
     for want_k in (k, 10, 0):
-        got_ids, got_rows = ops.take_victims(stamp2, scores2, row_ids, rows, stamps, vals, protect, want_k)
+        got_ids, got_rows = ops.take_victims(stamp2, scores2, row_ids, rows, stamps, vals, by_key, protect, want_k)
         want = _take_reference(stamp2, scores2, row_ids, rows, stamps, vals, protect, want_k)
         assert list(zip(got_ids.tolist(), got_rows.tolist())) == want
     assert len(want) == 0 and got_ids.numel() == 0
-    # a repeated candidate is taken once
+    # a repeated candidate is taken once; an order that is not by id still gives ids ascending
     twice = torch.cat([rows[:4], rows[:4]])
     ids2, _ = ops.take_victims(stamp, scores, row_ids, twice, torch.cat([stamps[:4]] * 2), torch.cat([vals[:4]] * 2),
-                               empty, 8)
-    assert sorted(ids2.tolist()) == sorted(row_ids[rows[:4]].tolist())
+                               torch.arange(7, -1, -1), empty, 8)
+    assert ids2.tolist() == sorted(row_ids[rows[:4]].tolist())
 
 
 def test_compiled_preselect_ops_refuse_bad_input_and_change_nothing():
@@ -110,18 +111,20 @@ def test_compiled_preselect_ops_refuse_bad_input_and_change_nothing():
     state = torch.tensor([5], dtype=torch.int64)
     before = (stamp.clone(), row_ids.clone())
     for bad in (dict(stamp=stamp.to(torch.int64)), dict(limit=limit + 5), dict(limit=0), dict(k=-1),
-                dict(scores=stamp.to(torch.float32))):
-        args = dict(stamp=stamp, scores=None, rng_state=state, limit=limit, k=4, m=32)
+                dict(scores=stamp.to(torch.float32)), dict(row_ids=row_ids[:10])):
+        args = dict(stamp=stamp, scores=None, row_ids=row_ids, rng_state=state, limit=limit, k=4, m=32)
         args.update(bad)
         with pytest.raises(RuntimeError):
             ops.sample_candidates(*args.values())
         assert int(state) == 5  # the stream did not move
-    rows, stamps, vals = ops.sample_candidates(stamp, None, state, limit, 8, 64)
+    rows, stamps, vals, by_key = ops.sample_candidates(stamp, None, row_ids, state, limit, 8, 64)
     good = dict(stamp=stamp, scores=None, row_ids=row_ids, cand_rows=rows, cand_stamps=stamps, cand_scores=vals,
-                protect=torch.empty(0, dtype=torch.int64), k=8)
+                cand_by_key=by_key, protect=torch.empty(0, dtype=torch.int64), k=8)
     for bad, msg in ((dict(cand_rows=torch.tensor([0, 1, limit + 1, 3, 4, 5, 6, 7])), "outside"),
                      (dict(cand_rows=rows[:3]), "differ in length"),
                      (dict(cand_stamps=stamps.to(torch.int64)), "candidates must be"),
+                     (dict(cand_by_key=torch.zeros(8, dtype=torch.int64)), "permutation"),
+                     (dict(cand_by_key=by_key.to(torch.int32)), "cand_by_key must be int64"),
                      (dict(row_ids=row_ids[:10]), "row_ids"),
                      (dict(k=-2), "k must be")):
         args = dict(good)
@@ -179,7 +182,7 @@ def test_a_candidate_changed_after_the_sample_is_never_taken():
     _fill_in_order(t, n)
     pre = VictimPreselector(seed=1)
     pre.prepare(t, 200)
-    (rows, stamps, scores), _ = pre._pending[0].result()  # the candidates, in (score, row) order
+    (rows, stamps, scores, _), _ = pre._pending[0].result()  # the candidates, in (score, row) order
     ids = t._row_ids[rows]
     written = ids[:50]           # written after the sample: a newer stamp
     t.set(written, torch.ones(50, 4))
@@ -196,7 +199,7 @@ def test_a_candidate_changed_after_the_sample_is_never_taken():
     assert torch.equal(got, ids[70:270].sort().values)
     # too few valid candidates left: None, and the caller selects synchronously
     pre.prepare(t, 100)
-    (rows, _, _), _ = pre._pending[0].result()
+    (rows, _, _, _), _ = pre._pending[0].result()
     t.set(t._row_ids[rows], torch.ones(rows.numel(), 4))
     assert pre.take(t, 100, None) is None and pre.rounds_synchronous == 1
 

@@ -165,19 +165,22 @@ class FusedKernels(Protocol):
         rows) of the ``k`` lowest (``scores[row]``, row) among them (``stamp`` when
         ``scores`` is None); fewer than ``k`` when the sample holds fewer candidates."""
 
-    def sample_candidates(self, stamp: torch.Tensor, scores: Optional[torch.Tensor], rng_state: torch.Tensor,
-                          limit: int, k: int, m: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample_candidates(self, stamp: torch.Tensor, scores: Optional[torch.Tensor], row_ids: torch.Tensor,
+                          rng_state: torch.Tensor, limit: int, k: int, m: int
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Optional (with :meth:`take_victims`): victim pre-selection off the training thread.
         The sample of :meth:`sample_victims` with nothing protected; returns the ``k``
         candidates of lowest (score, row), in that order, as (rows int64, the stamps and the
-        scores read, int32). Reads the table only, so it may run while training writes it."""
+        scores read, int32, and their positions ordered by (id, row), int64). Reads the
+        table only, so it may run while training writes it."""
 
     def take_victims(self, stamp: torch.Tensor, scores: Optional[torch.Tensor], row_ids: torch.Tensor,
                      cand_rows: torch.Tensor, cand_stamps: torch.Tensor, cand_scores: torch.Tensor,
-                     protect: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(keys ascending, rows) of the first ``k`` candidates still valid: ``stamp[row]``
-        (and ``scores[row]`` when given) unchanged since :meth:`sample_candidates`, not in
-        ``protect`` (negative entries ignored); fewer than ``k`` when too few are."""
+                     cand_by_key: torch.Tensor, protect: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(keys ascending, rows) of the first ``k`` candidates (in score order) still valid:
+        ``stamp[row]`` (and ``scores[row]`` when given) unchanged since
+        :meth:`sample_candidates`, not in ``protect`` (negative entries ignored); fewer than
+        ``k`` when too few are."""
 
     def gather_changed(self, chunks: List[torch.Tensor], chunk_rel: List[int], exact: List[bool], version_rel: int,
                        stamp: torch.Tensor, row_ids: torch.Tensor, weight: torch.Tensor, default_row: int

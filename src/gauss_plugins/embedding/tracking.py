@@ -360,9 +360,9 @@ def _background_worker() -> ThreadPoolExecutor:
         return _worker[1]
 
 
-def _draw_candidates(sample, stamp, scores, stream, limit: int, k: int, m: int):
+def _draw_candidates(sample, stamp, scores, row_ids, stream, limit: int, k: int, m: int):
     c0 = time.thread_time()
-    out = sample(stamp, scores, stream, limit, k, m)
+    out = sample(stamp, scores, row_ids, stream, limit, k, m)
     return out, time.thread_time() - c0
 
 
@@ -421,8 +421,9 @@ class VictimPreselector:
         stamp = table._row_stamp
         scores = None if array is stamp else array
         k_pool = k + k // 4 + 64
-        future = _background_worker().submit(_draw_candidates, fused.sample_candidates, stamp, scores, self._stream,
-                                             table.capacity, k_pool, k * int(table.eviction.sample_factor))
+        future = _background_worker().submit(_draw_candidates, fused.sample_candidates, stamp, scores,
+                                             table._row_ids, self._stream, table.capacity, k_pool,
+                                             k * int(table.eviction.sample_factor))
         self._pending = (future, stamp, array, table._stamp_base)
 
     def take(self, table: "DynamicEmbeddingTable", k: int, protect: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -434,7 +435,7 @@ class VictimPreselector:
             return None
         future, stamp, array, base = pending
         self.rounds_waited += not future.done()
-        (rows, stamps, scores), cpu_s = future.result()  # a failed job is a bug: raise it here
+        (rows, stamps, scores, by_key), cpu_s = future.result()  # a failed job is a bug: raise it here
         self.background_cpu_ms.append(cpu_s * 1e3)
         backend = _preselect_backend(table, k)
         if (backend is None or stamp is not table._row_stamp or backend[1] is not array or base != table._stamp_base
@@ -444,7 +445,7 @@ class VictimPreselector:
         fused, _ = backend
         guard = protect if protect is not None else torch.empty(0, dtype=torch.int64)
         ids, _ = fused.take_victims(stamp, None if array is stamp else array, table._row_ids, rows, stamps, scores,
-                                    guard, k)
+                                    by_key, guard, k)
         if ids.numel() < k:
             self.rounds_synchronous += 1
             return None
