@@ -50,7 +50,8 @@ partitioned caches: each process caches only the rows it owns, ids exchanged by 
 borrowed rows and their gradients by all-to-all; one torch thread per process, the slowest
 rank's median step, every rank's CPU ms per step recorded), at the 25% budget. The headline
 figure also has ``scaling_2_workers_replicated`` beside it: the earlier design (every process
-caches the global batch's rows, row gradients all-reduced), against the same one-process run. The headline key is the main job's model (HSTU) with a fixed per-worker
+caches the global batch's rows, row gradients all-reduced), against the same one-process run.
+The headline key is the main job's model (HSTU) with a fixed per-worker
 batch (weak scaling: each process trains 32 sequences a step); the record also has
 ``scaling_2_workers_<model>_<batching>`` for the light MLP model and for a fixed global batch
 of 32 split across the processes (strong scaling). Without Lightning, this script's own

@@ -374,7 +374,7 @@ def borrow_rows(table: DynamicEmbeddingTable, parts: List[torch.Tensor], rank: i
                                f"table's max_capacity to budget_rows + one rank's distinct ids a batch, or lower "
                                f"budget_rows")
         found = torch.ones(borrowed.numel(), dtype=torch.bool, device=table.device)
-        table.backing.install(table, borrowed, Lookup(got, None, found))
+        table.backing.install(table, borrowed, Lookup(got, None, found), borrowed=True)
     return borrowed
 
 

@@ -158,10 +158,12 @@ class StoreBacking:
         return found
 
     @torch.no_grad()
-    def install(self, table: "DynamicEmbeddingTable", ids: torch.Tensor, got: Any) -> torch.Tensor:
+    def install(self, table: "DynamicEmbeddingTable", ids: torch.Tensor, got: Any,
+                borrowed: bool = False) -> torch.Tensor:
         """Insert the distinct absent ``ids`` (on the table's device) with ``got``, the store
         ``Lookup`` of them read earlier (a prefetch): stored rows where found, the
-        initializer's elsewhere; they count as clean. No admission check. Returns their rows."""
+        initializer's elsewhere; they count as clean. No admission check. Returns their rows.
+        ``borrowed``: rows another replica owns, lent for one step (not counted as restored)."""
         if ids.numel() == 0:
             return ids
         table._ensure_room(ids.numel(), protect=lambda: ids[:0])
@@ -178,9 +180,10 @@ class StoreBacking:
                 table._init_rows(rows[held], ids[held], version, values=got.values.to(table.device)[held])
         found = self.fill(table, ids, rows, got)
         self._clean_rows(table)[rows if self.deterministic_init else rows[found]] = version
-        n_found = int(found.sum())
-        self.counters["restored_rows"] += n_found
-        self.counters["initialized_rows"] += ids.numel() - n_found
+        if not borrowed:
+            n_found = int(found.sum())
+            self.counters["restored_rows"] += n_found
+            self.counters["initialized_rows"] += ids.numel() - n_found
         return rows
 
     def dirty(self, table: "DynamicEmbeddingTable", rows: torch.Tensor) -> torch.Tensor:
