@@ -214,11 +214,12 @@ class _Coordinator:
         if self._open_recovery is None:
             self._open_recovery = {"t": t, "killed_at": self.s.committed, "events": {}, "workers": {}}
 
-    def _event(self, name: str) -> None:
-        """Timeline of the open recovery: when ``name`` first happened here; :meth:`_on_commit`
-        files it with the recovery as seconds after the kill (or the first sign of the loss)."""
+    def _event(self, name: str, t: Optional[float] = None) -> None:
+        """Timeline of the open recovery: when ``name`` first happened here (``t``, default now);
+        :meth:`_on_commit` files it with the recovery as seconds after the kill (or the first sign
+        of the loss)."""
         if self._open_recovery is not None:
-            self._open_recovery["events"].setdefault(name, time.time())
+            self._open_recovery["events"].setdefault(name, time.time() if t is None else t)
 
     def mark_dead(self, wid: str, reason: str = "") -> None:
         with self.cv:
@@ -321,7 +322,7 @@ class _Coordinator:
             return
         if self._open_recovery is not None and self._open_recovery.get("gen_started", 10 ** 9) <= g.gen:
             r = self._open_recovery
-            self._event("first_step_committed")
+            self._event("first_step_committed", now)
             t0 = r["t"]
             self.recoveries.append({"killed_at": r["killed_at"], "first_step_after_s": now - t0,
                                     "steps_redone": r["steps_redone"], "generation": g.gen, "world": g.world,

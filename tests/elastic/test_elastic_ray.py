@@ -73,6 +73,12 @@ def test_sigkill_mid_step_survivors_continue_and_a_replacement_joins(ray_cluster
         [rec] = st["recoveries"]
         assert rec["steps_redone"] == 0 and rec["killed_at"] >= killed["step"]
         assert rec["world"] == 2 and rec["first_step_after_s"] < 15
+        # Where the seconds went: the coordinator's events and both survivors' phases, in order.
+        events = rec["timeline"]
+        assert events["generation_formed"] <= events["first_step_committed"] == rec["first_step_after_s"]
+        assert len(rec["worker_timelines"]) == 2
+        for phases in rec["worker_timelines"].values():
+            assert phases["joined"] <= phases["group_formed"] <= phases["step_started"] <= phases["optimizer_done"]
         assert st["joins"][0]["join_s"] < 60
         assert st["checkpoint_reads"] == 0
         _assert_exactly_once(trainer)
