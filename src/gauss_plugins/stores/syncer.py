@@ -567,7 +567,6 @@ class Syncer:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._stop.clear()
         self._push_thread = threading.Thread(target=self._run_pushes, name="gauss-syncer-push", daemon=True)
         self._push_thread.start()
         self._thread = threading.Thread(target=self._run, name="gauss-syncer", daemon=True)
