@@ -271,3 +271,23 @@ def test_a_copied_table_starts_without_a_pending_sample():
         assert clone._pending is None and clone.take(t, 100, None) is None
     pre.close()
     assert pre._pending is None
+
+
+def test_a_process_with_a_sample_in_flight_exits_cleanly():
+    """The background thread must not keep a process alive or crash it at exit."""
+    import subprocess
+    import sys
+
+    _cpu_ops()
+    code = (
+        "import torch\n"
+        "from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig\n"
+        "t = DynamicEmbeddingTable(DynamicTableConfig(name='t', dim=4, initial_capacity=20000, max_capacity=20000,\n"
+        "    backend='cpu_ext', eviction='lru', evict_fraction=0.0,\n"
+        "    eviction_options={'exact_below': 0, 'preselect': True}))\n"
+        "t.set(torch.arange(20000), torch.zeros(20000, 4))\n"
+        "t.set(torch.arange(20000, 20100), torch.zeros(100, 4))  # evicts and starts the next sample\n"
+        "assert t._victim_preselector._pending is not None\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
