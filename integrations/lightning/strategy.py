@@ -68,7 +68,7 @@ import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 
-from gauss_plugins.cache import CacheConfig, LookaheadCache
+from gauss_plugins.cache import BudgetError, CacheConfig, LookaheadCache
 from gauss_plugins.embedding import DynamicEmbeddingTable, SparseOptimizer
 from gauss_plugins.embedding.backing import state_layout
 # The table's gradient record: the replicated update rewrites a table's recorded gradients
@@ -243,18 +243,31 @@ def _exchange_batch_id_parts(ids: torch.Tensor, bound: int) -> List[torch.Tensor
     """The cache's ``exchange`` (partitioned caches): the distinct ids of every rank's batch,
     one tensor per rank in rank order, in one collective. A rank's distinct ids must fit the
     cache budget, so a ``bound + 1`` buffer (count first, then the ids) of fixed size needs
-    no size round."""
+    no size round. A batch over the bound fails on every rank alike (its count still travels):
+    a rank that raised before the collective would leave the others waiting in it."""
     n = ids.numel()
-    if n > bound:
-        raise RuntimeError(f"this rank's batch alone needs {n} rows of a table and budget_rows is {bound}; raise "
-                           f"budget_rows or use smaller batches")
     buf = torch.empty(bound + 1, dtype=torch.int64, device=ids.device)
     buf[0] = n
-    buf[1:n + 1] = ids
+    buf[1:min(n, bound) + 1] = ids[:bound]
     parts = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, buf)
     counts = torch.stack([p[0] for p in parts]).tolist()  # one host sync for all ranks' counts
+    if max(counts) > bound:
+        raise BudgetError(f"rank {counts.index(max(counts))}'s batch alone needs {max(counts)} rows of a table and "
+                          f"budget_rows is {bound}; raise budget_rows or use smaller batches")
     return [p[1:c + 1] for p, c in zip(parts, counts)]
+
+
+def _check_owned_fit(parts: List[torch.Tensor], world: int, bound: int) -> None:
+    """Partitioned caches: every rank checks, from the same exchanged ids, that each owner's
+    share of the global batch fits the budget, so all raise together (a rank whose cache alone
+    failed would leave the others waiting in the next collective)."""
+    owners = torch.remainder(torch.unique(torch.cat(parts)), world)
+    counts = torch.bincount(owners, minlength=world)
+    worst = int(counts.argmax())
+    if int(counts[worst]) > bound:
+        raise BudgetError(f"rank {worst} owns {int(counts[worst])} distinct ids of one global batch and budget_rows "
+                          f"is {bound} per rank: raise budget_rows or use smaller batches")
 
 
 # ---------------------------------------------------------------------------- gradients
@@ -704,7 +717,9 @@ class GaussStrategy(DDPStrategy):
             if world > 1:
                 def exchange(ids: torch.Tensor) -> Any:
                     if partitioned:  # each rank's ids: the step borrows rows by them
-                        return _exchange_batch_id_parts(ids, budget)
+                        parts = _exchange_batch_id_parts(ids, budget)
+                        _check_owned_fit(parts, world, budget)
+                        return parts
                     return _exchange_batch_ids(ids, budget)
 
                 def owner_fn(ids: torch.Tensor) -> torch.Tensor:

@@ -248,3 +248,15 @@ def test_two_gloo_replicas_equal_one_process(tmp_path, mode):
     assert torch.equal(r0["rows"], r1["rows"]) and torch.equal(r0["w"], r1["w"])
     # And the reference moved: the comparison is not between two untrained tables.
     assert (one["rows"] - TinyModule().table.lookup(one["ids"]).detach()).abs().max() > 1e-3
+
+
+def test_an_owner_share_over_the_budget_fails_on_every_rank_alike():
+    """Partitioned caches: each rank checks every owner's share of the global batch from the same
+    exchanged ids, so all ranks raise together (not one, leaving the others in a collective)."""
+    from gauss_integrations.lightning.strategy import _check_owned_fit
+    from gauss_plugins.cache import BudgetError
+
+    parts = [torch.tensor([0, 2, 4, 5]), torch.tensor([2, 6, 7])]  # rank 0 owns 0, 2, 4, 6; rank 1 owns 5, 7
+    _check_owned_fit(parts, world=2, bound=4)
+    with pytest.raises(BudgetError, match="rank 0 owns 4 distinct ids"):
+        _check_owned_fit(parts, world=2, bound=3)
