@@ -10,8 +10,8 @@ stale row; a value of the wrong length (another writer, another dim) is an error
 
 Speed: a push of n rows is one pipelined burst of ``MSET`` commands of ``chunk_size`` rows.
 Because every key and value has a fixed width, the RESP bytes of the whole push are laid out
-with numpy in a few vectorised passes and written straight to a pooled redis-py connection
-with one blocking ``sendmsg`` -- per-row Python work (building a dict, redis-py's
+with numpy (vectorised, a block of rows at a time) and written straight to a pooled redis-py
+connection with one blocking ``sendmsg`` -- per-row Python work (building a dict, redis-py's
 per-argument encoder) would otherwise cost more than Redis itself, and a write that returns
 to Python after every partial send waits for the GIL each time a training loop in another
 thread holds it (see :func:`_send_blocking`). Reads are pipelined ``MGET`` s. With ``ttl_s`` each chunk's ``MSET`` is
