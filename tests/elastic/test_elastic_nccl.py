@@ -24,10 +24,12 @@ if torch.cuda.device_count() < 2:
     pytest.skip(f"needs 2 CUDA devices for 2 NCCL workers, this machine has {torch.cuda.device_count()}",
                 allow_module_level=True)
 
-from torch import nn  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))  # the shared checks beside this file
+from elastic_testutil import assert_exactly_once, steps_seen, store_rows  # noqa: E402
 
-from gauss_plugins.elastic.synthetic import (SyntheticIdStream, SyntheticRegressionStream, make_adam,  # noqa: E402
-                                             make_mlp, mse_loss, table_batch_ids, table_mse_loss)
+from gauss_plugins.elastic.synthetic import (SyntheticIdStream, SyntheticRegressionStream,  # noqa: E402
+                                             TableRegressionModel, make_adam, make_mlp, mse_loss, table_batch_ids,
+                                             table_mse_loss)
 
 pytestmark = [pytest.mark.slow, pytest.mark.gpu]
 
@@ -70,26 +72,6 @@ class Rank1DiesInStep:
         return mse_loss(model, batch)
 
 
-def _assert_exactly_once(trainer):
-    st = trainer.status()
-    ledger = trainer.sample_ledger()
-    assert sorted(ledger) == list(range(st["cursor"])), "a sample below the cursor was never trained"
-    assert set(ledger.values()) == {1}, "a sample was trained twice"
-    return st
-
-
-def _steps_seen(trainer, predicate, timeout_s=120):
-    seen = []
-
-    def watch(st):
-        seen.append(st["step"])
-        return predicate(st)
-
-    st = trainer.run_until(watch, timeout_s=timeout_s)
-    assert seen == sorted(seen), f"the step counter went back: {seen}"
-    return st
-
-
 def test_nccl_peer_killed_in_an_all_reduce_survivor_aborts_regroups_and_a_replacement_joins(ray_cluster, tmp_path):
     from gauss_integrations.ray.elastic import ElasticConfig, ElasticTrainer
 
@@ -104,7 +86,7 @@ def test_nccl_peer_killed_in_an_all_reduce_survivor_aborts_regroups_and_a_replac
             return (bool(st["recoveries"]) and st["workers"] == 2 and len(st["joins"]) >= 1
                     and st["step"] >= st["recoveries"][0]["killed_at"] + 8)
 
-        st = _steps_seen(trainer, recovered_and_rejoined, timeout_s=240)
+        st = steps_seen(trainer, recovered_and_rejoined, timeout_s=240)
         assert os.path.exists(marker), "rank 1 never killed itself: the test did not exercise a death"
         rec = st["recoveries"][0]
         join = st["joins"][0]
@@ -118,7 +100,7 @@ def test_nccl_peer_killed_in_an_all_reduce_survivor_aborts_regroups_and_a_replac
         # so its recovery must have gone through aborting the communicator.
         assert any("aborted its NCCL collectives" in f["reason"] for f in st["failures"]), st["failures"]
         assert not st["errors"], st["errors"]
-        st = _assert_exactly_once(trainer)
+        st = assert_exactly_once(trainer)
         losses = [loss for _, loss in st["losses"]]
         assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, f"the loss did not fall: {losses}"
         # The replacement got its weights and Adam state from the live peer, over NCCL.
@@ -129,34 +111,10 @@ def test_nccl_peer_killed_in_an_all_reduce_survivor_aborts_regroups_and_a_replac
         trainer.shutdown()
 
 
-class CudaTableModel(nn.Module):
-    """:class:`~gauss_plugins.elastic.synthetic.TableRegressionModel` with its dynamic table on the
-    worker's GPU: under NCCL the row collectives move CUDA tensors."""
-
-    def __init__(self, dim: int = 8, lr: float = 0.2, seed: int = 0) -> None:
-        super().__init__()
-        from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
-
-        self.table = DynamicEmbeddingTable(DynamicTableConfig(
-            name="items", dim=dim, seed=seed, initial_capacity=256, device="cuda",
-            optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
-        g = torch.Generator().manual_seed(seed)
-        self.head = nn.Linear(dim, 1)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.randn(1, dim, generator=g) * 0.3)
-            self.head.bias.zero_()
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.table(ids).sum(1)).squeeze(1)
-
-
-def _store_rows(store):
-    ids, values, state = [], [], []
-    for b in store.export():
-        ids.append(b.ids), values.append(b.values), state.append(b.state)
-    ids, values, state = torch.cat(ids), torch.cat(values), torch.cat(state)
-    order = ids.argsort()
-    return ids[order], values[order], state[order]
+def make_cuda_table_model() -> TableRegressionModel:
+    """The row tests' model with its dynamic table on the worker's GPU: under NCCL the row
+    collectives move CUDA tensors."""
+    return TableRegressionModel(device="cuda")
 
 
 def test_nccl_rows_on_the_gpu_against_a_shared_store_survive_a_sigkill(ray_cluster, tmp_path):
@@ -164,14 +122,14 @@ def test_nccl_rows_on_the_gpu_against_a_shared_store_survive_a_sigkill(ray_clust
     from gauss_integrations.ray.sharded_store import ShardedTierPS
     from gauss_plugins.embedding.backing import pack_state, state_layout
 
-    probe = CudaTableModel().table
+    probe = make_cuda_table_model().table
     store = ShardedTierPS(probe.dim, str(tmp_path / "ps"), num_shards=1,
                           state_dim=sum(w for _, _, w in state_layout(probe)), actor_options={"num_cpus": 0})
     config = ElasticConfig(num_workers=2, min_workers=1, max_workers=2, batch_size=8, backend="nccl",
                            name="e12-nccl-rows")
-    trainer = ElasticTrainer(CudaTableModel, make_adam, table_mse_loss, SyntheticIdStream(num_ids=64), config,
+    trainer = ElasticTrainer(make_cuda_table_model, make_adam, table_mse_loss, SyntheticIdStream(num_ids=64), config,
                              stores={"items": store}, table_ids=table_batch_ids)
-    driver = CudaTableModel()
+    driver = make_cuda_table_model()
     driver_opt = make_adam(list(driver.parameters()))
     try:
         trainer.start(timeout_s=240)
@@ -183,7 +141,7 @@ def test_nccl_rows_on_the_gpu_against_a_shared_store_survive_a_sigkill(ray_clust
                 killed["pid"] = trainer.kill_worker(1, signal.SIGKILL)
             return bool(killed) and st["workers"] == 2 and len(st["joins"]) >= 1 and st["step"] >= 20
 
-        st = _steps_seen(trainer, kill_then_rejoin, timeout_s=240)
+        st = steps_seen(trainer, kill_then_rejoin, timeout_s=240)
         assert st["recoveries"] and st["recoveries"][0]["steps_redone"] == 0
         digests = trainer.replica_digests()
         assert len(digests) == 2 and len(set(digests.values())) == 1, f"the replicas disagree: {digests}"
@@ -191,13 +149,13 @@ def test_nccl_rows_on_the_gpu_against_a_shared_store_survive_a_sigkill(ray_clust
         assert ack["acked_step"] == st["step"]
         assert trainer.fetch_state(driver, driver_opt) == st["step"]
         # The store (CPU, in its own actor) holds exactly the rows the GPU replicas trained.
-        s_ids, s_values, s_state = _store_rows(store)
+        s_ids, s_values, s_state = store_rows(store)
         t_ids = driver.table.index.keys_and_rows()[0].sort().values
         rows = driver.table.find(t_ids)
         assert torch.equal(s_ids, t_ids.cpu()), "the store and the trained table hold different ids"
         assert torch.equal(s_values, driver.table.weight.index_select(0, rows).float().cpu())
         assert torch.equal(s_state, pack_state(driver.table, rows).cpu())
-        st = _assert_exactly_once(trainer)
+        st = assert_exactly_once(trainer)
         losses = [loss for _, loss in st["losses"]]
         assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, f"the loss did not fall: {losses}"
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import time
 
@@ -11,6 +12,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+sys.path.insert(0, os.path.dirname(__file__))  # the shared checks beside this file
+from elastic_testutil import assert_exactly_once, steps_seen  # noqa: E402
 from gauss_plugins.elastic.state import latest_disaster_checkpoint  # noqa: E402
 from gauss_plugins.elastic.synthetic import SlowLoss, SyntheticRegressionStream, make_adam, make_mlp  # noqa: E402
 
@@ -33,27 +36,6 @@ def _trainer(workers, **cfg):
     return ElasticTrainer(make_mlp, make_adam, SlowLoss(0.02), SyntheticRegressionStream(16), config)
 
 
-def _assert_exactly_once(trainer, start=0):
-    st = trainer.status()
-    ledger = trainer.sample_ledger()
-    assert sorted(ledger) == list(range(start, st["cursor"])), "a sample below the cursor was never trained"
-    assert set(ledger.values()) == {1}, "a sample was trained twice"
-    assert st["samples_trained"] == st["cursor"] - start
-    return st
-
-
-def _steps_seen(trainer, predicate, timeout_s=90):
-    seen = []
-
-    def watch(st):
-        seen.append(st["step"])
-        return predicate(st)
-
-    st = trainer.run_until(watch, timeout_s=timeout_s)
-    assert seen == sorted(seen), f"the step counter went back: {seen}"
-    return st
-
-
 def test_sigkill_mid_step_survivors_continue_and_a_replacement_joins(ray_cluster, tmp_path):
     trainer = _trainer(3, disaster_checkpoint_every=5, checkpoint_dir=str(tmp_path)).start()
     killed = {}
@@ -69,7 +51,7 @@ def test_sigkill_mid_step_survivors_continue_and_a_replacement_joins(ray_cluster
         return bool(killed) and st["workers"] == 3 and len(st["joins"]) == 1 and st["step"] >= killed["step"] + 15
 
     try:
-        st = _steps_seen(trainer, kill_at_step_10_then_wait_for_the_replacement)
+        st = steps_seen(trainer, kill_at_step_10_then_wait_for_the_replacement)
         [rec] = st["recoveries"]
         assert rec["steps_redone"] == 0 and rec["killed_at"] >= killed["step"]
         assert rec["world"] == 2 and rec["first_step_after_s"] < 15
@@ -81,7 +63,7 @@ def test_sigkill_mid_step_survivors_continue_and_a_replacement_joins(ray_cluster
             assert phases["joined"] <= phases["group_formed"] <= phases["step_started"] <= phases["optimizer_done"]
         assert st["joins"][0]["join_s"] < 60
         assert st["checkpoint_reads"] == 0
-        _assert_exactly_once(trainer)
+        assert_exactly_once(trainer)
         losses = [loss for _, loss in st["losses"]]
         assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     finally:
@@ -96,10 +78,10 @@ def test_scale_2_3_2_while_training_through_the_cli(ray_cluster, capsys):
         trainer.run(steps=5)
         assert main(["elastic", "scale", "--workers", "3"]) == 0
         # a join counts once the new worker's generation committed a step
-        st = _steps_seen(trainer, lambda s: s["workers"] == 3 and len(s["joins"]) == 1)
+        st = steps_seen(trainer, lambda s: s["workers"] == 3 and len(s["joins"]) == 1)
         gen3, step3 = st["generation"], st["step"]
         trainer.scale(2)
-        st = _steps_seen(trainer, lambda s: s["workers"] == 2 and s["generation"] > gen3
+        st = steps_seen(trainer, lambda s: s["workers"] == 2 and s["generation"] > gen3
                          and s["step"] >= step3 + 5)
         assert st["recoveries"] == [] and len(st["joins"]) == 1, st
         assert main(["elastic", "status"]) == 0
@@ -108,7 +90,7 @@ def test_scale_2_3_2_while_training_through_the_cli(ray_cluster, capsys):
         assert "allows 1..4" in capsys.readouterr().err
         with pytest.raises(ValueError, match="1..4"):
             trainer.scale(0)
-        _assert_exactly_once(trainer)
+        assert_exactly_once(trainer)
     finally:
         trainer.shutdown()
     assert main(["elastic", "status"]) == 2
@@ -127,10 +109,10 @@ def test_kill_during_scale_up(ray_cluster):
                 killed.append(trainer.kill_worker(0))
             return bool(killed) and st["workers"] == 3 and st["step"] >= 20
 
-        st = _steps_seen(trainer, kill_while_the_new_worker_starts)
+        st = steps_seen(trainer, kill_while_the_new_worker_starts)
         assert st["generation"] >= 3  # the kill, then the joins
         assert len(st["recoveries"]) == 1 and st["recoveries"][0]["steps_redone"] == 0
-        _assert_exactly_once(trainer)
+        assert_exactly_once(trainer)
     finally:
         trainer.shutdown()
 
@@ -156,7 +138,7 @@ def test_coordinator_killed_clear_error_then_disaster_checkpoint(ray_cluster, tm
         assert st["step"] == 10 and st["cursor"] == cursor and st["checkpoint_reads"] == 1
         st = again.run(steps=5)
         assert st["step"] == 15
-        _assert_exactly_once(again, start=cursor)
+        assert_exactly_once(again, start=cursor)
         # resumed from step 10's weights and optimizer state: step 11 repeats the first run's step 11
         assert st["losses"][0][0] == 11
         assert abs(st["losses"][0][1] - first_run[11]) < 1e-4 * max(1.0, first_run[11]), (st["losses"], first_run)
@@ -174,11 +156,11 @@ def test_hung_worker_is_detected_by_heartbeat_and_replaced(ray_cluster):
         return bool(hung) and len(st["recoveries"]) == 1 and st["workers"] == 3 and len(st["joins"]) == 1
 
     try:
-        st = _steps_seen(trainer, stop_rank_2_then_wait)
+        st = steps_seen(trainer, stop_rank_2_then_wait)
         assert st["recoveries"][0]["steps_redone"] == 0
         assert st["recoveries"][0]["first_step_after_s"] < 20  # dead_after_s, a kill, a regroup
         assert any("no heartbeat" in e for e in st["errors"])
-        _assert_exactly_once(trainer)
+        assert_exactly_once(trainer)
     finally:
         trainer.shutdown()
         try:
@@ -214,12 +196,12 @@ def test_backlog_policy_scales_up_then_down(ray_cluster, tmp_path):
     try:
         trainer.run(steps=3)
         feed.write_text(str(trainer.status()["cursor"] + 100_000))  # a burst far behind: max_workers (3)
-        st = _steps_seen(trainer, lambda s: s["workers"] == 3 and len(s["joins"]) == 2)
+        st = steps_seen(trainer, lambda s: s["workers"] == 3 and len(s["joins"]) == 2)
         assert st["target"] == 3
         feed.write_text("0")  # drained: back to min_workers
-        st = _steps_seen(trainer, lambda s: s["workers"] == 1 and s["target"] == 1 and s["step"] > st["step"] + 3)
+        st = steps_seen(trainer, lambda s: s["workers"] == 1 and s["target"] == 1 and s["step"] > st["step"] + 3)
         assert st["errors"] == [] and st["recoveries"] == []
-        _assert_exactly_once(trainer)
+        assert_exactly_once(trainer)
     finally:
         trainer.shutdown()
 
@@ -240,11 +222,11 @@ def test_a_survivor_abandons_the_in_flight_step_mid_forward(ray_cluster):
         return bool(killed) and len(st["recoveries"]) == 1 and st["step"] >= 4
 
     try:
-        st = _steps_seen(trainer, kill_mid_forward, timeout_s=120)
+        st = steps_seen(trainer, kill_mid_forward, timeout_s=120)
         # The survivor stopped its forward when the coordinator learnt of the death, instead of
         # finishing the step's forward and backward to fail at the all-reduce.
         assert any("_StepAbandoned" in f["reason"] for f in st["failures"]), st["failures"]
         assert st["recoveries"][0]["steps_redone"] == 0
-        _assert_exactly_once(trainer)
+        assert_exactly_once(trainer)
     finally:
         trainer.shutdown()

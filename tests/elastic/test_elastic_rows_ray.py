@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 
 import pytest
@@ -13,6 +14,8 @@ ray = pytest.importorskip("ray")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))  # the shared checks beside this file
+from elastic_testutil import store_rows  # noqa: E402
 from gauss_plugins.elastic.synthetic import (SyntheticIdStream, TableRegressionModel, make_adam,  # noqa: E402
                                              table_batch_ids, table_mse_loss)
 from gauss_plugins.embedding.backing import state_layout  # noqa: E402
@@ -33,15 +36,6 @@ def ray_cluster():
     shutil.rmtree(RAY_DIR, ignore_errors=True)
 
 
-def _store_rows(store):
-    ids, values, state = [], [], []
-    for b in store.export():
-        ids.append(b.ids), values.append(b.values), state.append(b.state)
-    ids, values, state = torch.cat(ids), torch.cat(values), torch.cat(state)
-    order = ids.argsort()
-    return ids[order], values[order], state[order]
-
-
 def _table_rows(table):
     from gauss_plugins.embedding.backing import pack_state
 
@@ -51,7 +45,7 @@ def _table_rows(table):
 
 
 def _assert_store_is(store, table):
-    s_ids, s_values, s_state = _store_rows(store)
+    s_ids, s_values, s_state = store_rows(store)
     t_ids, t_values, t_state = _table_rows(table)
     assert torch.equal(s_ids, t_ids), "the store and the trained table hold different ids"
     assert torch.equal(s_values, t_values), "a stored row differs from the trained row"
@@ -94,7 +88,7 @@ def test_rows_survive_a_sigkill_right_after_an_acknowledged_write(ray_cluster, t
         # SIGKILL rank 0 right after the store acknowledged its write.
         killed = trainer.kill_worker(0, signal.SIGKILL)
         _wait(lambda s: s["generation"] >= 2 and killed not in [m["pid"] for m in s["members"]], trainer)
-        s_ids, s_values, s_state = _store_rows(store)
+        s_ids, s_values, s_state = store_rows(store)
         assert torch.equal(s_values, acked_values) and torch.equal(s_state, acked_state), \
             "an acknowledged row update was lost or changed by the trainer's death"
 

@@ -108,12 +108,13 @@ class TableRegressionModel(nn.Module):
     """A dynamic table (``rowwise_adagrad``, its state in the row) and a linear head: the
     prediction of a sample is ``head(sum of its ids' rows)``. For the elastic row tests."""
 
-    def __init__(self, dim: int = 8, lr: float = 0.2, seed: int = 0) -> None:
+    def __init__(self, dim: int = 8, lr: float = 0.2, seed: int = 0, device: str = "cpu") -> None:
         super().__init__()
         from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
 
+        # ``device="cuda"`` for NCCL workers: a table is not moved by ``module.to``.
         self.table = DynamicEmbeddingTable(DynamicTableConfig(
-            name="items", dim=dim, seed=seed, initial_capacity=256,
+            name="items", dim=dim, seed=seed, initial_capacity=256, device=device,
             optimizer=OptimizerConfig(name="rowwise_adagrad", lr=lr)))
         g = torch.Generator().manual_seed(seed)  # every replica starts with the same head
         self.head = nn.Linear(dim, 1)
