@@ -1,9 +1,7 @@
 """The syncer with the embedded WePS: pushes, tombstones, dense manifests, outages, spills."""
 from __future__ import annotations
 
-import itertools
 import json
-import threading
 import time
 
 import pytest
@@ -105,125 +103,6 @@ def test_outage_coalesces_spills_and_loses_nothing(tmp_path):
     assert _same(ps, weps)
     syncer.close()
     ps.close()
-
-
-class GatedWePS(WePS):
-    """A WePS whose pushes can be held at the door (``gate`` cleared) and made to fail once
-    (``fail``); it records what every push it accepted wrote, in order."""
-
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-        self.fail = False
-        self.applied = []  # (version, ids, values) per accepted push
-
-    def apply_changes(self, batch: ChangeBatch) -> None:
-        self.entered.set()
-        assert self.gate.wait(30), "the test never opened the gate"
-        if self.fail:
-            self.fail = False
-            raise ConnectionError("serving store dropped the push")
-        self.applied.append((batch.version, batch.ids.clone(), batch.values.clone()))
-        super().apply_changes(batch)
-
-
-def _wait(condition, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.005)
-
-
-def _caught_up(syncer, ps) -> bool:
-    s = syncer.stats()
-    return s["pushed_version"] == ps.version and s["pending_rows"] == 0 and s["consecutive_failures"] == 0
-
-
-@pytest.mark.parametrize("fail", [False, True], ids=["push-ok", "push-fails"])
-def test_pulls_go_on_while_a_push_is_in_flight_and_no_row_goes_back_in_time(tmp_path, fail):
-    """The background syncer keeps pulling while a push is held at the serving store; the
-    rows pulled meanwhile go with the next push. Whether the held push succeeds or fails
-    (then it is sent again, merged with the newer rows, which win, and with deletions made
-    meanwhile), serving ends equal to training, pushes land in version order, and no row's
-    value ever lands after a newer one (every write here is larger than the one before)."""
-    ps = TierPS(2, str(tmp_path / "ps"))
-    weps = GatedWePS(2)
-    counter = itertools.count(1)
-
-    def write(ids):
-        ps.put(ids, torch.full((ids.numel(), 2), float(next(counter))))
-
-    write(torch.arange(100))
-    syncer = Syncer(ps, weps, interval_s=0.02)
-    _wait(lambda: _caught_up(syncer, ps), "the first push landed")
-    weps.gate.clear()
-    weps.entered.clear()
-    weps.fail = fail
-    write(torch.arange(0, 50))
-    assert weps.entered.wait(10), "no push started"
-    write(torch.arange(25, 75))              # newer values for half of the held push's rows
-    ps.delete(torch.arange(40, 45))          # rows of the held push, deleted since
-    ps.delete(torch.arange(90, 95))
-    _wait(lambda: syncer.stats()["pulled_version"] == ps.version, "a pull ran while the push was held")
-    assert weps.version < ps.version
-    weps.gate.set()
-    _wait(lambda: _caught_up(syncer, ps), "serving caught up")
-    syncer.close()
-    assert syncer.failures == int(fail)
-    assert _same(ps, weps)
-    assert weps.lookup(torch.cat([torch.arange(40, 45), torch.arange(90, 95)])).found.sum() == 0
-    versions = [v for v, _, _ in weps.applied]
-    assert versions == sorted(versions)
-    newest = {}
-    for _, ids, vals in weps.applied:
-        for i, x in zip(ids.tolist(), vals[:, 0].tolist()):
-            assert x >= newest.get(i, 0.0), f"row {i}: value {x} landed after {newest[i]}"
-            newest[i] = x
-    ps.close()
-
-
-class ScriptedSource:
-    """A source whose next pull returns the batch the test queued (``full`` images included)."""
-
-    dim = 2
-
-    def __init__(self):
-        self.version = 0
-        self.next: list = []
-
-    def queue(self, ids, version, full=False, deleted=()):
-        ids = torch.tensor(ids, dtype=torch.int64)
-        self.next.append(ChangeBatch(ids, torch.full((ids.numel(), 2), float(version)), None,
-                                     torch.tensor(deleted, dtype=torch.int64), version, full=full))
-        self.version = version
-
-    def changes_since(self, version):
-        if not self.next:
-            return ChangeBatch(torch.empty(0, dtype=torch.int64), torch.empty(0, 2), None,
-                               torch.empty(0, dtype=torch.int64), self.version)
-        return self.next.pop(0)
-
-
-def test_full_image_during_a_push_in_flight_deletes_that_push_s_rows_the_source_lacks():
-    """A full image (the source's log no longer reaches back) pulled while a push is in flight:
-    rows of that push missing from the image were deleted since, so they become tombstones
-    that land after the push -- serving must not keep them."""
-    source, weps = ScriptedSource(), GatedWePS(2)
-    source.queue([1, 2, 3], 1, full=True)
-    syncer = Syncer(source, weps, interval_s=0.02)
-    _wait(lambda: weps.version == 1, "the first push landed")
-    weps.gate.clear()
-    weps.entered.clear()
-    source.queue([4], 2)
-    assert weps.entered.wait(10), "no push started"
-    source.queue([1, 2, 3], 3, full=True)  # 4 was deleted; Redis does not hold it yet
-    _wait(lambda: syncer.stats()["pulled_version"] == 3, "the full image was pulled")
-    weps.gate.set()
-    _wait(lambda: weps.version == 3 and syncer.stats()["pending_rows"] == 0, "serving caught up")
-    syncer.close()
-    assert sorted(weps.stored_ids().tolist()) == [1, 2, 3]
 
 
 def test_dense_manifest_binds_versions(tmp_path):

@@ -1,6 +1,6 @@
 """Second-level sync from a training store to a serving store, plus dense weights on fsspec.
 
-A :class:`Syncer` runs two background threads. Every ``interval_s`` (default 1 s) one
+A :class:`Syncer` runs one background thread. Every ``interval_s`` (default 1 s) it
 
 1. *pulls* from the source (a :class:`~gauss_plugins.stores.tierps.TierPS`, or anything with
    ``version`` and ``changes_since(version) -> ChangeBatch``) the rows changed and the ids
@@ -9,13 +9,8 @@ A :class:`Syncer` runs two background threads. Every ``interval_s`` (default 1 s
 2. *coalesces* them into a pending buffer keyed by id (the latest value or tombstone wins),
    bounded by ``max_pending_bytes``: past the budget the buffer spills to an on-disk
    :class:`~gauss_plugins.stores.disk.DiskTier` in ``spill_dir``;
-3. and the other *pushes* the whole buffer to the target (``apply_changes``) in batches of
-   ``push_batch_rows``. The push takes the buffer and leaves an empty one in its place, so
-   the next pull does not wait for a slow push (pulling and pushing overlap); pushes run
-   one at a time, in version order, so an older value of a row never lands after a newer
-   one. Only when every batch was acknowledged is the taken buffer dropped; if the push
-   fails, it takes back what was pulled meanwhile (the newer entries win) and is sent whole
-   by the next push.
+3. *pushes* the whole buffer to the target (``apply_changes``) in batches of
+   ``push_batch_rows``; only when every batch was acknowledged is the buffer cleared.
 
 If the target is down (Redis stopped, restarting, unreachable), step 3 fails, the error is
 counted and kept in :meth:`Syncer.stats`, and the next cycle retries with everything that
@@ -349,26 +344,14 @@ class _Pending:
     (1.0 marks a tombstone).
     """
 
-    def __init__(self, width: int, budget_bytes: int, spill_dir: Optional[str], counters: Dict[str, int]):
+    def __init__(self, width: int, budget_bytes: int, spill_dir: Optional[str]):
         self.width = width
         self.budget_bytes = budget_bytes
         self._spill_base = spill_dir
         self._spill_path: Optional[str] = None
         self.spill: Optional[DiskTier] = None
-        self.counters = counters  # shared by the syncer's buffers: "spills"
+        self.spills = 0
         self._reset_memory()
-
-    def fresh(self) -> "_Pending":
-        """An empty buffer with the same settings (the next one to fill while this one is pushed)."""
-        return _Pending(self.width, self.budget_bytes, self._spill_base, self.counters)
-
-    def absorb(self, newer: "_Pending") -> None:
-        """Fold ``newer``'s entries into this buffer, newer winning, and close ``newer``: a push
-        that failed takes back what was pulled while it was in flight."""
-        for ids, rows, tomb in newer.batches(1 << 20):
-            up = ~tomb
-            self.add(ChangeBatch(ids[up], rows[up], None, ids[tomb], 0), include_state=False)
-        newer.close()
 
     def _reset_memory(self) -> None:
         self.ids = torch.empty(0, dtype=torch.int64)
@@ -436,7 +419,7 @@ class _Pending:
             self.spill = DiskTier(self._spill_path, self.width + 1, sync=False, min_compact_bytes=64 << 20)
         rows = torch.cat([self.rows, self.tomb.to(torch.float32).unsqueeze(1)], dim=1)
         self.spill.put(self.ids, rows)  # overwrites older spilled entries of the same ids
-        self.counters["spills"] += 1
+        self.spills += 1
         self._reset_memory()
 
     def batches(self, size: int):
@@ -484,8 +467,7 @@ class Syncer:
         interval_s: seconds between pushes.
         dense_url: where dense weights and the manifest go (local path or fsspec URL).
         include_state: also push optimizer state (the target needs ``state_dim`` then).
-        max_pending_bytes: memory budget of the pending buffer before it spills to disk (the
-            buffer of a push in flight has its own: at most twice this in all).
+        max_pending_bytes: memory budget of the pending buffer before it spills to disk.
         spill_dir: directory under which the spill gets a private subdirectory (default: the
             system's temporary directory); the subdirectory is removed once the target has
             acknowledged everything.
@@ -523,9 +505,8 @@ class Syncer:
         self.include_state = include_state
         self.push_batch_rows = int(push_batch_rows)
         self.keep_dense = int(keep_dense)
-        self._pending = _Pending(width, int(max_pending_bytes), spill_dir, {"spills": 0})
+        self._pending = _Pending(width, int(max_pending_bytes), spill_dir)
         self._pending_clock: List[Tuple[np.ndarray, np.ndarray]] = []
-        self._inflight: Optional[_Pending] = None  # the buffer a push is writing now
         self._pulled_version = start_version
         self.pushed_version = start_version
         # A source that keeps a change log per consumer (TierPS) may drop what we have read.
@@ -533,18 +514,10 @@ class Syncer:
         if hasattr(source, "register_consumer"):
             self._consumer = f"syncer-{id(self):x}"
             source.register_consumer(self._consumer, start_version)
-        # Pulls fill `_pending` while a push writes the buffer taken before (`_inflight`).
-        # _pull_lock: one pull at a time, and the pending buffer, its clock and _pulled_version;
-        # _push_lock: one push at a time, so pushes reach the target in version order. A push
-        # takes _pull_lock inside _push_lock (never the other way round), briefly.
-        self._pull_lock = threading.Lock()
-        self._push_lock = threading.Lock()
-        self._fail_lock = threading.Lock()
+        self._lock = threading.Lock()  # one cycle at a time (thread, sync_now, close)
         self._stop = threading.Event()
-        self._wake = threading.Event()  # pull now (publish_dense, close)
-        self._pushable = threading.Event()  # a pull finished: push what is pending
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._push_thread: Optional[threading.Thread] = None
         self.reports: Deque[Dict[str, Any]] = deque(maxlen=history)
         self._fresh: Deque[Tuple[np.ndarray, np.ndarray]] = deque(maxlen=history)
         self.failures = 0
@@ -567,21 +540,16 @@ class Syncer:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._push_thread = threading.Thread(target=self._run_pushes, name="gauss-syncer-push", daemon=True)
-        self._push_thread.start()
         self._thread = threading.Thread(target=self._run, name="gauss-syncer", daemon=True)
         self._thread.start()
 
     def close(self, final_push: bool = True, timeout: float = 30.0) -> None:
-        """Stop the threads (a push in flight finishes first); with ``final_push`` try one
-        last cycle (errors are kept, not raised)."""
+        """Stop the thread; with ``final_push`` try one last cycle (errors are kept, not raised)."""
         self._stop.set()
         self._wake.set()
-        self._pushable.set()
-        for thread in (self._thread, self._push_thread):
-            if thread is not None:
-                thread.join(timeout)
-        self._thread = self._push_thread = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
         if final_push:
             self._cycle()
         self._pending.close()
@@ -596,8 +564,6 @@ class Syncer:
         self.close()
 
     def _run(self) -> None:
-        """The pulling thread: a pull every ``interval_s``, whether or not the push of the
-        previous pull is still in flight (the pushing thread takes what accumulated)."""
         next_at = time.monotonic() + self.interval_s
         while not self._stop.is_set():
             self._wake.wait(max(0.0, next_at - time.monotonic()))
@@ -605,40 +571,20 @@ class Syncer:
             if self._stop.is_set():
                 break
             next_at = time.monotonic() + self.interval_s
-            self._pull_step()
-            self._pushable.set()
-
-    def _run_pushes(self) -> None:
-        """The pushing thread: after each pull, push everything pending. A push that takes
-        longer than the interval overlaps the next pull instead of delaying it; the rows
-        pulled meanwhile (coalesced by id) go with the next push."""
-        while True:
-            self._pushable.wait()
-            self._pushable.clear()
-            if self._stop.is_set():
-                break
-            self._push_step()
+            self._cycle()
 
     # ------------------------------------------------------------------ one cycle
     def sync_now(self) -> bool:
-        """Run one pull + push in the caller's thread (after a push in flight, if any);
-        True when the target is up to date."""
+        """Run one pull + push in the caller's thread; True when the target is up to date."""
         return self._cycle()
 
     def _cycle(self) -> bool:
-        return self._pull_step() and self._push_step()
-
-    def _pull_step(self) -> bool:
-        with self._pull_lock:
+        with self._lock:
             try:
                 self._pull()
             except Exception as exc:  # a broken source is a bug, but must not kill the thread
                 self._fail(exc, "pull")
                 return False
-        return True
-
-    def _push_step(self) -> bool:
-        with self._push_lock:
             try:
                 instance = self._check_instance()
             except Exception as exc:
@@ -676,9 +622,8 @@ class Syncer:
             log.warning("syncer: serving store instance changed (%s -> %s); resyncing every row",
                         self._instance, instance)
             self.resyncs += 1
-            with self._pull_lock:
-                self._pulled_version = 0
-                self._pull()
+            self._pulled_version = 0
+            self._pull()
             self._instance = None
         return instance
 
@@ -697,13 +642,9 @@ class Syncer:
         if batch.full:
             # A complete image: rows the target holds that the source lacks were deleted
             # before we could see it (a syncer attached late, a trimmed log): tombstones.
-            # So are rows of a push still in flight (they land before this pull's push).
             stored = getattr(self.target, "stored_ids", None)
-            held = [stored()] if stored is not None else []
-            if self._inflight is not None:
-                held.append(self._inflight.ids_pending())
-            if held:
-                held = torch.unique(torch.cat(held))
+            if stored is not None:
+                held = stored()
                 extra = held[~torch.isin(held, batch.ids)]
                 if extra.numel():
                     batch = ChangeBatch(batch.ids, batch.values, batch.state, torch.cat([batch.deleted, extra]),
@@ -712,23 +653,16 @@ class Syncer:
         self._pulled_version = batch.version
 
     def _push(self) -> bool:
-        """Push everything pending (the caller holds _push_lock). The buffer is taken and a
-        fresh one put in its place, so pulls go on while this push writes; if the push fails,
-        the buffer takes back what was pulled meanwhile (newer entries win) and the next push
-        sends it all. Pushes never overlap: a row's older value can never land after a newer."""
-        with self._pull_lock:
-            if not len(self._pending) and self.pushed_version == self._pulled_version:
-                return True
-            pending, clock, target_version = self._pending, self._pending_clock, self._pulled_version
-            self._inflight = pending  # before _pending changes: see stats()
-            self._pending, self._pending_clock = pending.fresh(), []
+        if not len(self._pending) and self.pushed_version == self._pulled_version:
+            return True
         t0 = time.monotonic()
         rows = deleted = nbytes = 0
+        target_version = self._pulled_version
         dim = self.source.dim
         atomic = bool(getattr(self.target, "atomic_apply", False))
         try:
             batches = []
-            for ids, vals, tomb in pending.batches(self.push_batch_rows):
+            for ids, vals, tomb in self._pending.batches(self.push_batch_rows):
                 if bool(tomb.any()):
                     up = ~tomb
                     values, up_ids, gone = vals[up], ids[up], ids[tomb]
@@ -757,19 +691,14 @@ class Syncer:
                 self.target.apply_changes(ChangeBatch(torch.empty(0, dtype=torch.int64), torch.empty(0, dim),
                                                       None, torch.empty(0, dtype=torch.int64), target_version))
         except Exception as exc:
-            with self._pull_lock:
-                pending.absorb(self._pending)
-                self._pending, self._pending_clock = pending, clock + self._pending_clock
-                self._inflight = None
             self._fail(exc, "push")
             return False
         ack = time.time()
         latency = time.monotonic() - t0
-        with self._pull_lock:
-            self._inflight = None
-        pending.clear()
-        times = np.concatenate([t for t, _ in clock]) if clock else np.empty(0)
-        weights = np.concatenate([w for _, w in clock]) if clock else np.empty(0)
+        self._pending.clear()
+        times = np.concatenate([t for t, _ in self._pending_clock]) if self._pending_clock else np.empty(0)
+        weights = np.concatenate([w for _, w in self._pending_clock]) if self._pending_clock else np.empty(0)
+        self._pending_clock = []
         fresh = ack - times
         p50, p99 = _weighted_quantiles(fresh, weights, (0.5, 0.99))
         self._fresh.append((fresh, weights))
@@ -783,13 +712,11 @@ class Syncer:
         return True
 
     def _fail(self, exc: BaseException, where: str) -> None:
-        with self._fail_lock:  # the pulling and the pushing thread both report here
-            self.failures += 1
-            self.consecutive_failures += 1
-            self.last_error = f"{where}: {type(exc).__name__}: {exc}"
-            first = self.consecutive_failures == 1
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.last_error = f"{where}: {type(exc).__name__}: {exc}"
         # One line per outage, not one per second of it.
-        if first:
+        if self.consecutive_failures == 1:
             log.warning("syncer %s failed (will retry every %.3gs, changes are kept): %s", where,
                         self.interval_s, self.last_error)
 
@@ -869,17 +796,10 @@ class Syncer:
             p50, p99 = _weighted_quantiles(f, w, (0.5, 0.99))
         else:
             p50 = p99 = float("nan")
-        # No lock (a pull can hold it for long): a push sets _inflight before it replaces
-        # _pending, so reading in the other order may count a buffer twice, never miss one.
-        buffers = [self._pending]
-        inflight = self._inflight
-        if inflight is not None and inflight is not buffers[0]:
-            buffers.append(inflight)
-        pending_rows, pending_bytes = sum(len(b) for b in buffers), sum(b.memory_bytes for b in buffers)
         return {"pushes": len(self.reports), "rows_pushed": self.rows_pushed, "bytes_pushed": self.bytes_pushed,
                 "pushed_version": self.pushed_version, "pulled_version": self._pulled_version,
-                "pending_rows": pending_rows, "pending_memory_bytes": pending_bytes,
-                "spills": self._pending.counters["spills"], "failures": self.failures, "resyncs": self.resyncs,
+                "pending_rows": len(self._pending), "pending_memory_bytes": self._pending.memory_bytes,
+                "spills": self._pending.spills, "failures": self.failures, "resyncs": self.resyncs,
                 "consecutive_failures": self.consecutive_failures, "last_error": self.last_error,
                 "freshness_p50_s": p50, "freshness_p99_s": p99,
                 "last_push": self.reports[-1] if self.reports else None,
