@@ -1,18 +1,12 @@
 """Helpers of benchmarks/lookahead_cache.py: the part selection and the cold-start drop."""
-import importlib.util
 import os
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "lookahead_cache.py")
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("lookahead_cache_bench", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("lookahead_cache")
 
 
 def test_only_selects_parts_and_refuses_unknown_ones(bench):

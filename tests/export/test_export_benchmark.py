@@ -2,38 +2,25 @@
 `make bench` runs it; here its command line and the pieces it measures with)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
-                     "serving.py")
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_serving", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_help_lists_quick_json_threads(capsys):
+def test_help_lists_quick_json_threads(load_benchmark, capsys):
     with pytest.raises(SystemExit) as done:
-        _load().main(["--help"])
+        load_benchmark("serving").main(["--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--json" in out and "--threads" in out
 
 
-def test_bad_threads_is_an_error(capsys):
-    assert _load().main(["--threads", "0"]) == 2
+def test_bad_threads_is_an_error(load_benchmark, capsys):
+    assert load_benchmark("serving").main(["--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
 
 
-def test_mfalcon_comparison_counts_every_candidate():
-    bench = _load()
+def test_mfalcon_comparison_counts_every_candidate(load_benchmark):
+    bench = load_benchmark("serving")
     calls = []
 
     def call(h, lens, c):
@@ -46,7 +33,7 @@ def test_mfalcon_comparison_counts_every_candidate():
     assert out["speedup"] == pytest.approx(out["per_candidate_s"] / out["one_pass_s"])
 
 
-def test_percentile():
-    bench = _load()
+def test_percentile(load_benchmark):
+    bench = load_benchmark("serving")
     xs = [float(i) for i in range(1, 101)]
     assert bench.percentile(xs, 0.5) in (50.0, 51.0) and bench.percentile(xs, 0.99) == 99.0

@@ -6,22 +6,14 @@ minutes; `make bench` runs it with --quick.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture(scope="module")
-def bench():
-    path = os.path.join(REPO, "benchmarks", "elastic_recovery.py")
-    spec = importlib.util.spec_from_file_location("bench_elastic_recovery", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("elastic_recovery")
 
 
 def test_help_lists_quick_and_json(bench, capsys):

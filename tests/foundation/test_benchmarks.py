@@ -6,7 +6,6 @@ skip, the missing-data skip) is run for real.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,17 +22,10 @@ BENCH = os.path.join(REPO, "benchmarks")
 MINE = ["embedding_lookup", "hash_table_gpu", "ml100k_seeds"]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", MINE)
-def test_help_lists_quick_and_json(name, capsys):
+def test_help_lists_quick_and_json(name, load_benchmark, capsys):
     with pytest.raises(SystemExit) as done:
-        load(name).main(["--help"])
+        load_benchmark(name).main(["--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--json" in out
@@ -52,15 +44,15 @@ def test_gpu_benchmark_records_a_skip_and_exits_0_without_cuda(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("hash_table_gpu: skipped (needs a CUDA device")
 
 
-def test_ml100k_quick_without_data_records_a_skip(tmp_path, capsys):
+def test_ml100k_quick_without_data_records_a_skip(tmp_path, load_benchmark, capsys):
     out = tmp_path / "ml100k_seeds.json"
-    rc = load("ml100k_seeds").main(["--quick", "--data-path", str(tmp_path / "nowhere" / "ml-100k"), "--json", str(out)])
+    rc = load_benchmark("ml100k_seeds").main(["--quick", "--data-path", str(tmp_path / "nowhere" / "ml-100k"), "--json", str(out)])
     assert rc == 0
     record = json.loads(out.read_text())
     assert "ML-100K data not found" in record["skipped"] and "gauss data download" in record["skipped"]
     assert not (tmp_path / "nowhere").exists()
     # without --quick the missing data is an error, as before
-    assert load("ml100k_seeds").main(["--data-path", str(tmp_path / "nowhere" / "ml-100k"),
+    assert load_benchmark("ml100k_seeds").main(["--data-path", str(tmp_path / "nowhere" / "ml-100k"),
                                       "--out", str(tmp_path / "x.json")]) == 2
     assert "ml-100k" in capsys.readouterr().err
 
@@ -76,12 +68,12 @@ def test_targets_are_recorded_and_checked(tmp_path, capsys):
     assert meets_target("n/a", ">= 1") is None and meets_target(True, ">= 1") is None
 
 
-def _summarize(folder, capsys):
-    rc = load("summarize").main([str(folder)])
+def _summarize(load_benchmark, folder, capsys):
+    rc = load_benchmark("summarize").main([str(folder)])
     return rc, capsys.readouterr().out
 
 
-def test_summary_table_shows_values_targets_skips_and_failures(tmp_path, capsys):
+def test_summary_table_shows_values_targets_skips_and_failures(tmp_path, load_benchmark, capsys):
     run = tmp_path / "run"
     run.mkdir()
     write_report("fast", [], {"ratio": 0.4, "note": "x" * 100, "find_keys_per_s": 3e9, "find_target": 2e9},
@@ -91,7 +83,7 @@ def test_summary_table_shows_values_targets_skips_and_failures(tmp_path, capsys)
         (run / f"{name}.rc").write_text(f"{rc}\n")
         (run / f"{name}.seconds").write_text("7\n")
     capsys.readouterr()
-    rc, out = _summarize(run, capsys)
+    rc, out = _summarize(load_benchmark, run, capsys)
     assert rc == 1  # two benchmarks failed
     lines = out.splitlines()
     row = next(line for line in lines if line.startswith("fast"))
@@ -105,10 +97,10 @@ def test_summary_table_shows_values_targets_skips_and_failures(tmp_path, capsys)
     for name in ("broken", "slow"):
         (run / f"{name}.rc").unlink()
         (run / f"{name}.seconds").unlink()
-    rc, out = _summarize(run, capsys)
+    rc, out = _summarize(load_benchmark, run, capsys)
     assert rc == 0 and out.splitlines()[-1].startswith("2 benchmarks: 1 ran, 1 skipped, 0 failed")
     (run / "fast.json").unlink()  # exit 0 but no record: the script ignored --json
-    rc, out = _summarize(run, capsys)
+    rc, out = _summarize(load_benchmark, run, capsys)
     assert rc == 1 and "FAILED: wrote no JSON" in out
 
 
@@ -134,14 +126,14 @@ def test_redis_server_helper_says_what_to_install(monkeypatch):
         benchmarking.RedisServer()
 
 
-def test_summary_flattens_nested_records_and_flags_other_layouts(tmp_path, capsys):
+def test_summary_flattens_nested_records_and_flags_other_layouts(tmp_path, load_benchmark, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "compare.json").write_text(json.dumps(
         {"runs": [], "summary": {"hstu": {"test/hr@10": {"mean": 0.25, "std": 0.01, "values": [0.24, 0.26]}}}}))
     (run / "compare.rc").write_text("0")
     capsys.readouterr()
-    rc, out = _summarize(run, capsys)
+    rc, out = _summarize(load_benchmark, run, capsys)
     assert rc == 0
     assert any(line.startswith("compare") and "(record lacks benchmark, machine, results)" in line
                and line.endswith("NOT THE CONVENTION") for line in out.splitlines())

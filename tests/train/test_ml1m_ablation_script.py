@@ -3,23 +3,17 @@ are read back at the validation-selected epoch, and the summary averages seeds p
 compares each ablation with its baseline."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import types
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture(scope="module")
-def ablation():
+def ablation(load_benchmark):
     pytest.importorskip("yaml", reason="reading YAML configs needs pyyaml (the lightning extra)")
-    spec = importlib.util.spec_from_file_location("ml1m_ablation", os.path.join(REPO, "benchmarks", "ml1m_ablation.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ml1m_ablation")
 
 
 def test_every_variant_is_a_valid_config_differing_from_its_baseline_by_its_overrides(ablation):
