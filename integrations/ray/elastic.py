@@ -1132,13 +1132,8 @@ class ElasticTrainer:
         ``model`` and ``optimizer`` (the driver's copies, same structure); returns its step.
         Call between runs (after :meth:`run` / :meth:`run_until` returned): training is paused
         then, so the replica's state is a committed step's."""
-        st = self.status()
-        if st["stop_step"] is None or st["step"] < st["stop_step"]:
-            raise RuntimeError("fetch_state needs training paused: call it after run() or run_until() returned")
-        members = [m for m in st["members"] if m["rank"] == 0]
-        if not members or members[0]["worker"] not in self._workers:
-            raise RuntimeError(f"no live member at rank 0 to fetch the state from (members: {st['members']})")
-        step, spec, tensors = ray.get(self._workers[members[0]["worker"]].state.remote(), timeout=600)
+        st, rank0 = self._paused_rank0("fetch_state", "fetch the state from")
+        step, spec, tensors = ray.get(rank0.state.remote(), timeout=600)
         if step != st["step"]:
             raise RuntimeError(f"rank 0 holds step {step}, the job committed {st['step']}: fetch again once "
                                "the group settled")
@@ -1148,13 +1143,18 @@ class ElasticTrainer:
     def write_rows(self) -> dict:
         """Have rank 0 write the rows of the paused (committed) step to the stores; returns
         ``{"step", "written", "acked_step"}``. Call between runs, like :meth:`fetch_state`."""
+        _, rank0 = self._paused_rank0("write_rows", "write the rows")
+        return ray.get(rank0.write_rows.remote(), timeout=600)
+
+    def _paused_rank0(self, what: str, purpose: str) -> tuple:
+        """(status, actor of the live rank-0 member), once training is paused; a clear error else."""
         st = self.status()
         if st["stop_step"] is None or st["step"] < st["stop_step"]:
-            raise RuntimeError("write_rows needs training paused: call it after run() or run_until() returned")
+            raise RuntimeError(f"{what} needs training paused: call it after run() or run_until() returned")
         members = [m for m in st["members"] if m["rank"] == 0]
         if not members or members[0]["worker"] not in self._workers:
-            raise RuntimeError(f"no live member at rank 0 to write the rows (members: {st['members']})")
-        return ray.get(self._workers[members[0]["worker"]].write_rows.remote(), timeout=600)
+            raise RuntimeError(f"no live member at rank 0 to {purpose} (members: {st['members']})")
+        return st, self._workers[members[0]["worker"]]
 
     def replica_digests(self) -> Dict[int, tuple]:
         """rank -> ``(step, sha256 of the learned content)`` of every live member (equal digests:
