@@ -332,10 +332,10 @@ void op_place(at::Tensor& slots, const at::Tensor& keys_in, const at::Tensor& ro
 // The threshold score comes from a histogram (or nth_element for wide score ranges) over a
 // sequential scan of the rows; one scan of the slots then yields the keys. Ties at the
 // threshold go to the smallest keys. Returns (keys, rows) of the victims, keys ascending.
-// (keys, rows) of the first k (key, row) pairs, sorted by key: how the victim selections
-// return their picks.
-std::tuple<at::Tensor, at::Tensor> keys_and_rows_by_key(std::vector<std::pair<int64_t, int64_t>>& pairs, int64_t k) {
-  std::sort(pairs.begin(), pairs.begin() + k);
+// (keys, rows) tensors of the first k (key, row) pairs, in their order: how the victim
+// selections return their picks.
+std::tuple<at::Tensor, at::Tensor> pairs_to_keys_and_rows(const std::vector<std::pair<int64_t, int64_t>>& pairs,
+                                                          int64_t k) {
   at::Tensor keys_out = at::empty({k}, at::kLong), rows_out = at::empty({k}, at::kLong);
   int64_t* ko = keys_out.data_ptr<int64_t>();
   int64_t* ro = rows_out.data_ptr<int64_t>();
@@ -344,6 +344,12 @@ std::tuple<at::Tensor, at::Tensor> keys_and_rows_by_key(std::vector<std::pair<in
     ro[i] = pairs[i].second;
   }
   return {keys_out, rows_out};
+}
+
+// The same for the first k pairs sorted by key.
+std::tuple<at::Tensor, at::Tensor> keys_and_rows_by_key(std::vector<std::pair<int64_t, int64_t>>& pairs, int64_t k) {
+  std::sort(pairs.begin(), pairs.begin() + k);
+  return pairs_to_keys_and_rows(pairs, k);
 }
 
 std::tuple<at::Tensor, at::Tensor> op_select_victims(const at::Tensor& slots, const at::Tensor& stamp,
@@ -844,15 +850,7 @@ std::tuple<at::Tensor, at::Tensor> op_take_victims(const at::Tensor& stamp, cons
     victims.emplace_back(key, crow[i]);
   }
   if (!ascending) std::sort(victims.begin(), victims.end());
-  const int64_t n_out = static_cast<int64_t>(victims.size());
-  at::Tensor keys_out = at::empty({n_out}, at::kLong), rows_out = at::empty({n_out}, at::kLong);
-  int64_t* ko = keys_out.data_ptr<int64_t>();
-  int64_t* ro = rows_out.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n_out; ++i) {
-    ko[i] = victims[i].first;
-    ro[i] = victims[i].second;
-  }
-  return {keys_out, rows_out};
+  return pairs_to_keys_and_rows(victims, static_cast<int64_t>(victims.size()));
 }
 
 // ------------------------------------------------------------------ lookup + pooling
