@@ -120,14 +120,19 @@ class PartitionedStore:
         """Allow lookups from the calling thread (evaluation's collective reads between steps)."""
         return _ReadingHere(self._here)
 
-    def lookup(self, ids: Any) -> Lookup:
+    def check_reader(self, consequence: str) -> None:
+        """Refuse a lookup from a training step (another thread than the cache's worker, not
+        marked by :meth:`reading_here`) while ``training_reads_only_on_worker`` is set."""
         if (self.training_reads_only_on_worker and threading.current_thread().name != _CACHE_WORKER
                 and not getattr(self._here, "allowed", False)):
             raise RuntimeError(
-                "a training step looked up ids the lookahead cache had not made resident, so their rows would "
-                "be read from the partitioned store outside the cache (a collective the other ranks do not make). "
+                f"a training step looked up ids the lookahead cache had not made resident{consequence}. "
                 "gauss_cache_ids(batch) (or GaussStrategy(ids_fn=...)) must return every id the training step "
                 "looks up, negatives included (sample them in gauss_prepare_batch)")
+
+    def lookup(self, ids: Any) -> Lookup:
+        self.check_reader(", so their rows would be read from the partitioned store outside the cache (a "
+                          "collective the other ranks do not make)")
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
         n, width = ids.numel(), self.dim + self.state_dim
         buf = torch.zeros(n, width + 1, dtype=torch.float32)
@@ -179,12 +184,7 @@ class OwnedPartition:
 
     def lookup(self, ids: Any) -> Lookup:
         p = self.partitioned
-        if (p.training_reads_only_on_worker and threading.current_thread().name != _CACHE_WORKER
-                and not getattr(p._here, "allowed", False)):
-            raise RuntimeError(
-                "a training step looked up ids the lookahead cache had not made resident (rows this rank may not own). "
-                "gauss_cache_ids(batch) (or GaussStrategy(ids_fn=...)) must return every id the training step "
-                "looks up, negatives included (sample them in gauss_prepare_batch)")
+        p.check_reader(" (rows this rank may not own)")
         ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
         if not bool(p.owned(ids).all()):
             raise ValueError(f"rank {p.rank} of {p.world} was asked to read ids it does not own from its partition "
