@@ -286,12 +286,10 @@ def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[to
     replacement and the rare repeats are dropped among the chosen ones; ties in score are
     broken arbitrarily (but deterministically), not by id as the exact selection does."""
     policy = table.eviction
-    factor = int(policy.sample_factor)
-    live = len(table)
-    if factor <= 0 or live <= policy.exact_below or k * factor >= live:
+    if not _round_is_sampled(table, k):
         return None
     capacity = table.capacity
-    m = k * factor
+    m = k * int(policy.sample_factor)
     array = policy.score_array()
     fused = getattr(table.index.fused, "sample_victims", None)
     if fused is not None and array is not None and array.dtype == torch.int32:
@@ -328,16 +326,21 @@ def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[to
     return table._row_ids.index_select(0, chosen).sort().values
 
 
+def _round_is_sampled(table: "DynamicEmbeddingTable", k: int) -> bool:
+    """Whether a round of ``k`` victims samples (as :func:`sampled_victims` does) rather than
+    selecting exactly: a table above ``exact_below`` live rows that the sample would not cover."""
+    policy = table.eviction
+    factor = int(policy.sample_factor)
+    live = len(table)
+    return not (factor <= 0 or live <= policy.exact_below or k * factor >= live)
+
+
 def _preselect_backend(table: "DynamicEmbeddingTable", k: int):
     """(fused ops, the policy's int32 score array) when a round of ``k`` victims may use
     pre-selected candidates: the policy asks for it, the round would be sampled (as in
     :func:`sampled_victims`) and the index has the compiled ops; else None."""
     policy = table.eviction
-    if policy is None or not getattr(policy, "preselect", False) or k <= 0:
-        return None
-    factor = int(policy.sample_factor)
-    live = len(table)
-    if factor <= 0 or live <= policy.exact_below or k * factor >= live:
+    if policy is None or not getattr(policy, "preselect", False) or k <= 0 or not _round_is_sampled(table, k):
         return None
     fused = table.index.fused
     array = policy.score_array()
