@@ -116,6 +116,13 @@ _INTERPRETER_CONFIGS: Dict[str, _Config] = {kind: _Config(16, 16, 1, 1) for kind
 # backward call; the benchmark times both.
 _diagonal_position_grads = os.environ.get("GAUSS_HSTU_DIAGONAL_POSITION_GRADS", "1") != "0"
 
+# Where the kernels read the position bias when ids are positions (no targets, no contextual
+# prefix): True, from strips (``_position_strip``: one unit-stride load per tile); False, by
+# gathering from the table with the index computed per element. Read when a plan is made;
+# the benchmark times both.
+_position_strips = os.environ.get("GAUSS_HSTU_POSITION_STRIPS", "1") != "0"
+STRIP_ROWS = 128  # >= every BLOCK_M of the forward / dQ configs and every BLOCK_N of dK/dV
+
 _tuned: Dict[tuple, _Config] = {}
 _tune_lock = threading.Lock()
 
@@ -261,6 +268,7 @@ class _Plan(NamedTuple):
     block_d: int
     rab_strides: Tuple[int, int, int]
     table_scalars: Tuple[int, float, int]  # (pos_center = L - 1, 1 / time_bucket_scale, num_buckets)
+    strip_shift: int  # > 0: the kernels read the position bias from strips with this column shift
     key: tuple
     launch_key: int
     tma_ok: bool  # 16-bit, power-of-two head dims, Hopper or newer, long rows: TMA configs may be tried
@@ -279,7 +287,8 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     # T (the total length) is left out: it changes every batch and the plan does not use it
     cache_key = (q.shape[1:], k.shape[1:], v.shape[1:], q.dtype, k.dtype, v.dtype, q.device, offsets.shape,
                  max_seq_len, alpha, causal, num_targets is None, contextual_len, max_attn_len, rab_layout,
-                 normalizer, interpreting, tables, time_bucket_scale if time_bias is not None else None)
+                 normalizer, interpreting, tables, time_bucket_scale if time_bias is not None else None,
+                 _position_strips)
     plan = _plans.get(cache_key)
     if plan is not None:
         return plan
@@ -319,6 +328,9 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     import triton.language as tl
 
     wide = q.dtype in (torch.float32, torch.float64)
+    # strips need ids = positions; max_seq_len rounded up to 16 keeps their rows aligned
+    strip = position_bias is not None and num_targets is None and contextual_len == 0 and _position_strips
+    strip_shift = -(-max_seq_len // 16) * 16 if strip else 0
     constexprs = dict(
         D_QK=d_qk, D_V=d_v, BLOCK_DQ=_pow2_at_least(d_qk), BLOCK_DV=_pow2_at_least(d_v),
         CAUSAL=bool(causal),
@@ -328,6 +340,7 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
         HAS_RAB=rab is not None,
         HAS_POS=position_bias is not None,
         HAS_TIME=time_bias is not None,
+        POS_STRIP=strip,
         SCALE_BY_SEQ_LEN=normalizer == "seq_len",
         # tanh.approx is PTX: not under the interpreter, and not precise enough for fp32
         FAST_SILU=not wide and not interpreting,
@@ -338,7 +351,7 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     pure_causal = causal and num_targets is None and contextual_len == 0 and max_attn_len == 0
     # tuning key: configs are shared by calls that differ only in lengths and mask details
     key = (constexprs["BLOCK_DQ"], constexprs["BLOCK_DV"], q.dtype, _seq_bucket(max_seq_len), pure_causal,
-           rab is not None, position_bias is not None, time_bias is not None, q.device.index)
+           rab is not None, position_bias is not None, time_bias is not None, strip, q.device.index)
     # launch key: one small int per distinct set of constexprs (what a compiled kernel fixes)
     # (tensor dtypes too: they are part of a compiled kernel's signature)
     signature = tuple(sorted((name, str(value)) for name, value in constexprs.items())) + (
@@ -349,9 +362,39 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     tma_ok = (not interpreting and not wide and d_qk == constexprs["BLOCK_DQ"] and d_v == constexprs["BLOCK_DV"]
               and max_seq_len >= 1024 and torch.cuda.get_device_capability(q.device)[0] >= 9)
     plan = _Plan(B, H, 0.5 * float(alpha), 1.0 / max_seq_len, int(contextual_len), int(max_attn_len), max_seq_len,
-                 constexprs, block_d, rab_strides, table_scalars, key, launch_key, tma_ok, wide)
+                 constexprs, block_d, rab_strides, table_scalars, strip_shift, key, launch_key, tma_ok, wide)
     _plans[cache_key] = plan
     return plan
+
+
+_strip_indices: Dict[tuple, torch.Tensor] = {}
+
+
+def _position_strip(table: torch.Tensor, p: _Plan, reverse: bool, like: torch.Tensor) -> torch.Tensor:
+    """``[STRIP_ROWS, 2 * shift + STRIP_ROWS]`` halves of the position table laid out so that a
+    tile's bias is a plain 2-D load (see ``triton_kernels._strip_pointers``): ``strip[r, x] =
+    table[c + x - shift - r] / 2`` (forward, dQ) or ``table[c + r - x + shift] / 2`` (dK/dV,
+    reverse), indices clamped to the table as the per-element gather clamps them (only
+    masked pairs ever read a clamped entry). A few hundred KB at length 200, 4 MB at 4096;
+    the index is cached per shape, the strip is one gather per call."""
+    center, shift = p.table_scalars[0], p.strip_shift
+    key = (table.device, center, shift, reverse)
+    index = _strip_indices.get(key)
+    if index is None:
+        r = torch.arange(STRIP_ROWS, device=table.device).view(-1, 1)
+        x = torch.arange(2 * shift + STRIP_ROWS, device=table.device).view(1, -1)
+        index = ((center + r - x + shift) if reverse else (center + x - shift - r)).clamp_(0, 2 * center)
+        _strip_indices[key] = index
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return table.to(dtype)[index].mul_(0.5)
+
+
+def _strip_args(tables: "_Tables", p: _Plan, reverse: bool, like: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """(strip, row stride, shift) for a kernel launch; without strips a placeholder never read."""
+    if not p.strip_shift:
+        return like, 0, 0
+    strip = _position_strip(tables.position_bias, p, reverse, like)
+    return strip, strip.stride(0), p.strip_shift
 
 
 def _descriptor(x: torch.Tensor, rows: int):
@@ -375,9 +418,11 @@ class _Tables(NamedTuple):
 
 def _forward(q, k, v, offsets, num_targets, rab, p: _Plan, tables: _Tables = _Tables()) -> torch.Tensor:
     out = _new_output((q.shape[0], p.H, v.shape[2]), q)
-    tensors = (q, k, v, q if rab is None else rab, *tables.pointers(q), out, offsets,
+    strip, stride_ps, shift = _strip_args(tables, p, False, q)
+    tensors = (q, k, v, q if rab is None else rab, *tables.pointers(q), strip, out, offsets,
                offsets if num_targets is None else num_targets)
-    scalars = (*p.rab_strides, p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len, *p.table_scalars)
+    scalars = (*p.rab_strides, p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len, *p.table_scalars,
+               stride_ps, shift)
 
     def launch(cfg: _Config) -> None:
         grid = (p.B * p.H, -(-p.max_seq_len // cfg.block_m))
@@ -423,8 +468,10 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
     if pos_grad:
         buffers["pos"] = torch.empty((p.B * p.H, tables.position_bias.shape[0]), dtype=grad_dtype, device=q.device)
     table_ptrs = tables.pointers(q)
-    dq_tensors = (q, k, v, grad_out, rab_or_q, *table_ptrs, dq, offsets, targets)
-    dq_scalars = (*p.rab_strides, *common)
+    strip, stride_ps, shift = _strip_args(tables, p, False, q)
+    strip_rev = _strip_args(tables, p, True, q)[0]
+    dq_tensors = (q, k, v, grad_out, rab_or_q, *table_ptrs, strip, dq, offsets, targets)
+    dq_scalars = (*p.rab_strides, *common, stride_ps, shift)
     diagonal = pos_grad and _diagonal_position_grads
     dkdv_key = p.key + (rab_grad, atomic, pos_grad, time_grad, diagonal)
 
@@ -438,9 +485,10 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
             buffers["time"] = torch.zeros((grid[0] * grid[1], tables.time_bias.shape[0]), dtype=grad_dtype,
                                           device=q.device)
         dpos_buf, dtb_buf = buffers["pos"], buffers["time"]
-        args = (q, k, v, grad_out, rab_or_q, drab_buf, *table_ptrs, dpos_buf, dtb_buf, dk, dv, offsets, targets)
+        args = (q, k, v, grad_out, rab_or_q, drab_buf, *table_ptrs, strip_rev, dpos_buf, dtb_buf, dk, dv, offsets,
+                targets)
         scalars = (*p.rab_strides, *drab_strides, dpos_buf.shape[-1] if pos_grad else 0,
-                   dtb_buf.shape[-1] if time_grad else 0, *common)
+                   dtb_buf.shape[-1] if time_grad else 0, *common, stride_ps, shift)
         if cfg.tma:
             args = (_descriptor(q, cfg.block_m),) + args[1:3] + (_descriptor(grad_out, cfg.block_m),) + args[4:]
         _dkdv_launcher(grid, args, scalars,

@@ -324,6 +324,19 @@ def _table_bias_grads(ds, mask, row_ids, col_ids, query_times, key_times, DPOS, 
 
 
 @triton.jit
+def _strip_pointers(PS, stride_ps, shift, ROWS: tl.constexpr, COLS: tl.constexpr, POS_STRIP: tl.constexpr):
+    """Pointers into a position strip built by the wrapper (``triton_attention._position_strip``):
+    ``strip[r, x] = position_bias[pos_center + x - ps_shift - r] / 2`` for the forward and dQ
+    tiles (rows = queries), and ``position_bias[pos_center + r - x + ps_shift] / 2`` for the
+    dK/dV kernel's transposed tiles (rows = keys). A tile's half-bias is then one unit-stride
+    load at ``strip[r, c + start]`` (``shift`` folds this program's row block in) instead of a
+    gather with index arithmetic per element; rows start 16-byte aligned so loads vectorise."""
+    if POS_STRIP:
+        return PS + tl.arange(0, ROWS)[:, None] * stride_ps + tl.arange(0, COLS)[None, :] + shift
+    return PS
+
+
+@triton.jit
 def _add(a, b):
     return a + b
 
@@ -355,13 +368,13 @@ def _diagonal_position_grads(dst, start_n, start_m, pos_center, DPOS, BLOCK_M: t
 # ------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_block(
-    acc, q, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
+    acc, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
     start_n, offs_m, offs_n, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     tma_row, tma_kcol, tma_vcol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    APPLY_MASK: tl.constexpr,
+    POS_STRIP: tl.constexpr, APPLY_MASK: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n
@@ -378,12 +391,15 @@ def _fwd_block(
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
-    if HAS_POS or HAS_TIME:
+    if HAS_POS and POS_STRIP:
+        u += tl.load(PS_ptrs + start_n)  # half the bias, from the strip (see _strip_pointers)
+    TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
+    if TABLE_POS or HAS_TIME:
         # tma_row is the sequence's first row
         key_times = tl.load(TS + tma_row + cols, mask=col_ok, other=0) if HAS_TIME else cols
         col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
         u = _add_table_bias(u, row_ids[:, None], col_ids[None, :], query_times[:, None], key_times[None, :],
-                            POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME, not APPLY_MASK)
+                            POS, TB, pos_center, inv_scale, num_buckets, TABLE_POS, HAS_TIME, not APPLY_MASK)
     p = _silu_half(u, FAST_SILU)
     if APPLY_MASK:
         valid = _valid(
@@ -400,14 +416,14 @@ def _fwd_block(
 
 @triton.jit
 def hstu_fwd_kernel(
-    Q, K, V, RAB, POS, TB, TS, Out, seq_offsets, num_targets,
+    Q, K, V, RAB, POS, TB, TS, PS, Out, seq_offsets, num_targets,
     stride_rb, stride_rh, stride_rm,
-    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets,
+    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets, stride_ps, ps_shift,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    SCALE_BY_SEQ_LEN: tl.constexpr,
+    POS_STRIP: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
@@ -449,6 +465,7 @@ def hstu_fwd_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
+    PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_m, BLOCK_M, BLOCK_N, POS_STRIP)
     row_ids = _ids(offs_m, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     query_times = offs_m
     if HAS_TIME:
@@ -461,20 +478,20 @@ def hstu_fwd_kernel(
         # key blocks strictly below the diagonal: every pair valid and in range
         for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WARP_SPEC):
             acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, False, FAST_SILU,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, False, FAST_SILU,
                 PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, True, FAST_SILU,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, True, FAST_SILU,
                 PRECISION, ACC, USE_TMA,
             )
     else:
@@ -484,11 +501,11 @@ def hstu_fwd_kernel(
         )
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
             acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                acc, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, True, FAST_SILU,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, True, FAST_SILU,
                 PRECISION, ACC, USE_TMA,
             )
 
@@ -503,15 +520,15 @@ def hstu_fwd_kernel(
 # ------------------------------------------------------------------ backward: dK, dV (and dRAB)
 @triton.jit
 def _bwd_dkdv_block(
-    dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS, DTB, col_ids, key_times, history_end,
+    dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS, DTB, col_ids, key_times, history_end,
     pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last, contextual_len, max_attn_len,
     half_alpha, row_scale, tma_row, tma_qcol, tma_docol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, POS_STRIP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
     # transposed tiles, [keys, queries]: dk and dv come out of the dots in key-row order
@@ -534,9 +551,12 @@ def _bwd_dkdv_block(
     query_times = rows
     if HAS_TIME:
         query_times = _query_times(TS, tma_row, rows, seq_len, history_end)  # tma_row: the sequence's first row
-    if HAS_POS or HAS_TIME:
+    if HAS_POS and POS_STRIP:
+        ut += tl.load(PS_ptrs + start_m)  # the reversed strip: rows are keys here
+    TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
+    if TABLE_POS or HAS_TIME:
         ut = _add_table_bias(ut, row_ids[None, :], col_ids[:, None], query_times[None, :], key_times[:, None],
-                             POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME, not APPLY_MASK)
+                             POS, TB, pos_center, inv_scale, num_buckets, TABLE_POS, HAS_TIME, not APPLY_MASK)
     pt, g2t = _silu_and_grad_half(ut, FAST_SILU)
     if APPLY_MASK:
         valid = _valid(
@@ -581,15 +601,16 @@ def _bwd_dkdv_block(
 
 @triton.jit
 def hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, RAB, DRAB, POS, TB, TS, DPOS, DTB, DK, DV, seq_offsets, num_targets,
+    Q, K, V, DO, RAB, DRAB, POS, TB, TS, PS, DPOS, DTB, DK, DV, seq_offsets, num_targets,
     stride_rb, stride_rh, stride_rm, stride_drb, stride_drh, stride_drm, stride_dpos, stride_dtb,
-    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets,
+    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets, stride_ps, ps_shift,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
+    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, POS_STRIP: tl.constexpr,
+    SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
@@ -634,6 +655,8 @@ def hstu_bwd_dkdv_kernel(
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm + cols[:, None]
     if RAB_GRAD:
         DRAB_ptrs = DRAB + b * stride_drb + h * stride_drh + offs_m[None, :] * stride_drm + cols[:, None]
+    # the reversed strip, rows = keys (see _strip_pointers)
+    PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_n, BLOCK_N, BLOCK_M, POS_STRIP)
     col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     key_times = cols
     history_end = seq_len
@@ -652,37 +675,37 @@ def hstu_bwd_dkdv_kernel(
         lo = (start_n // BLOCK_M) * BLOCK_M
         for start_m in range(lo, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-                POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...those wholly below it and inside the sequence do not...
         full_lo = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         full_hi = (seq_len // BLOCK_M) * BLOCK_M
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-                POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, False, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, False, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...and the last, partial block is masked (past the length, rows are zeros or, with
         # descriptors, another sequence's rows)
         for start_m in range(tl.maximum(full_lo, full_hi), seq_len, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL,
                 HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME,
-                POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
         pre_hi, lo, hi = _row_range(
@@ -691,23 +714,23 @@ def hstu_bwd_dkdv_kernel(
         )
         for start_m in range(0, pre_hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-                POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-                POS_GRAD_DIAGONAL, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     dk = dk * (half_alpha * row_scale)
@@ -725,13 +748,13 @@ def hstu_bwd_dkdv_kernel(
 # ------------------------------------------------------------------ backward: dQ
 @triton.jit
 def _bwd_dq_block(
-    dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
+    dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
     start_n, offs_m, offs_n, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     tma_row, tma_kcol, tma_vcol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    APPLY_MASK: tl.constexpr,
+    POS_STRIP: tl.constexpr, APPLY_MASK: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n
@@ -750,12 +773,15 @@ def _bwd_dq_block(
     if HAS_RAB:
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
-    if HAS_POS or HAS_TIME:
+    if HAS_POS and POS_STRIP:
+        u += tl.load(PS_ptrs + start_n)
+    TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
+    if TABLE_POS or HAS_TIME:
         # tma_row is the sequence's first row
         key_times = tl.load(TS + tma_row + cols, mask=col_ok, other=0) if HAS_TIME else cols
         col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
         u = _add_table_bias(u, row_ids[:, None], col_ids[None, :], query_times[:, None], key_times[None, :],
-                            POS, TB, pos_center, inv_scale, num_buckets, HAS_POS, HAS_TIME, not APPLY_MASK)
+                            POS, TB, pos_center, inv_scale, num_buckets, TABLE_POS, HAS_TIME, not APPLY_MASK)
     _, g2 = _silu_and_grad_half(u, FAST_SILU)
     dp = tl.dot(do, vt, input_precision=PRECISION, out_dtype=ACC)
     ds = dp * g2  # twice the true ds: halved in the final scale
@@ -770,14 +796,14 @@ def _bwd_dq_block(
 
 @triton.jit
 def hstu_bwd_dq_kernel(
-    Q, K, V, DO, RAB, POS, TB, TS, DQ, seq_offsets, num_targets,
+    Q, K, V, DO, RAB, POS, TB, TS, PS, DQ, seq_offsets, num_targets,
     stride_rb, stride_rh, stride_rm,
-    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets,
+    H, half_alpha, scale, contextual_len, max_attn_len, pos_center, inv_scale, num_buckets, stride_ps, ps_shift,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    SCALE_BY_SEQ_LEN: tl.constexpr,
+    POS_STRIP: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dq for one query block per program, accumulated in fp32 registers over all key
@@ -818,6 +844,7 @@ def hstu_bwd_dq_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
+    PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_m, BLOCK_M, BLOCK_N, POS_STRIP)
     row_ids = _ids(offs_m, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     query_times = offs_m
     if HAS_TIME:
@@ -829,20 +856,20 @@ def hstu_bwd_dq_kernel(
     if PURE_CAUSAL:
         for start_n in range(0, start_m, BLOCK_N):
             dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
-                HAS_POS, HAS_TIME, False,
+                HAS_POS, HAS_TIME, POS_STRIP, False,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
             dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
-                HAS_POS, HAS_TIME, True,
+                HAS_POS, HAS_TIME, POS_STRIP, True,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
@@ -852,11 +879,11 @@ def hstu_bwd_dq_kernel(
         )
         for start_n in range(lo, hi, BLOCK_N):
             dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
-                HAS_POS, HAS_TIME, True,
+                HAS_POS, HAS_TIME, POS_STRIP, True,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 

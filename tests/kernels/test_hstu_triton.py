@@ -220,6 +220,19 @@ def test_relative_bias_tables_with_unequal_tiles(rng, monkeypatch):
     _check(rng, [45, 20], position=0, max_attn_len=9)
 
 
+@pytest.mark.parametrize("strips", [True, False], ids=["strips", "gathers"])
+def test_position_bias_from_strips_or_gathers(rng, monkeypatch, strips):
+    """Both ways the kernels read the position bias when ids are positions (unit-stride
+    strips by default, per-element gathers from the table) match the reference, including
+    rows and columns past a sequence's end and a window, with unequal tiles."""
+    monkeypatch.setattr(ta, "_position_strips", strips)
+    if not ON_GPU:
+        monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "fwd", ta._Config(32, 16, 1, 1))
+        monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dkdv", ta._Config(16, 32, 1, 1))
+    _check(rng, [37, 20, 1], H=2, position=0)
+    _check(rng, [37, 20], position=0, max_attn_len=7, normalizer="seq_len")
+
+
 def test_relative_bias_without_gradient(rng):
     _check(rng, [17, 9], H=2, rab=(2, 2), rab_grad=False, contextual_len=2)
 

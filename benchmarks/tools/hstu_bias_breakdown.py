@@ -1,0 +1,102 @@
+"""Where the relative position bias costs time in the Triton HSTU kernels (GPU diagnostic).
+
+For each shape, times fwd+bwd (CUDA graph replay, median) and each kernel (torch.profiler,
+summed device time per kernel name) for: no bias; position bias without its gradient; with
+its gradient reduced per tile diagonal; with one atomic per pair; each with the bias read
+from strips and from per-element gathers. Writes JSON (``--json``) and prints a table.
+Not a benchmark with a target: ``benchmarks/hstu_attention.py`` owns ``rab_cost_ratio``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from typing import Any, Dict, List
+
+import torch
+
+SHAPES = {"n4096_bf16": (8, 4096, 4, 128, torch.bfloat16), "ml1m_fp32": (128, 200, 1, 50, torch.float32),
+          "ml1m_bf16": (128, 200, 1, 50, torch.bfloat16), "n1024_bf16": (32, 1024, 4, 128, torch.bfloat16)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shapes", default="n4096_bf16,ml1m_fp32,ml1m_bf16")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tune-top", type=int, default=3, help="autotune over the first K candidates of each kernel")
+    args = ap.parse_args()
+    from gauss_plugins.benchmarking import machine_info
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        if args.json:
+            json.dump({"skipped": "needs a CUDA device"}, open(args.json, "w"))
+        return
+    import importlib.util
+    import os
+
+    # the input builders and timers of the attention benchmark, beside this folder
+    spec = importlib.util.spec_from_file_location(
+        "hstu_attention_bench", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "hstu_attention.py"))
+    hb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hb)
+    from gauss_kernels.hstu import triton_attention as ta
+
+    backend = ta.hstu_attention_triton()
+    for table in (ta._CANDIDATES, ta._WIDE_CANDIDATES):
+        for kind in table:
+            for d in table[kind]:
+                table[kind][d] = table[kind][d][:args.tune_top]
+    rows: List[Dict[str, Any]] = []
+    for shape in args.shapes.split(","):
+        B, N, H, D, dtype = SHAPES[shape]
+        lengths, offsets, q, k, v = hb.make_inputs(B, N, H, D, "cuda", dtype, 0)
+        go = torch.randn_like(v)
+        table = (0.1 * torch.randn(2 * N - 1, device="cuda"))
+        flops = hb.fwd_flops(lengths, H, D)
+        opts = dict(max_seq_len=N, alpha=1.0 / math.sqrt(D), causal=True)
+        variants = [("none", None, True, True, False)]
+        for strips in (True, False):
+            variants += [("pos_nograd", table, strips, True, False), ("pos_diag", table, strips, True, True),
+                         ("pos_pairs", table, strips, False, True)]
+        base = None
+        for name, tab, strips, diagonal, grad in variants:
+            ta._position_strips = strips
+            ta._diagonal_position_grads = diagonal
+            o = dict(opts) if tab is None else dict(opts, position_bias=tab)
+
+            def fwdbwd(o=o, grad=grad):
+                out = backend.forward(q, k, v, offsets, **o)
+                return out, backend.backward(go, q, k, v, offsets, compute_drab=False,
+                                             compute_dposition_bias=grad, compute_dtime_bias=False, **o)
+
+            fwdbwd()
+            torch.cuda.synchronize()
+            ms = hb.time_graph(fwdbwd) * 1e3
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fwdbwd()
+                torch.cuda.synchronize()
+            per = defaultdict(float)
+            for ev in prof.key_averages():
+                t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+                if ev.key.startswith("hstu_"):
+                    per[ev.key] += t / 10 / 1e3
+            row = dict(shape=shape, variant=name, strips=strips if tab is not None else None, fwdbwd_ms=ms,
+                       tflops=3.5 * flops / (ms / 1e3) / 1e12,
+                       fwd_ms=per.get("hstu_fwd_kernel"), dkdv_ms=per.get("hstu_bwd_dkdv_kernel"),
+                       dq_ms=per.get("hstu_bwd_dq_kernel"))
+            if name == "none":
+                base = ms
+            row["ratio_vs_none"] = ms / base
+            rows.append(row)
+            print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
+    ta._position_strips = True
+    ta._diagonal_position_grads = True
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "machine": machine_info()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
