@@ -15,13 +15,18 @@ thread count), checks them for NaN/inf in every table before touching any, then 
 touched rows and their state in one pass (a C++ kernel on CPU when the table's index
 provides one, vectorized torch otherwise).
 
+Small tables on CUDA step without a device-to-host sync (``DynamicEmbeddingTable.sync_free_step``):
+the NaN/inf check is then a flag on the device that gates the update of every row, and a bad
+step is reported by a later call (see :meth:`SparseOptimizer.step`).
+
 The rules themselves (``sgd``, ``adagrad``, ``rowwise_adagrad``, ``adam``) and
 :class:`OptimizerConfig` live in :mod:`gauss_plugins.embedding.sparse_rules`, which the table
 imports too; they are re-exported here.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Union
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -93,6 +98,9 @@ class SparseOptimizer:
                 # Same rule name: only the hyperparameters change and the per-row state stays.
                 table.set_optimizer(rule.config)
         self.tables: List[DynamicEmbeddingTable] = tables
+        # Device-side finite checks of earlier sync-free steps not read yet, oldest first:
+        # (table names, per-table flags copied to host memory, CUDA event after the copy or None).
+        self._checks: Deque[Tuple[List[str], torch.Tensor, Optional[object]]] = deque()
 
     @property
     def lr(self) -> float:
@@ -107,19 +115,82 @@ class SparseOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """Apply the recorded gradients of every table. On NaN/inf in any table nothing is
-        changed anywhere, the recorded gradients are dropped, and FloatingPointError is raised."""
+        changed anywhere, the recorded gradients are dropped, and FloatingPointError is raised.
+
+        Sync-free steps (small tables on CUDA, ``table.sync_free_step``) check on the device:
+        a bad step changes no row of any table (optimizer state included) and drops its
+        gradients like any other, but its FloatingPointError comes from a later call: the
+        first ``step()`` that finds the device done with the bad step (usually the next one),
+        or :meth:`check_finite`, which waits for it. The call that raises changes nothing and
+        drops the gradients recorded for it too."""
+        self._raise_if_skipped(wait=False)
         prepared = [(table, table._prepare_gradients()) for table in self.tables]
         bad = [table.name for table, prep in prepared if prep is not None and not prep.finite]
         if bad:
-            for table in self.tables:
-                table.zero_grad()
-            raise FloatingPointError(
-                f"NaN or inf in the gradients of dynamic table(s) {bad}; no row was updated and the "
-                f"recorded gradients were dropped. Check the loss (e.g. torch.autograd.detect_anomaly) "
-                f"or clip gradients before step()")
+            self._raise_non_finite(bad, earlier=False)
+        flagged = [(table, prep) for table, prep in prepared if prep is not None and prep.device_finite is not None]
+        all_finite = None
+        if flagged:
+            all_finite = flagged[0][1].device_finite
+            for _, prep in flagged[1:]:
+                all_finite = all_finite & prep.device_finite
+            if len(flagged) < sum(prep is not None for _, prep in prepared):
+                # Tables checked on the host step unmasked: read the flag now (one sync), so
+                # that a bad sum still leaves every table unchanged.
+                if not bool(all_finite):
+                    self._raise_non_finite([t.name for t, p in flagged if not bool(p.device_finite)], earlier=False)
+                all_finite, flagged = None, []
         for table, prep in prepared:
             if prep is not None:
-                table._apply_gradients(prep)
+                table._apply_gradients(prep, all_finite)
+        if flagged:
+            self._watch([t.name for t, _ in flagged], torch.stack([p.device_finite for _, p in flagged]))
+
+    def check_finite(self) -> None:
+        """Wait for the device-side NaN/inf checks of earlier sync-free steps and raise
+        FloatingPointError if one found any (that step changed nothing). A host sync: call it
+        where one costs nothing, e.g. at the end of an epoch or before a checkpoint."""
+        self._raise_if_skipped(wait=True)
+
+    def _watch(self, names: List[str], flags: torch.Tensor) -> None:
+        """Keep the device flags of a sync-free step for a later call to read without a sync."""
+        if flags.device.type == "cuda":
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(flags.device))
+            self._checks.append((names, host, event))
+        else:
+            self._checks.append((names, flags, None))
+
+    def _raise_if_skipped(self, wait: bool) -> None:
+        """Read the finished checks of earlier sync-free steps (all of them, waiting, if
+        ``wait``); raise FloatingPointError if one found NaN/inf."""
+        while self._checks:
+            names, flags, event = self._checks[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return  # the device has not got there yet: a later call reads it
+                event.synchronize()
+            self._checks.popleft()
+            ok = flags.tolist()  # host memory by now (the pinned copy on CUDA): no sync
+            if not all(ok):
+                self._checks.clear()
+                self._raise_non_finite([n for n, good in zip(names, ok) if not good], earlier=True)
+
+    def _raise_non_finite(self, bad: List[str], earlier: bool) -> None:
+        for table in self.tables:
+            table.zero_grad()
+        if earlier:
+            raise FloatingPointError(
+                f"NaN or inf in the gradients of dynamic table(s) {bad} at an earlier sync-free step (checked on "
+                f"the device, reported now): that step updated no row of any table, and this call dropped its "
+                f"recorded gradients without updating anything. Check the loss (e.g. torch.autograd.detect_anomaly) "
+                f"or clip gradients before step(); SparseOptimizer.check_finite() reports such a step right away")
+        raise FloatingPointError(
+            f"NaN or inf in the gradients of dynamic table(s) {bad}; no row was updated and the "
+            f"recorded gradients were dropped. Check the loss (e.g. torch.autograd.detect_anomaly) "
+            f"or clip gradients before step()")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for table in self.tables:

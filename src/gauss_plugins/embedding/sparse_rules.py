@@ -16,6 +16,13 @@ Rules (kind ``sparse_optimizer``), with torch's conventions:
   keep their moments and step (lazy Adam, like ``torch.optim.SparseAdam`` but per row).
 
 ``weight_decay`` adds ``weight_decay * w`` to the gradient of touched rows.
+
+Each rule has two entry points over one computation (:meth:`SparseRule.step_rows`, a pure
+function of a block of rows, their state and their summed gradients): :meth:`~SparseRule.update`
+gathers the touched rows, steps them and scatters them back; :meth:`~SparseRule.masked_update`
+steps every row of a small table and keeps the new values only where a bool mask says so (no
+list of touched rows, so on CUDA no device-to-host sync to build one). Rows outside the mask
+keep their values and their state bit for bit.
 """
 from __future__ import annotations
 
@@ -100,23 +107,43 @@ class SparseRule:
         c = self.config
         return [float(c.lr), float(c.eps), float(c.beta1), float(c.beta2), float(c.weight_decay)]
 
-    def update(self, weight: torch.Tensor, state: Dict[str, torch.Tensor], rows: torch.Tensor, grads: torch.Tensor) -> None:
-        """Vectorized torch update of ``rows`` (distinct) with summed float32 ``grads``."""
+    def step_rows(self, w: torch.Tensor, g: torch.Tensor,
+                  state: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One step of a block of rows: float32 values ``w``, summed float32 gradients ``g``
+        and the rows' ``state`` (one entry per :meth:`state_fields`) -> new float32 values
+        and new state. Pure: the inputs are not modified."""
         raise NotImplementedError
 
+    def update(self, weight: torch.Tensor, state: Dict[str, torch.Tensor], rows: torch.Tensor, grads: torch.Tensor) -> None:
+        """Vectorized torch update of ``rows`` (distinct) with summed float32 ``grads``."""
+        new_w, new_state = self.step_rows(weight[rows].to(torch.float32), grads,
+                                          {k: v[rows] for k, v in state.items()})
+        for k, v in new_state.items():
+            state[k][rows] = v
+        weight[rows] = new_w.to(weight.dtype)
+
+    def masked_update(self, weight: torch.Tensor, state: Dict[str, torch.Tensor], grads: torch.Tensor,
+                      apply: torch.Tensor) -> None:
+        """Step every row of ``weight`` with ``grads`` (float32, the weight's shape; any value
+        where ``apply`` is False) and keep the result only where ``apply`` (bool, one per row)
+        is True: the other rows keep their values and state exactly (Adam's step count
+        included). Element for element the same arithmetic as :meth:`update`."""
+        new_w, new_state = self.step_rows(weight.to(torch.float32), grads, state)
+        for k, v in new_state.items():
+            mask = apply.view(-1, *([1] * (v.dim() - 1)))
+            state[k].copy_(torch.where(mask, v, state[k]))
+        weight.copy_(torch.where(apply[:, None], new_w.to(weight.dtype), weight))
+
     # shared pieces of the torch updates; operation order mirrors the C++ kernel
-    def _params_and_grads(self, weight, rows, grads):
-        w = weight[rows].to(torch.float32)
-        g = grads if self.config.weight_decay == 0 else grads + self.config.weight_decay * w
-        return w, g
+    def _with_decay(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return g if self.config.weight_decay == 0 else g + self.config.weight_decay * w
 
 
 class SparseSGD(SparseRule):
     name, kind = "sgd", 0
 
-    def update(self, weight, state, rows, grads):
-        w, g = self._params_and_grads(weight, rows, grads)
-        weight[rows] = (w - self.config.lr * g).to(weight.dtype)
+    def step_rows(self, w, g, state):
+        return w - self.config.lr * self._with_decay(w, g), {}
 
 
 class SparseAdagrad(SparseRule):
@@ -125,11 +152,10 @@ class SparseAdagrad(SparseRule):
     def state_fields(self, dim):
         return {"sum": ((dim,), torch.float32, self.config.initial_accumulator_value)}
 
-    def update(self, weight, state, rows, grads):
-        w, g = self._params_and_grads(weight, rows, grads)
-        s = state["sum"][rows] + g * g
-        state["sum"][rows] = s
-        weight[rows] = (w - self.config.lr * (g / (s.sqrt() + self.config.eps))).to(weight.dtype)
+    def step_rows(self, w, g, state):
+        g = self._with_decay(w, g)
+        s = state["sum"] + g * g
+        return w - self.config.lr * (g / (s.sqrt() + self.config.eps)), {"sum": s}
 
 
 class SparseRowWiseAdagrad(SparseRule):
@@ -138,12 +164,11 @@ class SparseRowWiseAdagrad(SparseRule):
     def state_fields(self, dim):
         return {"sum": ((), torch.float32, self.config.initial_accumulator_value)}
 
-    def update(self, weight, state, rows, grads):
-        w, g = self._params_and_grads(weight, rows, grads)
-        s = state["sum"][rows] + (g * g).sum(dim=1) / g.shape[1]
-        state["sum"][rows] = s
+    def step_rows(self, w, g, state):
+        g = self._with_decay(w, g)
+        s = state["sum"] + (g * g).sum(dim=1) / g.shape[1]
         mult = self.config.lr / (s.sqrt() + self.config.eps)
-        weight[rows] = (w - mult[:, None] * g).to(weight.dtype)
+        return w - mult[:, None] * g, {"sum": s}
 
 
 class SparseAdam(SparseRule):
@@ -153,11 +178,10 @@ class SparseAdam(SparseRule):
         return {"exp_avg": ((dim,), torch.float32, 0.0), "exp_avg_sq": ((dim,), torch.float32, 0.0),
                 "step": ((), torch.int64, 0)}
 
-    def update(self, weight, state, rows, grads):
+    def step_rows(self, w, g, state):
         c = self.config
-        w, g = self._params_and_grads(weight, rows, grads)
-        t = state["step"][rows] + 1
-        state["step"][rows] = t
+        g = self._with_decay(w, g)
+        t = state["step"] + 1
         td = t.to(torch.float64)
         bc1 = 1.0 - torch.pow(torch.tensor(c.beta1, dtype=torch.float64), td)
         bc2 = 1.0 - torch.pow(torch.tensor(c.beta2, dtype=torch.float64), td)
@@ -166,13 +190,11 @@ class SparseAdam(SparseRule):
         # as torch.optim.Adam: exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
         w1, w2 = (torch.tensor(1.0 - x, dtype=torch.float64).to(torch.float32) for x in (c.beta1, c.beta2))
         b2 = torch.tensor(c.beta2, dtype=torch.float64).to(torch.float32)
-        m0 = state["exp_avg"][rows]
+        m0 = state["exp_avg"]
         m = m0 + w1 * (g - m0)
-        v = state["exp_avg_sq"][rows] * b2 + w2 * (g * g)
-        state["exp_avg"][rows] = m
-        state["exp_avg_sq"][rows] = v
+        v = state["exp_avg_sq"] * b2 + w2 * (g * g)
         den = v.sqrt() / bc2_sqrt + c.eps
-        weight[rows] = (w - step_size * (m / den)).to(weight.dtype)
+        return w - step_size * (m / den), {"exp_avg": m, "exp_avg_sq": v, "step": t}
 
 
 def make_rule(config: Union[OptimizerConfig, str, Dict[str, object]], **options) -> SparseRule:

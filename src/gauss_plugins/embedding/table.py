@@ -214,14 +214,22 @@ class _GradRecord:
 
 @dataclass
 class _Prepared:
-    finite: bool
+    finite: bool                           # False: known on the host to hold NaN/inf
     rows: Optional[torch.Tensor] = None    # two-phase: distinct rows and their summed grads
     grads: Optional[torch.Tensor] = None
     fused: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None  # rows, src, idx, scale
+    # sync-free (masked) step: grads summed per row of the whole table, the rows touched, and
+    # a 0-dim bool on the device that says whether every sum is finite (never read here)
+    masked: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    device_finite: Optional[torch.Tensor] = None
 
 # Tables with at most this many rows (or 4x the step's ids) sum gradients into a dense
 # per-row buffer instead of sorting the ids (torch.unique), when no fused kernel does it.
 _DENSE_SUM_MIN_ROWS = 1 << 16
+# Tables up to this many rows step every row under a mask when ``sync_free_step`` is on (no
+# list of touched rows, so no device-to-host sync); larger ones list the touched rows: a
+# whole-table pass would cost more than the sync it saves.
+_MASKED_STEP_MAX_ROWS = 1 << 16
 # Fused sum + update only when no sum can overflow: max|src| * max|scale| * positions below this.
 _SAFE_SUM = 1e37
 
@@ -298,6 +306,8 @@ class DynamicEmbeddingTable(nn.Module):
         self._evict_stream: Optional[torch.Tensor] = None
         self._victim_preselector: Optional[VictimPreselector] = None  # eviction option preselect
         self._expire_hand = 0         # where automatic expiry's sweep resumes
+        self._victim_hand: Optional[torch.Tensor] = None  # int64[1]: where the victim sweep resumes
+        self.sweep_fallbacks = 0      # sweep rounds that found too few low rows and sampled instead
         self.last_changed_scan = 0    # entries the last changed_since visited (log entries or rows)
         self._stamp_base = 0
         self._version = 0
@@ -314,6 +324,13 @@ class DynamicEmbeddingTable(nn.Module):
         # cached, row gradients summed across ranks before the optimizer step: the Gauss
         # strategy, the lookahead cache's data-parallel runs); else training refuses world size > 1.
         self.synchronized_replicas = False
+        # The optimizer step of a small table (dense per-row sums, no fused kernels) without a
+        # device-to-host sync: every row is stepped under the "touched and all finite" mask
+        # and a NaN/inf is reported by a later SparseOptimizer call (see SparseOptimizer.step).
+        # On by default on CUDA, where a sync stalls the CPU's run-ahead of kernel launches;
+        # off on CPU, where listing the touched rows costs nothing and updates fewer rows.
+        self.sync_free_step = self.device.type == "cuda"
+        self._all_rows: Optional[torch.Tensor] = None  # arange(rows): the masked step's change-log chunk
         if self.eviction is not None:
             self.eviction.bind(self)
             self.eviction.resize(cap + 1, self.device)
@@ -464,6 +481,12 @@ class DynamicEmbeddingTable(nn.Module):
         if self._evict_stream is None:
             self._evict_stream = torch.tensor([(self.config.seed ^ 0xE71C7) << 32], dtype=torch.int64)
         return self._evict_stream
+
+    def _sweep_hand(self) -> torch.Tensor:
+        """int64[1]: the row the victim sweep looks at next (the compiled op moves it)."""
+        if self._victim_hand is None:
+            self._victim_hand = torch.zeros(1, dtype=torch.int64)
+        return self._victim_hand
 
     def _eviction_rng(self) -> torch.Generator:
         if self._evict_rng is None:
@@ -961,11 +984,23 @@ class DynamicEmbeddingTable(nn.Module):
                 g = g * scale[:, None]
             sums.index_add_(0, rows, g)
             touched[rows] = True
+        if self._masked_step(n_rows):
+            # Nothing is read back: the finite flag stays on the device (see _apply_gradients).
+            if self.config.default == "zeros":
+                touched[self.default_row] = False
+            return _Prepared(finite=True, masked=(sums, touched), device_finite=torch.isfinite(sums).all())
         finite = bool(torch.isfinite(sums).all())
         if self.config.default == "zeros":
             touched[self.default_row] = False
         rows = touched.nonzero().squeeze(1)  # right after the sync above: the device is idle
         return _Prepared(finite=finite, rows=rows, grads=sums.index_select(0, rows))
+
+    def _masked_step(self, n_rows: int) -> bool:
+        """Whether the dense-sum step runs masked over every row (see ``sync_free_step``):
+        only for small tables and rules that expose their per-row arithmetic (a plugin rule
+        that only implements ``update`` keeps the listed-rows step)."""
+        return (self.sync_free_step and n_rows <= _MASKED_STEP_MAX_ROWS
+                and type(self.rule).step_rows is not SparseRule.step_rows)
 
     def _prepare_gradients(self) -> Optional[_Prepared]:
         """Check (and, on the two-phase path, sum) the recorded gradients without changing
@@ -998,10 +1033,27 @@ class DynamicEmbeddingTable(nn.Module):
                 rows, grads = rows[keep], grads[keep]
         return _Prepared(finite=bool(finite), rows=rows, grads=grads)
 
-    def _apply_gradients(self, prep: _Prepared) -> None:
+    def _apply_gradients(self, prep: _Prepared, all_finite: Optional[torch.Tensor] = None) -> None:
+        """Update the rows. ``all_finite`` (masked step only): the 0-dim device bool that
+        every table stepped together is finite; False leaves every row and its state as it
+        was (the version still advances)."""
         self._pending = []
         rule = self.rule
         fused = self.index.fused
+        if prep.masked is not None:
+            sums, touched = prep.masked
+            ok = prep.device_finite if all_finite is None else all_finite
+            apply = touched & ok
+            version = self._bump()
+            rule.masked_update(self.weight, self.opt_state, sums, apply)
+            self._row_stamp.masked_fill_(apply, version - self._stamp_base)
+            n_rows = self.weight.shape[0]  # the default row included: readers drop it (_changed_rows)
+            if self._all_rows is None or self._all_rows.numel() != n_rows:
+                self._all_rows = torch.arange(n_rows, device=self.device)
+            # Every row, matched exactly by stamp: readers keep the rows stamped with this
+            # version (the ones updated), with no list of them built here.
+            self._changes.add(self._all_rows, version)
+            return
         names = {0: (), 1: ("sum",), 2: ("sum",), 3: ("exp_avg", "exp_avg_sq", "step")}.get(rule.kind, ())
         state = [self.opt_state[n] for n in names] + [None] * (3 - len(names))
         if prep.fused is not None:
@@ -1406,6 +1458,7 @@ class DynamicEmbeddingTable(nn.Module):
             # Stamps come from the file; the log starts now (older queries scan once).
             self._changes = ChangeLog(self._change_log_limit(capacity), since=int(meta["version"]))
             self._expire_hand = 0
+            self._victim_hand = None
             self._stamp_base = max(0, int(meta["version"]) - _STAMP_LIMIT // 2)
             if self.rule is not None:
                 self.opt_state = {n: alloc((capacity + 1, *shape), dt, dev, init)

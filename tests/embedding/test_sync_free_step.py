@@ -1,0 +1,272 @@
+"""The sync-free optimizer step of small tables (``DynamicEmbeddingTable.sync_free_step``, on by
+default on CUDA): every row stepped under a "touched and finite" mask, the finite check a
+flag on the device. It must give the listed-rows step's results bit for bit (on CPU, where
+both run the same torch arithmetic), leave untouched rows and a bad step's rows exactly as
+they were, report a bad step from a later call, and issue no device-to-host sync."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig, SparseOptimizer
+from gauss_plugins.embedding.sparse_rules import SparseRule, SparseSGD
+
+DIM = 8
+RULES = [
+    OptimizerConfig("sgd", lr=0.1, weight_decay=0.01),
+    OptimizerConfig("adagrad", lr=0.1, eps=1e-10, initial_accumulator_value=0.1, weight_decay=0.01),
+    OptimizerConfig("rowwise_adagrad", lr=0.1, eps=1e-10),
+    OptimizerConfig("adam", lr=0.01, eps=1e-8, beta1=0.8, beta2=0.95, weight_decay=0.001),
+]
+# ops that copy a device value to the host (each one a sync on CUDA)
+SYNCING = {"nonzero", "_local_scalar_dense", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
+           "argwhere", "equal"}
+
+
+def _table(cfg, sync_free, name="t", backend="torch", **kw):
+    t = DynamicEmbeddingTable(DynamicTableConfig(name=name, dim=DIM, initial_capacity=256, backend=backend,
+                                                 optimizer=cfg, init_min=-0.5, init_max=0.5, **kw))
+    t.sync_free_step = sync_free
+    t.train()
+    return t
+
+
+def _batches(steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        out.append(dict(a=torch.randint(-20, 40, (12,), generator=g), b=torch.randint(-20, 40, (3, 4), generator=g),
+                        valid=torch.rand(3, 4, generator=g) > 0.3, bag_ids=torch.randint(-20, 40, (10,), generator=g),
+                        psw=torch.rand(10, generator=g), w=torch.randn(DIM, generator=g)))
+    return out
+
+
+def _loss(table, x):
+    """Two plain lookups (repeats), a masked one and a weighted pooled one."""
+    out = (table(x["a"]).sum(0) + table.lookup(x["b"], valid=x["valid"]).sum((0, 1))
+           + table.lookup_pooled(x["bag_ids"], torch.tensor([0, 3, 3, 10]), per_sample_weights=x["psw"]).sum(0))
+    return (out * x["w"]).sum()
+
+
+def _snapshot(table):
+    return {"weight": table.weight.clone(), "stamps": table.row_stamps.clone(),
+            **{f"opt.{k}": v.clone() for k, v in table.opt_state.items()}}
+
+
+def _assert_same(x, y):
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("default", ["zeros", "unknown"])
+@pytest.mark.parametrize("cfg", RULES, ids=lambda c: c.name)
+def test_masked_step_is_bit_identical_to_the_listed_rows_step(cfg, default):
+    tables = {flag: _table(cfg, flag, default=default) for flag in (True, False)}
+    versions = {flag: t.version for flag, t in tables.items()}
+    for x in _batches(6):
+        for t in tables.values():
+            opt = SparseOptimizer(t)
+            _loss(t, x).backward()
+            opt.step()
+            opt.zero_grad()
+    masked, listed = tables[True], tables[False]
+    _assert_same(_snapshot(masked), _snapshot(listed))
+    assert masked.default_row == listed.default_row
+    if default == "zeros":
+        assert torch.equal(masked.weight[masked.default_row], torch.zeros(DIM))
+    # change tracking sees the same rows, though the masked step logs every row of the table
+    for v in (0, versions[True] + 3):
+        ids_m, values_m, state_m = masked.changed_since(v)
+        ids_l, values_l, state_l = listed.changed_since(v)
+        assert torch.equal(ids_m, ids_l) and torch.equal(values_m, values_l)
+    # one more step: each table reports exactly the two rows it trained since its own version
+    last = {flag: t.version for flag, t in tables.items()}
+    for t in tables.values():
+        t(torch.tensor([3, 5, 3])).sum().backward()
+        SparseOptimizer(t).step()
+    for flag, t in tables.items():
+        assert torch.equal(t.changed_since(last[flag])[0], torch.tensor([3, 5])), flag
+
+
+def test_untouched_rows_keep_values_and_adam_state_exactly():
+    table = _table(RULES[3], True)
+    opt = SparseOptimizer(table)
+    table(torch.tensor([1, 2, 3, 4])).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    rows = table.find(torch.tensor([1, 2, 3, 4]))
+    before = _snapshot(table)
+    (table(torch.tensor([2, 2])) * 3.0).sum().backward()
+    opt.step()
+    after = _snapshot(table)
+    others = rows[torch.tensor([0, 2, 3])]
+    for k in ("weight", "opt.exp_avg", "opt.exp_avg_sq", "opt.step"):
+        assert torch.equal(after[k][others], before[k][others]), k
+    assert after["opt.step"][rows[1]] == 2 and bool((after["opt.step"][others] == 1).all())
+    assert not torch.equal(after["weight"][rows[1]], before["weight"][rows[1]])
+
+
+def test_non_finite_step_changes_nothing_and_the_next_call_raises():
+    cfg = OptimizerConfig("adam", lr=0.1)
+    a, b = _table(cfg, True, name="a"), _table(cfg, True, name="b")
+    opt = SparseOptimizer([a, b])
+    ids = torch.tensor([1, 2, 3])
+    (a(ids).sum() + b(ids).sum()).backward()
+    opt.step()
+    opt.zero_grad()
+    before = [_snapshot(t) for t in (a, b)]
+    (a(ids).sum() + (b(ids) * torch.tensor([1.0, float("nan"), 1.0])[:, None]).sum()).backward()
+    opt.step()  # checked on the device: no exception here, and no row of either table moves
+    for t, saved in zip((a, b), before):
+        _assert_same({k: v for k, v in _snapshot(t).items() if k != "stamps"},
+                     {k: v for k, v in saved.items() if k != "stamps"})
+        assert not t.has_pending_grads
+    (a(ids).sum() + b(ids).sum()).backward()
+    with pytest.raises(FloatingPointError, match=r"\['b'\] at an earlier sync-free step"):
+        opt.step()
+    for t, saved in zip((a, b), before):  # the call that raised changed nothing either
+        assert torch.equal(t.weight, saved["weight"]) and not t.has_pending_grads
+    opt.check_finite()  # reported once
+    (a(ids).sum() + b(ids).sum()).backward()
+    opt.step()
+    assert not torch.equal(a.weight, before[0]["weight"])
+
+
+def test_check_finite_reports_a_bad_step_at_once():
+    table = _table(RULES[0], True)
+    opt = SparseOptimizer(table)
+    (table(torch.tensor([1, 2])) * float("inf")).sum().backward()
+    opt.step()
+    with pytest.raises(FloatingPointError, match=r"\['t'\]"):
+        opt.check_finite()
+    opt.check_finite()
+
+
+def test_a_host_checked_table_beside_keeps_the_all_or_nothing_contract():
+    """One table sync-free, one not: the flag is read in the call (one sync) so that a bad
+    sync-free table still leaves the other unchanged and raises at once."""
+    cfg = OptimizerConfig("sgd", lr=0.1)
+    free, host = _table(cfg, True, name="free"), _table(cfg, False, name="host")
+    opt = SparseOptimizer([free, host])
+    ids = torch.tensor([1, 2])
+    (free(ids).sum() + host(ids).sum()).backward()
+    opt.step()
+    before = [t.weight.clone() for t in (free, host)]
+    ((free(ids) * float("nan")).sum() + host(ids).sum()).backward()
+    with pytest.raises(FloatingPointError, match=r"\['free'\]; no row was updated"):
+        opt.step()
+    assert torch.equal(free.weight, before[0]) and torch.equal(host.weight, before[1])
+
+
+def test_a_rule_without_step_rows_keeps_the_listed_rows_step():
+    class OnlyUpdate(SparseRule):  # a plugin rule written against the older interface
+        name = "only_update"
+
+        def update(self, weight, state, rows, grads):
+            weight[rows] = (weight[rows].to(torch.float32) - 0.5 * grads).to(weight.dtype)
+
+    table = _table(RULES[0], True)
+    table.rule = OnlyUpdate(OptimizerConfig("sgd", lr=0.5))
+    table(torch.tensor([4])).sum().backward()
+    before = table.get(torch.tensor([4]))[0]
+    SparseOptimizer(table).step()
+    assert torch.equal(table.get(torch.tensor([4]))[0], before - 0.5)
+
+
+def test_masked_update_matches_update_on_a_block_of_rows():
+    rule = SparseSGD(OptimizerConfig("sgd", lr=0.25, weight_decay=0.1))
+    weight = torch.randn(6, DIM)
+    grads = torch.randn(6, DIM)
+    apply = torch.tensor([True, False, True, False, False, True])
+    listed = weight.clone()
+    rule.update(listed, {}, apply.nonzero().squeeze(1), grads[apply])
+    masked = weight.clone()
+    rule.masked_update(masked, {}, grads, apply)
+    assert torch.equal(masked, listed) and torch.equal(masked[~apply], weight[~apply])
+
+
+class _SyncOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNCING:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cfg", RULES, ids=lambda c: c.name)
+def test_sync_free_backward_and_step_call_no_syncing_op(cfg):
+    """The ops that read a device value on the host (nonzero, item, unique, ...) are what
+    syncs on CUDA; the same torch code runs here on CPU, so none may be called."""
+    table = _table(cfg, True)
+    opt = SparseOptimizer(table)
+    ids = torch.randint(1, 50, (4, 30))
+    _loss(table, _batches(1)[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    out = table.lookup(ids, valid=ids > 3)
+    with _SyncOps() as spy:
+        out.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert dict(spy.ops) == {}
+    listed = _table(cfg, False)
+    SparseOptimizer(listed)
+    listed.lookup(ids).sum().backward()
+    with _SyncOps() as spy:
+        SparseOptimizer(listed).step()
+    assert spy.ops["nonzero"] + spy.ops["_local_scalar_dense"] == 2  # the spy sees the syncs it must
+
+
+# ---------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+def test_cuda_steady_state_step_issues_no_host_sync():
+    """On CUDA (Triton index when available), after warm-up: backward + SparseOptimizer.step
+    of the small table run under sync debug mode "error", so any device-to-host sync fails;
+    a training lookup of ids that all have rows issues exactly its one absent-id check."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import warnings
+
+    table = DynamicEmbeddingTable(DynamicTableConfig(name="items", dim=50, initial_capacity=4096, device="cuda",
+                                                     initializer="normal", init_std=0.02,
+                                                     optimizer=OptimizerConfig("adam", lr=1e-3, eps=1e-8)))
+    assert table.sync_free_step
+    opt = SparseOptimizer(table)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, 3707, (128, 200), device="cuda", generator=g)
+    for _ in range(3):  # warm-up: rows inserted, kernels compiled
+        (table.lookup(ids, valid=ids > 0) * 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    out = table.lookup(ids, valid=ids > 0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (out * 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            table.lookup(ids, valid=ids > 0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message).lower() for w in caught) == 1
+    # a bad step on the device: nothing moves, and check_finite reports it
+    before = table.weight.clone()
+    (table.lookup(ids, valid=ids > 0) * float("nan")).sum().backward()
+    opt.step()
+    with pytest.raises(FloatingPointError):
+        opt.check_finite()
+    assert torch.equal(table.weight, before)
