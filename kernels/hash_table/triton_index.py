@@ -80,6 +80,7 @@ class TritonHashIndex(SlotArrayIndex):
             raise ValueError(f"TritonHashIndex runs on CUDA devices, got {device}; use table_backend "
                              f"'cpu_ext' or 'torch' on CPU (or set TRITON_INTERPRET=1 to debug the kernels on CPU)")
         self._init_slots(capacity, device)
+        self._adam_hp: Optional[Tuple[Tuple[float, float, float], torch.Tensor]] = None
 
     def _grid(self, n: int) -> Tuple[int]:
         return ((n + self.BLOCK - 1) // self.BLOCK,)
@@ -224,6 +225,51 @@ class TritonHashIndex(SlotArrayIndex):
             self._free = torch.cat([self._free, freed.flip(0)])
             self._maybe_rebuild()
         return rows
+
+    def masked_sparse_update(self, kind: int, weight: torch.Tensor, grads: torch.Tensor, touched: torch.Tensor,
+                             ok: torch.Tensor, state1: Optional[torch.Tensor], state2: Optional[torch.Tensor],
+                             step: Optional[torch.Tensor], hyperparams, stamp: torch.Tensor, stamp_value: int) -> None:
+        """The table's sync-free optimizer step in one kernel: every row where ``touched``
+        (bool ``[rows]``) and ``ok`` (0-dim bool, read on the device) is stepped by rule
+        ``kind`` (0 sgd, 1 adagrad, 2 rowwise adagrad, 3 adam; ``hyperparams`` =
+        ``SparseRule.hyperparams()``) with the float32 sums ``grads [rows, dim]`` and stamped
+        with ``stamp_value``; no other row is read or written. The torch reference is
+        ``SparseRule.masked_update`` (results within a float32 ulp or two: see
+        :func:`~gauss_kernels.hash_table.triton_kernels.masked_update_kernel`)."""
+        n_rows, dim = weight.shape
+        arrays = [weight, grads, touched, ok, stamp] + [t for t in (state1, state2, step) if t is not None]
+        for t in arrays:
+            if t.device != self.device or not t.is_contiguous():
+                raise ValueError(f"masked_sparse_update needs contiguous tensors on {self.device}")
+        if grads.shape != weight.shape or grads.dtype != torch.float32 or touched.shape != (n_rows,) \
+                or ok.numel() != 1 or stamp.shape != (n_rows,) or stamp.dtype != torch.int32:
+            raise ValueError("masked_sparse_update: grads must be float32 like weight, touched and stamp one per row, "
+                             "ok a single bool")
+        if kind not in (0, 1, 2, 3):
+            raise ValueError(f"masked_sparse_update: unknown rule kind {kind}")
+        lr, eps, beta1, beta2, weight_decay = (float(x) for x in hyperparams)
+        hp = self._adam_constants(lr, beta1, beta2) if kind == 3 else weight
+        f32 = lambda x: float(torch.tensor(x, dtype=torch.float64).to(torch.float32))  # noqa: E731
+        block_d = 1 << max(0, (dim - 1).bit_length())
+        block_r = max(1, min(128, 4096 // block_d))
+        with self._on_device():
+            _k.masked_update_kernel[((n_rows + block_r - 1) // block_r,)](
+                weight, grads, touched, ok, state1 if state1 is not None else weight,
+                state2 if state2 is not None else weight, step if step is not None else stamp, hp, stamp,
+                n_rows, dim, int(stamp_value), lr, eps, weight_decay, f32(1.0 - beta1), f32(1.0 - beta2), f32(beta2),
+                KIND=kind, HAS_DECAY=weight_decay != 0, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+
+    def _adam_constants(self, lr: float, beta1: float, beta2: float) -> torch.Tensor:
+        """float64 ``[lr, beta1, beta2]`` on the device, kept while they stay the same (a new
+        set goes up through pinned memory, so changing the learning rate syncs nothing)."""
+        key = (lr, beta1, beta2)
+        cached = self._adam_hp
+        if cached is None or cached[0] != key:
+            host = torch.tensor(key, dtype=torch.float64)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            self._adam_hp = cached = (key, host.to(self.device, non_blocking=True))
+        return cached[1]
 
     def _maybe_rebuild(self) -> None:
         n = self.num_slots

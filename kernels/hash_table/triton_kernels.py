@@ -227,3 +227,81 @@ def place_kernel(keys_ptr, rows_ptr, slot_keys_ptr, slot_rows_ptr, n, num_slots,
         tl.store(slot_keys_ptr + pos, k, mask=got)
         active = active & (~got)
         pos = tl.where(active, _next_slot(pos, num_slots), pos)
+
+
+# --------------------------------------------------------------------------- sparse optimizer
+@triton.jit
+def _add_f32(a, b):
+    return a + b
+
+
+@triton.jit
+def _pow_f64(base, t):
+    """``base ** t`` for fp64 ``base`` and int64 ``t >= 0`` by square-and-multiply: libdevice's
+    pow does not run under the interpreter. Exact for t <= 2 and within a few fp64 ulps
+    beyond, which the float32 results below never see."""
+    result = tl.full(base.shape, 1.0, tl.float64)
+    for i in tl.static_range(63):
+        result = tl.where(((t >> i) & 1) != 0, result * base, result)
+        base = base * base
+    return result
+
+
+@triton.jit(do_not_specialize=["n_rows", "dim", "stamp_value"])
+def masked_update_kernel(weight_ptr, grads_ptr, touched_ptr, ok_ptr, state1_ptr, state2_ptr, step_ptr, hp_ptr,
+                         stamp_ptr, n_rows, dim, stamp_value, lr, eps, weight_decay, w1, w2, b2,
+                         KIND: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """One sparse-optimizer step of every row where ``touched[row] and ok[0]`` (the
+    table's sync-free step): the others, and all rows when ``ok[0]`` is False (a NaN/inf in
+    the step), are neither read nor written. Rows are contiguous ``[n_rows, dim]`` arrays;
+    ``grads`` float32 sums. KIND: 0 sgd, 1 adagrad (state1 ``[n, dim]``), 2 rowwise adagrad
+    (state1 ``[n]``), 3 adam (state1/state2 moments ``[n, dim]``, ``step`` int64 ``[n]``,
+    ``hp`` float64 ``[lr, beta1, beta2]`` for the bias corrections, which torch computes in
+    float64). The float32 arithmetic follows
+    :class:`gauss_plugins.embedding.sparse_rules.SparseRule` step by step (IEEE division and
+    square root); the compiler may fuse a multiply and an add, so results agree with the
+    torch rules within a float32 ulp or two rather than bit for bit. Also stamps the updated
+    rows with ``stamp_value`` (int32)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = r < n_rows
+    ok = tl.load(ok_ptr).to(tl.int32) != 0
+    apply = in_range & (tl.load(touched_ptr + r, mask=in_range, other=0).to(tl.int32) != 0) & ok
+    d = tl.arange(0, BLOCK_D)
+    m2 = apply[:, None] & (d < dim)[None, :]
+    off = r[:, None] * dim + d[None, :]
+    w_raw = tl.load(weight_ptr + off, mask=m2, other=0.0)
+    w = w_raw.to(tl.float32)
+    g = tl.load(grads_ptr + off, mask=m2, other=0.0)
+    if HAS_DECAY:
+        g = g + weight_decay * w
+    if KIND == 0:
+        new_w = w - lr * g
+    elif KIND == 1:
+        s = tl.load(state1_ptr + off, mask=m2, other=0.0) + g * g
+        tl.store(state1_ptr + off, s, mask=m2)
+        new_w = w - lr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
+    elif KIND == 2:
+        s = tl.load(state1_ptr + r, mask=apply, other=0.0) + tl.div_rn(tl.reduce(g * g, 1, _add_f32),
+                                                                       dim.to(tl.float32))
+        tl.store(state1_ptr + r, s, mask=apply)
+        mult = tl.div_rn(tl.full(s.shape, 0.0, tl.float32) + lr, tl.sqrt_rn(s) + eps)
+        new_w = w - mult[:, None] * g
+    else:
+        t = tl.load(step_ptr + r, mask=apply, other=0) + 1
+        tl.store(step_ptr + r, t, mask=apply)
+        lr64 = tl.load(hp_ptr)
+        bc1 = 1.0 - _pow_f64(tl.full(t.shape, 0.0, tl.float64) + tl.load(hp_ptr + 1), t)
+        bc2 = 1.0 - _pow_f64(tl.full(t.shape, 0.0, tl.float64) + tl.load(hp_ptr + 2), t)
+        # float64 division and square root are IEEE (round to nearest) on the GPU as written
+        step_size = ((tl.full(t.shape, 0.0, tl.float64) + lr64) / bc1).to(tl.float32)
+        bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+        m0 = tl.load(state1_ptr + off, mask=m2, other=0.0)
+        m = m0 + w1 * (g - m0)
+        v = tl.load(state2_ptr + off, mask=m2, other=0.0) * b2 + w2 * (g * g)
+        tl.store(state1_ptr + off, m, mask=m2)
+        tl.store(state2_ptr + off, v, mask=m2)
+        den = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt[:, None]) + eps
+        new_w = w - step_size[:, None] * tl.div_rn(m, den)
+    tl.store(weight_ptr + off, new_w.to(w_raw.dtype), mask=m2)
+    tl.store(stamp_ptr + r, tl.full(r.shape, 0, tl.int32) + stamp_value, mask=apply)

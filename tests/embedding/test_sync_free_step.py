@@ -6,6 +6,9 @@ they were, report a bad step from a later call, and issue no device-to-host sync
 from __future__ import annotations
 
 import collections
+import importlib
+import os
+import sys
 
 import pytest
 import torch
@@ -223,6 +226,112 @@ def test_sync_free_backward_and_step_call_no_syncing_op(cfg):
     with _SyncOps() as spy:
         SparseOptimizer(listed).step()
     assert spy.ops["nonzero"] + spy.ops["_local_scalar_dense"] == 2  # the spy sees the syncs it must
+
+
+# ---------------------------------------------------------------- the Triton kernel (interpreter)
+_KERNEL_MODULES = ("gauss_kernels.hash_table.triton_index", "gauss_kernels.hash_table.triton_kernels")
+
+
+def _drop_kernel_modules():
+    parent = sys.modules.get("gauss_kernels.hash_table")
+    for name in _KERNEL_MODULES:
+        sys.modules.pop(name, None)
+        if parent is not None and hasattr(parent, name.rsplit(".", 1)[1]):
+            delattr(parent, name.rsplit(".", 1)[1])
+
+
+@pytest.fixture
+def interp():
+    """triton_index with its kernels in the Triton interpreter (tiny shapes; numpy on CPU).
+    ``triton.jit`` picks interpreter or compiler at import, so fresh module copies are
+    imported with the variable set and dropped afterwards (as tests/kernels does)."""
+    pytest.importorskip("triton")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    _drop_kernel_modules()
+    try:
+        yield importlib.import_module("gauss_kernels.hash_table.triton_index")
+    finally:
+        _drop_kernel_modules()
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.mark.parametrize("ok", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", RULES, ids=lambda c: c.name)
+def test_triton_masked_update_kernel_matches_the_torch_rule(interp, cfg, dtype, ok):
+    from gauss_plugins.embedding.sparse_rules import make_rule
+
+    g = torch.Generator().manual_seed(1)
+    n, dim = 11, 6  # dim not a power of two: the kernel masks the tile's spare columns
+    rule = make_rule(cfg)
+    weight = torch.randn(n, dim, generator=g).to(dtype)
+    grads = torch.randn(n, dim, generator=g)
+    touched = torch.rand(n, generator=g) > 0.4
+    state = {}
+    for name, (shape, sdtype, _) in rule.state_fields(dim).items():
+        if sdtype == torch.int64:
+            state[name] = torch.randint(0, 5, (n, *shape), generator=g)
+        else:
+            state[name] = torch.rand((n, *shape), generator=g)
+    stamp = torch.randint(-1, 5, (n,), generator=g, dtype=torch.int32)
+    ref_w, ref_state, ref_stamp = weight.clone(), {k: v.clone() for k, v in state.items()}, stamp.clone()
+    apply = touched & torch.tensor(ok)
+    rule.masked_update(ref_w, ref_state, grads, apply)
+    ref_stamp.masked_fill_(apply, 9)
+    names = {0: (), 1: ("sum",), 2: ("sum",), 3: ("exp_avg", "exp_avg_sq", "step")}[rule.kind]
+    args = [state[k] for k in names] + [None] * (3 - len(names))
+    index = interp.TritonHashIndex(16, "cpu")
+    index.masked_sparse_update(rule.kind, weight, grads, touched, torch.tensor(ok), *args, rule.hyperparams(),
+                               stamp, 9)
+    assert torch.equal(stamp, ref_stamp)
+    assert torch.equal(weight[~apply], ref_w[~apply])  # untouched rows: not written at all
+    # float32: within ulps (square-and-multiply bias corrections, the row sum's order);
+    # bf16: one storage ulp, from rounding a float32 value that may sit an ulp apart
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(weight.float(), ref_w.float(), **tol)
+    for k in state:
+        if state[k].dtype == torch.int64:
+            assert torch.equal(state[k], ref_state[k]), k
+        else:
+            assert torch.equal(state[k][~apply], ref_state[k][~apply]), k
+            torch.testing.assert_close(state[k], ref_state[k], rtol=2e-6, atol=1e-7)
+
+
+def test_triton_index_table_steps_like_the_torch_table(interp, monkeypatch):
+    """A whole sync-free table on the Triton index (its one-kernel step) against the same
+    table on the torch index (the torch masked step): same rows, values within float32 ulps."""
+    monkeypatch.setattr(DynamicEmbeddingTable, "_make_index",
+                        lambda self, capacity: interp.TritonHashIndex(capacity, self.device))
+    cfg = RULES[3]
+    kernel_table = DynamicEmbeddingTable(DynamicTableConfig(name="k", dim=DIM, initial_capacity=64, optimizer=cfg,
+                                                            init_min=-0.5, init_max=0.5))
+    monkeypatch.undo()
+    torch_table = DynamicEmbeddingTable(DynamicTableConfig(name="t", dim=DIM, initial_capacity=64, optimizer=cfg,
+                                                           init_min=-0.5, init_max=0.5, backend="torch"))
+    for t in (kernel_table, torch_table):
+        t.sync_free_step = True
+        t.train()
+    calls = collections.Counter()
+    real = kernel_table.index.masked_sparse_update
+    kernel_table.index.masked_sparse_update = lambda *a: (calls.update(["kernel"]), real(*a))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        ids = torch.randint(1, 30, (20,), generator=g)
+        w = torch.randn(20, DIM, generator=g)
+        for t in (kernel_table, torch_table):
+            (t(ids) * w).sum().backward()
+            SparseOptimizer(t).step()
+    assert calls["kernel"] == 3
+    probe = torch.arange(1, 30)
+    a, b = kernel_table.get(probe), torch_table.get(probe)
+    assert torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-7)
+    rows = kernel_table.find(probe[a[1]])
+    assert torch.equal(kernel_table.opt_state["step"][rows], torch_table.opt_state["step"][torch_table.find(probe[a[1]])])
 
 
 # ---------------------------------------------------------------- CUDA

@@ -1040,13 +1040,20 @@ class DynamicEmbeddingTable(nn.Module):
         self._pending = []
         rule = self.rule
         fused = self.index.fused
+        names = {0: (), 1: ("sum",), 2: ("sum",), 3: ("exp_avg", "exp_avg_sq", "step")}.get(rule.kind, ())
+        state = [self.opt_state[n] for n in names] + [None] * (3 - len(names))
         if prep.masked is not None:
             sums, touched = prep.masked
             ok = prep.device_finite if all_finite is None else all_finite
-            apply = touched & ok
             version = self._bump()
-            rule.masked_update(self.weight, self.opt_state, sums, apply)
-            self._row_stamp.masked_fill_(apply, version - self._stamp_base)
+            kernel = getattr(self.index, "masked_sparse_update", None)  # one kernel instead of ~30 torch ops
+            if kernel is not None and rule.kind >= 0:
+                kernel(rule.kind, self.weight, sums, touched, ok, *state, rule.hyperparams(), self._row_stamp,
+                       version - self._stamp_base)
+            else:
+                apply = touched & ok
+                rule.masked_update(self.weight, self.opt_state, sums, apply)
+                self._row_stamp.masked_fill_(apply, version - self._stamp_base)
             n_rows = self.weight.shape[0]  # the default row included: readers drop it (_changed_rows)
             if self._all_rows is None or self._all_rows.numel() != n_rows:
                 self._all_rows = torch.arange(n_rows, device=self.device)
@@ -1054,8 +1061,6 @@ class DynamicEmbeddingTable(nn.Module):
             # version (the ones updated), with no list of them built here.
             self._changes.add(self._all_rows, version)
             return
-        names = {0: (), 1: ("sum",), 2: ("sum",), 3: ("exp_avg", "exp_avg_sq", "step")}.get(rule.kind, ())
-        state = [self.opt_state[n] for n in names] + [None] * (3 - len(names))
         if prep.fused is not None:
             rows, src, src_idx, scale = prep.fused
             skip = self.default_row if self.config.default == "zeros" else -1
