@@ -5,7 +5,10 @@ AdamW step and the item table's sparse optimizer step (a no-op for the static ta
 rows AdamW trains). The model is ``configs/ml-1m-hstu.yaml`` (batch 128, len 200, dim 50,
 2 blocks, 128 negatives); the two variants differ only in ``model.item_embedding`` and see
 the same batches, in the same process, interleaved step by step so that clock drift and
-other load hit both alike.
+other load hit both alike. A third variant, ``dynamic_listed_step``, is the dynamic table with
+its sync-free optimizer step turned off (``table.sync_free_step = False``: the touched rows
+are listed with a device-to-host sync, as before issue 9's change), the baseline of that
+change measured in the same run (CUDA only; ``--no-listed-step`` leaves it out).
 
 Data: the ML-1M sequence file (``ml-1m_seq.txt``) from ``--data-path``, ``ml-1m/`` in the
 data folder (``$GAUSS_DATA``, else ``../shared/data``, else the user cache) when present,
@@ -22,7 +25,9 @@ CPU ops of a few steps of each variant is written beside the JSON. The evaluatio
     python benchmarks/hstu_train_step.py --quick        # CPU: a tiny model, same code path
 
 Summary: ``step_ms_dynamic``, ``step_ms_static``, ``dynamic_vs_static_step_ratio`` (issue 9
-target: <= 1.1).
+target: <= 1.1); on CUDA ``host_syncs_per_step_*`` and ``host_sync_sites_*`` (file:line of the
+Python call that synced, with counts, from CUDA's sync debug mode); with the third variant
+``step_ms_dynamic_listed_step`` and ``sync_free_vs_listed_step_ratio``.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +46,7 @@ NUM_ITEMS = 3706        # ML-1M's item count (ids 1..3706 in the sequence file)
 NUM_USERS = 6040
 SEQ_FILE = "ml-1m_seq.txt"
 VARIANTS = ("dynamic", "static")
+LISTED = "dynamic_listed_step"  # the dynamic table with its sync-free step off (the baseline of that change)
 
 
 # ---------------------------------------------------------------- data
@@ -106,10 +112,13 @@ def build(kind: str, args, device: torch.device, num_items: int, seed: int):
     from gauss_plugins.models.builder import build_model
     from gauss_plugins.train.config import load_config, with_overrides
 
-    config = with_overrides(load_config("ml-1m-hstu"), model__item_embedding=kind, data__max_len=args.max_len,
+    item_kind = "dynamic" if kind == LISTED else kind
+    config = with_overrides(load_config("ml-1m-hstu"), model__item_embedding=item_kind, data__max_len=args.max_len,
                             model__dim=args.dim, loss__num_negatives=args.negatives)
     torch.manual_seed(seed)
     model = build_model(config, num_items=num_items, device=device).to(device)
+    if kind == LISTED:
+        model.item_embeddings.table.sync_free_step = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     dense = torch.optim.AdamW(params, lr=config.optim.lr, betas=tuple(config.optim.betas),
@@ -161,10 +170,11 @@ def phase_times(model, dense, batches, device: torch.device, steps: int) -> Dict
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
-def host_syncs_per_step(step, batch, device: torch.device) -> Optional[int]:
-    """Device-to-host synchronisations in one step, counted by CUDA's sync debug mode."""
+def host_syncs_per_step(step, batch, device: torch.device) -> Tuple[Optional[int], Dict[str, int]]:
+    """Device-to-host synchronisations in one step, counted by CUDA's sync debug mode, and
+    where they come from: ``file:line`` of the Python call that synced -> count."""
     if device.type != "cuda":
-        return None
+        return None, {}
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -174,7 +184,12 @@ def host_syncs_per_step(step, batch, device: torch.device) -> Optional[int]:
             step(batch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    sites: Dict[str, int] = {}
+    for w in syncs:
+        site = f"{os.path.basename(w.filename)}:{w.lineno}"
+        sites[site] = sites.get(site, 0) + 1
+    return len(syncs), dict(sorted(sites.items()))
 
 
 def sync_fn(device: torch.device) -> Callable[[], None]:
@@ -265,6 +280,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first")
     p.add_argument("--profile", default=None, help="profile table path (default: beside the JSON)")
     p.add_argument("--no-eval", action="store_true", help="skip timing the evaluation pass")
+    p.add_argument("--no-listed-step", action="store_true",
+                   help=f"leave out the {LISTED} variant (the dynamic table's step with its host sync)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -287,20 +304,22 @@ def main(argv=None) -> int:
     batches = make_batches(seqs, args.batch, args.max_len, count=8, device=device, seed=1)
     sync = sync_fn(device)
 
+    # The listed-step baseline only differs on CUDA: on CPU the sync-free step is off anyway.
+    variants = VARIANTS + (LISTED,) if device.type == "cuda" and not args.no_listed_step else VARIANTS
     models, step_fns = {}, {}
-    for kind in VARIANTS:
+    for kind in variants:
         models[kind] = build(kind, args, device, num_items, seed=0)
         step_fns[kind] = make_step(*models[kind])
     # Warm-up: first lookups insert the items' rows, kernels compile, the allocator settles.
     for i in range(warmup):
-        for kind in VARIANTS:
+        for kind in variants:
             step_fns[kind](batches[i % len(batches)])
     sync()
 
-    times: Dict[str, List[float]] = {k: [] for k in VARIANTS}
+    times: Dict[str, List[float]] = {k: [] for k in variants}
     for i in range(steps):
         batch = batches[i % len(batches)]
-        order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
+        order = variants if i % 2 == 0 else variants[::-1]
         for kind in order:
             sync()
             t0 = time.perf_counter()
@@ -308,7 +327,7 @@ def main(argv=None) -> int:
             sync()
             times[kind].append(time.perf_counter() - t0)
     pipelined = {}
-    for kind in VARIANTS:
+    for kind in variants:
         sync()
         t0 = time.perf_counter()
         for i in range(steps):
@@ -316,8 +335,10 @@ def main(argv=None) -> int:
         sync()
         pipelined[kind] = (time.perf_counter() - t0) / steps
 
-    phases = {kind: phase_times(*models[kind], batches, device, steps=max(3, steps // 4)) for kind in VARIANTS}
-    syncs = {kind: host_syncs_per_step(step_fns[kind], batches[0], device) for kind in VARIANTS}
+    phases = {kind: phase_times(*models[kind], batches, device, steps=max(3, steps // 4)) for kind in variants}
+    syncs, sync_sites = {}, {}
+    for kind in variants:
+        syncs[kind], sync_sites[kind] = host_syncs_per_step(step_fns[kind], batches[0], device)
 
     eval_s = {}
     if not args.no_eval:
@@ -327,7 +348,7 @@ def main(argv=None) -> int:
 
     prof_path = args.profile or profile_path(args.json)
     if prof_path:
-        text = profile_table(step_fns, batches, device, repeats=3 if args.quick else 10)
+        text = profile_table({k: step_fns[k] for k in VARIANTS}, batches, device, repeats=3 if args.quick else 10)
         header = (f"hstu_train_step profile: device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
                   f"torch {torch.__version__}, batch {args.batch}, len {args.max_len}, dim {args.dim}, "
                   f"negatives {args.negatives}, data {'ML-1M ' + SEQ_FILE if seq_file else 'synthetic'}\n")
@@ -335,7 +356,7 @@ def main(argv=None) -> int:
 
     steps_per_epoch = -(-len(seqs) // args.batch)
     results = []
-    for kind in VARIANTS:
+    for kind in variants:
         results.append({
             "item_embedding": kind,
             "step_ms_median": 1e3 * statistics.median(times[kind]),
@@ -362,9 +383,18 @@ def main(argv=None) -> int:
         "pipelined_step_ms_static": round(sta["pipelined_step_ms"], 3),
         "pipelined_ratio": round(dyn["pipelined_step_ms"] / sta["pipelined_step_ms"], 3),
     }
+    summary["sparse_step_ms_dynamic"] = round(dyn["sparse_step_ms"], 3)
+    if LISTED in variants:
+        listed = results[2]
+        summary["step_ms_dynamic_listed_step"] = round(listed["step_ms_median"], 3)
+        summary["sparse_step_ms_dynamic_listed_step"] = round(listed["sparse_step_ms"], 3)
+        summary["sync_free_vs_listed_step_ratio"] = round(dyn["step_ms_median"] / listed["step_ms_median"], 3)
+        summary["pipelined_sync_free_vs_listed_ratio"] = round(dyn["pipelined_step_ms"] / listed["pipelined_step_ms"], 3)
     if device.type == "cuda":
-        summary["host_syncs_per_step_dynamic"] = syncs["dynamic"]
-        summary["host_syncs_per_step_static"] = syncs["static"]
+        for kind in variants:
+            summary[f"host_syncs_per_step_{kind}"] = syncs[kind]
+        for kind in variants:
+            summary[f"host_sync_sites_{kind}"] = sync_sites[kind]
     if eval_s:
         summary["eval_pass_s_dynamic"] = round(eval_s["dynamic"], 4)
         summary["eval_pass_s_static"] = round(eval_s["static"], 4)

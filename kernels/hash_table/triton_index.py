@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -249,7 +250,7 @@ class TritonHashIndex(SlotArrayIndex):
             raise ValueError(f"masked_sparse_update: unknown rule kind {kind}")
         lr, eps, beta1, beta2, weight_decay = (float(x) for x in hyperparams)
         hp = self._adam_constants(lr, beta1, beta2) if kind == 3 else weight
-        f32 = lambda x: float(torch.tensor(x, dtype=torch.float64).to(torch.float32))  # noqa: E731
+        f32 = lambda x: struct.unpack("f", struct.pack("f", x))[0]  # noqa: E731  (rounded as torch's float32 scalars)
         block_d = 1 << max(0, (dim - 1).bit_length())
         block_r = max(1, min(128, 4096 // block_d))
         with self._on_device():

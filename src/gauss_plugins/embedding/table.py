@@ -983,11 +983,11 @@ class DynamicEmbeddingTable(nn.Module):
             if scale.numel():
                 g = g * scale[:, None]
             sums.index_add_(0, rows, g)
-            touched[rows] = True
+            touched.index_fill_(0, rows, True)
         if self._masked_step(n_rows):
             # Nothing is read back: the finite flag stays on the device (see _apply_gradients).
             if self.config.default == "zeros":
-                touched[self.default_row] = False
+                touched.select(0, self.default_row).fill_(False)
             return _Prepared(finite=True, masked=(sums, touched), device_finite=torch.isfinite(sums).all())
         finite = bool(torch.isfinite(sums).all())
         if self.config.default == "zeros":
