@@ -9,9 +9,11 @@ deleted key, so a lookup of an unknown or deleted id returns the configured defa
 stale row; a value of the wrong length (another writer, another dim) is an error, not data.
 
 Speed: a push of n rows is one pipelined burst of ``MSET`` commands of ``chunk_size`` rows.
-Because every key and value has a fixed width, the RESP bytes of the whole push are laid out
-with numpy (vectorised, a block of rows at a time) and written straight to a pooled redis-py
-connection with one blocking ``sendmsg`` -- per-row Python work (building a dict, redis-py's
+Because every key and value has a fixed width, the RESP bytes are laid out with numpy
+(vectorised, a block of rows at a time, the constant bytes written once into a buffer that
+the push reuses) and written straight to a pooled redis-py connection, a group of chunks
+(~16 MB) per blocking ``sendmsg``: the next group is encoded while Redis executes the one
+before, which is still in the socket buffers. Per-row Python work (building a dict, redis-py's
 per-argument encoder) would otherwise cost more than Redis itself, and a write that returns
 to Python after every partial send waits for the GIL each time a training loop in another
 thread holds it (see :func:`_send_blocking`). Reads are pipelined ``MGET`` s. With ``ttl_s`` each chunk's ``MSET`` is
@@ -27,14 +29,14 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from gauss_plugins._optional import require
-from gauss_plugins.stores.base import (ChangeBatch, EmbeddingStore, IdsLike, Lookup, RowBatch, as_ids, pack_rows,
-                                       unpack_rows)
+from gauss_plugins.stores.base import (ChangeBatch, EmbeddingStore, IdsLike, Lookup, RowBatch, as_ids, isin_ids,
+                                       pack_rows, unpack_rows)
 
 redis = require("redis", "redis", "the Redis serving store")
 from redis.cluster import RedisCluster  # noqa: E402  (after the require above)
@@ -47,13 +49,15 @@ _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _EXPIRE_SCRIPT = b"for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end return #KEYS"
 
 
+# Byte b -> its two lowercase hex digits as one little-endian uint16 (high digit first in
+# memory): one table lookup per id byte instead of two nibble lookups and interleaving copies.
+_HEX_PAIRS = np.array([ord(f"{b:02x}"[0]) | ord(f"{b:02x}"[1]) << 8 for b in range(256)], dtype="<u2")
+
+
 def _hex_ids(ids: torch.Tensor) -> np.ndarray:
     """``[n, 16]`` uint8 ASCII hex of the ids' 64-bit two's complement (big-endian)."""
     raw = ids.numpy().astype(">i8").view(np.uint8).reshape(-1, 8)
-    out = np.empty((raw.shape[0], 16), dtype=np.uint8)
-    out[:, 0::2] = _HEX[raw >> 4]
-    out[:, 1::2] = _HEX[raw & 15]
-    return out
+    return _HEX_PAIRS[raw].view(np.uint8).reshape(-1, 16)
 
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -82,41 +86,66 @@ def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
-def _records(fields: Sequence[np.ndarray], block_rows: int = 8192) -> np.ndarray:
-    """``[n, record width]`` uint8: row r's fields as consecutive RESP bulk strings.
+class _Records:
+    """A buffer of up to ``capacity`` RESP records, each record the bulk strings ``args``
+    (``(constant head, variable width)`` each: a key is the constant prefix and 16 hex
+    digits, a row its packed bytes).
 
-    ``fields`` are ``[n, w_i]`` uint8 arrays. A template record of the constant bytes is
-    broadcast, then the variable bytes are copied in by column -- a block of rows at a time,
-    so that a block's records (~2.5 MB for 256-byte rows) are still in cache for the column
-    copies: one pass over a whole push (~100 MB) per copy measured ~10% slower.
+    The constant bytes (lengths, ``\\r\\n``, the key prefix) are laid out once; :meth:`fill`
+    copies only the variable bytes in, so a push that reuses one buffer for all its groups
+    of rows writes each constant byte once, not once per row. The copies go a block of rows
+    at a time so that a block's records (~2.5 MB for 256-byte rows) stay in cache between
+    the per-field passes (one pass over a whole push per field measured ~10% slower).
     """
-    n = fields[0].shape[0]
-    template = bytearray()
-    slots = []
-    for f in fields:
-        template += b"$%d\r\n" % f.shape[1]
-        slots.append((len(template), f))
-        template += b"\x00" * f.shape[1] + b"\r\n"
-    const = np.frombuffer(bytes(template), dtype=np.uint8)
-    rec = np.empty((n, len(template)), dtype=np.uint8)
-    for s in range(0, n, block_rows):
-        block = rec[s:s + block_rows]
-        block[:] = const
-        for off, f in slots:
-            block[:, off:off + f.shape[1]] = f[s:s + block_rows]
-    return rec
+
+    BLOCK = 8192
+
+    def __init__(self, args: Sequence[Tuple[bytes, int]], capacity: int):
+        template, self.slots = self.layout(args)
+        const = np.frombuffer(template, dtype=np.uint8)
+        self.buf = np.empty((capacity, len(template)), dtype=np.uint8)
+        for s in range(0, capacity, self.BLOCK):
+            self.buf[s:s + self.BLOCK] = const
+
+    @staticmethod
+    def layout(args: Sequence[Tuple[bytes, int]]) -> Tuple[bytes, List[Tuple[int, int]]]:
+        """``(template record, (offset, width) of each variable part)``."""
+        template = bytearray()
+        slots = []
+        for head, width in args:
+            template += b"$%d\r\n" % (len(head) + width) + head
+            slots.append((len(template), width))
+            template += b"\x00" * width + b"\r\n"
+        return bytes(template), slots
+
+    def fill(self, variables: Sequence[np.ndarray]) -> np.ndarray:
+        """The first ``n`` records with ``variables`` (``[n, width]`` uint8 per field) copied
+        in (``n <= capacity``); valid until the next fill."""
+        n = variables[0].shape[0]
+        rec = self.buf[:n]
+        for s in range(0, n, self.BLOCK):
+            block = rec[s:s + self.BLOCK]
+            for (off, width), v in zip(self.slots, variables):
+                block[:, off:off + width] = v[s:s + self.BLOCK]
+        return rec
 
 
 def _command(head: Sequence[bytes], records: np.ndarray, fields_per_record: int,
              tail: Sequence[bytes] = ()) -> List[Any]:
-    """The RESP encoding of ``head + records + tail`` as buffers (``records``: rows of
-    :func:`_records`, each holding ``fields_per_record`` arguments); no copy of the records."""
+    """The RESP encoding of ``head + records + tail`` as buffers (``records``: rows of a
+    :class:`_Records`, each holding ``fields_per_record`` arguments); no copy of the records."""
     argc = len(head) + records.shape[0] * fields_per_record + len(tail)
     parts = [b"*%d\r\n" % argc + b"".join(_bulk(h) for h in head), memoryview(records).cast("B")]
     if tail:
         parts.append(b"".join(_bulk(t) for t in tail))
     return parts
 
+
+# Records per blocking write of a push (a group of whole chunks): small enough that encoding
+# the next group overlaps Redis executing this one -- a write returns once the kernel holds
+# the rest (loopback buffers hold a few MB) -- and large enough that a push of 300k rows is a
+# handful of writes (each return to Python may wait for the GIL; see _send_blocking).
+_GROUP_BYTES = 16 << 20
 
 # Buffers per sendmsg: the system's IOV_MAX (Linux: 1024), else the 16 POSIX guarantees.
 try:
@@ -224,8 +253,13 @@ class RedisWePS(EmbeddingStore):
         self._script_sha: Optional[str] = None
 
     # ------------------------------------------------------------------ plumbing
-    def _run_packed(self, commands: List[List[Any]]) -> List[Any]:
-        """Send pre-encoded commands on one pooled connection, then read one reply each."""
+    def _run_packed(self, groups: Iterable[List[List[Any]]]) -> List[Any]:
+        """Send pre-encoded commands on one pooled connection, then read one reply each.
+
+        ``groups``: lists of commands, each list written with one blocking write. A generator
+        that encodes the next group only when asked overlaps that encoding with Redis
+        executing the group before (still in the socket buffers), instead of encoding a whole
+        push before Redis sees its first byte."""
         pool = self.client.connection_pool
         try:
             conn = pool.get_connection()
@@ -236,19 +270,20 @@ class RedisWePS(EmbeddingStore):
             if sock is None:
                 conn.connect()
                 sock = getattr(conn, "_sock", None)
-            if type(sock) is socket.socket:  # plain TCP or unix socket (TLS sockets have no sendmsg)
-                try:
-                    _send_blocking(sock, [b for cmd in commands for b in cmd])
-                except socket.timeout:
-                    raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
-                except OSError as exc:
-                    raise redis.exceptions.ConnectionError(f"Error while writing to socket: {exc}") from None
-            else:
-                for cmd in commands:
-                    conn.send_packed_command(cmd, check_health=False)
-            replies = []
-            for _ in commands:
-                replies.append(conn.read_response())
+            sent = 0
+            for commands in groups:
+                if type(sock) is socket.socket:  # plain TCP or unix socket (TLS sockets have no sendmsg)
+                    try:
+                        _send_blocking(sock, [b for cmd in commands for b in cmd])
+                    except socket.timeout:
+                        raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
+                    except OSError as exc:
+                        raise redis.exceptions.ConnectionError(f"Error while writing to socket: {exc}") from None
+                else:
+                    for cmd in commands:
+                        conn.send_packed_command(cmd, check_health=False)
+                sent += len(commands)
+            replies = [conn.read_response() for _ in range(sent)]
         except BaseException:
             # The connection's state is unknown (half a pipeline sent or read): never reuse it.
             conn.disconnect()
@@ -263,6 +298,14 @@ class RedisWePS(EmbeddingStore):
     def _keys(self, ids: torch.Tensor) -> np.ndarray:
         return row_keys(self.key_prefix, ids)
 
+    def _key_records(self, ids: torch.Tensor) -> np.ndarray:
+        """The ids' keys as RESP records, one bulk string each (``DEL`` / ``MGET`` arguments)."""
+        return _Records([(self.key_prefix, 16)], ids.numel()).fill([_hex_ids(ids)])
+
+    def _group_rows(self, record_bytes: int) -> int:
+        """Rows per blocking write of a push: whole chunks, ~:data:`_GROUP_BYTES` of records."""
+        return max(1, _GROUP_BYTES // (record_bytes * self.chunk_size)) * self.chunk_size
+
     # ------------------------------------------------------------------ writes
     def put(self, ids: IdsLike, values: Any, state: Any = None) -> int:
         uniq, vals, st = self._check_put(ids, values, state)
@@ -275,27 +318,39 @@ class RedisWePS(EmbeddingStore):
         if ids.numel() == 0:
             return
         packed = pack_rows(values, state)
-        keys = self._keys(ids)
         n = ids.numel()
         if self.is_cluster:
+            keys = self._keys(ids)
             pipe = self.client.pipeline()
             for i in range(n):
                 pipe.set(keys[i].tobytes(), packed[i].tobytes(), px=self.ttl_ms)
             pipe.execute()
         else:
-            rows = _records([keys, packed])
-            expire = _records([keys]) if self.ttl_ms is not None else None
-            commands = []
-            for start in range(0, n, self.chunk_size):
-                part = rows[start:start + self.chunk_size]
-                commands.append(_command([b"MSET"], part, 2))
-                if expire is not None:
-                    commands.append(_command([b"EVAL", _EXPIRE_SCRIPT, b"%d" % part.shape[0]],
-                                             expire[start:start + self.chunk_size], 1, [b"%d" % self.ttl_ms]))
-            self._run_packed(commands)
+            self._run_packed(self._mset_groups(ids, packed))
         self._counters["rows_written"] += n
-        self._counters["bytes_written"] += int(packed.nbytes + keys.nbytes)
+        self._counters["bytes_written"] += int(packed.nbytes) + n * (len(self.key_prefix) + 16)
         self._counters["write_calls"] += 1
+
+    def _mset_groups(self, ids: torch.Tensor, packed: np.ndarray) -> Iterator[List[List[Any]]]:
+        """The push's ``MSET`` commands (and expiry scripts), a group of chunks at a time, each
+        group encoded into the same record buffers when the one before has been written."""
+        n = ids.numel()
+        args = [(self.key_prefix, 16), (b"", self.row_bytes)]
+        group = min(n, self._group_rows(len(_Records.layout(args)[0])))
+        rows = _Records(args, group)
+        expire = _Records([(self.key_prefix, 16)], group) if self.ttl_ms is not None else None
+        for g in range(0, n, group):
+            hexes = _hex_ids(ids[g:g + group])
+            rec = rows.fill([hexes, packed[g:g + group]])
+            keys = expire.fill([hexes]) if expire is not None else None
+            commands = []
+            for start in range(0, rec.shape[0], self.chunk_size):
+                part = rec[start:start + self.chunk_size]
+                commands.append(_command([b"MSET"], part, 2))
+                if keys is not None:
+                    commands.append(_command([b"EVAL", _EXPIRE_SCRIPT, b"%d" % part.shape[0]],
+                                             keys[start:start + self.chunk_size], 1, [b"%d" % self.ttl_ms]))
+            yield commands
 
     def delete(self, ids: IdsLike) -> int:
         d = as_ids(ids)
@@ -305,16 +360,16 @@ class RedisWePS(EmbeddingStore):
     def _delete(self, ids: torch.Tensor) -> None:
         if ids.numel() == 0:
             return
-        keys = self._keys(ids)
         if self.is_cluster:
+            keys = self._keys(ids)
             pipe = self.client.pipeline()
             for i in range(keys.shape[0]):
                 pipe.delete(keys[i].tobytes())
             pipe.execute()
         else:
-            rec = _records([keys])
-            self._run_packed([_command([b"DEL"], rec[s:s + self.chunk_size], 1)
-                              for s in range(0, keys.shape[0], self.chunk_size)])
+            rec = self._key_records(ids)
+            self._run_packed([[_command([b"DEL"], rec[s:s + self.chunk_size], 1)
+                               for s in range(0, rec.shape[0], self.chunk_size)]])
         self._counters["rows_deleted"] += int(ids.numel())
 
     def apply_changes(self, batch: ChangeBatch) -> None:
@@ -323,7 +378,7 @@ class RedisWePS(EmbeddingStore):
         uniq, vals, st = self._check_put(batch.ids, batch.values, batch.state)
         deleted = as_ids(batch.deleted, "deleted")
         if deleted.numel() and uniq.numel():
-            deleted = deleted[~torch.isin(deleted, uniq)]  # upserted after the eviction: keep the row
+            deleted = deleted[~isin_ids(deleted, uniq)]  # upserted after the eviction: keep the row
         if self.state_dim and st is None:
             st = torch.zeros(uniq.numel(), self.state_dim)
         self._delete(deleted)
@@ -331,13 +386,14 @@ class RedisWePS(EmbeddingStore):
         self.client.set(self.version_key, b"%d" % int(batch.version))
 
     # ------------------------------------------------------------------ reads
-    def _read(self, keys: np.ndarray) -> List[Optional[bytes]]:
-        n = keys.shape[0]
+    def _read(self, ids: torch.Tensor) -> List[Optional[bytes]]:
+        n = ids.numel()
         if self.is_cluster:
+            keys = self._keys(ids)
             return list(self.client.mget_nonatomic([keys[i].tobytes() for i in range(n)]))
-        rec = _records([keys])
-        replies = self._run_packed([_command([b"MGET"], rec[s:s + self.chunk_size], 1)
-                                    for s in range(0, n, self.chunk_size)])
+        rec = self._key_records(ids)
+        replies = self._run_packed([[_command([b"MGET"], rec[s:s + self.chunk_size], 1)
+                                     for s in range(0, n, self.chunk_size)]])
         out: List[Optional[bytes]] = []
         for r in replies:
             out.extend(r)
@@ -349,7 +405,7 @@ class RedisWePS(EmbeddingStore):
         result = self._missing(n)
         if n == 0:
             return result
-        raw = self._read(self._keys(q))
+        raw = self._read(q)
         found = np.fromiter((r is not None for r in raw), dtype=bool, count=n)
         present = [r for r in raw if r is not None]
         bad = [len(r) for r in present if len(r) != self.row_bytes]

@@ -85,20 +85,24 @@ def _send_timeout(sock) -> tuple:
     return struct.unpack("@ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.calcsize("@ll")))
 
 
-def test_large_push_goes_out_in_one_write_and_restores_the_socket(redis_server, monkeypatch):
-    """A push far larger than the socket buffers: every chunk's command leaves in one blocking
-    write (no return to Python per partial send, which waits for the GIL when training runs
-    Python in another thread), every row lands, and the connection keeps its timeout."""
+def test_large_push_goes_out_in_few_writes_and_restores_the_socket(redis_server, monkeypatch):
+    """A push far larger than the socket buffers: it leaves in a few blocking writes, a group
+    of whole chunks each (no return to Python per partial send, which waits for the GIL when
+    training runs Python in another thread; the next group is encoded while Redis executes
+    this one), every row lands, and the connection keeps its timeout."""
     import gauss_integrations.redis.store as store_module
 
     writes = []
     real = store_module._send_blocking
     monkeypatch.setattr(store_module, "_send_blocking", lambda sock, bufs: (writes.append(len(bufs)), real(sock, bufs)))
+    monkeypatch.setattr(store_module, "_GROUP_BYTES", 4 << 20)
     store = RedisWePS(64, port=redis_server.port, chunk_size=1000, ttl_s=60, socket_timeout=3.0)
     ids = torch.arange(-30_000, 30_000) * 7919  # 15 MB of rows, 60 MSET + 60 EVAL commands
     vals = torch.randn(ids.numel(), 64)
     store.put(ids, vals)
-    assert writes == [60 * 2 + 60 * 3]  # MSET: head + records; EVAL: head + records + tail
+    # 13 chunks of 309-byte records per 4 MB group: 4 full groups and one of 8 chunks
+    # (MSET: head + records; EVAL: head + records + tail)
+    assert writes == [13 * 2 + 13 * 3] * 4 + [8 * 2 + 8 * 3]
     assert torch.equal(store.get(ids), vals)  # (the MGETs: one more write)
     conn = store.client.connection_pool.get_connection()
     try:

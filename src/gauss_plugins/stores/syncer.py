@@ -59,7 +59,7 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from gauss_plugins.stores.base import ChangeBatch, EmbeddingStore
+from gauss_plugins.stores.base import ChangeBatch, EmbeddingStore, in_sorted, isin_ids, merge_sorted_rows
 from gauss_plugins.stores.disk import DiskTier
 
 __all__ = ["Syncer", "TableSource", "read_manifest", "load_dense"]
@@ -241,10 +241,9 @@ class TableSource:
                 lock_cpu_s += time.thread_time() - cpu_check
             if later:  # row numbers only grow: the rows read are covered by the stamps now
                 same = self.table.rows_not_in(rows, later, self._scratch)
-            dropped = None
+            keep = dropped = None
             if same is not None and not bool(same.all()):
-                dropped = ids[~same]
-                ids, values = ids[same], values[same]
+                keep, dropped = same, ids[~same]
             if in_order:
                 # The pull names `now`. Ids it dropped that the previous pull dropped too are
                 # written during every copy (hot rows): the next pull from `now` copies them at
@@ -252,14 +251,16 @@ class TableSource:
                 dropped = dropped if dropped is not None else _EMPTY_IDS
                 starving = _EMPTY_IDS
                 if last is not None and dropped.numel() and last[1].numel():
-                    starving = dropped[torch.isin(dropped, last[1])]
+                    starving = dropped[in_sorted(dropped, last[1])]  # both ascending
                 self._dropped[consumer] = (now, dropped, starving)
-            if carried is not None and in_order and carried[0].numel():
-                extra = ~torch.isin(carried[0], ids)  # each id once; both copies are at `now`
-                if bool(extra.any()):
-                    ids = torch.cat([ids, carried[0][extra]])
-                    values = torch.cat([values, carried[1][extra].to(values.dtype)])
-                    in_order = False
+            # (`keep` is only set while the snapshot held, so the ids are still ascending then.)
+            if keep is not None or (in_order and carried is not None and carried[0].numel()):
+                # Drop the rows written meanwhile and add the carried ones (each id once; both
+                # copies are at `now`) in one pass that keeps the ids ascending: under a fast
+                # training loop nearly every pull has both, and re-sorting a whole pull for
+                # them cost more CPU than the copy itself.
+                add_ids, add_values = carried if carried is not None else (_EMPTY_IDS, values[:0])
+                ids, values = merge_sorted_rows(ids, values, keep, add_ids, add_values)
         backing = getattr(self.table, "backing", None)
         if backing is not None:
             ids, values, deleted = self._with_store_rows(backing, ids, values, deleted, full)
@@ -375,10 +376,10 @@ class _Pending:
             # A complete image of the source: a pending upsert of an id it lacks was deleted
             # since (and the deletion is folded into the image), so it becomes a tombstone.
             pend = self.ids_pending()
-            d = torch.cat([d, pend[~torch.isin(pend, batch.ids)]])
+            d = torch.cat([d, pend[~isin_ids(pend, batch.ids)]])
         # A deletion read together with an upsert of the same id: the source holds the row now.
         if d.numel() and n:
-            d = d[~torch.isin(d, batch.ids)]
+            d = d[~isin_ids(d, batch.ids)]
         vals = batch.values
         if include_state and batch.state is not None:
             vals = torch.cat([vals, batch.state], dim=1)
