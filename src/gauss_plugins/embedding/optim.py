@@ -133,18 +133,22 @@ class SparseOptimizer:
         if flagged:
             all_finite = flagged[0][1].device_finite
             for _, prep in flagged[1:]:
-                all_finite = all_finite & prep.device_finite
-            if len(flagged) < sum(prep is not None for _, prep in prepared):
-                # Tables checked on the host step unmasked: read the flag now (one sync), so
-                # that a bad sum still leaves every table unchanged.
-                if not bool(all_finite):
+                if prep.device_finite.device == all_finite.device:
+                    all_finite = all_finite & prep.device_finite
+            mixed = len(flagged) < sum(prep is not None for _, prep in prepared)
+            if mixed or len({p.device_finite.device for _, p in flagged}) > 1:
+                # Tables checked on the host (they step unmasked), or flags on several
+                # devices: read the flags now (a sync), so that a bad sum in any table still
+                # leaves every table unchanged.
+                if not all(bool(p.device_finite) for _, p in flagged):
                     self._raise_non_finite([t.name for t, p in flagged if not bool(p.device_finite)], earlier=False)
                 all_finite, flagged = None, []
         for table, prep in prepared:
             if prep is not None:
                 table._apply_gradients(prep, all_finite)
         if flagged:
-            self._watch([t.name for t, _ in flagged], torch.stack([p.device_finite for _, p in flagged]))
+            flags = [p.device_finite for _, p in flagged]
+            self._watch([t.name for t, _ in flagged], torch.stack(flags) if len(flags) > 1 else flags[0].reshape(1))
 
     def check_finite(self) -> None:
         """Wait for the device-side NaN/inf checks of earlier sync-free steps and raise
