@@ -241,7 +241,7 @@ def _pow_f64(base, t):
     pow does not run under the interpreter. Exact for t <= 2 and within a few fp64 ulps
     beyond, which the float32 results below never see."""
     result = tl.full(base.shape, 1.0, tl.float64)
-    for i in tl.static_range(63):
+    for i in range(63):  # a loop, not unrolled: the kernel stays small
         result = tl.where(((t >> i) & 1) != 0, result * base, result)
         base = base * base
     return result
