@@ -375,7 +375,7 @@ def _position_strip(table: torch.Tensor, p: _Plan, reverse: bool, like: torch.Te
     tile's bias is a plain 2-D load (see ``triton_kernels._strip_pointers``): ``strip[r, x] =
     table[c + x - shift - r] / 2`` (forward, dQ) or ``table[c + r - x + shift] / 2`` (dK/dV,
     reverse), indices clamped to the table as the per-element gather clamps them (only
-    masked pairs ever read a clamped entry). A few hundred KB at length 200, 4 MB at 4096;
+    masked pairs ever read a clamped entry). A few hundred KB at length 200, 2-4 MB at 4096;
     the index is cached per shape, the strip is one gather per call."""
     center, shift = p.table_scalars[0], p.strip_shift
     key = (table.device, center, shift, reverse)
@@ -385,8 +385,11 @@ def _position_strip(table: torch.Tensor, p: _Plan, reverse: bool, like: torch.Te
         x = torch.arange(2 * shift + STRIP_ROWS, device=table.device).view(1, -1)
         index = ((center + r - x + shift) if reverse else (center + x - shift - r)).clamp_(0, 2 * center)
         _strip_indices[key] = index
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return table.to(dtype)[index].mul_(0.5)
+    # 16-bit inputs: fp16 halves (2^-11 relative, finer than the bf16 / fp16 rounding of the
+    # scores' inputs) halve the strip bytes a tile reads from L2, which bounded the forward at
+    # N=4096 on the H200 with fp32 strips; fp32 / fp64 inputs get their own precision
+    dtype = {torch.float64: torch.float64, torch.float32: torch.float32}.get(like.dtype, torch.float16)
+    return table[index].mul_(0.5).to(dtype)
 
 
 def _strip_args(tables: "_Tables", p: _Plan, reverse: bool, like: torch.Tensor) -> Tuple[torch.Tensor, int, int]:

@@ -324,16 +324,14 @@ def _table_bias_grads(ds, mask, row_ids, col_ids, query_times, key_times, DPOS, 
 
 
 @triton.jit
-def _strip_pointers(PS, stride_ps, shift, ROWS: tl.constexpr, COLS: tl.constexpr, POS_STRIP: tl.constexpr):
+def _strip_pointers(PS, stride_ps, shift, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Pointers into a position strip built by the wrapper (``triton_attention._position_strip``):
     ``strip[r, x] = position_bias[pos_center + x - ps_shift - r] / 2`` for the forward and dQ
     tiles (rows = queries), and ``position_bias[pos_center + r - x + ps_shift] / 2`` for the
     dK/dV kernel's transposed tiles (rows = keys). A tile's half-bias is then one unit-stride
     load at ``strip[r, c + start]`` (``shift`` folds this program's row block in) instead of a
     gather with index arithmetic per element; rows start 16-byte aligned so loads vectorise."""
-    if POS_STRIP:
-        return PS + tl.arange(0, ROWS)[:, None] * stride_ps + tl.arange(0, COLS)[None, :] + shift
-    return PS
+    return PS + tl.arange(0, ROWS)[:, None] * stride_ps + tl.arange(0, COLS)[None, :] + shift
 
 
 @triton.jit
@@ -392,7 +390,7 @@ def _fwd_block(
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
     if HAS_POS and POS_STRIP:
-        u += tl.load(PS_ptrs + start_n)  # half the bias, from the strip (see _strip_pointers)
+        u += tl.load(PS_ptrs + start_n).to(u.dtype)  # half the bias, from the strip (see _strip_pointers)
     TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
     if TABLE_POS or HAS_TIME:
         # tma_row is the sequence's first row
@@ -465,7 +463,9 @@ def hstu_fwd_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
-    PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_m, BLOCK_M, BLOCK_N, POS_STRIP)
+    PS_ptrs = PS
+    if POS_STRIP:
+        PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_m, BLOCK_M, BLOCK_N)
     row_ids = _ids(offs_m, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     query_times = offs_m
     if HAS_TIME:
@@ -552,7 +552,7 @@ def _bwd_dkdv_block(
     if HAS_TIME:
         query_times = _query_times(TS, tma_row, rows, seq_len, history_end)  # tma_row: the sequence's first row
     if HAS_POS and POS_STRIP:
-        ut += tl.load(PS_ptrs + start_m)  # the reversed strip: rows are keys here
+        ut += tl.load(PS_ptrs + start_m).to(ut.dtype)  # the reversed strip: rows are keys here
     TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
     if TABLE_POS or HAS_TIME:
         ut = _add_table_bias(ut, row_ids[None, :], col_ids[:, None], query_times[None, :], key_times[:, None],
@@ -656,7 +656,9 @@ def hstu_bwd_dkdv_kernel(
     if RAB_GRAD:
         DRAB_ptrs = DRAB + b * stride_drb + h * stride_drh + offs_m[None, :] * stride_drm + cols[:, None]
     # the reversed strip, rows = keys (see _strip_pointers)
-    PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_n, BLOCK_N, BLOCK_M, POS_STRIP)
+    PS_ptrs = PS
+    if POS_STRIP:
+        PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_n, BLOCK_N, BLOCK_M)
     col_ids = _ids(cols, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     key_times = cols
     history_end = seq_len
@@ -774,7 +776,7 @@ def _bwd_dq_block(
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
     if HAS_POS and POS_STRIP:
-        u += tl.load(PS_ptrs + start_n)
+        u += tl.load(PS_ptrs + start_n).to(u.dtype)
     TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
     if TABLE_POS or HAS_TIME:
         # tma_row is the sequence's first row
@@ -844,7 +846,9 @@ def hstu_bwd_dq_kernel(
     RAB_ptrs = RAB
     if HAS_RAB:
         RAB_ptrs = RAB + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :]
-    PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_m, BLOCK_M, BLOCK_N, POS_STRIP)
+    PS_ptrs = PS
+    if POS_STRIP:
+        PS_ptrs = _strip_pointers(PS, stride_ps, ps_shift - start_m, BLOCK_M, BLOCK_N)
     row_ids = _ids(offs_m, last, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     query_times = offs_m
     if HAS_TIME:
