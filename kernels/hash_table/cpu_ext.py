@@ -300,6 +300,10 @@ class CpuFusedKernels:
     def sample_victims(self, stamp, scores, row_ids, protect, rng_state, limit, k, m):
         return self._ops.sample_victims(stamp, scores, row_ids, protect, rng_state, int(limit), int(k), int(m))
 
+    def sweep_victims(self, stamp, scores, row_ids, protect, rng_state, hand, limit, k, probe, quantile_div, max_scan):
+        return self._ops.sweep_victims(stamp, scores, row_ids, protect, rng_state, hand, int(limit), int(k),
+                                       int(probe), int(quantile_div), int(max_scan))
+
     def sample_candidates(self, stamp, scores, row_ids, rng_state, limit, k, m):
         return self._ops.sample_candidates(stamp, scores, row_ids, rng_state, int(limit), int(k), int(m))
 

@@ -165,6 +165,17 @@ class FusedKernels(Protocol):
         rows) of the ``k`` lowest (``scores[row]``, row) among them (``stamp`` when
         ``scores`` is None); fewer than ``k`` when the sample holds fewer candidates."""
 
+    def sweep_victims(self, stamp: torch.Tensor, scores: Optional[torch.Tensor], row_ids: torch.Tensor,
+                      protect: torch.Tensor, rng_state: torch.Tensor, hand: torch.Tensor, limit: int, k: int,
+                      probe: int, quantile_div: int, max_scan: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Optional (the table checks with ``getattr``): victim selection by a sweep. The
+        threshold ``t`` is the ``1/quantile_div`` quantile of the scores of the live rows
+        among ``probe`` rows drawn as :meth:`sample_victims` draws them; then, from row
+        ``hand[0]`` on (wrapping at ``limit``), the live rows with ``scores[row] <= t`` that
+        are not in ``protect`` are taken in row order until ``k`` are, or ``max_scan`` rows
+        were looked at. ``hand`` (int64[1]) ends just past the last row taken or looked at.
+        Returns (keys ascending, rows); fewer than ``k`` when the sweep fell short."""
+
     def sample_candidates(self, stamp: torch.Tensor, scores: Optional[torch.Tensor], row_ids: torch.Tensor,
                           rng_state: torch.Tensor, limit: int, k: int, m: int
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -215,15 +215,16 @@ class EvictionPolicy:
     records_reads: bool = True
 
     def __init__(self, sample_factor: int = 8, exact_below: int = 1 << 16, expire_scan_rows: int = 1 << 16,
-                 preselect: bool = False) -> None:
+                 preselect: bool = False, sweep: bool = True) -> None:
         for name, value, low in (("sample_factor", sample_factor, 0), ("exact_below", exact_below, 0),
                                  ("expire_scan_rows", expire_scan_rows, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"eviction option {name} must be an int >= {low}, got {value!r}")
-        if not isinstance(preselect, bool):
-            raise ValueError(f"eviction option preselect must be True or False, got {preselect!r}")
+        for name, value in (("preselect", preselect), ("sweep", sweep)):
+            if not isinstance(value, bool):
+                raise ValueError(f"eviction option {name} must be True or False, got {value!r}")
         self.sample_factor, self.exact_below, self.expire_scan_rows = sample_factor, exact_below, expire_scan_rows
-        self.preselect = preselect
+        self.preselect, self.sweep = preselect, sweep
         self.rows: Dict[str, torch.Tensor] = {}
 
     def bind(self, table) -> None:
@@ -282,7 +283,7 @@ class EvictionPolicy:
 
     def options(self) -> Dict[str, object]:
         return {"sample_factor": self.sample_factor, "exact_below": self.exact_below,
-                "expire_scan_rows": self.expire_scan_rows, "preselect": self.preselect}
+                "expire_scan_rows": self.expire_scan_rows, "preselect": self.preselect, "sweep": self.sweep}
 
 
 def _stamp(step: int) -> int:

@@ -53,6 +53,13 @@ __all__ = ["ChangeLog", "ChangeSnapshot", "RowScratch", "distinct_rows", "lowest
 
 # Fewer, larger chunks keep the Python loop of a query short; past this many the oldest go.
 _MAX_CHUNKS = 1 << 14
+# The sweep's threshold comes from this many random rows (1,024 cache lines of stamps): its
+# quantile is off by ~1% of the table (one standard error), which the sweep's margin of 2 on
+# the quantile absorbs.
+SWEEP_PROBE_ROWS = 8192
+# A sweep looks at no more than this many times the rows it expects to (2 * sample_factor *
+# k); a round that finds too few low rows within that falls back to the random sample.
+SWEEP_SCAN_LIMIT = 8
 
 
 class RowScratch:
@@ -289,14 +296,26 @@ def sampled_victims(table: "DynamicEmbeddingTable", k: int, protect: Optional[to
     if not _round_is_sampled(table, k):
         return None
     capacity = table.capacity
-    m = k * int(policy.sample_factor)
+    factor = int(policy.sample_factor)
+    m = k * factor
     array = policy.score_array()
+    compiled = array is not None and array.dtype == torch.int32
+    guard = protect if protect is not None else torch.empty(0, dtype=torch.int64, device=table.device)
+    scores = None if array is table._row_stamp else array
+    sweep = getattr(table.index.fused, "sweep_victims", None)
+    if compiled and sweep is not None and policy.sweep:
+        # Rows at or under the 1/(2 * factor) quantile, in row order from where the last
+        # round stopped: a margin of 2 on the quantile absorbs the probe's error, so the
+        # victims still lie in the lowest ~1/factor (see the module docstring).
+        ids, _ = sweep(table._row_stamp, scores, table._row_ids, guard, table._eviction_stream(), table._sweep_hand(),
+                       capacity, k, SWEEP_PROBE_ROWS, 2 * factor, SWEEP_SCAN_LIMIT * 2 * factor * k)
+        if ids.numel() == k:
+            return ids
+        table.sweep_fallbacks += 1  # too few low rows within the scan limit: sample this round
     fused = getattr(table.index.fused, "sample_victims", None)
-    if fused is not None and array is not None and array.dtype == torch.int32:
+    if compiled and fused is not None:
         # One compiled pass: draw, filter (keyless, protected, repeated), score, select.
-        guard = protect if protect is not None else torch.empty(0, dtype=torch.int64, device=table.device)
-        ids, _ = fused(table._row_stamp, None if array is table._row_stamp else array, table._row_ids, guard,
-                       table._eviction_stream(), capacity, k, m)
+        ids, _ = fused(table._row_stamp, scores, table._row_ids, guard, table._eviction_stream(), capacity, k, m)
         return ids if ids.numel() == k else None
     if protect is not None:
         protect = protect[protect >= 0]
