@@ -17,7 +17,11 @@ and the backward pass, with sigma = sigmoid(s)::
 The relative-bias indices (``pidx`` from the position ids, ``tidx`` the log-time bucket of
 ``t_next(i) - t_j``; see :mod:`gauss_plugins.hstu.attention`) are computed per tile from
 row/column numbers and the per-token timestamps; the 1-D tables stay in cache, so no
-``[B, N, N]`` bias or bias gradient exists. The dK/dV kernel reduces the tables' gradients
+``[B, N, N]`` bias or bias gradient exists. When ids are plain positions (no targets, no
+contextual prefix) the position bias is instead read from a "strip" (``_strip_pointers``): a
+``[128, 2L + 128]`` layout of the halved table in which a tile's bias is one unit-stride 2-D
+load, as a K tile is; per-element index arithmetic and gathers made the bias cost 2.4x the
+unbiased fwd+bwd at N=4096 on the H200, the strips 1.28x (2026-11-29). The dK/dV kernel reduces the tables' gradients
 into fp32 rows, one per (sequence, head) for the position table ([B * H, 2L - 1]) and one
 per program for the time table ([programs, num_buckets + 1]), summed by one small torch
 reduction after: with relaxed atomics per (query, key) pair for
