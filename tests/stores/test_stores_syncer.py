@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -419,3 +420,74 @@ def test_table_pull_touches_no_row_under_the_lock_and_serving_converges(backend,
     assert got.found.all() and torch.equal(got.values, table.weight[rows])
     assert len(weps) == len(table)
     syncer.close()
+
+
+def test_a_cycle_longer_than_the_interval_is_followed_at_once(tmp_path):
+    """The schedule (Syncer docstring): cycles start ``interval_s`` apart, measured start to
+    start; a push that takes longer than the interval is followed by the next cycle at once,
+    carrying what changed meanwhile, and once pushes are fast again the thread goes back to
+    one cycle per interval instead of spinning."""
+
+    class SlowWePS(WePS):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.delay = 0.0
+            self.pushes = []  # (start, end) of each push that carried rows
+
+        def apply_changes(self, batch):
+            if batch.num_rows:
+                t0 = time.monotonic()
+                time.sleep(self.delay)
+                super().apply_changes(batch)
+                self.pushes.append((t0, time.monotonic()))
+            else:
+                super().apply_changes(batch)
+
+    ps = TierPS(4, str(tmp_path / "ps"))
+    weps = SlowWePS(4)
+    weps.delay = 0.6
+    pulls = []
+    real_pull = ps.changes_since
+
+    def pull(*a, **k):
+        pulls.append(time.monotonic())
+        return real_pull(*a, **k)
+
+    ps.changes_since = pull
+    stop = threading.Event()
+
+    def writer():  # changes keep coming, so every cycle has rows to push
+        i = 0
+        while not stop.is_set():
+            ps.put(torch.tensor([i % 50]), torch.full((1, 4), float(i)))
+            i += 1
+            time.sleep(0.01)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    try:
+        with Syncer(ps, weps, interval_s=0.4) as syncer:
+            deadline = time.monotonic() + 20
+            while len(weps.pushes) < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(weps.pushes) >= 4
+            # each pull after a slow push came right after it, not one more interval later
+            ends = [end for _, end in weps.pushes[:3]]
+            gaps = [min(p for p in pulls if p >= end) - end for end in ends if any(p >= end for p in pulls)]
+            assert gaps and max(gaps) < 0.2, gaps
+            weps.delay = 0.0
+            stop.set()
+            w.join()
+            time.sleep(0.5)  # fast again: back to one cycle per interval
+            n0, t0 = len(pulls), time.monotonic()
+            time.sleep(1.3)
+            rate = (len(pulls) - n0) / (time.monotonic() - t0)
+            assert 1.0 <= rate <= 1 / 0.4 + 0.5, rate
+            deadline = time.monotonic() + 10
+            while weps.version != ps.version and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _same(ps, weps)  # nothing lost through the back-to-back pushes
+    finally:
+        stop.set()
+        w.join()
+    ps.close()

@@ -12,6 +12,15 @@ A :class:`Syncer` runs one background thread. Every ``interval_s`` (default 1 s)
 3. *pushes* the whole buffer to the target (``apply_changes``) in batches of
    ``push_batch_rows``; only when every batch was acknowledged is the buffer cleared.
 
+Schedule: a cycle starts ``interval_s`` after the previous one *started*, so the time a
+cycle takes does not stretch the period. A cycle that takes longer than the interval (a push
+near the target's capacity, a backlog after an outage) is followed by the next one at once,
+not after another interval: the thread then runs cycles back to back, each pushing what
+changed (coalesced by id) during the one before, until a cycle fits the interval again. So
+``interval_s`` is the shortest time between two pulls, and the time from a change to its
+push is at most one interval plus two cycles; the thread never sleeps while it is behind,
+and never runs more often than every ``interval_s`` when it is not.
+
 If the target is down (Redis stopped, restarting, unreachable), step 3 fails, the error is
 counted and kept in :meth:`Syncer.stats`, and the next cycle retries with everything that
 accumulated meanwhile: nothing is lost, nothing is sent twice needlessly (coalesced by id),
@@ -465,7 +474,8 @@ class Syncer:
         source: the training store (``version``, ``changes_since``; optionally
             ``update_clock(after, upto) -> (times, rows)`` for freshness).
         target: the serving store (:class:`~gauss_plugins.stores.base.EmbeddingStore`).
-        interval_s: seconds between pushes.
+        interval_s: seconds from the start of one cycle (pull + push) to the start of the
+            next; a cycle that takes longer is followed by the next at once (module doc).
         dense_url: where dense weights and the manifest go (local path or fsspec URL).
         include_state: also push optimizer state (the target needs ``state_dim`` then).
         max_pending_bytes: memory budget of the pending buffer before it spills to disk.
@@ -565,6 +575,8 @@ class Syncer:
         self.close()
 
     def _run(self) -> None:
+        # The next start is set before the cycle runs: a cycle longer than the interval is
+        # followed at once (a zero wait), a shorter one by the rest of the interval.
         next_at = time.monotonic() + self.interval_s
         while not self._stop.is_set():
             self._wake.wait(max(0.0, next_at - time.monotonic()))
