@@ -478,11 +478,10 @@ def test_a_cycle_longer_than_the_interval_is_followed_at_once(tmp_path):
             weps.delay = 0.0
             stop.set()
             w.join()
-            time.sleep(0.5)  # fast again: back to one cycle per interval
-            n0, t0 = len(pulls), time.monotonic()
-            time.sleep(1.3)
-            rate = (len(pulls) - n0) / (time.monotonic() - t0)
-            assert 1.0 <= rate <= 1 / 0.4 + 0.5, rate
+            time.sleep(1.5)  # the push in flight ends, the one after it is fast
+            n0 = len(pulls)
+            time.sleep(2.0)  # fast again: one cycle per 0.4 s interval, not a busy loop
+            assert 3 <= len(pulls) - n0 <= 7, len(pulls) - n0
             deadline = time.monotonic() + 10
             while weps.version != ps.version and time.monotonic() < deadline:
                 time.sleep(0.01)
