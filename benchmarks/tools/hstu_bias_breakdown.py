@@ -23,6 +23,7 @@ SHAPES = {"n4096_bf16": (8, 4096, 4, 128, torch.bfloat16), "ml1m_fp32": (128, 20
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", default="n4096_bf16,ml1m_fp32,ml1m_bf16")
+    ap.add_argument("--strips", default="on,off", help="position strips: on, off or on,off")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune-top", type=int, default=3, help="autotune over the first K candidates of each kernel")
     args = ap.parse_args()
@@ -55,14 +56,17 @@ def main() -> None:
         table = (0.1 * torch.randn(2 * N - 1, device="cuda"))
         flops = hb.fwd_flops(lengths, H, D)
         opts = dict(max_seq_len=N, alpha=1.0 / math.sqrt(D), causal=True)
-        variants = [("none", None, True, True, False)]
-        for strips in (True, False):
-            variants += [("pos_nograd", table, strips, True, False), ("pos_diag", table, strips, True, True),
-                         ("pos_pairs", table, strips, False, True)]
+        variants = [("none", None, True, True, "columns", False)]
+        for strips in [{"on": True, "off": False}[x] for x in args.strips.split(",")]:
+            variants += [("pos_nograd", table, strips, True, "columns", False),
+                         ("pos_diag", table, strips, True, "columns", True),
+                         ("pos_diag_rows", table, strips, True, "rows", True),
+                         ("pos_pairs", table, strips, False, "columns", True)]
         base = None
-        for name, tab, strips, diagonal, grad in variants:
+        for name, tab, strips, diagonal, rotation, grad in variants:
             ta._position_strips = strips
             ta._diagonal_position_grads = diagonal
+            ta._diagonal_rotation = rotation
             o = dict(opts) if tab is None else dict(opts, position_bias=tab)
 
             def fwdbwd(o=o, grad=grad):
@@ -93,6 +97,7 @@ def main() -> None:
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
     ta._position_strips = True
     ta._diagonal_position_grads = True
+    ta._diagonal_rotation = "columns"
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "machine": machine_info()}, f, indent=1)

@@ -115,6 +115,10 @@ _INTERPRETER_CONFIGS: Dict[str, _Config] = {kind: _Config(16, 16, 1, 1) for kind
 # wrap); False, one atomic per (query, key) pair, as with targets or a prefix. Read at each
 # backward call; the benchmark times both.
 _diagonal_position_grads = os.environ.get("GAUSS_HSTU_DIAGONAL_POSITION_GRADS", "1") != "0"
+# ... and which way a tile is rotated for its diagonal sums: "columns" (each key row rotated
+# along the queries, sums across the key rows) or "rows" (each query column rotated along the
+# keys, sums along the queries, within a warp). Read at each backward call.
+_diagonal_rotation = os.environ.get("GAUSS_HSTU_DIAGONAL_ROTATION", "columns")
 
 # Where the kernels read the position bias when ids are positions (no targets, no contextual
 # prefix): True, from strips (``_position_strip``: one unit-stride load per tile); False, by
@@ -475,7 +479,11 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
     strip_rev = _strip_args(tables, p, True, q)[0]
     dq_tensors = (q, k, v, grad_out, rab_or_q, *table_ptrs, strip, dq, offsets, targets)
     dq_scalars = (*p.rab_strides, *common, stride_ps, shift)
-    diagonal = pos_grad and _diagonal_position_grads
+    diagonal = 0
+    if pos_grad and _diagonal_position_grads:
+        if _diagonal_rotation not in ("columns", "rows"):
+            raise ValueError(f"GAUSS_HSTU_DIAGONAL_ROTATION must be 'columns' or 'rows', got {_diagonal_rotation!r}")
+        diagonal = 2 if _diagonal_rotation == "rows" else 1
     dkdv_key = p.key + (rab_grad, atomic, pos_grad, time_grad, diagonal)
 
     def launch_dkdv(cfg: _Config) -> None:

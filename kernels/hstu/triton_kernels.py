@@ -367,6 +367,27 @@ def _diagonal_position_grads(dst, start_n, start_m, pos_center, DPOS, BLOCK_M: t
                       sem="relaxed")
 
 
+@triton.jit
+def _diagonal_position_grads_by_rows(dst, start_n, start_m, pos_center, DPOS, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr):
+    """As :func:`_diagonal_position_grads`, rotating the other way: query column il is
+    rotated by il along the key rows (a gather across rows), so that row r holds the pairs
+    with ``jl - il = r - BLOCK_N * q`` (q = (r + il) // BLOCK_N); the diagonal sums are then
+    row sums, a reduction along the tile's column axis (inside a warp) instead of across warps."""
+    r = tl.arange(0, BLOCK_N)[:, None]
+    il = tl.arange(0, BLOCK_M)[None, :]
+    jl = tl.broadcast_to((r + il) % BLOCK_N, (BLOCK_N, BLOCK_M))
+    rotated = tl.gather(dst, jl, 0)
+    wrap = (r + il) // BLOCK_N
+    base = start_n - start_m + pos_center
+    rows = tl.arange(0, BLOCK_N)
+    for q in tl.static_range(0, (BLOCK_N + BLOCK_M - 2) // BLOCK_N + 1):
+        sums = tl.reduce(tl.where(wrap == q, rotated, 0.0), 1, _add)
+        index = base + rows - q * BLOCK_N
+        tl.atomic_add(DPOS + index, sums.to(DPOS.dtype.element_ty), mask=(index >= 0) & (index <= 2 * pos_center),
+                      sem="relaxed")
+
+
 # ------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_block(
@@ -592,10 +613,13 @@ def _bwd_dkdv_block(
         else:
             grad_mask = col_ok[:, None] & row_ok[None, :]
         ds_true = dst * (0.5 * row_scale)
-        DIAGONAL: tl.constexpr = POS_GRAD and POS_GRAD_DIAGONAL and not (HAS_TARGETS or HAS_CONTEXT)
+        DIAGONAL: tl.constexpr = POS_GRAD and POS_GRAD_DIAGONAL > 0 and not (HAS_TARGETS or HAS_CONTEXT)
         if DIAGONAL:
-            _diagonal_position_grads(ds_true, start_n, start_m, pos_center, DPOS,
-                                     BLOCK_M, BLOCK_N)
+            if POS_GRAD_DIAGONAL == 2:
+                _diagonal_position_grads_by_rows(ds_true, start_n, start_m, pos_center, DPOS, BLOCK_M, BLOCK_N)
+            else:
+                _diagonal_position_grads(ds_true, start_n, start_m, pos_center, DPOS,
+                                         BLOCK_M, BLOCK_N)
         _table_bias_grads(ds_true, grad_mask, row_ids[None, :], col_ids[:, None], query_times[None, :],
                           key_times[:, None], DPOS, DTB, pos_center, inv_scale, num_buckets,
                           POS_GRAD and not DIAGONAL, TIME_GRAD)

@@ -233,6 +233,17 @@ def test_position_bias_from_strips_or_gathers(rng, monkeypatch, strips):
     _check(rng, [37, 20], position=0, max_attn_len=7, normalizer="seq_len")
 
 
+@pytest.mark.parametrize("rotation", ["columns", "rows"])
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)], ids=["keys-wider", "queries-wider"])
+def test_diagonal_position_gradients_either_rotation(rng, monkeypatch, rotation, tiles):
+    """The per-tile diagonal sums of the position gradient, rotating key rows or query
+    columns, with tiles wider either way (several wraps), match the reference."""
+    monkeypatch.setattr(ta, "_diagonal_rotation", rotation)
+    if not ON_GPU:
+        monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dkdv", ta._Config(*tiles, 1, 1))
+    _check(rng, [45, 20, 3], position=0)
+
+
 def test_relative_bias_without_gradient(rng):
     _check(rng, [17, 9], H=2, rab=(2, 2), rab_grad=False, contextual_len=2)
 
