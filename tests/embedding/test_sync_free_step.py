@@ -82,10 +82,12 @@ def test_masked_step_is_bit_identical_to_the_listed_rows_step(cfg, default):
     if default == "zeros":
         assert torch.equal(masked.weight[masked.default_row], torch.zeros(DIM))
     # change tracking sees the same rows, though the masked step logs every row of the table
+    assert masked.version == listed.version and versions[True] == versions[False]
     for v in (0, versions[True] + 3):
         ids_m, values_m, state_m = masked.changed_since(v)
         ids_l, values_l, state_l = listed.changed_since(v)
-        assert torch.equal(ids_m, ids_l) and torch.equal(values_m, values_l)
+        assert ids_m.numel() and torch.equal(ids_m, ids_l) and torch.equal(values_m, values_l)
+        _assert_same(state_m, state_l)
     # one more step: each table reports exactly the two rows it trained since its own version
     last = {flag: t.version for flag, t in tables.items()}
     for t in tables.values():
