@@ -141,6 +141,26 @@ def test_non_finite_step_changes_nothing_and_the_next_call_raises():
     assert not torch.equal(a.weight, before[0]["weight"])
 
 
+def test_a_bad_step_is_reported_by_a_new_optimizer_over_the_table():
+    """``SparseOptimizer(table).step()`` each step (as the README shows): the skipped step is
+    kept on the table, so the next optimizer reports it."""
+    table = _table(RULES[3], True)
+    ids = torch.tensor([1, 2])
+    table(ids).sum().backward()
+    SparseOptimizer(table).step()
+    before = table.weight.clone()
+    (table(ids) * float("nan")).sum().backward()
+    SparseOptimizer(table).step()
+    assert torch.equal(table.weight, before)
+    table(ids).sum().backward()
+    with pytest.raises(FloatingPointError, match="earlier sync-free step"):
+        SparseOptimizer(table).step()
+    assert torch.equal(table.weight, before) and not table.has_pending_grads
+    table(ids).sum().backward()
+    SparseOptimizer(table).step()  # reported once
+    assert not torch.equal(table.weight, before)
+
+
 def test_check_finite_reports_a_bad_step_at_once():
     table = _table(RULES[0], True)
     opt = SparseOptimizer(table)

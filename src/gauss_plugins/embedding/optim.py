@@ -25,8 +25,8 @@ imports too; they are re-exported here.
 """
 from __future__ import annotations
 
-from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -55,6 +55,17 @@ __all__ = [
     "SparseOptimizer",
     "make_rule",
 ]
+
+
+@dataclass
+class _FiniteCheck:
+    """The device-side NaN/inf check of one sync-free step, held by every table it stepped
+    (``table._finite_checks``) until a SparseOptimizer call reads it."""
+
+    names: List[str]                # the tables of the step, in the order of ``flags``
+    flags: torch.Tensor             # bool per table: host memory (pinned copy on CUDA)
+    event: Optional[object] = None  # CUDA event after the copy; None: readable now
+    read: bool = False
 
 
 class SparseOptimizer:
@@ -98,9 +109,6 @@ class SparseOptimizer:
                 # Same rule name: only the hyperparameters change and the per-row state stays.
                 table.set_optimizer(rule.config)
         self.tables: List[DynamicEmbeddingTable] = tables
-        # Device-side finite checks of earlier sync-free steps not read yet, oldest first:
-        # (table names, per-table flags copied to host memory, CUDA event after the copy or None).
-        self._checks: Deque[Tuple[List[str], torch.Tensor, Optional[object]]] = deque()
 
     @property
     def lr(self) -> float:
@@ -120,9 +128,10 @@ class SparseOptimizer:
         Sync-free steps (small tables on CUDA, ``table.sync_free_step``) check on the device:
         a bad step changes no row of any table (optimizer state included) and drops its
         gradients like any other, but its FloatingPointError comes from a later call: the
-        first ``step()`` that finds the device done with the bad step (usually the next one),
-        or :meth:`check_finite`, which waits for it. The call that raises changes nothing and
-        drops the gradients recorded for it too."""
+        first ``step()`` (of this or any SparseOptimizer over one of its tables: the check is
+        kept on the tables) that finds the device done with the bad step, usually the next
+        one, or :meth:`check_finite`, which waits for it. The call that raises changes nothing
+        and drops the gradients recorded for it too."""
         self._raise_if_skipped(wait=False)
         prepared = [(table, table._prepare_gradients()) for table in self.tables]
         bad = [table.name for table, prep in prepared if prep is not None and not prep.finite]
@@ -148,7 +157,7 @@ class SparseOptimizer:
                 table._apply_gradients(prep, all_finite)
         if flagged:
             flags = [p.device_finite for _, p in flagged]
-            self._watch([t.name for t, _ in flagged], torch.stack(flags) if len(flags) > 1 else flags[0].reshape(1))
+            self._watch([t for t, _ in flagged], torch.stack(flags) if len(flags) > 1 else flags[0].reshape(1))
 
     def check_finite(self) -> None:
         """Wait for the device-side NaN/inf checks of earlier sync-free steps and raise
@@ -156,31 +165,43 @@ class SparseOptimizer:
         where one costs nothing, e.g. at the end of an epoch or before a checkpoint."""
         self._raise_if_skipped(wait=True)
 
-    def _watch(self, names: List[str], flags: torch.Tensor) -> None:
-        """Keep the device flags of a sync-free step for a later call to read without a sync."""
+    def _watch(self, tables: List[DynamicEmbeddingTable], flags: torch.Tensor) -> None:
+        """Keep the device flags of a sync-free step on its tables, for a later call to read
+        without a sync."""
         if flags.device.type == "cuda":
             host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(flags.device))
-            self._checks.append((names, host, event))
+            check = _FiniteCheck([t.name for t in tables], host, event)
         else:
-            self._checks.append((names, flags, None))
+            check = _FiniteCheck([t.name for t in tables], flags)
+        for table in tables:
+            table._finite_checks.append(check)
 
     def _raise_if_skipped(self, wait: bool) -> None:
-        """Read the finished checks of earlier sync-free steps (all of them, waiting, if
-        ``wait``); raise FloatingPointError if one found NaN/inf."""
-        while self._checks:
-            names, flags, event = self._checks[0]
-            if event is not None and not event.query():
-                if not wait:
-                    return  # the device has not got there yet: a later call reads it
-                event.synchronize()
-            self._checks.popleft()
-            ok = flags.tolist()  # host memory by now (the pinned copy on CUDA): no sync
-            if not all(ok):
-                self._checks.clear()
-                self._raise_non_finite([n for n, good in zip(names, ok) if not good], earlier=True)
+        """Read the finished checks of earlier sync-free steps of these tables (all of them,
+        waiting, if ``wait``); raise FloatingPointError if one found NaN/inf."""
+        bad: List[str] = []
+        for table in self.tables:
+            pending = table._finite_checks
+            while pending:
+                check = pending[0]
+                if not check.read:
+                    if check.event is not None and not check.event.query():
+                        if not wait:
+                            break  # the device has not got there yet: a later call reads it
+                        check.event.synchronize()
+                    check.read = True
+                    ok = check.flags.tolist()  # host memory by now (the pinned copy on CUDA): no sync
+                    bad += [n for n, good in zip(check.names, ok) if not good and n not in bad]
+                pending.pop(0)
+        if bad:
+            for table in self.tables:  # reported once: later steps' checks go with it
+                for check in table._finite_checks:
+                    check.read = True
+                table._finite_checks.clear()
+            self._raise_non_finite(bad, earlier=True)
 
     def _raise_non_finite(self, bad: List[str], earlier: bool) -> None:
         for table in self.tables:

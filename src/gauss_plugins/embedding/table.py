@@ -315,6 +315,7 @@ class DynamicEmbeddingTable(nn.Module):
         self._epoch = 0               # bumped when rows are freed or moved: re-resolve recorded grads
         self._tombstone_ids: List[torch.Tensor] = []
         self._tombstone_versions: List[int] = []
+        self._tombstone_count = 0     # ids in _tombstone_ids (kept, not summed: ~1,500 chunks at 10M rows)
         self._tombstones_since = 0    # evicted_since(v) is complete for v >= this
         self._pending: List[_GradRecord] = []
         self._anchor = torch.zeros((), requires_grad=True)
@@ -330,6 +331,10 @@ class DynamicEmbeddingTable(nn.Module):
         # On by default on CUDA, where a sync stalls the CPU's run-ahead of kernel launches;
         # off on CPU, where listing the touched rows costs nothing and updates fewer rows.
         self.sync_free_step = self.device.type == "cuda"
+        # The device-side finite checks of this table's sync-free steps not read yet, oldest
+        # first (kept here, not in the optimizer, so that any later SparseOptimizer over the
+        # table reports a skipped step, even when each step builds a new one).
+        self._finite_checks: List[Any] = []
         self._all_rows: Optional[torch.Tensor] = None  # arange(rows): the masked step's change-log chunk
         if self.eviction is not None:
             self.eviction.bind(self)
@@ -599,20 +604,20 @@ class DynamicEmbeddingTable(nn.Module):
             version = self._bump()
             self._tombstone_ids.append(gone.clone())
             self._tombstone_versions.append(version)
+            self._tombstone_count += gone.numel()
             self._epoch += 1
             self._trim_tombstones()
         return rows
 
     def _trim_tombstones(self) -> None:
-        total = sum(t.numel() for t in self._tombstone_ids)
-        while total > self.config.tombstone_limit and len(self._tombstone_ids) > 1:
-            total -= self._tombstone_ids.pop(0).numel()
+        while self._tombstone_count > self.config.tombstone_limit and len(self._tombstone_ids) > 1:
+            self._tombstone_count -= self._tombstone_ids.pop(0).numel()
             self._tombstones_since = self._tombstone_versions.pop(0)
 
     def trim_tombstones(self, version: int) -> None:
         """Forget evictions at or before ``version`` (every consumer has synced past it)."""
         while self._tombstone_versions and self._tombstone_versions[0] <= version:
-            self._tombstone_ids.pop(0)
+            self._tombstone_count -= self._tombstone_ids.pop(0).numel()
             self._tombstones_since = self._tombstone_versions.pop(0)
 
     # ------------------------------------------------------------------ rows
@@ -1476,6 +1481,7 @@ class DynamicEmbeddingTable(nn.Module):
             if self.backing is not None:  # every row number now holds another row
                 self.backing.reset(self)
             self._tombstone_ids, self._tombstone_versions = [], []
+            self._tombstone_count = 0
             self._tombstones_since = int(meta["tombstones_since"])
             self._append_tombstones(tensors)
         else:
@@ -1528,6 +1534,7 @@ class DynamicEmbeddingTable(nn.Module):
         for v in torch.unique_consecutive(t_ver).tolist():
             self._tombstone_ids.append(t_ids[t_ver == v])
             self._tombstone_versions.append(int(v))
+            self._tombstone_count += self._tombstone_ids[-1].numel()
 
     # nn.Module integration: model.state_dict() / load_state_dict() carry the full table.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
