@@ -62,3 +62,23 @@ def test_in_sorted_matches_isin():
     assert torch.equal(in_sorted(probe, sorted_ids), torch.isin(probe, sorted_ids))
     assert in_sorted(probe, sorted_ids[:0]).tolist() == [False] * 400
     assert in_sorted(probe[:0], sorted_ids).numel() == 0
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 8192, 20_000])
+def test_merge_in_place_compacts_the_callers_scratch(n):
+    """``in_place``: with nothing to add, the kept rows move to the front of the caller's own
+    tensor (blocks of 8192 rows: the sizes cross block edges) and equal the copying path."""
+    g = torch.Generator().manual_seed(n)
+    ids = torch.arange(n) * 3
+    values = torch.randn(n, 5, generator=g)
+    keep = torch.rand(n, generator=g) < 0.6
+    want_ids, want_values = merge_sorted_rows(ids, values, keep, ids[:0], values[:0])
+    scratch = values.clone()
+    got_ids, got_values = merge_sorted_rows(ids, scratch, keep, ids[:0], values[:0], in_place=True)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_values, want_values)
+    assert got_values.numel() == 0 or got_values.data_ptr() == scratch.data_ptr()  # no new tensor of rows
+    # with rows to add, in_place changes nothing about the result
+    add_ids, add_values = torch.tensor([1, 4]), torch.ones(2, 5)
+    a = merge_sorted_rows(ids, values.clone(), keep, add_ids, add_values, in_place=True)
+    b = merge_sorted_rows(ids, values, keep, add_ids, add_values)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -156,14 +156,30 @@ def isin_ids(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.isin(ids, other)
 
 
+def _compact_rows(values: torch.Tensor, src: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """``values[src]`` (``src`` ascending, distinct) written over the first rows of
+    ``values`` itself, a block at a time through a small buffer; returns that view. Safe
+    because ``src[j] >= j``: a block's destination rows lie below every row a later block
+    reads."""
+    m = src.numel()
+    for s in range(0, m, block):
+        idx = src[s:s + block]
+        values[s:s + idx.numel()] = values.index_select(0, idx)
+    return values[:m]
+
+
 def merge_sorted_rows(ids: torch.Tensor, values: torch.Tensor, keep: Optional[torch.Tensor],
-                      add_ids: torch.Tensor, add_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                      add_ids: torch.Tensor, add_values: torch.Tensor,
+                      in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(ids, values)``: the entries of ``ids`` (ascending, distinct; ``values`` a row each)
     where ``keep`` is True (``None``: all), plus the rows of ``add_ids`` (distinct, any order)
     whose id is not kept already -- ascending again.
 
     The rows are copied once at most: concatenating and sorting again would sort every id
-    and copy every row twice (~50 MB each for a 200k-row pull of dim 64) to place a few."""
+    and copy every row twice (~50 MB each for a 200k-row pull of dim 64) to place a few.
+    ``in_place``: ``values`` is the caller's own scratch; when nothing is added, the kept
+    rows are moved to its front and a view of them is returned. A fresh 50 MB tensor costs
+    more in page faults (the allocator maps it anew each time) than the copy itself."""
     src = None if keep is None else keep.nonzero().squeeze(1)
     kept = ids if src is None else ids.index_select(0, src)
     if add_ids.numel():
@@ -173,7 +189,9 @@ def merge_sorted_rows(ids: torch.Tensor, values: torch.Tensor, keep: Optional[to
         if not bool(new.all()):
             add_ids, add_values = add_ids[new], add_values[new]
     if add_ids.numel() == 0:
-        return kept, values if src is None else values.index_select(0, src)
+        if src is None:
+            return kept, values
+        return kept, _compact_rows(values, src) if in_place else values.index_select(0, src)
     if kept.numel() == 0:
         return add_ids, add_values.to(values.dtype)
     n, k = kept.numel(), add_ids.numel()

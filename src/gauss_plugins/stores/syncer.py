@@ -269,7 +269,8 @@ class TableSource:
                 # training loop nearly every pull has both, and re-sorting a whole pull for
                 # them cost more CPU than the copy itself.
                 add_ids, add_values = carried if carried is not None else (_EMPTY_IDS, values[:0])
-                ids, values = merge_sorted_rows(ids, values, keep, add_ids, add_values)
+                # (the values are this pull's own copy: compacted where they lie)
+                ids, values = merge_sorted_rows(ids, values, keep, add_ids, add_values, in_place=True)
         backing = getattr(self.table, "backing", None)
         if backing is not None:
             ids, values, deleted = self._with_store_rows(backing, ids, values, deleted, full)
