@@ -20,7 +20,10 @@ without persistence; no redis-server: ``{"skipped": reason}`` and exit 0):
   over-estimate). The levels are fractions of the run's own MSET ceiling. A level is
   *sustained* when the loop reached >= 95% of its target rate, the lag did not grow (p90
   freshness of the second half <= 1.25 x the first half's + one interval) and the syncer was
-  caught up within one interval + 0.5 s after the loop stopped.
+  caught up within one interval + 0.5 s after the loop stopped. Each level also reports the
+  CPU time per pushed row of the syncer's thread (``syncer_cpu_us_per_row``) and of
+  redis-server (``redis_cpu_us_per_row``): on 2 shared cores these say where the time went
+  when wall times move with the machine's load.
 * **Restart**: the loop runs (and deletes a few ids) while redis-server is SIGKILLed and
   restarted empty; once the syncer caught up, every live row of the table is compared with
   Redis: ``redis_restart_lost_rows`` counts rows missing or different, and deleted rows
@@ -196,6 +199,16 @@ def fill(table, num_ids: int) -> None:
         table.set(ids, torch.zeros(ids.numel(), DIM))
 
 
+def process_cpu_s(pid: int) -> Optional[float]:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def wait_caught_up(syncer, source, timeout: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -220,6 +233,7 @@ def run_level(server, table, opt, source, store, syncer, num_ids, rate, duration
         reader.kill()
         raise RuntimeError("the reader process did not poll Redis within 120 s")
     pushed0, reports0, pulls0 = syncer.rows_pushed, len(syncer.reports), len(source.pulls)
+    redis_cpu0 = process_cpu_s(server.proc.pid)
     w = Trainer(table, opt, source, num_ids, probes, rate, duration, seed)
     w.start()
     w.join()
@@ -228,6 +242,7 @@ def run_level(server, table, opt, source, store, syncer, num_ids, rate, duration
         raise RuntimeError("the training loop failed") from w.error
     catch_up = wait_caught_up(syncer, source, 30.0)
     pushed = syncer.rows_pushed - pushed0
+    redis_cpu1 = process_cpu_s(server.proc.pid)
     reader.join(duration + 30)
     if reader.exitcode != 0:
         raise RuntimeError(f"the reader process failed (exit code {reader.exitcode}); its traceback is above")
@@ -262,6 +277,11 @@ def run_level(server, table, opt, source, store, syncer, num_ids, rate, duration
         "mean_push_latency_s": float(np.mean([r["latency_s"] for r in reports])) if reports else None,
         "max_step_s": w.max_step_s,
         "pull_lock_ms_p99": float(np.percentile([q["lock_s"] * 1e3 for q in pulls], 99)) if pulls else None,
+        # CPU time per pushed row (other jobs on the machine inflate wall times, not these):
+        # the syncer thread's pulls and pushes, and redis-server (the catch-up included).
+        "syncer_cpu_us_per_row": sum(r["cycle_cpu_s"] for r in reports) / pushed * 1e6 if pushed else None,
+        "redis_cpu_us_per_row": (redis_cpu1 - redis_cpu0) / pushed * 1e6
+        if pushed and redis_cpu0 is not None and redis_cpu1 is not None else None,
     }
 
 
@@ -363,7 +383,8 @@ def main() -> None:
 
     print_table(results, ["case", "rows_per_s", "target_rows_per_s", "written_rows_per_s", "pushed_rows_per_s",
                           "sustained", "catch_up_s", "p50_freshness_s", "p99_freshness_s", "syncer_p99_freshness_s",
-                          "mean_push_latency_s", "max_step_s", "pull_lock_ms_p99", "lost_rows"])
+                          "mean_push_latency_s", "syncer_cpu_us_per_row", "redis_cpu_us_per_row", "max_step_s",
+                          "pull_lock_ms_p99", "lost_rows"])
     levels = [r for r in results if "sustained" in r]
     ok = [r for r in levels if r["sustained"]]
     best = max(ok, key=lambda r: r["target_rows_per_s"]) if ok else None

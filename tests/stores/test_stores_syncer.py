@@ -60,6 +60,7 @@ def test_push_changes_and_tombstones(tmp_path):
     report = syncer.reports[-1]
     assert report["rows"] == 2 and report["deleted"] == 2 and report["bytes"] > 0
     assert 0 <= report["freshness_p50_s"] <= report["freshness_p99_s"] < 5
+    assert 0 < report["cycle_cpu_s"] < 5  # the thread's CPU time for the pull and the push
     syncer.close()
     ps.close()
 

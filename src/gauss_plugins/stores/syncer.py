@@ -46,8 +46,10 @@ file and a serving store already holding every embedding change up to the versio
 weights were taken at; with the embedded WePS, ``store.snapshot(manifest["embedding_version"])``
 pins exactly the embedding version named next to the dense version.
 
-Per push the syncer reports rows, bytes, latency and freshness -- the time from an update in
-training to its acknowledgement by the serving store -- as p50/p99. Freshness is measured
+Per push the syncer reports rows, bytes, latency, ``cycle_cpu_s`` (the CPU time its thread
+spent on the cycle's pull and push: unlike the latency, other jobs on the machine do not
+inflate it) and freshness -- the time from an update in training to its acknowledgement by
+the serving store -- as p50/p99. Freshness is measured
 per source mutation: the source's clock (version -> wall time, rows) says when each ``put``
 happened; each is counted with its row count (a row overwritten twice counts twice, with its
 older, larger freshness -- a conservative estimate).
@@ -527,6 +529,7 @@ class Syncer:
             self._consumer = f"syncer-{id(self):x}"
             source.register_consumer(self._consumer, start_version)
         self._lock = threading.Lock()  # one cycle at a time (thread, sync_now, close)
+        self._cycle_cpu0 = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -594,6 +597,7 @@ class Syncer:
 
     def _cycle(self) -> bool:
         with self._lock:
+            self._cycle_cpu0 = time.thread_time()
             try:
                 self._pull()
             except Exception as exc:  # a broken source is a bug, but must not kill the thread
@@ -721,7 +725,8 @@ class Syncer:
         self.rows_pushed += rows
         self.bytes_pushed += nbytes
         report = {"time": ack, "version": target_version, "rows": rows, "deleted": deleted, "bytes": nbytes,
-                  "latency_s": latency, "freshness_p50_s": p50, "freshness_p99_s": p99}
+                  "latency_s": latency, "freshness_p50_s": p50, "freshness_p99_s": p99,
+                  "cycle_cpu_s": time.thread_time() - self._cycle_cpu0}
         self.reports.append(report)
         return True
 
