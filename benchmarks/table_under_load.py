@@ -3,8 +3,11 @@
 What runs (CPU, one torch thread for training, so the numbers are per core):
 
 * a ``DynamicEmbeddingTable`` of ``--rows`` rows (10M; 500k with ``--quick``), dim 64, fp32,
-  row-wise Adagrad, LRU eviction (sampled, ``evict_fraction=0``: each step frees what its
-  new ids need; victims are selected inside the step, the table's default; ``--preselect``:
+  row-wise Adagrad, LRU eviction (approximate, ``evict_fraction=0``: each step frees what
+  its new ids need; victims are selected inside the step by a sweep, the table's default:
+  the rows under an estimate of the lowest 1/16 of the stamps, in row order from where the
+  last round stopped; ``--no-sweep``: the lowest of a random sample of 8 x the rows to
+  free, eviction option ``sweep=False``, the default before 2026-11-29; ``--preselect``:
   each round's sample is drawn on a background thread during the previous step and checked
   at the round, eviction option ``preselect=True``), filled with ``table.set`` before timing.
   On a 2-core machine the pre-selection's thread competes with the syncer's and the
@@ -88,11 +91,11 @@ class CountingTarget:
         self.deleted += int(batch.deleted.numel())
 
 
-def build_table(rows: int, preselect: bool = False):
+def build_table(rows: int, preselect: bool = False, sweep: bool = True):
     from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig
 
     cfg = DynamicTableConfig(name="under_load", dim=DIM, initial_capacity=rows, max_capacity=rows, eviction="lru",
-                             eviction_options={"preselect": preselect}, evict_fraction=0.0,
+                             eviction_options={"preselect": preselect, "sweep": sweep}, evict_fraction=0.0,
                              optimizer=OptimizerConfig("rowwise_adagrad", lr=0.05))
     return DynamicEmbeddingTable(cfg)
 
@@ -114,6 +117,8 @@ def main() -> None:
     p.add_argument("--preselect", action="store_true",
                    help="draw each round's victim sample on a background thread during the previous step "
                         "(eviction option preselect=True) instead of inside the step (the default)")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="select victims from a random sample (eviction option sweep=False) instead of by a sweep")
     args = p.parse_args()
     rows = args.rows or (500_000 if args.quick else 10_000_000)
     steps = args.steps or (60 if args.quick else 300)
@@ -125,7 +130,7 @@ def main() -> None:
     from gauss_plugins.embedding import SparseOptimizer
     from gauss_plugins.stores.syncer import Syncer, TableSource
 
-    table = build_table(rows, preselect=args.preselect)
+    table = build_table(rows, preselect=args.preselect, sweep=not args.no_sweep)
     n_new = int(BATCH * NEW_FRACTION)
     prefill = rows - base_steps * n_new  # the baseline's new ids fill the table exactly
     if prefill < BATCH:
@@ -228,6 +233,9 @@ def main() -> None:
         "eviction_cpu_ms_p50": pct(ev_cpu, 50),
         "eviction_ms_p50": pct(ev, 50),
         "eviction_preselect": args.preselect,
+        "eviction_sweep": not args.no_sweep,
+        # sweep rounds that found too few rows under the threshold and sampled instead
+        "eviction_sweep_fallbacks": table.sweep_fallbacks,
         "eviction_rounds_preselected": pre.rounds_preselected if pre is not None else 0,
         "eviction_rounds_synchronous": len(evict_ms) - (pre.rounds_preselected if pre is not None else 0),
         "eviction_rounds_waited_for_preselection": pre.rounds_waited if pre is not None else 0,

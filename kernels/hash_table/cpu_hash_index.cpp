@@ -846,27 +846,31 @@ std::tuple<at::Tensor, at::Tensor> op_sweep_victims(const at::Tensor& stamp, con
     while (static_cast<int64_t>(cand.size()) < want && scanned < max_scan) {
       const int64_t end = std::min(limit, pos + (max_scan - scanned));
       int64_t r = pos;
-      if (sc == st) {
-        for (; r < end; ++r) {
-          const int32_t v = st[r];
-          if (v >= 0 && v <= t) {
-            cand.push_back(static_cast<int32_t>(r));
-            if (static_cast<int64_t>(cand.size()) == want) {
-              ++r;
-              break;
-            }
+      // Blocks of 32 rows: one branch-free mask of the rows that qualify, then its set bits
+      // (~1 in 16 rows qualifies: a branch per row would mispredict on most of them). LRU
+      // reads one array: a live row (stamp >= 0) at or under t >= 0 is stamp <= t unsigned.
+      const uint32_t ut = static_cast<uint32_t>(t);
+      bool full = false;
+      while (r < end && !full) {
+        const int64_t block = std::min<int64_t>(32, end - r);
+        uint32_t mask = 0;
+        if (sc == st && t >= 0) {
+          for (int64_t j = 0; j < block; ++j) mask |= uint32_t(static_cast<uint32_t>(st[r + j]) <= ut) << j;
+        } else {
+          for (int64_t j = 0; j < block; ++j) mask |= uint32_t((st[r + j] >= 0) & (sc[r + j] <= t)) << j;
+        }
+        int64_t next = r + block;
+        while (mask) {
+          const int64_t row = r + __builtin_ctz(mask);
+          mask &= mask - 1;
+          cand.push_back(static_cast<int32_t>(row));
+          if (static_cast<int64_t>(cand.size()) == want) {
+            next = row + 1;
+            full = true;
+            break;
           }
         }
-      } else {
-        for (; r < end; ++r) {
-          if (st[r] >= 0 && sc[r] <= t) {
-            cand.push_back(static_cast<int32_t>(r));
-            if (static_cast<int64_t>(cand.size()) == want) {
-              ++r;
-              break;
-            }
-          }
-        }
+        r = next;
       }
       scanned += r - pos;
       seg_len += r - pos;
@@ -874,11 +878,11 @@ std::tuple<at::Tensor, at::Tensor> op_sweep_victims(const at::Tensor& stamp, con
     }
     if (cand.empty()) break;
     bits.assign((seg_len + 63) / 64, 0);
-    for (int64_t i = 0; i < P; ++i) {
+    for (int64_t i = 0; i < P; ++i) {  // branch-free offset: protected rows are random
       const int64_t p = pr[i];
       if (p < 0 || p >= limit) continue;
       int64_t off = p - seg_start;
-      if (off < 0) off += limit;
+      off += limit & -static_cast<int64_t>(off < 0);
       if (off < seg_len) bits[off >> 6] |= uint64_t(1) << (off & 63);
     }
     for (const int32_t r : cand) {
