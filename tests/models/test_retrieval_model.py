@@ -102,3 +102,39 @@ def test_corpus_scores_cover_every_item():
     scores = model.score_corpus(model.query(ids, lengths, ts))
     assert scores.shape == (2, 26)
     assert torch.all(scores[:, 0] == 0)      # the padding row is zero
+
+
+@pytest.mark.parametrize("item_embedding", ["static", "dynamic"])
+def test_a_training_step_reads_the_item_table_once(item_embedding):
+    """Inputs, positives and the distinct negatives come from one lookup (each lookup costs a
+    host sync on a GPU), and the gradients equal those of three separate lookups."""
+    model = _model("hstu", item_embedding=item_embedding, num_items=20).train()
+    ids, lengths, targets, ts = _batch()
+    calls = []
+    hook = model.item_embeddings.register_forward_hook(lambda m, args, out: calls.append(args[0].numel()))
+    gen = torch.Generator().manual_seed(3)
+    loss = model.sampled_softmax_loss(ids, lengths, targets, ts, generator=gen)["loss"]
+    hook.remove()
+    assert len(calls) == 1
+    # the same loss from separate lookups
+    gen = torch.Generator().manual_seed(3)
+    out = model.encode(ids, lengths, ts)
+    mask = targets > 0
+    q, pos = out[mask], targets[mask]
+    neg = torch.randint(1, 21, (q.shape[0], model.num_negatives), generator=gen)
+    pos_l = (q * model.item_vectors(pos)).sum(-1, keepdim=True)
+    neg_l = torch.einsum("pd,prd->pr", q, model.item_vectors(neg))
+    neg_l = neg_l.masked_fill(neg == pos[:, None], -5e4 * 0.1)
+    expected = -F.log_softmax(torch.cat([pos_l, neg_l], 1) / 0.1, dim=1)[:, 0].mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_batch_without_targets_is_rejected_before_any_lookup():
+    model = _model().train()
+    table = model.item_embeddings.table
+    rows = len(table)
+    ids, lengths, targets, ts = _batch()
+    ids = ids + 20  # unseen ids: a lookup would insert them
+    with pytest.raises(ValueError, match="no target"):
+        model.sampled_softmax_loss(ids, lengths, torch.zeros_like(targets), ts)
+    assert len(table) == rows

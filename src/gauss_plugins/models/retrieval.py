@@ -78,11 +78,16 @@ class SequentialRetrievalModel(nn.Module):
     # ------------------------------------------------------------------ encoding
     def encode(self, ids: torch.Tensor, lengths: torch.Tensor, timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Right-padded ``ids [B, N]`` (0 = padding) -> L2-normalised outputs ``[B, N, D]``."""
-        b, n = ids.shape
-        if n > self.max_len:
-            raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
+        if ids.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len {self.max_len}")
+        return self._encode_embedded(self.item_embeddings(ids), ids, lengths, timestamps)
+
+    def _encode_embedded(self, emb: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                         timestamps: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`encode` with the item embeddings of ``ids`` already looked up (``[B, N, D]``)."""
+        n = ids.shape[1]
         valid = torch.arange(n, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
-        x = self.item_embeddings(ids) * math.sqrt(self.dim)
+        x = emb * math.sqrt(self.dim)
         x = x + self.pos_emb.weight[:n].unsqueeze(0)
         x = self.input_dropout(x) * valid.unsqueeze(-1).to(x.dtype)
         out = self.encoder(x, valid, timestamps)
@@ -121,9 +126,9 @@ class SequentialRetrievalModel(nn.Module):
         ``num_negatives``: an embedding cache must know every id a step reads ahead of it.
         Returns ``{"loss": scalar, "num_targets": int tensor}``.
         """
-        out = self.encode(ids, lengths, timestamps)
+        if ids.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len {self.max_len}")
         mask = targets > 0
-        queries = out[mask]                      # [P, D]
         pos_ids = targets[mask]                  # [P]
         p = pos_ids.shape[0]
         if p == 0:
@@ -135,12 +140,19 @@ class SequentialRetrievalModel(nn.Module):
         else:
             raise ValueError(f"negatives must have shape [{p}, {self.num_negatives}] (one row per valid position) or "
                              f"[{self.num_negatives}] (shared), got {tuple(negatives.shape)}")
-        pos_logits = (queries * self.item_vectors(pos_ids)).sum(-1, keepdim=True)
-        # Look each distinct id up once (the table lookup is the expensive part), then pick
-        # the negatives' logits either by gathering [P, R, D] vectors or, when the distinct
-        # ids are few, from a [P, U] matmul; both give the same numbers.
+        # Look each distinct negative up once, then pick the negatives' logits either by
+        # gathering [P, R, D] vectors or, when the distinct ids are few, from a [P, U] matmul;
+        # both give the same numbers. The inputs, the positives and the distinct negatives are
+        # read in ONE lookup: on a GPU every table lookup costs launches and a host sync (the
+        # dynamic table's absent-id check, the static table's range check), the step's
+        # largest fixed cost at ML-1M sizes. Gradients are the same sums.
         uniq, inverse = torch.unique(neg_ids, return_inverse=True)
-        neg_vecs = self.item_vectors(uniq)       # [U, D]
+        n_in = ids.numel()
+        vecs = self.item_embeddings(torch.cat([ids.reshape(-1), pos_ids, uniq]))
+        out = self._encode_embedded(vecs[:n_in].view(*ids.shape, -1), ids, lengths, timestamps)
+        queries = out[mask]                      # [P, D]
+        pos_logits = (queries * l2_normalize(vecs[n_in:n_in + p])).sum(-1, keepdim=True)
+        neg_vecs = l2_normalize(vecs[n_in + p:])  # [U, D]
         if uniq.shape[0] <= 16 * self.num_negatives:
             neg_logits = (queries @ neg_vecs.T).gather(1, inverse)
         else:
