@@ -62,11 +62,15 @@ def main() -> None:
                          ("pos_diag", table, strips, True, "columns", True),
                          ("pos_diag_rows", table, strips, True, "rows", True),
                          ("pos_pairs", table, strips, False, "columns", True)]
+            if strips:
+                variants += [("pos_nograd_noprefetch", table, strips, True, "columns", False),
+                             ("pos_diag_noprefetch", table, strips, True, "columns", True)]
         base = None
         for name, tab, strips, diagonal, rotation, grad in variants:
             ta._position_strips = strips
             ta._diagonal_position_grads = diagonal
             ta._diagonal_rotation = rotation
+            ta._strip_prefetch = "noprefetch" not in name
             o = dict(opts) if tab is None else dict(opts, position_bias=tab)
 
             def fwdbwd(o=o, grad=grad):
@@ -98,6 +102,7 @@ def main() -> None:
     ta._position_strips = True
     ta._diagonal_position_grads = True
     ta._diagonal_rotation = "columns"
+    ta._strip_prefetch = True
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "machine": machine_info()}, f, indent=1)

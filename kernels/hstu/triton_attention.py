@@ -125,7 +125,11 @@ _diagonal_rotation = os.environ.get("GAUSS_HSTU_DIAGONAL_ROTATION", "columns")
 # gathering from the table with the index computed per element. Read when a plan is made;
 # the benchmark times both.
 _position_strips = os.environ.get("GAUSS_HSTU_POSITION_STRIPS", "1") != "0"
+# ... and whether each block loads the next block's strip tile before its dots (a software
+# prefetch: the tile's latency overlaps the dots) instead of after them.
+_strip_prefetch = os.environ.get("GAUSS_HSTU_STRIP_PREFETCH", "1") != "0"
 STRIP_ROWS = 128  # >= every BLOCK_M of the forward / dQ configs and every BLOCK_N of dK/dV
+STRIP_MARGIN = 256  # columns past 2 * shift: the last block's tile and a prefetch one block further
 
 _tuned: Dict[tuple, _Config] = {}
 _tune_lock = threading.Lock()
@@ -292,7 +296,7 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     cache_key = (q.shape[1:], k.shape[1:], v.shape[1:], q.dtype, k.dtype, v.dtype, q.device, offsets.shape,
                  max_seq_len, alpha, causal, num_targets is None, contextual_len, max_attn_len, rab_layout,
                  normalizer, interpreting, tables, time_bucket_scale if time_bias is not None else None,
-                 _position_strips)
+                 _position_strips, _strip_prefetch)
     plan = _plans.get(cache_key)
     if plan is not None:
         return plan
@@ -345,6 +349,7 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
         HAS_POS=position_bias is not None,
         HAS_TIME=time_bias is not None,
         POS_STRIP=strip,
+        STRIP_PREFETCH=strip and _strip_prefetch,
         SCALE_BY_SEQ_LEN=normalizer == "seq_len",
         # tanh.approx is PTX: not under the interpreter, and not precise enough for fp32
         FAST_SILU=not wide and not interpreting,
@@ -355,7 +360,8 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     pure_causal = causal and num_targets is None and contextual_len == 0 and max_attn_len == 0
     # tuning key: configs are shared by calls that differ only in lengths and mask details
     key = (constexprs["BLOCK_DQ"], constexprs["BLOCK_DV"], q.dtype, _seq_bucket(max_seq_len), pure_causal,
-           rab is not None, position_bias is not None, time_bias is not None, strip, q.device.index)
+           rab is not None, position_bias is not None, time_bias is not None, strip, constexprs["STRIP_PREFETCH"],
+           q.device.index)
     # launch key: one small int per distinct set of constexprs (what a compiled kernel fixes)
     # (tensor dtypes too: they are part of a compiled kernel's signature)
     signature = tuple(sorted((name, str(value)) for name, value in constexprs.items())) + (
@@ -375,7 +381,7 @@ _strip_indices: Dict[tuple, torch.Tensor] = {}
 
 
 def _position_strip(table: torch.Tensor, p: _Plan, reverse: bool, like: torch.Tensor) -> torch.Tensor:
-    """``[STRIP_ROWS, 2 * shift + STRIP_ROWS]`` halves of the position table laid out so that a
+    """``[STRIP_ROWS, 2 * shift + STRIP_MARGIN]`` halves of the position table laid out so that a
     tile's bias is a plain 2-D load (see ``triton_kernels._strip_pointers``): ``strip[r, x] =
     table[c + x - shift - r] / 2`` (forward, dQ) or ``table[c + r - x + shift] / 2`` (dK/dV,
     reverse), indices clamped to the table as the per-element gather clamps them (only
@@ -386,7 +392,7 @@ def _position_strip(table: torch.Tensor, p: _Plan, reverse: bool, like: torch.Te
     index = _strip_indices.get(key)
     if index is None:
         r = torch.arange(STRIP_ROWS, device=table.device).view(-1, 1)
-        x = torch.arange(2 * shift + STRIP_ROWS, device=table.device).view(1, -1)
+        x = torch.arange(2 * shift + STRIP_MARGIN, device=table.device).view(1, -1)
         index = ((center + r - x + shift) if reverse else (center + x - shift - r)).clamp_(0, 2 * center)
         _strip_indices[key] = index
     # 16-bit inputs: fp16 halves (2^-11 relative, finer than the bf16 / fp16 rounding of the

@@ -391,17 +391,21 @@ def _diagonal_position_grads_by_rows(dst, start_n, start_m, pos_center, DPOS, BL
 # ------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_block(
-    acc, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
+    acc, sb, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
     start_n, offs_m, offs_n, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     tma_row, tma_kcol, tma_vcol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    POS_STRIP: tl.constexpr, APPLY_MASK: tl.constexpr,
+    POS_STRIP: tl.constexpr, STRIP_PREFETCH: tl.constexpr, STEP: tl.constexpr, APPLY_MASK: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n
     col_ok = cols < seq_len
+    bias = sb
+    if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+        # the next block's strip tile, in flight while this block's dots run
+        sb = tl.load(PS_ptrs + (start_n + STEP))
     if USE_TMA:
         # K_ptrs / V_ptrs are tensor descriptors over [T, H * d]: rows past this sequence
         # belong to the next one (or are zero past T); every block that reaches them is
@@ -415,7 +419,10 @@ def _fwd_block(
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
     if HAS_POS and POS_STRIP:
-        u += tl.load(PS_ptrs + start_n).to(u.dtype)  # half the bias, from the strip (see _strip_pointers)
+        if STRIP_PREFETCH:
+            u += bias.to(u.dtype)  # half the bias, from the strip (see _strip_pointers)
+        else:
+            u += tl.load(PS_ptrs + start_n).to(u.dtype)
     TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
     if TABLE_POS or HAS_TIME:
         # tma_row is the sequence's first row
@@ -434,7 +441,7 @@ def _fwd_block(
         v = V_ptrs.load([(tma_row + start_n).to(tl.int32), tma_vcol])
     else:
         v = tl.load(V_ptrs + start_n * stride_t_v, mask=col_ok[:, None] & mask_dv[None, :], other=0.0)
-    return tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION, out_dtype=ACC)
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION, out_dtype=ACC), sb
 
 
 @triton.jit
@@ -446,7 +453,7 @@ def hstu_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    POS_STRIP: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
+    POS_STRIP: tl.constexpr, STRIP_PREFETCH: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
@@ -500,23 +507,26 @@ def hstu_fwd_kernel(
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + 0)
         # key blocks strictly below the diagonal: every pair valid and in range
         for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WARP_SPEC):
-            acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+            acc, sb = _fwd_block(
+                acc, sb, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, False, FAST_SILU,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, STRIP_PREFETCH, BLOCK_N, False, FAST_SILU,
                 PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
-            acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+            acc, sb = _fwd_block(
+                acc, sb, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, True, FAST_SILU,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, STRIP_PREFETCH, BLOCK_N, True, FAST_SILU,
                 PRECISION, ACC, USE_TMA,
             )
     else:
@@ -524,13 +534,16 @@ def hstu_fwd_kernel(
             start_m, seq_len, last, contextual_len, max_attn_len,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N,
         )
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + lo)
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-            acc = _fwd_block(
-                acc, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+            acc, sb = _fwd_block(
+                acc, sb, q, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V,
-                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, True, FAST_SILU,
+                CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, HAS_POS, HAS_TIME, POS_STRIP, STRIP_PREFETCH, BLOCK_N, True, FAST_SILU,
                 PRECISION, ACC, USE_TMA,
             )
 
@@ -545,18 +558,21 @@ def hstu_fwd_kernel(
 # ------------------------------------------------------------------ backward: dK, dV (and dRAB)
 @triton.jit
 def _bwd_dkdv_block(
-    dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS, DTB, col_ids, key_times, history_end,
+    dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS, DTB, col_ids, key_times, history_end,
     pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last, contextual_len, max_attn_len,
     half_alpha, row_scale, tma_row, tma_qcol, tma_docol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, POS_STRIP: tl.constexpr,
+    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, POS_STRIP: tl.constexpr, STRIP_PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, APPLY_MASK: tl.constexpr, FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
     # transposed tiles, [keys, queries]: dk and dv come out of the dots in key-row order
+    bias = sb
+    if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+        sb = tl.load(PS_ptrs + (start_m + BLOCK_M))  # the next query block's, in flight during the dots
     rows = start_m + offs_m
     row_ok = rows < seq_len
     col_ok = cols < seq_len
@@ -577,7 +593,10 @@ def _bwd_dkdv_block(
     if HAS_TIME:
         query_times = _query_times(TS, tma_row, rows, seq_len, history_end)  # tma_row: the sequence's first row
     if HAS_POS and POS_STRIP:
-        ut += tl.load(PS_ptrs + start_m).to(ut.dtype)  # the reversed strip: rows are keys here
+        if STRIP_PREFETCH:
+            ut += bias.to(ut.dtype)  # the reversed strip: rows are keys here
+        else:
+            ut += tl.load(PS_ptrs + start_m).to(ut.dtype)
     TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
     if TABLE_POS or HAS_TIME:
         ut = _add_table_bias(ut, row_ids[None, :], col_ids[:, None], query_times[None, :], key_times[:, None],
@@ -624,7 +643,7 @@ def _bwd_dkdv_block(
                           key_times[:, None], DPOS, DTB, pos_center, inv_scale, num_buckets,
                           POS_GRAD and not DIAGONAL, TIME_GRAD)
     dk = tl.dot(dst.to(q_rows.dtype), q_rows, dk, input_precision=PRECISION, out_dtype=ACC)
-    return dk, dv
+    return dk, dv, sb
 
 
 @triton.jit
@@ -637,7 +656,7 @@ def hstu_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, RAB_GRAD: tl.constexpr,
     RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, POS_STRIP: tl.constexpr,
+    TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, POS_STRIP: tl.constexpr, STRIP_PREFETCH: tl.constexpr,
     SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -703,64 +722,79 @@ def hstu_bwd_dkdv_kernel(
     if PURE_CAUSAL:
         # query blocks that overlap the diagonal of this key block need the mask...
         lo = (start_n // BLOCK_M) * BLOCK_M
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + lo)
         for start_m in range(lo, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
-            dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb = _bwd_dkdv_block(
+                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-                POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD_DIAGONAL, POS_STRIP, STRIP_PREFETCH, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...those wholly below it and inside the sequence do not...
         full_lo = ((start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
         full_hi = (seq_len // BLOCK_M) * BLOCK_M
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + full_lo)
         for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb = _bwd_dkdv_block(
+                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-                POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, False, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD_DIAGONAL, POS_STRIP, STRIP_PREFETCH, BLOCK_M, BLOCK_N, False, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         # ...and the last, partial block is masked (past the length, rows are zeros or, with
         # descriptors, another sequence's rows)
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + tl.maximum(full_lo, full_hi))
         for start_m in range(tl.maximum(full_lo, full_hi), seq_len, BLOCK_M):
-            dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb = _bwd_dkdv_block(
+                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL,
                 HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME,
-                POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, POS_STRIP, STRIP_PREFETCH, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
         pre_hi, lo, hi = _row_range(
             start_n, seq_len, last, contextual_len, max_attn_len,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N,
         )
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + 0)
         for start_m in range(0, pre_hi, BLOCK_M):
-            dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb = _bwd_dkdv_block(
+                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-                POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD_DIAGONAL, POS_STRIP, STRIP_PREFETCH, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + lo)
         for start_m in range(lo, hi, BLOCK_M):
-            dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb = _bwd_dkdv_block(
+                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
                 CAUSAL, HAS_TARGETS, HAS_CONTEXT,
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
-                POS_GRAD_DIAGONAL, POS_STRIP, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
+                POS_GRAD_DIAGONAL, POS_STRIP, STRIP_PREFETCH, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 
     dk = dk * (half_alpha * row_scale)
@@ -778,17 +812,21 @@ def hstu_bwd_dkdv_kernel(
 # ------------------------------------------------------------------ backward: dQ
 @triton.jit
 def _bwd_dq_block(
-    dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
+    dq, sb, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale, num_buckets,
     start_n, offs_m, offs_n, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
     tma_row, tma_kcol, tma_vcol,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    POS_STRIP: tl.constexpr, APPLY_MASK: tl.constexpr,
+    POS_STRIP: tl.constexpr, STRIP_PREFETCH: tl.constexpr, STEP: tl.constexpr, APPLY_MASK: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     cols = start_n + offs_n
     col_ok = cols < seq_len
+    bias = sb
+    if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+        # the next block's strip tile, in flight while this block's dots run
+        sb = tl.load(PS_ptrs + (start_n + STEP))
     if USE_TMA:
         # descriptors over [T, H * d]: rows past the sequence are another sequence's (or zero)
         # and only ever reach masked blocks
@@ -804,7 +842,10 @@ def _bwd_dq_block(
         rab = tl.load(RAB_ptrs + start_n, mask=(offs_m < seq_len)[:, None] & col_ok[None, :], other=0.0)
         u += 0.5 * rab.to(tl.float32)
     if HAS_POS and POS_STRIP:
-        u += tl.load(PS_ptrs + start_n).to(u.dtype)
+        if STRIP_PREFETCH:
+            u += bias.to(u.dtype)
+        else:
+            u += tl.load(PS_ptrs + start_n).to(u.dtype)
     TABLE_POS: tl.constexpr = HAS_POS and not POS_STRIP
     if TABLE_POS or HAS_TIME:
         # tma_row is the sequence's first row
@@ -821,7 +862,7 @@ def _bwd_dq_block(
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW,
         )
         ds = tl.where(valid, ds, 0.0)
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC), sb
 
 
 @triton.jit
@@ -833,7 +874,7 @@ def hstu_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_RAB: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    POS_STRIP: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
+    POS_STRIP: tl.constexpr, STRIP_PREFETCH: tl.constexpr, SCALE_BY_SEQ_LEN: tl.constexpr,
     FAST_SILU: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dq for one query block per program, accumulated in fp32 registers over all key
@@ -886,22 +927,25 @@ def hstu_bwd_dq_kernel(
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + 0)
         for start_n in range(0, start_m, BLOCK_N):
-            dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+            dq, sb = _bwd_dq_block(
+                dq, sb, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
-                HAS_POS, HAS_TIME, POS_STRIP, False,
+                HAS_POS, HAS_TIME, POS_STRIP, STRIP_PREFETCH, BLOCK_N, False,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
         for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
-            dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+            dq, sb = _bwd_dq_block(
+                dq, sb, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
-                HAS_POS, HAS_TIME, POS_STRIP, True,
+                HAS_POS, HAS_TIME, POS_STRIP, STRIP_PREFETCH, BLOCK_N, True,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
     else:
@@ -909,13 +953,16 @@ def hstu_bwd_dq_kernel(
             start_m, seq_len, last, contextual_len, max_attn_len,
             CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N,
         )
+        sb = 0.0  # the strip tile of the loop's first block, when prefetching
+        if HAS_POS and POS_STRIP and STRIP_PREFETCH:
+            sb = tl.load(PS_ptrs + lo)
         for start_n in range(lo, hi, BLOCK_N):
-            dq = _bwd_dq_block(
-                dq, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
+            dq, sb = _bwd_dq_block(
+                dq, sb, q, do, K_ptrs, V_ptrs, RAB_ptrs, PS_ptrs, POS, TB, TS, row_ids, query_times, pos_center, inv_scale,
                 num_buckets, start_n, offs_m, offs_n, mask_dq, mask_dv,
                 stride_t_qk, stride_t_v, seq_len, last, contextual_len, max_attn_len, half_alpha,
                 seq_start, h * D_QK, h * D_V, CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB,
-                HAS_POS, HAS_TIME, POS_STRIP, True,
+                HAS_POS, HAS_TIME, POS_STRIP, STRIP_PREFETCH, BLOCK_N, True,
                 FAST_SILU, PRECISION, ACC, USE_TMA,
             )
 

@@ -220,12 +220,15 @@ def test_relative_bias_tables_with_unequal_tiles(rng, monkeypatch):
     _check(rng, [45, 20], position=0, max_attn_len=9)
 
 
-@pytest.mark.parametrize("strips", [True, False], ids=["strips", "gathers"])
-def test_position_bias_from_strips_or_gathers(rng, monkeypatch, strips):
-    """Both ways the kernels read the position bias when ids are positions (unit-stride
-    strips by default, per-element gathers from the table) match the reference, including
-    rows and columns past a sequence's end and a window, with unequal tiles."""
+@pytest.mark.parametrize("strips,prefetch", [(True, True), (True, False), (False, False)],
+                         ids=["strips-prefetched", "strips", "gathers"])
+def test_position_bias_from_strips_or_gathers(rng, monkeypatch, strips, prefetch):
+    """Every way the kernels read the position bias when ids are positions (unit-stride
+    strips, each block's tile loaded one block ahead or in place; per-element gathers from
+    the table) matches the reference, including rows and columns past a sequence's end and
+    a window, with unequal tiles."""
     monkeypatch.setattr(ta, "_position_strips", strips)
+    monkeypatch.setattr(ta, "_strip_prefetch", prefetch)
     if not ON_GPU:
         monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "fwd", ta._Config(32, 16, 1, 1))
         monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dkdv", ta._Config(16, 32, 1, 1))
