@@ -37,7 +37,7 @@ Cost per round is bounded on large tables (every policy takes these options):
   rows at or under it. The margin of 2 absorbs the estimate's error (about 1% of the table),
   so every victim lies in the lowest ``1/sample_factor`` (tested against the exact quantile).
   Reading consecutive stamps is what makes it cheap: at 10M rows a round of 6,554 victims
-  costs ~0.5 ms of selection where the random sample costs ~2.8 ms (its reads are cache
+  costs 0.6-1.0 ms of selection where the random sample costs ~2.8 ms (its reads are cache
   misses). Within the quantile the order is the rows', not the scores'. A round that finds
   too few such rows within ``8 * 2 * sample_factor * k`` rows (e.g. the batch uses them)
   falls back to the sample below (``table.sweep_fallbacks`` counts them).

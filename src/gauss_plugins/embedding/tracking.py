@@ -24,7 +24,7 @@ so neither may look at every row.
     ~6.5k cache misses on the stamps plus 65k on a table-sized bitmap of the batch's
     (protected) rows; the sweep reads consecutive stamps (the hardware prefetcher streams
     them) and checks protection only over the rows it swept. Measured there, 6,554 victims
-    a round: ~0.5 ms against ~2.8 ms. Rows at or under the threshold are ~1/16 of the table
+    a round: 0.6-1.0 ms against ~2.8 ms (CPU time, 2026-11-29). Rows at or under the threshold are ~1/16 of the table
     by construction, so a sweep looks at ~``2 * sample_factor * k`` rows; it gives up after
     ``SWEEP_SCAN_LIMIT`` times that and the round samples instead.
   - a random sample, as Redis does it (``sweep=False``, the torch backends, custom
