@@ -81,6 +81,13 @@ def test_compiled_sweep_matches_the_reference_and_refuses_bad_input(lfu):
         ids, rows = ops.sweep_victims(stamp, scores, row_ids, protect, state, hand, limit, k, probe, div, max_scan)
         assert list(zip(ids.tolist(), rows.tolist())) == want
         assert (int(state), int(hand)) == (pos, new_hand)
+    # ids that repeat (not a table's state, but the op's promise): (id, row) order exactly
+    # (a hand near the end: rows past the wrap come after higher rows with the same id)
+    repeated = torch.arange(limit + 1) % 50 - 20
+    want, _, _ = _sweep_reference(stamp, score_of, repeated, protect, 5, 2000, limit, 400, 1024, 2, 10**6)
+    ids, rows = ops.sweep_victims(stamp, scores, repeated, protect, torch.tensor([5]), torch.tensor([2000]), limit,
+                                  400, 1024, 2, 10**6)
+    assert len(want) == 400 and list(zip(ids.tolist(), rows.tolist())) == want
     # bad input: a clear error, and the stream, the hand and the stamps are unchanged
     before = stamp.clone()
     state, hand = torch.tensor([7], dtype=torch.int64), torch.tensor([3], dtype=torch.int64)
