@@ -126,7 +126,8 @@ _diagonal_rotation = os.environ.get("GAUSS_HSTU_DIAGONAL_ROTATION", "columns")
 # the benchmark times both.
 _position_strips = os.environ.get("GAUSS_HSTU_POSITION_STRIPS", "1") != "0"
 # ... and whether each block loads the next block's strip tile before its dots (a software
-# prefetch: the tile's latency overlaps the dots) instead of after them.
+# prefetch: the tile's latency overlaps the dots) instead of after them; fp32 / fp64 inputs
+# only (see _plan).
 _strip_prefetch = os.environ.get("GAUSS_HSTU_STRIP_PREFETCH", "1") != "0"
 STRIP_ROWS = 128  # >= every BLOCK_M of the forward / dQ configs and every BLOCK_N of dK/dV
 STRIP_MARGIN = 256  # columns past 2 * shift: the last block's tile and a prefetch one block further
@@ -349,7 +350,11 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
         HAS_POS=position_bias is not None,
         HAS_TIME=time_bias is not None,
         POS_STRIP=strip,
-        STRIP_PREFETCH=strip and _strip_prefetch,
+        # measured on the H200 (benchmarks/results/hstu_bias_breakdown_h200*.json): the prefetch
+        # pays for fp32 tiles (ML-1M shape, fwd+bwd with the bias 1.41x -> 1.29x the unbiased
+        # time) and costs for 16-bit ones (N=4096: 1.55x -> 1.64x, registers), so it is on for
+        # fp32 / fp64 inputs only
+        STRIP_PREFETCH=strip and _strip_prefetch and wide,
         SCALE_BY_SEQ_LEN=normalizer == "seq_len",
         # tanh.approx is PTX: not under the interpreter, and not precise enough for fp32
         FAST_SILU=not wide and not interpreting,
