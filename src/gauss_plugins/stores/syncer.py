@@ -271,8 +271,11 @@ class TableSource:
                 # training loop nearly every pull has both, and re-sorting a whole pull for
                 # them cost more CPU than the copy itself.
                 add_ids, add_values = carried if carried is not None else (_EMPTY_IDS, values[:0])
-                # (the values are this pull's own copy: compacted where they lie)
-                ids, values = merge_sorted_rows(ids, values, keep, add_ids, add_values, in_place=True)
+                # The values are this pull's own copy (gather_change_snapshot copies the rows):
+                # compacted where they lie, never if they were the table's own storage.
+                weight = getattr(self.table, "weight", None)
+                own = weight is None or values.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+                ids, values = merge_sorted_rows(ids, values, keep, add_ids, add_values, in_place=own)
         backing = getattr(self.table, "backing", None)
         if backing is not None:
             ids, values, deleted = self._with_store_rows(backing, ids, values, deleted, full)
