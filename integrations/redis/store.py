@@ -43,8 +43,6 @@ from redis.cluster import RedisCluster  # noqa: E402  (after the require above)
 
 __all__ = ["RedisWePS", "row_keys"]
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-
 # Expire every key of a chunk in one round trip (MSET itself cannot set a TTL).
 _EXPIRE_SCRIPT = b"for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end return #KEYS"
 
