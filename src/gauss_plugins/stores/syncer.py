@@ -17,9 +17,10 @@ cycle takes does not stretch the period. A cycle that takes longer than the inte
 near the target's capacity, a backlog after an outage) is followed by the next one at once,
 not after another interval: the thread then runs cycles back to back, each pushing what
 changed (coalesced by id) during the one before, until a cycle fits the interval again. So
-``interval_s`` is the shortest time between two pulls, and the time from a change to its
-push is at most one interval plus two cycles; the thread never sleeps while it is behind,
-and never runs more often than every ``interval_s`` when it is not.
+``interval_s`` is the shortest time between two pulls; a change is acknowledged at most one
+interval plus one cycle after it was made while cycles fit the interval (two cycles when they
+do not); the thread never sleeps while it is behind, and never runs more often than every
+``interval_s`` when it is not.
 
 If the target is down (Redis stopped, restarting, unreachable), step 3 fails, the error is
 counted and kept in :meth:`Syncer.stats`, and the next cycle retries with everything that
