@@ -687,6 +687,23 @@ void draw_runs(at::Tensor& rng_state, int64_t limit, int64_t runs, std::vector<i
   rng_state.data_ptr<int64_t>()[0] = static_cast<int64_t>(pos + static_cast<uint64_t>(runs));
 }
 
+// Calls visit(row) for every row of the drawn runs below `limit`, in order, prefetching the
+// stamps (and the scores, when separate) of the run kAhead ahead: each run is one random
+// cache line, so the reads overlap instead of waiting one by one.
+template <typename Visit>
+inline void visit_runs(const int32_t* st, const int32_t* sc, const std::vector<int32_t>& start, int64_t runs,
+                       int64_t limit, Visit&& visit) {
+  constexpr int64_t kAhead = 16;
+  for (int64_t i = 0; i < runs; ++i) {
+    if (i + kAhead < runs) {
+      __builtin_prefetch(&st[start[i + kAhead]]);
+      if (sc != st) __builtin_prefetch(&sc[start[i + kAhead]]);
+    }
+    const int64_t end = std::min<int64_t>(start[i] + kRun, limit);
+    for (int64_t r = start[i]; r < end; ++r) visit(r);
+  }
+}
+
 // The sample shared by op_sample_victims and op_sample_candidates: draw about m rows
 // uniformly from [0, limit), in runs of 8 (a splitmix64 stream; rng_state[0] is the stream
 // position and advances by the runs drawn, so a seeded table evicts the same rows run after
@@ -720,21 +737,13 @@ int64_t sample_lowest(const int32_t* st, const int32_t* sc, const at::Tensor& pr
 
   cand.clear();
   cand.reserve(runs * kRun);
-  constexpr int64_t kAhead = 16;
-  for (int64_t i = 0; i < runs; ++i) {
-    if (i + kAhead < runs) {
-      __builtin_prefetch(&st[start[i + kAhead]]);
-      if (sc != st) __builtin_prefetch(&sc[start[i + kAhead]]);
-    }
-    const int64_t end = std::min<int64_t>(start[i] + kRun, limit);
-    for (int64_t r = start[i]; r < end; ++r) {
-      const int32_t s = load_relaxed(&st[r]);
-      if (s < 0 || !bits.add(r)) continue;
-      const int32_t v = (sc == st) ? s : load_relaxed(&sc[r]);
-      const uint64_t score = static_cast<uint64_t>(static_cast<int64_t>(v) + (int64_t(1) << 31));
-      cand.push_back(score << 32 | static_cast<uint64_t>(r));
-    }
-  }
+  visit_runs(st, sc, start, runs, limit, [&](int64_t r) {
+    const int32_t s = load_relaxed(&st[r]);
+    if (s < 0 || !bits.add(r)) return;
+    const int32_t v = (sc == st) ? s : load_relaxed(&sc[r]);
+    const uint64_t score = static_cast<uint64_t>(static_cast<int64_t>(v) + (int64_t(1) << 31));
+    cand.push_back(score << 32 | static_cast<uint64_t>(r));
+  });
   k = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
   if (k < static_cast<int64_t>(cand.size())) std::nth_element(cand.begin(), cand.begin() + k, cand.end());
   return k;
@@ -812,16 +821,9 @@ std::tuple<at::Tensor, at::Tensor> op_sweep_victims(const at::Tensor& stamp, con
   const int64_t runs = (probe + kRun - 1) / kRun;
   draw_runs(rng_state, limit, runs, start);
   vals.clear();
-  constexpr int64_t kAhead = 16;
-  for (int64_t i = 0; i < runs; ++i) {
-    if (i + kAhead < runs) {
-      __builtin_prefetch(&st[start[i + kAhead]]);
-      if (sc != st) __builtin_prefetch(&sc[start[i + kAhead]]);
-    }
-    const int64_t end = std::min<int64_t>(start[i] + kRun, limit);
-    for (int64_t r = start[i]; r < end; ++r)
-      if (st[r] >= 0) vals.push_back(sc[r]);
-  }
+  visit_runs(st, sc, start, runs, limit, [&](int64_t r) {
+    if (st[r] >= 0) vals.push_back(sc[r]);
+  });
   if (vals.empty()) return pairs_to_keys_and_rows(victims, 0);
   const int64_t q = std::max<int64_t>(1, static_cast<int64_t>(vals.size()) / quantile_div) - 1;
   std::nth_element(vals.begin(), vals.begin() + q, vals.end());
@@ -898,6 +900,7 @@ std::tuple<at::Tensor, at::Tensor> op_sweep_victims(const at::Tensor& stamp, con
   }
   hand.data_ptr<int64_t>()[0] = pos;
   const int64_t n = static_cast<int64_t>(victims.size());
+  constexpr int64_t kAhead = 16;
   for (int64_t i = 0; i < n; ++i) {
     if (i + kAhead < n) __builtin_prefetch(&ids[victims[i + kAhead].second]);
     victims[i].first = ids[victims[i].second];
