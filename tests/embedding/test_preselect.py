@@ -219,44 +219,11 @@ def test_a_sample_of_replaced_arrays_is_dropped():
     assert pre.take(t, 100, None) is None and pre.rounds_synchronous == 1  # nothing pending: not a fallback
 
 
-def test_preselected_eviction_writes_back_rows_with_optimizer_state(tmp_path):
+def test_preselected_eviction_writes_back_rows_with_optimizer_state(trains_like_unbounded):
     """Through a backing store, a table that evicts by pre-selection trains exactly like an
     unbounded one: every evicted row (and its optimizer state) went to the store."""
-    _cpu_ops()
-    from gauss_plugins.stores.tierps import TierPS
-
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 1500, (32,), generator=gen) for _ in range(60)]
-
-    def make(**kw):
-        return DynamicEmbeddingTable(DynamicTableConfig(name="t", dim=8, optimizer="rowwise_adagrad",
-                                                        backend="cpu_ext", **kw))
-
-    def train(table):
-        opt = SparseOptimizer(table)
-        table.train()
-        for ids in batches:
-            (table(ids) - 0.5).pow(2).sum().backward()
-            opt.step()
-            opt.zero_grad()
-
-    unbounded = make(initial_capacity=2048, max_capacity=2048)
-    small = make(initial_capacity=512, max_capacity=512, eviction="lru", evict_fraction=0.0,
-                 eviction_options={"sample_factor": 2, "exact_below": 0, "preselect": True})
-    store = TierPS(dim=8, state_dim=1, path=str(tmp_path / "ps"))
-    backing = small.attach_store(store)
-    train(unbounded)
-    train(small)
-    assert small._victim_preselector.rounds_preselected > 10 and backing.counters["evicted_rows"] > 300
-    assert backing.counters["restored_rows"] > 0
-    seen = torch.unique(torch.cat(batches))
-    small.detach_store()  # flush: the store now holds every trained row
-    got = store.lookup(seen)
-    assert bool(got.found.all())
-    torch.testing.assert_close(got.values, unbounded.get(seen)[0], atol=1e-6, rtol=0)
-    from gauss_plugins.embedding.backing import pack_state
-
-    torch.testing.assert_close(got.state, pack_state(unbounded, unbounded.find(seen)), atol=1e-6, rtol=0)
+    small, _ = trains_like_unbounded({"sample_factor": 2, "exact_below": 0, "preselect": True})
+    assert small._victim_preselector.rounds_preselected > 10
 
 
 def test_a_copied_table_starts_without_a_pending_sample():

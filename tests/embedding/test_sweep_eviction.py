@@ -258,44 +258,18 @@ def test_tombstone_count_follows_appends_trims_and_loads(tmp_path):
     assert again._tombstone_count == held(again) == 20
 
 
-def test_swept_eviction_writes_back_rows_with_optimizer_state(tmp_path, monkeypatch):
+def test_swept_eviction_writes_back_rows_with_optimizer_state(trains_like_unbounded):
     """Through a backing store, a table that evicts by the sweep trains exactly like an
     unbounded one: every evicted row (and its optimizer state) went to the store."""
-    _cpu_ops()
-    from gauss_plugins.embedding.backing import pack_state
-    from gauss_plugins.stores.tierps import TierPS
+    import contextlib
 
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 1500, (32,), generator=gen) for _ in range(60)]
+    @contextlib.contextmanager
+    def sweep_only(table):
+        # every round is a sweep: neither the random sample nor the exact selection runs
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(table.index.fused, "sample_victims", lambda *a: pytest.fail("the sample ran"))
+            mp.setattr(table.index.fused, "select_victims", lambda *a: pytest.fail("exact selection ran"))
+            yield
 
-    def make(**kw):
-        return DynamicEmbeddingTable(DynamicTableConfig(name="t", dim=8, optimizer="rowwise_adagrad",
-                                                        backend="cpu_ext", **kw))
-
-    def train(table):
-        opt = SparseOptimizer(table)
-        table.train()
-        for ids in batches:
-            (table(ids) - 0.5).pow(2).sum().backward()
-            opt.step()
-            opt.zero_grad()
-
-    unbounded = make(initial_capacity=2048, max_capacity=2048)
-    small = make(initial_capacity=512, max_capacity=512, eviction="lru", evict_fraction=0.0,
-                 eviction_options={"sample_factor": 2, "exact_below": 0})
-    store = TierPS(dim=8, state_dim=1, path=str(tmp_path / "ps"))
-    backing = small.attach_store(store)
-    train(unbounded)
-    # every round is a sweep: neither the random sample nor the exact selection runs
-    monkeypatch.setattr(small.index.fused, "sample_victims", lambda *a: pytest.fail("the sample ran"))
-    monkeypatch.setattr(small.index.fused, "select_victims", lambda *a: pytest.fail("exact selection ran"))
-    train(small)
-    monkeypatch.undo()
-    assert small.sweep_fallbacks == 0 and backing.counters["evicted_rows"] > 300
-    assert backing.counters["restored_rows"] > 0
-    seen = torch.unique(torch.cat(batches))
-    small.detach_store()  # flush: the store now holds every trained row
-    got = store.lookup(seen)
-    assert bool(got.found.all())
-    torch.testing.assert_close(got.values, unbounded.get(seen)[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(got.state, pack_state(unbounded, unbounded.find(seen)), atol=1e-6, rtol=0)
+    small, _ = trains_like_unbounded({"sample_factor": 2, "exact_below": 0}, during=sweep_only)
+    assert small.sweep_fallbacks == 0
