@@ -6,9 +6,7 @@ they were, report a bad step from a later call, and issue no device-to-host sync
 from __future__ import annotations
 
 import collections
-import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -251,34 +249,6 @@ def test_sync_free_backward_and_step_call_no_syncing_op(cfg):
 
 
 # ---------------------------------------------------------------- the Triton kernel (interpreter)
-_KERNEL_MODULES = ("gauss_kernels.hash_table.triton_index", "gauss_kernels.hash_table.triton_kernels")
-
-
-def _drop_kernel_modules():
-    parent = sys.modules.get("gauss_kernels.hash_table")
-    for name in _KERNEL_MODULES:
-        sys.modules.pop(name, None)
-        if parent is not None and hasattr(parent, name.rsplit(".", 1)[1]):
-            delattr(parent, name.rsplit(".", 1)[1])
-
-
-@pytest.fixture
-def interp():
-    """triton_index with its kernels in the Triton interpreter (tiny shapes; numpy on CPU).
-    ``triton.jit`` picks interpreter or compiler at import, so fresh module copies are
-    imported with the variable set and dropped afterwards (as tests/kernels does)."""
-    pytest.importorskip("triton")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _drop_kernel_modules()
-    try:
-        yield importlib.import_module("gauss_kernels.hash_table.triton_index")
-    finally:
-        _drop_kernel_modules()
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.mark.parametrize("ok", [True, False])

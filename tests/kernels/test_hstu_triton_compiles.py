@@ -10,9 +10,7 @@ gathered; time bias; dense rab; targets; each way of reducing the position gradi
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 
@@ -28,30 +26,13 @@ _KERNELS = "gauss_kernels.hstu.triton_kernels"
 
 
 @pytest.fixture(scope="module")
-def kernels():
-    """The kernel module decorated for compiling (not for the interpreter), restored after."""
-    import gauss_kernels.hstu as package
+def kernels(triton_modules):
+    """The kernel module decorated for compiling (not for the interpreter), dropped after."""
     from gauss_kernels.hstu import triton_attention
 
-    old_env = os.environ.get("TRITON_INTERPRET")
-    old_module = sys.modules.pop(_KERNELS, None)
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield importlib.import_module(_KERNELS)
-    finally:
-        # the module, the package attribute (`from gauss_kernels.hstu import triton_kernels`
-        # reads it first) and the launcher's cached module go back to what they were
-        sys.modules.pop(_KERNELS, None)
-        if old_module is not None:
-            sys.modules[_KERNELS] = old_module
-            package.triton_kernels = old_module
-        elif hasattr(package, "triton_kernels"):
-            del package.triton_kernels
-        triton_attention._kernels = None
-        if old_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old_env
+    with triton_modules((_KERNELS,), interpret=False) as modules:
+        yield modules[0]
+    triton_attention._kernels = None  # the launcher's cached module: re-imported on next use
 
 
 def _compile(fn, dtype: str, constexprs: dict, strip_dtype: str = "fp16"):

@@ -8,48 +8,16 @@ and drops them again afterwards; other tests in the session see compiled kernels
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
 
 from gauss_plugins.embedding.index import IndexFullError, TorchHashIndex, home_slots
 
-_MODULES = ("gauss_kernels.hash_table.triton_index", "gauss_kernels.hash_table.triton_kernels")
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 
 pytest.importorskip("triton")
-
-
-def _drop_modules():
-    # Also the attributes the import set on the parent package: `from package import mod`
-    # would otherwise hand back the interpreted module after it left sys.modules.
-    parent = sys.modules.get("gauss_kernels.hash_table")
-    for name in _MODULES:
-        sys.modules.pop(name, None)
-        if parent is not None and hasattr(parent, name.rsplit(".", 1)[1]):
-            delattr(parent, name.rsplit(".", 1)[1])
-
-
-@pytest.fixture
-def interp():
-    """The triton_index module with its kernels running in the Triton interpreter.
-
-    Function-scoped: the variable and the interpreted modules must be gone before any
-    test that compiles the kernels (the gpu tests) runs."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _drop_modules()
-    try:
-        yield importlib.import_module("gauss_kernels.hash_table.triton_index")
-    finally:
-        _drop_modules()
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.fixture(params=[4, 64], ids=["block4", "block64"])
