@@ -114,6 +114,9 @@ class RetrievalModule(pl.LightningModule):
         return record
 
     def on_train_epoch_end(self) -> None:
+        # A step skipped for a NaN/inf gradient is reported by the next sparse step; the
+        # epoch's last one would otherwise go unreported (one host sync an epoch).
+        self.model.item_embeddings.sparse_check_finite()
         if self._epoch_losses:
             self._record(int(self.current_epoch) + 1)["train/loss"] = float(np.mean(self._epoch_losses))
 

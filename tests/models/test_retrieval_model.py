@@ -138,3 +138,29 @@ def test_a_batch_without_targets_is_rejected_before_any_lookup():
     with pytest.raises(ValueError, match="no target"):
         model.sampled_softmax_loss(ids, lengths, torch.zeros_like(targets), ts)
     assert len(table) == rows
+
+
+def test_a_skipped_sparse_step_is_reported_by_sparse_check_finite():
+    """A sync-free step (CUDA's default; forced on here, on the torch index it applies to)
+    skips a NaN gradient and reports it later; sparse_check_finite (called by the Lightning
+    module at epoch end) reports it even when it was the last step of an epoch."""
+    from gauss_plugins.embedding import DynamicEmbeddingTable, DynamicTableConfig, OptimizerConfig, SparseOptimizer
+
+    table = DynamicEmbeddingTable(DynamicTableConfig(name="items", dim=4, backend="torch", default="zeros",
+                                                     optimizer=OptimizerConfig("adam", lr=0.1)))
+    table.sync_free_step = True
+    table.train()
+    items = DynamicItemEmbeddings(table, SparseOptimizer(table), dim=4)
+    ids = torch.tensor([[3, 4, 0]])
+    items(ids).sum().backward()
+    items.sparse_step()
+    items.sparse_zero_grad()
+    before = table.weight.clone()
+    (items(ids) * float("nan")).sum().backward()
+    items.sparse_step()  # skipped on the device: no exception, no row moves
+    items.sparse_zero_grad()
+    assert torch.equal(table.weight, before)
+    with pytest.raises(FloatingPointError, match="items"):
+        items.sparse_check_finite()
+    items.sparse_check_finite()  # reported once
+    _model(item_embedding="static").item_embeddings.sparse_check_finite()  # dense parameters: nothing to check

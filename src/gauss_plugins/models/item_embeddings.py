@@ -50,6 +50,11 @@ class ItemEmbeddings(nn.Module):
     def sparse_zero_grad(self) -> None:
         """Drop the accumulated sparse gradients."""
 
+    def sparse_check_finite(self) -> None:
+        """Raise FloatingPointError if an earlier sparse step was skipped for a NaN/inf
+        gradient that no later step has reported yet (sync-free steps on CUDA check on the
+        device and report late). A host sync: call it where one is free, e.g. at epoch end."""
+
 
 
 class StaticItemEmbeddings(ItemEmbeddings):
@@ -106,6 +111,9 @@ class DynamicItemEmbeddings(ItemEmbeddings):
 
     def sparse_zero_grad(self) -> None:
         self._sparse_optimizer.zero_grad()
+
+    def sparse_check_finite(self) -> None:
+        self._sparse_optimizer.check_finite()
 
 
 def build_item_embeddings(kind: str, num_items: int, dim: int, lr: float, betas: Tuple[float, float],
