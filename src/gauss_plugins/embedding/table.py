@@ -989,14 +989,12 @@ class DynamicEmbeddingTable(nn.Module):
                 g = g * scale[:, None]
             sums.index_add_(0, rows, g)
             touched.index_fill_(0, rows, True)
+        if self.config.default == "zeros":
+            touched.select(0, self.default_row).fill_(False)  # a fill on the device: no sync
         if self._masked_step(n_rows):
             # Nothing is read back: the finite flag stays on the device (see _apply_gradients).
-            if self.config.default == "zeros":
-                touched.select(0, self.default_row).fill_(False)
             return _Prepared(finite=True, masked=(sums, touched), device_finite=torch.isfinite(sums).all())
         finite = bool(torch.isfinite(sums).all())
-        if self.config.default == "zeros":
-            touched[self.default_row] = False
         rows = touched.nonzero().squeeze(1)  # right after the sync above: the device is idle
         return _Prepared(finite=finite, rows=rows, grads=sums.index_select(0, rows))
 

@@ -78,9 +78,13 @@ class SequentialRetrievalModel(nn.Module):
     # ------------------------------------------------------------------ encoding
     def encode(self, ids: torch.Tensor, lengths: torch.Tensor, timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Right-padded ``ids [B, N]`` (0 = padding) -> L2-normalised outputs ``[B, N, D]``."""
+        self._check_length(ids)
+        return self._encode_embedded(self.item_embeddings(ids), ids, lengths, timestamps)
+
+    def _check_length(self, ids: torch.Tensor) -> None:
+        """Before any lookup: a too-long batch must not insert ids into a dynamic table."""
         if ids.shape[1] > self.max_len:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len {self.max_len}")
-        return self._encode_embedded(self.item_embeddings(ids), ids, lengths, timestamps)
 
     def _encode_embedded(self, emb: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
                          timestamps: Optional[torch.Tensor]) -> torch.Tensor:
@@ -126,8 +130,7 @@ class SequentialRetrievalModel(nn.Module):
         ``num_negatives``: an embedding cache must know every id a step reads ahead of it.
         Returns ``{"loss": scalar, "num_targets": int tensor}``.
         """
-        if ids.shape[1] > self.max_len:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len {self.max_len}")
+        self._check_length(ids)
         mask = targets > 0
         pos_ids = targets[mask]                  # [P]
         p = pos_ids.shape[0]
