@@ -10,8 +10,10 @@ epochs), selects each on validation NDCG@10, and prints test HR@10 / NDCG@10 bes
 paper's numbers (SASRec .2853/.1603, HSTU .3097/.1720, HSTU-large .3294/.1893), with each
 model's mean training-epoch time (validation excluded) and validation-pass time. Writes
 benchmarks/results/ml1m_paper_table.json (and .md); ``summary[model]["epoch_seconds"]["mean"]``
-is the epoch time. ``--parallel`` runs each model in its own process (all on the same GPU)
-and merges their results. Use --seeds for several seeds.
+is the epoch time. ``--parallel`` runs each model and seed in its own process (on one GPU, or
+spread over ``--gpus 0,1``) and merges their results. Use --seeds for several seeds.
+``--refit`` retrains each selected model on train + validation items for its selected epoch
+count (the paper's code trains on all but the test item) and reports that model's test.
 """
 from __future__ import annotations
 
@@ -46,7 +48,15 @@ def _parse(argv):
                    help="result JSON (default: benchmarks/results/ml1m_paper_table[_quick].json); the .md goes beside it")
     p.add_argument("--resume", action="store_true", help="reuse finished runs of the same config")
     p.add_argument("--quick", action="store_true", help="tiny run: 1 epoch, len 50, the first 300 users")
-    p.add_argument("--parallel", action="store_true", help="one process per model, all at once (one GPU is fine)")
+    p.add_argument("--parallel", action="store_true",
+                   help="one process per model and seed, all at once (one GPU is fine)")
+    p.add_argument("--gpus", default=None,
+                   help="with --parallel: comma-separated CUDA device numbers the processes are spread over, "
+                        "round robin (default: whatever each process sees)")
+    p.add_argument("--refit", action="store_true",
+                   help="train.refit: after selecting the epoch count on validation, retrain on train+validation "
+                        "items for that many epochs and test that model (the paper's code trains on all but the "
+                        "test item); the selected model's test is kept as test_selection_run/*")
     args = p.parse_args(argv)
     suffix = "_quick" if args.quick else ""
     args.workdir = args.workdir or os.path.join(REPO, "runs", f"ml1m_paper_table{suffix}")
@@ -65,6 +75,7 @@ def _configs(args):
     return {m: with_overrides(load_config(f"ml-1m-{m}"), data__path=args.data_path,
                               data__max_len=QUICK["max_len"] if args.quick else None,
                               train__accelerator=args.accelerator, train__max_epochs=epochs,
+                              train__refit=True if args.refit else None,
                               model__item_embedding=args.item_embedding)
             for m in args.models}
 
@@ -96,19 +107,27 @@ def _run_here(args) -> Dict[str, object]:
 
 
 def _run_parallel(args, argv: List[str]) -> Dict[str, object]:
-    """Each model in its own child process (this script with --models M), at the same time;
-    their JSON files are merged. A failed child fails the whole run, naming its log."""
-    child_argv = _without(argv, ("--parallel",), ("--models", "--out", "--json", "--workdir"))
+    """Each (model, seed) in its own child process (this script with --models M --seeds S), all
+    at the same time, spread over ``--gpus``; their JSON files are merged. A failed child fails
+    the whole run, naming its log."""
+    from gauss_plugins.train.compare import summarize_runs
+
+    child_argv = _without(argv, ("--parallel",), ("--models", "--seeds", "--out", "--json", "--workdir", "--gpus"))
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
     os.makedirs(args.workdir, exist_ok=True)
     children = []
     started = time.time()
-    for m in args.models:
-        out = os.path.join(args.workdir, f"parallel-{m}.json")
-        log_path = os.path.join(args.workdir, f"parallel-{m}.log")
-        cmd = [sys.executable, os.path.abspath(__file__), *child_argv, "--models", m, "--out", out,
-               "--workdir", args.workdir, "--accelerator", args.accelerator]
+    jobs = [(m, seed) for seed in args.seeds for m in args.models]
+    for i, (m, seed) in enumerate(jobs):
+        out = os.path.join(args.workdir, f"parallel-{m}-seed{seed}.json")
+        log_path = os.path.join(args.workdir, f"parallel-{m}-seed{seed}.log")
+        cmd = [sys.executable, os.path.abspath(__file__), *child_argv, "--models", m, "--seeds", str(seed),
+               "--out", out, "--workdir", args.workdir, "--accelerator", args.accelerator]
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         log = open(log_path, "w")
-        children.append((m, out, log_path, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        children.append((m, out, log_path, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
     failed = []
     for m, out, log_path, log, proc in children:
         if proc.wait() != 0:
@@ -116,19 +135,20 @@ def _run_parallel(args, argv: List[str]) -> Dict[str, object]:
         log.close()
     if failed:
         raise RuntimeError("parallel run failed for " + ", ".join(failed) + ": read the log, fix, and rerun "
-                           "with --resume to keep the models that finished")
-    merged: Dict[str, object] = {"runs": [], "summary": {}, "configs": {}}
+                           "with --resume to keep the runs that finished")
+    merged: Dict[str, object] = {"runs": [], "configs": {}}
     for m, out, *_ in children:
         with open(out) as f:
             part = json.load(f)
         merged["runs"].extend(part["runs"])
-        merged["summary"].update(part["summary"])
         merged["configs"].update(part["configs"])
-        for key in ("data", "seeds", "paper_table4_ml1m"):
+        for key in ("data", "paper_table4_ml1m"):
             merged.setdefault(key, part.get(key))
+    merged["seeds"] = list(args.seeds)
+    merged["summary"] = summarize_runs(merged["runs"], args.models)
     merged["this_invocation_wall_s"] = round(time.time() - started, 1)
-    merged["how_run"] = (f"{len(children)} processes in parallel (one per model) on one "
-                         f"{'GPU' if args.accelerator == 'gpu' else 'CPU machine'}")
+    where = f"GPUs {','.join(gpus)}" if gpus else ("one GPU" if args.accelerator == "gpu" else "one CPU machine")
+    merged["how_run"] = f"{len(children)} processes in parallel (one per model and seed) on {where}"
     from gauss_plugins.train.report import write_json
 
     write_json(args.out, merged)
@@ -159,10 +179,16 @@ def _write_markdown(result: Dict[str, object], md_path: str, models: List[str]) 
 
     epochs = sorted({c["train"]["max_epochs"] for c in result.get("configs", {}).values()})
     title = "paper Table 4 settings" if epochs == [101] else f"paper Table 4 settings but {epochs} epochs (not the paper's 101)"
+    refit = any(c["train"].get("refit") for c in result.get("configs", {}).values())
+    if refit:
+        title += ", refit on train + validation items for the epoch count selected on validation"
     text = (f"# MovieLens 1M, {title}\n\n" + markdown_table(result["summary"], "test") + "\n\n"
-            "Paper (HR@10 / NDCG@10): SASRec .2853/.1603, HSTU .3097/.1720, HSTU-large .3294/.1893.\n\n"
-            "## Time per model\n\n" + timing_table(result["summary"]) + "\n\n"
-            f"Run: {result.get('how_run', '')}; wall time {result.get('this_invocation_wall_s')} s.\n")
+            "Paper (HR@10 / NDCG@10): SASRec .2853/.1603, HSTU .3097/.1720, HSTU-large .3294/.1893.\n\n")
+    if refit:
+        text += ("## The selected models before the refit (trained on the training prefixes only)\n\n"
+                 + markdown_table(result["summary"], "test_selection_run") + "\n\n")
+    text += ("## Time per model\n\n" + timing_table(result["summary"]) + "\n\n"
+             f"Run: {result.get('how_run', '')}; wall time {result.get('this_invocation_wall_s')} s.\n")
     tmp = md_path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -173,7 +199,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     try:
-        result = _run_parallel(args, argv) if args.parallel and len(args.models) > 1 else _run_here(args)
+        parallel = args.parallel and len(args.models) * len(args.seeds) > 1
+        result = _run_parallel(args, argv) if parallel else _run_here(args)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"{os.path.basename(__file__)}: {exc}", file=sys.stderr)
         return 2

@@ -6,13 +6,17 @@
   ``max_epochs``, validate every ``eval_every`` epochs, keep the parameters of the best
   validation ``monitor`` (optionally stop early), then report validation and test metrics of
   that model. The test set is evaluated once, at the end, and never used for any choice.
+  With ``train.refit`` a fresh model (same seed) then trains on the training prefixes plus
+  the validation items for the selected number of epochs, as the papers' code trains on all
+  but the test item; ``test/*`` is that model's, ``test_selection_run/*`` the selected one's
+  (both evaluated once, after every choice was made), ``val/*`` the selected one's.
 * ``streaming``: events in time order (:mod:`gauss_plugins.train.streaming`): train on window
   0; for each later window evaluate first, then train on it. ``val/*`` is the event-weighted
   mean over the middle windows, ``test/*`` the last window.
 
 Writes into ``output_dir``: ``metrics.json`` (flat ``val/...``, ``test/...``),
 ``report.json`` (config, data summary, history, timings, selection), ``model.safetensors``
-(pickle-free checkpoint of the selected model, written with
+(pickle-free checkpoint of the selected model, or of the refit one, written with
 :func:`gauss_plugins.serialization.save_tensors`), and ``training_curve.png`` (or
 ``stream_metrics.png``).
 """
@@ -264,17 +268,13 @@ def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = T
     config.check_data(seqs)  # e.g. HSTU's time bias on data without timestamps: refuse before any output
     os.makedirs(output_dir, exist_ok=True)  # only once the data loaded: bad input leaves no folder behind
     _seed(config.train.seed)
-    # Under several processes each builds its table on its own GPU (a table is not moved with the module).
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if config.train.accelerator == "gpu" \
-        else torch.device("cpu")
-    model = build_model(config, num_items=seqs.max_item_id, device=device)
-    module = RetrievalModule(model, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay,
-                             shared_negatives=config.loss.shared_negatives)
+    module = _build_module(config, seqs.max_item_id)
+    model = module.model
     log(f"model: {config.model.arch}, dim {config.model.dim}, {config.model.num_blocks} blocks x "
         f"{config.model.num_heads} heads, item embeddings: {model.item_embeddings.kind}, "
         f"{sum(p.numel() for p in model.parameters())} dense-or-static parameters")
     if config.train.mode == "epoch":
-        metrics, report = _run_epoch_mode(config, seqs, module, progress, log, output_dir)
+        metrics, report, model = _run_epoch_mode(config, seqs, module, progress, log, output_dir)
     else:
         metrics, report = _run_streaming_mode(config, seqs, module, progress, log, output_dir)
     report.update({
@@ -289,7 +289,8 @@ def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = T
     if _rank() != 0:  # replicas end with the same model and metrics: rank 0 writes them
         return metrics
     save_checkpoint(os.path.join(output_dir, "model.safetensors"), model, config,
-                    {"mode": config.train.mode, "selected_epoch": report.get("selected_epoch")})
+                    {"mode": config.train.mode, "selected_epoch": report.get("selected_epoch"),
+                     "refit": bool(config.train.refit)})
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
     write_json(os.path.join(output_dir, "report.json"), report)
     log(f"wrote {output_dir}/metrics.json, report.json, model.safetensors and the plot "
@@ -297,10 +298,23 @@ def run_experiment(config: ExperimentConfig, output_dir: str, progress: bool = T
     return metrics
 
 
+def _build_module(config: ExperimentConfig, num_items: int) -> RetrievalModule:
+    # Under several processes each builds its table on its own GPU (a table is not moved with the module).
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if config.train.accelerator == "gpu" \
+        else torch.device("cpu")
+    model = build_model(config, num_items=num_items, device=device)
+    return RetrievalModule(model, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay,
+                           shared_negatives=config.loss.shared_negatives)
+
+
 def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: RetrievalModule, progress: bool,
                     log: Callable[[str], None], output_dir: str):
     split = leave_one_out(seqs)
     max_len = config.data.max_len
+    devices, num_nodes = _process_layout(config)
+    if config.train.refit and devices * num_nodes > 1:  # torchrun's environment can ask for several
+        raise ValueError(f"train.refit runs in one process, but this run has {devices * num_nodes} processes; "
+                         "set refit: false or start one process")
     datamodule = SequenceDataModule(
         TrainExamples(split.train, max_len),
         HeldOutExamples(split.val, max_len, config.data.exclude_history),
@@ -331,18 +345,52 @@ def _run_epoch_mode(config: ExperimentConfig, seqs: UserSequences, module: Retri
     val = dict(module.last_eval["val"])
     trainer.test(module, datamodule=datamodule, verbose=False)
     test = dict(module.last_eval["test"])
-    metrics = {**{k: v for k, v in val.items()}, **{k: v for k, v in test.items()}}
     report = {"mode": "epoch", "selected_epoch": keeper.best_epoch, "epochs_trained": epochs_trained,
               "monitor": config.train.monitor, "fit_s": round(fit_s, 1),
               "eval_users": len(split.test), "history": module.history, **timer.summary()}
+    final = module
+    if config.train.refit:
+        # The selected model's test stays in the record (as test_selection_run/...), so a
+        # refit's gain is visible; the reported test/... is the refit's.
+        selection_test = {"test_selection_run/" + k[len("test/"):]: v for k, v in test.items()}
+        final, test, refit_report = _refit(config, split, keeper.best_epoch, progress, log)
+        test = {**test, **selection_test}
+        report["refit"] = refit_report
+    metrics = {**{k: v for k, v in val.items()}, **{k: v for k, v in test.items()}}
     if hasattr(trainer.strategy, "cache_stats"):  # strategy gauss: the embedding cache's totals of the fit
         report["cache"] = fit_cache_stats
         report["world_size"] = trainer.world_size
     if _rank() == 0:
+        refit_note = ", refit on train+val" if config.train.refit else ""
         plot_history({config.model.arch: module.history}, os.path.join(output_dir, "training_curve.png"),
                      title=f"{config.name}: test HR@10 {test['test/hr@10']:.4f}, NDCG@10 {test['test/ndcg@10']:.4f} "
-                           f"(epoch {keeper.best_epoch})")
-    return metrics, report
+                           f"(epoch {keeper.best_epoch}{refit_note})")
+    return metrics, report, final.model
+
+
+def _refit(config: ExperimentConfig, split, epochs: int, progress: bool, log: Callable[[str], None]):
+    """A fresh model (same seed, same settings) trained on the training prefixes plus the
+    validation items for ``epochs`` epochs, with no validation (its targets are now training
+    data), then tested once. Returns the module, its test metrics and a report."""
+    _seed(config.train.seed)
+    module = _build_module(config, split.sequences.max_item_id)
+    datamodule = SequenceDataModule(
+        TrainExamples(split.train_and_val, config.data.max_len), None,
+        HeldOutExamples(split.test, config.data.max_len, config.data.exclude_history),
+        batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size, seed=config.train.seed)
+    timer = EpochTimer()
+    log(f"refit: a fresh model on train+val for the selected {epochs} epochs")
+    trainer = _trainer(config, epochs, [timer], progress, validate=False)
+    t_fit = time.time()
+    trainer.fit(module, datamodule=datamodule)
+    fit_s = time.time() - t_fit
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    test = dict(module.last_eval["test"])
+    timing = timer.summary()
+    report = {"epochs": int(epochs), "fit_s": round(fit_s, 1), "epoch_seconds_mean": timing.get("epoch_seconds_mean"),
+              "train_examples": len(datamodule.train_set), "history": module.history}
+    log(f"refit: test HR@10 {test['test/hr@10']:.4f} NDCG@10 {test['test/ndcg@10']:.4f} ({fit_s:.0f} s)")
+    return module, test, report
 
 
 def _run_streaming_mode(config: ExperimentConfig, seqs: UserSequences, module: RetrievalModule, progress: bool,

@@ -33,6 +33,19 @@ def test_split_targets_and_histories():
         assert split.val.target[i] not in train.sequence(u)[0]
 
 
+def test_train_and_val_is_all_but_the_test_item():
+    split = leave_one_out(_seqs())
+    both = split.train_and_val
+    assert both.sequence(0)[0].tolist() == [10, 11, 12, 13]   # the validation item is trained on
+    assert both.sequence(1)[0].tolist() == [20, 21]           # not evaluated: all of it
+    assert both.sequence(2)[0].tolist() == [30, 31]
+    assert both.timestamps.tolist() == [1, 2, 3, 4, 1, 2, 7, 8]
+    assert both.name == "toy:train+val" and split.train.name == "toy:train"
+    for i, u in enumerate(split.test.user_index):  # the test item never is
+        assert split.test.target[i] not in both.sequence(u)[0]
+        assert split.val.target[i] in both.sequence(u)[0]
+
+
 def test_split_needs_an_evaluable_user():
     seqs = UserSequences(user_ids=np.array([1]), offsets=np.array([0, 2]), items=np.array([1, 2]))
     with pytest.raises(ValueError, match="3 or more events"):

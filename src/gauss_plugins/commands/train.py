@@ -38,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("epoch", "streaming"), help="override train.mode")
     p.add_argument("--item-embedding", choices=("dynamic", "static"),
                    help="override model.item_embedding (dynamic table by default; static = nn.Embedding)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="override train.refit: after selecting the epoch count on validation, retrain on "
+                        "train+validation items for that many epochs and test that model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             config = with_overrides(config, data__options={})
         config = with_overrides(config, data__dataset=args.dataset, data__path=args.data_path,
                                 train__max_epochs=args.max_epochs, train__accelerator=args.accelerator,
-                                train__seed=args.seed, train__mode=args.mode,
+                                train__seed=args.seed, train__mode=args.mode, train__refit=args.refit,
                                 model__item_embedding=args.item_embedding)
     except (OSError, ValueError, KeyError) as exc:
         print(f"gauss train: {exc}", file=sys.stderr)

@@ -6,6 +6,11 @@ predicted from the training prefix; the test target from everything before it (t
 validation item included, as history only: it is never trained on). Users with fewer than
 three events cannot give both targets: their whole sequence is training data and they are
 not evaluated.
+
+``train_and_val`` is the training data of a refit (``train.refit``): every user's events but
+the test item, i.e. the training prefixes plus the validation items. The papers' code trains
+on exactly this (it has no validation split); here a refit trains on it for the number of
+epochs selected on validation, so the test item is still never seen.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class LeaveOneOutSplit:
     train: UserSequences
     val: EvalExamples
     test: EvalExamples
+    train_and_val: UserSequences
 
 
 def leave_one_out(seqs: UserSequences) -> LeaveOneOutSplit:
@@ -55,27 +61,32 @@ def leave_one_out(seqs: UserSequences) -> LeaveOneOutSplit:
     if not np.any(evaluated):
         raise ValueError(f"{seqs.name or 'dataset'}: no user has {MIN_EVALUATED_LENGTH} or more events; "
                          "leave-one-out needs a training prefix, a validation and a test item")
-    # Training keeps all but the last two events of evaluated users, everything of the others.
-    train_lengths = np.where(evaluated, lengths - 2, lengths)
-    starts = seqs.offsets[:-1]
-    keep = np.zeros(seqs.num_events, dtype=bool)
-    # Mark [start, start + train_length) of every user with a difference array (no Python loop).
-    marks = np.zeros(seqs.num_events + 1, dtype=np.int64)
-    np.add.at(marks, starts, 1)
-    np.add.at(marks, starts + train_lengths, -1)
-    keep[:] = np.cumsum(marks[:-1]) > 0
-    train_offsets = np.zeros(seqs.num_users + 1, dtype=np.int64)
-    np.cumsum(train_lengths, out=train_offsets[1:])
-    train = UserSequences(
-        user_ids=seqs.user_ids,
-        offsets=train_offsets,
-        items=seqs.items[keep],
-        timestamps=seqs.timestamps[keep] if seqs.timestamps is not None else None,
-        name=f"{seqs.name}:train",
-        info=dict(seqs.info),
-    )
+    # Training keeps all but the last two events of evaluated users, everything of the others;
+    # a refit's training data keeps all but the last one (the test item) of evaluated users.
+    train = _prefixes(seqs, np.where(evaluated, lengths - 2, lengths), "train")
+    train_and_val = _prefixes(seqs, np.where(evaluated, lengths - 1, lengths), "train+val")
     users = np.nonzero(evaluated)[0]
     ends = seqs.offsets[users + 1]
     val = EvalExamples(seqs, users, ends - 2, seqs.items[ends - 2])
     test = EvalExamples(seqs, users, ends - 1, seqs.items[ends - 1])
-    return LeaveOneOutSplit(sequences=seqs, train=train, val=val, test=test)
+    return LeaveOneOutSplit(sequences=seqs, train=train, val=val, test=test, train_and_val=train_and_val)
+
+
+def _prefixes(seqs: UserSequences, keep_lengths: np.ndarray, suffix: str) -> UserSequences:
+    """The first ``keep_lengths[u]`` events of every user ``u`` of ``seqs``."""
+    starts = seqs.offsets[:-1]
+    # Mark [start, start + keep_length) of every user with a difference array (no Python loop).
+    marks = np.zeros(seqs.num_events + 1, dtype=np.int64)
+    np.add.at(marks, starts, 1)
+    np.add.at(marks, starts + keep_lengths, -1)
+    keep = np.cumsum(marks[:-1]) > 0
+    offsets = np.zeros(seqs.num_users + 1, dtype=np.int64)
+    np.cumsum(keep_lengths, out=offsets[1:])
+    return UserSequences(
+        user_ids=seqs.user_ids,
+        offsets=offsets,
+        items=seqs.items[keep],
+        timestamps=seqs.timestamps[keep] if seqs.timestamps is not None else None,
+        name=f"{seqs.name}:{suffix}",
+        info=dict(seqs.info),
+    )

@@ -18,7 +18,7 @@ import numpy as np
 from gauss_plugins.train.config import ExperimentConfig, config_to_dict
 from gauss_plugins.train.report import METRIC_KEYS, format_table, write_json
 
-__all__ = ["run_comparison", "aggregate", "markdown_table", "timing_table", "TIMING_KEYS"]
+__all__ = ["run_comparison", "aggregate", "summarize_runs", "markdown_table", "timing_table", "TIMING_KEYS"]
 
 # Per-run timings aggregated beside the metrics (seconds): the mean training-epoch wall time
 # (validation excluded), the mean validation pass, and the whole fit.
@@ -83,13 +83,11 @@ def run_comparison(configs: Mapping[str, ExperimentConfig], seeds: Sequence[int]
         sequences = load_configured_dataset(first.data.dataset, first.data.path, first.data.options)
 
     def payload() -> Dict[str, object]:
-        summary = {label: aggregate([{**r["metrics"], **r["timing"]} for r in runs if r["model"] == label])
-                   for label in configs if any(r["model"] == label for r in runs)}
         return {
             "data": sequences.describe(),
             "seeds": list(seeds),
             "runs": runs,
-            "summary": summary,
+            "summary": summarize_runs(runs, list(configs)),
             "configs": {label: config_to_dict(c) for label, c in configs.items()},
             "this_invocation_wall_s": round(time.time() - started, 1),  # runs reused by resume took their own fit_s
             **(extra or {}),
@@ -132,6 +130,12 @@ def run_comparison(configs: Mapping[str, ExperimentConfig], seeds: Sequence[int]
     return result
 
 
+def summarize_runs(runs: Sequence[Mapping[str, object]], labels: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``{label: aggregate(...)}`` of the metrics and timings of each label's runs (labels without runs left out)."""
+    return {label: aggregate([{**r["metrics"], **r["timing"]} for r in runs if r["model"] == label])
+            for label in labels if any(r["model"] == label for r in runs)}
+
+
 def _with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
     from gauss_plugins.train.config import with_overrides
 
@@ -139,8 +143,9 @@ def _with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
 
 
 def _run_record(label: str, seed: int, metrics: Mapping[str, float], report: Mapping[str, object]) -> Dict[str, object]:
+    refit = report.get("refit") or {}
     timing = {"epoch_seconds": report.get("epoch_seconds_mean"), "val_seconds": report.get("val_seconds_mean"),
-              "fit_s": report.get("fit_s")}
+              "fit_s": report.get("fit_s"), "refit_fit_s": refit.get("fit_s")}
     return {"model": label, "seed": int(seed), "metrics": dict(metrics),
             "timing": {k: float(v) for k, v in timing.items() if isinstance(v, (int, float))},
             "selected_epoch": report.get("selected_epoch"), "epochs_trained": report.get("epochs_trained"),

@@ -94,6 +94,10 @@ class TrainConfig:
     eval_every: int = 1               # validate every N epochs
     monitor: str = "val/ndcg@10"      # model selection metric (higher is better); never a test metric
     early_stopping_patience: Optional[int] = None  # validations without improvement before stopping
+    # Epoch mode: after the epoch count is selected on validation, train a fresh model (same seed)
+    # on the training prefixes plus the validation items for that many epochs and test it: the
+    # papers' code trains on all but the test item. Validation metrics stay the selection run's.
+    refit: bool = False
     seed: int = 42
     accelerator: str = "cpu"          # cpu | gpu
     num_threads: Optional[int] = None # torch intra-op threads on CPU (None: torch's default)
@@ -185,6 +189,12 @@ class ExperimentConfig:
              "set `strategy: gauss` in the train section or remove them"),
             (self.train.strategy != "gauss" or self.model.item_embedding == "dynamic",
              "train.strategy gauss caches the dynamic item table: set model.item_embedding to dynamic"),
+            (isinstance(self.train.refit, bool), f"train.refit must be true or false, got {self.train.refit!r}"),
+            (not self.train.refit or self.train.mode == "epoch",
+             "train.refit retrains on the validation items of the leave-one-out split: it needs train.mode epoch"),
+            (not self.train.refit or self.train.devices == 1,
+             f"train.refit runs in one process; train.devices = {self.train.devices} is not supported with it "
+             "(set refit: false, or train on one device)"),
             (isinstance(self.loss.shared_negatives, bool),
              f"loss.shared_negatives must be true or false, got {self.loss.shared_negatives!r}"),
         ]
