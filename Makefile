@@ -61,7 +61,7 @@ bench-ml100k: $(STAMP)
 
 # The paper's ML-1M table (Table 4) in one command, for anyone holding ML-1M (a GPU run).
 paper-ml1m: $(STAMP)
-	$(BIN)/python benchmarks/ml1m_paper_table.py $(if $(ML1M),--data-path $(ML1M)) --accelerator gpu
+	$(BIN)/python benchmarks/ml1m_paper_table.py $(if $(ML1M),--data-path $(ML1M)) --accelerator gpu --parallel --refit
 
 plugins: $(STAMP)
 	$(BIN)/gauss plugins
