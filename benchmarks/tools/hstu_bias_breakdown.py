@@ -2,8 +2,11 @@
 
 For each shape, times fwd+bwd (CUDA graph replay, median) and each kernel (torch.profiler,
 summed device time per kernel name) for: no bias; position bias without its gradient; with
-its gradient reduced per tile diagonal; with one atomic per pair; each with the bias read
-from strips and from per-element gathers. Writes JSON (``--json``) and prints a table.
+its gradient reduced per tile diagonal (``pos_diag``: the default way, carried wraps;
+``pos_diag_columns`` / ``pos_diag_rows``: the other two); with one atomic per pair; each
+with the bias read from strips and from per-element gathers; ``*_nocap`` variants leave out
+the register-capped tile configs. ``--variants`` picks some. Writes JSON (``--json``, with
+the tile config each kernel was tuned to) and prints a table.
 Not a benchmark with a target: ``benchmarks/hstu_attention.py`` owns ``rab_cost_ratio``.
 """
 from __future__ import annotations
@@ -26,6 +29,8 @@ def main() -> None:
     ap.add_argument("--strips", default="on,off", help="position strips: on, off or on,off")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune-top", type=int, default=3, help="autotune over the first K candidates of each kernel")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated variant names to run (default: all; 'none', the baseline, always runs)")
     args = ap.parse_args()
     from gauss_plugins.benchmarking import machine_info
     if not torch.cuda.is_available():
@@ -48,6 +53,18 @@ def main() -> None:
         for kind in table:
             for d in table[kind]:
                 table[kind][d] = table[kind][d][:args.tune_top]
+    capped = {id(t): {kind: dict(t[kind]) for kind in t} for t in (ta._CANDIDATES, ta._WIDE_CANDIDATES)}
+
+    def use_capped_configs(on: bool) -> None:
+        # the same first K candidates, with or without the register-capped ones; tuning is
+        # redone so each variant is timed with the config it would get
+        for table in (ta._CANDIDATES, ta._WIDE_CANDIDATES):
+            for kind in table:
+                for d, configs in capped[id(table)][kind].items():
+                    table[kind][d] = [c for c in configs if on or c.maxnreg is None] or configs
+        ta._tuned.clear()
+
+    wanted = None if args.variants is None else set(args.variants.split(",")) | {"none"}
     rows: List[Dict[str, Any]] = []
     for shape in args.shapes.split(","):
         B, N, H, D, dtype = SHAPES[shape]
@@ -56,17 +73,23 @@ def main() -> None:
         table = (0.1 * torch.randn(2 * N - 1, device="cuda"))
         flops = hb.fwd_flops(lengths, H, D)
         opts = dict(max_seq_len=N, alpha=1.0 / math.sqrt(D), causal=True)
-        variants = [("none", None, True, True, "columns", False)]
+        variants = [("none", None, True, True, "carried", False), ("none_nocap", None, True, True, "carried", False)]
         for strips in [{"on": True, "off": False}[x] for x in args.strips.split(",")]:
-            variants += [("pos_nograd", table, strips, True, "columns", False),
-                         ("pos_diag", table, strips, True, "columns", True),
+            variants += [("pos_nograd", table, strips, True, "carried", False),
+                         ("pos_nograd_nocap", table, strips, True, "carried", False),
+                         ("pos_diag", table, strips, True, "carried", True),
+                         ("pos_diag_nocap", table, strips, True, "carried", True),
+                         ("pos_diag_columns", table, strips, True, "columns", True),
                          ("pos_diag_rows", table, strips, True, "rows", True),
-                         ("pos_pairs", table, strips, False, "columns", True)]
+                         ("pos_pairs", table, strips, False, "carried", True)]
             if strips:
-                variants += [("pos_nograd_noprefetch", table, strips, True, "columns", False),
-                             ("pos_diag_noprefetch", table, strips, True, "columns", True)]
+                variants += [("pos_nograd_noprefetch", table, strips, True, "carried", False),
+                             ("pos_diag_noprefetch", table, strips, True, "carried", True)]
         base = None
         for name, tab, strips, diagonal, rotation, grad in variants:
+            if wanted is not None and name not in wanted:
+                continue
+            use_capped_configs("nocap" not in name)
             ta._position_strips = strips
             ta._diagonal_position_grads = diagonal
             ta._diagonal_rotation = rotation
@@ -93,7 +116,8 @@ def main() -> None:
             row = dict(shape=shape, variant=name, strips=strips if tab is not None else None, fwdbwd_ms=ms,
                        tflops=3.5 * flops / (ms / 1e3) / 1e12,
                        fwd_ms=per.get("hstu_fwd_kernel"), dkdv_ms=per.get("hstu_bwd_dkdv_kernel"),
-                       dq_ms=per.get("hstu_bwd_dq_kernel"))
+                       dq_ms=per.get("hstu_bwd_dq_kernel"),
+                       tuned={key[0]: list(cfg) for key, cfg in ta._tuned.items()})
             if name == "none":
                 base = ms
             row["ratio_vs_none"] = ms / base
@@ -101,8 +125,9 @@ def main() -> None:
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
     ta._position_strips = True
     ta._diagonal_position_grads = True
-    ta._diagonal_rotation = "columns"
+    ta._diagonal_rotation = "carried"
     ta._strip_prefetch = True
+    use_capped_configs(True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "machine": machine_info()}, f, indent=1)

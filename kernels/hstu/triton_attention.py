@@ -34,6 +34,7 @@ class _Config(NamedTuple):
     num_stages: int
     tma: bool = False  # streamed tiles (K/V, or Q/dO for dK/dV) through host tensor descriptors (TMA)
     ws: bool = False  # forward only: warp-specialized main loop
+    maxnreg: Optional[int] = None  # cap on registers per thread (ptxas), to fit one more program per SM
 
 
 def _experimental(cfg: _Config) -> bool:
@@ -58,13 +59,17 @@ def _pow2_at_least(d: int, minimum: int = 16) -> int:
 # Candidate block configurations per kernel, by the padded head dim (the larger of d_qk and
 # d_v). First entry = the default (used untuned, e.g. in graph capture or with autotuning
 # off). Hopper: BLOCK_M 64/128 matches warpgroup MMA tiles; the fp32 accumulators of
-# [BLOCK, D] tiles bound the block sizes as D grows.
+# [BLOCK, D] tiles bound the block sizes as D grows. A register cap (maxnreg) trades a few
+# registers for occupancy: the forward's 64x32 tiles at D=128 need 167 registers without the
+# position strip and 175 with it (sm_90, triton 3.7), which is 3 versus 2 programs of 4 warps
+# per SM; at 168 the strip version still fits without spilling.
 _CANDIDATES: Dict[str, Dict[int, List[_Config]]] = {
     "fwd": {
         64: [_Config(64, 64, 4, 3), _Config(128, 64, 4, 3), _Config(128, 128, 8, 3), _Config(64, 32, 4, 3),
              _Config(128, 64, 8, 3), _Config(64, 64, 4, 3, tma=True),
              _Config(128, 64, 8, 3, tma=True), _Config(128, 64, 8, 2, tma=True, ws=True)],
-        128: [_Config(64, 64, 4, 3), _Config(64, 32, 4, 3), _Config(64, 64, 4, 2), _Config(128, 64, 8, 3),
+        128: [_Config(64, 64, 4, 3), _Config(64, 32, 4, 3, maxnreg=168), _Config(64, 32, 4, 3), _Config(64, 64, 4, 2),
+              _Config(128, 64, 8, 3),
               _Config(128, 128, 8, 2), _Config(128, 32, 8, 4),
               _Config(64, 64, 4, 3, tma=True), _Config(128, 64, 8, 3, tma=True), _Config(128, 128, 8, 2, tma=True),
               _Config(64, 64, 4, 3, tma=True, ws=True), _Config(128, 64, 8, 2, tma=True, ws=True),
@@ -115,10 +120,13 @@ _INTERPRETER_CONFIGS: Dict[str, _Config] = {kind: _Config(16, 16, 1, 1) for kind
 # wrap); False, one atomic per (query, key) pair, as with targets or a prefix. Read at each
 # backward call; the benchmark times both.
 _diagonal_position_grads = os.environ.get("GAUSS_HSTU_DIAGONAL_POSITION_GRADS", "1") != "0"
-# ... and which way a tile is rotated for its diagonal sums: "columns" (each key row rotated
-# along the queries, sums across the key rows) or "rows" (each query column rotated along the
-# keys, sums along the queries, within a warp). Read at each backward call.
-_diagonal_rotation = os.environ.get("GAUSS_HSTU_DIAGONAL_ROTATION", "columns")
+# ... and how a tile's diagonal sums are taken: "carried" (each key row rotated along the
+# queries, summed within each thread, wraps carried to the next query block: one set of
+# atomics per block, no reduction across warps), "columns" (rotated the same way, one full
+# column sum and set of atomics per wrap) or "rows" (each query column rotated along the keys,
+# sums along the queries, within a warp). Read at each backward call.
+_DIAGONAL_MODES = {"columns": 1, "rows": 2, "carried": 3}
+_diagonal_rotation = os.environ.get("GAUSS_HSTU_DIAGONAL_ROTATION", "carried")
 
 # Where the kernels read the position bias when ids are positions (no targets, no contextual
 # prefix): True, from strips (``_position_strip``: one unit-stride load per tile); False, by
@@ -249,8 +257,9 @@ class _Launcher:
             except TypeError:  # another triton version's launcher signature
                 _Launcher.direct_enabled = False
         kernel = getattr(_kernel_module(), self.name)
+        options = {} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}
         compiled = kernel[grid](*tensors, *scalars, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                **constexprs)
+                                **options, **constexprs)
         if direct and hasattr(compiled, "packed_metadata"):
             # the launcher takes every parameter, constexprs included, in signature order
             names = list(kernel.signature.parameters)[len(tensors) + len(scalars):]
@@ -492,9 +501,10 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
     dq_scalars = (*p.rab_strides, *common, stride_ps, shift)
     diagonal = 0
     if pos_grad and _diagonal_position_grads:
-        if _diagonal_rotation not in ("columns", "rows"):
-            raise ValueError(f"GAUSS_HSTU_DIAGONAL_ROTATION must be 'columns' or 'rows', got {_diagonal_rotation!r}")
-        diagonal = 2 if _diagonal_rotation == "rows" else 1
+        if _diagonal_rotation not in _DIAGONAL_MODES:
+            raise ValueError(f"GAUSS_HSTU_DIAGONAL_ROTATION must be one of {', '.join(_DIAGONAL_MODES)}, "
+                             f"got {_diagonal_rotation!r}")
+        diagonal = _DIAGONAL_MODES[_diagonal_rotation]
     dkdv_key = p.key + (rab_grad, atomic, pos_grad, time_grad, diagonal)
 
     def launch_dkdv(cfg: _Config) -> None:

@@ -388,6 +388,76 @@ def _diagonal_position_grads_by_rows(dst, start_n, start_m, pos_center, DPOS, BL
                       sem="relaxed")
 
 
+@triton.jit
+def _diagonal_position_grads_carried(dst, carry0, carry1, start_n, start_m, pos_center, DPOS, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr):
+    """As :func:`_diagonal_position_grads` (key rows rotated along the queries), but without
+    a reduction across warps and with the wraps carried from one query block to the next.
+
+    - The rotated tile is summed over its key rows only within each thread: reshaped to
+      ``[BLOCK_N / 8, 8, BLOCK_M]`` (key row ``8a + b``), summed over ``a``; the 8 partial
+      rows of each diagonal sum go out as atomics. A full column sum (shared memory and
+      barriers, once per wrap) stalled every warp of the program once per wrap and tile.
+    - The dK/dV loops advance ``start_m`` by exactly BLOCK_M, so the bins of wrap m of one
+      query block are the bins of wrap m + 1 of the next. The partials of the wraps whose
+      bins later blocks still reach are carried in registers (``carry0``: the bins of wrap 0
+      of this block, ``carry1``: wrap 1) and added to the next block's, so each bin goes
+      out once per program: BLOCK_M bins per block instead of BLOCK_M per wrap.
+      :func:`_flush_position_carry` sends the carried partials after the last block.
+    This needs BLOCK_N <= 2 * BLOCK_M (at most three wraps); wider key tiles send every
+    wrap's partials at once, carrying nothing."""
+    jl = tl.arange(0, BLOCK_N)[:, None]
+    c = tl.arange(0, BLOCK_M)[None, :]
+    rotated = tl.gather(dst, tl.broadcast_to((jl - c + BLOCK_M) % BLOCK_M, (BLOCK_N, BLOCK_M)), 1)
+    rotated = tl.reshape(rotated, (BLOCK_N // 8, 8, BLOCK_M))
+    jl3 = tl.arange(0, BLOCK_N // 8)[:, None, None] * 8 + tl.arange(0, 8)[None, :, None]
+    c3 = tl.arange(0, BLOCK_M)[None, None, :]
+    il3 = (jl3 - c3 + BLOCK_M) % BLOCK_M
+    wrap = (jl3 - il3 - c3 + 2 * BLOCK_M) // BLOCK_M - 2  # (jl - il - c) / BLOCK_M, exactly
+    bins = start_n - start_m + pos_center + tl.arange(0, BLOCK_M)[None, :]
+    MAX_WRAP: tl.constexpr = (BLOCK_N - 1) // BLOCK_M
+    below = tl.reduce(tl.where(wrap == -1, rotated, 0.0), 0, _add)
+    here = tl.reduce(tl.where(wrap == 0, rotated, 0.0), 0, _add)
+    if MAX_WRAP == 0:
+        # wrap 0 is complete with what the previous block carried; wrap -1 is the next block's wrap 0
+        _add_position_bins(DPOS, bins, here + carry0, pos_center)
+        carry0 = below
+    elif MAX_WRAP == 1:
+        above = tl.reduce(tl.where(wrap == 1, rotated, 0.0), 0, _add)
+        _add_position_bins(DPOS, bins + BLOCK_M, above + carry1, pos_center)
+        carry1 = here + carry0
+        carry0 = below
+    else:
+        _add_position_bins(DPOS, bins - BLOCK_M, below, pos_center)
+        _add_position_bins(DPOS, bins, here, pos_center)
+        for m in tl.static_range(1, MAX_WRAP + 1):
+            _add_position_bins(DPOS, bins + m * BLOCK_M, tl.reduce(tl.where(wrap == m, rotated, 0.0), 0, _add),
+                               pos_center)
+    return carry0, carry1
+
+
+@triton.jit
+def _add_position_bins(DPOS, bins, sums, pos_center):
+    """Atomically adds partial diagonal sums [8, BLOCK_M] into the position-gradient row at
+    ``bins`` [1, BLOCK_M] (bins outside the table only ever hold zeros)."""
+    index = tl.broadcast_to(bins, sums.shape)
+    tl.atomic_add(DPOS + index, sums.to(DPOS.dtype.element_ty), mask=(index >= 0) & (index <= 2 * pos_center),
+                  sem="relaxed")
+
+
+@triton.jit
+def _flush_position_carry(carry0, carry1, start_n, next_m, pos_center, DPOS, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """Sends what :func:`_diagonal_position_grads_carried` still carries after the block
+    before ``next_m`` (the bins of wraps 0 and 1 of a block at ``next_m``)."""
+    bins = start_n - next_m + pos_center + tl.arange(0, BLOCK_M)[None, :]
+    MAX_WRAP: tl.constexpr = (BLOCK_N - 1) // BLOCK_M
+    if MAX_WRAP <= 1:
+        _add_position_bins(DPOS, bins, carry0, pos_center)
+    if MAX_WRAP == 1:
+        _add_position_bins(DPOS, bins + BLOCK_M, carry1, pos_center)
+
+
 # ------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_block(
@@ -558,7 +628,7 @@ def hstu_fwd_kernel(
 # ------------------------------------------------------------------ backward: dK, dV (and dRAB)
 @triton.jit
 def _bwd_dkdv_block(
-    dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS, DTB, col_ids, key_times, history_end,
+    dk, dv, sb, carry0, carry1, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS, DTB, col_ids, key_times, history_end,
     pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols, mask_dq, mask_dv,
     stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last, contextual_len, max_attn_len,
     half_alpha, row_scale, tma_row, tma_qcol, tma_docol,
@@ -634,7 +704,10 @@ def _bwd_dkdv_block(
         ds_true = dst * (0.5 * row_scale)
         DIAGONAL: tl.constexpr = POS_GRAD and POS_GRAD_DIAGONAL > 0 and not (HAS_TARGETS or HAS_CONTEXT)
         if DIAGONAL:
-            if POS_GRAD_DIAGONAL == 2:
+            if POS_GRAD_DIAGONAL == 3:
+                carry0, carry1 = _diagonal_position_grads_carried(ds_true, carry0, carry1, start_n, start_m,
+                                                                  pos_center, DPOS, BLOCK_M, BLOCK_N)
+            elif POS_GRAD_DIAGONAL == 2:
                 _diagonal_position_grads_by_rows(ds_true, start_n, start_m, pos_center, DPOS, BLOCK_M, BLOCK_N)
             else:
                 _diagonal_position_grads(ds_true, start_n, start_m, pos_center, DPOS,
@@ -643,7 +716,7 @@ def _bwd_dkdv_block(
                           key_times[:, None], DPOS, DTB, pos_center, inv_scale, num_buckets,
                           POS_GRAD and not DIAGONAL, TIME_GRAD)
     dk = tl.dot(dst.to(q_rows.dtype), q_rows, dk, input_precision=PRECISION, out_dtype=ACC)
-    return dk, dv, sb
+    return dk, dv, sb, carry0, carry1
 
 
 @triton.jit
@@ -717,6 +790,10 @@ def hstu_bwd_dkdv_kernel(
     DTB_row = DTB + (off_bh * tl.num_programs(1) + pid_n) * stride_dtb
     dk = tl.full([BLOCK_N, BLOCK_DQ], 0.0, ACC)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, ACC)
+    # the position-gradient partials carried from one query block to the next
+    # (POS_GRAD_DIAGONAL == 3, see _diagonal_position_grads_carried); unused otherwise
+    carry0 = tl.full([8, BLOCK_M], 0.0, ACC)
+    carry1 = tl.full([8, BLOCK_M], 0.0, ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:
@@ -726,8 +803,8 @@ def hstu_bwd_dkdv_kernel(
         if HAS_POS and POS_STRIP and STRIP_PREFETCH:
             sb = tl.load(PS_ptrs + lo)
         for start_m in range(lo, tl.minimum(start_n + BLOCK_N, seq_len), BLOCK_M):
-            dk, dv, sb = _bwd_dkdv_block(
-                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb, carry0, carry1 = _bwd_dkdv_block(
+                dk, dv, sb, carry0, carry1, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
@@ -742,8 +819,8 @@ def hstu_bwd_dkdv_kernel(
         if HAS_POS and POS_STRIP and STRIP_PREFETCH:
             sb = tl.load(PS_ptrs + full_lo)
         for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv, sb = _bwd_dkdv_block(
-                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb, carry0, carry1 = _bwd_dkdv_block(
+                dk, dv, sb, carry0, carry1, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
@@ -757,14 +834,16 @@ def hstu_bwd_dkdv_kernel(
         if HAS_POS and POS_STRIP and STRIP_PREFETCH:
             sb = tl.load(PS_ptrs + tl.maximum(full_lo, full_hi))
         for start_m in range(tl.maximum(full_lo, full_hi), seq_len, BLOCK_M):
-            dk, dv, sb = _bwd_dkdv_block(
-                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb, carry0, carry1 = _bwd_dkdv_block(
+                dk, dv, sb, carry0, carry1, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V, CAUSAL,
                 HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME,
                 POS_GRAD, TIME_GRAD, POS_GRAD_DIAGONAL, POS_STRIP, STRIP_PREFETCH, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
+        # the three loops visit every query block from lo to the last, one after another
+        next_m = ((seq_len + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     else:
         pre_hi, lo, hi = _row_range(
             start_n, seq_len, last, contextual_len, max_attn_len,
@@ -774,8 +853,8 @@ def hstu_bwd_dkdv_kernel(
         if HAS_POS and POS_STRIP and STRIP_PREFETCH:
             sb = tl.load(PS_ptrs + 0)
         for start_m in range(0, pre_hi, BLOCK_M):
-            dk, dv, sb = _bwd_dkdv_block(
-                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb, carry0, carry1 = _bwd_dkdv_block(
+                dk, dv, sb, carry0, carry1, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
@@ -787,8 +866,8 @@ def hstu_bwd_dkdv_kernel(
         if HAS_POS and POS_STRIP and STRIP_PREFETCH:
             sb = tl.load(PS_ptrs + lo)
         for start_m in range(lo, hi, BLOCK_M):
-            dk, dv, sb = _bwd_dkdv_block(
-                dk, dv, sb, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
+            dk, dv, sb, carry0, carry1 = _bwd_dkdv_block(
+                dk, dv, sb, carry0, carry1, k, v, Q_ptrs, DO_ptrs, RAB_ptrs, DRAB_ptrs, PS_ptrs, POS, TB, TS, DPOS_row, DTB_row, col_ids,
                 key_times, history_end, pos_center, inv_scale, num_buckets, start_m, start_n, offs_m, cols,
                 mask_dq, mask_dv, stride_t_qk, stride_t_v, stride_rm, stride_drm, seq_len, last,
                 contextual_len, max_attn_len, half_alpha, row_scale, seq_start, h * D_QK, h * D_V,
@@ -796,6 +875,11 @@ def hstu_bwd_dkdv_kernel(
                 HAS_WINDOW, HAS_RAB, RAB_GRAD, RAB_GRAD_ATOMIC, HAS_POS, HAS_TIME, POS_GRAD, TIME_GRAD,
                 POS_GRAD_DIAGONAL, POS_STRIP, STRIP_PREFETCH, BLOCK_M, BLOCK_N, True, FAST_SILU, PRECISION, ACC, USE_TMA,
             )
+        # the carried position partials exist only without a prefix, when the first loop is
+        # empty and the second visits the blocks from lo on, one after another
+        next_m = lo + ((tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if POS_GRAD and POS_GRAD_DIAGONAL == 3 and not (HAS_TARGETS or HAS_CONTEXT):
+        _flush_position_carry(carry0, carry1, start_n, next_m, pos_center, DPOS_row, BLOCK_M, BLOCK_N)
 
     dk = dk * (half_alpha * row_scale)
     dv = dv * row_scale

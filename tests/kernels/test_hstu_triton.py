@@ -236,15 +236,22 @@ def test_position_bias_from_strips_or_gathers(rng, monkeypatch, strips, prefetch
     _check(rng, [37, 20], position=0, max_attn_len=7, normalizer="seq_len")
 
 
-@pytest.mark.parametrize("rotation", ["columns", "rows"])
-@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)], ids=["keys-wider", "queries-wider"])
-def test_diagonal_position_gradients_either_rotation(rng, monkeypatch, rotation, tiles):
+@pytest.mark.parametrize("rotation", ["carried", "columns", "rows"])
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16), (16, 16), (16, 64)],
+                         ids=["keys-wider", "queries-wider", "square", "keys-4x"])
+def test_diagonal_position_gradients_every_way(rng, monkeypatch, rotation, tiles):
     """The per-tile diagonal sums of the position gradient, rotating key rows or query
-    columns, with tiles wider either way (several wraps), match the reference."""
+    columns, with tiles wider either way (several wraps: carried to the next query block
+    with up to three, sent at once with five), match the reference: pure causal (three
+    loops: diagonal blocks, unmasked blocks, the last partial block, the carry crossing
+    both boundaries), lengths that are not a multiple of either tile, a window and no
+    causality (one loop), and a single block."""
     monkeypatch.setattr(ta, "_diagonal_rotation", rotation)
     if not ON_GPU:
         monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dkdv", ta._Config(*tiles, 1, 1))
-    _check(rng, [45, 20, 3], position=0)
+    _check(rng, [45, 20, 3, 64], position=0)
+    _check(rng, [37, 9], position=1, max_attn_len=11)
+    _check(rng, [29, 50], position=0, causal=False)
 
 
 def test_relative_bias_without_gradient(rng):

@@ -6,7 +6,8 @@ constexpr branch and a pointer on the other, which compiles under the interprete
 at the first launch on a GPU. Here every kernel goes through triton's own front end, its
 optimisation passes and ``ptxas`` for ``GPUTarget("cuda", 90, 32)``, for the constexpr
 combinations the wrapper can pick (bias read from strips, with and without prefetch, or
-gathered; time bias; dense rab; targets; each way of reducing the position gradient).
+gathered; time bias; dense rab; targets; each way of reducing the position gradient, the
+carried diagonal sums for each number of wraps).
 """
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ _CASES = [
     ("bf16 strips", "bf16", "fp16", {}, 1),
     ("fp32 strips prefetched", "fp32", "fp32", dict(STRIP_PREFETCH=True, FAST_SILU=False, PRECISION="ieee"), 1),
     ("bf16 strips, rows rotation", "bf16", "fp16", {}, 2),
+    ("bf16 strips, carried wraps", "bf16", "fp16", {}, 3),
+    ("fp32 strips prefetched, carried wraps", "fp32", "fp32", dict(STRIP_PREFETCH=True, FAST_SILU=False,
+                                                                   PRECISION="ieee"), 3),
     ("bf16 gathers, pairs", "bf16", "fp16", dict(POS_STRIP=False), 0),
     ("bf16 targets + time + rab + window", "bf16", "fp16",
      dict(POS_STRIP=False, HAS_TARGETS=True, HAS_TIME=True, HAS_RAB=True, HAS_WINDOW=True), 1),
@@ -90,6 +94,16 @@ def test_kernels_compile_for_hopper(kernels, label, dtype, strip_dtype, changes,
     _compile(kernels.hstu_bwd_dkdv_kernel, dtype,
              dict(c, BLOCK_M=32, BLOCK_N=64, RAB_GRAD=c["HAS_RAB"], RAB_GRAD_ATOMIC=False, POS_GRAD=True,
                   TIME_GRAD=c["HAS_TIME"], POS_GRAD_DIAGONAL=diagonal), strip_dtype)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(64, 64), (32, 128), (16, 16)], ids=["one-carry", "no-carry", "small"])
+def test_carried_position_gradients_compile_for_each_wrap_count(kernels, block_m, block_n):
+    """The carried diagonal sums take a different branch for one, two or more than two wraps
+    (tiles as wide, twice or four times as wide in keys as in queries); the two-wrap branch
+    is compiled above."""
+    _compile(kernels.hstu_bwd_dkdv_kernel, "bf16",
+             dict(_BASE, BLOCK_M=block_m, BLOCK_N=block_n, RAB_GRAD=False, RAB_GRAD_ATOMIC=False, POS_GRAD=True,
+                  TIME_GRAD=False, POS_GRAD_DIAGONAL=3))
 
 
 def test_a_front_end_error_fails_here(kernels):
