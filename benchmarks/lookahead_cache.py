@@ -95,6 +95,7 @@ WINDOW = 8
 NEGATIVES = 256
 SEQ_LEN, SEQS_PER_BATCH = 64, 32
 NAME = "lookahead_cache"
+TABLE_HEADROOM = 2       # a cached table's max_capacity over the budget (the cache holds <= budget rows)
 
 
 # ---------------------------------------------------------------- traces
@@ -272,7 +273,9 @@ def run_variant(kind: str, budget: int, trace, rows: int, image: str, work: str,
             table.attach_store(store)
             batches = iter(trace)
         else:
-            table = make_table("items", budget, device)
+            # Room in the table (not in the cache: the budget caps the rows) so its hash index
+            # is not filled to its limit: a full index rebuilds its slots at every few evictions.
+            table = make_table("items", TABLE_HEADROOM * budget, device)
             cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=budget, window=WINDOW, policy=kind),
                                    ids_fn=lambda b: {"items": batch_ids(b)})
             batches = cache.wrap(trace)
@@ -282,7 +285,10 @@ def run_variant(kind: str, budget: int, trace, rows: int, image: str, work: str,
     cpu: List[float] = []  # the training thread's CPU time per step (no waits, no other tenants)
     t_prev, c_prev = time.perf_counter(), time.thread_time()
     for batch in batches:
-        train_step(model, table, dense_opt, sparse_opt, batch)  # float(loss): the step is done on any device
+        # The loader's batch is on the host (the cache reads its ids there); every variant
+        # copies it to the device the same way, as a training loop does.
+        on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        train_step(model, table, dense_opt, sparse_opt, on_device)  # float(loss): the step is done on any device
         if cache is not None:
             cache.step_done()
         elif kind == "tierps_only":  # nothing stays in the fast tier
@@ -330,7 +336,10 @@ def run_trace(name: str, trace, rows: int, fractions, work: str, warmup: int, re
               kinds=("lookahead", "lru", "lfu")) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Every variant on ``trace``, ``reps`` times round robin. ``cold``: each store variant's
     TierPS files leave the page cache before its run (the same cold start for all)."""
-    trace = [{k: v.to(device) for k, v in b.items()} for b in trace]
+    # The trace stays on the host, as a loader yields it (pinned on a GPU run, so each step's
+    # copy to the device waits for nothing); every variant moves each batch in its step.
+    if device != "cpu":
+        trace = [{k: v.pin_memory() for k, v in b.items()} for b in trace]
     image = os.path.join(work, f"{name}-image")
     build_cold_store(image, rows)
     variants: List[Tuple[str, Optional[float], int]] = [("in_memory", None, 0)]

@@ -50,8 +50,8 @@ class _Checked:
         backing = table.backing
         install = backing.install
 
-        def checked_install(t, ids, got):
-            rows = install(t, ids, got)
+        def checked_install(t, ids, got, **kw):
+            rows = install(t, ids, got, **kw)
             self.max_len = max(self.max_len, len(t))
             assert len(t) <= budget, f"{len(t)} rows resident, budget {budget}"
             return rows

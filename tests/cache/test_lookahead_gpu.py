@@ -1,6 +1,9 @@
 """The lookahead cache's GPU path: the fast tier in GPU memory, rows read from a host TierPS
 on the cache's worker and copied on a side CUDA stream, the strategy on NCCL. Skipped
 without CUDA; on the GPU machine: ``pytest -m gpu tests/cache/test_lookahead_gpu.py``."""
+import threading
+import warnings
+
 import pytest
 import torch
 
@@ -56,6 +59,70 @@ def test_cached_gpu_training_equals_an_unbounded_gpu_table(tmp_path):
     got = store.lookup(probe[~present].cpu())
     values[~present] = got.values.to(dev)
     torch.testing.assert_close(values, ref.get(probe)[0], rtol=0, atol=1e-5)
+    cache.close()
+    store.close()
+
+
+class _HostSyncs:
+    """Counts the host synchronisations the training thread makes inside the block
+    (``torch.cuda.set_sync_debug_mode("warn")`` turns each into a warning)."""
+
+    def __enter__(self):
+        self.count, self._main = 0, threading.get_ident()
+        self._show, self._filters = warnings.showwarning, warnings.filters[:]
+        warnings.simplefilter("always")
+
+        def show(message, *args, **kwargs):
+            if "synchroniz" in str(message) and threading.get_ident() == self._main:
+                self.count += 1
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._show, self._filters
+
+
+# Per step, once the window is full: the GPU hash index's insert of the fetched rows reads
+# back its claim count and selects the new slots (2), its removal of the evicted rows selects
+# the present keys and their first occurrences (2). Everything else the cache decides on the
+# host. A step whose removal leaves the index due for a rebuild of its slots makes a few more.
+SYNCS_PER_STEP_MEAN = 4.0
+SYNCS_PER_STEP_MAX = 8
+
+
+@pytest.mark.gpu
+@gpu
+def test_steady_cached_step_waits_for_the_gpu_only_in_the_hash_index(tmp_path):
+    """The cache's part of a step (installing the batch's rows, then admitting the next
+    batch: evictions, write-backs, fetches) with ids from the loader on the host: the
+    bookkeeping makes no host synchronisation; only the GPU index's insert and removal do."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 4_000, (512,), generator=g) for _ in range(30)]  # on the host
+    store = TierPS(dim=DIM, state_dim=1, path=str(tmp_path / "ps"), ram_bytes=256 * (4 * (DIM + 1) + 25))
+    table = _table(4_000, dev)  # room over the budget: a full GPU index rebuilds its slots on evictions
+    cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=2_000, window=4),
+                           ids_fn=lambda b: {"items": b})
+    opt = SparseOptimizer(table)
+    table.train()
+    it = cache.wrap(batches)
+    per_step = []
+    while True:
+        with _HostSyncs() as arrive:
+            ids = next(it, None)
+        if ids is None:
+            break
+        _step(table, opt, ids.to(dev))  # the training step itself is not the cache's
+        with _HostSyncs() as done:
+            cache.step_done()
+        per_step.append(arrive.count + done.count)
+    steady = per_step[8:]
+    stats = cache.stats()
+    assert stats["misses_at_use"] == 0 and stats["evicted_rows"] > 0  # rows came and went
+    assert sum(steady) / len(steady) <= SYNCS_PER_STEP_MEAN, per_step
+    assert max(steady) <= SYNCS_PER_STEP_MAX, per_step
     cache.close()
     store.close()
 

@@ -175,34 +175,92 @@ class _Worker:
 
 @dataclass
 class _Entry:
-    """A batch pulled from the loader, with the distinct (global) ids it needs per table."""
+    """A batch pulled from the loader, with the distinct (global) ids it needs per table:
+    ``host`` on the CPU (the cache's bookkeeping), ``ids`` on the table's device (the step's)."""
 
     batch: Any
     ids: Dict[str, torch.Tensor]
-    jobs: List[Any] = field(default_factory=list)   # (table name, ids, job) fetched for it
+    host: Dict[str, torch.Tensor]
+    jobs: List[Any] = field(default_factory=list)   # (table name, host ids, job) fetched for it
     parts: Dict[str, List[torch.Tensor]] = field(default_factory=dict)  # each rank's ids (list exchange)
 
 
-class _TableState:
-    """Per table: the table, its backing, per-row policy arrays and the in-flight fetches."""
+def _host_index(capacity: int) -> Any:
+    """A hash index on the CPU (the compiled one where it builds, as tables on the CPU use)."""
+    from gauss_plugins.plugins import get_registry
 
-    def __init__(self, name: str, table: Any, backing: Any) -> None:
+    cpu = torch.device("cpu")
+    return get_registry().select("table_backend", "auto", device=cpu).create(capacity, cpu)
+
+
+class _Residency:
+    """The rows the cache holds in one table, kept on the host: every id that is resident or
+    being fetched (``fetching``), with the policy's per-row state (``last_use``, ``uses``).
+
+    The cache decides every admission and eviction itself, so it does not need to ask the
+    table (on a GPU each question would be a host synchronisation: a boolean-mask index, a
+    ``.sum()`` read back, ``torch.unique``): the table only receives the resulting installs and
+    evictions. :meth:`LookaheadCache.wrap` rebuilds this record from the table when an
+    iteration starts, so rows changed outside an iteration (evaluation installs) are seen."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.index = _host_index(capacity)
+        self.last_use = torch.zeros(capacity, dtype=torch.int64)
+        self.uses = torch.zeros(capacity, dtype=torch.int64)
+        self.fetching = torch.zeros(capacity, dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def find(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.index.find(ids)
+
+    def reserve(self, ids: torch.Tensor, step: int) -> None:
+        """``ids`` (distinct, absent) get a place; their rows are being fetched."""
+        slots, _ = self.index.insert(ids)
+        self.last_use[slots] = step
+        self.uses[slots] = 0
+        self.fetching[slots] = True
+
+    def installed(self, ids: torch.Tensor, step: int) -> None:
+        slots = self.index.find(ids)
+        self.fetching[slots] = False
+        self.last_use[slots] = step
+        self.uses[slots] = 0
+
+    def used(self, ids: torch.Tensor, step: int) -> None:
+        slots = self.index.find(ids)
+        slots = slots[slots >= 0]
+        self.last_use[slots] = step
+        self.uses[slots] += 1
+
+    def drop(self, ids: torch.Tensor) -> None:
+        self.index.remove(ids)
+
+    def rebuilt(self, keys: torch.Tensor, budget: int) -> "_Residency":
+        """A record of exactly ``keys`` (the table's ids), keeping the policy state of those
+        this one holds (rows it does not know start at step 0, as rows found in the table)."""
+        out = _Residency(max(budget, keys.numel(), 1))
+        if keys.numel():
+            out.index.insert(keys)
+            old = self.index.find(keys)
+            known = old >= 0
+            new = out.index.find(keys)
+            out.last_use[new[known]] = self.last_use[old[known]]
+            out.uses[new[known]] = self.uses[old[known]]
+        return out
+
+
+class _TableState:
+    """Per table: the table, its backing, the host record of its rows (:class:`_Residency`)."""
+
+    def __init__(self, name: str, table: Any, backing: Any, budget: int) -> None:
         self.name, self.table, self.backing = name, table, backing
-        self.last_use = torch.zeros(0, dtype=torch.int64, device=table.device)
-        self.uses = torch.zeros(0, dtype=torch.int64, device=table.device)
-        self.inflight = torch.empty(0, dtype=torch.int64, device=table.device)  # ids being fetched
+        self.rows = _Residency(budget)
         self.row_bytes = 4 * (table.dim + int(getattr(backing.store, "state_dim", 0)))
         self.stream: Any = None  # the side CUDA stream of the copies (GPU tables)
-
-    def arrays(self):
-        n = self.table.weight.shape[0]
-        if self.last_use.numel() < n:  # the table grew (row numbers are kept)
-            for name in ("last_use", "uses"):
-                old = getattr(self, name)
-                new = torch.zeros(n, dtype=torch.int64, device=old.device)
-                new[: old.numel()] = old
-                setattr(self, name, new)
-        return self.last_use, self.uses
+        self.cuda = table.device.type == "cuda"
 
 
 _STAT_KEYS = ("hits_at_use", "misses_at_use", "prefetched_rows", "prefetched_bytes", "stall_ms", "window",
@@ -276,12 +334,13 @@ class LookaheadCache:
         for name, table in tables.items():
             backing = table.backing
             backing.write = self._writer(backing)
+            backing.write_later = self._later_writer(backing)  # evictions the cache chose
             backing.owner = owner_fn  # evictions copy only the rows this replica writes back
             backing.drain = self._drain  # a syncer reading the store waits for queued writes
             # Data parallel: the store may be partitioned across ranks (reads are collectives), so
             # eval reads only the resident rows; the strategy makes the rows eval needs resident.
             backing.eval_reads_store = exchange is None
-            self._tables[name] = _TableState(name, table, backing)
+            self._tables[name] = _TableState(name, table, backing, config.budget_rows)
         self._window: Deque[_Entry] = deque()    # admitted batches, the next one to train first
         self._waiting: Deque[_Entry] = deque()   # pulled from the loader, not yet admitted
         self._source: Optional[Iterator[Any]] = None
@@ -293,7 +352,10 @@ class LookaheadCache:
         self._step = 0
         self._counts = {k: 0.0 for k in _STAT_KEYS}
         self._step_stats: Dict[str, float] = {}
-        self.per_step: List[Dict[str, float]] = []
+        self._per_step: List[Dict[str, float]] = []
+        # (the step's stats, the table's count of the batch's ids without a row, ids): settled
+        # into the hit/miss counts when stats are read
+        self._checks: List[Any] = []
 
     @staticmethod
     def _make_policy(spec: Any) -> CachePolicy:
@@ -322,12 +384,39 @@ class LookaheadCache:
                 self._worker.submit(lambda: put(ids, values, state))
         return write
 
+    def _later_writer(self, backing: Any) -> Callable[..., None]:
+        """The backing's deferred write of evicted rows: on the worker, after the copy's
+        event, the changed rows (``dirty``, owner filter included) go to the store, queued in
+        order before any later read of them."""
+        put = backing._put
+
+        def write_later(event: Any, ids: torch.Tensor, values: torch.Tensor, state: Optional[torch.Tensor],
+                        dirty: torch.Tensor) -> None:
+            def job() -> None:
+                if event is not None:
+                    event.synchronize()  # the device-to-host copies (off the training thread)
+                keep = dirty.nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    return
+                # Counted here (the worker) only in the totals: the step that evicted is long done.
+                self._counts["written_back_rows"] += keep.numel()
+                backing.counters["written_back_rows"] += keep.numel()
+                put(ids.index_select(0, keep), values.index_select(0, keep),
+                    state.index_select(0, keep) if state is not None else None)
+
+            if self._worker is None:
+                job()
+            else:
+                self._worker.submit(job)
+        return write_later
+
     def _drain(self) -> None:
         if self._worker is not None:
             self._worker.drain()
 
     def _read(self, ts: _TableState, ids: torch.Tensor) -> Any:
-        """Submit a read of ``ids`` from the store (the result lands on the table's device)."""
+        """Submit a read of ``ids`` (CPU) from the store. The job's result: the ``Lookup``
+        and the ids on the table's device, ``found`` on the host, and the copy's CUDA event."""
         store, device = ts.backing.store, ts.table.device
         cuda = device.type == "cuda"
         if cuda and self._worker is not None and ts.stream is None:
@@ -337,16 +426,18 @@ class LookaheadCache:
         def fetch():
             got = store.lookup(ids)
             if not cuda:
-                return got, None
-            # Host -> device on a side stream, so the copy overlaps the training step.
+                return got, ids, got.found, None
+            # Host -> device on a side stream, so the copy overlaps the training step; from
+            # pinned memory, so the copy waits for nothing queued on the GPU before it.
             ctx = torch.cuda.stream(stream) if stream is not None else torch.cuda.device(device)
             with ctx:
                 values = got.values.pin_memory().to(device, non_blocking=True)
                 state = got.state.pin_memory().to(device, non_blocking=True) if got.state is not None else None
-                found = got.found.to(device, non_blocking=True)
+                found = got.found.pin_memory().to(device, non_blocking=True)
+                on_device = ids.pin_memory().to(device, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
-            return type(got)(values, state, found), event
+            return type(got)(values, state, found), on_device, got.found, event
 
         if self._worker is None:
             job = _Job(fetch)
@@ -356,17 +447,25 @@ class LookaheadCache:
 
     @staticmethod
     def _arrived(ts: _TableState, job: Any) -> Any:
-        """The rows a read job fetched, usable on the training thread's current stream."""
-        got, event = job.wait()
+        """The rows a read job fetched, usable on the training thread's current stream:
+        ``(Lookup, ids on the table's device, found on the host)``."""
+        got, ids, found, event = job.wait()
         if event is not None:  # the side stream's copy must finish before the rows are used
             main = torch.cuda.current_stream(ts.table.device)
             main.wait_event(event)
-            for t in (got.values, got.state, got.found):
+            for t in (got.values, got.state, got.found, ids):
                 if t is not None:
                     # Allocated on the side stream: without this the allocator could hand the
                     # memory to a later copy there while the main stream still reads it.
                     t.record_stream(main)
-        return got
+        return got, ids, found
+
+    def _install(self, ts: _TableState, host_ids: torch.Tensor, job: Any) -> None:
+        """Install the rows a read job fetched (the table's only synchronisation here is its
+        index's insert) and record them as resident."""
+        got, ids, found = self._arrived(ts, job)
+        ts.backing.install(ts.table, ids, got, found_host=found)
+        ts.rows.installed(host_ids, self._step)
 
     # ------------------------------------------------------------------ the iterator
     def wrap(self, batches: Iterable[Any]) -> Iterator[Any]:
@@ -376,6 +475,10 @@ class LookaheadCache:
         if self._source is not None and not self._exhausted:
             raise RuntimeError("this LookaheadCache is already wrapping an iterator; finish it first")
         self._source, self._exhausted, self._blocked = iter(batches), False, False
+        for ts in self._tables.values():
+            # Rows may have changed outside an iteration (evaluation installs stored rows and
+            # drops unused ones): start from what the table holds (one read of its ids).
+            ts.rows = ts.rows.rebuilt(ts.table.index.keys_and_rows()[0].cpu(), self.config.budget_rows)
         try:
             while True:
                 if self._current is not None:
@@ -401,10 +504,7 @@ class LookaheadCache:
         self._source = None
         for entry in pending:
             for name, ids, job in entry.jobs:
-                ts = self._tables[name]
-                got = self._arrived(ts, job)
-                ts.backing.install(ts.table, ids, got)
-                ts.inflight = ts.inflight[~torch.isin(ts.inflight, ids)]
+                self._install(self._tables[name], ids, job)
             entry.jobs = []
 
     def _pull(self) -> Optional[_Entry]:
@@ -427,7 +527,7 @@ class LookaheadCache:
             # returns anywhere, so a fetch issued after it sees rows another replica owns
             # and evicted: the only evictions before this batch's fetches are before this point.
             self._drain()
-        ids, parts = {}, {}
+        ids, host, parts = {}, {}, {}
         for name, ts in self._tables.items():
             if name not in raw:
                 raise KeyError(f"ids_fn returned no ids for table {name!r} (it returned {sorted(raw)})")
@@ -435,19 +535,25 @@ class LookaheadCache:
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
                 raise TypeError(f"ids_fn()[{name!r}] must be an int64 tensor, got {getattr(t, 'dtype', type(t))}")
             device = ts.table.device
+            if self.exchange is None:
+                # The bookkeeping runs on the host: ids from the loader (CPU) cost no GPU
+                # synchronisation here (ids already on the GPU cost one read back).
+                u = torch.unique(t.reshape(-1).cpu())
+                host[name] = u
+                ids[name] = u.pin_memory().to(device, non_blocking=True) if ts.cuda else u
+                continue
             u = torch.unique(t.reshape(-1).to(device))
-            if self.exchange is not None:  # the global batch's ids
-                got = self.exchange(u)
-                if isinstance(got, (list, tuple)):  # each rank's ids: the step needs them to borrow rows
-                    parts[name] = [p.to(device) for p in got]
-                    got = torch.cat(parts[name])
-                u = torch.unique(got.to(device))
-                if self.owned_only:  # this replica caches only its own rows of the global batch
-                    u = u[self.owner_fn(u).to(device, torch.bool)]
-            ids[name] = u
+            got = self.exchange(u)  # the global batch's ids
+            if isinstance(got, (list, tuple)):  # each rank's ids: the step needs them to borrow rows
+                parts[name] = [p.to(device) for p in got]
+                got = torch.cat(parts[name])
+            u = torch.unique(got.to(device))
+            if self.owned_only:  # this replica caches only its own rows of the global batch
+                u = u[self.owner_fn(u).to(device, torch.bool)]
+            ids[name], host[name] = u, u.cpu()
         if self.owned_only and len(parts) != len(self._tables):
             raise TypeError("owned_only=True needs exchange(ids) to return every rank's ids as a list (rank order)")
-        return _Entry(batch, ids, parts=parts)
+        return _Entry(batch, ids, host, parts=parts)
 
     def _fill_window(self) -> None:
         if self.owned_only:
@@ -474,7 +580,7 @@ class LookaheadCache:
                 return
 
     def _budget_message(self, entry: _Entry) -> str:
-        sizes = {name: int(ids.numel()) for name, ids in entry.ids.items()}
+        sizes = {name: int(ids.numel()) for name, ids in entry.host.items()}
         return (f"the cache cannot hold {self.config.min_window} batch(es): the next batch alone needs "
                 f"{sizes} rows and budget_rows is {self.config.budget_rows} per table; raise budget_rows, "
                 f"lower min_window, or use smaller batches")
@@ -485,12 +591,9 @@ class LookaheadCache:
         window does not need."""
         plans = {}
         for name, ts in self._tables.items():
-            ids = entry.ids[name]
-            resident = ts.table.index.find(ids) >= 0
-            new = ids[~resident]
-            if ts.inflight.numel() and new.numel():
-                new = new[~torch.isin(new, ts.inflight)]
-            excess = len(ts.table) + ts.inflight.numel() + new.numel() - self.config.budget_rows
+            ids = entry.host[name]
+            new = ids[ts.rows.find(ids) < 0]  # neither resident nor being fetched
+            excess = len(ts.rows) + new.numel() - self.config.budget_rows
             victims = ids[:0]
             if excess > 0:
                 victims = self._victims(ts, entry, excess)
@@ -500,33 +603,37 @@ class LookaheadCache:
         for name, (new, victims) in plans.items():
             ts = self._tables[name]
             if victims.numel():
-                ts.table.evict(ids=victims)  # changed rows are written back (queued, in order)
+                ts.rows.drop(victims)
+                on_device = victims.pin_memory().to(ts.table.device, non_blocking=True) if ts.cuda else victims
+                # Changed rows are written back (copied off the GPU without waiting, then
+                # queued on the worker, in order before any later read of them).
+                ts.table.evict(ids=on_device, live_distinct=True)
                 self._count("evicted_rows", victims.numel())
             if new.numel():
-                ts.inflight = torch.cat([ts.inflight, new])
-                entry.jobs.append((name, new, self._read(ts, new.cpu())))
+                ts.rows.reserve(new, self._step)
+                entry.jobs.append((name, new, self._read(ts, new)))
         self._window.append(entry)
         return True
 
     def _victims(self, ts: _TableState, entry: _Entry, k: int) -> Optional[torch.Tensor]:
         """The ``k`` resident ids of ``ts`` to evict (the policy's lowest scores among rows
         no batch of the window, ``entry`` included, needs); None if fewer are evictable."""
-        table = ts.table
-        # Rows the window needs, marked through the hash index (no sort of the ids).
-        pinned = torch.zeros(table.weight.shape[0], dtype=torch.bool, device=table.device)
+        record = ts.rows
+        # Rows the window needs, marked through the host index (no sort of the ids); rows
+        # still being fetched belong to a batch of the window, so they are never offered.
+        pinned = record.fetching.clone()
         holders = list(self._window) + [entry]
         if self._current is not None and self._current not in self._window:
             holders.append(self._current)
         for e in holders:
-            r = table.index.find(e.ids[ts.name])
+            r = record.find(e.host[ts.name])
             pinned[r[r >= 0]] = True
-        keys, rows = table.index.keys_and_rows()
+        keys, rows = record.index.keys_and_rows()
         free = ~pinned.index_select(0, rows)
         keys, rows = keys[free], rows[free]
         if keys.numel() < k:
             return None
-        last_use, uses = ts.arrays()
-        scores = self.policy.scores(last_use, uses, rows)
+        scores = self.policy.scores(record.last_use, record.uses, rows)
         pick = torch.topk(scores, k, largest=False).indices if k < keys.numel() else slice(None)
         return keys[pick]
 
@@ -539,31 +646,37 @@ class LookaheadCache:
         fetched = 0
         for name, ids, job in entry.jobs:
             ts = self._tables[name]
-            got = self._arrived(ts, job)
-            rows = ts.backing.install(ts.table, ids, got)
-            last_use, uses = ts.arrays()
-            last_use[rows] = self._step
-            uses[rows] = 0
-            ts.inflight = ts.inflight[~torch.isin(ts.inflight, ids)]
+            self._install(ts, ids, job)
             fetched += ids.numel()
             self._count("prefetched_rows" if self.policy.lookahead else "misses_fetched", ids.numel())
             self._count("prefetched_bytes", ids.numel() * ts.row_bytes if self.policy.lookahead else 0)
         entry.jobs = []
         stall_ms = (time.perf_counter() - t0) * 1e3
-        hits = misses = 0
+        # Fetch on miss: the rows fetched when the batch arrived were not resident at use.
+        late = 0 if self.policy.lookahead else fetched
         for name, ts in self._tables.items():
-            ids = entry.ids[name]
-            present = int((ts.table.index.find(ids) >= 0).sum())
-            hits += present
-            misses += ids.numel() - present
-        if not self.policy.lookahead:
-            # Fetch on miss: the rows fetched when the batch arrived were not resident at use.
-            hits -= fetched
-            misses += fetched
-        self._count("hits_at_use", hits)
-        self._count("misses_at_use", misses)
+            # The check asks the table itself (not the cache's own record); on a GPU its
+            # count stays there until stats are read, so the step does not wait for it.
+            absent = (ts.table.index.find(entry.ids[name]) < 0).sum()
+            self._checks.append((self._step_stats, absent, entry.ids[name].numel()))
+        self._count("hits_at_use", -late)
+        self._count("misses_at_use", late)
+        if not any(ts.cuda for ts in self._tables.values()):
+            self._settle_checks()
         self._count("stall_ms", stall_ms)
         self._counts["window"] = len(self._window)
+
+    def _settle_checks(self) -> None:
+        """Add the table's presence checks of the steps so far to the hit/miss counts (one
+        read back of the GPU counts, at most once per call)."""
+        if not self._checks:
+            return
+        checks, self._checks = self._checks, []
+        absent = torch.stack([c[1] for c in checks]).tolist()
+        for (step_stats, _, n), miss in zip(checks, absent):
+            for key, value in (("hits_at_use", n - miss), ("misses_at_use", miss)):
+                self._counts[key] += value
+                step_stats[key] = step_stats.get(key, 0) + value
 
     def _count(self, key: str, value: float) -> None:
         if key not in _STAT_KEYS:
@@ -582,13 +695,9 @@ class LookaheadCache:
         if self._window and self._window[0] is entry:
             self._window.popleft()
         for name, ts in self._tables.items():
-            rows = ts.table.index.find(entry.ids[name])
-            rows = rows[rows >= 0]
-            last_use, uses = ts.arrays()
-            last_use[rows] = self._step
-            uses[rows] += 1
+            ts.rows.used(entry.host[name], self._step)
         self._step += 1
-        self.per_step.append(dict(self._step_stats))
+        self._per_step.append(self._step_stats)  # its hit/miss counts may still be settling
         self._blocked = False  # the finished batch's rows may be evicted now
         self._fill_window()  # start the next fetches while the loader prepares the batch
 
@@ -639,9 +748,16 @@ class LookaheadCache:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def per_step(self) -> List[Dict[str, float]]:
+        """Every finished step's figures (reading them settles the hit/miss checks)."""
+        self._settle_checks()
+        return self._per_step
+
     def stats(self) -> Dict[str, Any]:
         """Totals of the run so far (``window``: the current window), ``last_step`` (the
         latest step's figures) and ``per_step`` (every step's)."""
+        self._settle_checks()
         out: Dict[str, Any] = {k: (int(v) if k != "stall_ms" else float(v)) for k, v in self._counts.items()}
         out["window"] = len(self._window)
         out["steps"] = self._step

@@ -102,6 +102,11 @@ class StoreBacking:
         #: ``ids -> bool`` of the rows this replica writes back (data parallel: each row's owner
         #: writes it); an evicted row another replica owns is not even copied. None: all rows.
         self.owner: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        #: ``(event, ids, values, state, dirty)`` -> None: set by an owner that writes evicted
+        #: rows later, in order (the lookahead cache's worker): an eviction of rows known to be
+        #: live then hands it host copies of every row and the CUDA event of their copy
+        #: (None on the CPU) instead of reading the dirty mask back first. None: write now.
+        self.write_later: Optional[Callable[..., None]] = None
         self._clean = torch.full((table.weight.shape[0],), -1, dtype=torch.int64, device=table.device)
         self.counters = {"restored_rows": 0, "initialized_rows": 0, "evicted_rows": 0, "written_back_rows": 0,
                          "deleted_rows": 0}
@@ -159,16 +164,21 @@ class StoreBacking:
 
     @torch.no_grad()
     def install(self, table: "DynamicEmbeddingTable", ids: torch.Tensor, got: Any,
-                borrowed: bool = False) -> torch.Tensor:
+                borrowed: bool = False, found_host: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Insert the distinct absent ``ids`` (on the table's device) with ``got``, the store
         ``Lookup`` of them read earlier (a prefetch): stored rows where found, the
         initializer's elsewhere; they count as clean. No admission check. Returns their rows.
-        ``borrowed``: rows another replica owns, lent for one step (not counted as restored)."""
+        ``borrowed``: rows another replica owns, lent for one step (not counted as restored).
+        ``found_host``: ``got.found`` on the CPU, when the caller has it: the install then
+        splits the rows by position indices instead of masks on the device (no GPU
+        synchronisation but the index's insert)."""
         if ids.numel() == 0:
             return ids
         table._ensure_room(ids.numel(), protect=lambda: ids[:0])
         version = table._bump()
         rows, _ = table.index.insert(ids)
+        if found_host is not None:
+            return self._install_known(table, ids, got, rows, version, found_host, borrowed)
         # Rows the store holds take its values directly: computing the initializer's values
         # for them (to overwrite them) was most of an install's time.
         held = got.found.to(table.device)
@@ -186,6 +196,40 @@ class StoreBacking:
             self.counters["initialized_rows"] += ids.numel() - n_found
         return rows
 
+    def _install_known(self, table: "DynamicEmbeddingTable", ids: torch.Tensor, got: Any, rows: torch.Tensor,
+                       version: int, found_host: torch.Tensor, borrowed: bool) -> torch.Tensor:
+        n_found = int(found_host.sum())  # on the host
+        if n_found == ids.numel():  # the usual prefetch: the store holds every row
+            at, held = rows, None
+        else:
+            # Initializer rows first, then the stored ones overwrite theirs (same as install).
+            table._init_rows(rows, ids, version)
+            if n_found == 0:
+                at = None
+            else:
+                held = found_host.nonzero().squeeze(1)
+                held = held.pin_memory().to(rows.device, non_blocking=True) if rows.is_cuda else held
+                at = rows.index_select(0, held)
+        if at is not None:
+            values = got.values if held is None else got.values.index_select(0, held)
+            if held is None:
+                table._init_rows(rows, ids, version, values=values.to(table.device))
+            else:
+                table.weight[at] = values.to(table.device, table.dtype)
+            if got.state is not None and table.rule is not None:
+                state = got.state if held is None else got.state.index_select(0, held)
+                for name, value in unpack_state(table, state.to(table.device)).items():
+                    table.opt_state[name][at] = value
+        clean = self._clean_rows(table)  # index_fill_: the value stays a scalar (no copy to the GPU)
+        if self.deterministic_init:
+            clean.index_fill_(0, rows, version)
+        elif at is not None:
+            clean.index_fill_(0, at, version)
+        if not borrowed:
+            self.counters["restored_rows"] += n_found
+            self.counters["initialized_rows"] += ids.numel() - n_found
+        return rows
+
     def dirty(self, table: "DynamicEmbeddingTable", rows: torch.Tensor) -> torch.Tensor:
         """bool per row: written since it last equalled its store copy."""
         clean = self._clean_rows(table).index_select(0, rows)
@@ -193,12 +237,17 @@ class StoreBacking:
         return (clean < 0) | (stamp > clean - table._stamp_base)
 
     @torch.no_grad()
-    def on_remove(self, table: "DynamicEmbeddingTable", ids: torch.Tensor, write_back: bool) -> None:
+    def on_remove(self, table: "DynamicEmbeddingTable", ids: torch.Tensor, write_back: bool,
+                  live: bool = False) -> None:
         """The table is about to remove ``ids`` (distinct): write back the changed rows
-        (``write_back``, an eviction) or delete them from the store (a delete)."""
+        (``write_back``, an eviction) or delete them from the store (a delete). ``live``:
+        every id has a row (the caller knows), so nothing is filtered on the device."""
         if not write_back:
             self.store.delete(ids.cpu())
             self.counters["deleted_rows"] += ids.numel()
+            return
+        if live and self.write_later is not None:
+            self._evict_later(table, ids)
             return
         rows = table.index.find(ids)
         live = rows >= 0
@@ -212,6 +261,33 @@ class StoreBacking:
         if bool(dirty.any()):
             self.write_rows(table, ids[dirty], rows[dirty])
         self._clean_rows(table)[rows] = -1  # the row number is free: whoever gets it next is unknown
+
+    def _evict_later(self, table: "DynamicEmbeddingTable", ids: torch.Tensor) -> None:
+        """An eviction without waiting for the GPU: every evicted row (its values, optimizer
+        state, and whether it is to be written) is copied to pinned host memory on the
+        current stream, and :attr:`write_later` gets the copies with the copy's event; it
+        waits for the event, keeps the changed rows and writes them (in order with its
+        later reads). Costs copying clean rows too, instead of a read back of the mask."""
+        rows = table.index.find(ids)
+        self.counters["evicted_rows"] += ids.numel()
+        dirty = self.dirty(table, rows)
+        if self.owner is not None:
+            dirty &= self.owner(ids).to(dirty.device, torch.bool)
+        values = table.weight.index_select(0, rows).to(torch.float32)
+        layout = state_layout(table)
+        state = torch.cat([table.opt_state[name].index_select(0, rows).reshape(rows.numel(), width)
+                           .to(torch.float32) for name, _, width in layout], dim=1) if layout else None
+        event = None
+        if ids.is_cuda:
+            def host(t):
+                out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                return out.copy_(t, non_blocking=True)
+            ids, values, dirty = host(ids), host(values), host(dirty)
+            state = host(state) if state is not None else None
+            event = torch.cuda.Event()
+            event.record()
+        self._clean_rows(table).index_fill_(0, rows, -1)  # the row number is free: its next owner is unknown
+        self.write_later(event, ids, values, state, dirty)
 
     def write_rows(self, table: "DynamicEmbeddingTable", ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Hand the rows (copies, on the CPU) to :attr:`write`."""

@@ -471,7 +471,7 @@ class DynamicEmbeddingTable(nn.Module):
 
     def _stamp(self, rows: torch.Tensor, version: int, distinct: bool = True,
                ids: Optional[torch.Tensor] = None) -> None:
-        self._row_stamp[rows] = version - self._stamp_base
+        self._row_stamp.index_fill_(0, rows, version - self._stamp_base)  # a scalar: no copy to the GPU
         self._changes.add(rows, version, distinct=distinct, ids=ids)
 
     @staticmethod
@@ -589,16 +589,17 @@ class DynamicEmbeddingTable(nn.Module):
             return ids.sort().values
         return lowest_k(ids, self.eviction.scores(ids, rows, self._clock(), self), k)
 
-    def _remove(self, ids: torch.Tensor, write_back: bool = True) -> torch.Tensor:
+    def _remove(self, ids: torch.Tensor, write_back: bool = True, live: bool = False) -> torch.Tensor:
         """Remove ``ids`` (distinct) from the index; log them as tombstones. Returns rows.
         With a backing store, changed rows are written to it first (``write_back``: an
-        eviction), or the ids are deleted from it too (a delete)."""
+        eviction), or the ids are deleted from it too (a delete). ``live``: the caller knows
+        every id has a row (no check read back from the device)."""
         if self.backing is not None and ids.numel():
-            self.backing.on_remove(self, ids, write_back)
+            self.backing.on_remove(self, ids, write_back, live=live)
         rows = self.index.remove(ids)
         freed = rows >= 0
         # An eviction's victims are all live: skip the two masked copies (~0.1 ms a round).
-        gone, freed_rows = (ids, rows) if bool(freed.all()) else (ids[freed], rows[freed])
+        gone, freed_rows = (ids, rows) if live or bool(freed.all()) else (ids[freed], rows[freed])
         if gone.numel():
             self._row_stamp.index_fill_(0, freed_rows, -1)
             version = self._bump()
@@ -634,7 +635,9 @@ class DynamicEmbeddingTable(nn.Module):
             self.weight[rows] = values.to(self.dtype)
         if self.rule is not None:
             for name, (shape, dtype, init) in self.rule.state_fields(self.dim).items():
-                self.opt_state[name][rows] = init
+                # index_fill_ takes the value as a scalar: `t[rows] = init` copies it to the
+                # device first, a host synchronisation on a GPU.
+                self.opt_state[name].index_fill_(0, rows, init)
         if self.eviction is not None:
             self.eviction.on_insert(rows, self._clock())
         self._row_ids[rows] = ids
@@ -1144,13 +1147,20 @@ class DynamicEmbeddingTable(nn.Module):
         return torch.isin(ids, uniq[rows >= 0])
 
     @torch.no_grad()
-    def evict(self, num: Optional[int] = None, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def evict(self, num: Optional[int] = None, ids: Optional[torch.Tensor] = None,
+              live_distinct: bool = False) -> torch.Tensor:
         """Evict and return ids: the given ``ids``, else the ``num`` lowest-scored rows (on a
         table above the policy's ``exact_below`` rows, the lowest of a random sample of
         ``sample_factor * num`` rows: see :mod:`~gauss_plugins.embedding.policies`), else (no
-        arguments) every row the policy says has expired (TTL; a full scan)."""
+        arguments) every row the policy says has expired (TTL; a full scan).
+        ``live_distinct``: the caller guarantees the ``ids`` are distinct and all resident
+        (a cache that keeps its own record of them): on a GPU the eviction then waits for
+        nothing but the index's removal."""
         if ids is not None:
             self._check_ids(ids, flat=True)
+            if live_distinct:
+                self._remove(ids, live=True)
+                return ids
             uniq = torch.unique(ids)
             rows = self._remove(uniq)
             return uniq[rows >= 0]
