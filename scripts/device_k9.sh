@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 PY="${PY:-$(command -v python || command -v python3)}"
 T_BREAKDOWN="${T_BREAKDOWN:-100}" T_ATTENTION="${T_ATTENTION:-165}" T_TEST="${T_TEST:-60}"
 VARIANTS="${VARIANTS:-none_nocap,pos_nograd,pos_nograd_nocap,pos_diag,pos_diag_nocap,pos_diag_columns}"
+DKDV_CONFIGS="${DKDV_CONFIGS:-32:32:4:4}"  # pos_diag with the dK/dV kernel pinned to these tiles too
 { date -u; nvidia-smi -L; uptime; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     > "$OUT/versions.txt" 2>&1
 stage() {  # name, GPU, timeout, command...
@@ -30,7 +31,7 @@ stage hstu_attention 1 "$T_ATTENTION" "$PY" benchmarks/hstu_attention.py --confi
     --json "$OUT/hstu_attention.json" &
 attention=$!
 stage breakdown 0 "$T_BREAKDOWN" "$PY" benchmarks/tools/hstu_bias_breakdown.py --shapes n4096_bf16,ml1m_fp32 \
-    --strips on --tune-top 2 --variants "$VARIANTS" --json "$OUT/breakdown.json"
+    --strips on --tune-top 2 --variants "$VARIANTS" --dkdv-configs "$DKDV_CONFIGS" --json "$OUT/breakdown.json"
 GAUSS_HSTU_AUTOTUNE=0 stage pytest 0 "$T_TEST" "$PY" -m pytest -q -x -p no:cacheprovider tests/kernels/test_hstu_triton.py \
     -k "every_way or gpu_tables or (every_kernel_variant and dkdv and tables and not targets)"
 wait "$attention"

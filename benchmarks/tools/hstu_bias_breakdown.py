@@ -5,7 +5,7 @@ summed device time per kernel name) for: no bias; position bias without its grad
 its gradient reduced per tile diagonal (``pos_diag``: the default way, carried wraps;
 ``pos_diag_columns`` / ``pos_diag_rows``: the other two); with one atomic per pair; each
 with the bias read from strips and from per-element gathers; ``*_nocap`` variants leave out
-the register-capped tile configs. ``--variants`` picks some. Writes JSON (``--json``, with
+the register caps of the tile configs. ``--variants`` picks some. Writes JSON (``--json``, with
 the tile config each kernel was tuned to) and prints a table.
 Not a benchmark with a target: ``benchmarks/hstu_attention.py`` owns ``rab_cost_ratio``.
 """
@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--tune-top", type=int, default=3, help="autotune over the first K candidates of each kernel")
     ap.add_argument("--variants", default=None,
                     help="comma-separated variant names to run (default: all; 'none', the baseline, always runs)")
+    ap.add_argument("--dkdv-configs", default="", metavar="M:N:W:S,...",
+                    help="also time pos_diag with the dK/dV kernel pinned to each of these tile configs")
     args = ap.parse_args()
     from gauss_plugins.benchmarking import machine_info
     if not torch.cuda.is_available():
@@ -55,14 +57,29 @@ def main() -> None:
                 table[kind][d] = table[kind][d][:args.tune_top]
     capped = {id(t): {kind: dict(t[kind]) for kind in t} for t in (ta._CANDIDATES, ta._WIDE_CANDIDATES)}
 
-    def use_capped_configs(on: bool) -> None:
-        # the same first K candidates, with or without the register-capped ones; tuning is
-        # redone so each variant is timed with the config it would get
+    def use_capped_configs(on: bool, dkdv: Any = None) -> None:
+        # the same first K candidates, with or without their register caps (or one pinned dK/dV
+        # config); tuning is redone so each variant is timed with the config it would get
         for table in (ta._CANDIDATES, ta._WIDE_CANDIDATES):
             for kind in table:
                 for d, configs in capped[id(table)][kind].items():
-                    table[kind][d] = [c for c in configs if on or c.maxnreg is None] or configs
+                    if not on:  # the same tiles uncapped
+                        configs = list(dict.fromkeys(c._replace(maxnreg=None) for c in configs))
+                    table[kind][d] = configs
+                    if kind == "dkdv" and dkdv is not None:
+                        table[kind][d] = [dkdv]
         ta._tuned.clear()
+
+    pinned = {f"pos_diag@{c}": ta._Config(*map(int, c.split(":"))) for c in args.dkdv_configs.split(",") if c}
+
+    info = machine_info()
+
+    def save(rows: List[Dict[str, Any]], complete: bool) -> None:
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"rows": rows, "complete": complete, "machine": info}, f, indent=1)
+            os.replace(tmp, args.json)
 
     wanted = None if args.variants is None else set(args.variants.split(",")) | {"none"}
     rows: List[Dict[str, Any]] = []
@@ -85,11 +102,12 @@ def main() -> None:
             if strips:
                 variants += [("pos_nograd_noprefetch", table, strips, True, "carried", False),
                              ("pos_diag_noprefetch", table, strips, True, "carried", True)]
+                variants += [(name, table, strips, True, "carried", True) for name in pinned]
         base = None
         for name, tab, strips, diagonal, rotation, grad in variants:
-            if wanted is not None and name not in wanted:
+            if wanted is not None and name not in wanted and name not in pinned:
                 continue
-            use_capped_configs("nocap" not in name)
+            use_capped_configs("nocap" not in name, pinned.get(name))
             ta._position_strips = strips
             ta._diagonal_position_grads = diagonal
             ta._diagonal_rotation = rotation
@@ -123,14 +141,13 @@ def main() -> None:
             row["ratio_vs_none"] = ms / base
             rows.append(row)
             print({k2: (round(v2, 4) if isinstance(v2, float) else v2) for k2, v2 in row.items()}, flush=True)
+            save(rows, complete=False)  # a run cut short by a time limit keeps the rows it has
     ta._position_strips = True
     ta._diagonal_position_grads = True
     ta._diagonal_rotation = "carried"
     ta._strip_prefetch = True
     use_capped_configs(True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "machine": machine_info()}, f, indent=1)
+    save(rows, complete=True)
 
 
 if __name__ == "__main__":

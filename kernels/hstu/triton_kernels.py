@@ -389,8 +389,8 @@ def _diagonal_position_grads_by_rows(dst, start_n, start_m, pos_center, DPOS, BL
 
 
 @triton.jit
-def _diagonal_position_grads_carried(dst, carry0, carry1, start_n, start_m, pos_center, DPOS, BLOCK_M: tl.constexpr,
-                                     BLOCK_N: tl.constexpr):
+def _diagonal_position_grads_carried(dst, scale, carry0, carry1, start_n, start_m, pos_center, DPOS,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """As :func:`_diagonal_position_grads` (key rows rotated along the queries), but without
     a reduction across warps and with the wraps carried from one query block to the next.
 
@@ -404,6 +404,8 @@ def _diagonal_position_grads_carried(dst, carry0, carry1, start_n, start_m, pos_
       of this block, ``carry1``: wrap 1) and added to the next block's, so each bin goes
       out once per program: BLOCK_M bins per block instead of BLOCK_M per wrap.
       :func:`_flush_position_carry` sends the carried partials after the last block.
+    - ``dst`` is dS up to the factor ``scale`` (constant per program), applied to the sums as
+      they go out rather than to every pair.
     This needs BLOCK_N <= 2 * BLOCK_M (at most three wraps); wider key tiles send every
     wrap's partials at once, carrying nothing."""
     jl = tl.arange(0, BLOCK_N)[:, None]
@@ -420,19 +422,19 @@ def _diagonal_position_grads_carried(dst, carry0, carry1, start_n, start_m, pos_
     here = tl.reduce(tl.where(wrap == 0, rotated, 0.0), 0, _add)
     if MAX_WRAP == 0:
         # wrap 0 is complete with what the previous block carried; wrap -1 is the next block's wrap 0
-        _add_position_bins(DPOS, bins, here + carry0, pos_center)
+        _add_position_bins(DPOS, bins, (here + carry0) * scale, pos_center)
         carry0 = below
     elif MAX_WRAP == 1:
         above = tl.reduce(tl.where(wrap == 1, rotated, 0.0), 0, _add)
-        _add_position_bins(DPOS, bins + BLOCK_M, above + carry1, pos_center)
+        _add_position_bins(DPOS, bins + BLOCK_M, (above + carry1) * scale, pos_center)
         carry1 = here + carry0
         carry0 = below
     else:
-        _add_position_bins(DPOS, bins - BLOCK_M, below, pos_center)
-        _add_position_bins(DPOS, bins, here, pos_center)
+        _add_position_bins(DPOS, bins - BLOCK_M, below * scale, pos_center)
+        _add_position_bins(DPOS, bins, here * scale, pos_center)
         for m in tl.static_range(1, MAX_WRAP + 1):
-            _add_position_bins(DPOS, bins + m * BLOCK_M, tl.reduce(tl.where(wrap == m, rotated, 0.0), 0, _add),
-                               pos_center)
+            _add_position_bins(DPOS, bins + m * BLOCK_M,
+                               tl.reduce(tl.where(wrap == m, rotated, 0.0), 0, _add) * scale, pos_center)
     return carry0, carry1
 
 
@@ -446,16 +448,16 @@ def _add_position_bins(DPOS, bins, sums, pos_center):
 
 
 @triton.jit
-def _flush_position_carry(carry0, carry1, start_n, next_m, pos_center, DPOS, BLOCK_M: tl.constexpr,
+def _flush_position_carry(carry0, carry1, scale, start_n, next_m, pos_center, DPOS, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     """Sends what :func:`_diagonal_position_grads_carried` still carries after the block
     before ``next_m`` (the bins of wraps 0 and 1 of a block at ``next_m``)."""
     bins = start_n - next_m + pos_center + tl.arange(0, BLOCK_M)[None, :]
     MAX_WRAP: tl.constexpr = (BLOCK_N - 1) // BLOCK_M
     if MAX_WRAP <= 1:
-        _add_position_bins(DPOS, bins, carry0, pos_center)
+        _add_position_bins(DPOS, bins, carry0 * scale, pos_center)
     if MAX_WRAP == 1:
-        _add_position_bins(DPOS, bins + BLOCK_M, carry1, pos_center)
+        _add_position_bins(DPOS, bins + BLOCK_M, carry1 * scale, pos_center)
 
 
 # ------------------------------------------------------------------ forward
@@ -705,8 +707,8 @@ def _bwd_dkdv_block(
         DIAGONAL: tl.constexpr = POS_GRAD and POS_GRAD_DIAGONAL > 0 and not (HAS_TARGETS or HAS_CONTEXT)
         if DIAGONAL:
             if POS_GRAD_DIAGONAL == 3:
-                carry0, carry1 = _diagonal_position_grads_carried(ds_true, carry0, carry1, start_n, start_m,
-                                                                  pos_center, DPOS, BLOCK_M, BLOCK_N)
+                carry0, carry1 = _diagonal_position_grads_carried(dst, 0.5 * row_scale, carry0, carry1, start_n,
+                                                                  start_m, pos_center, DPOS, BLOCK_M, BLOCK_N)
             elif POS_GRAD_DIAGONAL == 2:
                 _diagonal_position_grads_by_rows(ds_true, start_n, start_m, pos_center, DPOS, BLOCK_M, BLOCK_N)
             else:
@@ -879,7 +881,8 @@ def hstu_bwd_dkdv_kernel(
         # empty and the second visits the blocks from lo on, one after another
         next_m = lo + ((tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     if POS_GRAD and POS_GRAD_DIAGONAL == 3 and not (HAS_TARGETS or HAS_CONTEXT):
-        _flush_position_carry(carry0, carry1, start_n, next_m, pos_center, DPOS_row, BLOCK_M, BLOCK_N)
+        _flush_position_carry(carry0, carry1, 0.5 * row_scale, start_n, next_m, pos_center, DPOS_row, BLOCK_M,
+                              BLOCK_N)
 
     dk = dk * (half_alpha * row_scale)
     dv = dv * row_scale
