@@ -27,9 +27,11 @@ per program for the time table ([programs, num_buckets + 1]), summed by one smal
 reduction after: with relaxed atomics per (query, key) pair for
 the time table and, with targets or a contextual prefix, the position table; when ids are
 plain positions, the position index is constant along a tile's diagonals, so a register
-gather rotates each key row and the tile's diagonal sums go out with BLOCK_M atomics per
-wrap instead of one per pair. The atomics make the tables' gradients deterministic only up
-to fp32 rounding order; dq, dk, dv stay atomic-free and deterministic.
+gather rotates each key row, each thread sums its rows of every diagonal, and the partial
+sums a later query block still adds to are carried to it in registers: about BLOCK_M bins
+(times 8 partials) go out per block instead of one atomic per pair
+(:func:`_diagonal_position_grads_carried`). The atomics make the tables' gradients
+deterministic only up to fp32 rounding order; dq, dk, dv stay atomic-free and deterministic.
 
 ``valid(i, j)`` is computed from the row and column indices inside the kernels (see
 :func:`_valid`); it is the same definition as
