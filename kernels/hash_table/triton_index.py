@@ -163,7 +163,8 @@ class TritonHashIndex(SlotArrayIndex):
         keys = keys.contiguous()
         slots, is_new, n_new = self._claim(keys)
         if n_new:
-            new_slots = slots[is_new]  # ascending input position = first-occurrence order
+            # ascending input position = first-occurrence order; with the count known, no read back
+            new_slots = slots.index_select(0, torch.nonzero_static(is_new, size=n_new).squeeze(1))
             self.slot_rows[new_slots] = self._allocate(n_new).to(torch.int32)
             self._size += n_new
         rows = self.slot_rows[slots].to(torch.int64)
@@ -219,7 +220,7 @@ class TritonHashIndex(SlotArrayIndex):
             self.slot_rows.scatter_reduce_(0, hit_slots, marker, reduce="amax", include_self=False)
             first = self.slot_rows[hit_slots] == marker
             freed = rows[pos[first]]
-            self.slot_rows[hit_slots] = self.TOMBSTONE
+            self.slot_rows.index_fill_(0, hit_slots, self.TOMBSTONE)  # a scalar: no copy to the GPU
             gone = freed.numel()
             self._tombstones += gone
             self._size -= gone
