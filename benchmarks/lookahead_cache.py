@@ -19,10 +19,16 @@ backward, Adam on the encoder, the sparse step.
 
 Variants
 (a) ``in_memory``: every row in the table (no store);
-(b) ``lookahead``: :class:`~gauss_plugins.cache.LookaheadCache`, window 8, budget 10% / 25% of rows;
+(b) ``lookahead``: :class:`~gauss_plugins.cache.LookaheadCache`, window 8, budget 10% / 25% of rows
+    (the table's ``max_capacity`` is twice the budget, ``TABLE_HEADROOM``: the cache still holds at
+    most the budget, and the table's hash index is not filled to its limit, where a GPU index
+    rebuilds its slots every few evictions; the same for (c) and (d));
 (c) ``lru`` and (d) ``lfu``: the same cache with the fetch-on-miss baseline policies, same budgets;
 (e) ``tierps_only``: every step fetches its rows from TierPS and writes them all back.
-Every store variant starts from the same cold store: :class:`~gauss_plugins.stores.tierps.TierPS`
+The batches stay on the host, as a loader yields them (pinned on a GPU run): the cache
+reads their ids there, and every variant, in-memory included, copies each batch to the
+device in its step (session 6; before, the trace was moved to the device up front and the
+cache read its ids back from the GPU). Every store variant starts from the same cold store: :class:`~gauss_plugins.stores.tierps.TierPS`
 holding every row (initial values, zero optimizer state) on its disk tier, reopened with a
 RAM tier of 2% of the rows, so reads go through the disk tier's segment files (the OS page
 cache holds them: this is the disk tier's code path, not a cold SSD).

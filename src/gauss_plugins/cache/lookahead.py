@@ -32,6 +32,21 @@ a single batch that needs more rows than the budget is an error (:class:`BudgetE
 Policies without lookahead (the ``lru`` / ``lfu`` baselines) use the same machinery with a
 window of one batch: its missing rows are fetched synchronously when it arrives.
 
+The bookkeeping stays on the host. The cache keeps its own record of the rows it holds (a
+CPU hash index of the resident and in-flight ids with each one's ``last_use`` / ``uses``):
+admission, victim choice and the per-step updates never ask the table, so on a GPU they make
+no host synchronisation (asking a CUDA table is one per boolean mask, ``unique`` or count
+read back, and each waits for all the GPU work queued so far). The GPU only receives the
+decisions: installs (rows copied on the side stream, split by positions known on the host)
+and evictions (rows, optimizer state and dirty flags copied to pinned host memory without
+waiting; the worker waits for the copy's event and writes the changed rows back, in order
+before any later read of them). What is left is the GPU hash index's own insert and removal
+(a few syncs a step); ``tests/cache/test_lookahead_gpu.py`` bounds the count. Give the
+loader's ids on the CPU (ids on the GPU cost one read back a batch), and a GPU table some
+``max_capacity`` over ``budget_rows``: an index filled to its capacity rebuilds its slots
+every few evictions. The check that every id of a step has its row asks the table itself;
+on a GPU its count stays there until :meth:`stats` or :attr:`per_step` is read.
+
 Data parallel ("logically replicated, physically partitioned"): ``exchange(ids)`` turns a
 rank's ids of a batch into the ids of the *global* batch (an all_gather under a strategy),
 so every replica caches the same rows and makes the same decisions; ``owner_fn(ids) -> bool``
