@@ -531,7 +531,7 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
         _dkdv_launcher(grid, args, scalars,
                        dict(p.constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, RAB_GRAD=rab_grad,
                             RAB_GRAD_ATOMIC=atomic, POS_GRAD=pos_grad, TIME_GRAD=time_grad,
-                            POS_GRAD_DIAGONAL=diagonal, USE_TMA=cfg.tma), cfg,
+                            POS_GRAD_DIAGONAL=diagonal, USE_TMA=cfg.tma, NUM_WARPS=cfg.num_warps), cfg,
                        (p.launch_key, rab_grad, atomic, pos_grad, time_grad, diagonal))
 
     def launch_dq(cfg: _Config) -> None:

@@ -397,9 +397,12 @@ def _diagonal_position_grads_carried(dst, scale, carry0, carry1, start_n, start_
     a reduction across warps and with the wraps carried from one query block to the next.
 
     - The rotated tile is summed over its key rows only within each thread: reshaped to
-      ``[BLOCK_N / 8, 8, BLOCK_M]`` (key row ``8a + b``), summed over ``a``; the 8 partial
-      rows of each diagonal sum go out as atomics. A full column sum (shared memory and
-      barriers, once per wrap) stalled every warp of the program once per wrap and tile.
+      ``[BLOCK_N / G, G, BLOCK_M]`` (key row ``G a + b``; G, the number of warps, is the
+      carries' first dim), summed over ``a``; the G partial rows of each diagonal sum go out
+      as atomics. With the warps along the key rows, as triton lays out the rotated tile,
+      the rows of one ``a`` are in different warps and the sum over ``a`` stays inside each
+      thread. A full column sum (shared memory and barriers, once per wrap) stalled every
+      warp of the program once per wrap and tile.
     - The dK/dV loops advance ``start_m`` by exactly BLOCK_M, so the bins of wrap m of one
       query block are the bins of wrap m + 1 of the next. The partials of the wraps whose
       bins later blocks still reach are carried in registers (``carry0``: the bins of wrap 0
@@ -413,8 +416,9 @@ def _diagonal_position_grads_carried(dst, scale, carry0, carry1, start_n, start_
     jl = tl.arange(0, BLOCK_N)[:, None]
     c = tl.arange(0, BLOCK_M)[None, :]
     rotated = tl.gather(dst, tl.broadcast_to((jl - c + BLOCK_M) % BLOCK_M, (BLOCK_N, BLOCK_M)), 1)
-    rotated = tl.reshape(rotated, (BLOCK_N // 8, 8, BLOCK_M))
-    jl3 = tl.arange(0, BLOCK_N // 8)[:, None, None] * 8 + tl.arange(0, 8)[None, :, None]
+    G: tl.constexpr = carry0.shape[0]
+    rotated = tl.reshape(rotated, (BLOCK_N // G, G, BLOCK_M))
+    jl3 = tl.arange(0, BLOCK_N // G)[:, None, None] * G + tl.arange(0, G)[None, :, None]
     c3 = tl.arange(0, BLOCK_M)[None, None, :]
     il3 = (jl3 - c3 + BLOCK_M) % BLOCK_M
     wrap = (jl3 - il3 - c3 + 2 * BLOCK_M) // BLOCK_M - 2  # (jl - il - c) / BLOCK_M, exactly
@@ -442,7 +446,7 @@ def _diagonal_position_grads_carried(dst, scale, carry0, carry1, start_n, start_
 
 @triton.jit
 def _add_position_bins(DPOS, bins, sums, pos_center):
-    """Atomically adds partial diagonal sums [8, BLOCK_M] into the position-gradient row at
+    """Atomically adds partial diagonal sums [G, BLOCK_M] into the position-gradient row at
     ``bins`` [1, BLOCK_M] (bins outside the table only ever hold zeros)."""
     index = tl.broadcast_to(bins, sums.shape)
     tl.atomic_add(DPOS + index, sums.to(DPOS.dtype.element_ty), mask=(index >= 0) & (index <= 2 * pos_center),
@@ -735,9 +739,9 @@ def hstu_bwd_dkdv_kernel(
     RAB_GRAD_ATOMIC: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, POS_GRAD: tl.constexpr,
     TIME_GRAD: tl.constexpr, POS_GRAD_DIAGONAL: tl.constexpr, POS_STRIP: tl.constexpr, STRIP_PREFETCH: tl.constexpr,
     SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr, NUM_WARPS: tl.constexpr,
 ):
-    """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
+    """dk, dv (and drab) for one key block per program (NUM_WARPS: the launch's num_warps). Grid (B * H, cdiv(max_seq_len,
     BLOCK_N)); in causal mode the first key blocks carry the most work and start first."""
     off_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -796,8 +800,8 @@ def hstu_bwd_dkdv_kernel(
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, ACC)
     # the position-gradient partials carried from one query block to the next
     # (POS_GRAD_DIAGONAL == 3, see _diagonal_position_grads_carried); unused otherwise
-    carry0 = tl.full([8, BLOCK_M], 0.0, ACC)
-    carry1 = tl.full([8, BLOCK_M], 0.0, ACC)
+    carry0 = tl.full([NUM_WARPS, BLOCK_M], 0.0, ACC)
+    carry1 = tl.full([NUM_WARPS, BLOCK_M], 0.0, ACC)
 
     PURE_CAUSAL: tl.constexpr = CAUSAL and not (HAS_TARGETS or HAS_CONTEXT or HAS_WINDOW)
     if PURE_CAUSAL:

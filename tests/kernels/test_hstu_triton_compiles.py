@@ -93,7 +93,7 @@ def test_kernels_compile_for_hopper(kernels, label, dtype, strip_dtype, changes,
     _compile(kernels.hstu_bwd_dq_kernel, dtype, dict(c, BLOCK_M=64, BLOCK_N=64), strip_dtype)
     _compile(kernels.hstu_bwd_dkdv_kernel, dtype,
              dict(c, BLOCK_M=32, BLOCK_N=64, RAB_GRAD=c["HAS_RAB"], RAB_GRAD_ATOMIC=False, POS_GRAD=True,
-                  TIME_GRAD=c["HAS_TIME"], POS_GRAD_DIAGONAL=diagonal), strip_dtype)
+                  TIME_GRAD=c["HAS_TIME"], POS_GRAD_DIAGONAL=diagonal, NUM_WARPS=4), strip_dtype)
 
 
 @pytest.mark.parametrize("block_m,block_n", [(64, 64), (32, 128), (16, 16)], ids=["one-carry", "no-carry", "small"])
@@ -103,7 +103,7 @@ def test_carried_position_gradients_compile_for_each_wrap_count(kernels, block_m
     is compiled above."""
     _compile(kernels.hstu_bwd_dkdv_kernel, "bf16",
              dict(_BASE, BLOCK_M=block_m, BLOCK_N=block_n, RAB_GRAD=False, RAB_GRAD_ATOMIC=False, POS_GRAD=True,
-                  TIME_GRAD=False, POS_GRAD_DIAGONAL=3))
+                  TIME_GRAD=False, POS_GRAD_DIAGONAL=3, NUM_WARPS=4))
 
 
 def test_a_front_end_error_fails_here(kernels):
