@@ -624,6 +624,8 @@ class GaussStrategy(DDPStrategy):
         self.tables: Dict[str, DynamicEmbeddingTable] = {}
         self.stores: Dict[str, Any] = {}
         self.syncers: List[Any] = []
+        # each finished step's cache figures: the cache's live records, whose hit/miss counts
+        # settle when a step is logged or the cache's stats are read
         self.cache_history: List[Dict[str, float]] = []
         self._sparse_opt: Optional[SparseOptimizer] = None
         self._loader: Optional[CachedTrainLoader] = None
@@ -886,14 +888,16 @@ class GaussStrategy(DDPStrategy):
         self._in_step = False
         for name, table in self.tables.items():  # evidence that the budget held (stats() shows the end)
             self._max_resident[name] = max(self._max_resident.get(name, 0), len(table))
-        step = self.cache.per_step[-1] if self.cache.per_step else {}
-        self.cache_history.append({k: float(step.get(k, 0.0)) for k in _LOGGED})
+        # The live record: on a GPU its hit/miss counts are read back when logged, not every step.
+        step = self.cache.last_step(settle=False)
+        self.cache_history.append(step)
         trainer = self.lightning_module.trainer
         n = len(self.cache_history)
         if self.syncers and n % self.sync_every_n_steps == 0:
             self.cache.flush()
         if self.global_rank == 0 and trainer.loggers and (n - 1) % max(1, trainer.log_every_n_steps) == 0:
-            metrics = {f"gauss/{k}": v for k, v in self.cache_history[-1].items()}
+            self.cache.last_step()  # settles every step so far
+            metrics = {f"gauss/{k}": float(step.get(k, 0.0)) for k in _LOGGED}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=n - 1)
 

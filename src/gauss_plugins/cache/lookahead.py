@@ -763,6 +763,14 @@ class LookaheadCache:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def last_step(self, settle: bool = True) -> Dict[str, float]:
+        """The latest finished step's figures ({} before the first). ``settle=False`` returns
+        the live record without reading the GPU's hit/miss counts back: they appear in it
+        once stats are read (a training loop that logs every N steps settles then, not every step)."""
+        if settle:
+            self._settle_checks()
+        return self._per_step[-1] if self._per_step else {}
+
     @property
     def per_step(self) -> List[Dict[str, float]]:
         """Every finished step's figures (reading them settles the hit/miss checks)."""
