@@ -134,3 +134,30 @@ def test_eval_reads_evicted_rows_from_the_store(tmp_path, eval_unknown):
                                unbounded.lookup_pooled(probe, offsets, mode="mean"), atol=1e-6, rtol=0)
     assert len(small) <= 32              # eval read the store without inserting anything
     store.close()
+
+
+def test_eviction_of_known_live_rows_hands_every_row_and_its_dirty_flag_to_write_later(tmp_path):
+    """``evict(ids, live_distinct=True)`` with a deferred writer (the lookahead cache's): the
+    writer gets copies of every evicted row with a flag saying which changed (no read back of
+    the mask on the device); writing the flagged ones equals the immediate write-back."""
+    table = _table(initial_capacity=16, max_capacity=16)
+    store = TierPS(dim=8, state_dim=1, path=str(tmp_path / "ps"))
+    backing = table.attach_store(store)
+    table.train()
+    with torch.no_grad():
+        table(torch.arange(8))                 # clean: recreated from the seed
+    _train(table, [torch.tensor([2, 5])], 1.0)  # changed
+    handed = []
+    backing.write_later = lambda event, ids, values, state, dirty: handed.append((event, ids, values, state, dirty))
+    victims = torch.tensor([5, 1, 2])
+    expected = table.get(victims)[0]
+    assert torch.equal(table.evict(ids=victims, live_distinct=True), victims)
+    (event, ids, values, state, dirty), = handed
+    assert event is None and torch.equal(ids, victims) and dirty.tolist() == [True, False, True]
+    torch.testing.assert_close(values, expected, rtol=0, atol=0)
+    assert state.shape == (3, 1) and len(store) == 0 and len(table) == 5
+    assert not bool(table.contains(victims).any())
+    backing.write_later = None                 # the immediate path for a plain eviction
+    table.evict(ids=torch.tensor([0, 3]))
+    assert backing.counters["written_back_rows"] == 0  # both clean
+    store.close()
