@@ -13,7 +13,7 @@ OUT="${OUT:-/tmp/c11_out}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY="${PY:-$(command -v python || command -v python3)}"
-T_SYNC="${T_SYNC:-50}" T_BENCH="${T_BENCH:-90}" T_TEST="${T_TEST:-45}"
+T_SYNC="${T_SYNC:-45}" T_BENCH="${T_BENCH:-80}" T_TEST="${T_TEST:-45}" T_BEFORE="${T_BEFORE:-40}"
 { date -u; nvidia-smi -L; uptime; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     > "$OUT/versions.txt" 2>&1
 stage() {  # name, timeout, command...
@@ -26,7 +26,7 @@ stage sync_sites "$T_SYNC" "$PY" benchmarks/tools/cache_sync_sites.py --quick --
 stage pytest "$T_TEST" "$PY" -m pytest -q -m gpu tests/cache/test_lookahead_gpu.py -k "not nccl" -p no:cacheprovider
 stage cache "$T_BENCH" "$PY" benchmarks/lookahead_cache.py --device cuda --only zipf --reps 2 --json "$OUT/cache.json"
 if [ -d .c11_before ]; then
-    (cd .c11_before && PYTHONPATH="$PWD/src" stage sync_sites_before "$T_SYNC" "$PY" benchmarks/tools/cache_sync_sites.py \
+    (cd .c11_before && PYTHONPATH="$PWD/src" stage sync_sites_before "$T_BEFORE" "$PY" benchmarks/tools/cache_sync_sites.py \
         --quick --steps 12 --variants lookahead,lru --json "$OUT/sync_sites_before.json")
 fi
 cat "$OUT/versions.txt"
