@@ -278,6 +278,9 @@ class _TableState:
         self.cuda = table.device.type == "cuda"
 
 
+# Presence checks held on the GPU before they are read back even if nobody reads the stats.
+_SETTLE_EVERY = 256
+
 _STAT_KEYS = ("hits_at_use", "misses_at_use", "prefetched_rows", "prefetched_bytes", "stall_ms", "window",
               "evicted_rows", "written_back_rows")
 
@@ -676,8 +679,8 @@ class LookaheadCache:
             self._checks.append((self._step_stats, absent, entry.ids[name].numel()))
         self._count("hits_at_use", -late)
         self._count("misses_at_use", late)
-        if not any(ts.cuda for ts in self._tables.values()):
-            self._settle_checks()
+        if len(self._checks) >= _SETTLE_EVERY or not any(ts.cuda for ts in self._tables.values()):
+            self._settle_checks()  # on a GPU: one read back every _SETTLE_EVERY checks at most
         self._count("stall_ms", stall_ms)
         self._counts["window"] = len(self._window)
 
