@@ -27,7 +27,7 @@ stage pytest "$T_TEST" "$PY" -m pytest -q -m gpu tests/cache/test_lookahead_gpu.
 stage cache "$T_BENCH" "$PY" benchmarks/lookahead_cache.py --device cuda --only zipf --reps 2 --json "$OUT/cache.json"
 if [ -d .c11_before ]; then
     (cd .c11_before && PYTHONPATH="$PWD/src" stage sync_sites_before "$T_BEFORE" "$PY" benchmarks/tools/cache_sync_sites.py \
-        --quick --steps 12 --variants lookahead,lru --json "$OUT/sync_sites_before.json")
+        --quick --steps 12 --json "$OUT/sync_sites_before.json")
 fi
 cat "$OUT/versions.txt"
 for f in sync_sites sync_sites_before; do [ -f "$OUT/$f.log" ] && { echo "== $f"; tail -32 "$OUT/$f.log"; }; done
