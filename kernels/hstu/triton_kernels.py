@@ -411,6 +411,9 @@ def _diagonal_position_grads_carried(dst, scale, carry0, carry1, start_n, start_
       :func:`_flush_position_carry` sends the carried partials after the last block.
     - ``dst`` is dS up to the factor ``scale`` (constant per program), applied to the sums as
       they go out rather than to every pair.
+    - Each pair belongs to exactly one wrap, so wrap 0's partials are the row sums minus the
+      other wraps' (one select and add per pair fewer; the rounding error stays within that
+      of summing the same pairs).
     This needs BLOCK_N <= 2 * BLOCK_M (at most three wraps); wider key tiles send every
     wrap's partials at once, carrying nothing."""
     jl = tl.arange(0, BLOCK_N)[:, None]
@@ -425,17 +428,19 @@ def _diagonal_position_grads_carried(dst, scale, carry0, carry1, start_n, start_
     bins = start_n - start_m + pos_center + tl.arange(0, BLOCK_M)[None, :]
     MAX_WRAP: tl.constexpr = (BLOCK_N - 1) // BLOCK_M
     below = tl.reduce(tl.where(wrap == -1, rotated, 0.0), 0, _add)
-    here = tl.reduce(tl.where(wrap == 0, rotated, 0.0), 0, _add)
     if MAX_WRAP == 0:
         # wrap 0 is complete with what the previous block carried; wrap -1 is the next block's wrap 0
+        here = tl.reduce(rotated, 0, _add) - below
         _add_position_bins(DPOS, bins, (here + carry0) * scale, pos_center)
         carry0 = below
     elif MAX_WRAP == 1:
         above = tl.reduce(tl.where(wrap == 1, rotated, 0.0), 0, _add)
+        here = tl.reduce(rotated, 0, _add) - below - above
         _add_position_bins(DPOS, bins + BLOCK_M, (above + carry1) * scale, pos_center)
         carry1 = here + carry0
         carry0 = below
     else:
+        here = tl.reduce(tl.where(wrap == 0, rotated, 0.0), 0, _add)
         _add_position_bins(DPOS, bins - BLOCK_M, below * scale, pos_center)
         _add_position_bins(DPOS, bins, here * scale, pos_center)
         for m in tl.static_range(1, MAX_WRAP + 1):
