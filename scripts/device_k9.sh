@@ -4,11 +4,12 @@
 #   run(kind="nvidia-h200-x2", timeout_s=240, command="python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; bash scripts/device_k9.sh")
 # GPU 0: 1. per-kernel breakdown (benchmarks/tools/hstu_bias_breakdown.py), N=4096 bf16 and the
 #           ML-1M fp32 shape, strips on: no bias, bias without / with its gradient (carried wraps,
-#           the default; full column sums, the old way), with and without register-capped tiles;
-#        2. the kernels' GPU tests that touch the bias tables and the diagonal sums (default tile
-#           configs, untuned: each tuning candidate would compile in the time limit).
-# GPU 1: 3. the official attention benchmark at N=4096 (rab_cost_ratio), at the same time as 1-2:
-#           each process has a GPU of its own, so neither disturbs the other's timings.
+#           the default; full column sums, the old way), with and without register-capped tiles,
+#           and with the dK/dV kernel pinned to other tiles (DKDV_CONFIGS).
+# GPU 1: 2. the official attention benchmark at N=4096 (rab_cost_ratio), at the same time as 1:
+#           each process has a GPU of its own, so neither disturbs the other's timings; then
+#        3. the kernels' GPU tests that touch the bias tables and the diagonal sums (default tile
+#           configs, untuned: tuning every candidate would not compile within the time limit).
 # Writes under $OUT: versions.txt (with each stage's exit code and seconds), breakdown.json/.log,
 # hstu_attention.json/.log, pytest.log.
 set -u
@@ -16,7 +17,7 @@ OUT="${OUT:-/tmp/k9_out}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY="${PY:-$(command -v python || command -v python3)}"
-T_BREAKDOWN="${T_BREAKDOWN:-100}" T_ATTENTION="${T_ATTENTION:-165}" T_TEST="${T_TEST:-60}"
+T_BREAKDOWN="${T_BREAKDOWN:-180}" T_ATTENTION="${T_ATTENTION:-130}" T_TEST="${T_TEST:-55}"
 VARIANTS="${VARIANTS:-none_nocap,pos_nograd,pos_nograd_nocap,pos_diag,pos_diag_nocap,pos_diag_columns}"
 DKDV_CONFIGS="${DKDV_CONFIGS:-32:32:4:4}"  # pos_diag with the dK/dV kernel pinned to these tiles too
 { date -u; nvidia-smi -L; uptime; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
@@ -27,14 +28,18 @@ stage() {  # name, GPU, timeout, command...
     CUDA_VISIBLE_DEVICES="$gpu" timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "$name rc=$? $((SECONDS - t0)) s (started at +${t0} s)" >> "$OUT/versions.txt"
 }
-stage hstu_attention 1 "$T_ATTENTION" "$PY" benchmarks/hstu_attention.py --configs 4096 --tune-top 2 \
-    --json "$OUT/hstu_attention.json" &
-attention=$!
+gpu1() {
+    stage hstu_attention 1 "$T_ATTENTION" "$PY" benchmarks/hstu_attention.py --configs 4096 --tune-top 2 \
+        --json "$OUT/hstu_attention.json"
+    GAUSS_HSTU_AUTOTUNE=0 stage pytest 1 "$T_TEST" "$PY" -m pytest -q -x -p no:cacheprovider \
+        tests/kernels/test_hstu_triton.py \
+        -k "every_way or gpu_tables or (every_kernel_variant and dkdv and tables and not targets)"
+}
+gpu1 &
+second=$!
 stage breakdown 0 "$T_BREAKDOWN" "$PY" benchmarks/tools/hstu_bias_breakdown.py --shapes n4096_bf16,ml1m_fp32 \
     --strips on --tune-top 2 --variants "$VARIANTS" --dkdv-configs "$DKDV_CONFIGS" --json "$OUT/breakdown.json"
-GAUSS_HSTU_AUTOTUNE=0 stage pytest 0 "$T_TEST" "$PY" -m pytest -q -x -p no:cacheprovider tests/kernels/test_hstu_triton.py \
-    -k "every_way or gpu_tables or (every_kernel_variant and dkdv and tables and not targets)"
-wait "$attention"
+wait "$second"
 cat "$OUT/versions.txt"
 echo "== breakdown"; grep -v "^{'shape'" "$OUT/breakdown.log" | tail -5
 "$PY" - "$OUT/breakdown.json" <<'EOF'
