@@ -245,13 +245,14 @@ def test_diagonal_position_gradients_every_way(rng, monkeypatch, rotation, tiles
     with up to three, sent at once with five), match the reference: pure causal (three
     loops: diagonal blocks, unmasked blocks, the last partial block, the carry crossing
     both boundaries), lengths that are not a multiple of either tile, a window and no
-    causality (one loop), and a single block."""
+    causality (one loop), a single block, and beside the time table's per-pair atomics."""
     monkeypatch.setattr(ta, "_diagonal_rotation", rotation)
     if not ON_GPU:
         monkeypatch.setitem(ta._INTERPRETER_CONFIGS, "dkdv", ta._Config(*tiles, 1, 1))
     _check(rng, [45, 20, 3, 64], position=0)
     _check(rng, [37, 9], position=1, max_attn_len=11)
     _check(rng, [29, 50], position=0, causal=False)
+    _check(rng, [33, 18], H=2, position=0, time_buckets=9)
 
 
 def test_relative_bias_without_gradient(rng):
