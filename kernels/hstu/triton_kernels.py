@@ -28,8 +28,8 @@ reduction after: with relaxed atomics per (query, key) pair for
 the time table and, with targets or a contextual prefix, the position table; when ids are
 plain positions, the position index is constant along a tile's diagonals, so a register
 gather rotates each key row, each thread sums its rows of every diagonal, and the partial
-sums a later query block still adds to are carried to it in registers: about BLOCK_M bins
-(times 8 partials) go out per block instead of one atomic per pair
+sums a later query block still adds to are carried to it in registers: BLOCK_M bins (one
+partial per warp) go out per block instead of one atomic per pair
 (:func:`_diagonal_position_grads_carried`). The atomics make the tables' gradients
 deterministic only up to fp32 rounding order; dq, dk, dv stay atomic-free and deterministic.
 
@@ -746,8 +746,9 @@ def hstu_bwd_dkdv_kernel(
     SCALE_BY_SEQ_LEN: tl.constexpr, FAST_SILU: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, USE_TMA: tl.constexpr, NUM_WARPS: tl.constexpr,
 ):
-    """dk, dv (and drab) for one key block per program (NUM_WARPS: the launch's num_warps). Grid (B * H, cdiv(max_seq_len,
-    BLOCK_N)); in causal mode the first key blocks carry the most work and start first."""
+    """dk, dv (and drab) for one key block per program. Grid (B * H, cdiv(max_seq_len,
+    BLOCK_N)); in causal mode the first key blocks carry the most work and start first.
+    NUM_WARPS is the launch's num_warps (the carried position partials keep one row per warp)."""
     off_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = off_bh // H
