@@ -164,6 +164,35 @@ def test_window_shrinks_when_the_budget_is_tight_and_grows_back(tmp_path):
     c2.close()
 
 
+def test_rows_changed_between_iterations_are_seen_and_policy_state_is_kept(tmp_path):
+    """The cache keeps its own record of the rows it holds; a new iteration starts from what
+    the table holds (evaluation installs rows and drops others between iterations), keeping
+    the policy state of the rows it knew."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 60, (12,), generator=gen) for _ in range(16)]
+    store = _store(str(tmp_path / "s"))
+    table = _table(30)
+    cache = LookaheadCache({"items": table}, store, CacheConfig(budget_rows=30, window=3),
+                           ids_fn=lambda b: {"items": b})
+    checked = _Checked(table, cache, 30)
+    checked.run(batches[:8])
+    record = cache._tables["items"].rows
+    assert sorted(record.index.keys_and_rows()[0].tolist()) == sorted(table.index.keys_and_rows()[0].tolist())
+    keys = table.index.keys_and_rows()[0]
+    dropped, kept = keys[:5], keys[5:]
+    table.evict(ids=dropped)                       # as evaluation drops rows behind the cache's back
+    rebuilt = record.rebuilt(kept, 30)             # what the next wrap() does
+    for name in ("last_use", "uses"):
+        assert torch.equal(getattr(rebuilt, name)[rebuilt.find(kept)], getattr(record, name)[record.find(kept)])
+    assert bool((rebuilt.find(dropped) < 0).all())
+    checked.run(batches[8:])                       # a new iteration: no row used while absent
+    assert cache.stats()["misses_at_use"] == 0
+    record = cache._tables["items"].rows
+    assert sorted(record.index.keys_and_rows()[0].tolist()) == sorted(table.index.keys_and_rows()[0].tolist())
+    cache.close()
+    store.close()
+
+
 def test_bad_arguments_leave_tables_untouched(tmp_path):
     store = _store(str(tmp_path / "s"))
     with pytest.raises(ValueError, match="max_capacity"):
