@@ -10,6 +10,8 @@
 #           each process has a GPU of its own, so neither disturbs the other's timings; then
 #        3. the kernels' GPU tests that touch the bias tables and the diagonal sums (default tile
 #           configs, untuned: tuning every candidate would not compile within the time limit).
+# Knobs (environment): VARIANTS, DKDV_CONFIGS, SHAPES of the breakdown; ATTENTION=0 leaves out the
+# official benchmark; TESTS, the pytest -k expression; T_* the stages' time limits.
 # Writes under $OUT: versions.txt (with each stage's exit code and seconds), breakdown.json/.log,
 # hstu_attention.json/.log, pytest.log.
 set -u
@@ -19,7 +21,10 @@ cd "$(dirname "$0")/.."
 PY="${PY:-$(command -v python || command -v python3)}"
 T_BREAKDOWN="${T_BREAKDOWN:-180}" T_ATTENTION="${T_ATTENTION:-130}" T_TEST="${T_TEST:-55}"
 VARIANTS="${VARIANTS:-none_nocap,pos_nograd,pos_nograd_nocap,pos_diag,pos_diag_nocap,pos_diag_columns}"
-DKDV_CONFIGS="${DKDV_CONFIGS:-32:32:4:4}"  # pos_diag with the dK/dV kernel pinned to these tiles too
+DKDV_CONFIGS="${DKDV_CONFIGS-32:32:4:4}"  # pos_diag with the dK/dV kernel pinned to these tiles too
+SHAPES="${SHAPES:-n4096_bf16,ml1m_fp32}"
+ATTENTION="${ATTENTION:-1}"  # 0: no official benchmark (GPU 1 runs only the tests)
+TESTS="${TESTS:-every_way or gpu_tables or strips or (every_kernel_variant and dkdv and tables and not targets)}"
 { date -u; nvidia-smi -L; uptime; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     > "$OUT/versions.txt" 2>&1
 stage() {  # name, GPU, timeout, command...
@@ -29,15 +34,16 @@ stage() {  # name, GPU, timeout, command...
     echo "$name rc=$? $((SECONDS - t0)) s (started at +${t0} s)" >> "$OUT/versions.txt"
 }
 gpu1() {
-    stage hstu_attention 1 "$T_ATTENTION" "$PY" benchmarks/hstu_attention.py --configs 4096 --tune-top 2 \
-        --json "$OUT/hstu_attention.json"
+    if [ "$ATTENTION" = 1 ]; then
+        stage hstu_attention 1 "$T_ATTENTION" "$PY" benchmarks/hstu_attention.py --configs 4096 --tune-top 2 \
+            --json "$OUT/hstu_attention.json"
+    fi
     GAUSS_HSTU_AUTOTUNE=0 stage pytest 1 "$T_TEST" "$PY" -m pytest -q -x -p no:cacheprovider \
-        tests/kernels/test_hstu_triton.py \
-        -k "every_way or gpu_tables or (every_kernel_variant and dkdv and tables and not targets)"
+        tests/kernels/test_hstu_triton.py -k "$TESTS"
 }
 gpu1 &
 second=$!
-stage breakdown 0 "$T_BREAKDOWN" "$PY" benchmarks/tools/hstu_bias_breakdown.py --shapes n4096_bf16,ml1m_fp32 \
+stage breakdown 0 "$T_BREAKDOWN" "$PY" benchmarks/tools/hstu_bias_breakdown.py --shapes "$SHAPES" \
     --strips on --tune-top 2 --variants "$VARIANTS" --dkdv-configs "$DKDV_CONFIGS" --json "$OUT/breakdown.json"
 wait "$second"
 cat "$OUT/versions.txt"
@@ -52,6 +58,5 @@ for r in rows:
     print(f"{r['shape']:11s} {r['variant']:18s} fwdbwd {r['fwdbwd_ms']:.4f} ratio {r['ratio_vs_none']:.3f} "
           f"fwd {r['fwd_ms'] or 0:.4f} dkdv {r['dkdv_ms'] or 0:.4f} dq {r['dq_ms'] or 0:.4f} {r['tuned']}")
 EOF
-echo "== attention"; grep -i "rab_cost_ratio\|error\|Traceback" "$OUT/hstu_attention.log" | tail -5
-"$PY" -c "import json,sys; s=json.load(open(sys.argv[1]))['summary']; print({k: s.get(k) for k in ('rab_cost_ratio','fwd_tflops_n4096','fwdbwd_tflops_n4096','fwd_tflops_n4096_rab','fwdbwd_tflops_n4096_rab','rab_diag_off_cost_ratio','max_rel_err_rab')})" "$OUT/hstu_attention.json"
+[ "$ATTENTION" = 1 ] && echo "== attention" && grep -i "rab_cost_ratio\|error\|Traceback" "$OUT/hstu_attention.log" | tail -5 && "$PY" -c "import json,sys; s=json.load(open(sys.argv[1]))['summary']; print({k: s.get(k) for k in ('rab_cost_ratio','fwd_tflops_n4096','fwdbwd_tflops_n4096','fwd_tflops_n4096_rab','fwdbwd_tflops_n4096_rab','rab_diag_off_cost_ratio','max_rel_err_rab')})" "$OUT/hstu_attention.json"
 echo "== pytest"; tail -5 "$OUT/pytest.log"

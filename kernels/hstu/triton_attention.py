@@ -129,7 +129,7 @@ _DIAGONAL_MODES = {"columns": 1, "rows": 2, "carried": 3}
 _diagonal_rotation = os.environ.get("GAUSS_HSTU_DIAGONAL_ROTATION", "carried")
 
 # Where the kernels read the position bias when ids are positions (no targets, no contextual
-# prefix): True, from strips (``_position_strip``: one unit-stride load per tile); False, by
+# prefix): True, from strips (``_build_position_strips``: one unit-stride load per tile); False, by
 # gathering from the table with the index computed per element. Read when a plan is made;
 # the benchmark times both.
 _position_strips = os.environ.get("GAUSS_HSTU_POSITION_STRIPS", "1") != "0"
@@ -391,42 +391,36 @@ def _plan(q, k, v, offsets, max_seq_len, alpha, causal, num_targets, contextual_
     return plan
 
 
-_strip_indices: Dict[tuple, torch.Tensor] = {}
-
-
-def _position_strip(table: torch.Tensor, p: _Plan, reverse: bool, like: torch.Tensor) -> torch.Tensor:
-    """``[STRIP_ROWS, 2 * shift + STRIP_MARGIN]`` halves of the position table laid out so that a
-    tile's bias is a plain 2-D load (see ``triton_kernels._strip_pointers``): ``strip[r, x] =
-    table[c + x - shift - r] / 2`` (forward, dQ) or ``table[c + r - x + shift] / 2`` (dK/dV,
-    reverse), indices clamped to the table as the per-element gather clamps them (only
-    masked pairs ever read a clamped entry). A few hundred KB at length 200, 2-4 MB at 4096;
-    the index is cached per shape, the strip is one gather per call."""
+def _build_position_strips(table: torch.Tensor, p: _Plan, count: int, like: torch.Tensor) -> torch.Tensor:
+    """``[count, STRIP_ROWS, 2 * shift + STRIP_MARGIN]`` halves of the position table laid
+    out so that a tile's bias is a plain 2-D load (see ``triton_kernels._strip_pointers``):
+    ``strip[r, x] = table[c + x - shift - r] / 2`` (forward, dQ) or ``table[c + r - x + shift] /
+    2`` (dK/dV, reverse), indices clamped to the table as the per-element gather clamps them
+    (only masked pairs ever read a clamped entry). A few hundred KB at length 200, 2-4 MB at
+    4096. One kernel launch builds the forward strip (count 1) or both (count 2): when each
+    strip took three torch kernels (gather, halve, convert), the work outside the attention
+    kernels added 0.06 ms to a 1.04 ms forward + backward at N=4096 on the H200 (2026-11-30)."""
     center, shift = p.table_scalars[0], p.strip_shift
-    key = (table.device, center, shift, reverse)
-    index = _strip_indices.get(key)
-    if index is None:
-        r = torch.arange(STRIP_ROWS, device=table.device).view(-1, 1)
-        x = torch.arange(2 * shift + STRIP_MARGIN, device=table.device).view(1, -1)
-        index = ((center + r - x + shift) if reverse else (center + x - shift - r)).clamp_(0, 2 * center)
-        # int32 and flat: half the index bytes the gather reads, and index_select takes it
-        index = index.to(torch.int32).view(-1)
-        _strip_indices[key] = index
+    cols = 2 * shift + STRIP_MARGIN
     # 16-bit inputs: fp16 halves (2^-11 relative, finer than the bf16 / fp16 rounding of the
     # scores' inputs) halve the strip bytes a tile reads from L2, which bounded the forward at
     # N=4096 on the H200 with fp32 strips; fp32 / fp64 inputs get their own precision
     dtype = {torch.float64: torch.float64, torch.float32: torch.float32}.get(like.dtype, torch.float16)
-    # halve and convert the small table, then one pass over the strip (a gather), instead of
-    # three (gather, halve, convert): a forward + backward builds three strips, 1.1M entries
-    # each at N=4096
-    return torch.index_select((table * 0.5).to(dtype), 0, index).view(STRIP_ROWS, -1)
+    out = torch.empty((count, STRIP_ROWS, cols), dtype=dtype, device=table.device)
+    block_r, block_x = (STRIP_ROWS, 64) if _interpreting() else (16, 256)  # few programs for the interpreter
+    grid = (STRIP_ROWS // block_r, -(-cols // block_x), count)
+    _kernel_module().hstu_position_strips_kernel[grid](table, out, center, shift, cols, ROWS=STRIP_ROWS,
+                                                       BLOCK_R=block_r, BLOCK_X=block_x)
+    return out
 
 
-def _strip_args(tables: "_Tables", p: _Plan, reverse: bool, like: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-    """(strip, row stride, shift) for a kernel launch; without strips a placeholder never read."""
+def _strip_args(tables: "_Tables", p: _Plan, like: torch.Tensor, reverse_too: bool = False) -> Tuple[tuple, int, int]:
+    """(strips: forward and, with ``reverse_too``, reversed; row stride, shift) for a kernel
+    launch; without strips, placeholders never read."""
     if not p.strip_shift:
-        return like, 0, 0
-    strip = _position_strip(tables.position_bias, p, reverse, like)
-    return strip, strip.stride(0), p.strip_shift
+        return (like, like), 0, 0
+    strips = _build_position_strips(tables.position_bias, p, 2 if reverse_too else 1, like)
+    return tuple(strips) + ((like,) if not reverse_too else ()), strips.stride(1), p.strip_shift
 
 
 def _descriptor(x: torch.Tensor, rows: int):
@@ -450,7 +444,7 @@ class _Tables(NamedTuple):
 
 def _forward(q, k, v, offsets, num_targets, rab, p: _Plan, tables: _Tables = _Tables()) -> torch.Tensor:
     out = _new_output((q.shape[0], p.H, v.shape[2]), q)
-    strip, stride_ps, shift = _strip_args(tables, p, False, q)
+    (strip, _), stride_ps, shift = _strip_args(tables, p, q)
     tensors = (q, k, v, q if rab is None else rab, *tables.pointers(q), strip, out, offsets,
                offsets if num_targets is None else num_targets)
     scalars = (*p.rab_strides, p.H, p.half_alpha, p.scale, p.contextual_len, p.max_attn_len, *p.table_scalars,
@@ -500,8 +494,7 @@ def _backward(grad_out, q, k, v, offsets, num_targets, rab, p: _Plan, compute_dr
     if pos_grad:
         buffers["pos"] = torch.empty((p.B * p.H, tables.position_bias.shape[0]), dtype=grad_dtype, device=q.device)
     table_ptrs = tables.pointers(q)
-    strip, stride_ps, shift = _strip_args(tables, p, False, q)
-    strip_rev = _strip_args(tables, p, True, q)[0]
+    (strip, strip_rev), stride_ps, shift = _strip_args(tables, p, q, reverse_too=True)
     dq_tensors = (q, k, v, grad_out, rab_or_q, *table_ptrs, strip, dq, offsets, targets)
     dq_scalars = (*p.rab_strides, *common, stride_ps, shift)
     diagonal = 0

@@ -331,7 +331,7 @@ def _table_bias_grads(ds, mask, row_ids, col_ids, query_times, key_times, DPOS, 
 
 @triton.jit
 def _strip_pointers(PS, stride_ps, shift, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Pointers into a position strip built by the wrapper (``triton_attention._position_strip``):
+    """Pointers into a position strip built by :func:`hstu_position_strips_kernel`:
     ``strip[r, x] = position_bias[pos_center + x - ps_shift - r] / 2`` for the forward and dQ
     tiles (rows = queries), and ``position_bias[pos_center + r - x + ps_shift] / 2`` for the
     dK/dV kernel's transposed tiles (rows = keys). A tile's half-bias is then one unit-stride
@@ -469,6 +469,29 @@ def _flush_position_carry(carry0, carry1, scale, start_n, next_m, pos_center, DP
         _add_position_bins(DPOS, bins, carry0 * scale, pos_center)
     if MAX_WRAP == 1:
         _add_position_bins(DPOS, bins + BLOCK_M, carry1 * scale, pos_center)
+
+
+@triton.jit
+def hstu_position_strips_kernel(POS, OUT, pos_center, shift, cols, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+                                BLOCK_X: tl.constexpr):
+    """Writes the position strips (see :func:`_strip_pointers` and
+    ``triton_attention._build_position_strips``) in one launch: ``OUT[z, r, x] = position_bias[i] / 2``
+    with ``i = pos_center + (x - shift - r)`` for z = 0 (forward, dQ) and ``pos_center -
+    (x - shift - r)`` for z = 1 (the reversed strip of dK/dV), clamped to the table. Grid
+    (ROWS / BLOCK_R, cdiv(cols, BLOCK_X), strips). Built with torch ops, a strip took three
+    kernels (gather, halve, convert); a forward + backward needs three strips."""
+    z = tl.program_id(2)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)[None, :]
+    offset = x - shift - r
+    index = pos_center + tl.where(z == 0, offset, -offset)
+    index = tl.minimum(tl.maximum(index, 0), 2 * pos_center)
+    ok = (x < cols) & (r < ROWS)
+    vals = tl.load(POS + index, mask=ok)
+    if POS.dtype.element_ty != tl.float64:
+        vals = vals.to(tl.float32)  # exact, as is the halving: the strip is the table's value / 2 rounded once
+    half = vals * 0.5
+    tl.store(OUT + (z * ROWS + r) * cols + x, half.to(OUT.dtype.element_ty), mask=ok)
 
 
 # ------------------------------------------------------------------ forward

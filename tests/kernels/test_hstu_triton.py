@@ -236,6 +236,28 @@ def test_position_bias_from_strips_or_gathers(rng, monkeypatch, strips, prefetch
     _check(rng, [37, 20], position=0, max_attn_len=7, normalizer="seq_len")
 
 
+@pytest.mark.parametrize("table_dtype,like_dtype,strip_dtype",
+                         [(torch.float32, torch.bfloat16, torch.float16), (torch.bfloat16, torch.float16, torch.float16),
+                          (torch.float32, torch.float32, torch.float32), (torch.float64, torch.float64, torch.float64)])
+def test_position_strips_kernel_matches_their_definition(rng, table_dtype, like_dtype, strip_dtype):
+    """The strips kernel writes, for every row and column, half the clamped table entry the
+    kernels expect: forward ``table[c + x - shift - r]``, reversed ``table[c + r - x + shift]``."""
+    n = 37
+    q, k, v, offsets = _jagged(rng, [n, 5], 1, 16, 16, like_dtype)
+    table = torch.randn(2 * n - 1, generator=rng).to(DEVICE, table_dtype)
+    p = ta._plan(q, k, v, offsets, n, 0.25, True, None, 0, 0, None, "max_seq_len", position_bias=table)
+    assert p.strip_shift > 0
+    center, shift = n - 1, p.strip_shift
+    strips = ta._build_position_strips(table, p, 2, q)
+    assert strips.dtype == strip_dtype and strips.shape == (2, ta.STRIP_ROWS, 2 * shift + ta.STRIP_MARGIN)
+    r = torch.arange(ta.STRIP_ROWS, device=DEVICE).view(-1, 1)
+    x = torch.arange(strips.shape[2], device=DEVICE).view(1, -1)
+    for z, index in enumerate((center + x - shift - r, center + r - x + shift)):
+        want = (table[index.clamp(0, 2 * center)] * 0.5).to(strip_dtype)
+        assert torch.equal(strips[z], want), z
+    assert torch.equal(ta._build_position_strips(table, p, 1, q)[0], strips[0])
+
+
 @pytest.mark.parametrize("rotation", ["carried", "columns", "rows"])
 @pytest.mark.parametrize("tiles", [(16, 32), (32, 16), (16, 16), (16, 64)],
                          ids=["keys-wider", "queries-wider", "square", "keys-4x"])

@@ -106,6 +106,20 @@ def test_carried_position_gradients_compile_for_each_wrap_count(kernels, block_m
                   TIME_GRAD=False, POS_GRAD_DIAGONAL=3, NUM_WARPS=4))
 
 
+@pytest.mark.parametrize("table,strip", [("fp32", "fp16"), ("bf16", "fp16"), ("fp64", "fp64")])
+def test_position_strips_kernel_compiles(kernels, table, strip):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernels.hstu_position_strips_kernel
+    signature = {"POS": "*" + table, "OUT": "*" + strip, "pos_center": "i32", "shift": "i32", "cols": "i32",
+                 "ROWS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_X": "constexpr"}
+    constexprs = {(fn.arg_names.index(k),): v for k, v in dict(ROWS=128, BLOCK_R=16, BLOCK_X=256).items()}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert compiled.asm.get("cubin"), "no cubin produced"
+
+
 def test_a_front_end_error_fails_here(kernels):
     """The check above can fail: a helper with mismatched branch return types (the bug the
     interpreter let through on 2026-11-29) does not compile."""
