@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Session 6's closing GPU checks on the 2-GPU device machine, in one call (~3.5 min):
+#   run(kind="nvidia-h200-x2", timeout_s=240, carry=[".devdata"],
+#       command="python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; bash scripts/device_final_s6.sh")
+# GPU 0: the ML-1M training-step benchmark (dynamic vs static item table, #9), then the GPU tests of the
+# embedding tables and HSTU modules; GPU 1 at the same time, alone: the official attention benchmark (#9
+# rab_cost_ratio). The Triton attention GPU tests run in scripts/device_k9.sh.
+set -u
+OUT="${OUT:-/tmp/final_out}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY="${PY:-$(command -v python || command -v python3)}"
+{ date -u; nvidia-smi -L; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+    > "$OUT/versions.txt" 2>&1
+(
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 90 "$PY" benchmarks/hstu_train_step.py --data-path .devdata/ml-1m --json "$OUT/hstu_train_step.json" \
+      > "$OUT/train_step.log" 2>&1
+  echo "train_step rc=$?" >> "$OUT/rc0.txt"
+  timeout 100 "$PY" -m pytest -q -m gpu tests/embedding tests/hstu tests/kernels/test_triton_hash_index.py \
+      -p no:cacheprovider > "$OUT/pytest_gpu0.log" 2>&1
+  echo "pytest gpu0 rc=$?" >> "$OUT/rc0.txt"
+) &
+(
+  export CUDA_VISIBLE_DEVICES=1
+  timeout 190 "$PY" benchmarks/hstu_attention.py --configs 4096 --tune-top 2 --json "$OUT/hstu_attention_h200_strips.json" \
+      > "$OUT/hstu_attention.log" 2>&1
+  echo "hstu_attention rc=$?" >> "$OUT/rc1.txt"
+) &
+wait
+cat "$OUT/versions.txt" "$OUT"/rc*.txt; tail -25 "$OUT/train_step.log"; tail -4 "$OUT/pytest_gpu0.log"; tail -30 "$OUT/hstu_attention.log"
