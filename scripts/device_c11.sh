@@ -9,13 +9,9 @@
 #    its gauss_plugins comes first on the path; the kernels are this tree's.
 # Writes under $OUT: versions.txt, sync_sites*.json/.log, pytest.log, cache.json/.png/.log.
 set -u
-OUT="${OUT:-/tmp/c11_out}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY="${PY:-$(command -v python || command -v python3)}"
+DEFAULT_OUT=/tmp/c11_out
+source "$(dirname "$0")/device_env.sh"
 T_SYNC="${T_SYNC:-45}" T_BENCH="${T_BENCH:-80}" T_TEST="${T_TEST:-45}" T_BEFORE="${T_BEFORE:-40}"
-{ date -u; nvidia-smi -L; uptime; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
-    > "$OUT/versions.txt" 2>&1
 stage() {  # name, timeout, command...
     local name="$1" limit="$2"; shift 2
     local t0=$SECONDS

@@ -6,12 +6,8 @@
 # embedding tables and HSTU modules; GPU 1 at the same time, alone: the official attention benchmark (#9
 # rab_cost_ratio), then as many of the Triton attention GPU tests as the time allows.
 set -u
-OUT="${OUT:-/tmp/final_out}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY="${PY:-$(command -v python || command -v python3)}"
-{ date -u; nvidia-smi -L; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
-    > "$OUT/versions.txt" 2>&1
+DEFAULT_OUT=/tmp/final_out
+source "$(dirname "$0")/device_env.sh"
 (
   export CUDA_VISIBLE_DEVICES=0
   timeout 90 "$PY" benchmarks/hstu_train_step.py --data-path .devdata/ml-1m --json "$OUT/hstu_train_step.json" \

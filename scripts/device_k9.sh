@@ -15,18 +15,14 @@
 # Writes under $OUT: versions.txt (with each stage's exit code and seconds), breakdown.json/.log,
 # hstu_attention.json/.log, pytest.log.
 set -u
-OUT="${OUT:-/tmp/k9_out}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY="${PY:-$(command -v python || command -v python3)}"
+DEFAULT_OUT=/tmp/k9_out
+source "$(dirname "$0")/device_env.sh"
 T_BREAKDOWN="${T_BREAKDOWN:-180}" T_ATTENTION="${T_ATTENTION:-130}" T_TEST="${T_TEST:-55}"
 VARIANTS="${VARIANTS:-none_nocap,pos_nograd,pos_nograd_nocap,pos_diag,pos_diag_nocap,pos_diag_columns}"
 DKDV_CONFIGS="${DKDV_CONFIGS-32:32:4:4}"  # pos_diag with the dK/dV kernel pinned to these tiles too
 SHAPES="${SHAPES:-n4096_bf16,ml1m_fp32}"
 ATTENTION="${ATTENTION:-1}"  # 0: no official benchmark (GPU 1 runs only the tests)
 TESTS="${TESTS:-every_way or gpu_tables or strips or (every_kernel_variant and dkdv and tables and not targets)}"
-{ date -u; nvidia-smi -L; uptime; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
-    > "$OUT/versions.txt" 2>&1
 stage() {  # name, GPU, timeout, command...
     local name="$1" gpu="$2" limit="$3"; shift 3
     local t0=$SECONDS

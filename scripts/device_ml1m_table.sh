@@ -7,12 +7,8 @@
 # refits on train + validation items for that many epochs (--refit). Run folders and logs go under
 # $OUT, so a run cut by the time limit still returns what finished.
 set -u
-OUT="${OUT:-/tmp/ml1m_out}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY="${PY:-$(command -v python || command -v python3)}"
-{ date -u; nvidia-smi -L; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
-    > "$OUT/versions.txt" 2>&1
+DEFAULT_OUT=/tmp/ml1m_out
+source "$(dirname "$0")/device_env.sh"
 SEEDS="${SEEDS:-42 43}"
 timeout "${LIMIT_S:-560}" "$PY" benchmarks/ml1m_paper_table.py --parallel --refit --gpus 0,1 --seeds $SEEDS \
     --data-path .devdata/ml-1m --workdir "$OUT/runs" --out "$OUT/ml1m_paper_table.json" > "$OUT/table.log" 2>&1
