@@ -519,3 +519,23 @@ def test_stores_refuse_uint64_ids_instead_of_wrapping():
         with pytest.raises(TypeError, match="uint64 ids above 2\\*\\*63 - 1 would wrap"):
             as_ids(ids)
     assert as_ids(np.array([7], dtype=np.uint32)).tolist() == [7]  # exact in int64: accepted
+
+
+def test_change_log_bytes_count_a_shared_chunk_once():
+    """The masked (sync-free) step of a small table files the same all-rows tensor every step:
+    memory_report counts the bytes the log holds, not that tensor once per step. (The torch
+    index takes the dense-sum step the CUDA tables take; the C++ index has its fused one.)"""
+    from gauss_plugins.embedding.optim import SparseOptimizer
+
+    t = make("torch", initial_capacity=64, max_capacity=64, dim=4, optimizer="sgd")
+    t.sync_free_step = True  # the CUDA default, here on the CPU (the same torch code)
+    opt = SparseOptimizer([t], lr=0.1)
+    ids = torch.arange(40)
+    for _ in range(5):
+        t(ids).sum().backward()
+        opt.step()
+    n_rows = t.weight.shape[0]
+    chunks = list(t._changes._chunks)
+    assert sum(c[1].numel() == n_rows for c in chunks) == 5, "each step must file the all-rows chunk"
+    log_bytes = t.memory_report()["change_log_bytes"] - t._scratch.nbytes()
+    assert log_bytes == n_rows * 8 + 40 * 8 + 40 * 8  # the all-rows chunk once, the insertion's rows and ids

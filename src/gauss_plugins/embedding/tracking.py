@@ -150,8 +150,12 @@ class ChangeLog:
         return self._total
 
     def nbytes(self) -> int:
-        return (sum(c[1].numel() * c[1].element_size() for c in self._chunks)
-                + sum(c[1].numel() * c[1].element_size() for c in self._inserted))
+        """Bytes the log keeps alive. A tensor filed under several versions counts once: the
+        masked optimizer step of a small table files the same all-rows tensor every step."""
+        held = {}
+        for t in [c[1] for c in self._chunks] + [c[1] for c in self._inserted]:
+            held[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return sum(held.values())
 
     def reset(self, since: int) -> None:
         """Forget everything; queries before ``since`` need a full scan from now on."""
