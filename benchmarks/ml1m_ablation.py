@@ -52,6 +52,9 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, Any], int, str, Optional[str]]] = {
                           "hstu learned LayerNorm affine (before)", "hstu-s42"),
     "hstu-posnormal-s42": ("ml-1m-hstu", {"model.position_init": "normal"}, 42,
                            "hstu position init N(0, 1/D) (before)", "hstu-s42"),
+    # more sampled negatives than the paper's 128 (session 6), both seeds
+    "hstu-neg512-s42": ("ml-1m-hstu", {"loss.num_negatives": 512}, 42, "hstu 512 negatives", "hstu-s42"),
+    "hstu-neg512-s43": ("ml-1m-hstu", {"loss.num_negatives": 512}, 43, "hstu 512 negatives", "hstu-s43"),
 }
 COLUMNS = ["variant", "selected_epoch", "epochs_trained", "val_hr@10", "val_ndcg@10", "test_hr@10", "test_ndcg@10",
            "epoch_seconds_mean", "status"]
@@ -67,6 +70,9 @@ def _parse(argv):
     p.add_argument("--max-epochs", type=int, default=None, help="override the configs' 101 epochs")
     p.add_argument("--parallel", type=int, default=0,
                    help="processes at once (default 0: every variant at once on a GPU, 2 on CPU)")
+    p.add_argument("--gpus", default=None,
+                   help="comma-separated CUDA device numbers the runs are spread over, round robin in the order "
+                        "given by --variants (default: whatever each process sees)")
     p.add_argument("--timeout-s", type=float, default=None,
                    help="stop a run still going after this many seconds (it is reported as timed out)")
     p.add_argument("--workdir", default=None, help="run folders (default: runs/ml1m_ablation[_quick])")
@@ -116,11 +122,14 @@ def _write_config(config, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _launch(name: str, config_path: str, run_dir: str, accelerator: str) -> Tuple[subprocess.Popen, Any]:
+def _launch(name: str, config_path: str, run_dir: str, accelerator: str,
+            gpu: Optional[str] = None) -> Tuple[subprocess.Popen, Any]:
     log = open(os.path.join(os.path.dirname(run_dir), "train.log"), "w")
     cmd = [sys.executable, "-m", "gauss_plugins.cli", "train", "--config", config_path, "--output-dir", run_dir,
            "--accelerator", accelerator, "--no-progress"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
 
@@ -130,6 +139,8 @@ def _run_all(args, configs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     running: Dict[str, Tuple[subprocess.Popen, Any, float]] = {}
     status: Dict[str, Dict[str, Any]] = {}
     limit = args.parallel
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if getattr(args, "gpus", None) else []
+    device_of = {name: gpus[i % len(gpus)] for i, name in enumerate(configs)} if gpus else {}
     while pending or running:
         while pending and len(running) < limit:
             name = pending.pop(0)
@@ -137,7 +148,7 @@ def _run_all(args, configs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             os.makedirs(folder, exist_ok=True)
             config_path = os.path.join(folder, "config.yaml")
             _write_config(configs[name], config_path)
-            proc, log = _launch(name, config_path, os.path.join(folder, "run"), args.accelerator)
+            proc, log = _launch(name, config_path, os.path.join(folder, "run"), args.accelerator, device_of.get(name))
             running[name] = (proc, log, time.time())
         time.sleep(1.0)
         for name, (proc, log, started) in list(running.items()):

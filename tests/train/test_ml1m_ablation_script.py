@@ -26,7 +26,9 @@ def test_every_variant_is_a_valid_config_differing_from_its_baseline_by_its_over
             assert getattr(getattr(config, section), field) == value, (name, key)
         if baseline:
             base_config = ablation._config(*ablation.VARIANTS[baseline][:3], args, "/data/ml-1m")
-            differing = {f"model.{k}" for k, v in vars(config.model).items() if getattr(base_config.model, k) != v}
+            differing = {f"{section}.{k}" for section in ("data", "model", "loss", "optim", "train")
+                         for k, v in vars(getattr(config, section)).items()
+                         if getattr(getattr(base_config, section), k) != v}
             assert differing == set(overrides), name
 
 
@@ -67,3 +69,28 @@ def test_unknown_variant_is_refused(ablation, capsys):
     with pytest.raises(SystemExit):
         ablation._parse(["--variants", "nope"])
     assert "unknown variant(s) nope" in capsys.readouterr().err
+
+
+def test_runs_are_spread_over_the_gpus_round_robin(ablation, tmp_path, monkeypatch):
+    launched = {}
+
+    class Done:
+        def poll(self):
+            return 0
+
+    class Log:
+        def close(self):
+            pass
+
+    def fake_launch(name, config_path, run_dir, accelerator, gpu=None):
+        launched[name] = gpu
+        return Done(), Log()
+
+    monkeypatch.setattr(ablation, "_launch", fake_launch)
+    monkeypatch.setattr(ablation, "_write_config", lambda config, path: None)
+    monkeypatch.setattr(ablation.time, "sleep", lambda s: None)
+    args = types.SimpleNamespace(parallel=4, gpus="0,1", workdir=str(tmp_path), accelerator="gpu", timeout_s=None)
+    names = ["hstu-s42", "hstu-s43", "hstu-neg512-s42", "hstu-neg512-s43"]
+    status = ablation._run_all(args, {n: object() for n in names})
+    assert launched == {"hstu-s42": "0", "hstu-s43": "1", "hstu-neg512-s42": "0", "hstu-neg512-s43": "1"}
+    assert all(s["status"] == "ok" for s in status.values())
