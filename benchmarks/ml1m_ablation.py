@@ -133,6 +133,12 @@ def _launch(name: str, config_path: str, run_dir: str, accelerator: str,
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
 
+def _gpu_note(args) -> str:
+    gpus = [g for g in (args.gpus or "").split(",") if g.strip()]
+    where = f"spread over GPUs {','.join(gpus)}" if gpus else "one GPU shared"
+    return f" ({where}: epoch seconds are inflated by the sharing)"
+
+
 def _run_all(args, configs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Run the variants, at most ``args.parallel`` at a time; returns name -> status facts."""
     pending = list(configs)
@@ -273,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = [_result(name, args, status[name]) for name in args.variants]
     summary = _summary(results)
     how = (f"{len(args.variants)} `gauss train` processes, {args.parallel} at a time, accelerator {args.accelerator}"
-           f"{' (one GPU shared: epoch seconds are inflated by the sharing)' if args.accelerator == 'gpu' else ''}"
+           f"{_gpu_note(args) if args.accelerator == 'gpu' else ''}"
            f", wall {wall} s, load average {load_before[0]} -> {load_after[0]}{', --quick (1 epoch, 300 users, len 50: not comparable to the paper)' if args.quick else ''}")
     print_table(results, COLUMNS)
     md = _markdown(results, summary, how)
