@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from gauss_plugins.benchmarking import cuda_skip_reason, parser, print_table, write_report, write_skip
+from gauss_plugins.benchmarking import cuda_skip_reason, gpu_list, parser, print_table, write_report, write_skip
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -70,7 +70,7 @@ def _parse(argv):
     p.add_argument("--max-epochs", type=int, default=None, help="override the configs' 101 epochs")
     p.add_argument("--parallel", type=int, default=0,
                    help="processes at once (default 0: every variant at once on a GPU, 2 on CPU)")
-    p.add_argument("--gpus", default=None,
+    p.add_argument("--gpus", type=gpu_list, default=[],
                    help="comma-separated CUDA device numbers the runs are spread over, round robin in the order "
                         "given by --variants (default: whatever each process sees)")
     p.add_argument("--timeout-s", type=float, default=None,
@@ -134,8 +134,7 @@ def _launch(name: str, config_path: str, run_dir: str, accelerator: str,
 
 
 def _gpu_note(args) -> str:
-    gpus = [g for g in (args.gpus or "").split(",") if g.strip()]
-    where = f"spread over GPUs {','.join(gpus)}" if gpus else "one GPU shared"
+    where = f"spread over GPUs {','.join(args.gpus)}" if args.gpus else "one GPU shared"
     return f" ({where}: epoch seconds are inflated by the sharing)"
 
 
@@ -145,7 +144,7 @@ def _run_all(args, configs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     running: Dict[str, Tuple[subprocess.Popen, Any, float]] = {}
     status: Dict[str, Dict[str, Any]] = {}
     limit = args.parallel
-    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if getattr(args, "gpus", None) else []
+    gpus = args.gpus
     device_of = {name: gpus[i % len(gpus)] for i, name in enumerate(configs)} if gpus else {}
     while pending or running:
         while pending and len(running) < limit:

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Dict, List
 
+from gauss_plugins.benchmarking import gpu_list
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -50,7 +52,7 @@ def _parse(argv):
     p.add_argument("--quick", action="store_true", help="tiny run: 1 epoch, len 50, the first 300 users")
     p.add_argument("--parallel", action="store_true",
                    help="one process per model and seed, all at once (one GPU is fine)")
-    p.add_argument("--gpus", default=None,
+    p.add_argument("--gpus", type=gpu_list, default=[],
                    help="with --parallel: comma-separated CUDA device numbers the processes are spread over, "
                         "round robin (default: whatever each process sees)")
     p.add_argument("--refit", action="store_true",
@@ -113,7 +115,7 @@ def _run_parallel(args, argv: List[str]) -> Dict[str, object]:
     from gauss_plugins.train.compare import summarize_runs
 
     child_argv = _without(argv, ("--parallel",), ("--models", "--seeds", "--out", "--json", "--workdir", "--gpus"))
-    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+    gpus = args.gpus
     os.makedirs(args.workdir, exist_ok=True)
     children = []
     started = time.time()

@@ -93,6 +93,16 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def gpu_list(text: str) -> List[str]:
+    """``--gpus`` of the scripts that spread processes over GPUs: ``"0,1"`` -> ``["0", "1"]``
+    (CUDA device numbers, each process's CUDA_VISIBLE_DEVICES in turn). An argparse ``type``."""
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus):
+        raise argparse.ArgumentTypeError(f"--gpus takes CUDA device numbers separated by commas (e.g. 0,1), "
+                                         f"got {text!r}")
+    return gpus
+
+
 def print_table(rows: Iterable[Dict[str, Any]], columns: Optional[List[str]] = None) -> None:
     rows = list(rows)
     if not rows:

@@ -89,7 +89,7 @@ def test_runs_are_spread_over_the_gpus_round_robin(ablation, tmp_path, monkeypat
     monkeypatch.setattr(ablation, "_launch", fake_launch)
     monkeypatch.setattr(ablation, "_write_config", lambda config, path: None)
     monkeypatch.setattr(ablation.time, "sleep", lambda s: None)
-    args = types.SimpleNamespace(parallel=4, gpus="0,1", workdir=str(tmp_path), accelerator="gpu", timeout_s=None)
+    args = types.SimpleNamespace(parallel=4, gpus=["0", "1"], workdir=str(tmp_path), accelerator="gpu", timeout_s=None)
     names = ["hstu-s42", "hstu-s43", "hstu-neg512-s42", "hstu-neg512-s43"]
     status = ablation._run_all(args, {n: object() for n in names})
     assert launched == {"hstu-s42": "0", "hstu-s43": "1", "hstu-neg512-s42": "0", "hstu-neg512-s43": "1"}

@@ -54,3 +54,11 @@ def test_refit_flag_reaches_the_configs(load_benchmark):
     assert all(c.train.refit for c in table._configs(args).values())
     args = table._parse(["--accelerator", "cpu"])
     assert not any(c.train.refit for c in table._configs(args).values())
+
+
+def test_bad_gpus_are_refused_before_anything_runs(load_benchmark, tmp_path, capsys):
+    table = load_benchmark("ml1m_paper_table")
+    with pytest.raises(SystemExit):
+        table._parse(["--parallel", "--gpus", "0,x", "--accelerator", "cpu", "--workdir", str(tmp_path)])
+    assert "--gpus takes CUDA device numbers" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

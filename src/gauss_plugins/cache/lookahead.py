@@ -692,15 +692,16 @@ class LookaheadCache:
         checks, self._checks = self._checks, []
         absent = torch.stack([c[1] for c in checks]).tolist()
         for (step_stats, _, n), miss in zip(checks, absent):
-            for key, value in (("hits_at_use", n - miss), ("misses_at_use", miss)):
-                self._counts[key] += value
-                step_stats[key] = step_stats.get(key, 0) + value
+            self._count("hits_at_use", n - miss, step_stats)
+            self._count("misses_at_use", miss, step_stats)
 
-    def _count(self, key: str, value: float) -> None:
+    def _count(self, key: str, value: float, step_stats: Optional[Dict[str, float]] = None) -> None:
+        """Add to the run's total and to a step's figures (the current step's by default)."""
         if key not in _STAT_KEYS:
             return
         self._counts[key] += value
-        self._step_stats[key] = self._step_stats.get(key, 0) + value
+        step_stats = self._step_stats if step_stats is None else step_stats
+        step_stats[key] = step_stats.get(key, 0) + value
 
     # ------------------------------------------------------------------ per step
     def step_done(self) -> None:

@@ -52,14 +52,16 @@ def state_layout(table: "DynamicEmbeddingTable") -> List[Tuple[str, Tuple[int, .
             for name, (shape, _, _) in table.rule.state_fields(table.dim).items()]
 
 
-def pack_state(table: "DynamicEmbeddingTable", rows: torch.Tensor) -> Optional[torch.Tensor]:
-    """float32 ``[n, state width]`` CPU tensor of the optimizer state of ``rows`` (None: none)."""
+def pack_state(table: "DynamicEmbeddingTable", rows: torch.Tensor, to_cpu: bool = True) -> Optional[torch.Tensor]:
+    """float32 ``[n, state width]`` tensor of the optimizer state of ``rows`` (None: none), on
+    the CPU, or on the table's device with ``to_cpu=False``."""
     layout = state_layout(table)
     if not layout:
         return None
     parts = [table.opt_state[name].index_select(0, rows).reshape(rows.numel(), width).to(torch.float32)
              for name, _, width in layout]
-    return torch.cat(parts, dim=1).cpu()
+    packed = torch.cat(parts, dim=1)
+    return packed.cpu() if to_cpu else packed
 
 
 def unpack_state(table: "DynamicEmbeddingTable", state: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -274,9 +276,7 @@ class StoreBacking:
         if self.owner is not None:
             dirty &= self.owner(ids).to(dirty.device, torch.bool)
         values = table.weight.index_select(0, rows).to(torch.float32)
-        layout = state_layout(table)
-        state = torch.cat([table.opt_state[name].index_select(0, rows).reshape(rows.numel(), width)
-                           .to(torch.float32) for name, _, width in layout], dim=1) if layout else None
+        state = pack_state(table, rows, to_cpu=False)  # copied to the host below, without waiting
         event = None
         if ids.is_cuda:
             def host(t):
